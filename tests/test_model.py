@@ -1,0 +1,189 @@
+"""The ViT's parameter tree, VQT's query path and its gradients."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests import reference_vit
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import train_step
+from vqt_jax.models import ViT, create_model, decode_variant
+
+TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
+
+
+def _shapes(model, image_size):
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    v = jax.eval_shape(model.init, jax.random.key(0), x)
+    return {k: tuple(s.shape) for k, s in trainable_lib.flatten(v).items()}
+
+
+def test_devices_are_simulated():
+    assert jax.device_count() == 8
+
+
+def test_b16_param_tree_is_big_vision():
+    shapes = _shapes(create_model("B/16", num_classes=10), 224)
+    d, h, mlp = 768, 12, 3072
+    expected = {
+        "params/embedding/kernel": (16, 16, 3, d),
+        "params/embedding/bias": (d,),
+        "params/cls": (1, 1, d),
+        "params/pos_embedding": (1, 196, d),
+        "params/Transformer/encoder_norm/scale": (d,),
+        "params/Transformer/encoder_norm/bias": (d,),
+        "params/head/kernel": (d, 10),
+        "params/head/bias": (10,),
+    }
+    for i in range(12):
+        p = f"params/Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_1"):
+            expected[p + ln + "/scale"] = (d,)
+            expected[p + ln + "/bias"] = (d,)
+        a = p + "MultiHeadDotProductAttention_0/"
+        for name in ("query", "key", "value"):
+            expected[a + name + "/kernel"] = (d, h, 64)
+            expected[a + name + "/bias"] = (h, 64)
+        expected[a + "out/kernel"] = (h, 64, d)
+        expected[a + "out/bias"] = (d,)
+        expected[p + "MlpBlock_0/Dense_0/kernel"] = (d, mlp)
+        expected[p + "MlpBlock_0/Dense_0/bias"] = (mlp,)
+        expected[p + "MlpBlock_0/Dense_1/kernel"] = (mlp, d)
+        expected[p + "MlpBlock_0/Dense_1/bias"] = (d,)
+    assert shapes == expected
+
+
+@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/32", "L/16", "H/14"])
+def test_variants(variant):
+    cfg = decode_variant(variant)
+    model = create_model(variant, num_queries=2)
+    shapes = _shapes(model, 224)
+    d, depth = cfg["width"], cfg["depth"]
+    p = cfg["patch_size"][0]
+    assert shapes["params/embedding/kernel"] == (p, p, 3, d)
+    assert shapes["params/pos_embedding"] == (1, (224 // p) ** 2, d)
+    assert shapes["queries/tokens"] == (depth, 2, d)
+    assert f"params/Transformer/encoderblock_{depth - 1}/LayerNorm_0/scale" in shapes
+    assert f"params/Transformer/encoderblock_{depth}/LayerNorm_0/scale" not in shapes
+
+
+def test_options_add_their_params():
+    shapes = _shapes(ViT(**TINY, layerscale=True, pre_norm=True, qkv_bias=False), 16)
+    blk = "params/Transformer/encoderblock_0/"
+    assert shapes[blk + "LayerScale_0/scale"] == (32,)
+    assert shapes[blk + "LayerScale_1/scale"] == (32,)
+    assert shapes["params/norm_pre/scale"] == (32,)
+    assert blk + "MultiHeadDotProductAttention_0/query/bias" not in shapes
+    gap = _shapes(ViT(**TINY, pool_type="gap"), 16)
+    assert "params/cls" not in gap
+
+
+def test_unknown_variant_and_bad_image_size():
+    with pytest.raises(ValueError, match="Unknown ViT variant"):
+        decode_variant("Q/16")
+    model = ViT(**TINY)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8x8"):
+        model.init(jax.random.key(0), jnp.zeros((1, 20, 16, 3)))
+
+
+def _init(model, image_size=16, seed=0):
+    return model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))
+
+
+def _randomize(variables, seed=1, scale=0.2):
+    """Random non-trivial values for every leaf (fresh init has zero heads and cls)."""
+    flat = trainable_lib.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    out = {}
+    for k, (name, v) in zip(keys, sorted(flat.items())):
+        noise = scale * jax.random.normal(k, v.shape, v.dtype)
+        out[name] = (1.0 + noise) if name.endswith("/scale") else noise
+    return trainable_lib.unflatten(out)
+
+
+def test_queries_leave_ordinary_features_bit_identical():
+    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    plain = ViT(**TINY)
+    vqt = ViT(**TINY, num_queries=3)
+    v_vqt = _randomize(_init(vqt))
+    v_plain = {"params": {k: v for k, v in v_vqt["params"].items() if k != "head"}}
+    v_plain["params"]["head"] = _init(plain)["params"]["head"]
+    f_plain = plain.apply(v_plain, images, method="features")
+    f_vqt = vqt.apply(v_vqt, images, method="features")
+    for key in ("cls", "tokens", "blocks"):
+        np.testing.assert_array_equal(np.asarray(f_plain[key]), np.asarray(f_vqt[key]))
+    assert f_vqt["queries"].shape == (2, 3, 3, 32)
+    assert f_vqt["pre_logits"].shape == (2, 32 * (1 + 3 * 3))
+    # Each group of the head input (the CLS, then each layer's T*D query outputs) is unit-norm.
+    pre = np.asarray(f_vqt["pre_logits"])
+    np.testing.assert_allclose(np.linalg.norm(pre[:, :32], axis=-1), 1.0, rtol=1e-5)
+    per_layer = pre[:, 32:].reshape(2, 3, 3 * 32)
+    np.testing.assert_allclose(np.linalg.norm(per_layer, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_matches_naive_joint_reference_forward_and_query_grads():
+    model = ViT(**TINY, num_queries=2, query_dropout=0.0)
+    variables = _randomize(_init(model))
+    images = jax.random.normal(jax.random.key(4), (3, 16, 16, 3))
+    labels = jnp.array([0, 3, 1])
+
+    def ours(q, head):
+        v = {"params": {**variables["params"], "head": head}, "queries": {"tokens": q}}
+        return train_step.cross_entropy(model.apply(v, images), labels)
+
+    def naive(q, head):
+        params = {**variables["params"], "head": head}
+        logits = reference_vit.naive_vqt_logits(params, q, images, patch=8)
+        return train_step.cross_entropy(logits, labels)
+
+    q0, h0 = variables["queries"]["tokens"], variables["params"]["head"]
+    np.testing.assert_allclose(ours(q0, h0), naive(q0, h0), rtol=1e-5)
+    g_ours = jax.grad(ours, argnums=(0, 1))(q0, h0)
+    g_naive = jax.grad(naive, argnums=(0, 1))(q0, h0)
+    assert float(jnp.abs(g_ours[0]).max()) > 1e-4  # the gradient is not trivially zero
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_naive)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_vqt_train_step_changes_only_queries_and_head():
+    model = ViT(**TINY, num_queries=1)
+    variables = _randomize(_init(model))
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    assert sorted(trainable) == ["params/head/bias", "params/head/kernel", "queries/tokens"]
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(trainable)
+    before = jax.tree.map(np.asarray, frozen)
+    step = jax.jit(train_step.make_train_step(model, tx))
+    batch = {"image": jax.random.normal(jax.random.key(5), (4, 16, 16, 3)),
+             "label": jnp.array([0, 1, 2, 3])}
+    new_trainable, _, metrics = step(trainable, opt_state, frozen, batch, jax.random.key(6))
+    for k, v in before.items():
+        np.testing.assert_array_equal(v, np.asarray(frozen[k]), err_msg=k)
+    for k in trainable:
+        assert not np.array_equal(np.asarray(trainable[k]), np.asarray(new_trainable[k])), k
+    assert np.isfinite(metrics["loss"])
+
+
+def test_vqt_backward_does_not_touch_backbone_gradients():
+    """The jaxpr of the VQT gradient computes no cotangent for any backbone weight."""
+    model = ViT(**TINY, num_queries=1)
+    variables = _randomize(_init(model))
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    loss_fn = train_step.make_loss_fn(model)
+    batch = {"image": jax.random.normal(jax.random.key(7), (2, 16, 16, 3)),
+             "label": jnp.array([0, 1])}
+    grads = jax.grad(lambda t: loss_fn(t, frozen, batch, jax.random.key(0))[0])(trainable)
+    assert set(grads) == set(trainable)
+    # Full fine-tuning's grads, by contrast, reach the patch embedding.
+    full_t, full_f = trainable_lib.partition(variables, trainable_lib.rule_for("full"))
+    full = jax.grad(lambda t: loss_fn(t, full_f, batch, jax.random.key(0))[0])(full_t)
+    assert float(jnp.abs(full["params/embedding/kernel"]).max()) > 0
+
+
+def test_frozen_dict_variables_are_accepted():
+    model = ViT(**TINY)
+    v = flax.core.freeze(_init(model))
+    assert model.apply(v, jnp.zeros((1, 16, 16, 3))).shape == (1, 5)

@@ -1,0 +1,206 @@
+"""Loading pretrained ViT checkpoints into the backbone of a vqt_jax ViT.
+
+    variables = model.init(rng, dummy_images)
+    variables = checkpoints.load("gs://vit_models/imagenet21k/ViT-B_16.npz", variables,
+                                 image_size=224)
+
+Supported (see `layouts.LAYOUTS` and `files.read`): original vision_transformer `.npz`,
+big_vision `.npz` (`params/` prefix or not, scanned or not, bfloat16 stored as void,
+`file.npz:img` sub-trees), and timm-layout PyTorch `.pth`/`.bin`/`.safetensors` (MAE, DINOv2,
+CLIP, supervised timm), from local, `gs://` or `http(s)://` paths.
+
+Loading is all-or-nothing: every check (readable file, layout, width/depth/patch, unknown and
+missing keys, shapes) runs before anything is returned, and the input variables are never
+modified.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from vqt_jax.checkpoints import files, layouts
+from vqt_jax.checkpoints.files import CheckpointError
+from vqt_jax.models.vit import variant_name
+
+__all__ = ["CheckpointError", "load", "read_backbone", "resample_posemb", "split_subtree"]
+
+# Model parameters that a checkpoint does not provide by default: the task head is new.
+DEFAULT_DONT_LOAD = ("head/.*",)
+
+# Hints for the usual reason behind an unknown or missing key: a model option that does not
+# match the checkpoint's architecture.
+_HINTS = [
+    (r"norm_pre/", "the checkpoint has a LayerNorm before the blocks (CLIP): pre_norm=True"),
+    (r".*LayerScale_", "the checkpoint has LayerScale (DINOv2): layerscale=True"),
+    (r".*/(query|key|value)/bias", "qkv_bias differs between the checkpoint and the model"),
+    (r"cls$", "class_token differs between the checkpoint and the model"),
+    (r"reg_token", "register tokens (DINOv2-reg) are not supported"),
+]
+
+
+def split_subtree(path: str) -> tuple[str, str | None]:
+    """Splits big_vision's `file.npz:img` sub-tree suffix off a path (URL schemes are kept)."""
+    head, sep, tail = path.rpartition(":")
+    if sep and head and re.fullmatch(r"[A-Za-z_]\w*", tail) and not head.endswith(":/"):
+        return head, tail
+    return path, None
+
+
+def resample_posemb(posemb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resamples a (1, gh*gw, D) square-grid position embedding to `grid`.
+
+    Half-pixel centres and no anti-aliasing, the same as PyTorch's
+    `interpolate(mode='bilinear', align_corners=False)`, which timm uses.
+    """
+    n, d = posemb.shape[1], posemb.shape[2]
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise CheckpointError(f"position embedding of {n} entries is not a square grid")
+    if (side, side) == tuple(grid):
+        return posemb
+    x = jax.numpy.asarray(posemb.reshape(side, side, d), jax.numpy.float32)
+    y = jax.image.resize(x, (grid[0], grid[1], d), method="bilinear", antialias=False)
+    return np.asarray(y).reshape(1, grid[0] * grid[1], d).astype(posemb.dtype)
+
+
+def read_backbone(path: str, num_heads: int) -> tuple[str, dict[str, np.ndarray], list[str]]:
+    """Reads a checkpoint file into the canonical flat layout (see `layouts`).
+
+    Returns:
+      (layout name, canonical {key: array}, keys dropped on purpose).
+    """
+    file_path, sub = split_subtree(path)
+    kind, contents = files.read(file_path)
+    flat = layouts.unwrap_state_dict(contents) if kind == "torch" else contents
+    try:
+        layout, prefix = layouts.detect(flat, sub)
+        canon, dropped = layout.convert(flat, prefix, num_heads)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return layout.name, canon, dropped
+
+
+def _describe(width: int, depth: int, patch: int) -> str:
+    return f"{variant_name(width, depth, patch)} (width {width}, depth {depth}, patch {patch})"
+
+
+def _depth(keys: Sequence[str]) -> int:
+    ids = [int(m.group(1)) for k in keys if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))]
+    return 1 + max(ids, default=-1)
+
+
+def _hints(keys: Sequence[str]) -> list[str]:
+    return sorted({msg for pattern, msg in _HINTS for k in keys if re.match(pattern, k)})
+
+
+def load(
+    path: str,
+    variables: Mapping[str, Any],
+    *,
+    image_size: int | Sequence[int] | None = None,
+    dont_load: Sequence[str] = DEFAULT_DONT_LOAD,
+) -> dict[str, Any]:
+    """Fills the backbone of `variables` from a pretrained checkpoint.
+
+    Args:
+      path: checkpoint path or URL; `file.npz:img` loads big_vision's `img` sub-tree.
+      variables: the model's variables (from `model.init`); `params` is filled, every other
+        collection (e.g. `queries`) is returned unchanged.
+      image_size: the image size the model will see (int or (h, w)); checked against the patch
+        size and the model's position-embedding grid. Default: the grid of `variables`,
+        assumed square.
+      dont_load: regular expressions (full match) of parameter paths to keep at their fresh
+        initialisation; the head by default.
+
+    Returns:
+      New variables with the backbone parameters replaced (cast to the model's dtypes); the
+      position embedding is resampled to the model's grid.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      CheckpointError (a ValueError): unreadable file, unknown layout, another architecture
+        than the model, unknown or missing keys, or mismatched shapes; each names the problem.
+      ValueError: image_size is not a multiple of the patch size or does not match the model.
+    """
+    params = flax.traverse_util.flatten_dict(dict(variables["params"]), sep="/")
+    kernel = params["embedding/kernel"]
+    patch = tuple(kernel.shape[:2])
+    width = kernel.shape[-1]
+    depth = _depth(list(params))
+    num_heads = params["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
+    num_heads = num_heads.shape[1]
+    n_pos = params["pos_embedding"].shape[1] if "pos_embedding" in params else None
+
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if any(s <= 0 or s % p for s, p in zip(size, patch)):
+            raise ValueError(
+                f"image_size {size[0]}x{size[1]} is not a multiple of the patch size "
+                f"{patch[0]}x{patch[1]}"
+            )
+        grid = (size[0] // patch[0], size[1] // patch[1])
+        if n_pos is not None and grid[0] * grid[1] != n_pos:
+            raise ValueError(
+                f"image_size {size[0]}x{size[1]} gives a {grid[0]}x{grid[1]} grid but the model "
+                f"was initialised with {n_pos} patches: init it at this image size"
+            )
+    elif n_pos is not None:
+        side = int(round(np.sqrt(n_pos)))
+        grid = (side, side)
+
+    _, canon, _ = read_backbone(path, num_heads)
+
+    # Architecture first: one clear message instead of a list of shape mismatches.
+    if "embedding/kernel" in canon:
+        c_kernel = canon["embedding/kernel"]
+        c_desc = _describe(c_kernel.shape[-1], _depth(list(canon)), c_kernel.shape[0])
+        m_desc = _describe(width, depth, patch[0])
+        if c_desc != m_desc or tuple(c_kernel.shape[:2]) != patch:
+            raise CheckpointError(
+                f"{path}: the checkpoint is {c_desc} but the model is {m_desc}; "
+                f"build the model with the checkpoint's variant"
+            )
+
+    if "cls_pos" in canon:
+        cls_pos = canon.pop("cls_pos")
+        if "cls" in canon:
+            canon["cls"] = canon["cls"] + cls_pos
+
+    skip = [k for k in params if any(re.fullmatch(p, k) for p in dont_load)]
+    canon = {k: v for k, v in canon.items() if not any(re.fullmatch(p, k) for p in dont_load)}
+    unknown = sorted(set(canon) - set(params))
+    missing = sorted(set(params) - set(canon) - set(skip))
+    if unknown or missing:
+        lines = [f"{path}: the checkpoint does not match the model's parameters."]
+        if unknown:
+            lines.append(f"Keys in the checkpoint that the model does not have: {unknown}")
+        if missing:
+            lines.append(f"Model parameters missing from the checkpoint: {missing}")
+        hints = _hints(unknown + missing)
+        if hints:
+            lines.append("Likely cause: " + "; ".join(hints) + ".")
+        raise CheckpointError("\n".join(lines))
+
+    if "pos_embedding" in canon and canon["pos_embedding"].shape != params["pos_embedding"].shape:
+        canon["pos_embedding"] = resample_posemb(canon["pos_embedding"], grid)
+
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+        for k, v in canon.items()
+        if tuple(v.shape) != tuple(params[k].shape)
+    ]
+    if bad:
+        raise CheckpointError(f"{path}: shapes do not match the model:\n  " + "\n  ".join(bad))
+
+    new = dict(params)
+    for k, v in canon.items():
+        new[k] = jax.numpy.asarray(np.asarray(v, dtype=np.float32), dtype=params[k].dtype)
+    out = dict(variables)
+    out["params"] = flax.traverse_util.unflatten_dict(new, sep="/")
+    return out

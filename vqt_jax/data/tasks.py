@@ -1,0 +1,214 @@
+"""The 19 VTAB-1k tasks: TFDS sources, splits and label conversions.
+
+Every task is one row of `TASKS`, looked up by name with `get_task`. The splits and conversions
+follow the standard VTAB-1k definitions (google-research/task_adaptation, also used by VPT and
+VQT); see `/work/shared/reference/vtab-1k.md`.
+
+A conversion maps one raw TFDS example to ``{'image': uint8 [H, W, 3], 'label': int32 []}`` with
+TensorFlow ops, so it can run inside `tf.data.Dataset.map`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import tensorflow as tf
+
+Example = Mapping[str, tf.Tensor]
+Converter = Callable[[Example], dict[str, tf.Tensor]]
+Group = Literal["natural", "specialized", "structured"]
+
+# The four VTAB-1k split names every task defines.
+SPLIT_NAMES = ("train800", "val200", "train800val200", "test")
+
+
+def _image_and_label(example: Example) -> dict[str, tf.Tensor]:
+    """Conversion for the tasks whose TFDS `label` is already the class."""
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+
+
+def _bin_index(value: tf.Tensor, edges: Sequence[float]) -> tf.Tensor:
+    """Index of the bin ``(edges[i], edges[i + 1]]`` that holds `value`.
+
+    Same as task_adaptation's ``max(where(edges - value < 0))``: the last edge strictly below the
+    value. Values at or below the first edge give -1 (task_adaptation's edges are chosen so that
+    real data never does).
+    """
+    edges = tf.constant(edges, tf.float32)
+    below = tf.cast(edges < tf.cast(value, tf.float32), tf.int32)
+    return tf.reduce_sum(below) - 1
+
+
+def _clevr_count(example: Example) -> dict[str, tf.Tensor]:
+    # CLEVR scenes hold 3 to 10 objects: 8 classes.
+    num_objects = tf.size(example["objects"]["size"])
+    return {"image": example["image"], "label": tf.cast(num_objects - 3, tf.int32)}
+
+
+# Depth (pixel_coords[:, 2]) of the closest object; the edges give roughly balanced classes.
+_CLEVR_DISTANCE_EDGES = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
+
+
+def _clevr_distance(example: Example) -> dict[str, tf.Tensor]:
+    depth = tf.reduce_min(example["objects"]["pixel_coords"][:, 2])
+    return {"image": example["image"], "label": _bin_index(depth, _CLEVR_DISTANCE_EDGES)}
+
+
+# KITTI object types 0, 1, 2 are Car, Van, Truck: the "vehicles" of closest_vehicle_distance.
+_KITTI_NUM_VEHICLE_TYPES = 3
+# A frame without vehicles counts as a vehicle at 1000 m, which lands in the last class.
+_KITTI_NO_VEHICLE_DISTANCE = 1000.0
+_KITTI_DISTANCE_EDGES = (-100.0, 8.0, 20.0, 999.0)
+
+
+def _kitti_distance(example: Example) -> dict[str, tf.Tensor]:
+    objects = example["objects"]
+    is_vehicle = objects["type"] < _KITTI_NUM_VEHICLE_TYPES
+    # location is (x, y, z) in camera coordinates, meters; z is the distance ahead.
+    vehicle_z = tf.boolean_mask(objects["location"][:, 2], is_vehicle)
+    vehicle_z = tf.concat([vehicle_z, [_KITTI_NO_VEHICLE_DISTANCE]], axis=0)
+    distance = tf.reduce_min(vehicle_z)
+    return {"image": example["image"], "label": _bin_index(distance, _KITTI_DISTANCE_EDGES)}
+
+
+def _dsprites(attribute: str, num_values: int, num_classes: int) -> Converter:
+    """dSprites: group `num_values` neighbouring attribute values into `num_classes` classes."""
+    factor = num_values / num_classes
+
+    def convert(example: Example) -> dict[str, tf.Tensor]:
+        # The images are single-channel 0/1 masks; make them RGB in [0, 255] like every other task.
+        image = tf.tile(example["image"], [1, 1, 3]) * 255
+        value = tf.cast(example[attribute], tf.float32)
+        label = tf.cast(tf.math.floordiv(value, factor), tf.int32)
+        return {"image": image, "label": label}
+
+    return convert
+
+
+def _smallnorb(attribute: str) -> Converter:
+    def convert(example: Example) -> dict[str, tf.Tensor]:
+        # Grayscale 96x96; tile to RGB so the model input has 3 channels.
+        image = tf.tile(example["image"], [1, 1, 3])
+        return {"image": image, "label": tf.cast(example[attribute], tf.int32)}
+
+    return convert
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One VTAB-1k task.
+
+    Attributes:
+        name: Task name, e.g. ``'clevr_count'``.
+        tfds_name: TFDS name with config and version pattern, e.g. ``'sun397/tfds:4.*.*'``.
+        num_classes: Number of classes after the label conversion.
+        group: VTAB group used for reporting: natural, specialized or structured.
+        train800: TFDS split string of the 800 training examples.
+        val200: TFDS split string of the 200 validation examples.
+        test: TFDS split string of the test set.
+        convert: Maps a raw TFDS example to ``{'image': uint8 [H, W, 3], 'label': int32}``.
+        prepare_note: Extra advice shown when the dataset is not prepared (size, manual download).
+    """
+
+    name: str
+    tfds_name: str
+    num_classes: int
+    group: Group
+    train800: str
+    val200: str
+    test: str
+    convert: Converter = _image_and_label
+    prepare_note: str = ""
+
+    @property
+    def train800val200(self) -> str:
+        """train800 followed by val200 (TFDS reads a ``'+'`` concatenation in order)."""
+        return f"{self.train800}+{self.val200}"
+
+    def tfds_split(self, split_name: str) -> str:
+        """Returns the TFDS split string of one of `SPLIT_NAMES`.
+
+        Raises:
+            ValueError: If `split_name` is not one of `SPLIT_NAMES`.
+        """
+        if split_name not in SPLIT_NAMES:
+            raise ValueError(f"Unknown VTAB split {split_name!r}; expected one of {SPLIT_NAMES}.")
+        return getattr(self, split_name)
+
+
+_LARGE = "It is a large download (several GB or more); allow time and disk space."
+
+
+def _manual(what: str) -> str:
+    return (
+        f"TFDS cannot fetch it by itself: {what} into the manual dir first "
+        "(<data_dir>/downloads/manual by default, or pass --manual_dir)."
+    )
+
+
+def _task(name, tfds_name, num_classes, group, val200, test, **kwargs) -> tuple[str, Task]:
+    # Every VTAB-1k task trains on the first 800 examples of the TFDS train split.
+    return name, Task(name, tfds_name, num_classes, group, "train[:800]", val200, test, **kwargs)
+
+
+TASKS: Mapping[str, Task] = dict([
+    # name, TFDS name, classes, group, val200, test.
+    _task("caltech101", "caltech101:3.*.*", 102, "natural", "train[2754:2954]", "test"),
+    _task("cifar100", "cifar100:3.*.*", 100, "natural", "train[45000:45200]", "test"),
+    _task("dtd", "dtd:3.*.*", 47, "natural", "validation[:200]", "test"),
+    _task("oxford_flowers102", "oxford_flowers102:2.*.*", 102, "natural",
+          "validation[:200]", "test"),
+    _task("oxford_iiit_pet", "oxford_iiit_pet:3.*.*", 37, "natural", "train[2944:3144]", "test"),
+    _task("svhn", "svhn_cropped:3.*.*", 10, "natural", "train[65931:66131]", "test"),
+    _task("sun397", "sun397/tfds:4.*.*", 397, "natural", "validation[:200]", "test",
+          prepare_note=_LARGE),
+    _task("patch_camelyon", "patch_camelyon:2.*.*", 2, "specialized",
+          "validation[:200]", "test"),
+    _task("eurosat", "eurosat/rgb:2.*.*", 10, "specialized",
+          "train[16200:16400]", "train[21600:]"),
+    _task("resisc45", "resisc45:3.*.*", 45, "specialized", "train[18900:19100]", "train[25200:]",
+          prepare_note=_manual("download NWPU-RESISC45.rar")),
+    _task("diabetic_retinopathy", "diabetic_retinopathy_detection/btgraham-300:3.*.*", 5,
+          "specialized", "validation[:200]", "test",
+          prepare_note=f"{_LARGE} {_manual('download the Kaggle competition files')}"),
+    _task("clevr_count", "clevr:3.*.*", 8, "structured", "train[63000:63200]", "validation",
+          convert=_clevr_count),
+    _task("clevr_distance", "clevr:3.*.*", 6, "structured", "train[63000:63200]", "validation",
+          convert=_clevr_distance),
+    _task("dmlab", "dmlab:2.0.1", 6, "structured", "validation[:200]", "test",
+          prepare_note=_LARGE),
+    _task("kitti_distance", "kitti:3.1.0", 4, "structured", "validation[:200]", "test",
+          convert=_kitti_distance, prepare_note=_LARGE),
+    _task("dsprites_location", "dsprites:2.*.*", 16, "structured",
+          "train[589824:590024]", "train[663552:]",
+          convert=_dsprites("label_x_position", 32, 16)),
+    _task("dsprites_orientation", "dsprites:2.*.*", 16, "structured",
+          "train[589824:590024]", "train[663552:]",
+          convert=_dsprites("label_orientation", 40, 16)),
+    _task("smallnorb_azimuth", "smallnorb:2.*.*", 18, "structured", "test[:200]", "test[50%:]",
+          convert=_smallnorb("label_azimuth")),
+    _task("smallnorb_elevation", "smallnorb:2.*.*", 9, "structured", "test[:200]", "test[50%:]",
+          convert=_smallnorb("label_elevation")),
+])  # fmt: skip
+
+
+def task_names() -> list[str]:
+    """Returns the names of the 19 VTAB-1k tasks in table order."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """Returns the VTAB-1k task called `name`.
+
+    Raises:
+        ValueError: If `name` is not a VTAB-1k task; the message lists the valid names.
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown VTAB-1k task {name!r}. Valid tasks: {', '.join(TASKS)} "
+            "(or 'folder' for an image-folder dataset)."
+        ) from None

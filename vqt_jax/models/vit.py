@@ -1,0 +1,492 @@
+"""Vision Transformer with Visual Query Tuning (VQT), in flax.linen.
+
+The `params` tree is big_vision's ViT, name for name and shape for shape (non-scanned), so
+big_vision and original ViT checkpoints map onto it directly. VQT adds a separate variable
+collection, `queries`, holding T learnable tokens per layer (`queries/tokens`: [M, T, D]).
+
+How the query path is computed, and why it is memory-efficient:
+  Each layer m runs the frozen block on the ordinary tokens exactly as a plain ViT does. The
+  layer's T query tokens then take a separate, small path through the same frozen weights:
+  LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual -> LN2 ->
+  MLP -> residual. The ordinary tokens never see the queries, so the backbone's features are
+  unchanged. When only `queries` and `head` are differentiated, nothing in the ordinary stream
+  depends on a differentiated input, so JAX's autodiff never linearises it: the backward pass
+  only runs through the query paths and keeps each layer's keys and values as residuals. No
+  `stop_gradient` is needed for that (and none is used, so methods that also train the backbone
+  still get correct gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+# Widths, depths, MLP sizes and heads of the standard ViT variants (big_vision naming).
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+}
+
+
+def _quick_gelu(x: Array) -> Array:
+    # OpenAI CLIP's activation: x * sigmoid(1.702 x).
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by name: big_vision uses the tanh approximation, timm/PyTorch the exact erf.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": _quick_gelu,
+}
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+    """Turns a variant name such as 'B/16' or 'S/14' into ViT keyword arguments.
+
+    Args:
+      variant: `<size>/<patch>` with size in VARIANTS, or just `<size>`.
+
+    Returns:
+      A dict with width, depth, mlp_dim, num_heads and (if given) patch_size.
+
+    Raises:
+      ValueError: if the size is unknown or the patch is not a positive integer.
+    """
+    size, _, patch = variant.partition("/")
+    if size not in VARIANTS:
+        raise ValueError(f"Unknown ViT variant {variant!r}; sizes: {sorted(VARIANTS)}")
+    out: dict[str, Any] = dict(VARIANTS[size])
+    if patch:
+        if not patch.isdigit() or int(patch) <= 0:
+            raise ValueError(f"Bad patch size in ViT variant {variant!r}")
+        out["patch_size"] = (int(patch), int(patch))
+    return out
+
+
+def variant_name(width: int, depth: int, patch: int | None = None) -> str:
+    """Names the standard variant with this width and depth, e.g. 'B/16', or describes it."""
+    for name, v in VARIANTS.items():
+        if v["width"] == width and v["depth"] == depth:
+            return f"ViT-{name}/{patch}" if patch else f"ViT-{name}"
+    suffix = f", patch {patch}" if patch else ""
+    return f"a ViT of width {width}, depth {depth}{suffix}"
+
+
+def query_init_scale(patch_size: Sequence[int], width: int) -> float:
+    """VPT's prompt initialisation bound, which VQT reuses: sqrt(6 / (3 * ph * pw + D))."""
+    return float(np.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + width)))
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / max(||x||_2, eps) over the last axis (the same as torch's F.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT / DINOv2), `scale` param of shape [D]."""
+
+    init_value: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * scale.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: Dense_0 -> activation -> Dense_1 (big_vision names)."""
+
+    mlp_dim: int
+    act: str = "gelu_tanh"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        h = ACTIVATIONS[self.act](dense(self.mlp_dim, name="Dense_0")(x))
+        return dense(x.shape[-1], name="Dense_1")(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with big_vision's parameter layout.
+
+    query/key/value kernels are [D, H, Dh], out is [H, Dh, D]. The projections and the attention
+    itself are separate methods so that the query tokens of VQT can reuse the ordinary tokens'
+    keys and values instead of projecting their own.
+    """
+
+    width: int
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.width // self.num_heads
+        proj = functools.partial(
+            nn.DenseGeneral,
+            features=(self.num_heads, head_dim),
+            use_bias=self.qkv_bias,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+        )
+        self.query = proj()
+        self.key = proj()
+        self.value = proj()
+        self.out = nn.DenseGeneral(
+            features=self.width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+        )
+
+    def qkv(self, y: Array) -> tuple[Array, Array, Array]:
+        """Projects normalised tokens [B, N, D] to q, k, v, each [B, N, H, Dh]."""
+        return self.query(y), self.key(y), self.value(y)
+
+    def project_query(self, y: Array) -> Array:
+        return self.query(y)
+
+    def attend(self, q: Array, k: Array, v: Array) -> Array:
+        """Scaled dot-product attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] -> [B, Nq, D].
+
+        The logits and softmax run in float32 whatever the operands' dtype (bfloat16 K/V stash).
+        """
+        scale = q.shape[-1] ** -0.5
+        q = (q * scale).astype(k.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+        return self.out(o.astype(self.dtype))
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights."""
+
+    width: int
+    mlp_dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    mlp_act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    layerscale: bool = False
+    kv_dtype: Dtype | None = None
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
+        self.LayerNorm_0 = ln()
+        self.MultiHeadDotProductAttention_0 = Attention(
+            width=self.width, num_heads=self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype
+        )
+        self.LayerNorm_1 = ln()
+        self.MlpBlock_0 = MlpBlock(mlp_dim=self.mlp_dim, act=self.mlp_act, dtype=self.dtype)
+        if self.layerscale:
+            self.LayerScale_0 = LayerScale()
+            self.LayerScale_1 = LayerScale()
+
+    def _scale(self, i: int, x: Array) -> Array:
+        return getattr(self, f"LayerScale_{i}")(x) if self.layerscale else x
+
+    def _mlp_residual(self, x: Array) -> Array:
+        return x + self._scale(1, self.MlpBlock_0(self.LayerNorm_1(x)))
+
+    def __call__(self, x: Array, q: Array | None = None) -> tuple[Array, Array | None]:
+        """Runs the block on ordinary tokens x [B, N, D] and query tokens q [B, T, D] (or None).
+
+        Returns:
+          The block's outputs for the ordinary tokens and for the query tokens.
+        """
+        attn = self.MultiHeadDotProductAttention_0
+        qx, k, v = attn.qkv(self.LayerNorm_0(x))
+        x_out = self._mlp_residual(x + self._scale(0, attn.attend(qx, k, v)))
+        if q is None:
+            return x_out, None
+        # The query path: its own W_q projection, the ordinary tokens' keys and values.
+        # These K and V are what the query backward keeps per layer (the "stash"); storing them
+        # in a narrower dtype shrinks that stash.
+        if self.kv_dtype is not None:
+            k, v = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
+        qq = attn.project_query(self.LayerNorm_0(q))
+        q_out = self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v)))
+        return x_out, q_out
+
+
+class Encoder(nn.Module):
+    """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision)."""
+
+    depth: int
+    width: int
+    mlp_dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    mlp_act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    layerscale: bool = False
+    kv_dtype: Dtype | None = None
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.blocks = [
+            Encoder1DBlock(
+                width=self.width,
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                qkv_bias=self.qkv_bias,
+                mlp_act=self.mlp_act,
+                ln_eps=self.ln_eps,
+                layerscale=self.layerscale,
+                kv_dtype=self.kv_dtype,
+                dtype=self.dtype,
+                name=f"encoderblock_{i}",
+            )
+            for i in range(self.depth)
+        ]
+        self.encoder_norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
+
+    def __call__(
+        self, x: Array, queries: Array | None = None, *, keep_blocks: bool = False
+    ) -> tuple[Array, Array | None, Array | None]:
+        """Runs every block.
+
+        Args:
+          x: ordinary tokens [B, N, D].
+          queries: per-layer query tokens [B, M, T, D], or None for a plain ViT.
+          keep_blocks: also return every block's ordinary-token output.
+
+        Returns:
+          (last block's ordinary tokens [B, N, D] before the final norm,
+           query outputs [B, M, T, D] or None, block outputs [B, M, N, D] or None).
+        """
+        q_outs, blocks = [], []
+        for i, block in enumerate(self.blocks):
+            x, q = block(x, None if queries is None else queries[:, i])
+            if q is not None:
+                q_outs.append(q)
+            if keep_blocks:
+                blocks.append(x)
+        q_out = jnp.stack(q_outs, axis=1) if q_outs else None
+        blocks_out = jnp.stack(blocks, axis=1) if keep_blocks else None
+        return x, q_out, blocks_out
+
+    def norm(self, x: Array) -> Array:
+        return self.encoder_norm(x)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with optional Visual Query Tuning.
+
+    Attributes:
+      num_classes: classes of the linear head; None or 0 for no head.
+      patch_size: (ph, pw).
+      width, depth, mlp_dim, num_heads: the transformer's shape (see `decode_variant`).
+      pool_type: 'tok' (class token) or 'gap' (mean of the patch tokens).
+      class_token: whether there is a class token; default: only for pool_type 'tok'.
+      fc_norm: apply the final LayerNorm after pooling (timm/MAE) instead of to every token.
+      layerscale: per-channel scales on both residual branches (DINOv2).
+      mlp_act: 'gelu_tanh' (big_vision), 'gelu' (exact, timm), 'quick_gelu' (OpenAI CLIP).
+      ln_eps: LayerNorm epsilon (1e-6 for ViT/DINOv2/MAE, 1e-5 for CLIP).
+      pre_norm: a LayerNorm after the embeddings, before the blocks (CLIP's `norm_pre`).
+      qkv_bias: bias on the query/key/value projections.
+      num_queries: T, VQT's query tokens per layer; 0 gives a plain ViT.
+      query_dropout: dropout on the query tokens during training (0.1 in the release).
+      l2_normalize: L2-normalise each feature group before the head; default: when
+        num_queries > 0 (VQT's head input), off for a plain ViT (linear probing on the CLS).
+      head_bias_init: constant initial head bias (the release uses -log(99) as a prior).
+      kv_dtype: dtype of the keys/values the query path reads (and keeps for the backward), e.g.
+        jnp.bfloat16 to halve VQT's training memory; None keeps the compute dtype.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    num_classes: int | None = None
+    patch_size: Sequence[int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    pool_type: str = "tok"
+    class_token: bool | None = None
+    fc_norm: bool = False
+    layerscale: bool = False
+    mlp_act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    pre_norm: bool = False
+    qkv_bias: bool = True
+    num_queries: int = 0
+    query_dropout: float = 0.1
+    l2_normalize: bool | None = None
+    head_bias_init: float = 0.0
+    kv_dtype: Dtype | None = None
+    dtype: Dtype = jnp.float32
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.pool_type == "tok" if self.class_token is None else self.class_token
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the head's input: D for the CLS, plus M * T * D for VQT's query outputs."""
+        return self.width * (1 + self.depth * self.num_queries)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raises ValueError if an image size is not a positive multiple of the patch size."""
+        ph, pw = self.patch_size
+        if height <= 0 or width <= 0 or height % ph or width % pw:
+            raise ValueError(
+                f"Image size {height}x{width} is not a multiple of the patch size {ph}x{pw}"
+            )
+
+    def _validate(self) -> None:
+        if self.pool_type not in ("tok", "gap"):
+            raise ValueError(f"pool_type must be 'tok' or 'gap', got {self.pool_type!r}")
+        if self.pool_type == "tok" and not self.has_class_token:
+            raise ValueError("pool_type 'tok' needs a class token")
+        if self.mlp_act not in ACTIVATIONS:
+            raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
+        if self.num_queries < 0:
+            raise ValueError(f"num_queries must be >= 0, got {self.num_queries}")
+
+    @nn.compact
+    def _forward(self, images: Array, train: bool, keep_blocks: bool) -> dict[str, Array]:
+        self._validate()
+        b, h, w, _ = images.shape
+        self.check_image_size(h, w)
+        d = self.width
+        x = nn.Conv(
+            d, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
+            dtype=self.dtype, name="embedding",
+        )(images.astype(self.dtype))
+        x = x.reshape(b, -1, d)
+        # big_vision's layout: the position embedding covers the patches only and is added
+        # before the class token is prepended (a checkpoint's cls position entry is folded into
+        # `cls` at load time, which is equivalent).
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=1.0 / np.sqrt(d)), (1, x.shape[1], d)
+        )
+        x = x + pos.astype(x.dtype)
+        if self.has_class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+        if self.pre_norm:
+            x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(x)
+
+        q = None
+        if self.num_queries:
+            bound = query_init_scale(self.patch_size, d)
+            tokens = self.variable(
+                "queries",
+                "tokens",
+                lambda: jax.random.uniform(
+                    self.make_rng("params"), (self.depth, self.num_queries, d), jnp.float32,
+                    -bound, bound,
+                ),
+            ).value
+            q = jnp.broadcast_to(tokens.astype(self.dtype)[None], (b, *tokens.shape))
+            q = nn.Dropout(self.query_dropout)(q, deterministic=not train)
+
+        encoder = Encoder(
+            depth=self.depth,
+            width=d,
+            mlp_dim=self.mlp_dim or 4 * d,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            mlp_act=self.mlp_act,
+            ln_eps=self.ln_eps,
+            layerscale=self.layerscale,
+            kv_dtype=self.kv_dtype,
+            dtype=self.dtype,
+            name="Transformer",
+        )
+        x, q_out, blocks = encoder(x, q, keep_blocks=keep_blocks)
+
+        num_prefix = int(self.has_class_token)
+
+        def pool(t: Array) -> Array:
+            return t[:, 0] if self.pool_type == "tok" else t[:, num_prefix:].mean(axis=1)
+
+        if self.fc_norm:
+            # timm's MAE layout: no norm on the tokens, the norm acts on the pooled feature.
+            tokens_out, cls_out = x, encoder.norm(pool(x))
+        else:
+            tokens_out = encoder.norm(x)
+            cls_out = pool(tokens_out)
+        pre_logits = self.head_input(cls_out, q_out)
+        out = dict(cls=cls_out, tokens=tokens_out, pre_logits=pre_logits)
+        if keep_blocks:
+            out["blocks"] = blocks
+        if q_out is not None:
+            out["queries"] = q_out
+        if self.num_classes:
+            out["logits"] = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+            )(pre_logits)
+        return out
+
+    def head_input(self, cls: Array, queries: Array | None) -> Array:
+        """VQT's head input: [CLS ; layer 1..M query outputs], each group L2-normalised.
+
+        Args:
+          cls: the final pooled feature [B, D].
+          queries: query outputs [B, M, T, D], or None.
+
+        Returns:
+          [B, D + M * T * D] features (L2-normalised per group when `l2_normalize` resolves on).
+        """
+        normalize = self.l2_normalize if self.l2_normalize is not None else self.num_queries > 0
+        groups = [cls[:, None, :]]
+        if queries is not None:
+            b, m, t, d = queries.shape
+            groups.append(queries.reshape(b, m, t * d))
+        if normalize:
+            groups = [l2_normalize(g) for g in groups]
+        return jnp.concatenate([g.reshape(g.shape[0], -1) for g in groups], axis=-1)
+
+    def features(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """Everything the model computes, for analysis and caching.
+
+        Returns:
+          A dict with `cls` [B, D] (the final pooled feature), `tokens` [B, N, D] (the final
+          tokens; after the final norm unless fc_norm), `blocks` [B, M, N, D] (every block's
+          ordinary-token output), `queries` [B, M, T, D] (VQT's query outputs, if T > 0),
+          `pre_logits` [B, F] (the head's input) and `logits` (if there is a head).
+        """
+        return self._forward(images, train, keep_blocks=True)
+
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        """Returns logits [B, num_classes] (or the head's input if there is no head)."""
+        out = self._forward(images, train, keep_blocks=False)
+        return out["logits"] if self.num_classes else out["pre_logits"]
+
+
+def create_model(variant: str | None = None, **kwargs: Any) -> ViT:
+    """Builds a ViT from a variant name ('B/16') with keyword overrides."""
+    cfg = decode_variant(variant) if variant else {}
+    cfg.update(kwargs)
+    if "patch_size" in cfg:
+        cfg["patch_size"] = tuple(cfg["patch_size"])
+    return ViT(**cfg)
