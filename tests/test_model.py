@@ -187,3 +187,22 @@ def test_frozen_dict_variables_are_accepted():
     model = ViT(**TINY)
     v = flax.core.freeze(_init(model))
     assert model.apply(v, jnp.zeros((1, 16, 16, 3))).shape == (1, 5)
+
+
+def test_bfloat16_stash_keeps_forward_exact_and_grads_close():
+    kw = dict(TINY, num_queries=1, query_dropout=0.0)
+    exact, narrow = ViT(**kw), ViT(**kw, kv_dtype=jnp.bfloat16)
+    variables = _randomize(_init(exact))
+    images = jax.random.normal(jax.random.key(8), (2, 16, 16, 3))
+    np.testing.assert_array_equal(exact.apply(variables, images), narrow.apply(variables, images))
+
+    def grads(model):
+        t, f = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+        loss_fn = train_step.make_loss_fn(model)
+        batch = {"image": images, "label": jnp.array([0, 1])}
+        return jax.grad(lambda t: loss_fn(t, f, batch, jax.random.key(0))[0])(t)
+
+    g_exact, g_narrow = grads(exact), grads(narrow)
+    q_exact, q_narrow = g_exact["queries/tokens"], g_narrow["queries/tokens"]
+    rel = float(jnp.abs(q_exact - q_narrow).max() / jnp.abs(q_exact).max())
+    assert 0 < rel < 2e-2  # bfloat16 keys/values: a small, nonzero difference

@@ -169,17 +169,49 @@ class Attention(nn.Module):
     def project_query(self, y: Array) -> Array:
         return self.query(y)
 
-    def attend(self, q: Array, k: Array, v: Array) -> Array:
+    def attend(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None) -> Array:
         """Scaled dot-product attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] -> [B, Nq, D].
 
-        The logits and softmax run in float32 whatever the operands' dtype (bfloat16 K/V stash).
+        Args:
+          q, k, v: projected queries, keys and values.
+          stash_dtype: if set, the forward is computed exactly but the backward keeps k and v
+            in this (narrower) dtype, e.g. bfloat16 for VQT's per-layer key/value stash.
         """
-        scale = q.shape[-1] ** -0.5
-        q = (q * scale).astype(k.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+        if stash_dtype is None:
+            o = _sdpa(q, k, v)
+        else:
+            o = _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype))
         return self.out(o.astype(self.dtype))
+
+
+def _sdpa(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q k^T / sqrt(Dh)) v with float32 logits and accumulation."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sdpa_narrow_stash(q: Array, k: Array, v: Array, stash_dtype: Any) -> Array:
+    return _sdpa(q, k, v)
+
+
+def _sdpa_narrow_stash_fwd(q, k, v, stash_dtype):
+    # The barrier keeps XLA from folding the narrowing cast into a wide copy it would keep.
+    res = jax.lax.optimization_barrier((q, k.astype(stash_dtype), v.astype(stash_dtype)))
+    return _sdpa(q, k, v), res
+
+
+def _sdpa_narrow_stash_bwd(stash_dtype, saved, g):
+    del stash_dtype
+    q, k, v = saved
+    # Cotangents for k and v too, in q's dtype, in case the backbone is trained as well.
+    _, vjp = jax.vjp(_sdpa, q, k.astype(q.dtype), v.astype(q.dtype))
+    return vjp(g.astype(jnp.float32))
+
+
+_sdpa_narrow_stash.defvjp(_sdpa_narrow_stash_fwd, _sdpa_narrow_stash_bwd)
 
 
 class Encoder1DBlock(nn.Module):
@@ -225,12 +257,10 @@ class Encoder1DBlock(nn.Module):
         if q is None:
             return x_out, None
         # The query path: its own W_q projection, the ordinary tokens' keys and values.
-        # These K and V are what the query backward keeps per layer (the "stash"); storing them
-        # in a narrower dtype shrinks that stash.
-        if self.kv_dtype is not None:
-            k, v = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
+        # These K and V are what the query backward keeps per layer (the "stash"); `kv_dtype`
+        # stores that stash in a narrower dtype (the forward stays exact).
         qq = attn.project_query(self.LayerNorm_0(q))
-        q_out = self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v)))
+        q_out = self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v, self.kv_dtype)))
         return x_out, q_out
 
 
@@ -315,8 +345,9 @@ class ViT(nn.Module):
       l2_normalize: L2-normalise each feature group before the head; default: when
         num_queries > 0 (VQT's head input), off for a plain ViT (linear probing on the CLS).
       head_bias_init: constant initial head bias (the release uses -log(99) as a prior).
-      kv_dtype: dtype of the keys/values the query path reads (and keeps for the backward), e.g.
-        jnp.bfloat16 to halve VQT's training memory; None keeps the compute dtype.
+      kv_dtype: dtype in which the query path's backward keeps each layer's keys and values,
+        e.g. jnp.bfloat16 to halve VQT's stash; the forward is unchanged (exact). None keeps
+        them in the compute dtype.
       dtype: compute dtype (parameters stay float32).
     """
 
