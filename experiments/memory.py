@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqt_jax import trainable as trainable_lib
 from vqt_jax import train_step
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 
 MiB = 2**20
@@ -55,8 +55,8 @@ SETTINGS: dict[str, Setting] = {
 def _compiled_fn(setting: Setting, variant: str, batch: int, image_size: int, num_classes: int):
     """Returns (compiled function, its arguments) for one setting."""
     model = create_model(variant, num_classes=num_classes, **setting.model_kwargs)
-    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3)),
-                         jnp.float32)
+    shape = (batch, image_size, image_size, 3)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
     labels = jnp.asarray(np.arange(batch) % num_classes, jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), images[:1])
     if setting.method is None:
@@ -127,7 +127,8 @@ def run(variant: str, batch: int, image_size: int, reps: int, settings: list[str
         setting = SETTINGS[name]
         compiled, args = _compiled_fn(setting, variant, batch, image_size, num_classes=10)
         mem = memory_bytes(compiled)
-        secs = median_step_seconds(compiled, args, reps, setting.method is not None) if reps else None
+        is_train = setting.method is not None
+        secs = median_step_seconds(compiled, args, reps, is_train) if reps else None
         results["settings"][name] = dict(
             memory_mib={k: v / MiB for k, v in mem.items()}, step_seconds=secs
         )

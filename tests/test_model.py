@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from tests import reference_vit
-from vqt_jax import trainable as trainable_lib
 from vqt_jax import train_step
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT, create_model, decode_variant
 
 TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
@@ -98,7 +98,7 @@ def _randomize(variables, seed=1, scale=0.2):
     flat = trainable_lib.flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(flat))
     out = {}
-    for k, (name, v) in zip(keys, sorted(flat.items())):
+    for k, (name, v) in zip(keys, sorted(flat.items()), strict=True):
         noise = scale * jax.random.normal(k, v.shape, v.dtype)
         out[name] = (1.0 + noise) if name.endswith("/scale") else noise
     return trainable_lib.unflatten(out)
@@ -144,7 +144,7 @@ def test_matches_naive_joint_reference_forward_and_query_grads():
     g_ours = jax.grad(ours, argnums=(0, 1))(q0, h0)
     g_naive = jax.grad(naive, argnums=(0, 1))(q0, h0)
     assert float(jnp.abs(g_ours[0]).max()) > 1e-4  # the gradient is not trivially zero
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_naive)):
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_naive), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 

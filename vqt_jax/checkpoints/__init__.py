@@ -139,7 +139,7 @@ def load(
 
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if any(s <= 0 or s % p for s, p in zip(size, patch)):
+        if any(s <= 0 or s % p for s, p in zip(size, patch, strict=True)):
             raise ValueError(
                 f"image_size {size[0]}x{size[1]} is not a multiple of the patch size "
                 f"{patch[0]}x{patch[1]}"

@@ -1,8 +1,9 @@
 """The 19 VTAB-1k tasks: TFDS sources, splits and label conversions.
 
 Every task is one row of `TASKS`, looked up by name with `get_task`. The splits and conversions
-follow the standard VTAB-1k definitions (google-research/task_adaptation, also used by VPT and
-VQT); see `/work/shared/reference/vtab-1k.md`.
+follow the standard VTAB-1k definitions of google-research/task_adaptation (also used by VPT
+and VQT): train800 is the first 800 training examples, val200 a fixed 200-example slice, and
+train800val200 the two together, train800 first.
 
 A conversion maps one raw TFDS example to ``{'image': uint8 [H, W, 3], 'label': int32 []}`` with
 TensorFlow ops, so it can run inside `tf.data.Dataset.map`.

@@ -1,0 +1,554 @@
+"""The paper's VTAB-1k protocol as one command: grid search on val, 5-seed retrain, results table.
+
+    python experiments/vtab_sweep.py --tasks=dtd,cifar100 --workdir=DIR \\
+        [--method=vqt] [--seeds=5] [--config=configs/vtab.py] [--set KEY=VALUE ...]
+
+For every task (``--tasks=all`` for the 19 of VTAB-1k):
+  1. trains on train800 and evaluates on val200 (``split='val'``) at every (lr, wd) of the
+     method's grid (`GRIDS`; for VQT, lr in {1.0, 0.5, 0.25, 0.1, 0.05} x batch_size/256 and wd
+     in {0.01, 0.001, 0.0001, 0.0}: 20 runs), all with seed 0;
+  2. selects the (lr, wd) with the best final val top-1; ties go to the smaller lr, then to the
+     smaller wd. A grid point whose training diverged (`FloatingPointError` from the trainer) is
+     recorded as failed and never selected;
+  3. retrains with the selected (lr, wd) on train800val200 and evaluates on test
+     (``split='test'``) with seeds 0..N-1 (``--seeds=N``) and reports the mean and the sample
+     standard deviation (n - 1 denominator; 0 for one seed) of the test top-1.
+
+It writes, under DIR:
+  * ``<task>/val/lr=<lr>,wd=<wd>/`` and ``<task>/test/seed=<s>/``: one training run each
+    (checkpoints, logs, ``results.json``), as written by `vqt_jax.train.train_and_evaluate`;
+  * ``<task>/selection.json``: the val top-1 of every grid point and the selected (lr, wd);
+  * ``<task>/sweep.json``: the method and ``--set`` overrides the task was swept with;
+  * ``results.md``: a markdown table, one row per task (group, selected lr and wd, val top-1,
+    test top-1 mean +- std in %), then the Natural / Specialized / Structured means and the mean
+    over all tasks present (each a plain mean of the per-task test means); also printed;
+  * ``results.csv``: the same rows, machine-readable (accuracies in %, unrounded).
+
+Re-running the command is cheap and safe: a run whose ``results.json`` exists is read, not
+trained again; a run interrupted half-way is resumed by the trainer from its checkpoints (the
+sweep calls it again with the same workdir); a diverged run is marked by ``sweep_failed.json``
+in its workdir and not retried (delete the file to retry). The selection is recomputed from the
+val results every time. Because finished runs are reused, a task directory remembers the
+``--method`` and ``--set`` overrides it was swept with and a different combination is refused
+(e.g. a quick ``--set epochs=10`` check must not leak into the full sweep): use another DIR.
+
+``--set KEY=VALUE`` (repeatable, several per flag) overrides a field of the task's config,
+dotted for nested fields (``--set model.num_queries=10 epochs=10``); values are parsed with
+`ast.literal_eval` and kept as strings if that fails. The sweep owns task, split, lr, wd, seed
+and method, so these cannot be set; a ``batch_size`` override rescales the lr grid. Unknown
+tasks or config keys fail before anything is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+ConfigFn = Callable[[str], ml_collections.ConfigDict]
+TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "vtab.py"
+
+# VTAB-1k reporting groups, in the order of the task table.
+GROUPS = ("natural", "specialized", "structured")
+
+# The selection runs use one fixed seed, like the release; the test runs use seeds 0..N-1.
+VAL_SEED = 0
+
+# Fields each run sets itself; a user override of one of them would silently be replaced.
+RESERVED_KEYS = frozenset({"task", "split", "lr", "wd", "seed", "method"})
+
+# Written into a run's workdir when its training diverged, so a re-run does not retrain it.
+FAILED_MARKER = "sweep_failed.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A method's hyper-parameter grid.
+
+    Attributes:
+        base_lrs: Learning rates at `reference_batch_size`; scaled linearly with the batch size.
+        wds: Weight decays.
+        reference_batch_size: The batch size at which `base_lrs` apply.
+    """
+
+    base_lrs: tuple[float, ...]
+    wds: tuple[float, ...]
+    reference_batch_size: int = 256
+
+    def lrs(self, batch_size: int) -> list[float]:
+        """The learning rates for `batch_size`, in the order of `base_lrs`."""
+        # Round off the float noise of the scaling (0.1 * 128 / 256) so run directory names and
+        # results.json values are the short decimals a user would type.
+        return [float(f"{lr * batch_size / self.reference_batch_size:.12g}")
+                for lr in self.base_lrs]
+
+    def points(self, batch_size: int) -> list[tuple[float, float]]:
+        """All (lr, wd) pairs for `batch_size`, lr-major."""
+        return [(lr, wd) for lr in self.lrs(batch_size) for wd in self.wds]
+
+
+# One grid per method. Add a method here (e.g. VPT's release grid) to sweep it with its own grid.
+GRIDS: dict[str, Grid] = {
+    # The VQT release (inherited from VPT's VTAB scripts): 5 lrs x 4 wds.
+    "vqt": Grid(base_lrs=(1.0, 0.5, 0.25, 0.1, 0.05), wds=(0.01, 0.001, 0.0001, 0.0)),
+}
+# Methods without their own entry use this grid.
+DEFAULT_GRID = "vqt"
+
+
+def grid_for(method: str) -> Grid:
+    """Returns the grid of `method`, or the default (VQT) grid if it has none of its own."""
+    if method not in GRIDS:
+        logging.warning("No grid for method %r in GRIDS; using the %r grid.", method, DEFAULT_GRID)
+    return GRIDS.get(method, GRIDS[DEFAULT_GRID])
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """The outcome of the protocol on one task.
+
+    Attributes:
+        task: Task name.
+        group: VTAB group: natural, specialized or structured.
+        lr: Selected learning rate (already scaled to the batch size).
+        wd: Selected weight decay.
+        val_top1: Final val200 top-1 in [0, 1] of the selected (lr, wd).
+        test_top1: Final test top-1 in [0, 1] of each seed, in seed order.
+    """
+
+    task: str
+    group: str
+    lr: float
+    wd: float
+    val_top1: float
+    test_top1: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        """Mean test top-1 over the seeds."""
+        return statistics.fmean(self.test_top1)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation of the test top-1 over the seeds (0 for a single seed)."""
+        return statistics.stdev(self.test_top1) if len(self.test_top1) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parses ``KEY=VALUE`` strings into a dict.
+
+    Values go through `ast.literal_eval` (so ``10`` is an int, ``1e-3`` a float, ``None`` and
+    ``(1, 2)`` what they look like) and stay strings if that fails (``bfloat16``, paths).
+
+    Raises:
+        ValueError: If an item has no ``=`` or an empty key, or sets a key the sweep owns.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        if key in RESERVED_KEYS:
+            raise ValueError(
+                f"--set {key}=... is not allowed: the sweep sets {', '.join(sorted(RESERVED_KEYS))}"
+                " itself (use --tasks / --method for task and method)."
+            )
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        overrides[key] = value
+    return overrides
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with the dotted-key `overrides` set.
+
+    Only existing fields can be set, so a typo fails instead of being silently ignored;
+    ConfigDict itself rejects a value of the wrong type.
+
+    Raises:
+        KeyError: If a key (or one of its parents) is not a field of the config.
+        TypeError: If ConfigDict refuses the value's type.
+    """
+    config = ml_collections.ConfigDict(config)  # copy: the caller's config stays untouched
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, name in enumerate(parents):
+            child = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise KeyError(f"--set {key}: {'.'.join(parents[:depth + 1])!r} is not a "
+                               "nested config.")
+            node = child
+        if leaf not in node:
+            raise KeyError(f"--set {key}: no such config field; fields here: "
+                           f"{', '.join(sorted(node.keys()))}.")
+        node[leaf] = value
+    return config
+
+
+def load_config_fn(path: str | Path) -> ConfigFn:
+    """Returns the ``get_config`` of the config file at `path` (e.g. configs/vtab.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
+
+
+def vtab_task_groups() -> dict[str, str]:
+    """The 19 VTAB-1k task names, in table order, mapped to their group."""
+    # Imported here: the task table pulls in TensorFlow, which `--help` and tests need not pay.
+    from vqt_jax.data import tasks as tasks_lib
+
+    return {name: tasks_lib.get_task(name).group for name in tasks_lib.task_names()}
+
+
+def check_tasks(tasks: Sequence[str], task_groups: Mapping[str, str]) -> None:
+    """Raises ValueError naming every unknown task and listing the valid ones."""
+    unknown = [t for t in tasks if t not in task_groups]
+    if unknown:
+        raise ValueError(f"Unknown VTAB-1k task(s): {', '.join(unknown)}. "
+                         f"Valid tasks: {', '.join(task_groups)}.")
+    if not tasks:
+        raise ValueError("No tasks given.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs.
+
+
+def val_run_dir(workdir: str | Path, task: str, lr: float, wd: float) -> Path:
+    """Workdir of the selection run of `task` at (lr, wd)."""
+    return Path(workdir) / task / "val" / f"lr={lr!r},wd={wd!r}"
+
+
+def test_run_dir(workdir: str | Path, task: str, seed: int) -> Path:
+    """Workdir of the test run of `task` with `seed`."""
+    return Path(workdir) / task / "test" / f"seed={seed}"
+
+
+def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
+                seed: int) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base)
+    config.split, config.lr, config.wd, config.seed = split, lr, wd, seed
+    return config
+
+
+def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: TrainFn, *,
+                 may_diverge: bool) -> dict[str, Any] | None:
+    """Returns the results of one run, training only if they are not on disk yet.
+
+    Returns None for a run that diverged (only when `may_diverge`): a selection run at too
+    high an lr is a legitimate outcome of the grid, not a reason to stop the sweep.
+    """
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        return json.loads(results_path.read_text())
+    if (run_dir / FAILED_MARKER).is_file():
+        return None
+    logging.info("Training %s", run_dir)
+    try:
+        # The trainer resumes from run_dir's checkpoints if an earlier attempt was interrupted.
+        return dict(train_fn(config, str(run_dir)))
+    except FloatingPointError as e:
+        if not may_diverge:
+            raise
+        logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, e)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(e)}, indent=2) + "\n")
+        return None
+
+
+def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tuple[float, float]:
+    """Picks the (lr, wd) with the best val top-1; ties go to the smaller lr, then smaller wd.
+
+    Args:
+        val_top1: Final val top-1 per (lr, wd); None (diverged) or NaN entries are never picked.
+
+    Raises:
+        ValueError: If no grid point has a usable val top-1.
+    """
+    usable = {k: v for k, v in val_top1.items() if v is not None and math.isfinite(v)}
+    if not usable:
+        raise ValueError("Every grid point diverged or has no val top-1; nothing to select.")
+    # Top-1 on val200 moves in steps of 0.005; rounding to 1e-6 only makes equal counts compare
+    # equal even if they were summed in a different order, so ties are real ties.
+    return min(usable, key=lambda k: (-round(usable[k], 6), k[0], k[1]))
+
+
+def _check_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuses to mix finished runs of a different method or overrides into this sweep."""
+    path = task_dir / "sweep.json"
+    # JSON round trip so that e.g. tuples and lists compare equal to what was stored.
+    fingerprint = json.loads(json.dumps(fingerprint, default=repr))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != fingerprint:
+            raise ValueError(
+                f"{task_dir} was swept with {stored}, not {fingerprint}; its finished runs "
+                "would be reused. Use another --workdir (or delete the task directory)."
+            )
+
+
+def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / "sweep.json").write_text(json.dumps(fingerprint, indent=2, default=repr) + "\n")
+
+
+def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | Path, *,
+               grid: Grid, num_seeds: int, train_fn: TrainFn) -> TaskResult:
+    """Runs (or reads) the val grid and the test seeds of one task.
+
+    Args:
+        task: Task name.
+        group: Its VTAB group, carried into the result.
+        base: The task's config with the overrides applied; split, lr, wd, seed are set per run.
+        workdir: The sweep's root directory.
+        grid: The (lr, wd) grid; its lrs are scaled to ``base.batch_size``.
+        num_seeds: Number of test seeds (0..num_seeds-1).
+        train_fn: ``train_fn(config, run_workdir) -> results`` with a ``'top1'`` entry.
+
+    Returns:
+        The selected (lr, wd), its val top-1 and the test top-1 of every seed.
+    """
+    val_top1: dict[tuple[float, float], float | None] = {}
+    for lr, wd in grid.points(base.batch_size):
+        config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
+        results = _run_or_read(config, val_run_dir(workdir, task, lr, wd), train_fn,
+                               may_diverge=True)
+        val_top1[(lr, wd)] = None if results is None else float(results["top1"])
+    lr, wd = select_hparams(val_top1)
+    logging.info("%s: selected lr=%r wd=%r (val top-1 %.4f)", task, lr, wd, val_top1[(lr, wd)])
+    selection = {
+        "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
+        "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
+    }
+    (Path(workdir) / task / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+
+    test_top1 = []
+    for seed in range(num_seeds):
+        config = _run_config(base, split="test", lr=lr, wd=wd, seed=seed)
+        results = _run_or_read(config, test_run_dir(workdir, task, seed), train_fn,
+                               may_diverge=False)
+        test_top1.append(float(results["top1"]))
+    return TaskResult(task, group, lr, wd, val_top1[(lr, wd)], tuple(test_top1))
+
+
+def run_sweep(
+    tasks: Sequence[str],
+    workdir: str | Path,
+    *,
+    base_config_fn: ConfigFn | None = None,
+    train_fn: TrainFn | None = None,
+    method: str = "vqt",
+    num_seeds: int = 5,
+    overrides: Mapping[str, Any] | None = None,
+    task_groups: Mapping[str, str] | None = None,
+) -> list[TaskResult]:
+    """Runs the VTAB-1k protocol on `tasks` and writes results.md / results.csv in `workdir`.
+
+    Everything that can be checked without training (task names, override keys and types,
+    earlier sweeps in the same workdir) is checked for every task before the first run.
+
+    Args:
+        tasks: Task names.
+        workdir: Root directory of the sweep; see the module docstring for its layout.
+        base_config_fn: ``get_config(task)``; default: `DEFAULT_CONFIG`'s.
+        train_fn: ``train_fn(config, run_workdir) -> results``; default:
+            `vqt_jax.train.train_and_evaluate`. Tests pass a fake.
+        method: Written into every config's ``method`` and selects the grid in `GRIDS`.
+        num_seeds: Number of test seeds.
+        overrides: Dotted config keys to values, applied to every task's config.
+        task_groups: Task name -> group, in report order; default: the VTAB-1k task table.
+
+    Returns:
+        One `TaskResult` per task, in the order of `task_groups`.
+
+    Raises:
+        ValueError: For an unknown task, a reserved override key, num_seeds < 1, or a task
+            directory swept earlier with another method or overrides.
+        KeyError, TypeError: For an override the config does not accept.
+    """
+    overrides = dict(overrides or {})
+    if reserved := RESERVED_KEYS.intersection(overrides):
+        raise ValueError(f"Overrides may not set {sorted(reserved)}: the sweep sets them.")
+    if num_seeds < 1:
+        raise ValueError(f"num_seeds must be at least 1, got {num_seeds}.")
+    task_groups = vtab_task_groups() if task_groups is None else task_groups
+    check_tasks(tasks, task_groups)
+    # Report order is the table's (groups stay together), whatever order the user typed.
+    tasks = [t for t in task_groups if t in set(tasks)]
+    base_config_fn = base_config_fn or load_config_fn(DEFAULT_CONFIG)
+    grid = grid_for(method)
+    fingerprint = {"method": method, "overrides": overrides}
+
+    workdir = Path(workdir)
+    bases = {}
+    for task in tasks:
+        base = apply_overrides(base_config_fn(task), overrides)
+        base.task, base.method = task, method
+        bases[task] = base
+        _check_fingerprint(workdir / task, fingerprint)
+
+    if train_fn is None:
+        # Imported only now: it pulls in the whole training stack.
+        from vqt_jax.train import train_and_evaluate as train_fn
+
+    results = []
+    for task in tasks:
+        _write_fingerprint(workdir / task, fingerprint)
+        results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
+                                  num_seeds=num_seeds, train_fn=train_fn))
+    write_reports(results, workdir)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    """A group mean (natural / specialized / structured) or the mean over all tasks."""
+
+    name: str
+    num_tasks: int
+    mean: float
+
+
+def summarize(results: Sequence[TaskResult]) -> list[SummaryRow]:
+    """Group means, then the overall mean, of the per-task mean test top-1 (tasks present only).
+
+    The overall mean is over tasks (as VTAB papers' "mean of 19"), not over the group means.
+    """
+    rows = []
+    for group in GROUPS:
+        means = [r.mean for r in results if r.group == group]
+        if means:
+            rows.append(SummaryRow(group, len(means), statistics.fmean(means)))
+    if results:
+        rows.append(SummaryRow("mean", len(results), statistics.fmean(r.mean for r in results)))
+    return rows
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def to_markdown(results: Sequence[TaskResult]) -> str:
+    """The results table in markdown: tasks, then group means and the overall mean."""
+    lines = [
+        "| task | group | lr | wd | val top-1 (%) | test top-1 (%) | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r.task} | {r.group} | {r.lr:g} | {r.wd:g} | {_pct(r.val_top1)} | "
+                     f"{_pct(r.mean)} ± {_pct(r.std)} | {len(r.test_top1)} |")
+    for row in summarize(results):
+        label = "Mean" if row.name == "mean" else row.name.capitalize()
+        lines.append(f"| **{label}** ({row.num_tasks} tasks) | | | | | **{_pct(row.mean)}** | |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("name", "kind", "group", "lr", "wd", "val_top1_pct", "test_top1_mean_pct",
+              "test_top1_std_pct", "num_seeds", "num_tasks")
+
+
+def to_csv(results: Sequence[TaskResult]) -> str:
+    """The results table as CSV (`CSV_FIELDS`); kind is 'task', 'group' or 'all'."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerow(dict(
+            name=r.task, kind="task", group=r.group, lr=r.lr, wd=r.wd,
+            val_top1_pct=100 * r.val_top1, test_top1_mean_pct=100 * r.mean,
+            test_top1_std_pct=100 * r.std, num_seeds=len(r.test_top1), num_tasks=1,
+        ))
+    for row in summarize(results):
+        is_all = row.name == "mean"
+        writer.writerow(dict(name=row.name, kind="all" if is_all else "group",
+                             group="" if is_all else row.name,
+                             test_top1_mean_pct=100 * row.mean, num_tasks=row.num_tasks))
+    return out.getvalue()
+
+
+def write_reports(results: Sequence[TaskResult], workdir: str | Path) -> str:
+    """Writes results.md and results.csv into `workdir`; returns the markdown."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(results)
+    (workdir / "results.md").write_text(markdown)
+    (workdir / "results.csv").write_text(to_csv(results))
+    return markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="VTAB-1k protocol: lr x wd grid on val, retrain the best on test with "
+                    "several seeds, write results.md / results.csv.")
+    parser.add_argument("--tasks", required=True,
+                        help="Comma-separated VTAB-1k task names, or 'all'.")
+    parser.add_argument("--workdir", required=True, help="Root directory of the sweep.")
+    parser.add_argument("--method", default="vqt", help="Method (config.method and grid).")
+    parser.add_argument("--seeds", type=int, default=5, help="Number of test seeds (0..N-1).")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="Config file with get_config(task).")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE", help="Config overrides, e.g. model.num_queries=10.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, base_config_fn: ConfigFn | None = None,
+         train_fn: TrainFn | None = None, task_groups: Mapping[str, str] | None = None) -> int:
+    """Command-line entry point; the keyword arguments are for tests (see `run_sweep`)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = parse_overrides(args.overrides)
+    task_groups = vtab_task_groups() if task_groups is None else task_groups
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == ["all"]:
+        tasks = list(task_groups)
+    results = run_sweep(
+        tasks, args.workdir,
+        base_config_fn=base_config_fn or load_config_fn(args.config),
+        train_fn=train_fn, method=args.method, num_seeds=args.seeds, overrides=overrides,
+        task_groups=task_groups,
+    )
+    print(to_markdown(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The training loop end to end: folder data, resume, determinism, devices, NaN, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import train_utils
+from vqt_jax import checkpoints, train
+from vqt_jax import trainable as trainable_lib
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_folder_end_to_end_trains_only_queries_and_head(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder, epochs=10)
+    results, variables = train.run(config, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert results["num_eval_examples"] == 15  # test/ holds 3 classes x 5, each counted once
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.5 * losses[0]
+    assert results["top1"] > 0.5  # 3 classes: chance is 1/3
+    # The backbone is bit-identical to the pretrained checkpoint.
+    model = train.build_model(config, 3)
+    fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    pretrained = checkpoints.load(config.init, fresh)
+    _, frozen_after = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    _, frozen_before = trainable_lib.partition(pretrained, trainable_lib.rule_for("vqt"))
+    assert set(frozen_after) == set(frozen_before)
+    for k in frozen_before:
+        np.testing.assert_array_equal(np.asarray(frozen_before[k]), np.asarray(frozen_after[k]),
+                                      err_msg=k)
+    assert os.listdir(tmp_path / "checkpoints")
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted_run(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder)
+    full, v_full = train.run(config, str(tmp_path / "full"))
+
+    def kill_at_6(step, _):
+        if step == 6:  # the last checkpoint is step 4: steps 5-6 are lost and redone
+            raise _Kill()
+
+    with pytest.raises(_Kill):
+        train.run(config, str(tmp_path / "resumed"), callbacks=[kill_at_6])
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    resumed, v_resumed = train.run(config, str(tmp_path / "resumed"))
+    assert resumed == full
+    for a, b in zip(jax.tree.leaves(v_full), jax.tree.leaves(v_resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # And the same seed from scratch once more gives identical results.
+    again, _ = train.run(config, str(tmp_path / "again"))
+    assert again == full
+
+
+def test_one_device_equals_eight_devices(folder, tmp_path):
+    eight, _ = train.run(train_utils.tiny_config(data_dir=folder, epochs=3), str(tmp_path / "8"))
+    one, _ = train.run(train_utils.tiny_config(data_dir=folder, epochs=3, num_devices=1),
+                       str(tmp_path / "1"))
+    assert jax.device_count() == 8
+    assert one["num_eval_examples"] == eight["num_eval_examples"] == 15
+    np.testing.assert_allclose(one["eval_loss"], eight["eval_loss"], rtol=1e-4)
+    np.testing.assert_allclose(one["train_loss"], eight["train_loss"], rtol=1e-4)
+    assert one["top1"] == eight["top1"]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder, lr=1e30, warmup_epochs=0,
+                                     checkpoint_every_steps=1, schedule_per_epoch=False)
+    with pytest.raises(FloatingPointError, match=r"Training loss is nan at step \d+.*intact"):
+        train.run(config, str(tmp_path))
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert steps  # the good checkpoints are there and restorable with finite values
+    config.lr = 0.05
+    from vqt_jax.training import checkpointing
+
+    mngr = checkpointing.manager(str(tmp_path), 2)
+    restored = mngr.restore(steps[-1])
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(task="not_a_task"), ValueError, "not a VTAB-1k task.*dtd"),
+        (dict(lr=-0.1), ValueError, "config.lr must be > 0"),
+        (dict(batch_size=12), ValueError, "batch_size=12 is not divisible by the 8 devices"),
+        (dict(split="train"), ValueError, "config.split='train'"),
+        (dict(method="nope"), ValueError, "Unknown method 'nope'"),
+        (dict(image_size=30), ValueError, "image_size=30 is not a multiple of the patch size"),
+        (dict(init="/no/such/file.npz"), FileNotFoundError, "/no/such/file.npz"),
+    ],
+)
+def test_bad_config_fails_before_compiling(folder, tmp_path, monkeypatch, overrides, error, match):
+    def no_jit(*a, **k):
+        raise AssertionError("compiled before validating the config")
+
+    monkeypatch.setattr(train.jax, "jit", no_jit)
+    config = train_utils.tiny_config(data_dir=folder, **overrides)
+    with pytest.raises(error, match=match):
+        train.run(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_folder_without_train_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    config = train_utils.tiny_config(data_dir=str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="train"):
+        train.run(config, str(tmp_path / "wd"))

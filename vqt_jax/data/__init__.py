@@ -1,0 +1,43 @@
+"""Input pipelines: the 19 VTAB-1k tasks (TFDS) and image folders.
+
+See `pipeline.py` for the usage pattern and `tasks.py` for the task table.
+"""
+
+from vqt_jax.data.pipeline import (
+    FOLDER,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    DatasetNotPreparedError,
+    eval_dataset,
+    get_num_classes,
+    get_num_examples,
+    make_eval_iterator,
+    make_train_iterator,
+    normalize,
+    resize,
+    train_dataset,
+    validate,
+)
+from vqt_jax.data.tasks import TASKS, Task, get_task, task_names
+
+__all__ = [
+    "FOLDER",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SPLITS",
+    "TASKS",
+    "DatasetNotPreparedError",
+    "Task",
+    "eval_dataset",
+    "get_num_classes",
+    "get_num_examples",
+    "get_task",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "normalize",
+    "resize",
+    "task_names",
+    "train_dataset",
+    "validate",
+]

@@ -1,0 +1,590 @@
+"""tf.data input pipelines for the VTAB-1k tasks and for image folders.
+
+Typical use in a training script::
+
+    data.validate(task, data_dir, split)              # before compiling anything
+    num_classes = data.get_num_classes(task, data_dir)
+    train_iter = data.make_train_iterator(
+        task, data_dir, split, global_batch_size=64, seed=0, start_step=step)
+    for step, batch in zip(range(step, total_steps), train_iter): ...
+    for batch in data.make_eval_iterator(task, data_dir, split, global_batch_size=64): ...
+
+`split` is the config-level split: ``'val'`` trains on train800 and evaluates on val200,
+``'test'`` trains on train800val200 and evaluates on test. `task` is a VTAB-1k task name (see
+`tasks.py`) read from TFDS in `data_dir`, or ``'folder'`` for an image-folder tree rooted at
+`data_dir` (see `folder.py`).
+
+Images are resized to ``image_size x image_size`` (bilinear, no crop, no augmentation), rounded
+to uint8 and normalized to float32 NHWC. Batches are dicts of numpy arrays.
+
+Multi-host: every host calls the same functions with its own `process_index`. The training
+stream gives each host its slice of every global batch; the evaluation stream gives each host a
+disjoint part of the split, padded so that all hosts run the same number of steps.
+
+TFDS datasets are never downloaded here: a dataset that is not prepared in `data_dir` raises
+`DatasetNotPreparedError` at once, saying what to run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vqt_jax.data import folder as folder_lib
+from vqt_jax.data import tasks as tasks_lib
+
+# The input pipeline runs on the host CPU; keep TensorFlow away from accelerator memory that
+# JAX needs. (A no-op with tensorflow-cpu; too late if TF already initialised its devices.)
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+    pass
+
+FOLDER = "folder"
+# Config-level split -> (VTAB split to train on, VTAB split to evaluate on).
+SPLITS: dict[str, tuple[str, str]] = {
+    "val": ("train800", "val200"),
+    "test": ("train800val200", "test"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Subset = Literal["train", "eval"]
+Normalization = str | tuple[Sequence[float], Sequence[float]]
+Batch = dict[str, np.ndarray]
+
+
+class DatasetNotPreparedError(ValueError):
+    """A TFDS dataset is not prepared in the data dir (this code never downloads)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: raw examples {'image': uint8 [H, W, 3], 'label': int32} in a fixed order.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLITS)}.")
+
+
+def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "") -> str:
+    where = data_dir or "the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    head = (
+        f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is not prepared in "
+        f"{where}; this code never downloads."
+    )
+    if cause:
+        # The builder itself could not be made, e.g. this TFDS only has other versions.
+        return (
+            f"{head} The installed tensorflow-datasets {tfds.__version__} cannot build it "
+            f"either: {cause}\nPrepare it with a tensorflow-datasets release that can, or copy "
+            "an already prepared copy (NAME[/CONFIG]/VERSION folder) into the data dir."
+        )
+    dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
+    lines = [
+        f"{head} Prepare it once, on a machine with internet access:",
+        f"  tfds build '{task.tfds_name}'{dir_flag}",
+        "or, in Python:",
+        f"  tfds.builder({task.tfds_name!r}{dir_arg}).download_and_prepare()",
+    ]
+    if task.prepare_note:
+        lines.append(task.prepare_note)
+    return "\n".join(lines)
+
+
+def _builder(task: tasks_lib.Task, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """Opens a prepared TFDS dataset, or raises DatasetNotPreparedError without waiting."""
+    try:
+        # try_gcs=False: never look for the data on GCS (hangs for minutes without network).
+        builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
+    except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
+        # E.g. the version pattern matches nothing prepared and nothing this TFDS can build.
+        raise DatasetNotPreparedError(_not_prepared(task, data_dir, cause=str(e))) from e
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(_not_prepared(task, data_dir))
+    return builder
+
+
+def _tfds_split(task: tasks_lib.Task, split: str, subset: Subset) -> str:
+    _check_split(split)
+    train_split, eval_split = SPLITS[split]
+    return task.tfds_split(train_split if subset == "train" else eval_split)
+
+
+def _source(
+    task: str,
+    data_dir: str | None,
+    split: str,
+    subset: Subset,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> tuple[tf.data.Dataset, int]:
+    """Returns (examples of this shard, number of examples in all shards)."""
+    _check_split(split)
+    if task == FOLDER:
+        if not data_dir:
+            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
+        files = folder_lib.listing(data_dir, split, subset)
+        return folder_lib.dataset(files, shard_index, shard_count), len(files.paths)
+
+    spec = tasks_lib.get_task(task)
+    tfds_split = _tfds_split(spec, split, subset)
+    builder = _builder(spec, data_dir)
+    ds = builder.as_dataset(
+        split=tfds_split,
+        shuffle_files=False,
+        # Read the files one after the other, so examples come in split order (train800 then
+        # val200) whatever TFDS's default interleaving is.
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+    )
+    num_examples = _count(ds)
+    # Sharding after TFDS decodes means every host decodes the whole split; VTAB evaluation
+    # sets are small enough that this simplicity is worth it.
+    ds = ds.shard(shard_count, shard_index)
+    ds = ds.map(spec.convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds, num_examples
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    cardinality = int(ds.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    # TFDS normally knows the size of a split; count by reading only if it does not.
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing.
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in uint8 pixel units (0..255)."""
+    if isinstance(normalization, str):
+        if normalization == "inception":  # [0, 255] -> [-1, 1]
+            return np.full(3, 127.5, np.float32), np.full(3, 127.5, np.float32)
+        if normalization == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            raise ValueError(
+                f"Unknown normalization {normalization!r}; use 'inception', 'imagenet' or a "
+                "(mean, std) pair of 3-tuples in [0, 1] units."
+            )
+    else:
+        try:
+            mean, std = normalization
+            mean = np.asarray(mean, np.float32).reshape(3)
+            std = np.asarray(std, np.float32).reshape(3)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"normalization={normalization!r} is not a (mean, std) pair of 3-tuples."
+            ) from e
+        if np.any(std <= 0):
+            raise ValueError(f"normalization std must be positive, got {tuple(std)}.")
+    return np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255
+
+
+def normalize(images: tf.Tensor, normalization: Normalization = "inception") -> tf.Tensor:
+    """Maps uint8 images to float32: ``(x / 255 - mean) / std`` per channel.
+
+    Args:
+        images: uint8 tensor ``[..., 3]``.
+        normalization: ``'inception'`` (to [-1, 1]), ``'imagenet'`` (ImageNet mean/std), or
+            a ``(mean, std)`` pair of 3-tuples in [0, 1] units.
+
+    Returns:
+        float32 tensor of the same shape.
+    """
+    mean, std = _mean_std(normalization)
+    return (tf.cast(images, tf.float32) - mean) / std
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Bilinear resize of one uint8 image to ``[image_size, image_size, 3]``, no crop.
+
+    The result is rounded back to uint8: the training set is cached at this stage, and
+    evaluation goes through the same rounding so both see identical pixels.
+    """
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Streams.
+# --------------------------------------------------------------------------------------------
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """Checks the host arguments; returns the per-host batch size."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={process_count}."
+        )
+    return global_batch_size // process_count
+
+
+def _resized(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+    return ds.map(
+        lambda ex: {"image": resize(ex["image"], image_size), "label": ex["label"]},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a (resized) dataset into memory as uint8 images and int32 labels."""
+    images, labels = [], []
+    for batch in ds.batch(256).as_numpy_iterator():
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+    labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+    if len(labels) != num_examples:
+        raise ValueError(f"Expected {num_examples} training examples, read {len(labels)}.")
+    return images, labels
+
+
+def train_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    normalization: Normalization = "inception",
+) -> tf.data.Dataset:
+    """The infinite, shuffled training stream over in-memory examples, for one host.
+
+    The examples are read as one endless sequence of epochs, each a fresh permutation of all
+    examples chosen by ``(seed, epoch)``; global batch ``k`` is positions
+    ``[k * B, (k + 1) * B)`` of that sequence and host ``h`` takes positions
+    ``[k * B + h * B / P, k * B + (h + 1) * B / P)``. Every batch is full (batches may straddle
+    an epoch boundary), the hosts' slices make up exactly the single-host batch, and starting at
+    `start_step` costs nothing, since any position maps to its example directly
+    (`tf.random.experimental.index_shuffle` computes a permutation entry without the rest).
+
+    Args:
+        images: uint8 ``[N, H, W, 3]``, already resized.
+        labels: int ``[N]``.
+        global_batch_size: Batch size over all hosts (B); divisible by `process_count` (P).
+        seed: Shuffling seed; the same seed gives the same stream.
+        start_step: First global step to produce (for resuming).
+        process_index: This host's index.
+        process_count: Number of hosts.
+        normalization: See `normalize`.
+
+    Returns:
+        A dataset of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P]}``.
+    """
+    num_examples = len(labels)
+    if num_examples == 0:
+        raise ValueError("The training set is empty.")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    # Captured eager tensors are handed to the tf.data function by reference (a numpy array
+    # would be embedded in the graph as a constant).
+    images_t = tf.convert_to_tensor(images, tf.uint8)
+    labels_t = tf.convert_to_tensor(labels, tf.int32)
+    _mean_std(normalization)  # Fail here, not inside tf.data.
+
+    def example_at(position: tf.Tensor) -> dict[str, tf.Tensor]:
+        # One scalar seed per element: index_shuffle mishandles a batch of seeds
+        # (TF 2.21 pads the [n, 2] seed along the wrong axis).
+        seed_and_epoch = tf.stack([tf.constant(seed, tf.int64), position // num_examples])
+        index = tf.random.experimental.index_shuffle(
+            position % num_examples, seed_and_epoch, tf.constant(num_examples - 1, tf.int64)
+        )
+        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
+
+    def positions_of(chunk: tf.Tensor) -> tf.data.Dataset:
+        # Chunk c = k * P + h is stream positions [c * B/P, (c + 1) * B/P).
+        return tf.data.Dataset.range(chunk * local_batch, (chunk + 1) * local_batch)
+
+    chunks = tf.data.Dataset.counter(
+        start=start_step * process_count + process_index, step=process_count
+    )
+    ds = chunks.flat_map(positions_of)
+    ds = ds.map(example_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(
+        lambda b: {"image": normalize(b["image"], normalization), "label": b["label"]},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.prefetch(2)
+
+
+def eval_dataset(
+    examples: tf.data.Dataset,
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    image_size: int = 224,
+    process_index: int = 0,
+    process_count: int = 1,
+    local_device_count: int | None = None,
+    normalization: Normalization = "inception",
+) -> tf.data.Dataset:
+    """The finite, padded evaluation stream of one host.
+
+    Host ``h`` gets examples ``h, h + P, h + 2P, ...`` of `examples` (pass the unsharded
+    dataset), then padding, so that every host yields the same number of full batches:
+    ``ceil(ceil(N / P) / (B / P))``. Padding examples have ``mask == 0``, real ones 1, so the
+    masked sum over all batches of all hosts counts every example exactly once.
+
+    Args:
+        examples: All examples ``{'image': uint8 [H, W, 3], 'label': int}`` in a fixed order.
+        num_examples: Number of examples in `examples` (N).
+        global_batch_size: Batch size over all hosts (B); divisible by `process_count` (P).
+        image_size: Output height and width.
+        process_index: This host's index.
+        process_count: Number of hosts.
+        local_device_count: If given, B / P must be divisible by it (for sharding a batch
+            over the local devices).
+        normalization: See `normalize`.
+
+    Returns:
+        A dataset of ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P],
+        'mask': float32 [B / P]}``.
+    """
+    _local_batch_size(global_batch_size, process_index, process_count)  # Before shard().
+    return _eval_batches(
+        examples.shard(process_count, process_index),
+        num_examples,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+        local_device_count=local_device_count,
+        normalization=normalization,
+    )
+
+
+def _eval_batches(
+    local_examples: tf.data.Dataset,
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    process_index: int,
+    process_count: int,
+    local_device_count: int | None,
+    normalization: Normalization,
+) -> tf.data.Dataset:
+    """`eval_dataset` for examples already sharded to this host (strided, as `Dataset.shard`)."""
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    if local_device_count is not None and local_batch % local_device_count:
+        raise ValueError(
+            f"The local eval batch size {local_batch} (global_batch_size={global_batch_size} / "
+            f"process_count={process_count}) is not divisible by "
+            f"local_device_count={local_device_count}."
+        )
+    # Host h holds examples h, h + P, ...: one more than N // P for the first N % P hosts.
+    local_count = num_examples // process_count + int(process_index < num_examples % process_count)
+    num_steps = math.ceil(math.ceil(num_examples / process_count) / local_batch)
+    _mean_std(normalization)  # Fail here, not inside tf.data.
+
+    def prepare(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = normalize(resize(ex["image"], image_size), normalization)
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": 1.0}
+
+    ds = local_examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, 3], tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0.0, tf.float32),
+        }
+    ).repeat(num_steps * local_batch - local_count)
+    ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+    return ds.prefetch(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+
+def validate(task: str, data_dir: str | None = None, split: str = "val") -> None:
+    """Checks cheaply, before any compilation, that the data of a run can be read.
+
+    Checks that the task is known and the split is ``'val'`` or ``'test'``; for a VTAB task,
+    that its TFDS dataset is prepared in `data_dir` and has the VTAB-1k splits; for
+    ``task='folder'``, that the folders the split needs exist, hold images, and have no class
+    that ``train/`` lacks. Reads no images.
+
+    Args:
+        task: VTAB-1k task name, or ``'folder'``.
+        data_dir: TFDS data dir (None: TFDS's default), or the image-folder root.
+        split: ``'val'`` or ``'test'``.
+
+    Raises:
+        ValueError: Naming what is wrong; `DatasetNotPreparedError` (a ValueError) if the
+            TFDS dataset needs preparing, with the command to run.
+    """
+    _check_split(split)
+    if task == FOLDER:
+        if not data_dir:
+            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
+        folder_lib.validate(data_dir, split)
+        return
+    spec = tasks_lib.get_task(task)
+    builder = _builder(spec, data_dir)
+    for subset in ("train", "eval"):
+        tfds_split = _tfds_split(spec, split, subset)
+        try:
+            builder.info.splits[tfds_split]
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} cannot provide split "
+                f"{tfds_split!r} of VTAB-1k task {task!r}: {e}"
+            ) from e
+
+
+def get_num_classes(task: str, data_dir: str | None = None) -> int:
+    """Number of classes of a VTAB-1k task (from the table) or of an image folder.
+
+    Args:
+        task: VTAB-1k task name, or ``'folder'``.
+        data_dir: The image-folder root for ``task='folder'``; unused otherwise.
+    """
+    if task == FOLDER:
+        if not data_dir:
+            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
+        return len(folder_lib.class_names(data_dir))
+    return tasks_lib.get_task(task).num_classes
+
+
+def get_num_examples(
+    task: str, data_dir: str | None = None, split: str = "val", subset: Subset = "train"
+) -> int:
+    """Number of training (`subset='train'`) or evaluation (`'eval'`) examples of a split."""
+    if subset not in ("train", "eval"):
+        raise ValueError(f"subset must be 'train' or 'eval', got {subset!r}.")
+    return _source(task, data_dir, split, subset)[1]
+
+
+def make_train_iterator(
+    task: str,
+    data_dir: str | None = None,
+    split: str = "val",
+    *,
+    global_batch_size: int,
+    image_size: int = 224,
+    normalization: Normalization = "inception",
+    seed: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Endless training batches: this host's slice of each global batch.
+
+    Reads and resizes the whole training set into memory first (uint8, ``image_size**2 * 3``
+    bytes per example: 150 KB at 224, so 150 MB for VTAB-1k's 1000 examples), then streams
+    shuffled batches as described in `train_dataset`. Deterministic in `seed`; reshuffled every
+    epoch; `start_step` resumes exactly where a run with the same arguments was at that step.
+
+    Args:
+        task: VTAB-1k task name, or ``'folder'``.
+        data_dir: TFDS data dir (None: TFDS's default), or the image-folder root.
+        split: ``'val'`` (train800) or ``'test'`` (train800val200; folder: train/ + val/).
+        global_batch_size: Batch size summed over all hosts.
+        image_size: Output height and width.
+        normalization: ``'inception'``, ``'imagenet'`` or ``(mean, std)``; see `normalize`.
+        seed: Shuffling seed.
+        start_step: Global step of the first batch.
+        process_index: This host's index (default: `jax.process_index()`).
+        process_count: Number of hosts (default: `jax.process_count()`).
+
+    Yields:
+        ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P]}`` numpy batches.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    _local_batch_size(
+        global_batch_size, process_index, process_count
+    )  # Fail before reading any data.
+    examples, num_examples = _source(task, data_dir, split, "train")
+    images, labels = _load_arrays(_resized(examples, image_size), num_examples)
+    ds = train_dataset(
+        images,
+        labels,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+        normalization=normalization,
+    )
+    return ds.as_numpy_iterator()
+
+
+def make_eval_iterator(
+    task: str,
+    data_dir: str | None = None,
+    split: str = "val",
+    *,
+    global_batch_size: int,
+    image_size: int = 224,
+    normalization: Normalization = "inception",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> Iterator[Batch]:
+    """One pass over the evaluation set, padded so every host runs the same number of steps.
+
+    Call it again for every evaluation. Sum metrics weighted by ``batch['mask']`` (1 for real
+    examples, 0 for padding) over all batches and hosts: each example counts exactly once.
+
+    Args:
+        task: VTAB-1k task name, or ``'folder'``.
+        data_dir: TFDS data dir (None: TFDS's default), or the image-folder root.
+        split: ``'val'`` (val200; folder: val/) or ``'test'`` (test; folder: test/).
+        global_batch_size: Batch size summed over all hosts.
+        image_size: Output height and width.
+        normalization: ``'inception'``, ``'imagenet'`` or ``(mean, std)``; see `normalize`.
+        process_index: This host's index (default: `jax.process_index()`).
+        process_count: Number of hosts (default: `jax.process_count()`).
+        local_device_count: If given, checked to divide the local batch size.
+
+    Yields:
+        ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P], 'mask': float32 [B / P]}``
+        numpy batches.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    _local_batch_size(global_batch_size, process_index, process_count)
+    local_examples, num_examples = _source(
+        task, data_dir, split, "eval", shard_index=process_index, shard_count=process_count
+    )
+    ds = _eval_batches(
+        local_examples,
+        num_examples,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+        local_device_count=local_device_count,
+        normalization=normalization,
+    )
+    return ds.as_numpy_iterator()

@@ -1,0 +1,1 @@
+"""Pieces of the training loop: config checks, orbax checkpointing, metric writers."""

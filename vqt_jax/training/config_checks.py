@@ -1,0 +1,74 @@
+"""Fail-fast checks of a training config: one clear error, before any data or compilation."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from vqt_jax import data
+from vqt_jax import trainable as trainable_lib
+from vqt_jax.checkpoints import split_subtree
+from vqt_jax.models import decode_variant
+
+SPLITS = ("val", "test")
+NORMALIZATIONS = ("inception", "imagenet")
+
+
+def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
+    """Raises ValueError (or FileNotFoundError for a missing local checkpoint) naming the field.
+
+    Args:
+      config: the run's config.
+      num_devices: devices in the mesh (the global batch must split evenly over them).
+      process_count: hosts (each reads an equal slice of every batch).
+    """
+    if config.task != data.FOLDER and config.task not in data.TASKS:
+        raise ValueError(
+            f"config.task={config.task!r} is not a VTAB-1k task or 'folder'; tasks: "
+            f"{', '.join(data.task_names())}"
+        )
+    if config.split not in SPLITS:
+        raise ValueError(f"config.split={config.split!r}: must be one of {SPLITS}")
+    trainable_lib.rule_for(config.method)
+    for name in ("lr", "batch_size", "epochs", "image_size"):
+        if not config[name] > 0:
+            raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+    if config.wd < 0:
+        raise ValueError(f"config.wd must be >= 0, got {config.wd}")
+    if not 0 <= config.warmup_epochs <= config.epochs:
+        raise ValueError(
+            f"config.warmup_epochs={config.warmup_epochs} must be in [0, epochs={config.epochs}]"
+        )
+    for name in ("batch_size", "eval_batch_size"):
+        size = config.get(name) or config.batch_size
+        if size % num_devices or size % process_count:
+            raise ValueError(
+                f"config.{name}={size} is not divisible by the {num_devices} devices "
+                f"({process_count} hosts) it is split over"
+            )
+    n = config.normalization
+    if isinstance(n, str):
+        if n not in NORMALIZATIONS:
+            raise ValueError(
+                f"config.normalization={n!r}: use {NORMALIZATIONS} or a (mean, std) pair"
+            )
+    elif len(n) != 2 or any(len(x) != 3 for x in n):
+        raise ValueError(f"config.normalization={n!r}: a (mean, std) pair of 3-tuples")
+    model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    patch = model.get("patch_size") or decode_variant(model.get("variant") or "B/16").get(
+        "patch_size", (16, 16)
+    )
+    if config.image_size % patch[0] or config.image_size % patch[1]:
+        raise ValueError(
+            f"config.image_size={config.image_size} is not a multiple of the patch size "
+            f"{patch[0]}x{patch[1]}"
+        )
+    if model.get("num_queries", 0) < 0:
+        raise ValueError(f"config.model.num_queries must be >= 0, got {model['num_queries']}")
+    if config.method.startswith("vqt") and not model.get("num_queries"):
+        raise ValueError("config.method='vqt' needs config.model.num_queries > 0")
+    if config.init:
+        path, _ = split_subtree(config.init)
+        if "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"config.init: checkpoint file not found: {path}")
