@@ -30,9 +30,9 @@ def main(argv):
     import jax
 
     if FLAGS.distributed:
-        if jax.default_backend() == "cpu" or FLAGS.coordinator:
-            # CPU hosts talk through gloo; set before the backend starts.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU devices of different processes talk through gloo (no effect on TPU/GPU); it must
+        # be set before any backend starts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator,
             num_processes=FLAGS.num_processes,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import dataclasses
 import importlib.util
@@ -194,7 +195,8 @@ def apply_overrides(
         KeyError: If a key (or one of its parents) is not a field of the config.
         TypeError: If ConfigDict refuses the value's type.
     """
-    config = ml_collections.ConfigDict(config)  # copy: the caller's config stays untouched
+    # Deep copy: ConfigDict(config) would share the nested ConfigDicts (e.g. `model`).
+    config = copy.deepcopy(config)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
@@ -256,7 +258,7 @@ def test_run_dir(workdir: str | Path, task: str, seed: int) -> Path:
 
 def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
                 seed: int) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(base)
+    config = copy.deepcopy(base)  # every run gets its own config, nested fields included
     config.split, config.lr, config.wd, config.seed = split, lr, wd, seed
     return config
 
@@ -454,7 +456,7 @@ def summarize(results: Sequence[TaskResult]) -> list[SummaryRow]:
         if means:
             rows.append(SummaryRow(group, len(means), statistics.fmean(means)))
     if results:
-        rows.append(SummaryRow("mean", len(results), statistics.fmean(r.mean for r in results)))
+        rows.append(SummaryRow("mean", len(results), statistics.fmean(x.mean for x in rows)))
     return rows
 
 

@@ -128,3 +128,60 @@ def test_folder_without_train_fails_fast(tmp_path, monkeypatch):
     config = train_utils.tiny_config(data_dir=str(tmp_path / "data"))
     with pytest.raises(ValueError, match="train"):
         train.run(config, str(tmp_path / "wd"))
+
+
+def test_mocked_vtab_task_end_to_end(tmp_path):
+    """A VTAB-1k task through TFDS (mocked: random images and labels) trains and evaluates."""
+    import tensorflow_datasets as tfds
+
+    from tests.test_data import _fake_prepare
+
+    tfds_dir = str(tmp_path / "tfds")
+    _fake_prepare(tfds_dir, "dtd:3.*.*", {"train": 1880, "validation": 1880, "test": 1880})
+    config = train_utils.tiny_config("dtd", data_dir=tfds_dir, split="val", epochs=15, lr=0.1)
+    with tfds.testing.mock_data(num_examples=16, data_dir=tfds_dir):
+        results, _ = train.run(config, str(tmp_path / "wd"))
+    assert results["task"] == "dtd"
+    assert results["num_eval_examples"] == 16
+    losses = _losses(tmp_path / "wd")
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "wd" / "results.json").exists()
+
+
+def _main(workdir, folder, env, *extra):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "main.py", f"--config=tests/tiny_config.py:{folder}",
+           f"--workdir={workdir}", *extra]
+    return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_match_one_process(folder, tmp_path):
+    """jax.distributed on localhost, 2 processes x 4 CPU devices vs 1 process x 8 devices."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    single = _main(tmp_path / "one", folder,
+                   {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    out, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, out
+    env = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        _main(tmp_path / "two", folder, env, "--distributed", f"--coordinator=127.0.0.1:{port}",
+              "--num_processes=2", f"--process_id={i}")
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs, strict=True):
+        assert p.returncode == 0, o
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["num_eval_examples"] == one["num_eval_examples"] == 15
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
+    assert two["top1"] == one["top1"]

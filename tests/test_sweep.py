@@ -1,0 +1,320 @@
+"""Tests of experiments/vtab_sweep.py with a fake trainer: no real training, no network."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"
+
+
+def _load_sweep_module():
+    # experiments/ is not a package: load the script by path, as `python experiments/...` does.
+    spec = importlib.util.spec_from_file_location("vtab_sweep", REPO_ROOT / "experiments" /
+                                                  "vtab_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep_module()
+
+# A small task table with one task per group, so group means can be checked without importing
+# the real table (which pulls in TensorFlow); one test checks the real table separately.
+TASK_GROUPS = {
+    "cifar100": "natural",
+    "dtd": "natural",
+    "eurosat": "specialized",
+    "clevr_count": "structured",
+}
+SCALED_LRS = [0.5, 0.25, 0.125, 0.05, 0.025]  # {1.0, 0.5, 0.25, 0.1, 0.05} x 128 / 256
+WDS = [0.01, 0.001, 0.0001, 0.0]
+
+
+def standin_config(task: str) -> ml_collections.ConfigDict:
+    """The fields of configs/vtab.py the sweep relies on."""
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.data_dir = None
+    c.split = "test"
+    c.init = ""
+    c.model = ml_collections.ConfigDict({"num_queries": 1, "variant": "B/16"})
+    c.method = "vqt"
+    c.lr = 0.125
+    c.wd = 1e-3
+    c.batch_size = 128
+    c.epochs = 100
+    c.warmup_epochs = 10
+    c.seed = 0
+    c.normalization = "inception"
+    c.image_size = 224
+    return c
+
+
+def base_config_fn():
+    """The real configs/vtab.py when it exists (the lead is writing it), else the stand-in."""
+    if REAL_CONFIG.is_file():
+        return sweep.load_config_fn(REAL_CONFIG)
+    return standin_config
+
+
+def default_val_top1(task: str, lr: float, wd: float) -> float:
+    """A val surface with a unique best at (0.125, 0.001) for every task (and any batch size)."""
+    return 0.9 - 0.05 * abs(math.log2(lr / 0.125)) - 0.02 * abs(WDS.index(wd) - 1)
+
+
+def default_test_top1(task: str, lr: float, wd: float, seed: int) -> float:
+    return 0.5 + 0.1 * list(TASK_GROUPS).index(task) + 0.01 * seed + lr / 10 + wd
+
+
+class FakeTrainer:
+    """Stands in for train_and_evaluate: writes results.json, returns a deterministic top-1."""
+
+    def __init__(self, val_top1=default_val_top1, test_top1=default_test_top1,
+                 fail_after: int | None = None):
+        self.val_top1 = val_top1
+        self.test_top1 = test_top1
+        self.fail_after = fail_after  # raise (an "interruption") on call number fail_after + 1
+        self.calls: list[tuple[ml_collections.ConfigDict, str]] = []
+
+    def __call__(self, config: ml_collections.ConfigDict, workdir: str) -> dict:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.calls.append((config, workdir))
+        if config.split == "val":
+            top1 = self.val_top1(config.task, config.lr, config.wd)
+        else:
+            top1 = self.test_top1(config.task, config.lr, config.wd, config.seed)
+        results = {"task": config.task, "split": config.split, "seed": config.seed,
+                   "lr": config.lr, "wd": config.wd, "top1": top1}
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        (Path(workdir) / "results.json").write_text(json.dumps(results))
+        return results
+
+    def runs(self, split: str) -> list[ml_collections.ConfigDict]:
+        return [c for c, _ in self.calls if c.split == split]
+
+
+def run(tmp_path, tasks=("dtd",), trainer=None, **kwargs):
+    trainer = trainer or FakeTrainer()
+    kwargs.setdefault("base_config_fn", base_config_fn())
+    kwargs.setdefault("task_groups", TASK_GROUPS)
+    kwargs.setdefault("num_seeds", 3)
+    results = sweep.run_sweep(list(tasks), tmp_path, train_fn=trainer, **kwargs)
+    return results, trainer
+
+
+def test_vqt_grid_has_20_points_scaled_by_batch_size():
+    grid = sweep.grid_for("vqt")
+    points = grid.points(128)
+    assert len(points) == len(set(points)) == 20
+    assert sorted({lr for lr, _ in points}, reverse=True) == SCALED_LRS
+    assert sorted({wd for _, wd in points}, reverse=True) == WDS
+    assert grid.lrs(256) == [1.0, 0.5, 0.25, 0.1, 0.05]
+    # A method without its own grid gets VQT's.
+    assert sweep.grid_for("some_new_method") == grid
+
+
+def test_val_runs_cover_the_grid_with_batch_scaled_lrs(tmp_path):
+    _, trainer = run(tmp_path, base_config_fn=standin_config, overrides={"batch_size": 64})
+    val = trainer.runs("val")
+    assert sorted((c.lr, c.wd) for c in val) == sorted(
+        (lr / 2, wd) for lr in SCALED_LRS for wd in WDS)
+    assert {c.seed for c in val} == {0}
+    assert {c.task for c, _ in trainer.calls} == {"dtd"}
+    assert all(Path(w).parent == tmp_path / "dtd" / c.split
+               for c, w in trainer.calls)
+
+
+def test_selection_picks_best_val_top1(tmp_path):
+    results, _ = run(tmp_path)
+    assert (results[0].lr, results[0].wd) == (0.125, 0.001)
+    assert results[0].val_top1 == pytest.approx(0.9)
+    selection = json.loads((tmp_path / "dtd" / "selection.json").read_text())
+    assert (selection["lr"], selection["wd"]) == (0.125, 0.001)
+    assert len(selection["grid"]) == 20
+
+
+def test_ties_go_to_smaller_lr_then_smaller_wd(tmp_path):
+    # Best 0.8 at lr 0.5 and at lr 0.05 (two wds each); everything else worse.
+    def val_top1(task, lr, wd):
+        return 0.8 if lr in (0.5, 0.05) and wd in (0.01, 0.001) else 0.3
+
+    results, _ = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
+    assert (results[0].lr, results[0].wd) == (0.05, 0.001)
+
+    # Direct: float noise below 1e-6 is a tie, a real difference (one val image) is not.
+    assert sweep.select_hparams({(0.5, 0.0): 0.7, (0.25, 0.0): 0.7 - 1e-9}) == (0.25, 0.0)
+    assert sweep.select_hparams({(0.5, 0.0): 0.705, (0.25, 0.0): 0.7}) == (0.5, 0.0)
+    # Diverged (None) and NaN points are never selected.
+    assert sweep.select_hparams({(0.5, 0.0): None, (0.25, 0.0): float("nan"),
+                                 (0.1, 0.0): 0.1}) == (0.1, 0.0)
+    with pytest.raises(ValueError, match="diverged"):
+        sweep.select_hparams({(0.5, 0.0): None})
+
+
+def test_test_runs_use_selection_and_seeds(tmp_path):
+    results, trainer = run(tmp_path, num_seeds=4)
+    test = trainer.runs("test")
+    assert [c.seed for c in test] == [0, 1, 2, 3]
+    assert {(c.lr, c.wd) for c in test} == {(0.125, 0.001)}
+    expected = [default_test_top1("dtd", 0.125, 0.001, s) for s in range(4)]
+    assert results[0].test_top1 == pytest.approx(expected)
+    assert results[0].mean == pytest.approx(statistics.mean(expected))
+    assert results[0].std == pytest.approx(statistics.stdev(expected))
+    assert [Path(w).name for c, w in trainer.calls if c.split == "test"] == [
+        f"seed={s}" for s in range(4)]
+
+
+def test_second_call_runs_nothing(tmp_path):
+    first, trainer = run(tmp_path, tasks=("dtd", "eurosat"))
+    assert len(trainer.calls) == 2 * (20 + 3)
+    second, trainer = run(tmp_path, tasks=("dtd", "eurosat"))
+    assert trainer.calls == []
+    assert second == first
+
+
+def test_partial_sweep_runs_only_missing(tmp_path):
+    # Interrupted after 7 completed runs: 13 val runs and all test runs are missing.
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, trainer=FakeTrainer(fail_after=7))
+    done = {p.parent for p in tmp_path.glob("dtd/*/*/results.json")}
+    assert len(done) == 7
+    results, trainer = run(tmp_path)
+    rerun = {Path(w) for _, w in trainer.calls}
+    assert len(trainer.calls) == 13 + 3
+    assert not rerun & done
+    # The selection still sees all 20 val results, including the 7 read from disk.
+    assert (results[0].lr, results[0].wd) == (0.125, 0.001)
+
+
+def test_diverged_val_run_is_excluded_and_not_retried(tmp_path):
+    def val_top1(task, lr, wd):
+        if lr == 0.5:
+            raise FloatingPointError("loss is nan")
+        return default_val_top1(task, lr, wd)
+
+    results, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
+    assert (results[0].lr, results[0].wd) == (0.125, 0.001)
+    assert len(list(tmp_path.glob(f"dtd/val/*/{sweep.FAILED_MARKER}"))) == 4
+    _, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
+    assert trainer.calls == []
+
+
+def test_reports_group_means(tmp_path):
+    tasks = ("clevr_count", "eurosat", "dtd", "cifar100")  # deliberately not in table order
+    results, _ = run(tmp_path, tasks=tasks, num_seeds=2)
+    assert [r.task for r in results] == list(TASK_GROUPS)  # table order
+
+    def task_mean(task):
+        return 100 * statistics.mean(default_test_top1(task, 0.125, 0.001, s) for s in (0, 1))
+
+    natural = (task_mean("cifar100") + task_mean("dtd")) / 2
+    overall = statistics.mean(task_mean(t) for t in tasks)
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(
+        (tmp_path / "results.csv").read_text()))}
+    assert float(rows["natural"]["test_top1_mean_pct"]) == pytest.approx(natural)
+    assert float(rows["specialized"]["test_top1_mean_pct"]) == pytest.approx(task_mean("eurosat"))
+    assert float(rows["structured"]["test_top1_mean_pct"]) == pytest.approx(
+        task_mean("clevr_count"))
+    assert float(rows["mean"]["test_top1_mean_pct"]) == pytest.approx(overall)
+    assert rows["natural"]["num_tasks"] == "2" and rows["mean"]["num_tasks"] == "4"
+    assert float(rows["dtd"]["lr"]) == 0.125 and float(rows["dtd"]["wd"]) == 0.001
+
+    md = (tmp_path / "results.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("| task |")
+    dtd_std = 100 * statistics.stdev(default_test_top1("dtd", 0.125, 0.001, s) for s in (0, 1))
+    assert f"| dtd | natural | 0.125 | 0.001 | 90.00 | {task_mean('dtd'):.2f} ± {dtd_std:.2f} |" \
+        in md
+    assert f"| **Natural** (2 tasks) | | | | | **{natural:.2f}** | |" in lines
+    assert f"| **Specialized** (1 tasks) | | | | | **{task_mean('eurosat'):.2f}** | |" in lines
+    assert f"| **Mean** (4 tasks) | | | | | **{overall:.2f}** | |" in lines
+
+
+def test_group_rows_only_for_groups_present(tmp_path):
+    run(tmp_path, tasks=("dtd",), num_seeds=1)
+    md = (tmp_path / "results.md").read_text()
+    assert "**Natural** (1 tasks)" in md
+    assert "Specialized" not in md and "Structured" not in md
+
+
+def test_unknown_task_fails_fast(tmp_path):
+    trainer = FakeTrainer()
+    with pytest.raises(ValueError, match=r"nope.*Valid tasks: cifar100, dtd, eurosat"):
+        sweep.run_sweep(["dtd", "nope"], tmp_path, base_config_fn=standin_config,
+                        train_fn=trainer, task_groups=TASK_GROUPS)
+    assert trainer.calls == []
+    assert not any(tmp_path.iterdir())
+
+
+def test_real_task_table_has_groups():
+    groups = sweep.vtab_task_groups()
+    assert len(groups) == 19
+    assert list(groups)[:3] == ["caltech101", "cifar100", "dtd"]
+    assert {g: list(groups.values()).count(g) for g in sweep.GROUPS} == {
+        "natural": 7, "specialized": 4, "structured": 8}
+    with pytest.raises(ValueError, match="Valid tasks: caltech101"):
+        sweep.check_tasks(["dtd", "imagenet"], groups)
+
+
+def test_parse_overrides():
+    assert sweep.parse_overrides(["epochs=10", "model.num_queries=20", "data_dir=/tmp/tfds",
+                                  "model.kv_dtype=bfloat16", "x=None", "y=1e-3", "z=a=b"]) == {
+        "epochs": 10, "model.num_queries": 20, "data_dir": "/tmp/tfds",
+        "model.kv_dtype": "bfloat16", "x": None, "y": 0.001, "z": "a=b"}
+    for bad in ["epochs", "=3", "lr=0.1", "seed=1", "split=val"]:
+        with pytest.raises(ValueError):
+            sweep.parse_overrides([bad])
+
+
+def test_set_overrides_reach_config_from_command_line(tmp_path, capsys):
+    trainer = FakeTrainer()
+    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd,eurosat", "--seeds=2",
+                "--set", "epochs=10", "model.num_queries=10", "--set=batch_size=64"],
+               base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+    assert len(trainer.calls) == 2 * (20 + 2)
+    assert all(c.epochs == 10 and c.model.num_queries == 10 and c.batch_size == 64
+               for c, _ in trainer.calls)
+    assert max(c.lr for c in trainer.runs("val")) == 0.25  # 1.0 x 64 / 256
+    assert {c.method for c, _ in trainer.calls} == {"vqt"}
+    out = capsys.readouterr().out
+    assert out == (tmp_path / "results.md").read_text()
+    assert "| **Mean** (2 tasks) |" in out
+
+
+def test_bad_override_fails_before_training(tmp_path):
+    trainer = FakeTrainer()
+    for overrides, error in [({"model.nope": 1}, KeyError), ({"nope.x": 1}, KeyError),
+                             ({"epochs": "ten"}, TypeError), ({"lr": 0.1}, ValueError)]:
+        with pytest.raises(error):
+            run(tmp_path, tasks=("dtd", "eurosat"), trainer=trainer, overrides=overrides)
+    assert trainer.calls == []
+
+
+def test_changed_overrides_are_refused(tmp_path):
+    run(tmp_path, overrides={"epochs": 10})
+    with pytest.raises(ValueError, match="another --workdir"):
+        run(tmp_path)
+    _, trainer = run(tmp_path, overrides={"epochs": 10})  # same settings: all reused
+    assert trainer.calls == []
+
+
+@pytest.mark.skipif(not REAL_CONFIG.is_file(), reason="configs/vtab.py not written yet")
+def test_real_config_accepts_overrides():
+    config = sweep.load_config_fn(REAL_CONFIG)("dtd")
+    assert config.batch_size == 128 and config.method == "vqt"
+    out = sweep.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
+    assert (out.epochs, out.model.num_queries) == (10, 10)
+    assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
