@@ -12,7 +12,8 @@ For every task (``--tasks=all`` for the 19 of VTAB-1k):
      recorded as failed and never selected;
   3. retrains with the selected (lr, wd) on train800val200 and evaluates on test
      (``split='test'``) with seeds 0..N-1 (``--seeds=N``) and reports the mean and the sample
-     standard deviation (n - 1 denominator; 0 for one seed) of the test top-1.
+     standard deviation (n - 1 denominator; 0 for one seed) of the test top-1. A test run
+     that diverges stops the sweep: the selected setting is expected to train.
 
 It writes, under DIR:
   * ``<task>/val/lr=<lr>,wd=<wd>/`` and ``<task>/test/seed=<s>/``: one training run each
@@ -31,6 +32,7 @@ in its workdir and not retried (delete the file to retry). The selection is reco
 val results every time. Because finished runs are reused, a task directory remembers the
 ``--method`` and ``--set`` overrides it was swept with and a different combination is refused
 (e.g. a quick ``--set epochs=10`` check must not leak into the full sweep): use another DIR.
+Overrides that do not change results (`NEUTRAL_KEYS`: data_dir, num_devices, ...) may differ.
 
 ``--set KEY=VALUE`` (repeatable, several per flag) overrides a field of the task's config,
 dotted for nested fields (``--set model.num_queries=10 epochs=10``); values are parsed with
@@ -73,6 +75,11 @@ VAL_SEED = 0
 
 # Fields each run sets itself; a user override of one of them would silently be replaced.
 RESERVED_KEYS = frozenset({"task", "split", "lr", "wd", "seed", "method"})
+
+# Overrides that change where or how fast a run goes, not its result: left out of the record of
+# what a task directory was swept with, so e.g. moving the data does not lock the sweep out.
+NEUTRAL_KEYS = frozenset({"data_dir", "num_devices", "eval_batch_size", "log_every_steps",
+                          "checkpoint_every_steps", "keep_checkpoints"})
 
 # Written into a run's workdir when its training diverged, so a re-run does not retrain it.
 FAILED_MARKER = "sweep_failed.json"
@@ -409,7 +416,8 @@ def run_sweep(
     tasks = [t for t in task_groups if t in set(tasks)]
     base_config_fn = base_config_fn or load_config_fn(DEFAULT_CONFIG)
     grid = grid_for(method)
-    fingerprint = {"method": method, "overrides": overrides}
+    fingerprint = {"method": method,
+                   "overrides": {k: v for k, v in overrides.items() if k not in NEUTRAL_KEYS}}
 
     workdir = Path(workdir)
     bases = {}
@@ -456,7 +464,7 @@ def summarize(results: Sequence[TaskResult]) -> list[SummaryRow]:
         if means:
             rows.append(SummaryRow(group, len(means), statistics.fmean(means)))
     if results:
-        rows.append(SummaryRow("mean", len(results), statistics.fmean(x.mean for x in rows)))
+        rows.append(SummaryRow("mean", len(results), statistics.fmean(r.mean for r in results)))
     return rows
 
 
@@ -475,7 +483,8 @@ def to_markdown(results: Sequence[TaskResult]) -> str:
                      f"{_pct(r.mean)} ± {_pct(r.std)} | {len(r.test_top1)} |")
     for row in summarize(results):
         label = "Mean" if row.name == "mean" else row.name.capitalize()
-        lines.append(f"| **{label}** ({row.num_tasks} tasks) | | | | | **{_pct(row.mean)}** | |")
+        tasks = f"{row.num_tasks} task" + ("s" if row.num_tasks != 1 else "")
+        lines.append(f"| **{label}** ({tasks}) | | | | | **{_pct(row.mean)}** | |")
     return "\n".join(lines) + "\n"
 
 

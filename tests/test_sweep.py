@@ -239,14 +239,14 @@ def test_reports_group_means(tmp_path):
     assert f"| dtd | natural | 0.125 | 0.001 | 90.00 | {task_mean('dtd'):.2f} ± {dtd_std:.2f} |" \
         in md
     assert f"| **Natural** (2 tasks) | | | | | **{natural:.2f}** | |" in lines
-    assert f"| **Specialized** (1 tasks) | | | | | **{task_mean('eurosat'):.2f}** | |" in lines
+    assert f"| **Specialized** (1 task) | | | | | **{task_mean('eurosat'):.2f}** | |" in lines
     assert f"| **Mean** (4 tasks) | | | | | **{overall:.2f}** | |" in lines
 
 
 def test_group_rows_only_for_groups_present(tmp_path):
     run(tmp_path, tasks=("dtd",), num_seeds=1)
     md = (tmp_path / "results.md").read_text()
-    assert "**Natural** (1 tasks)" in md
+    assert "**Natural** (1 task)" in md
     assert "Specialized" not in md and "Structured" not in md
 
 
@@ -279,6 +279,13 @@ def test_parse_overrides():
             sweep.parse_overrides([bad])
 
 
+def test_apply_overrides_copies_nested_fields():
+    config = standin_config("dtd")
+    out = sweep.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
+    assert (out.model.num_queries, out.data_dir) == (10, "/tmp/tfds")
+    assert (config.model.num_queries, config.data_dir) == (1, None)
+
+
 def test_set_overrides_reach_config_from_command_line(tmp_path, capsys):
     trainer = FakeTrainer()
     sweep.main([f"--workdir={tmp_path}", "--tasks=dtd,eurosat", "--seeds=2",
@@ -308,6 +315,9 @@ def test_changed_overrides_are_refused(tmp_path):
     with pytest.raises(ValueError, match="another --workdir"):
         run(tmp_path)
     _, trainer = run(tmp_path, overrides={"epochs": 10})  # same settings: all reused
+    assert trainer.calls == []
+    # Where the data lives does not change results: a moved data_dir is not refused.
+    _, trainer = run(tmp_path, overrides={"epochs": 10, "data_dir": "/elsewhere"})
     assert trainer.calls == []
 
 

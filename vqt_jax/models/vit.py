@@ -264,8 +264,22 @@ class Encoder1DBlock(nn.Module):
         return x_out, q_out
 
 
+_BLOCK_OPTIONS = (
+    "width", "mlp_dim", "num_heads", "qkv_bias", "mlp_act", "ln_eps", "layerscale", "kv_dtype",
+    "dtype",
+)
+
+
+def _block_options(module: nn.Module) -> dict[str, Any]:
+    """The Encoder1DBlock options a module carries under the same names."""
+    return {f: getattr(module, f) for f in _BLOCK_OPTIONS}
+
+
 class Encoder(nn.Module):
-    """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision)."""
+    """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision).
+
+    Attributes: `depth`, and the options of Encoder1DBlock under the same names.
+    """
 
     depth: int
     width: int
@@ -280,18 +294,7 @@ class Encoder(nn.Module):
 
     def setup(self):
         self.blocks = [
-            Encoder1DBlock(
-                width=self.width,
-                mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads,
-                qkv_bias=self.qkv_bias,
-                mlp_act=self.mlp_act,
-                ln_eps=self.ln_eps,
-                layerscale=self.layerscale,
-                kv_dtype=self.kv_dtype,
-                dtype=self.dtype,
-                name=f"encoderblock_{i}",
-            )
+            Encoder1DBlock(**_block_options(self), name=f"encoderblock_{i}")
             for i in range(self.depth)
         ]
         self.encoder_norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
@@ -437,19 +440,8 @@ class ViT(nn.Module):
             q = jnp.broadcast_to(tokens.astype(self.dtype)[None], (b, *tokens.shape))
             q = nn.Dropout(self.query_dropout)(q, deterministic=not train)
 
-        encoder = Encoder(
-            depth=self.depth,
-            width=d,
-            mlp_dim=self.mlp_dim or 4 * d,
-            num_heads=self.num_heads,
-            qkv_bias=self.qkv_bias,
-            mlp_act=self.mlp_act,
-            ln_eps=self.ln_eps,
-            layerscale=self.layerscale,
-            kv_dtype=self.kv_dtype,
-            dtype=self.dtype,
-            name="Transformer",
-        )
+        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d}
+        encoder = Encoder(depth=self.depth, **options, name="Transformer")
         x, q_out, blocks = encoder(x, q, keep_blocks=keep_blocks)
 
         num_prefix = int(self.has_class_token)
