@@ -34,8 +34,14 @@ def test_folder_end_to_end_trains_only_queries_and_head(folder, tmp_path):
     losses = _losses(tmp_path)
     assert losses[-1] < 0.5 * losses[0]
     assert results["top1"] > 0.5  # 3 classes: chance is 1/3
-    # The backbone is bit-identical to the pretrained checkpoint.
-    model = train.build_model(config, 3)
+    _assert_backbone_is_pretrained(config, variables, num_classes=3)
+    assert os.listdir(tmp_path / "checkpoints")
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+
+
+def _assert_backbone_is_pretrained(config, variables, num_classes):
+    """Every frozen leaf is bit-identical to the pretrained checkpoint (or its fresh init)."""
+    model = train.build_model(config, num_classes)
     fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
     pretrained = checkpoints.load(config.init, fresh)
     _, frozen_after = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
@@ -44,8 +50,6 @@ def test_folder_end_to_end_trains_only_queries_and_head(folder, tmp_path):
     for k in frozen_before:
         np.testing.assert_array_equal(np.asarray(frozen_before[k]), np.asarray(frozen_after[k]),
                                       err_msg=k)
-    assert os.listdir(tmp_path / "checkpoints")
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
 
 
 class _Kill(Exception):
@@ -140,7 +144,8 @@ def test_mocked_vtab_task_end_to_end(tmp_path):
     _fake_prepare(tfds_dir, "dtd:3.*.*", {"train": 1880, "validation": 1880, "test": 1880})
     config = train_utils.tiny_config("dtd", data_dir=tfds_dir, split="val", epochs=15, lr=0.1)
     with tfds.testing.mock_data(num_examples=16, data_dir=tfds_dir):
-        results, _ = train.run(config, str(tmp_path / "wd"))
+        results, variables = train.run(config, str(tmp_path / "wd"))
+    _assert_backbone_is_pretrained(config, variables, num_classes=47)
     assert results["task"] == "dtd"
     assert results["num_eval_examples"] == 16
     losses = _losses(tmp_path / "wd")
