@@ -42,7 +42,11 @@ def main(argv):
 
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad config, data or checkpoint: the message says what to fix; no traceback needed.
+        raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
 

@@ -18,6 +18,7 @@ How the query path is computed, and why it is memory-efficient:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -214,8 +215,8 @@ def _sdpa_narrow_stash_bwd(stash_dtype, saved, g):
 _sdpa_narrow_stash.defvjp(_sdpa_narrow_stash_fwd, _sdpa_narrow_stash_bwd)
 
 
-class Encoder1DBlock(nn.Module):
-    """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights."""
+class BlockOptions(nn.Module):
+    """The options of a transformer block, shared by Encoder1DBlock and Encoder."""
 
     width: int
     mlp_dim: int
@@ -226,6 +227,10 @@ class Encoder1DBlock(nn.Module):
     layerscale: bool = False
     kv_dtype: Dtype | None = None
     dtype: Dtype = jnp.float32
+
+
+class Encoder1DBlock(BlockOptions):
+    """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights."""
 
     def setup(self):
         ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
@@ -264,33 +269,19 @@ class Encoder1DBlock(nn.Module):
         return x_out, q_out
 
 
-_BLOCK_OPTIONS = (
-    "width", "mlp_dim", "num_heads", "qkv_bias", "mlp_act", "ln_eps", "layerscale", "kv_dtype",
-    "dtype",
-)
-
-
 def _block_options(module: nn.Module) -> dict[str, Any]:
-    """The Encoder1DBlock options a module carries under the same names."""
-    return {f: getattr(module, f) for f in _BLOCK_OPTIONS}
+    """The BlockOptions a module carries under the same names."""
+    names = [f.name for f in dataclasses.fields(BlockOptions) if f.name not in ("parent", "name")]
+    return {n: getattr(module, n) for n in names}
 
 
-class Encoder(nn.Module):
+class Encoder(BlockOptions):
     """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision).
 
-    Attributes: `depth`, and the options of Encoder1DBlock under the same names.
+    Attributes: `depth`, and the BlockOptions of every block.
     """
 
-    depth: int
-    width: int
-    mlp_dim: int
-    num_heads: int
-    qkv_bias: bool = True
-    mlp_act: str = "gelu_tanh"
-    ln_eps: float = 1e-6
-    layerscale: bool = False
-    kv_dtype: Dtype | None = None
-    dtype: Dtype = jnp.float32
+    depth: int = 12
 
     def setup(self):
         self.blocks = [
