@@ -94,7 +94,6 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(folder, tmp_p
         train.run(config, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert steps  # the good checkpoints are there and restorable with finite values
-    config.lr = 0.05
     from vqt_jax.training import checkpointing
 
     mngr = checkpointing.manager(str(tmp_path), 2)

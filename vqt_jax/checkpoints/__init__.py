@@ -133,8 +133,8 @@ def load(
     patch = tuple(kernel.shape[:2])
     width = kernel.shape[-1]
     depth = _depth(list(params))
-    num_heads = params["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
-    num_heads = num_heads.shape[1]
+    query_kernel = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
+    num_heads = params[query_kernel].shape[1]  # kernels are [D, H, Dh]
     n_pos = params["pos_embedding"].shape[1] if "pos_embedding" in params else None
 
     if image_size is not None:
