@@ -40,8 +40,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.qkv_bias = True
     c.model.pool_type = "tok"
     c.model.kv_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16'
+    # Sizes of the other methods' parts; a method switches off the parts it does not use.
+    c.model.num_prompts = 10  # VPT's prompt length
+    c.model.prompt_dropout = 0.1
+    c.model.adapter_dim = 64  # AdaptFormer's bottleneck and scale (its VTAB setting)
+    c.model.adapter_scale = 0.1
+    c.model.lora_rank = 8
+    c.model.lora_alpha = ml_collections.config_dict.placeholder(float)  # default: the rank
 
+    # vqt, linear, full, vpt_shallow, vpt_deep, adaptformer, lora, head2toe, vqt+vpt_deep,
+    # vqt+adaptformer, vqt+lora (vqt_jax/methods.py).
     c.method = "vqt"
+    c.optimizer = ml_collections.config_dict.placeholder(str)  # default: the method's release
     # lr grid of the release: {1.0, 0.5, 0.25, 0.1, 0.05} x batch/256; wd {1e-2,1e-3,1e-4,0}.
     c.lr = 0.125
     c.wd = 1e-3
@@ -55,6 +65,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'imagenet' mean/std instead. Or an explicit ((m, m, m), (s, s, s)).
     c.normalization = "inception"
     c.image_size = 224
+
+    # Train from a one-time cache of the frozen backbone's outputs ('auto': when the method
+    # allows it; 'on': fail if it cannot; 'off'). See vqt_jax/cache.py.
+    c.cache = "auto"
+    c.cache_dtype = "float32"  # 'bfloat16' halves the cache (the forward stays exact)
+    c.cache_storage = "disk"  # 'disk': memory-mapped files in cache_dir; 'memory': host RAM
+    c.cache_dir = ml_collections.config_dict.placeholder(str)  # default: WORKDIR/cache
+    c.cache_max_gb = 32.0  # budget; a larger cache falls back to the uncached path
+    # The release's feature-compression stage after VQT (group-lasso head, keep the top
+    # keep_frac features by column norm, retrain the head), on cached query outputs.
+    c.compression = ml_collections.ConfigDict()
+    c.compression.enabled = False
+    c.compression.keep_frac = 0.7
+    c.compression.lasso = 1e-4
+    c.compression.epochs = 100
+    c.compression.lr_scale = 0.5
 
     c.num_devices = 0  # 0: every device
     c.log_every_steps = 10

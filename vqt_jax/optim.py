@@ -1,9 +1,11 @@
-"""Optimiser and learning-rate schedule of the VQT/VPT releases, in optax.
+"""Optimisers and learning-rate schedule of the VQT/VPT releases, in optax.
 
-The release trains with torch Adam, whose `weight_decay` is coupled L2 (wd * param is added to
-the gradient before the Adam moments), not decoupled AdamW; biases are not decayed. The
-learning rate warms up linearly and then follows a half cosine to zero, and the release steps
-that schedule once per epoch (so the whole first epoch runs at lr 0).
+The VQT release trains with torch Adam, whose `weight_decay` is coupled L2 (wd * param is added
+to the gradient before the Adam moments), not decoupled AdamW; biases are not decayed. The VPT
+release trains prompts and linear probes with SGD (momentum 0.9, coupled L2 as well) and fully
+fine-tunes with AdamW (decoupled decay). The learning rate warms up linearly and then follows a
+half cosine to zero, and the releases step that schedule once per epoch (so the whole first
+epoch runs at lr 0).
 """
 
 from __future__ import annotations
@@ -55,12 +57,38 @@ def decay_mask(trainable: dict) -> dict:
     return {k: not k.endswith("/bias") for k in trainable}
 
 
+def _adam(schedule, weight_decay, mask) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask),
+                       optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
+
+
+def _sgd(schedule, weight_decay, mask) -> optax.GradientTransformation:
+    # torch SGD: buf = 0.9 * buf + (g + wd * p); p -= lr * buf (optax.trace is the same).
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask),
+                       optax.trace(decay=0.9), optax.scale_by_learning_rate(schedule))
+
+
+def _adamw(schedule, weight_decay, mask) -> optax.GradientTransformation:
+    return optax.adamw(schedule, weight_decay=weight_decay, mask=mask)
+
+
+# Optimisers by name: each takes (schedule, weight_decay, decay mask).
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": _adam,
+    "sgd": _sgd,
+    "adamw": _adamw,
+}
+
+
 def make_optimizer(
-    schedule: Callable[[jax.Array], jax.Array], weight_decay: float, trainable: dict
+    schedule: Callable[[jax.Array], jax.Array], weight_decay: float, trainable: dict,
+    name: str = "adam",
 ) -> optax.GradientTransformation:
-    """Adam with the release's coupled L2 weight decay (none on biases)."""
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=decay_mask(trainable)),
-        optax.scale_by_adam(),
-        optax.scale_by_learning_rate(schedule),
-    )
+    """The named optimiser (see OPTIMIZERS) with weight decay on all but biases.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](schedule, weight_decay, decay_mask(trainable))

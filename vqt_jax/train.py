@@ -29,7 +29,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import checkpoints, data, optim, train_step
+from vqt_jax import cache as cache_lib
+from vqt_jax import checkpoints, data, methods, optim, train_step
 from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import checkpointing, config_checks, metrics_io
@@ -51,12 +52,19 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The ViT of `config.model` (variant name plus keyword overrides) with a task head."""
+    """The ViT of `config.model` (variant name plus keyword overrides), adjusted for
+    `config.method` (see `methods.model_kwargs`), with a task head."""
     kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
+    kwargs = methods.model_kwargs(config.method, kwargs)
     variant = kwargs.pop("variant", None)
     if isinstance(kwargs.get("kv_dtype"), str):
         kwargs["kv_dtype"] = jnp.dtype(kwargs["kv_dtype"])
     return create_model(variant, num_classes=num_classes, **kwargs)
+
+
+def optimizer_name(config: ml_collections.ConfigDict) -> str:
+    """config.optimizer, or by default the optimiser of the method's release."""
+    return config.get("optimizer") or methods.get(config.method).optimizer
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -103,6 +111,76 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None) -> dict[str, fl
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
             "num_examples": int(totals["count"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    """The cache a run will use: its contents and where it lives (None: host memory)."""
+
+    spec: cache_lib.Spec
+    path: str | None
+
+
+def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
+               workdir: str) -> CachePlan | None:
+    """Decides, before anything compiles, whether this run trains from a cache.
+
+    `config.cache`: 'off' never; 'auto' when the method allows it and the cache fits
+    `config.cache_max_gb` (and the disk), otherwise it says why and trains uncached; 'on' as
+    'auto' but a method or budget that does not allow it is an error. The cache's size is
+    logged before it is built.
+
+    Raises:
+      ValueError: with `config.cache='on'`, naming why the run cannot be cached.
+    """
+    mode = config.get("cache", "off")
+    if mode == "off":
+        return None
+    kind = cache_lib.kind_for(config.method)
+    if kind is None:
+        why = (f"method {config.method!r} changes the backbone's tokens, so nothing it reads "
+               "is constant")
+        if mode == "on":
+            raise ValueError(f"config.cache='on' but {why}; use config.cache='auto' or 'off'")
+        logging.info("Training without a cache: %s.", why)
+        return None
+    spec = cache_lib.spec_for(model, kind, num_train, config.image_size, config.cache_dtype)
+    path = None
+    if config.cache_storage == "disk":
+        kwargs = methods.model_kwargs(config.method, dict(config.model))
+        directory = config.get("cache_dir") or os.path.join(workdir, "cache")
+        name = cache_lib.fingerprint(config, kwargs, kind)
+        if jax.process_count() > 1:  # every host keeps a complete copy (see cache.py)
+            name += f"-host{jax.process_index()}"
+        path = os.path.join(directory, name)
+    where = path or "host memory"
+    logging.info("Cache of the frozen backbone (%s): %s, in %s.", kind, spec.describe(), where)
+    exists = path is not None and os.path.exists(os.path.join(path, "meta.json"))
+    why = None if exists else cache_lib.check_budget(spec, path, config.cache_max_gb)
+    if why is not None:
+        if mode == "on":
+            raise ValueError(f"config.cache='on' but {why}")
+        logging.warning("Training without a cache: %s.", why)
+        return None
+    return CachePlan(spec, path)
+
+
+def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
+              mesh: Mesh) -> cache_lib.Cache:
+    """Opens the planned cache if it is complete, else builds it (one backbone pass)."""
+    if plan.path is not None:
+        cache = cache_lib.open_cache(plan.path, plan.spec)
+        if cache is not None:
+            logging.info("Reusing the cache in %s.", plan.path)
+            return cache
+    images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
+                                              config.image_size)
+    norm = _normalization(config)
+    return cache_lib.build(
+        plan.spec, model, variables, images, labels, mesh=mesh,
+        batch_size=config.eval_batch_size or config.batch_size,
+        normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
+    )
 
 
 def _normalization(config) -> Any:
@@ -160,6 +238,7 @@ def run(
     writer = metrics_io.create_writer(workdir, is_chief)
 
     model = build_model(config, num_classes)
+    cache_plan = plan_cache(config, model, num_train, workdir)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
@@ -177,7 +256,7 @@ def run(
         config.lr, total_steps, config.warmup_epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch if config.get("schedule_per_epoch", True) else None,
     )
-    tx = optim.make_optimizer(schedule, config.wd, trainable)
+    tx = optim.make_optimizer(schedule, config.wd, trainable, optimizer_name(config))
     state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     state = jax.device_put(state, replicated)
 
@@ -191,7 +270,10 @@ def run(
         writer.write_hparams({k: v for k, v in config.to_dict().items()
                               if isinstance(v, (int, float, str, bool))})
 
-    step_fn = train_step.make_train_step(model, tx)
+    cache = None
+    if cache_plan is not None and start < total_steps:
+        cache = get_cache(cache_plan, config, model, variables, mesh)
+    step_fn = train_step.make_train_step(model, tx, from_cache=cache is not None)
 
     def sharded_step(state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -206,11 +288,15 @@ def run(
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-    train_iter = data.make_train_iterator(
-        config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
-        image_size=config.image_size, normalization=_normalization(config), seed=config.seed,
-        start_step=start,
-    )
+    if cache is not None:
+        train_iter = cache_lib.train_batches(
+            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start)
+    else:
+        train_iter = data.make_train_iterator(
+            config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
+            image_size=config.image_size, normalization=_normalization(config),
+            seed=config.seed, start_step=start,
+        )
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
@@ -255,6 +341,7 @@ def run(
         "num_eval_examples": eval_metrics["num_examples"],
         "train_loss": train_metrics.get("loss"),
         "num_trainable": int(sum(np.size(v) for v in state.trainable.values())),
+        "cached": cache is not None,
     }
     results_path = os.path.join(workdir, "results.json")
     if results["train_loss"] is None and os.path.exists(results_path):

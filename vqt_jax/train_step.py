@@ -13,6 +13,8 @@ import optax
 from vqt_jax import trainable as trainable_lib
 
 Batch = dict[str, jax.Array]
+# What `ViT.from_cache` reads from a cached batch.
+CACHE_INPUTS = ("k", "v", "cls", "pre_logits")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None):
@@ -23,23 +25,39 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def make_loss_fn(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """loss(trainable, frozen, batch, rng) -> (loss, logits); differentiate the first argument."""
+def make_loss_fn(
+    model: nn.Module, from_cache: bool = False
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """loss(trainable, frozen, batch, rng) -> (loss, logits); differentiate the first argument.
+
+    Args:
+      model: the ViT.
+      from_cache: the batch holds cached features (`ViT.from_cache`: k/v/cls or pre_logits)
+        instead of images.
+    """
 
     def loss_fn(trainable: dict, frozen: dict, batch: Batch, rng: jax.Array):
         variables = trainable_lib.merge(trainable, frozen)
-        logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})
+        rngs = {"dropout": rng}
+        if from_cache:
+            inputs = {k: v for k, v in batch.items() if k in CACHE_INPUTS}
+            logits = model.apply(variables, inputs, train=True, rngs=rngs,
+                                 method=model.from_cache)
+        else:
+            logits = model.apply(variables, batch["image"], train=True, rngs=rngs)
         return cross_entropy(logits, batch["label"]), logits
 
     return loss_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    from_cache: bool = False):
     """Returns step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
 
-    Only `trainable` is differentiated and updated; `frozen` goes in as a constant.
+    Only `trainable` is differentiated and updated; `frozen` goes in as a constant. With
+    `from_cache`, batches hold cached features instead of images (see `make_loss_fn`).
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(model, from_cache), has_aux=True)
 
     def step(trainable: dict, opt_state: Any, frozen: dict, batch: Batch, rng: jax.Array):
         (loss, logits), grads = grad_fn(trainable, frozen, batch, rng)

@@ -14,21 +14,14 @@ from typing import Any
 
 import flax
 
-Flat = dict[str, Any]
+from vqt_jax import methods
 
-# The trainable set of each method, looked up by name.
-TRAINABLE: dict[str, tuple[str, ...]] = {
-    "vqt": (r"queries/.*", r"params/head/.*"),
-    "linear": (r"params/head/.*",),
-    "full": (r"params/.*", r"queries/.*"),
-}
+Flat = dict[str, Any]
 
 
 def rule_for(method: str) -> tuple[str, ...]:
-    """The trainable rule of a method name; ValueError listing the known ones otherwise."""
-    if method not in TRAINABLE:
-        raise ValueError(f"Unknown method {method!r}; choose from {sorted(TRAINABLE)}")
-    return TRAINABLE[method]
+    """The trainable rule of a method name (see `methods.METHODS`)."""
+    return methods.get(method).trainable
 
 
 def flatten(variables: Mapping[str, Any]) -> Flat:

@@ -207,6 +207,11 @@ def normalize(images: tf.Tensor, normalization: Normalization = "inception") -> 
     return (tf.cast(images, tf.float32) - mean) / std
 
 
+def normalize_array(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
+    """`normalize` on a numpy batch (the same computation, for the same floats)."""
+    return normalize(tf.convert_to_tensor(images, tf.uint8), normalization).numpy()
+
+
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Bilinear resize of one uint8 image to ``[image_size, image_size, 3]``, no crop.
 
@@ -263,6 +268,45 @@ def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np
     return images, labels
 
 
+def _shuffled_index(position: tf.Tensor, seed: int | tf.Tensor,
+                    num_examples: int | tf.Tensor) -> tf.Tensor:
+    """The example at a position of the endless training stream (see `train_dataset`)."""
+    # One scalar seed per element: index_shuffle mishandles a batch of seeds
+    # (TF 2.21 pads the [n, 2] seed along the wrong axis).
+    position = tf.cast(position, tf.int64)
+    num_examples = tf.cast(num_examples, tf.int64)
+    seed_and_epoch = tf.stack([tf.cast(seed, tf.int64), position // num_examples])
+    return tf.random.experimental.index_shuffle(
+        position % num_examples, seed_and_epoch, num_examples - 1
+    )
+
+
+def train_indices(
+    step: int,
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """The example indices of this host's slice of global training batch `step`.
+
+    The same stream as `train_dataset` yields (the same function computes it), for training
+    from per-example arrays such as a cache of the backbone's outputs.
+    """
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    start = (step * process_count + process_index) * local_batch
+    positions = tf.range(start, start + local_batch, dtype=tf.int64)
+    return _indices_of(positions, tf.constant(seed, tf.int64),
+                       tf.constant(num_examples, tf.int64)).numpy()
+
+
+@tf.function(reduce_retracing=True)
+def _indices_of(positions: tf.Tensor, seed: tf.Tensor, num_examples: tf.Tensor) -> tf.Tensor:
+    return tf.map_fn(lambda p: _shuffled_index(p, seed, num_examples), positions)
+
+
 def train_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -310,12 +354,7 @@ def train_dataset(
     _mean_std(normalization)  # Fail here, not inside tf.data.
 
     def example_at(position: tf.Tensor) -> dict[str, tf.Tensor]:
-        # One scalar seed per element: index_shuffle mishandles a batch of seeds
-        # (TF 2.21 pads the [n, 2] seed along the wrong axis).
-        seed_and_epoch = tf.stack([tf.constant(seed, tf.int64), position // num_examples])
-        index = tf.random.experimental.index_shuffle(
-            position % num_examples, seed_and_epoch, tf.constant(num_examples - 1, tf.int64)
-        )
+        index = _shuffled_index(position, seed, num_examples)
         return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
 
     def positions_of(chunk: tf.Tensor) -> tf.data.Dataset:
@@ -486,6 +525,17 @@ def get_num_examples(
     return _source(task, data_dir, split, subset)[1]
 
 
+def load_train_examples(
+    task: str, data_dir: str | None = None, split: str = "val", image_size: int = 224
+) -> tuple[np.ndarray, np.ndarray]:
+    """The whole training set of a split, resized: uint8 [N, S, S, 3] images, int32 labels.
+
+    Example i here is example i of `make_train_iterator`'s shuffle (see `train_indices`).
+    """
+    examples, num_examples = _source(task, data_dir, split, "train")
+    return _load_arrays(_resized(examples, image_size), num_examples)
+
+
 def make_train_iterator(
     task: str,
     data_dir: str | None = None,
@@ -525,8 +575,7 @@ def make_train_iterator(
     _local_batch_size(
         global_batch_size, process_index, process_count
     )  # Fail before reading any data.
-    examples, num_examples = _source(task, data_dir, split, "train")
-    images, labels = _load_arrays(_resized(examples, image_size), num_examples)
+    images, labels = load_train_examples(task, data_dir, split, image_size)
     ds = train_dataset(
         images,
         labels,

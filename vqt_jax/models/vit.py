@@ -30,6 +30,7 @@ import numpy as np
 
 Array = jax.Array
 Dtype = Any
+KV = tuple[Array, Array]
 
 # Widths, depths, MLP sizes and heads of the standard ViT variants (big_vision naming).
 VARIANTS: dict[str, dict[str, int]] = {
@@ -129,6 +130,68 @@ class MlpBlock(nn.Module):
         return dense(x.shape[-1], name="Dense_1")(h)
 
 
+def _kaiming_uniform_linear(key: Array, shape: Sequence[int]) -> Array:
+    # torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)),
+    # which LoRA's A and AdaptFormer's down-projection keep.
+    bound = 1.0 / np.sqrt(shape[0])
+    return jax.random.uniform(key, tuple(shape), jnp.float32, -bound, bound)
+
+
+class LoRA(nn.Module):
+    """A low-rank update x -> (alpha / r) * (x A) B of a projection, B zero-initialised.
+
+    Its variables live in the `lora` collection (not `params`), so checkpoints never see them
+    and a method's trainable rule can name them as a whole.
+
+    Attributes:
+      rank: r.
+      features: output shape of the projection it updates, e.g. (H, Dh).
+      alpha: scale numerator; default r (scale 1).
+    """
+
+    rank: int
+    features: Sequence[int]
+    alpha: float | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out = int(np.prod(self.features))
+        a = self.variable("lora", "a", lambda: _kaiming_uniform_linear(
+            self.make_rng("params"), (x.shape[-1], self.rank))).value
+        b = self.variable("lora", "b", lambda: jnp.zeros((self.rank, out), jnp.float32)).value
+        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
+        y = (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * scale
+        return y.reshape(*x.shape[:-1], *self.features)
+
+
+class Adapter(nn.Module):
+    """AdaptFormer's parallel adapter: scale * up(relu(down(x))), up zero-initialised.
+
+    As in AdaptFormer's VTAB setting (no adapter LayerNorm), it reads the block's residual
+    stream before LN2, and its output is added beside the MLP branch. Variables live in the
+    `adapter` collection.
+
+    Attributes:
+      bottleneck: the hidden size (64 in AdaptFormer's VTAB runs).
+      scale: the output scale (0.1 there).
+    """
+
+    bottleneck: int
+    scale: float = 0.1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        var = functools.partial(self.variable, "adapter")
+        down = var("down_kernel", lambda: _kaiming_uniform_linear(
+            self.make_rng("params"), (d, self.bottleneck))).value
+        down_b = var("down_bias", lambda: jnp.zeros((self.bottleneck,), jnp.float32)).value
+        up = var("up_kernel", lambda: jnp.zeros((self.bottleneck, d), jnp.float32)).value
+        up_b = var("up_bias", lambda: jnp.zeros((d,), jnp.float32)).value
+        h = jax.nn.relu(x @ down.astype(x.dtype) + down_b.astype(x.dtype))
+        return (h @ up.astype(x.dtype) + up_b.astype(x.dtype)) * self.scale
+
+
 class Attention(nn.Module):
     """Multi-head attention with big_vision's parameter layout.
 
@@ -140,6 +203,8 @@ class Attention(nn.Module):
     width: int
     num_heads: int
     qkv_bias: bool = True
+    lora_rank: int = 0
+    lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -162,13 +227,29 @@ class Attention(nn.Module):
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
         )
+        if self.lora_rank:
+            self.lora_query = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
+            self.lora_value = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
 
     def qkv(self, y: Array) -> tuple[Array, Array, Array]:
         """Projects normalised tokens [B, N, D] to q, k, v, each [B, N, H, Dh]."""
-        return self.query(y), self.key(y), self.value(y)
+        v = self.value(y)
+        if self.lora_rank:
+            v = v + self.lora_value(y).astype(v.dtype)
+        return self.project_query(y), self.key(y), v
 
     def project_query(self, y: Array) -> Array:
-        return self.query(y)
+        q = self.query(y)
+        if self.lora_rank:
+            q = q + self.lora_query(y).astype(q.dtype)
+        return q
+
+    @staticmethod
+    def probs(q: Array, k: Array) -> Array:
+        """Attention probabilities [B, H, Nq, Nk] of q [B, Nq, H, Dh] over k [B, Nk, H, Dh]."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
+                            preferred_element_type=jnp.float32)
+        return jax.nn.softmax(logits, axis=-1)
 
     def attend(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None) -> Array:
         """Scaled dot-product attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] -> [B, Nq, D].
@@ -187,9 +268,7 @@ class Attention(nn.Module):
 
 def _sdpa(q: Array, k: Array, v: Array) -> Array:
     """softmax(q k^T / sqrt(Dh)) v with float32 logits and accumulation."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = Attention.probs(q, k).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
 
 
@@ -226,47 +305,72 @@ class BlockOptions(nn.Module):
     ln_eps: float = 1e-6
     layerscale: bool = False
     kv_dtype: Dtype | None = None
+    adapter_dim: int = 0
+    adapter_scale: float = 0.1
+    lora_rank: int = 0
+    lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
 
 
 class Encoder1DBlock(BlockOptions):
-    """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights."""
+    """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights.
+
+    With `adapter_dim` it has AdaptFormer's parallel adapter, with `lora_rank` LoRA updates of
+    W_q and W_v; both act on the ordinary tokens and on the query tokens alike.
+    """
 
     def setup(self):
         ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
         self.LayerNorm_0 = ln()
         self.MultiHeadDotProductAttention_0 = Attention(
-            width=self.width, num_heads=self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype
+            width=self.width, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
         )
         self.LayerNorm_1 = ln()
         self.MlpBlock_0 = MlpBlock(mlp_dim=self.mlp_dim, act=self.mlp_act, dtype=self.dtype)
         if self.layerscale:
             self.LayerScale_0 = LayerScale()
             self.LayerScale_1 = LayerScale()
+        if self.adapter_dim:
+            self.Adapter_0 = Adapter(self.adapter_dim, self.adapter_scale)
 
     def _scale(self, i: int, x: Array) -> Array:
         return getattr(self, f"LayerScale_{i}")(x) if self.layerscale else x
 
     def _mlp_residual(self, x: Array) -> Array:
-        return x + self._scale(1, self.MlpBlock_0(self.LayerNorm_1(x)))
+        y = x + self._scale(1, self.MlpBlock_0(self.LayerNorm_1(x)))
+        if self.adapter_dim:
+            y = y + self.Adapter_0(x)
+        return y
 
-    def __call__(self, x: Array, q: Array | None = None) -> tuple[Array, Array | None]:
+    def __call__(self, x: Array, q: Array | None = None) -> tuple[Array, Array | None, KV]:
         """Runs the block on ordinary tokens x [B, N, D] and query tokens q [B, T, D] (or None).
 
         Returns:
-          The block's outputs for the ordinary tokens and for the query tokens.
+          The block's outputs for the ordinary tokens and for the query tokens, and the
+          ordinary tokens' keys and values (each [B, N, H, Dh]), which are all the query path
+          reads from the ordinary stream.
         """
         attn = self.MultiHeadDotProductAttention_0
         qx, k, v = attn.qkv(self.LayerNorm_0(x))
         x_out = self._mlp_residual(x + self._scale(0, attn.attend(qx, k, v)))
-        if q is None:
-            return x_out, None
-        # The query path: its own W_q projection, the ordinary tokens' keys and values.
-        # These K and V are what the query backward keeps per layer (the "stash"); `kv_dtype`
-        # stores that stash in a narrower dtype (the forward stays exact).
+        q_out = None if q is None else self.query_path(q, k, v, self.kv_dtype)
+        return x_out, q_out, (k, v)
+
+    def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None) -> Array:
+        """VQT's query tokens q [B, T, D] through the block, attending only to k and v.
+
+        LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual ->
+        LN2 -> MLP -> residual. `stash_dtype` (the model's `kv_dtype`) keeps k and v for the
+        backward in a narrower dtype; the forward stays exact. With the `intermediates`
+        collection mutable, the attention probabilities [B, H, T, N] are sown as
+        `query_attention` (for attention maps).
+        """
+        attn = self.MultiHeadDotProductAttention_0
         qq = attn.project_query(self.LayerNorm_0(q))
-        q_out = self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v, self.kv_dtype)))
-        return x_out, q_out
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "query_attention", Attention.probs(qq, k))
+        return self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v, stash_dtype)))
 
 
 def _block_options(module: nn.Module) -> dict[str, Any]:
@@ -291,36 +395,67 @@ class Encoder(BlockOptions):
         self.encoder_norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
 
     def __call__(
-        self, x: Array, queries: Array | None = None, *, keep_blocks: bool = False
-    ) -> tuple[Array, Array | None, Array | None]:
+        self,
+        x: Array,
+        queries: Array | None = None,
+        *,
+        prompts: Array | None = None,
+        prompt_start: int = 1,
+        collect: Callable[[int, Array, KV], None] | None = None,
+    ) -> tuple[Array, Array | None]:
         """Runs every block.
 
         Args:
-          x: ordinary tokens [B, N, D].
+          x: ordinary tokens [B, N, D] (VPT prompts, if any, already inserted).
           queries: per-layer query tokens [B, M, T, D], or None for a plain ViT.
-          keep_blocks: also return every block's ordinary-token output.
+          prompts: VPT-deep prompts [B, M, P, D]: layer m > 0 replaces the P tokens at
+            `prompt_start` with its own before running (layer 0's are already in x).
+          prompt_start: index of the first prompt token.
+          collect: called as collect(m, block m's ordinary output, block m's (k, v)).
 
         Returns:
           (last block's ordinary tokens [B, N, D] before the final norm,
-           query outputs [B, M, T, D] or None, block outputs [B, M, N, D] or None).
+           query outputs [B, M, T, D] or None).
         """
-        q_outs, blocks = [], []
+        q_outs = []
         for i, block in enumerate(self.blocks):
-            x, q = block(x, None if queries is None else queries[:, i])
+            if prompts is not None and i > 0:
+                p = prompts.shape[2]
+                x = jnp.concatenate(
+                    [x[:, :prompt_start], prompts[:, i], x[:, prompt_start + p:]], axis=1)
+            x, q, kv = block(x, None if queries is None else queries[:, i])
             if q is not None:
                 q_outs.append(q)
-            if keep_blocks:
-                blocks.append(x)
-        q_out = jnp.stack(q_outs, axis=1) if q_outs else None
-        blocks_out = jnp.stack(blocks, axis=1) if keep_blocks else None
-        return x, q_out, blocks_out
+            if collect is not None:
+                collect(i, x, kv)
+        return x, (jnp.stack(q_outs, axis=1) if q_outs else None)
+
+    def queries_from_kv(self, queries: Array, k: Array, v: Array) -> Array:
+        """The query path alone, over given per-layer keys and values.
+
+        Args:
+          queries: [B, M, T, D] query tokens.
+          k, v: [B, M, N, H, Dh] (or [B, M, N, H * Dh], a cache's layout) every layer's keys
+            and values of the ordinary tokens; not differentiated.
+
+        Returns:
+          Query outputs [B, M, T, D], the same as `__call__` gives for the same images.
+        """
+        if k.ndim == 4:
+            heads = (self.num_heads, self.width // self.num_heads)
+            k = k.reshape(*k.shape[:3], *heads)
+            v = v.reshape(*v.shape[:3], *heads)
+        outs = [block.query_path(queries[:, i], k[:, i].astype(self.dtype),
+                                 v[:, i].astype(self.dtype))
+                for i, block in enumerate(self.blocks)]
+        return jnp.stack(outs, axis=1)
 
     def norm(self, x: Array) -> Array:
         return self.encoder_norm(x)
 
 
 class ViT(nn.Module):
-    """Vision Transformer with optional Visual Query Tuning.
+    """Vision Transformer with Visual Query Tuning and the methods it is compared/combined with.
 
     Attributes:
       num_classes: classes of the linear head; None or 0 for no head.
@@ -334,10 +469,21 @@ class ViT(nn.Module):
       ln_eps: LayerNorm epsilon (1e-6 for ViT/DINOv2/MAE, 1e-5 for CLIP).
       pre_norm: a LayerNorm after the embeddings, before the blocks (CLIP's `norm_pre`).
       qkv_bias: bias on the query/key/value projections.
-      num_queries: T, VQT's query tokens per layer; 0 gives a plain ViT.
+      num_queries: T, VQT's query tokens per layer (`queries` collection); 0: none.
       query_dropout: dropout on the query tokens during training (0.1 in the release).
-      l2_normalize: L2-normalise each feature group before the head; default: when
-        num_queries > 0 (VQT's head input), off for a plain ViT (linear probing on the CLS).
+      num_prompts: VPT's prompt length P (`prompts` collection); 0: none. The prompts sit
+        after the class token, take no position embedding, and are excluded from 'gap' pooling.
+      deep_prompts: VPT-deep (each layer replaces the prompts with its own) instead of
+        VPT-shallow (one set, inserted before the first layer).
+      prompt_dropout: dropout on the prompts during training (0.1 in VPT's VTAB runs).
+      adapter_dim: AdaptFormer's bottleneck (`adapter` collection); 0: no adapters.
+      adapter_scale: AdaptFormer's output scale.
+      lora_rank: rank of LoRA's updates of W_q and W_v (`lora` collection); 0: none.
+      lora_alpha: LoRA's scale numerator (scale alpha / rank); default: the rank.
+      head2toe: the head reads Head2Toe's features (each block's class token and mean patch
+        token, 2 groups per layer) instead of the final CLS (+ VQT's query outputs).
+      l2_normalize: L2-normalise each feature group before the head; default: on for VQT's
+        and Head2Toe's head inputs, off for a plain CLS (linear probing).
       head_bias_init: constant initial head bias (the release uses -log(99) as a prior).
       kv_dtype: dtype in which the query path's backward keeps each layer's keys and values,
         e.g. jnp.bfloat16 to halve VQT's stash; the forward is unchanged (exact). None keeps
@@ -361,6 +507,14 @@ class ViT(nn.Module):
     qkv_bias: bool = True
     num_queries: int = 0
     query_dropout: float = 0.1
+    num_prompts: int = 0
+    deep_prompts: bool = False
+    prompt_dropout: float = 0.1
+    adapter_dim: int = 0
+    adapter_scale: float = 0.1
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    head2toe: bool = False
     l2_normalize: bool | None = None
     head_bias_init: float = 0.0
     kv_dtype: Dtype | None = None
@@ -372,7 +526,9 @@ class ViT(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Size of the head's input: D for the CLS, plus M * T * D for VQT's query outputs."""
+        """Size of the head's input."""
+        if self.head2toe:
+            return self.width * self.depth * (1 + int(self.has_class_token))
         return self.width * (1 + self.depth * self.num_queries)
 
     def check_image_size(self, height: int, width: int) -> None:
@@ -390,12 +546,63 @@ class ViT(nn.Module):
             raise ValueError("pool_type 'tok' needs a class token")
         if self.mlp_act not in ACTIVATIONS:
             raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
-        if self.num_queries < 0:
-            raise ValueError(f"num_queries must be >= 0, got {self.num_queries}")
+        for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.head2toe and self.num_queries:
+            raise ValueError("head2toe and num_queries > 0 are two different head inputs; "
+                             "choose one")
+
+    def _tokens(self, collection: str, shape: Sequence[int], rate: float, batch: int,
+                train: bool) -> Array:
+        """Learnable tokens [L, K, D] with VPT's uniform init, broadcast to [B, L, K, D]."""
+        bound = query_init_scale(self.patch_size, self.width)
+        tokens = self.variable(
+            collection, "tokens",
+            lambda: jax.random.uniform(self.make_rng("params"), tuple(shape), jnp.float32,
+                                       -bound, bound),
+        ).value
+        t = jnp.broadcast_to(tokens.astype(self.dtype)[None], (batch, *tokens.shape))
+        return nn.Dropout(rate, name=f"{collection}_dropout")(t, deterministic=not train)
 
     @nn.compact
-    def _forward(self, images: Array, train: bool, keep_blocks: bool) -> dict[str, Array]:
+    def _forward(self, images: Array | None, train: bool, *, cached: dict | None = None,
+                 keep_blocks: bool = False, keep_kv: bool = False,
+                 keep_pooled: bool = False) -> dict[str, Array]:
         self._validate()
+        d = self.width
+        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d}
+        encoder = Encoder(depth=self.depth, **options, name="Transformer")
+        b = (images if cached is None else cached["cls"]).shape[0]
+        q = None
+        if self.num_queries:
+            q = self._tokens("queries", (self.depth, self.num_queries, d), self.query_dropout,
+                             b, train)
+        if cached is not None:
+            out = self._from_cache(encoder, cached, q)
+        else:
+            out = self._from_images(encoder, images, q, train, keep_blocks, keep_kv,
+                                    keep_pooled or self.head2toe)
+        if self.num_classes:
+            out["logits"] = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+            )(out["pre_logits"])
+        return out
+
+    def _from_cache(self, encoder: Encoder, cached: dict, q: Array | None) -> dict[str, Array]:
+        if "pre_logits" in cached:
+            return {"pre_logits": cached["pre_logits"]}
+        if q is None:
+            raise ValueError("A key/value cache is only useful with query tokens "
+                             "(num_queries > 0)")
+        q_out = encoder.queries_from_kv(q, cached["k"], cached["v"])
+        return {"queries": q_out, "pre_logits": self.head_input(cached["cls"], q_out)}
+
+    def _from_images(self, encoder: Encoder, images: Array, q: Array | None, train: bool,
+                     keep_blocks: bool, keep_kv: bool, keep_pooled: bool) -> dict[str, Array]:
         b, h, w, _ = images.shape
         self.check_image_size(h, w)
         d = self.width
@@ -417,83 +624,119 @@ class ViT(nn.Module):
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(x)
 
-        q = None
-        if self.num_queries:
-            bound = query_init_scale(self.patch_size, d)
-            tokens = self.variable(
-                "queries",
-                "tokens",
-                lambda: jax.random.uniform(
-                    self.make_rng("params"), (self.depth, self.num_queries, d), jnp.float32,
-                    -bound, bound,
-                ),
-            ).value
-            q = jnp.broadcast_to(tokens.astype(self.dtype)[None], (b, *tokens.shape))
-            q = nn.Dropout(self.query_dropout)(q, deterministic=not train)
-
-        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d}
-        encoder = Encoder(depth=self.depth, **options, name="Transformer")
-        x, q_out, blocks = encoder(x, q, keep_blocks=keep_blocks)
-
         num_prefix = int(self.has_class_token)
+        prompts = None
+        if self.num_prompts:
+            layers = self.depth if self.deep_prompts else 1
+            prompts = self._tokens("prompts", (layers, self.num_prompts, d),
+                                   self.prompt_dropout, b, train)
+            x = jnp.concatenate([x[:, :num_prefix], prompts[:, 0], x[:, num_prefix:]], axis=1)
+        prompt_start = num_prefix
+        num_prefix += self.num_prompts
 
         def pool(t: Array) -> Array:
             return t[:, 0] if self.pool_type == "tok" else t[:, num_prefix:].mean(axis=1)
 
+        per_layer: dict[str, list[Array]] = {"blocks": [], "pooled": [], "k": [], "v": []}
+
+        def collect(i: int, x_i: Array, kv: KV) -> None:
+            if keep_blocks:
+                per_layer["blocks"].append(x_i)
+            if keep_pooled:
+                groups = [x_i[:, 0]] if self.has_class_token else []
+                per_layer["pooled"] += groups + [x_i[:, num_prefix:].mean(axis=1)]
+            if keep_kv:
+                per_layer["k"].append(kv[0])
+                per_layer["v"].append(kv[1])
+
+        x, q_out = encoder(x, q, prompts=prompts if self.deep_prompts else None,
+                           prompt_start=prompt_start, collect=collect)
         if self.fc_norm:
             # timm's MAE layout: no norm on the tokens, the norm acts on the pooled feature.
             tokens_out, cls_out = x, encoder.norm(pool(x))
         else:
             tokens_out = encoder.norm(x)
             cls_out = pool(tokens_out)
-        pre_logits = self.head_input(cls_out, q_out)
-        out = dict(cls=cls_out, tokens=tokens_out, pre_logits=pre_logits)
-        if keep_blocks:
-            out["blocks"] = blocks
+        out = {name: jnp.stack(v, axis=1) for name, v in per_layer.items() if v}
+        out.update(cls=cls_out, tokens=tokens_out)
         if q_out is not None:
             out["queries"] = q_out
-        if self.num_classes:
-            out["logits"] = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(self.head_bias_init),
-                name="head",
-            )(pre_logits)
+        out["pre_logits"] = self.head_input(cls_out, q_out, out.get("pooled"))
         return out
 
-    def head_input(self, cls: Array, queries: Array | None) -> Array:
-        """VQT's head input: [CLS ; layer 1..M query outputs], each group L2-normalised.
+    def head_input(self, cls: Array, queries: Array | None, pooled: Array | None = None) -> Array:
+        """The head's input: [CLS ; layer 1..M query outputs] or Head2Toe's groups.
 
         Args:
           cls: the final pooled feature [B, D].
-          queries: query outputs [B, M, T, D], or None.
+          queries: VQT's query outputs [B, M, T, D], or None.
+          pooled: Head2Toe's per-layer pooled tokens [B, G, D] (used when `head2toe`).
 
         Returns:
-          [B, D + M * T * D] features (L2-normalised per group when `l2_normalize` resolves on).
+          [B, feature_dim] features, L2-normalised per group when `l2_normalize` resolves on
+          (each layer's T*D query vector is one group, each Head2Toe pooled token one group).
         """
-        normalize = self.l2_normalize if self.l2_normalize is not None else self.num_queries > 0
-        groups = [cls[:, None, :]]
-        if queries is not None:
-            b, m, t, d = queries.shape
-            groups.append(queries.reshape(b, m, t * d))
+        normalize = self.l2_normalize
+        if normalize is None:
+            normalize = self.num_queries > 0 or self.head2toe
+        if self.head2toe:
+            groups = [pooled]
+        else:
+            groups = [cls[:, None, :]]
+            if queries is not None:
+                b, m, t, d = queries.shape
+                groups.append(queries.reshape(b, m, t * d))
         if normalize:
             groups = [l2_normalize(g) for g in groups]
         return jnp.concatenate([g.reshape(g.shape[0], -1) for g in groups], axis=-1)
 
-    def features(self, images: Array, train: bool = False) -> dict[str, Array]:
-        """Everything the model computes, for analysis and caching.
+    def features(self, images: Array, train: bool = False, *,
+                 keep_blocks: bool = True) -> dict[str, Array]:
+        """Everything the model computes, for analysis.
 
         Returns:
           A dict with `cls` [B, D] (the final pooled feature), `tokens` [B, N, D] (the final
-          tokens; after the final norm unless fc_norm), `blocks` [B, M, N, D] (every block's
-          ordinary-token output), `queries` [B, M, T, D] (VQT's query outputs, if T > 0),
-          `pre_logits` [B, F] (the head's input) and `logits` (if there is a head).
+          tokens, prompts included; after the final norm unless fc_norm), `blocks`
+          [B, M, N, D] (every block's ordinary-token output), `queries` [B, M, T, D] (VQT's
+          query outputs, if T > 0), `pooled` [B, G, D] (Head2Toe's pooled tokens: each
+          block's class token and mean patch token), `pre_logits` [B, F] (the head's input)
+          and `logits` (if there is a head). `keep_blocks=False` leaves out `blocks`.
         """
-        return self._forward(images, train, keep_blocks=True)
+        return self._forward(images, train, keep_blocks=keep_blocks, keep_pooled=True)
+
+    def cache_features(self, images: Array) -> dict[str, Array]:
+        """What a cache keeps per image: everything the trainable part reads.
+
+        Returns:
+          `k`, `v` [B, M, N, H, Dh] (every layer's keys and values of the ordinary tokens),
+          `cls` [B, D], `pooled` [B, G, D] (see `features`) and `pre_logits` [B, F] (the
+          head's input; constant only when there are no query tokens), in eval mode.
+        """
+        out = self._forward(images, False, keep_kv=True, keep_pooled=True)
+        return {k: out[k] for k in ("k", "v", "cls", "pooled", "pre_logits")}
+
+    def from_cache(self, cached: dict[str, Array], train: bool = False) -> Array:
+        """Logits from cached features, without the backbone.
+
+        Args:
+          cached: {'k', 'v', 'cls'} (see `cache_features`; k/v may be narrower, e.g.
+            bfloat16) to run VQT's query path over the cached keys and values, or
+            {'pre_logits'} for a head on fixed features.
+          train: training mode (query dropout).
+
+        Returns:
+          Logits (or the head's input without a head), equal to `__call__` on the same images.
+        """
+        out = self._forward(None, train, cached=cached)
+        return out["logits"] if self.num_classes else out["pre_logits"]
+
+    def features_from_cache(self, cached: dict[str, Array]) -> dict[str, Array]:
+        """`pre_logits` (and `queries` for a key/value cache) from cached features, eval mode."""
+        return self._forward(None, False, cached=cached)
 
     def __call__(self, images: Array, train: bool = False) -> Array:
         """Returns logits [B, num_classes] (or the head's input if there is no head)."""
-        out = self._forward(images, train, keep_blocks=False)
+        out = self._forward(images, train)
         return out["logits"] if self.num_classes else out["pre_logits"]
 
 

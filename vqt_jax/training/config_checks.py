@@ -6,13 +6,18 @@ import os
 
 import ml_collections
 
-from vqt_jax import data
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import data, methods, optim
 from vqt_jax.checkpoints import split_subtree
 from vqt_jax.models import decode_variant
 
 SPLITS = ("val", "test")
 NORMALIZATIONS = ("inception", "imagenet")
+# Config fields with a fixed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "cache": ("auto", "on", "off"),
+    "cache_dtype": ("float32", "bfloat16"),
+    "cache_storage": ("disk", "memory"),
+}
 
 
 def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
@@ -30,7 +35,13 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
         )
     if config.split not in SPLITS:
         raise ValueError(f"config.split={config.split!r}: must be one of {SPLITS}")
-    trainable_lib.rule_for(config.method)
+    methods.get(config.method)
+    name = config.get("optimizer")
+    if name is not None and name not in optim.OPTIMIZERS:
+        raise ValueError(f"config.optimizer={name!r}: choose from {', '.join(optim.OPTIMIZERS)}")
+    for field, allowed in CHOICES.items():
+        if field in config and config[field] not in allowed:
+            raise ValueError(f"config.{field}={config[field]!r}: choose from {allowed}")
     for name in ("lr", "batch_size", "epochs", "image_size"):
         if not config[name] > 0:
             raise ValueError(f"config.{name} must be > 0, got {config[name]}")
@@ -64,10 +75,16 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
             f"config.image_size={config.image_size} is not a multiple of the patch size "
             f"{patch[0]}x{patch[1]}"
         )
-    if model.get("num_queries", 0) < 0:
-        raise ValueError(f"config.model.num_queries must be >= 0, got {model['num_queries']}")
-    if config.method.startswith("vqt") and not model.get("num_queries"):
-        raise ValueError("config.method='vqt' needs config.model.num_queries > 0")
+    for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
+        if model.get(name, 0) < 0:
+            raise ValueError(f"config.model.{name} must be >= 0, got {model[name]}")
+    methods.model_kwargs(config.method, model)  # the sizes of the parts it needs are > 0
+    if "compression" in config and config.compression.enabled:
+        c = config.compression
+        if not 0 < c.keep_frac <= 1:
+            raise ValueError(f"config.compression.keep_frac={c.keep_frac} must be in (0, 1]")
+        if c.lasso < 0 or c.epochs <= 0 or c.lr_scale <= 0:
+            raise ValueError("config.compression: lasso must be >= 0, epochs and lr_scale > 0")
     if config.init:
         path, _ = split_subtree(config.init)
         if "://" not in path and not os.path.isfile(path):

@@ -1,0 +1,224 @@
+"""Training from the cache of the frozen backbone: equal to training from images, reused, safe."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+from tests import train_utils
+from vqt_jax import cache as cache_lib
+from vqt_jax import data, train, train_step
+from vqt_jax import trainable as trainable_lib
+from vqt_jax.models import ViT
+
+TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def _randomized(model, images):
+    """Variables with every leaf random (so no zero-init head hides a wrong query path)."""
+    variables = model.init(jax.random.key(0), images)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _cached_batch(model, variables, images, dtype=jnp.float32):
+    out = model.apply(variables, images, method=ViT.cache_features)
+    b, m, n, h, dh = out["k"].shape
+    return {"k": out["k"].reshape(b, m, n, h * dh).astype(dtype),
+            "v": out["v"].reshape(b, m, n, h * dh).astype(dtype), "cls": out["cls"]}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cached_step_equals_uncached_step(dropout):
+    model = ViT(**TINY, num_queries=2, query_dropout=dropout)
+    images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+    labels = jnp.array([0, 1, 2, 3])
+    variables = _randomized(model, images)
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    tx = optax.adam(1e-2)
+    rng = jax.random.key(5)
+
+    uncached = train_step.make_train_step(model, tx)
+    cached = train_step.make_train_step(model, tx, from_cache=True)
+    batch = {"image": images, "label": labels}
+    cbatch = {**_cached_batch(model, variables, images), "label": labels}
+    loss_fn = train_step.make_loss_fn(model)
+    closs_fn = train_step.make_loss_fn(model, from_cache=True)
+    (l0, _), g0 = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    (l1, _), g1 = jax.value_and_grad(closs_fn, has_aux=True)(trainable, frozen, cbatch, rng)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
+    assert set(g0) == set(g1) == {"queries/tokens", "params/head/kernel", "params/head/bias"}
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(jnp.abs(g0["queries/tokens"]).max()) > 1e-4  # the queries do get a gradient
+
+    t0, s0, m0 = uncached(trainable, tx.init(trainable), frozen, batch, rng)
+    t1, s1, m1 = cached(trainable, tx.init(trainable), frozen, cbatch, rng)
+    for k in t0:
+        np.testing.assert_allclose(t1[k], t0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+
+
+def test_cached_step_reads_the_cache():
+    """A wrong key/value cache changes the loss (the cached path is not a silent no-op)."""
+    model = ViT(**TINY, num_queries=1, query_dropout=0.0)
+    images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    variables = _randomized(model, images)
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    loss_fn = train_step.make_loss_fn(model, from_cache=True)
+    cbatch = {**_cached_batch(model, variables, images), "label": jnp.array([0, 1])}
+    wrong = {**cbatch, "v": cbatch["v"][::-1]}
+    key = jax.random.key(0)
+    assert abs(float(loss_fn(trainable, frozen, cbatch, key)[0]) -
+               float(loss_fn(trainable, frozen, wrong, key)[0])) > 1e-4
+
+
+def test_bfloat16_cache_is_close():
+    model = ViT(**TINY, num_queries=1, query_dropout=0.0)
+    images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+    variables = _randomized(model, images)
+    exact = model.apply(variables, images)
+    c = _cached_batch(model, variables, images, jnp.bfloat16)
+    assert c["k"].dtype == jnp.bfloat16
+    narrow = model.apply(variables, c, method=ViT.from_cache)
+    rel = float(jnp.abs(narrow - exact).max() / jnp.abs(exact).max())
+    assert 0 < rel < 2e-2
+
+
+def test_cached_run_ends_like_uncached_run(folder, tmp_path):
+    runs = {}
+    for mode in ("off", "on"):
+        config = train_utils.tiny_config(data_dir=folder, epochs=4, cache=mode)
+        runs[mode] = train.run(config, str(tmp_path / mode))
+    (r_off, v_off), (r_on, v_on) = runs["off"], runs["on"]
+    assert not r_off["cached"] and r_on["cached"]
+    for key in ("train_loss", "eval_loss"):
+        np.testing.assert_allclose(r_on[key], r_off[key], rtol=1e-5, err_msg=key)
+    assert r_on["top1"] == r_off["top1"]
+    t_off, _ = trainable_lib.partition(v_off, trainable_lib.rule_for("vqt"))
+    t_on, _ = trainable_lib.partition(v_on, trainable_lib.rule_for("vqt"))
+    for k in t_off:
+        np.testing.assert_allclose(t_on[k], t_off[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # The cache lies under the workdir: complete files, nothing half-written beside them.
+    (entry,) = os.listdir(tmp_path / "on" / "cache")
+    assert not entry.startswith(".")
+    assert sorted(os.listdir(tmp_path / "on" / "cache" / entry)) == [
+        "cls.bin", "k.bin", "label.bin", "meta.json", "pooled.bin", "v.bin"]
+
+
+def test_cache_is_reused_across_runs_and_invalidated_by_the_backbone(folder, tmp_path,
+                                                                     monkeypatch):
+    shared = str(tmp_path / "shared")
+    config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared)
+    train.run(config, str(tmp_path / "a"))
+    (entry,) = os.listdir(shared)
+
+    def no_build(*a, **k):
+        raise AssertionError("rebuilt a cache that exists")
+
+    monkeypatch.setattr(cache_lib, "build", no_build)
+    # Another lr, wd, seed and query count: the same backbone outputs, the same cache.
+    other = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared,
+                                    lr=0.01, wd=0.0, seed=3)
+    other.model.num_queries = 3
+    assert train.run(other, str(tmp_path / "b"))[0]["cached"]
+    assert os.listdir(shared) == [entry]
+    # Another image size changes what the backbone computes: a new cache is needed.
+    monkeypatch.undo()
+    resized = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared,
+                                      image_size=16)
+    train.run(resized, str(tmp_path / "c"))
+    assert len(os.listdir(shared)) == 2
+
+
+def test_killed_build_leaves_nothing(folder, tmp_path, monkeypatch):
+    calls = []
+    real = data.normalize_array
+
+    def dies_on_second_batch(x, n):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(x, n)
+
+    monkeypatch.setattr(data, "normalize_array", dies_on_second_batch)
+    config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", eval_batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config, str(tmp_path / "wd"))
+    assert os.listdir(tmp_path / "wd" / "cache") == []
+
+
+def test_memory_storage(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on",
+                                     cache_storage="memory", cache_dtype="bfloat16")
+    results, _ = train.run(config, str(tmp_path))
+    assert results["cached"] and not (tmp_path / "cache").exists()
+
+
+def test_over_budget_falls_back_or_fails_before_compiling(folder, tmp_path, monkeypatch):
+    auto = train_utils.tiny_config(data_dir=folder, epochs=1, cache="auto", cache_max_gb=1e-6)
+    assert not train.run(auto, str(tmp_path / "auto"))[0]["cached"]
+
+    monkeypatch.setattr(train.jax, "jit", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("compiled before validating the config")))
+    on = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_max_gb=1e-6)
+    with pytest.raises(ValueError, match=r"cache='on' but the cache would take .* GiB, over "
+                                         r"config.cache_max_gb=1e-06"):
+        train.run(on, str(tmp_path / "on"))
+    full = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", method="full")
+    with pytest.raises(ValueError, match="method 'full' changes the backbone's tokens"):
+        train.run(full, str(tmp_path / "full"))
+    bad = train_utils.tiny_config(data_dir=folder, epochs=1, cache="sometimes")
+    with pytest.raises(ValueError, match="config.cache='sometimes'"):
+        train.run(bad, str(tmp_path / "bad"))
+
+
+def test_size_is_computed_before_building():
+    model = ViT(patch_size=(16, 16), width=768, depth=12, mlp_dim=3072, num_heads=12,
+                num_classes=10, num_queries=1)
+    spec = cache_lib.spec_for(model, "kv", 800, 224, "bfloat16")
+    assert spec.fields["k"] == ((12, 197, 768), "bfloat16")
+    per_image_kv = 2 * 12 * 197 * 768 * 2
+    assert spec.nbytes == 800 * (per_image_kv + 768 * 4 + 24 * 768 * 4 + 4)
+    assert "GiB" in spec.describe()
+
+
+def test_train_indices_follow_the_image_pipeline():
+    n, labels = 13, np.arange(13, dtype=np.int32)
+    ds = data.train_dataset(np.zeros((n, 2, 2, 3), np.uint8), labels, global_batch_size=6,
+                            seed=3, process_index=1, process_count=2)
+    it = ds.as_numpy_iterator()
+    for step in range(6):  # 3 epochs' worth, batches straddling epochs
+        idx = data.train_indices(step, n, global_batch_size=6, seed=3, process_index=1,
+                                 process_count=2)
+        np.testing.assert_array_equal(next(it)["label"], idx)
+
+
+def test_cache_gather_keeps_the_order(tmp_path):
+    spec = cache_lib.Spec("kv", 5, {"k": ((2,), "bfloat16")})
+    arrays = {"k": np.arange(10, dtype=np.float32).reshape(5, 2).astype(ml_dtypes.bfloat16)}
+    cache = cache_lib.Cache(spec, arrays, np.arange(5, dtype=np.int32) * 10)
+    batch = cache.gather(np.array([3, 0, 3, 1]))
+    np.testing.assert_array_equal(batch["label"], [30, 0, 30, 10])
+    np.testing.assert_array_equal(batch["k"].astype(np.float32)[:, 0], [6, 0, 6, 2])
+
+
+def test_results_record_cache_use(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder, epochs=1, method="full", cache="auto")
+    results, _ = train.run(config, str(tmp_path))
+    assert results["cached"] is False
+    assert json.loads((tmp_path / "results.json").read_text())["cached"] is False
