@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_dir = None  # TFDS data dir, or the image-folder root when task='folder'.
     c.split = "test"  # 'val': train800 -> val200 (selection); 'test': train800val200 -> test.
     c.init = IN21K_B16
+    c.prepare = ""  # a set-up step run first (vqt_jax/preparations.py), e.g. for the demo
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"
@@ -81,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compression.lasso = 1e-4
     c.compression.epochs = 100
     c.compression.lr_scale = 0.5
+    # Other heads fitted on the same fixed features after training, reported beside the
+    # method's top-1: 'linear' (the final CLS), 'head2toe' (every block's pooled tokens, with
+    # the compression stage's group-lasso selection).
+    c.baselines = ()
 
     c.num_devices = 0  # 0: every device
     c.log_every_steps = 10

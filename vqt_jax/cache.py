@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -95,16 +95,32 @@ class Cache:
     labels: np.ndarray
     path: str | None = None
 
-    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The cached fields and labels of some examples, as a batch."""
-        # Reading a memory map in increasing order is sequential I/O; undo the sort after.
-        order = np.argsort(indices, kind="stable")
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        sorted_idx = indices[order]
-        batch = {name: np.asarray(a[sorted_idx])[inverse] for name, a in self.arrays.items()}
+    def gather(self, indices: np.ndarray,
+               fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The cached fields (default: all) and labels of some examples, as a batch.
+
+        Each field is copied row by row into a fresh 64-byte-aligned buffer: XLA's CPU client
+        then adopts the buffer without copying it (an unaligned numpy array costs another
+        copy of every batch), and a fresh buffer is never overwritten while JAX holds it.
+        """
+        names = self.arrays if fields is None else fields
+        batch = {}
+        for name in names:
+            src = self.arrays[name]
+            out = _aligned_empty((len(indices), *src.shape[1:]), src.dtype)
+            for i, j in enumerate(indices):
+                out[i] = src[j]
+            batch[name] = out
         batch["label"] = self.labels[indices]
         return batch
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """np.empty whose data starts on an `align`-byte boundary."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _np_dtype(name: str) -> Any:
@@ -313,11 +329,13 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch: int = 2,
+    fields: Sequence[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from a cache: the same examples, in the same order, as the
     image pipeline (`data.make_train_iterator`) gives for the same seed and step.
 
-    A background thread reads ahead `prefetch` batches (the reads release the GIL).
+    Batches hold `fields` (default: all) and 'label'. A background thread reads ahead
+    `prefetch` batches (the copies release the GIL).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -326,7 +344,7 @@ def train_batches(
     def produce(step: int) -> dict[str, np.ndarray]:
         idx = data.train_indices(step, n, global_batch_size=global_batch_size, seed=seed,
                                  process_index=process_index, process_count=process_count)
-        return cache.gather(idx)
+        return cache.gather(idx, fields)
 
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()

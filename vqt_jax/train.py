@@ -30,10 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, methods, optim, train_step
+from vqt_jax import checkpoints, data, methods, optim, preparations, train_step
 from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
-from vqt_jax.training import checkpointing, config_checks, metrics_io
+from vqt_jax.training import checkpointing, config_checks, feature_heads, metrics_io
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -226,6 +226,7 @@ def run(
     Returns:
       (results, the model's final variables).
     """
+    config = preparations.apply(config)
     mesh = make_mesh(config.get("num_devices", 0))
     config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
     data.validate(config.task, config.data_dir, config.split)
@@ -290,7 +291,8 @@ def run(
     )
     if cache is not None:
         train_iter = cache_lib.train_batches(
-            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start)
+            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
+            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays])
     else:
         train_iter = data.make_train_iterator(
             config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
@@ -343,11 +345,17 @@ def run(
         "num_trainable": int(sum(np.size(v) for v in state.trainable.values())),
         "cached": cache is not None,
     }
+    if feature_heads.wanted(config):
+        if cache is None and cache_plan is not None:
+            cache = get_cache(cache_plan, config, model, variables, mesh)
+        results.update(feature_heads.run(config, model, variables, mesh, cache, num_classes))
     results_path = os.path.join(workdir, "results.json")
     if results["train_loss"] is None and os.path.exists(results_path):
         # Nothing left to train (a re-run of a finished run): keep the recorded train loss.
         with open(results_path) as f:
-            results["train_loss"] = json.load(f).get("train_loss")
+            previous = json.load(f)
+        results["train_loss"] = previous.get("train_loss")
+        results["cached"] = previous.get("cached", False)
     if is_chief:
         _write_json_atomically(results_path, results)
     manager.close()

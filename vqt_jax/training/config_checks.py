@@ -9,6 +9,7 @@ import ml_collections
 from vqt_jax import data, methods, optim
 from vqt_jax.checkpoints import split_subtree
 from vqt_jax.models import decode_variant
+from vqt_jax.training import feature_heads
 
 SPLITS = ("val", "test")
 NORMALIZATIONS = ("inception", "imagenet")
@@ -79,6 +80,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
         if model.get(name, 0) < 0:
             raise ValueError(f"config.model.{name} must be >= 0, got {model[name]}")
     methods.model_kwargs(config.method, model)  # the sizes of the parts it needs are > 0
+    feature_heads.check(config)
     if "compression" in config and config.compression.enabled:
         c = config.compression
         if not 0 < c.keep_frac <= 1:
