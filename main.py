@@ -49,6 +49,18 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
+        print(summary(results))
+
+
+def summary(results: dict) -> str:
+    """One line: the method's top-1, then its compressed head's and the baselines' if any."""
+    heads = {results["method"]: results["top1"]}
+    if "compression" in results:
+        heads[f"{results['method']} (compressed)"] = results["compression"]["top1"]
+    for name, r in results.get("baselines", {}).items():
+        heads[name] = r["top1"]
+    split = "val" if results["split"] == "val" else "test"
+    return f"{split} top-1: " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in heads.items())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 For every task (``--tasks=all`` for the 19 of VTAB-1k):
   1. trains on train800 and evaluates on val200 (``split='val'``) at every (lr, wd) of the
-     method's grid (`GRIDS`; for VQT, lr in {1.0, 0.5, 0.25, 0.1, 0.05} x batch_size/256 and wd
-     in {0.01, 0.001, 0.0001, 0.0}: 20 runs), all with seed 0;
+     method's grid (`GRIDS`, looked up by ``--method``; for VQT, lr in {1.0, 0.5, 0.25, 0.1,
+     0.05} x batch_size/256 and wd in {0.01, 0.001, 0.0001, 0.0}: 20 runs; VPT's grids for
+     linear probing, VPT and full fine-tuning), all with seed 0;
   2. selects the (lr, wd) with the best final val top-1; ties go to the smaller lr, then to the
      smaller wd. A grid point whose training diverged (`FloatingPointError` from the trainer) is
      recorded as failed and never selected;
@@ -61,6 +62,8 @@ from typing import Any
 
 import ml_collections
 
+from vqt_jax import methods  # the method table only: no jax, no TensorFlow
+
 ConfigFn = Callable[[str], ml_collections.ConfigDict]
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
 
@@ -79,7 +82,8 @@ RESERVED_KEYS = frozenset({"task", "split", "lr", "wd", "seed", "method"})
 # Overrides that change where or how fast a run goes, not its result: left out of the record of
 # what a task directory was swept with, so e.g. moving the data does not lock the sweep out.
 NEUTRAL_KEYS = frozenset({"data_dir", "num_devices", "eval_batch_size", "log_every_steps",
-                          "checkpoint_every_steps", "keep_checkpoints"})
+                          "checkpoint_every_steps", "keep_checkpoints", "cache", "cache_dir",
+                          "cache_storage", "cache_max_gb"})
 
 # Written into a run's workdir when its training diverged, so a re-run does not retrain it.
 FAILED_MARKER = "sweep_failed.json"
@@ -111,20 +115,52 @@ class Grid:
         return [(lr, wd) for lr in self.lrs(batch_size) for wd in self.wds]
 
 
-# One grid per method. Add a method here (e.g. VPT's release grid) to sweep it with its own grid.
+# The releases' (lr, wd) grids. Base lrs are per 256 examples and scaled linearly to the batch
+# size, as both releases do (VPT's tune_vtab.py: lr / 256 * batch_size). Each grid goes with its
+# release's optimiser, which train.py takes from `vqt_jax.methods.METHODS[method].optimizer`
+# (unless config.optimizer is overridden), so the sweep does not set it.
+_WDS = (0.01, 0.001, 0.0001, 0.0)
+# The VQT release (inherited from VPT's VTAB scripts, with Adam): 5 lrs x 4 wds.
+VQT_GRID = Grid(base_lrs=(1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
+# VPT's tune_vtab.py, train types 'linear' and 'prompt' (the same set; SGD, momentum 0.9):
+# 10 lrs x 4 wds.
+VPT_SGD_GRID = Grid(base_lrs=(50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
+# VPT's tune_vtab.py, train type 'finetune' (AdamW): 4 lrs x 4 wds. VPT's base-finetune.yaml
+# also warms up for 5 epochs at batch 384; the sweep keeps the config's batch size (128) and
+# warm-up for every method, so only the lr scaling follows the batch size.
+VPT_FINETUNE_GRID = Grid(base_lrs=(0.001, 0.0001, 0.0005, 0.005), wds=_WDS)
+
+# One grid per method of vqt_jax.methods.METHODS (a test checks that none is missing); a
+# method without an entry is refused rather than swept with some other method's grid.
 GRIDS: dict[str, Grid] = {
-    # The VQT release (inherited from VPT's VTAB scripts): 5 lrs x 4 wds.
-    "vqt": Grid(base_lrs=(1.0, 0.5, 0.25, 0.1, 0.05), wds=(0.01, 0.001, 0.0001, 0.0)),
+    "vqt": VQT_GRID,
+    "vqt+vpt_deep": VQT_GRID,
+    "vqt+adaptformer": VQT_GRID,
+    "vqt+lora": VQT_GRID,
+    "linear": VPT_SGD_GRID,
+    "vpt_shallow": VPT_SGD_GRID,
+    "vpt_deep": VPT_SGD_GRID,
+    "full": VPT_FINETUNE_GRID,
+    # No release grid for these here (AdaptFormer, LoRA and Head2Toe were not tuned with
+    # these VTAB scripts): VQT's grid, as they train with Adam like VQT.
+    "adaptformer": VQT_GRID,
+    "lora": VQT_GRID,
+    "head2toe": VQT_GRID,
 }
-# Methods without their own entry use this grid.
-DEFAULT_GRID = "vqt"
 
 
 def grid_for(method: str) -> Grid:
-    """Returns the grid of `method`, or the default (VQT) grid if it has none of its own."""
+    """Returns the (lr, wd) grid of `method`.
+
+    Raises:
+        ValueError: If `method` is not in `vqt_jax.methods.METHODS`, or has no entry in
+            `GRIDS` (add one: there is no default grid).
+    """
+    methods.get(method)  # an unknown method: ValueError listing the known ones
     if method not in GRIDS:
-        logging.warning("No grid for method %r in GRIDS; using the %r grid.", method, DEFAULT_GRID)
-    return GRIDS.get(method, GRIDS[DEFAULT_GRID])
+        raise ValueError(f"No (lr, wd) grid for method {method!r} in GRIDS (experiments/"
+                         f"vtab_sweep.py); methods with a grid: {', '.join(GRIDS)}.")
+    return GRIDS[method]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +383,11 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     Returns:
         The selected (lr, wd), its val top-1 and the test top-1 of every seed.
     """
+    if "cache_dir" in base and not base.cache_dir:
+        # One cache of the frozen backbone per task and split, shared by every grid point
+        # and seed (vqt_jax/cache.py): the backbone runs once per image, not once per run.
+        base = copy.deepcopy(base)
+        base.cache_dir = str(Path(workdir) / task / "cache")
     val_top1: dict[tuple[float, float], float | None] = {}
     for lr, wd in grid.points(base.batch_size):
         config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
@@ -401,8 +442,9 @@ def run_sweep(
         One `TaskResult` per task, in the order of `task_groups`.
 
     Raises:
-        ValueError: For an unknown task, a reserved override key, num_seeds < 1, or a task
-            directory swept earlier with another method or overrides.
+        ValueError: For an unknown task or method, a method without a grid, a reserved
+            override key, num_seeds < 1, or a task directory swept earlier with another method
+            or overrides.
         KeyError, TypeError: For an override the config does not accept.
     """
     overrides = dict(overrides or {})
@@ -532,7 +574,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", required=True,
                         help="Comma-separated VTAB-1k task names, or 'all'.")
     parser.add_argument("--workdir", required=True, help="Root directory of the sweep.")
-    parser.add_argument("--method", default="vqt", help="Method (config.method and grid).")
+    parser.add_argument("--method", default="vqt", choices=list(methods.METHODS),
+                        help="Method: config.method of every run, and its grid in GRIDS.")
     parser.add_argument("--seeds", type=int, default=5, help="Number of test seeds (0..N-1).")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="Config file with get_config(task).")

@@ -37,9 +37,7 @@ def _randomized(model, images):
 
 def _cached_batch(model, variables, images, dtype=jnp.float32):
     out = model.apply(variables, images, method=ViT.cache_features)
-    b, m, n, h, dh = out["k"].shape
-    return {"k": out["k"].reshape(b, m, n, h * dh).astype(dtype),
-            "v": out["v"].reshape(b, m, n, h * dh).astype(dtype), "cls": out["cls"]}
+    return {"k": out["k"].astype(dtype), "v": out["v"].astype(dtype), "cls": out["cls"]}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -191,7 +189,7 @@ def test_size_is_computed_before_building():
     model = ViT(patch_size=(16, 16), width=768, depth=12, mlp_dim=3072, num_heads=12,
                 num_classes=10, num_queries=1)
     spec = cache_lib.spec_for(model, "kv", 800, 224, "bfloat16")
-    assert spec.fields["k"] == ((12, 197, 768), "bfloat16")
+    assert spec.fields["k"] == ((12, 12, 197, 64), "bfloat16")  # [M, H, N, Dh]
     per_image_kv = 2 * 12 * 197 * 768 * 2
     assert spec.nbytes == 800 * (per_image_kv + 768 * 4 + 24 * 768 * 4 + 4)
     assert "GiB" in spec.describe()
@@ -222,3 +220,21 @@ def test_results_record_cache_use(folder, tmp_path):
     results, _ = train.run(config, str(tmp_path))
     assert results["cached"] is False
     assert json.loads((tmp_path / "results.json").read_text())["cached"] is False
+
+
+def test_fingerprint_tracks_what_the_contents_depend_on(folder):
+    config = train_utils.tiny_config(data_dir=folder)
+    model = dict(width=48, depth=2, num_queries=1, l2_normalize=None, head2toe=False)
+    base = cache_lib.fingerprint(config, model, "kv")
+    # Key/value caches do not depend on the queries or on how the head input is normalised...
+    assert cache_lib.fingerprint(config, {**model, "num_queries": 4, "l2_normalize": True},
+                                 "kv") == base
+    # ...but a cached head input does, and every cache depends on the backbone and the data.
+    feats = cache_lib.fingerprint(config, {**model, "num_queries": 0}, "features")
+    assert cache_lib.fingerprint(config, {**model, "num_queries": 0, "l2_normalize": True},
+                                 "features") != feats
+    assert cache_lib.fingerprint(config, {**model, "width": 64}, "kv") != base
+    other = train_utils.tiny_config(data_dir=folder, normalization="imagenet")
+    assert cache_lib.fingerprint(other, model, "kv") != base
+    other = train_utils.tiny_config(data_dir=folder, cache_dtype="bfloat16")
+    assert cache_lib.fingerprint(other, model, "kv") != base

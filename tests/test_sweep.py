@@ -14,6 +14,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from vqt_jax import methods
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"
 
@@ -122,8 +124,61 @@ def test_vqt_grid_has_20_points_scaled_by_batch_size():
     assert sorted({lr for lr, _ in points}, reverse=True) == SCALED_LRS
     assert sorted({wd for _, wd in points}, reverse=True) == WDS
     assert grid.lrs(256) == [1.0, 0.5, 0.25, 0.1, 0.05]
-    # A method without its own grid gets VQT's.
-    assert sweep.grid_for("some_new_method") == grid
+
+
+VPT_SGD_LRS = [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05]
+
+
+def test_every_method_has_its_release_grid():
+    assert set(sweep.GRIDS) == set(methods.METHODS)
+    base = {m: sorted(sweep.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
+    for m in methods.METHODS:
+        assert sorted(sweep.grid_for(m).wds, reverse=True) == WDS, m
+    # VPT's tune_vtab.py: 'linear' and 'prompt' (SGD), 'finetune' (AdamW).
+    for m in ("linear", "vpt_shallow", "vpt_deep"):
+        assert base[m] == VPT_SGD_LRS, m
+        assert methods.METHODS[m].optimizer == "sgd"
+    assert base["full"] == [0.005, 0.001, 0.0005, 0.0001]
+    assert methods.METHODS["full"].optimizer == "adamw"
+    # The VQT release's grid (Adam) for VQT, its combinations and the methods without a
+    # release grid of their own.
+    for m in ("vqt", "vqt+vpt_deep", "vqt+adaptformer", "vqt+lora", "adaptformer", "lora",
+              "head2toe"):
+        assert base[m] == [1.0, 0.5, 0.25, 0.1, 0.05], m
+        assert methods.METHODS[m].optimizer == "adam"
+    assert len(sweep.grid_for("vpt_deep").points(128)) == 40
+    assert sweep.grid_for("vpt_deep").lrs(128)[:2] == [25.0, 12.5]
+    assert len(sweep.grid_for("full").points(128)) == 16
+    assert sweep.grid_for("full").lrs(128) == [0.0005, 0.00005, 0.00025, 0.0025]
+
+
+def test_unknown_method_or_missing_grid_fails_before_training(tmp_path, monkeypatch):
+    trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="Unknown method 'vpt_medium'"):
+        run(tmp_path, trainer=trainer, method="vpt_medium")
+    # A known method must have a grid: no silent fallback to another method's.
+    monkeypatch.delitem(sweep.GRIDS, "lora")
+    with pytest.raises(ValueError, match=r"No \(lr, wd\) grid for method 'lora'"):
+        run(tmp_path, trainer=trainer, method="lora")
+    assert trainer.calls == []
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):  # the command line offers only the known methods
+        sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--method=vpt_medium"],
+                   base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+
+
+def test_method_flag_reaches_every_run_and_selects_its_grid(tmp_path, capsys):
+    trainer = FakeTrainer()
+    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1", "--method=vpt_deep"],
+               base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+    assert {c.method for c, _ in trainer.calls} == {"vpt_deep"}
+    assert sorted({c.lr for c in trainer.runs("val")}, reverse=True) == [
+        lr * 128 / 256 for lr in VPT_SGD_LRS]
+    assert len(trainer.runs("val")) == 40 and len(trainer.runs("test")) == 1
+    assert json.loads((tmp_path / "dtd" / "sweep.json").read_text())["method"] == "vpt_deep"
+    # The optimiser is the method's own, picked by the trainer: the sweep leaves it unset.
+    assert all(c.get("optimizer") is None for c, _ in trainer.calls)
+    capsys.readouterr()
 
 
 def test_val_runs_cover_the_grid_with_batch_scaled_lrs(tmp_path):
@@ -328,3 +383,10 @@ def test_real_config_accepts_overrides():
     out = sweep.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
     assert (out.epochs, out.model.num_queries) == (10, 10)
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
+
+
+def test_every_run_of_a_task_shares_one_cache_dir(tmp_path):
+    _, trainer = run(tmp_path, tasks=("dtd", "eurosat"), num_seeds=2)
+    for task in ("dtd", "eurosat"):
+        dirs = {c.cache_dir for c, _ in trainer.calls if c.task == task}
+        assert dirs == {str(tmp_path / task / "cache")}, task

@@ -54,9 +54,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Fields stored in the cache dtype (the others, small, stay float32).
 NARROWABLE = ("k", "v")
-# Model options that do not change what the backbone computes for the ordinary tokens.
-HEAD_ONLY_OPTIONS = ("num_queries", "query_dropout", "l2_normalize", "head_bias_init",
-                     "kv_dtype", "prompt_dropout")
+# Per cache kind, the model options its contents do not depend on (they only shape what is
+# computed from the cache), left out of the fingerprint so that runs differing in them share.
+IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "kv": ("num_queries", "query_dropout", "l2_normalize", "head_bias_init", "kv_dtype",
+           "prompt_dropout", "head2toe"),
+    "features": ("query_dropout", "head_bias_init", "kv_dtype", "prompt_dropout"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +145,7 @@ def spec_for(model: ViT, kind: str, num_examples: int, image_size: int,
         lambda v, x: model.apply(v, x, method=ViT.cache_features), variables, images)
     fields = {}
     for name in FIELDS[kind]:
-        shape = tuple(out[name].shape[1:])
-        if name in ("k", "v"):  # [M, N, H, Dh] -> [M, N, D]: one row per token.
-            shape = (*shape[:2], shape[2] * shape[3])
+        shape = tuple(out[name].shape[1:])  # k, v: [M, H, N, Dh]
         fields[name] = (shape, dtype if name in NARROWABLE else "float32")
     return Spec(kind, num_examples, fields)
 
@@ -157,9 +159,8 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str) -> str:
         if os.path.exists(path):
             st = os.stat(path)
             init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    backbone = {k: v for k, v in sorted(model_kwargs.items()) if k not in HEAD_ONLY_OPTIONS}
-    if kind == "kv":
-        backbone.pop("head2toe", None)
+    backbone = {k: v for k, v in sorted(model_kwargs.items())
+                if k not in IGNORED_OPTIONS[kind]}
     key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
                model=backbone, task=config.task, data_dir=config.data_dir,
                split=config.split, image_size=config.image_size,
@@ -252,12 +253,7 @@ def build(
 
     def forward(v, x):
         out = model.apply(v, x, method=ViT.cache_features)
-        out = {k: out[k] for k in names}
-        for k in ("k", "v"):
-            if k in out:
-                b, m, t, h, dh = out[k].shape
-                out[k] = out[k].reshape(b, m, t, h * dh).astype(_np_dtype(spec.fields[k][1]))
-        return out
+        return {k: out[k].astype(_np_dtype(spec.fields[k][1])) for k in names}
 
     fn = jax.jit(forward, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
     tmp = None

@@ -53,8 +53,9 @@ def warmup_cosine(
 
 
 def decay_mask(trainable: dict) -> dict:
-    """Which trainable leaves get weight decay: all but biases (flat '/'-joined keys)."""
-    return {k: not k.endswith("/bias") for k in trainable}
+    """Which trainable leaves get weight decay: all but biases (flat '/'-joined keys; a leaf
+    named `bias` or `*_bias`, e.g. an adapter's `down_bias`)."""
+    return {k: not k.rsplit("/", 1)[-1].endswith("bias") for k in trainable}
 
 
 def _adam(schedule, weight_decay, mask) -> optax.GradientTransformation:

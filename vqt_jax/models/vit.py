@@ -245,31 +245,39 @@ class Attention(nn.Module):
         return q
 
     @staticmethod
-    def probs(q: Array, k: Array) -> Array:
-        """Attention probabilities [B, H, Nq, Nk] of q [B, Nq, H, Dh] over k [B, Nk, H, Dh]."""
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
+    def probs(q: Array, k: Array, heads_major: bool = False) -> Array:
+        """Attention probabilities [B, H, Nq, Nk] of q [B, Nq, H, Dh] over k [B, Nk, H, Dh]
+        (or [B, H, Nk, Dh] with `heads_major`)."""
+        spec = "bqhd,bhkd->bhqk" if heads_major else "bqhd,bkhd->bhqk"
+        logits = jnp.einsum(spec, q * q.shape[-1] ** -0.5, k,
                             preferred_element_type=jnp.float32)
         return jax.nn.softmax(logits, axis=-1)
 
-    def attend(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None) -> Array:
+    def attend(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
+               heads_major: bool = False) -> Array:
         """Scaled dot-product attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] -> [B, Nq, D].
 
         Args:
           q, k, v: projected queries, keys and values.
           stash_dtype: if set, the forward is computed exactly but the backward keeps k and v
             in this (narrower) dtype, e.g. bfloat16 for VQT's per-layer key/value stash.
+          heads_major: k and v are laid out [B, H, Nk, Dh] (a cache's layout: each head's
+            keys contiguous, so the batched matmuls read them without a transpose).
         """
-        if stash_dtype is None:
+        if heads_major:
+            o = _sdpa(q, k, v, heads_major=True)
+        elif stash_dtype is None:
             o = _sdpa(q, k, v)
         else:
             o = _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype))
         return self.out(o.astype(self.dtype))
 
 
-def _sdpa(q: Array, k: Array, v: Array) -> Array:
+def _sdpa(q: Array, k: Array, v: Array, heads_major: bool = False) -> Array:
     """softmax(q k^T / sqrt(Dh)) v with float32 logits and accumulation."""
-    probs = Attention.probs(q, k).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+    probs = Attention.probs(q, k, heads_major).astype(v.dtype)
+    spec = "bhqk,bhkd->bqhd" if heads_major else "bhqk,bkhd->bqhd"
+    return jnp.einsum(spec, probs, v, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -357,20 +365,22 @@ class Encoder1DBlock(BlockOptions):
         q_out = None if q is None else self.query_path(q, k, v, self.kv_dtype)
         return x_out, q_out, (k, v)
 
-    def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None) -> Array:
+    def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
+                   heads_major: bool = False) -> Array:
         """VQT's query tokens q [B, T, D] through the block, attending only to k and v.
 
         LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual ->
-        LN2 -> MLP -> residual. `stash_dtype` (the model's `kv_dtype`) keeps k and v for the
-        backward in a narrower dtype; the forward stays exact. With the `intermediates`
-        collection mutable, the attention probabilities [B, H, T, N] are sown as
-        `query_attention` (for attention maps).
+        LN2 -> MLP -> residual. k, v are [B, N, H, Dh], or [B, H, N, Dh] with `heads_major`.
+        `stash_dtype` (the model's `kv_dtype`) keeps k and v for the backward in a narrower
+        dtype; the forward stays exact. With the `intermediates` collection mutable, the
+        attention probabilities [B, H, T, N] are sown as `query_attention` (attention maps).
         """
         attn = self.MultiHeadDotProductAttention_0
         qq = attn.project_query(self.LayerNorm_0(q))
         if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "query_attention", Attention.probs(qq, k))
-        return self._mlp_residual(q + self._scale(0, attn.attend(qq, k, v, stash_dtype)))
+            self.sow("intermediates", "query_attention", Attention.probs(qq, k, heads_major))
+        o = attn.attend(qq, k, v, stash_dtype, heads_major)
+        return self._mlp_residual(q + self._scale(0, o))
 
 
 def _block_options(module: nn.Module) -> dict[str, Any]:
@@ -435,18 +445,14 @@ class Encoder(BlockOptions):
 
         Args:
           queries: [B, M, T, D] query tokens.
-          k, v: [B, M, N, H, Dh] (or [B, M, N, H * Dh], a cache's layout) every layer's keys
-            and values of the ordinary tokens; not differentiated.
+          k, v: [B, M, H, N, Dh] every layer's keys and values of the ordinary tokens, heads
+            major (the cache's layout, see `ViT.cache_features`); not differentiated.
 
         Returns:
           Query outputs [B, M, T, D], the same as `__call__` gives for the same images.
         """
-        if k.ndim == 4:
-            heads = (self.num_heads, self.width // self.num_heads)
-            k = k.reshape(*k.shape[:3], *heads)
-            v = v.reshape(*v.shape[:3], *heads)
         outs = [block.query_path(queries[:, i], k[:, i].astype(self.dtype),
-                                 v[:, i].astype(self.dtype))
+                                 v[:, i].astype(self.dtype), heads_major=True)
                 for i, block in enumerate(self.blocks)]
         return jnp.stack(outs, axis=1)
 
@@ -708,11 +714,13 @@ class ViT(nn.Module):
         """What a cache keeps per image: everything the trainable part reads.
 
         Returns:
-          `k`, `v` [B, M, N, H, Dh] (every layer's keys and values of the ordinary tokens),
+          `k`, `v` [B, M, H, N, Dh] (every layer's keys and values of the ordinary tokens,
+          heads major: the layout `from_cache` reads fastest),
           `cls` [B, D], `pooled` [B, G, D] (see `features`) and `pre_logits` [B, F] (the
           head's input; constant only when there are no query tokens), in eval mode.
         """
         out = self._forward(images, False, keep_kv=True, keep_pooled=True)
+        out["k"], out["v"] = (jnp.swapaxes(out[n], 2, 3) for n in ("k", "v"))
         return {k: out[k] for k in ("k", "v", "cls", "pooled", "pre_logits")}
 
     def from_cache(self, cached: dict[str, Array], train: bool = False) -> Array:
