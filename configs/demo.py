@@ -15,9 +15,15 @@ block's pooled tokens, group-lasso selection) fitted on the same cached features
 the three test top-1s and writes them to /tmp/vqt/demo/results.json.
 """
 
+import os
+import sys
+
 import ml_collections
 
-from configs import vtab
+# Config files are loaded by path (also from experiments/ and notebooks): make the repository
+# root importable so the demo can build on configs/vtab.py.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import vtab  # noqa: E402
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

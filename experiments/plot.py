@@ -250,37 +250,34 @@ def _check_method(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
 
 
-def eval_images(config: ml_collections.ConfigDict, num_images: int, pool: int = 64):
+def eval_images(config: ml_collections.ConfigDict, num_images: int):
     """`num_images` examples of the run's evaluation split, normalised, classes mixed.
 
-    The first `max(pool, num_images)` examples are read and one example of each class is
-    taken before any class gets a second, in split order: an image folder lists its classes
-    one after the other, so its first few examples alone would all share one class.
+    One example of each class is taken before any class gets a second, in split order. The
+    split is read until `num_images` classes have been seen (or to its end), keeping at most
+    `num_images` examples per class: an image folder lists its classes one after the other,
+    so its first examples alone would all share one class.
 
     Returns:
       (images float32 [n, S, S, 3], labels int32 [n]); n may be smaller if the split is.
     """
-    pool = max(pool, num_images)
-    images, labels = [], []
+    kept: dict[int, list[np.ndarray]] = {}
     for batch in data.make_eval_iterator(
-        config.task, config.data_dir, config.split, global_batch_size=min(pool, 64),
+        config.task, config.data_dir, config.split, global_batch_size=64,
         image_size=config.image_size, normalization=_normalization(config),
         process_index=0, process_count=1,
     ):
-        real = batch["mask"] > 0  # padding examples are zeros with mask 0
-        images.append(batch["image"][real])
-        labels.append(batch["label"][real])
-        if sum(len(x) for x in labels) >= pool:
+        for image, label, mask in zip(batch["image"], batch["label"], batch["mask"],
+                                      strict=True):
+            if mask > 0 and len(kept.setdefault(int(label), [])) < num_images:
+                kept[int(label)].append(image)
+        if len(kept) >= num_images:
             break
-    images, labels = np.concatenate(images)[:pool], np.concatenate(labels)[:pool]
-    # Rank each example by how many of its class come before it: round-robin over classes.
-    seen: dict[int, int] = {}
-    rank = []
-    for y in labels.tolist():
-        rank.append(seen.get(y, 0))
-        seen[y] = rank[-1] + 1
-    order = sorted(range(len(labels)), key=lambda i: (rank[i], i))[:num_images]
-    return images[order], labels[order]
+    # Round-robin over the classes in order of first appearance.
+    picks = [(rank, c) for c, images in kept.items() for rank in range(len(images))]
+    picks = sorted(picks, key=lambda rc: rc[0])[:num_images]
+    images = np.stack([kept[c][rank] for rank, c in picks]) if picks else np.zeros((0,))
+    return images, np.asarray([c for _, c in picks], np.int32)
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
