@@ -414,7 +414,9 @@ def plot_sweep(csv_path: str, path: str) -> str:
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, min(105.0, max(r["mean"] + r["std"] for r in bars) + 8))
     seeds = sorted({str(r["num_seeds"]) for r in tasks if r["num_seeds"]})
-    ax.set_title(f"VTAB-1k test top-1 (mean ± std over {'/'.join(seeds) or '?'} seeds)",
+    # A sweep of image folders only (group 'custom') is not VTAB-1k: do not call it that.
+    suite = "VTAB-1k " if any(r["group"] in GROUP_COLOURS for r in bars) else ""
+    ax.set_title(f"{suite}test top-1 (mean ± std over {'/'.join(seeds) or '?'} seeds)",
                  fontsize=10)
     handles = [Patch(facecolor=c, edgecolor="black", label=g) for g, c in GROUP_COLOURS.items()
                if any(r["group"] == g for r in bars)]

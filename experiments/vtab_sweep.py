@@ -267,12 +267,18 @@ def load_config_fn(path: str | Path) -> ConfigFn:
     return module.get_config
 
 
+# An image folder (`--tasks=folder --set data_dir=ROOT`, or a config that prepares one, such as
+# configs/demo.py) is swept like a task of its own group; `--tasks=all` means VTAB-1k's 19.
+FOLDER_TASK, FOLDER_GROUP = "folder", "custom"
+
+
 def vtab_task_groups() -> dict[str, str]:
-    """The 19 VTAB-1k task names, in table order, mapped to their group."""
+    """The 19 VTAB-1k task names, in table order, mapped to their group, then `folder`."""
     # Imported here: the task table pulls in TensorFlow, which `--help` and tests need not pay.
     from vqt_jax.data import tasks as tasks_lib
 
-    return {name: tasks_lib.get_task(name).group for name in tasks_lib.task_names()}
+    groups = {name: tasks_lib.get_task(name).group for name in tasks_lib.task_names()}
+    return {**groups, FOLDER_TASK: FOLDER_GROUP}
 
 
 def check_tasks(tasks: Sequence[str], task_groups: Mapping[str, str]) -> None:
@@ -593,7 +599,7 @@ def main(argv: Sequence[str] | None = None, *, base_config_fn: ConfigFn | None =
     task_groups = vtab_task_groups() if task_groups is None else task_groups
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks == ["all"]:
-        tasks = list(task_groups)
+        tasks = [t for t in task_groups if t != FOLDER_TASK]
     results = run_sweep(
         tasks, args.workdir,
         base_config_fn=base_config_fn or load_config_fn(args.config),

@@ -77,7 +77,8 @@ def default_val_top1(task: str, lr: float, wd: float) -> float:
 
 
 def default_test_top1(task: str, lr: float, wd: float, seed: int) -> float:
-    return 0.5 + 0.1 * list(TASK_GROUPS).index(task) + 0.01 * seed + lr / 10 + wd
+    rank = list(TASK_GROUPS).index(task) if task in TASK_GROUPS else 0
+    return 0.5 + 0.1 * rank + 0.01 * seed + lr / 10 + wd
 
 
 class FakeTrainer:
@@ -316,7 +317,7 @@ def test_unknown_task_fails_fast(tmp_path):
 
 def test_real_task_table_has_groups():
     groups = sweep.vtab_task_groups()
-    assert len(groups) == 19
+    assert len(groups) == 20 and list(groups)[-1] == "folder"  # the 19, then an image folder
     assert list(groups)[:3] == ["caltech101", "cifar100", "dtd"]
     assert {g: list(groups.values()).count(g) for g in sweep.GROUPS} == {
         "natural": 7, "specialized": 4, "structured": 8}
@@ -390,3 +391,19 @@ def test_every_run_of_a_task_shares_one_cache_dir(tmp_path):
     for task in ("dtd", "eurosat"):
         dirs = {c.cache_dir for c, _ in trainer.calls if c.task == task}
         assert dirs == {str(tmp_path / task / "cache")}, task
+
+
+def test_an_image_folder_is_swept_like_a_task_but_not_part_of_all(tmp_path, capsys):
+    groups = sweep.vtab_task_groups()
+    assert len(groups) == 20 and groups["folder"] == "custom"
+    trainer = FakeTrainer()
+    sweep.main([f"--workdir={tmp_path / 'all'}", "--tasks=all", "--seeds=1"],
+               base_config_fn=base_config_fn(), train_fn=trainer,
+               task_groups={"dtd": "natural", "folder": "custom"})
+    assert {c.task for c, _ in trainer.calls} == {"dtd"}
+    trainer = FakeTrainer()
+    sweep.main([f"--workdir={tmp_path / 'folder'}", "--tasks=folder", "--seeds=1"],
+               base_config_fn=base_config_fn(), train_fn=trainer,
+               task_groups={"dtd": "natural", "folder": "custom"})
+    assert {c.task for c, _ in trainer.calls} == {"folder"}
+    capsys.readouterr()
