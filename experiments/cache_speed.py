@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import train, train_step
+from vqt_jax import data, train, train_step
 from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 
@@ -78,8 +78,8 @@ def measure(variant: str = "B/16", image_size: int = 224, num_images: int = 256,
         return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded,
                                            replicated), donate_argnums=(0, 1))
 
-    def normalize(x: np.ndarray) -> np.ndarray:
-        return (x.astype(np.float32) - 127.5) / 127.5
+    def normalize(x: np.ndarray) -> np.ndarray:  # the training pipeline's own, to [-1, 1]
+        return data.normalize_array(x, "inception")
 
     # Uncached: images in memory, already normalised.
     images = normalize(images_u8)

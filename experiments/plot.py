@@ -176,11 +176,6 @@ def denormalize(images: np.ndarray, normalization: Any) -> np.ndarray:
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def _normalization(config: ml_collections.ConfigDict) -> Any:
-    n = config.normalization
-    return n if isinstance(n, str) else (tuple(n[0]), tuple(n[1]))
-
-
 def restore_run(config: ml_collections.ConfigDict,
                 workdir: str) -> tuple[Any, dict, ml_collections.ConfigDict, int]:
     """The model and final variables of a training run, rebuilt from its config and workdir.
@@ -264,7 +259,7 @@ def eval_images(config: ml_collections.ConfigDict, num_images: int):
     kept: dict[int, list[np.ndarray]] = {}
     for batch in data.make_eval_iterator(
         config.task, config.data_dir, config.split, global_batch_size=64,
-        image_size=config.image_size, normalization=_normalization(config),
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
         process_index=0, process_count=1,
     ):
         for image, label, mask in zip(batch["image"], batch["label"], batch["mask"],
@@ -353,8 +348,8 @@ def attention_figure(config: ml_collections.ConfigDict, workdir: str, path: str,
         return names[c] if names and c < len(names) else str(c)
 
     titles = [f"{name(int(y))}\npred {name(int(p))}" for y, p in zip(labels, preds, strict=True)]
-    return plot_query_attention(denormalize(images, _normalization(config)), maps, path,
-                                titles=titles, query=query)
+    pixels = denormalize(images, data.as_normalization(config.normalization))
+    return plot_query_attention(pixels, maps, path, titles=titles, query=query)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -268,21 +268,14 @@ def build(
                 arrays[name] = np.empty((n, *shape), _np_dtype(dtype))
             else:
                 arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "w+")
-        num_local = batch_size // jax.process_count()
-        lo = jax.process_index() * num_local
         start_time = time.time()
-        for start in range(0, n, batch_size):
-            chunk = images[start:start + batch_size]
-            count = len(chunk)
-            if count < batch_size:  # pad the last batch; the padding is not stored
-                pad = np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            local = normalize(chunk[lo:lo + num_local])
-            x = jax.make_array_from_process_local_data(batch_sharding, local)
+        for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]}):
+            x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
             out = jax.device_get(fn(variables, x))
+            count = rows.stop - rows.start  # the padding is not stored
             for name in names:
-                arrays[name][start:start + count] = out[name][:count]
-            done = start + count
+                arrays[name][rows] = out[name][:count]
+            done = rows.stop
             logging.log_every_n_seconds(
                 logging.INFO, "Caching: %d/%d examples (%.1f examples/s)", 30, done, n,
                 done / max(time.time() - start_time, 1e-9))
@@ -314,6 +307,31 @@ def build(
     if cache is None:
         raise RuntimeError(f"The cache just built in {path} cannot be read back")
     return cache
+
+
+def host_batches(
+    num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]]
+) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+    """One pass over rows [0, num_rows) in global batches, for every host alike.
+
+    Args:
+      num_rows: rows to cover.
+      batch_size: global batch size (divisible by the number of hosts).
+      get: rows -> {name: array whose first axis is those rows}.
+
+    Yields:
+      (the rows of the global batch, this host's slice of it). The last batch is padded with
+      zeros to `batch_size`; the slice also holds 'mask' (1 for real rows, 0 for padding).
+    """
+    local = batch_size // jax.process_count()
+    lo = jax.process_index() * local
+    for start in range(0, num_rows, batch_size):
+        rows = slice(start, min(start + batch_size, num_rows))
+        count = rows.stop - rows.start
+        batch = {k: np.concatenate([v, np.zeros((batch_size - count, *v.shape[1:]), v.dtype)])
+                 for k, v in get(rows).items()}
+        batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
+        yield rows, {k: v[lo:lo + local] for k, v in batch.items()}
 
 
 def train_batches(

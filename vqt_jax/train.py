@@ -100,7 +100,7 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None) -> dict[str, fl
     it = data.make_eval_iterator(
         config.task, config.data_dir, config.split,
         global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, normalization=_normalization(config),
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
         local_device_count=len(mesh.local_devices),
     )
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
@@ -175,20 +175,12 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
             return cache
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                               config.image_size)
-    norm = _normalization(config)
+    norm = data.as_normalization(config.normalization)
     return cache_lib.build(
         plan.spec, model, variables, images, labels, mesh=mesh,
         batch_size=config.eval_batch_size or config.batch_size,
         normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
     )
-
-
-def _normalization(config) -> Any:
-    n = config.normalization
-    if isinstance(n, str):
-        return n
-    mean, std = n
-    return (tuple(mean), tuple(std))
 
 
 def _write_json_atomically(path: str, obj: dict) -> None:
@@ -296,7 +288,7 @@ def run(
     else:
         train_iter = data.make_train_iterator(
             config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
-            image_size=config.image_size, normalization=_normalization(config),
+            image_size=config.image_size, normalization=data.as_normalization(config.normalization),
             seed=config.seed, start_step=start,
         )
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)

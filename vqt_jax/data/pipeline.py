@@ -207,6 +207,15 @@ def normalize(images: tf.Tensor, normalization: Normalization = "inception") -> 
     return (tf.cast(images, tf.float32) - mean) / std
 
 
+def as_normalization(value: str | Sequence[Sequence[float]]) -> Normalization:
+    """A config's `normalization` field (a name, or a [mean, std] pair of any sequences) as
+    the pipeline takes it: the name, or a pair of tuples."""
+    if isinstance(value, str):
+        return value
+    mean, std = value
+    return (tuple(mean), tuple(std))
+
+
 def normalize_array(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
     """`normalize` on a numpy batch (the same computation, for the same floats)."""
     return normalize(tf.convert_to_tensor(images, tf.uint8), normalization).numpy()

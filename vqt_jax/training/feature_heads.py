@@ -104,8 +104,7 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     replicated = NamedSharding(mesh, P())
     sharding = NamedSharding(mesh, P("data"))
     batch_size = config.eval_batch_size or config.batch_size
-    norm = config.normalization if isinstance(config.normalization, str) else tuple(
-        map(tuple, config.normalization))
+    norm = data.as_normalization(config.normalization)
 
     def from_images(v, batch):
         f = model.apply(v, batch["image"], method=ViT.features, keep_blocks=False)
@@ -121,7 +120,7 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     if cache is None:
         images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                                   config.image_size)
-        batches = _padded(len(labels), batch_size, lambda sl: {
+        batches = _host_batches(len(labels), batch_size, lambda sl: {
             "image": data.normalize_array(images[sl], norm), "label": labels[sl]})
         return _collect(batches, lambda b: images_fn(variables, b), sharding), evals
 
@@ -137,24 +136,16 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     train["label"] = np.asarray(cache.labels)
     if "pre_logits" not in train:
         inputs = ("k", "v", "cls")
-        batches = _padded(n, batch_size, lambda sl: {
+        batches = _host_batches(n, batch_size, lambda sl: {
             k: np.asarray(cache.arrays[k][sl]) for k in inputs})
         train["pre_logits"] = _collect(batches, lambda b: cache_fn(variables, b),
                                        sharding)["pre_logits"]
     return train, evals
 
 
-def _padded(n: int, batch_size: int, get: Callable[[slice], dict]) -> Iterable[dict]:
-    """Global batches of rows [0, n), the last one padded (mask 0), this host's slice each."""
-    local = batch_size // jax.process_count()
-    lo = jax.process_index() * local
-    for start in range(0, n, batch_size):
-        batch = get(slice(start, min(start + batch_size, n)))
-        count = len(next(iter(batch.values())))
-        batch = {k: np.concatenate([v, np.zeros((batch_size - count, *v.shape[1:]), v.dtype)])
-                 for k, v in batch.items()}
-        batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
-        yield {k: v[lo:lo + local] for k, v in batch.items()}
+def _host_batches(n: int, batch_size: int, get: Callable[[slice], dict]) -> Iterable[dict]:
+    """This host's slices of the padded, masked global batches (see `cache.host_batches`)."""
+    return (local for _, local in cache_lib.host_batches(n, batch_size, get))
 
 
 def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
