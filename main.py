@@ -38,7 +38,7 @@ def main(argv):
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    from vqt_jax import train
+    from vqt_jax.training import train
 
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)

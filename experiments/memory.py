@@ -48,8 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqt_jax import methods, optim, train_step
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import methods
+from vqt_jax.training import optim, train_step
+from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.models import ViT, create_model
 
 MiB = 2**20

@@ -38,8 +38,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vqt_jax import checkpoints, data, optim, preparations, train
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import checkpoints, data, preparations
+from vqt_jax.training import optim, train
+from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import checkpointing
 
 ATTENTION_PNG = "query_attention.png"

@@ -18,7 +18,7 @@ For every task (``--tasks=all`` for the 19 of VTAB-1k):
 
 It writes, under DIR:
   * ``<task>/val/lr=<lr>,wd=<wd>/`` and ``<task>/test/seed=<s>/``: one training run each
-    (checkpoints, logs, ``results.json``), as written by `vqt_jax.train.train_and_evaluate`;
+    (checkpoints, logs, ``results.json``), as written by `vqt_jax.training.train.train_and_evaluate`;
   * ``<task>/selection.json``: the val top-1 of every grid point and the selected (lr, wd);
   * ``<task>/sweep.json``: the method and ``--set`` overrides the task was swept with;
   * ``results.md``: a markdown table, one row per task (group, selected lr and wd, val top-1,
@@ -438,7 +438,7 @@ def run_sweep(
         workdir: Root directory of the sweep; see the module docstring for its layout.
         base_config_fn: ``get_config(task)``; default: `DEFAULT_CONFIG`'s.
         train_fn: ``train_fn(config, run_workdir) -> results``; default:
-            `vqt_jax.train.train_and_evaluate`. Tests pass a fake.
+            `vqt_jax.training.train.train_and_evaluate`. Tests pass a fake.
         method: Written into every config's ``method`` and selects the grid in `GRIDS`.
         num_seeds: Number of test seeds.
         overrides: Dotted config keys to values, applied to every task's config.
@@ -477,7 +477,7 @@ def run_sweep(
 
     if train_fn is None:
         # Imported only now: it pulls in the whole training stack.
-        from vqt_jax.train import train_and_evaluate as train_fn
+        from vqt_jax.training.train import train_and_evaluate as train_fn
 
     results = []
     for task in tasks:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import compression, train
+from vqt_jax import compression
+from vqt_jax.training import train
 from vqt_jax.training import feature_heads
 
 

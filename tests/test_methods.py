@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import checkpoints, methods, train
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import checkpoints, methods
+from vqt_jax.training import train
+from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.models import create_model
 
 NUM_CLASSES = 3

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from tests import train_utils
-from vqt_jax import data, train
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import data
+from vqt_jax.training import train
+from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.models import create_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

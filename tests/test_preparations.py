@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from configs import demo
-from vqt_jax import preparations, train
+from vqt_jax import preparations
+from vqt_jax.training import train
 from vqt_jax.checkpoints import onnx_dinov2
 from vqt_jax.data import fashion_mnist
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import checkpoints, train
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import checkpoints
+from vqt_jax.training import train
+from vqt_jax.training import trainable as trainable_lib
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqt_jax import optim
+from vqt_jax.training import optim
 
 Head = dict[str, jax.Array]  # {'kernel': [F, C], 'bias': [C]}
 

@@ -6,7 +6,8 @@ import os
 
 import ml_collections
 
-from vqt_jax import data, methods, optim
+from vqt_jax import data, methods
+from vqt_jax.training import optim
 from vqt_jax.checkpoints import split_subtree
 from vqt_jax.models import decode_variant
 from vqt_jax.training import feature_heads

@@ -30,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, methods, optim, preparations, train_step
-from vqt_jax import trainable as trainable_lib
+from vqt_jax import checkpoints, data, methods, preparations
+from vqt_jax.training import optim, train_step
+from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import checkpointing, config_checks, feature_heads, metrics_io
 

@@ -1,0 +1,90 @@
+"""Progress lines with a rate and an ETA for every phase that can take more than a few seconds.
+
+    progress = Progress("Evaluating on test", total=1000, unit="images")
+    for batch in batches:
+        ...
+        progress.update(len(batch))
+    progress.done()
+
+logs, at most every `every_s` seconds (and not at all for a phase that ends sooner):
+``Evaluating on test: 384/1000 images (38%), 41.2 images/s, ETA 15s``, and at the end
+``Evaluating on test: 1000 images in 24.3 s (41.2 images/s)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 2h01m: short and unambiguous."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+    """Counts the units of a phase and logs how far it is, how fast, and how long is left.
+
+    Args:
+      what: the phase, e.g. "Caching train800val200".
+      total: units in the phase (None: unknown, no ETA).
+      unit: what is counted, e.g. "images", "steps", "runs".
+      every_s: seconds between two progress lines.
+      log: where the lines go (absl INFO by default).
+      clock: the time source (tests pass a fake one).
+    """
+
+    def __init__(self, what: str, total: int | None, unit: str = "examples",
+                 every_s: float = 10.0, log: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self._log = log or (lambda msg: logging.info("%s", msg))
+        self._clock = clock
+        self.start = clock()
+        self._last = self.start
+        self.count = 0
+
+    def line(self) -> str:
+        """The current progress line."""
+        elapsed = max(self._clock() - self.start, 1e-9)
+        rate = self.count / elapsed
+        head = f"{self.what}: {self.count}"
+        if self.total:
+            head += f"/{self.total} {self.unit} ({100 * self.count / self.total:.0f}%)"
+        else:
+            head += f" {self.unit}"
+        head += f", {_rate(rate, self.unit)}"
+        if self.total and rate > 0:
+            head += f", ETA {format_duration((self.total - self.count) / rate)}"
+        return head
+
+    def update(self, n: int = 1) -> None:
+        """Adds `n` units; logs a line if `every_s` seconds passed since the last one."""
+        self.count += n
+        now = self._clock()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._log(self.line())
+
+    def done(self) -> float:
+        """Logs the phase's total time and rate (if it took over a second); returns seconds."""
+        elapsed = self._clock() - self.start
+        if elapsed >= 1.0:
+            self._log(f"{self.what}: {self.count} {self.unit} in {elapsed:.1f} s "
+                      f"({_rate(self.count / max(elapsed, 1e-9), self.unit)})")
+        return elapsed
+
+
+def _rate(rate: float, unit: str) -> str:
+    if rate >= 1 or rate == 0:
+        return f"{rate:.1f} {unit}/s"
+    return f"{1 / rate:.1f} s per {unit.rstrip('s')}"

@@ -1,0 +1,204 @@
+"""What a workdir remembers about the run that produced it, and who may use it.
+
+A workdir holds ``config.json``: the whole config of the run, written before training starts.
+A later run on the same workdir must have the same config, except for fields that cannot change
+its results (`NEUTRAL`: where the data and caches live, logging and checkpoint intervals, the
+number of devices); otherwise it stops before writing anything and names every differing field
+with both values. One exception: after a run stopped on a non-finite loss (it leaves
+``stopped_nonfinite.json``), re-running with a lower ``lr`` and nothing else changed resumes
+from the last good checkpoint; the change is recorded in ``config_changes.json`` and
+``config.json`` holds the new config.
+
+A workdir is locked while a run uses it (`lock`): a second run on it stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+CHANGES_FILE = "config_changes.json"
+NONFINITE_FILE = "stopped_nonfinite.json"
+# Fields that do not change what a run trains or reports.
+NEUTRAL = frozenset({
+    "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "num_devices",
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+    "prepare",
+})
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used for this run (busy, or trained with another config)."""
+
+
+def as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists), as config.json stores it."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(d, default=str))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'num_queries': 1}} -> {'model.num_queries': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple]:
+    """{dotted field: (recorded value, new value)} for the fields that matter (not NEUTRAL)."""
+    a, b = flatten(as_dict(recorded)), flatten(as_dict(config))
+    out = {}
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in NEUTRAL:
+            continue
+        missing = "<absent>"
+        if a.get(key, missing) != b.get(key, missing):
+            out[key] = (a.get(key, missing), b.get(key, missing))
+    return out
+
+
+def _path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, name)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def recorded_config(workdir: str) -> dict[str, Any] | None:
+    """The config recorded in `workdir`, or None for a new workdir."""
+    path = _path(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        return _read_json(path)
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} cannot be read ({e}); it records the config of the run "
+                           "in this workdir: restore it or use a new --workdir") from None
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of the run in `workdir` (for tools that read a finished run).
+
+    Raises:
+      FileNotFoundError: the workdir has no config.json (not a vqt_jax run, or one from before
+        config.json was written).
+    """
+    recorded = recorded_config(workdir)
+    if recorded is None:
+        raise FileNotFoundError(
+            f"{_path(workdir, CONFIG_FILE)} not found: {workdir} is not the workdir of a "
+            "vqt_jax run (pass the run's --config explicitly)")
+    return ml_collections.ConfigDict(recorded)
+
+
+def changes(workdir: str) -> list[dict[str, Any]]:
+    """The recorded config changes of the workdir (see the module docstring), oldest first."""
+    path = _path(workdir, CHANGES_FILE)
+    return _read_json(path) if os.path.exists(path) else []
+
+
+def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
+    """Checks that `config` may run in `workdir`; writes nothing.
+
+    Returns:
+      None for a new workdir or an identical config; the allowed change ({'lr': (old, new)})
+      when resuming after a non-finite stop with a lower lr.
+
+    Raises:
+      WorkdirError: naming every differing field and its two values.
+    """
+    recorded = recorded_config(workdir)
+    if recorded is None:
+        return None
+    diff = differences(recorded, config)
+    if not diff:
+        return None
+    stop_path = _path(workdir, NONFINITE_FILE)
+    if os.path.exists(stop_path) and set(diff) == {"lr"}:
+        old, new = diff["lr"]
+        if isinstance(new, (int, float)) and isinstance(old, (int, float)) and new < old:
+            return diff
+    listed = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (now)"
+                       for k, (a, b) in diff.items())
+    hint = ""
+    if os.path.exists(stop_path) and "lr" in diff:
+        hint = " After a non-finite stop, only a lower lr may change."
+    raise WorkdirError(
+        f"workdir {workdir} holds a run with another config ({listed}). Its checkpoints and "
+        f"results belong to the recorded config ({_path(workdir, CONFIG_FILE)}): use a new "
+        f"--workdir, or re-run with the recorded values.{hint}")
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+def record(workdir: str, config: ml_collections.ConfigDict, change: dict[str, tuple] | None,
+           step: int) -> None:
+    """Writes config.json (and, for an allowed change, appends it to config_changes.json)."""
+    write_json(_path(workdir, CONFIG_FILE), as_dict(config))
+    if change:
+        history = changes(workdir)
+        history.append({"resumed_at_step": step,
+                        **{k: {"from": a, "to": b} for k, (a, b) in change.items()}})
+        write_json(_path(workdir, CHANGES_FILE), history)
+        stop_path = _path(workdir, NONFINITE_FILE)
+        if os.path.exists(stop_path):
+            os.unlink(stop_path)
+
+
+def record_nonfinite_stop(workdir: str, step: int, lr: float, message: str) -> None:
+    """Marks the workdir as stopped on a non-finite loss (allows a lower lr on the re-run)."""
+    write_json(_path(workdir, NONFINITE_FILE), {"step": step, "lr": lr, "message": message})
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+    """Holds an exclusive lock on the workdir directory for the duration of a run.
+
+    The lock is the kernel's (flock on the directory itself): it writes nothing and is released
+    when the process ends, however it ends.
+
+    Raises:
+      WorkdirError: another process holds the lock.
+    """
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirError(
+                    f"workdir {workdir} is in use by another run (it holds the workdir's "
+                    "lock); wait for it to finish or use another --workdir") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
