@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The config for one task; `arg` names the VTAB-1k task (default dtd)."""
     c = ml_collections.ConfigDict()
     c.task = arg or "dtd"
-    c.data_dir = None  # TFDS data dir, or the image-folder root when task='folder'.
+    # TFDS data dir, or the image-folder root when task='folder'.
+    c.data_dir = ml_collections.config_dict.placeholder(str)
     c.split = "test"  # 'val': train800 -> val200 (selection); 'test': train800val200 -> test.
     c.init = IN21K_B16
     c.prepare = ""  # a set-up step run first (vqt_jax/preparations.py), e.g. for the demo
@@ -62,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup_epochs = 10
     c.schedule_per_epoch = True  # the release steps its schedule once per epoch
     c.seed = 0
+    # A training loss above this stops the run as diverged, like a NaN (inf: only non-finite
+    # losses and states stop it). Either way no unsound state is ever checkpointed.
+    c.max_loss = float("inf")
     # 'inception' = [-1, 1], what the Google checkpoints expect; the VQT/VPT release used
     # 'imagenet' mean/std instead. Or an explicit ((m, m, m), (s, s, s)).
     c.normalization = "inception"

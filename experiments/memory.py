@@ -49,9 +49,9 @@ import numpy as np
 import optax
 
 from vqt_jax import methods
+from vqt_jax.models import ViT, create_model
 from vqt_jax.training import optim, train_step
 from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.models import ViT, create_model
 
 MiB = 2**20
 NUM_CLASSES = 10

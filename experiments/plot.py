@@ -1,23 +1,28 @@
 r"""Figures of a VQT run: query attention maps, a VTAB-1k sweep's accuracies, memory and time.
 
-    python experiments/plot.py --workdir=DIR [--config=configs/vtab.py:dtd] \
-        [--sweep=SWEEP_DIR] [--memory=MEMORY_JSON] [--num_images=4] [--query=-1]
+    python experiments/plot.py --workdir=DIR [--sweep=SWEEP_DIR] [--memory=MEMORY_JSON] \
+        [--num_images=4] [--query=-1] [--config=configs/vtab.py:dtd]
 
 Writes, into DIR/plots (or --out), whichever of these its inputs allow:
   * ``query_attention.png``: for a few evaluation images (rows), what each layer's query tokens
-    attend to (columns), overlaid on the image. Needs the training run's workdir DIR and the
-    config it was trained with (``--config``, with the same overrides as for main.py, e.g.
-    ``--config=configs/demo.py`` or ``--config=configs/vtab.py:dtd --config.data_dir=...``):
-    the workdir holds only the trainable leaves, so the model and its frozen backbone are
-    rebuilt from the config and the latest checkpoint's queries and head are put back in.
+    attend to (columns), overlaid on the image. Needs the training run's workdir DIR: the
+    workdir holds only the trainable leaves, so the model and its frozen backbone are rebuilt
+    from the run's config and the latest checkpoint's queries and head are put back in. The
+    config is the one the run recorded in ``DIR/config.json``. ``--config`` (with the same
+    overrides as for main.py, e.g. ``--config=configs/vtab.py:dtd --config.data_dir=...``) is
+    needed only for a run from before config.json was recorded, or to change a field that does
+    not change the run (`vqt_jax.training.workdir.NEUTRAL`, e.g. a moved ``data_dir``); if it
+    differs from the recorded config in any other field, that is an error (the figure would
+    show another model than the one trained).
   * ``sweep_accuracy.png``: each task's test top-1 (mean +- std over seeds) and the group means,
     from experiments/vtab_sweep.py's ``results.csv`` in SWEEP_DIR (or the csv itself).
   * ``memory.png``: compiled training memory and step time per setting, from
     experiments/memory.py's ``--json`` output.
 
 A figure whose input is missing is skipped (the reason is printed); it is an error if nothing
-at all could be drawn. The functions (`query_attention_maps`, `write_plots`, ...) can be called
-from a notebook as well.
+at all could be drawn, and also if DIR holds checkpoints but neither config.json nor --config
+says what they were trained with. The functions (`query_attention_maps`, `write_plots`, ...)
+can be called from a notebook as well.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from vqt_jax import checkpoints, data, preparations
-from vqt_jax.training import optim, train
+from vqt_jax.training import checkpointing, optim, train
 from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import checkpointing
+from vqt_jax.training import workdir as workdir_lib
 
 ATTENTION_PNG = "query_attention.png"
 SWEEP_PNG = "sweep_accuracy.png"
@@ -244,6 +249,75 @@ def _check_method(config: ml_collections.ConfigDict, workdir: str) -> None:
                 f"{path} records {key}={recorded[key]!r} but the config has "
                 f"{key}={config.get(key)!r}: pass the config the run was trained with."
             )
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to tuples, recursively (the configs write sequences as tuples)."""
+    if isinstance(value, Mapping):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config the run in `workdir` recorded in its config.json, with tuples restored.
+
+    JSON has no tuples, so e.g. ``normalization`` ((mean, std)) or ``baselines`` come back as
+    lists; as tuples again they compare and hash like the config file's own values (a model
+    attribute must be hashable for the jitted forward).
+
+    Raises:
+      FileNotFoundError: the workdir has no config.json.
+      ValueError: config.json cannot be read.
+    """
+    return ml_collections.ConfigDict(_tuples(workdir_lib.load_config(workdir).to_dict()))
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, "checkpoints"))
+
+
+def run_config(workdir: str,
+               config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """The config to rebuild the run in `workdir` with.
+
+    Args:
+      workdir: the run's workdir.
+      config: an explicit config (e.g. from --config); None: the one recorded in config.json.
+
+    Returns:
+      `config` if given (after its `config.prepare`, as the run applied it), else the recorded
+      config.
+
+    Raises:
+      FileNotFoundError: no `config` and no config.json in the workdir.
+      ValueError: config.json cannot be read, or `config` differs from it in a field that is
+        not `vqt_jax.training.workdir.NEUTRAL` (the message names every such field).
+    """
+    if config is None:
+        return recorded_config(workdir)
+    try:
+        recorded = recorded_config(workdir)
+    except FileNotFoundError:
+        return config  # a run from before config.json: the caller's word is all there is
+    # The run recorded its config after `config.prepare` filled in its paths (e.g. the demo's
+    # init), so the explicit config is compared in the same state.
+    config = preparations.apply(config)
+    diff = workdir_lib.differences(recorded, config)
+    if diff:
+        fields = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (--config)"
+                           for k, (a, b) in diff.items())
+        raise ValueError(
+            f"--config differs from the config the run in {workdir} was trained with "
+            f"({os.path.join(workdir, workdir_lib.CONFIG_FILE)}) in {fields}; the figure would "
+            "show another model than the one trained: leave out --config to use the recorded "
+            "config")
+    return config
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
 def eval_images(config: ml_collections.ConfigDict, num_images: int):
@@ -534,7 +608,8 @@ def write_plots(workdir: str, *, config: ml_collections.ConfigDict | None = None
 
     Args:
       workdir: a training run's workdir; the figures go to workdir/plots unless `out_dir`.
-      config: the run's config; without it there is no attention figure.
+      config: the run's config; default: the one it recorded in workdir/config.json (see
+        `run_config`; without either, or if they differ, the attention figure is skipped).
       sweep: a vtab_sweep.py workdir (or its results.csv).
       memory: a memory.py --json file.
       out_dir: where to write the PNGs.
@@ -562,11 +637,12 @@ def write_plots(workdir: str, *, config: ml_collections.ConfigDict | None = None
         written.append(path)
         log(f"wrote {path}")
 
-    ckpts = os.path.join(workdir, "checkpoints")
+    # The config is resolved inside the attempt: a workdir without config.json (e.g. a sweep's
+    # root, given only for --sweep) skips this figure with the reason, like any missing input.
     attempt(ATTENTION_PNG,
-            "no --config (the run's config is needed to rebuild the model)" if config is None
-            else None if os.path.isdir(ckpts) else f"no checkpoints in {workdir}",
-            lambda p: attention_figure(config, workdir, p, num_images=num_images, query=query))
+            None if _has_checkpoints(workdir) else f"no checkpoints in {workdir}",
+            lambda p: attention_figure(run_config(workdir, config), workdir, p,
+                                       num_images=num_images, query=query))
     csv_path = _sweep_csv(sweep) if sweep else None
     attempt(SWEEP_PNG,
             "no --sweep given" if not sweep
@@ -596,7 +672,8 @@ def parse_flags(argv: Sequence[str]):
 
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", None, "The run's config, as for main.py (e.g. configs/vtab.py:dtd).",
+        "config", None, "The run's config, as for main.py (e.g. configs/vtab.py:dtd); default: "
+        "the one the run recorded in WORKDIR/config.json.",
         flag_values=fv)
     flags.DEFINE_string("workdir", None, "The training run's workdir; figures go to "
                         "WORKDIR/plots.", flag_values=fv)
@@ -626,13 +703,31 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     """Command-line entry point: `write_plots` with the parsed flags; returns the paths.
 
     Raises:
-      SystemExit: bad flags, or no figure could be drawn (with the reasons).
+      SystemExit: bad flags; a --config that contradicts the run's config.json; a workdir with
+        checkpoints but no config to rebuild them with; or no figure could be drawn.
     """
     import sys
 
     fv = parse_flags(sys.argv if argv is None else argv)
+    config = fv.config
+    # Checked before anything is drawn: a config that does not describe the checkpoints is a
+    # mistake to stop on, not a figure to skip quietly.
     try:
-        return write_plots(fv.workdir, config=fv.config, sweep=fv.sweep, memory=fv.memory,
+        config = run_config(fv.workdir, config)
+    except FileNotFoundError:
+        # No config.json: without checkpoints this is no training run (e.g. a sweep's root,
+        # given for --sweep), so only the attention figure is skipped; with them it is an
+        # older run whose config must be given.
+        if _has_checkpoints(fv.workdir):
+            raise SystemExit(
+                f"error: {os.path.join(fv.workdir, workdir_lib.CONFIG_FILE)} not found: the "
+                f"checkpoints in {fv.workdir} come from a run that did not record its config; "
+                "pass the config it was trained with (--config=..., with the same overrides "
+                "as for main.py)") from None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        return write_plots(fv.workdir, config=config, sweep=fv.sweep, memory=fv.memory,
                            out_dir=fv.out, num_images=fv.num_images,
                            query=None if fv.query < 0 else fv.query)
     except ValueError as e:

@@ -18,7 +18,8 @@ For every task (``--tasks=all`` for the 19 of VTAB-1k):
 
 It writes, under DIR:
   * ``<task>/val/lr=<lr>,wd=<wd>/`` and ``<task>/test/seed=<s>/``: one training run each
-    (checkpoints, logs, ``results.json``), as written by `vqt_jax.training.train.train_and_evaluate`;
+    (checkpoints, logs, ``config.json``, ``results.json``), as written by
+    `vqt_jax.training.train.train_and_evaluate`;
   * ``<task>/selection.json``: the val top-1 of every grid point and the selected (lr, wd);
   * ``<task>/sweep.json``: the method and ``--set`` overrides the task was swept with;
   * ``results.md``: a markdown table, one row per task (group, selected lr and wd, val top-1,
@@ -30,10 +31,18 @@ Re-running the command is cheap and safe: a run whose ``results.json`` exists is
 trained again; a run interrupted half-way is resumed by the trainer from its checkpoints (the
 sweep calls it again with the same workdir); a diverged run is marked by ``sweep_failed.json``
 in its workdir and not retried (delete the file to retry). The selection is recomputed from the
-val results every time. Because finished runs are reused, a task directory remembers the
-``--method`` and ``--set`` overrides it was swept with and a different combination is refused
-(e.g. a quick ``--set epochs=10`` check must not leak into the full sweep): use another DIR.
-Overrides that do not change results (`NEUTRAL_KEYS`: data_dir, num_devices, ...) may differ.
+val results every time. A reused run must have been trained with the task, split, lr, wd,
+seed and method its directory stands for (as its ``results.json`` records them: its
+``"config"``, or the top-level keys of an older file); otherwise the sweep stops and names the
+run. Because finished runs are reused, a task directory remembers the ``--method`` and
+``--set`` overrides it was swept with and a different combination is refused (e.g. a quick
+``--set epochs=10`` check must not leak into the full sweep): use another DIR. Overrides that
+do not change results (`NEUTRAL_KEYS`: data_dir, num_devices, ...) may differ.
+
+Progress is logged: the number of runs and how many finished earlier, then
+``run k of N: TASK lr=.. wd=.. seed=.. (split)`` before each run and, after each run trained
+now, its time, the time elapsed, the mean time per trained run and the ETA of the runs left
+to train (runs finished earlier count as done, not towards the rate).
 
 ``--set KEY=VALUE`` (repeatable, several per flag) overrides a field of the task's config,
 dotted for nested fields (``--set model.num_queries=10 epochs=10``); values are parsed with
@@ -56,6 +65,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,9 +73,11 @@ from typing import Any
 import ml_collections
 
 from vqt_jax import methods  # the method table only: no jax, no TensorFlow
+from vqt_jax.progress import format_duration
 
 ConfigFn = Callable[[str], ml_collections.ConfigDict]
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
+LogFn = Callable[[str], None]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "vtab.py"
@@ -305,6 +317,96 @@ def test_run_dir(workdir: str | Path, task: str, seed: int) -> Path:
     return Path(workdir) / task / "test" / f"seed={seed}"
 
 
+def task_run_dirs(workdir: str | Path, task: str, grid: Grid, batch_size: int,
+                  num_seeds: int) -> list[Path]:
+    """The workdirs of every run of `task`, in the order the sweep runs them.
+
+    The test runs' directories depend on the seed only, so they are known before the
+    selection is.
+    """
+    return ([val_run_dir(workdir, task, lr, wd) for lr, wd in grid.points(batch_size)]
+            + [test_run_dir(workdir, task, seed) for seed in range(num_seeds)])
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether a run needs no training: its results are on disk, or it diverged earlier."""
+    return (run_dir / "results.json").is_file() or (run_dir / FAILED_MARKER).is_file()
+
+
+def _log_info(message: str) -> None:
+    logging.info("%s", message)
+
+
+class SweepProgress:
+    """Numbers the sweep's runs in its log and says how long the rest will take.
+
+    Before each run: ``run k of N: TASK lr=.. wd=.. seed=.. (split)``; after each run it
+    trained: how long that run took, the sweep's elapsed time, the mean time per trained run
+    and the ETA of the runs still to train. A run finished earlier (its results.json is read)
+    or diverged earlier counts towards k but not towards the rate: it costs nothing now, and
+    counting it would make a resumed sweep look many times faster than it is.
+
+    Args:
+        run_dirs: Every run's workdir, in the order the runs come (see `task_run_dirs`).
+        log: Where the lines go (default: `logging.info`).
+        clock: The time source, in seconds (tests pass a fake one).
+    """
+
+    def __init__(self, run_dirs: Sequence[Path], log: LogFn | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.run_dirs = [Path(d) for d in run_dirs]
+        self.total = len(self.run_dirs)
+        self.number = 0  # of the current run, 1-based
+        self.trained = 0
+        self.train_seconds = 0.0
+        self.log = log or _log_info
+        self._clock = clock
+        self._start = clock()
+        self._run_start = self._start
+
+    def left_to_train(self) -> int:
+        """Runs after the current one that have neither results nor a divergence marker."""
+        # Checked on disk each time (a few hundred stat calls at most, against minutes per
+        # run), so runs finished by an earlier invocation are never counted as work left.
+        return sum(not _finished(d) for d in self.run_dirs[self.number:])
+
+    def plan(self, what: str) -> None:
+        """Logs the size of the sweep before its first run."""
+        left = self.left_to_train()
+        self.log(f"{what}: {self.total} runs, {self.total - left} finished earlier, "
+                 f"{left} to train")
+
+    def begin(self, config: ml_collections.ConfigDict, run_dir: Path) -> None:
+        """Logs ``run k of N: ...`` for the run of `config` in `run_dir`."""
+        self.number += 1
+        line = (f"run {self.number} of {self.total}: {config.task} lr={config.lr!r} "
+                f"wd={config.wd!r} seed={config.seed} ({config.split})")
+        if (run_dir / "results.json").is_file():
+            line += ": finished earlier, its results.json is read"
+        elif (run_dir / FAILED_MARKER).is_file():
+            line += f": diverged earlier ({FAILED_MARKER}), not retried"
+        self.log(line)
+        self._run_start = self._clock()
+
+    def end(self) -> None:
+        """Logs the time of the run just trained, the rate so far and the ETA."""
+        now = self._clock()
+        seconds = now - self._run_start
+        self.trained += 1
+        self.train_seconds += seconds
+        per_run = self.train_seconds / self.trained
+        left = self.left_to_train()
+        line = (f"run {self.number} of {self.total} took {format_duration(seconds)}; "
+                f"{format_duration(now - self._start)} elapsed, {format_duration(per_run)} "
+                f"per trained run ({self.trained} so far)")
+        if left:
+            line += (f"; ETA {format_duration(per_run * left)} for {left} "
+                     f"run{'s' if left != 1 else ''} left to train")
+        else:
+            line += "; no runs left to train"
+        self.log(line)
+
+
 def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
                 seed: int) -> ml_collections.ConfigDict:
     config = copy.deepcopy(base)  # every run gets its own config, nested fields included
@@ -312,29 +414,62 @@ def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: f
     return config
 
 
+def recorded_settings(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings the sweep owns (`RESERVED_KEYS`) as a finished run's results record them.
+
+    Taken from ``results["config"]`` (the run's whole config, which the trainer records) when
+    present, else from the top-level keys of an older results.json; a key neither has is left
+    out.
+    """
+    recorded = results.get("config")
+    source = recorded if isinstance(recorded, Mapping) else results
+    return {k: source[k] for k in sorted(RESERVED_KEYS) if k in source}
+
+
+def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDict,
+                    path: Path) -> None:
+    """Refuses a finished run that was not trained with the settings of its directory."""
+    wrong = {k: v for k, v in recorded_settings(results).items() if v != config.get(k)}
+    if wrong:
+        # E.g. a run resumed by hand with a lower lr after diverging: its top-1 would be
+        # reported (and maybe selected) under the grid point its directory names.
+        raise ValueError(
+            f"{path} records {', '.join(f'{k}={v!r}' for k, v in wrong.items())}, but the sweep "
+            f"runs {', '.join(f'{k}={config.get(k)!r}' for k in wrong)} there; its result would "
+            f"be reported for a setting it was not trained with. Delete {path.parent} to "
+            "retrain it, or use another --workdir.")
+
+
 def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: TrainFn, *,
-                 may_diverge: bool) -> dict[str, Any] | None:
+                 may_diverge: bool, progress: SweepProgress) -> dict[str, Any] | None:
     """Returns the results of one run, training only if they are not on disk yet.
 
     Returns None for a run that diverged (only when `may_diverge`): a selection run at too
     high an lr is a legitimate outcome of the grid, not a reason to stop the sweep.
+
+    Raises:
+        ValueError: results on disk record other task/split/lr/wd/seed/method than `config`.
     """
+    progress.begin(config, run_dir)
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        return json.loads(results_path.read_text())
+        results = json.loads(results_path.read_text())
+        _check_recorded(results, config, results_path)
+        return results
     if (run_dir / FAILED_MARKER).is_file():
         return None
-    logging.info("Training %s", run_dir)
     try:
         # The trainer resumes from run_dir's checkpoints if an earlier attempt was interrupted.
-        return dict(train_fn(config, str(run_dir)))
+        results = dict(train_fn(config, str(run_dir)))
     except FloatingPointError as e:
         if not may_diverge:
             raise
         logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, e)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(e)}, indent=2) + "\n")
-        return None
+        results = None
+    progress.end()
+    return results
 
 
 def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tuple[float, float]:
@@ -374,7 +509,8 @@ def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
 
 
 def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | Path, *,
-               grid: Grid, num_seeds: int, train_fn: TrainFn) -> TaskResult:
+               grid: Grid, num_seeds: int, train_fn: TrainFn,
+               progress: SweepProgress | None = None) -> TaskResult:
     """Runs (or reads) the val grid and the test seeds of one task.
 
     Args:
@@ -385,10 +521,13 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         grid: The (lr, wd) grid; its lrs are scaled to ``base.batch_size``.
         num_seeds: Number of test seeds (0..num_seeds-1).
         train_fn: ``train_fn(config, run_workdir) -> results`` with a ``'top1'`` entry.
+        progress: Numbers and times the runs; default: one for this task's runs alone.
 
     Returns:
         The selected (lr, wd), its val top-1 and the test top-1 of every seed.
     """
+    if progress is None:
+        progress = SweepProgress(task_run_dirs(workdir, task, grid, base.batch_size, num_seeds))
     if "cache_dir" in base and not base.cache_dir:
         # One cache of the frozen backbone per task and split, shared by every grid point
         # and seed (vqt_jax/cache.py): the backbone runs once per image, not once per run.
@@ -398,10 +537,10 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     for lr, wd in grid.points(base.batch_size):
         config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
         results = _run_or_read(config, val_run_dir(workdir, task, lr, wd), train_fn,
-                               may_diverge=True)
+                               may_diverge=True, progress=progress)
         val_top1[(lr, wd)] = None if results is None else float(results["top1"])
     lr, wd = select_hparams(val_top1)
-    logging.info("%s: selected lr=%r wd=%r (val top-1 %.4f)", task, lr, wd, val_top1[(lr, wd)])
+    progress.log(f"{task}: selected lr={lr!r} wd={wd!r} (val top-1 {val_top1[(lr, wd)]:.4f})")
     selection = {
         "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
         "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
@@ -412,7 +551,7 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     for seed in range(num_seeds):
         config = _run_config(base, split="test", lr=lr, wd=wd, seed=seed)
         results = _run_or_read(config, test_run_dir(workdir, task, seed), train_fn,
-                               may_diverge=False)
+                               may_diverge=False, progress=progress)
         test_top1.append(float(results["top1"]))
     return TaskResult(task, group, lr, wd, val_top1[(lr, wd)], tuple(test_top1))
 
@@ -427,6 +566,8 @@ def run_sweep(
     num_seeds: int = 5,
     overrides: Mapping[str, Any] | None = None,
     task_groups: Mapping[str, str] | None = None,
+    log: LogFn | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[TaskResult]:
     """Runs the VTAB-1k protocol on `tasks` and writes results.md / results.csv in `workdir`.
 
@@ -443,6 +584,8 @@ def run_sweep(
         num_seeds: Number of test seeds.
         overrides: Dotted config keys to values, applied to every task's config.
         task_groups: Task name -> group, in report order; default: the VTAB-1k task table.
+        log: Where the progress lines go (see `SweepProgress`); default: `logging.info`.
+        clock: The time source of the progress lines, in seconds (tests pass a fake one).
 
     Returns:
         One `TaskResult` per task, in the order of `task_groups`.
@@ -479,11 +622,17 @@ def run_sweep(
         # Imported only now: it pulls in the whole training stack.
         from vqt_jax.training.train import train_and_evaluate as train_fn
 
+    progress = SweepProgress(
+        [d for task in tasks
+         for d in task_run_dirs(workdir, task, grid, bases[task].batch_size, num_seeds)],
+        log=log, clock=clock)
+    progress.plan(f"Sweep of {len(tasks)} task{'s' if len(tasks) != 1 else ''} "
+                  f"({method}, {num_seeds} seed{'s' if num_seeds != 1 else ''})")
     results = []
     for task in tasks:
         _write_fingerprint(workdir / task, fingerprint)
         results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
-                                  num_seeds=num_seeds, train_fn=train_fn))
+                                  num_seeds=num_seeds, train_fn=train_fn, progress=progress))
     write_reports(results, workdir)
     return results
 

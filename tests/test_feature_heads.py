@@ -7,8 +7,7 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import compression
-from vqt_jax.training import train
-from vqt_jax.training import feature_heads
+from vqt_jax.training import feature_heads, train
 
 
 @pytest.fixture(scope="module")

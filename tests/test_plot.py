@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import train_utils
 from vqt_jax import data
+from vqt_jax.models import create_model
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.models import create_model
+from vqt_jax.training import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,6 +52,10 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = _config(folder)
     _, variables = train.run(config, str(workdir))
+    config_json = workdir / workdir_lib.CONFIG_FILE
+    if not config_json.exists():
+        # Where the trainer does not record its config yet, write what it would have.
+        workdir_lib.write_json(str(config_json), workdir_lib.as_dict(config))
     return config, str(workdir), variables
 
 
@@ -197,18 +204,30 @@ def _assert_png(path: Path, min_bytes: int = 5000) -> tuple[int, int]:
         return im.size
 
 
-def test_main_writes_the_three_figures(run, tmp_path, capsys):
-    config, workdir, _ = run
-    config_file = tmp_path / "tiny_config.py"
-    config_file.write_text(
+def _write_config_file(path: Path, data_dir: str, **model) -> Path:
+    """A config file for --config: the run's tiny config, with `model` fields changed."""
+    path.write_text(
         "from tests import train_utils\n\n\n"
         "def get_config(arg=None):\n"
-        f"    return train_utils.tiny_config(data_dir={config.data_dir!r}, epochs=2)\n"
+        f"    c = train_utils.tiny_config(data_dir={data_dir!r}, epochs=2)\n"
+        f"    c.model.update({model!r})\n"
+        "    return c\n"
     )
+    return path
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_main_writes_the_three_figures(run, tmp_path, capsys):
+    # No --config: the model is rebuilt from the config the run recorded in config.json.
+    _, workdir, _ = run
     sweep_dir = _write_sweep_csv(tmp_path / "sweep")
     memory = _write_memory_json(tmp_path / "memory.json")
-    written = plot.main(["plot.py", f"--workdir={workdir}", f"--config={config_file}",
-                         f"--sweep={sweep_dir}", f"--memory={memory}", "--num_images=3"])
+    written = plot.main(["plot.py", f"--workdir={workdir}", f"--sweep={sweep_dir}",
+                         f"--memory={memory}", "--num_images=3"])
     plots = Path(workdir) / "plots"
     names = ["query_attention.png", "sweep_accuracy.png", "memory.png"]
     assert written == [str(plots / n) for n in names]
@@ -221,9 +240,96 @@ def test_main_writes_the_three_figures(run, tmp_path, capsys):
     _assert_png(plots / "memory.png")
 
 
+def test_recorded_config_draws_what_the_explicit_config_draws(run, tmp_path, capsys):
+    config, workdir, _ = run
+    recorded = json.loads((Path(workdir) / "config.json").read_text())
+    assert recorded["model"]["patch_size"] == [8, 8]  # JSON: the tuple came back as a list
+    config_file = _write_config_file(tmp_path / "tiny_config.py", config.data_dir)
+    figures = {}
+    for name, extra in (("recorded", []), ("explicit", [f"--config={config_file}"])):
+        out = tmp_path / name
+        written = plot.main(["plot.py", f"--workdir={workdir}", f"--out={out}",
+                             "--num_images=3", *extra])
+        assert written == [str(out / plot.ATTENTION_PNG)]
+        figures[name] = _pixels(out / plot.ATTENTION_PNG)
+    np.testing.assert_array_equal(figures["recorded"], figures["explicit"])
+    # A field that does not change the run (here where the data lives) may differ.
+    moved = tmp_path / "moved"
+    shutil.copytree(config.data_dir, moved)
+    assert plot.run_config(workdir, train_utils.tiny_config(data_dir=str(moved), epochs=2)
+                           ).data_dir == str(moved)
+    capsys.readouterr()
+
+
+def test_a_conflicting_config_names_the_differing_fields(run, tmp_path, capsys):
+    config, workdir, _ = run
+    config_file = _write_config_file(tmp_path / "other.py", config.data_dir, num_queries=3)
+    with pytest.raises(SystemExit) as e:
+        plot.main(["plot.py", f"--workdir={workdir}", f"--config={config_file}"])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "model.num_queries: 2 (recorded) vs 3 (--config)" in message
+    assert "config.json" in message
+    assert not (Path(workdir) / "plots" / "other").exists()
+    # write_plots (for notebooks) skips the figure for the same reason instead.
+    other = plot.parse_flags(["plot.py", f"--workdir={workdir}",
+                              f"--config={config_file}"]).config
+    with pytest.raises(ValueError, match=r"(?s)No figure could be drawn.*model.num_queries"):
+        plot.write_plots(workdir, config=other, out_dir=str(tmp_path / "out"))
+    capsys.readouterr()
+
+
+def test_a_run_without_config_json_needs_config(run, tmp_path, capsys):
+    # A run from before config.json was recorded: checkpoints, results.json, no config.
+    config, workdir, _ = run
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("config.json", "plots"))
+    with pytest.raises(SystemExit) as e:
+        plot.main(["plot.py", f"--workdir={old}"])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"{old / 'config.json'} not found" in message and "--config" in message
+    assert not (old / "plots").exists()
+    # With --config it is drawn as before.
+    config_file = _write_config_file(tmp_path / "tiny_config.py", config.data_dir)
+    # (3 images, as in the other tests, so the compiled forward is reused.)
+    written = plot.main(["plot.py", f"--workdir={old}", f"--config={config_file}",
+                         "--num_images=3"])
+    assert written == [str(old / "plots" / plot.ATTENTION_PNG)]
+    capsys.readouterr()
+
+
+def test_recorded_config_turns_json_lists_back_into_tuples(tmp_path):
+    config = ml_collections.ConfigDict({
+        "method": "vqt", "normalization": ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+        "baselines": ("linear", "head2toe"),
+        "model": {"variant": None, **{k: v for k, v in train_utils.TINY_MODEL.items()
+                                      if k != "variant"}},
+    })
+    workdir_lib.write_json(str(tmp_path / "config.json"), workdir_lib.as_dict(config))
+    assert json.loads((tmp_path / "config.json").read_text())["baselines"] == [
+        "linear", "head2toe"]
+    loaded = plot.recorded_config(str(tmp_path))
+    assert loaded.normalization == config.normalization
+    assert loaded.baselines == ("linear", "head2toe")
+    assert loaded.model.patch_size == (8, 8)
+    assert data.as_normalization(loaded.normalization) == config.normalization
+    # The model it builds is hashable (jit takes it as a static argument) and the same.
+    model = train.build_model(loaded, NUM_CLASSES)
+    assert hash(model) == hash(train.build_model(config, NUM_CLASSES))
+    assert model == train.build_model(config, NUM_CLASSES)
+    assert plot.run_config(str(tmp_path), config) is not None  # no difference to report
+
+
 def test_figures_are_skipped_or_refused_when_inputs_are_missing(tmp_path, capsys):
+    # No run in the workdir (no checkpoints, no config.json): only the other figures count.
     with pytest.raises(SystemExit, match="No figure could be drawn"):
         plot.main(["plot.py", f"--workdir={tmp_path}", f"--sweep={tmp_path / 'nowhere'}"])
+    sweep_dir = _write_sweep_csv(tmp_path / "sweep")
+    assert plot.main(["plot.py", f"--workdir={sweep_dir}", f"--sweep={sweep_dir}"]) == [
+        str(sweep_dir / "plots" / plot.SWEEP_PNG)]
+    assert f"skipped query_attention.png: no checkpoints in {sweep_dir}" in \
+        capsys.readouterr().out
     # Only the memory figure's input exists, and its settings have no step times.
     memory = _write_memory_json(tmp_path / "memory.json", with_times=False)
     written = plot.write_plots(str(tmp_path), memory=str(memory))

@@ -6,9 +6,9 @@ import pytest
 
 from configs import demo
 from vqt_jax import preparations
-from vqt_jax.training import train
 from vqt_jax.checkpoints import onnx_dinov2
 from vqt_jax.data import fashion_mnist
+from vqt_jax.training import train
 
 
 def test_demo_preparation_points_the_config_at_its_inputs(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ import csv
 import importlib.util
 import io
 import json
+import logging
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import ml_collections
 import pytest
 
 from vqt_jax import methods
+from vqt_jax.training import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"
@@ -81,26 +84,47 @@ def default_test_top1(task: str, lr: float, wd: float, seed: int) -> float:
     return 0.5 + 0.1 * rank + 0.01 * seed + lr / 10 + wd
 
 
+class FakeClock:
+    """A clock that moves only when told to (the fake trainer's runs take exact times)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeTrainer:
-    """Stands in for train_and_evaluate: writes results.json, returns a deterministic top-1."""
+    """Stands in for train_and_evaluate: writes results.json, returns a deterministic top-1.
+
+    Like the real trainer, results.json carries the run's whole config under "config" (unless
+    `with_config` is False: the older format); with a `clock`, each run takes `seconds`.
+    """
 
     def __init__(self, val_top1=default_val_top1, test_top1=default_test_top1,
-                 fail_after: int | None = None):
+                 fail_after: int | None = None, with_config: bool = True,
+                 clock: FakeClock | None = None, seconds: float = 10.0):
         self.val_top1 = val_top1
         self.test_top1 = test_top1
         self.fail_after = fail_after  # raise (an "interruption") on call number fail_after + 1
+        self.with_config = with_config
+        self.clock, self.seconds = clock, seconds
         self.calls: list[tuple[ml_collections.ConfigDict, str]] = []
 
     def __call__(self, config: ml_collections.ConfigDict, workdir: str) -> dict:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("interrupted")
         self.calls.append((config, workdir))
+        if self.clock is not None:
+            self.clock.now += self.seconds
         if config.split == "val":
             top1 = self.val_top1(config.task, config.lr, config.wd)
         else:
             top1 = self.test_top1(config.task, config.lr, config.wd, config.seed)
         results = {"task": config.task, "split": config.split, "seed": config.seed,
                    "lr": config.lr, "wd": config.wd, "top1": top1}
+        if self.with_config:
+            results["config"] = workdir_lib.as_dict(config)
         Path(workdir).mkdir(parents=True, exist_ok=True)
         (Path(workdir) / "results.json").write_text(json.dumps(results))
         return results
@@ -233,9 +257,13 @@ def test_test_runs_use_selection_and_seeds(tmp_path):
         f"seed={s}" for s in range(4)]
 
 
-def test_second_call_runs_nothing(tmp_path):
-    first, trainer = run(tmp_path, tasks=("dtd", "eurosat"))
+@pytest.mark.parametrize("with_config", [True, False], ids=["results_config", "older_results"])
+def test_second_call_runs_nothing(tmp_path, with_config):
+    first, trainer = run(tmp_path, tasks=("dtd", "eurosat"),
+                         trainer=FakeTrainer(with_config=with_config))
     assert len(trainer.calls) == 2 * (20 + 3)
+    results = json.loads(next(tmp_path.glob("dtd/val/*/results.json")).read_text())
+    assert ("config" in results) == with_config
     second, trainer = run(tmp_path, tasks=("dtd", "eurosat"))
     assert trainer.calls == []
     assert second == first
@@ -264,8 +292,12 @@ def test_diverged_val_run_is_excluded_and_not_retried(tmp_path):
     results, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
     assert (results[0].lr, results[0].wd) == (0.125, 0.001)
     assert len(list(tmp_path.glob(f"dtd/val/*/{sweep.FAILED_MARKER}"))) == 4
-    _, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
+    lines = []
+    _, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1), log=lines.append)
     assert trainer.calls == []
+    assert lines[0].endswith(": 23 runs, 23 finished earlier, 0 to train")
+    assert "run 1 of 23: dtd lr=0.5 wd=0.01 seed=0 (val): diverged earlier " \
+        f"({sweep.FAILED_MARKER}), not retried" in lines
 
 
 def test_reports_group_means(tmp_path):
@@ -407,3 +439,90 @@ def test_an_image_folder_is_swept_like_a_task_but_not_part_of_all(tmp_path, caps
                task_groups={"dtd": "natural", "folder": "custom"})
     assert {c.task for c, _ in trainer.calls} == {"folder"}
     capsys.readouterr()
+
+
+def _ends(lines: list[str]) -> list[str]:
+    return [line for line in lines if re.match(r"run \d+ of \d+ took ", line)]
+
+
+def test_progress_numbers_the_runs_and_gives_an_eta(tmp_path):
+    clock = FakeClock()
+    lines: list[str] = []
+    run(tmp_path, trainer=FakeTrainer(clock=clock), num_seeds=2, log=lines.append, clock=clock)
+    assert lines[0] == "Sweep of 1 task (vqt, 2 seeds): 22 runs, 0 finished earlier, 22 to train"
+    begins = [line for line in lines if re.match(r"run \d+ of 22: ", line)]
+    assert [int(line.split()[1]) for line in begins] == list(range(1, 23))
+    assert begins[0] == "run 1 of 22: dtd lr=0.5 wd=0.01 seed=0 (val)"
+    assert begins[19] == "run 20 of 22: dtd lr=0.025 wd=0.0 seed=0 (val)"
+    assert begins[20] == "run 21 of 22: dtd lr=0.125 wd=0.001 seed=0 (test)"
+    assert begins[21] == "run 22 of 22: dtd lr=0.125 wd=0.001 seed=1 (test)"
+    ends = _ends(lines)
+    assert len(ends) == 22
+    # Each line follows its run's; 10 s per run, so the ETA is 10 s per run left.
+    assert lines[1:3] == [begins[0], ends[0]]
+    assert ends[0] == ("run 1 of 22 took 10s; 10s elapsed, 10s per trained run (1 so far); "
+                       "ETA 3m30s for 21 runs left to train")
+    assert ends[20] == ("run 21 of 22 took 10s; 3m30s elapsed, 10s per trained run "
+                        "(21 so far); ETA 10s for 1 run left to train")
+    assert ends[21].endswith("; no runs left to train")
+    assert "dtd: selected lr=0.125 wd=0.001 (val top-1 0.9000)" in lines
+
+
+def test_resumed_runs_count_as_done_but_not_towards_the_rate(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, trainer=FakeTrainer(fail_after=7), log=lambda line: None)
+    clock = FakeClock()
+    lines: list[str] = []
+    run(tmp_path, trainer=FakeTrainer(clock=clock), log=lines.append, clock=clock)
+    assert lines[0].endswith(": 23 runs, 7 finished earlier, 16 to train")
+    assert lines[1] == ("run 1 of 23: dtd lr=0.5 wd=0.01 seed=0 (val): finished earlier, its "
+                        "results.json is read")
+    ends = _ends(lines)
+    assert len(ends) == 16
+    # The 7 runs read from disk took no time: counted in, the rate would be 8 runs per 10 s
+    # and the ETA 19s instead of the 15 remaining runs' 2m30s.
+    assert ends[0] == ("run 8 of 23 took 10s; 10s elapsed, 10s per trained run (1 so far); "
+                       "ETA 2m30s for 15 runs left to train")
+
+
+def test_progress_goes_to_the_log_by_default(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1"],
+               base_config_fn=base_config_fn(), train_fn=FakeTrainer(), task_groups=TASK_GROUPS)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "run 1 of 21: dtd lr=0.5 wd=0.01 seed=0 (val)" in messages
+    assert len(_ends(messages)) == 21 and "ETA " in _ends(messages)[0]
+    capsys.readouterr()
+
+
+def test_reused_results_must_be_of_their_run_as_recorded(tmp_path):
+    run(tmp_path, num_seeds=1)
+    path = sweep.val_run_dir(tmp_path, "dtd", 0.25, 0.0) / "results.json"
+    results = json.loads(path.read_text())
+    assert results["config"]["lr"] == results["lr"] == 0.25
+    refused = re.escape(f"{path} records lr=0.125, but the sweep runs lr=0.25 there") + \
+        ".*" + re.escape(f"Delete {path.parent} to retrain it")
+
+    # The recorded config is what counts, the top-level keys only without it.
+    results["lr"] = 0.125
+    path.write_text(json.dumps(results))
+    _, trainer = run(tmp_path, num_seeds=1)
+    assert trainer.calls == []
+    results["lr"], results["config"]["lr"] = 0.25, 0.125  # e.g. resumed by hand at a lower lr
+    path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=refused):
+        run(tmp_path, num_seeds=1)
+
+    # An older results.json (no "config") is checked by its top-level keys.
+    del results["config"]
+    path.write_text(json.dumps(results))
+    _, trainer = run(tmp_path, num_seeds=1)
+    assert trainer.calls == []
+    results["lr"] = 0.125
+    path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=refused):
+        run(tmp_path, num_seeds=1)
+    # One with neither (only the top-1) is read as before.
+    path.write_text(json.dumps({"top1": results["top1"]}))
+    _, trainer = run(tmp_path, num_seeds=1)
+    assert trainer.calls == []

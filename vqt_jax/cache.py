@@ -11,9 +11,20 @@ fine-tuning) cannot use a cache.
 Layout: ``CACHE_DIR/<fingerprint>/`` holds ``meta.json`` and one raw array file per field,
 example i being example i of `data.load_train_examples` (the order `data.train_indices`
 shuffles). The fingerprint hashes everything the contents depend on (checkpoint, backbone
-options, task, split, preprocessing, dtype), so runs that differ only in lr, wd, seed, epochs
-or the number of queries share one cache. A cache is built in a temporary directory and
-renamed into place when complete: a killed build leaves nothing that could be read later.
+options, task, split, the data's contents (`data.content.content_key`), preprocessing, dtype),
+so runs that differ only in lr, wd, seed, epochs or the number of queries share one cache.
+
+Safety:
+
+* A cache is built in a temporary directory ``.<fingerprint>.tmp-<host>-<pid>-<random>`` and
+  renamed into place when complete, so a killed build leaves nothing that could be read later.
+  Temporary builds whose process is gone (on this host) are removed whenever a cache in the
+  same directory is opened or built; those of live processes (a concurrent run) are left.
+* Every file's full size is reserved (``posix_fallocate``) before the backbone runs: the
+  memory-mapped files would otherwise be sparse, and a disk filling up during the pass kills
+  the process with SIGBUS. Not enough space is one `DiskSpaceError` instead.
+* ``meta.json`` records each file's size; a cache whose files are missing or of another size,
+  or whose meta.json cannot be read, is removed and rebuilt with one warning.
 
 Multi-host: the build is data-parallel over every device of every host and its outputs are
 replicated, so each host writes a complete cache of its own (`<fingerprint>-host<i>`), to be
@@ -23,11 +34,14 @@ memory-mapped from local disk.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import queue
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -42,9 +56,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import data, methods
+from vqt_jax.data import content
 from vqt_jax.models import ViT
+from vqt_jax.progress import Progress
 
-FORMAT_VERSION = 1
+# 2: meta.json records file sizes; the fingerprint covers the data's contents.
+FORMAT_VERSION = 2
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The fields each cache kind keeps (see methods.Method.cache). `cls` and `pooled` are small
 # and always kept, so linear-probe and Head2Toe heads can be fitted on any cache.
@@ -61,6 +78,27 @@ IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
            "prompt_dropout", "head2toe"),
     "features": ("query_dropout", "head_bias_init", "kv_dtype", "prompt_dropout"),
 }
+# A temporary build: .<name>.tmp-<host>-<pid>-<mkdtemp's random suffix, [a-z0-9_]>.
+_TMP_RE = re.compile(r"^\.(?P<name>.+?)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)$")
+# Errors that mean the disk (or the user's quota) is full.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# posix_fallocate errors that mean "this filesystem cannot reserve": write zeros instead.
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+_ZERO_CHUNK = 16 * 2**20
+
+
+class DiskSpaceError(ValueError):
+    """The disk cannot hold the cache (a ValueError: the message says what to change)."""
+
+
+def format_size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: 512 B, 1.50 KiB, 2.25 GiB."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if round(abs(value), 2) < 1024:  # 1048575 B is "1.00 MiB", not "1024.00 KiB"
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +116,23 @@ class Spec:
     fields: dict[str, tuple[tuple[int, ...], str]]
 
     @property
+    def file_sizes(self) -> dict[str, int]:
+        """The cache's array files (<field>.bin, label.bin) and their sizes in bytes."""
+        sizes = {}
+        for name, (shape, dtype) in self.fields.items():
+            itemsize = np.dtype(_np_dtype(dtype)).itemsize
+            sizes[name + ".bin"] = self.num_examples * int(np.prod(shape)) * itemsize
+        sizes["label.bin"] = self.num_examples * 4  # int32
+        return sizes
+
+    @property
     def nbytes(self) -> int:
-        total = self.num_examples * 4  # labels, int32
-        for shape, dtype in self.fields.values():
-            total += self.num_examples * int(np.prod(shape)) * np.dtype(_np_dtype(dtype)).itemsize
-        return total
+        return sum(self.file_sizes.values())
 
     def describe(self) -> str:
         parts = [f"{name} {list(shape)} {dtype}" for name, (shape, dtype) in self.fields.items()]
         return (f"{self.num_examples} examples x ({', '.join(parts)}) = "
-                f"{self.nbytes / 2**30:.2f} GiB")
+                f"{format_size(self.nbytes)}")
 
 
 @dataclasses.dataclass
@@ -150,8 +195,18 @@ def spec_for(model: ViT, kind: str, num_examples: int, image_size: int,
     return Spec(kind, num_examples, fields)
 
 
-def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str) -> str:
-    """A hash of everything a cache's contents depend on (see the module docstring)."""
+def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
+                data_key: Mapping[str, Any] | None = None) -> str:
+    """A hash of everything a cache's contents depend on (see the module docstring).
+
+    Args:
+      config: the run's config (init, seed, task, data_dir, split, image_size, normalization,
+        cache_dtype are read).
+      model_kwargs: the model's options; those in `IGNORED_OPTIONS[kind]` are left out.
+      kind: 'kv' or 'features'.
+      data_key: `content.content_key` of the training data, if the caller has it already
+        (default: computed here, which stats every file of an image folder).
+    """
     init = config.init or f"random init, seed {config.seed}"
     init_stat = None
     if config.init and "://" not in config.init:
@@ -161,6 +216,8 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str) -> str:
             init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     backbone = {k: v for k, v in sorted(model_kwargs.items())
                 if k not in IGNORED_OPTIONS[kind]}
+    if data_key is None:
+        data_key = content.content_key(config.task, config.data_dir, config.split)
     key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
                model=backbone, task=config.task, data_dir=config.data_dir,
                split=config.split, image_size=config.image_size,
@@ -169,24 +226,32 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    return path
+
+
 def check_budget(spec: Spec, directory: str | None, max_gb: float) -> str | None:
     """Why a cache cannot be held (over the budget, or not enough free disk), or None."""
-    size = spec.nbytes / 2**30
-    if size > max_gb:
-        return f"the cache would take {size:.2f} GiB, over config.cache_max_gb={max_gb:g}"
+    size = spec.nbytes
+    if size > max_gb * 2**30:
+        # The budget is in GiB, so the size is given in GiB too, next to its readable form.
+        return (f"the cache would take {format_size(size)} = {size / 2**30:.3g} GiB, over "
+                f"config.cache_max_gb={max_gb:g}")
     if directory is not None:
-        probe = directory
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe) or "."
-        free = shutil.disk_usage(probe).free / 2**30
+        probe = _existing_ancestor(directory)
+        free = shutil.disk_usage(probe).free
         if size * 1.02 > free:
-            return f"the cache would take {size:.2f} GiB but {probe} has {free:.2f} GiB free"
+            return (f"the cache would take {format_size(size)} but {probe} has "
+                    f"{format_size(free)} free")
     return None
 
 
 def _meta(spec: Spec) -> dict[str, Any]:
     return {"version": FORMAT_VERSION, "kind": spec.kind, "num_examples": spec.num_examples,
-            "fields": {k: [list(s), d] for k, (s, d) in spec.fields.items()}}
+            "fields": {k: [list(s), d] for k, (s, d) in spec.fields.items()},
+            "files": spec.file_sizes}
 
 
 def _raw(path: str, dtype: str, shape: tuple[int, ...], mode: str) -> np.ndarray:
@@ -197,21 +262,147 @@ def _raw(path: str, dtype: str, shape: tuple[int, ...], mode: str) -> np.ndarray
     return arr.view(np_dtype) if dtype == "bfloat16" else arr
 
 
-def open_cache(path: str, spec: Spec) -> Cache | None:
-    """The complete cache at `path` if it is there and matches `spec`, else None."""
+# --------------------------------------------------------------------------------------------
+# Checking, cleaning up.
+# --------------------------------------------------------------------------------------------
+
+
+def _problem(path: str, spec: Spec) -> str | None:
+    """What makes the cache directory `path` unusable for `spec`, or None if it is complete."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return f"{meta_path} is missing"
     try:
-        with open(os.path.join(path, "meta.json")) as f:
+        with open(meta_path) as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    except (OSError, ValueError) as e:
+        return f"{meta_path} is unreadable ({e})"
+    expected = _meta(spec)
+    differences = [f"{k} {meta.get(k)!r} instead of {v!r}" for k, v in expected.items()
+                   if meta.get(k) != v]
+    if differences:
+        return f"{meta_path} describes other contents: {'; '.join(differences)}"
+    for name, size in spec.file_sizes.items():
+        file = os.path.join(path, name)
+        try:
+            actual = os.path.getsize(file)
+        except FileNotFoundError:
+            return f"{file} is missing"
+        except OSError as e:
+            return f"{file} cannot be read ({e})"
+        if actual != size:
+            return f"{file} has {actual} bytes instead of the {size} meta.json records"
+    return None
+
+
+def _host() -> str:
+    # The host name goes into a file name, and must not contain the separators parsed back.
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def _tmp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; otherwise: do not guess
+        return True
+    return True
+
+
+def remove_orphaned_builds(directory: str) -> list[str]:
+    """Removes the temporary builds in `directory` left by processes gone from this host.
+
+    A build in progress lives in ``.<fingerprint>.tmp-<host>-<pid>-<random>``. Those of live
+    processes (another run building concurrently) and of other hosts (a shared filesystem;
+    their processes cannot be checked from here) are left alone.
+
+    Returns:
+      The paths removed (each one is logged).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    host, removed = _host(), []
+    for name in sorted(names):
+        match = _TMP_RE.match(name)
+        path = os.path.join(directory, name)
+        if (match is None or match["host"] != host or _process_alive(int(match["pid"]))
+                or not os.path.isdir(path)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # another run may be removing it too
+        logging.info("Removed %s: an interrupted cache build (process %s on this host is "
+                     "gone).", path, match["pid"])
+        removed.append(path)
+    return removed
+
+
+def open_cache(path: str, spec: Spec) -> Cache | None:
+    """The complete cache at `path` if it is there and matches `spec`, else None.
+
+    A cache directory that is there but unusable (a file missing or of another size than
+    meta.json records, meta.json unreadable or describing other contents) is removed with
+    one warning saying why, so that it is built again. Temporary builds of dead processes
+    beside it are removed too (`remove_orphaned_builds`).
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    remove_orphaned_builds(parent)
+    if not os.path.exists(path):
         return None
-    if meta != _meta(spec):
-        logging.warning("Cache at %s does not match this run's shapes; rebuilding.", path)
-        return None
-    n = spec.num_examples
-    arrays = {name: _raw(os.path.join(path, name + ".bin"), dtype, (n, *shape), "r")
-              for name, (shape, dtype) in spec.fields.items()}
-    labels = np.asarray(_raw(os.path.join(path, "label.bin"), "int32", (n,), "r"))
-    return Cache(spec, arrays, labels, path)
+    problem = _problem(path, spec)
+    if problem is None:
+        try:
+            n = spec.num_examples
+            arrays = {name: _raw(os.path.join(path, name + ".bin"), dtype, (n, *shape), "r")
+                      for name, (shape, dtype) in spec.fields.items()}
+            labels = np.asarray(_raw(os.path.join(path, "label.bin"), "int32", (n,), "r"))
+            return Cache(spec, arrays, labels, path)
+        except (OSError, ValueError) as e:  # e.g. unreadable files (permissions)
+            problem = f"its files cannot be memory-mapped ({e})"
+    logging.warning("Cache in %s is unusable: %s; removing it and building it again.",
+                    path, problem)
+    shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Building.
+# --------------------------------------------------------------------------------------------
+
+
+def _write_zeros(fd: int, size: int) -> None:
+    chunk = bytes(min(size, _ZERO_CHUNK))
+    written = 0
+    while written < size:
+        written += os.write(fd, chunk[:size - written])
+
+
+def _reserve(path: str, size: int) -> None:
+    """Creates `path` with `size` bytes allocated on disk (not sparse), or raises OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
+        try:
+            if fallocate is None:
+                raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
+            fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE:
+                raise
+            # The filesystem cannot reserve blocks: writing them reserves them just as well.
+            os.ftruncate(fd, 0)
+            _write_zeros(fd, size)
+    finally:
+        os.close(fd)
 
 
 def build(
@@ -225,8 +416,12 @@ def build(
     batch_size: int,
     normalize: Callable[[np.ndarray], np.ndarray],
     path: str | None = None,
+    progress_every_s: float = 10.0,
 ) -> Cache:
     """Runs the frozen backbone once over `images` and stores what `spec` names.
+
+    On disk, every file is first reserved at its full size, so a disk that cannot hold the
+    cache fails here at once, before the backbone runs, rather than as a crash mid-pass.
 
     Args:
       spec: from `spec_for`.
@@ -239,14 +434,86 @@ def build(
       normalize: uint8 batch -> float32 model input (the training pipeline's own).
       path: the cache directory to create (complete or not at all); None keeps the cache in
         host memory.
+      progress_every_s: seconds between two progress lines of the pass.
 
     Returns:
       The cache.
+
+    Raises:
+      DiskSpaceError: the disk under `path` cannot hold the cache (nothing is left behind).
     """
     n = spec.num_examples
     if len(images) != n or len(labels) != n:
         raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
                          f"{len(labels)} labels")
+    tmp = parent = None
+    if path is not None:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        remove_orphaned_builds(parent)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path))
+    no_space: OSError | None = None
+    start_time = time.time()
+    try:
+        arrays = {}
+        if tmp is None:
+            for name, (shape, dtype) in spec.fields.items():
+                arrays[name] = np.empty((n, *shape), _np_dtype(dtype))
+        else:
+            for file, size in spec.file_sizes.items():
+                _reserve(os.path.join(tmp, file), size)
+            for name, (shape, dtype) in spec.fields.items():
+                # r+: "w+" would truncate the file and give back the reserved blocks.
+                arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
+        _run_backbone(spec, model, variables, images, arrays, mesh=mesh, batch_size=batch_size,
+                      normalize=normalize, every_s=progress_every_s)
+        labels = np.asarray(labels, np.int32)
+        if tmp is None:
+            return Cache(spec, arrays, labels, None)
+        for a in arrays.values():
+            a.flush()
+        label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "r+")
+        label_file[:] = labels
+        label_file.flush()
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(_meta(spec), f)
+        del arrays, label_file
+        if os.path.exists(path) and _problem(path, spec) is not None:
+            shutil.rmtree(path)  # unusable (damaged, other shapes): replace it
+        try:
+            os.replace(tmp, path)
+            tmp = None
+        except OSError:
+            # Another run finished the same cache first (renaming onto a non-empty directory
+            # fails): use theirs, which has the same contents.
+            logging.info("Cache %s was built concurrently by another run; using it.", path)
+    except OSError as e:
+        if tmp is None or e.errno not in _NO_SPACE:
+            raise
+        no_space = e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if no_space is not None:
+        # Measured with the partial reservation gone: what the user has to work with.
+        free = shutil.disk_usage(_existing_ancestor(parent)).free
+        raise DiskSpaceError(
+            f"not enough disk space for the cache in {parent}: it needs "
+            f"{format_size(spec.nbytes)}, {format_size(free)} free; free space, set "
+            "config.cache_dir elsewhere, or config.cache='off'") from no_space
+    logging.info("Cached %d examples (%s) in %s (%.1f s).", n, format_size(spec.nbytes), path,
+                 time.time() - start_time)
+    cache = open_cache(path, spec)
+    if cache is None:
+        raise RuntimeError(f"The cache just built in {path} cannot be read back")
+    return cache
+
+
+def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
+                  arrays: dict[str, np.ndarray], *, mesh: Mesh, batch_size: int,
+                  normalize: Callable[[np.ndarray], np.ndarray], every_s: float) -> None:
+    """The pass of `build`: fills `arrays` (N rows each) with the backbone's outputs."""
+    n = spec.num_examples
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     names = list(spec.fields)
@@ -256,57 +523,15 @@ def build(
         return {k: out[k].astype(_np_dtype(spec.fields[k][1])) for k in names}
 
     fn = jax.jit(forward, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-    tmp = None
-    if path is not None:
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        arrays = {}
-        for name, (shape, dtype) in spec.fields.items():
-            if tmp is None:
-                arrays[name] = np.empty((n, *shape), _np_dtype(dtype))
-            else:
-                arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "w+")
-        start_time = time.time()
-        for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]}):
-            x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
-            out = jax.device_get(fn(variables, x))
-            count = rows.stop - rows.start  # the padding is not stored
-            for name in names:
-                arrays[name][rows] = out[name][:count]
-            done = rows.stop
-            logging.log_every_n_seconds(
-                logging.INFO, "Caching: %d/%d examples (%.1f examples/s)", 30, done, n,
-                done / max(time.time() - start_time, 1e-9))
-        labels = np.asarray(labels, np.int32)
-        if tmp is None:
-            return Cache(spec, arrays, labels, None)
-        for a in arrays.values():
-            a.flush()
-        label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "w+")
-        label_file[:] = labels
-        label_file.flush()
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(_meta(spec), f)
-        del arrays, label_file
-        if os.path.exists(path) and open_cache(path, spec) is None:
-            shutil.rmtree(path)  # a cache of other shapes (an older run's): replace it
-        try:
-            os.replace(tmp, path)
-            tmp = None
-        except OSError:
-            # Another run finished the same cache first (renaming onto a non-empty directory
-            # fails): use theirs, which has the same contents.
-            logging.info("Cache %s was built concurrently by another run; using it.", path)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("Cached %d examples in %s (%.1f s).", n, path, time.time() - start_time)
-    cache = open_cache(path, spec)
-    if cache is None:
-        raise RuntimeError(f"The cache just built in {path} cannot be read back")
-    return cache
+    progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
+    for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]}):
+        x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
+        out = jax.device_get(fn(variables, x))
+        count = rows.stop - rows.start  # the padding is not stored
+        for name in names:
+            arrays[name][rows] = out[name][:count]
+        progress.update(count)
+    progress.done()
 
 
 def host_batches(

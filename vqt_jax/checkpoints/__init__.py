@@ -125,7 +125,8 @@ def load(
     Raises:
       FileNotFoundError: the file does not exist.
       CheckpointError (a ValueError): unreadable file, unknown layout, another architecture
-        than the model, unknown or missing keys, or mismatched shapes; each names the problem.
+        than the model, unknown or missing keys, mismatched shapes, or NaN/inf weights; each
+        names the problem.
       ValueError: image_size is not a multiple of the patch size or does not match the model.
     """
     params = flax.traverse_util.flatten_dict(dict(variables["params"]), sep="/")
@@ -197,6 +198,16 @@ def load(
     ]
     if bad:
         raise CheckpointError(f"{path}: shapes do not match the model:\n  " + "\n  ".join(bad))
+
+    # NaN/inf weights load silently and only show up later as a diverging loss, which looks
+    # like a learning-rate problem; name them here.
+    nonfinite = files.nonfinite_keys(canon)
+    if nonfinite:
+        n = len(nonfinite)
+        raise CheckpointError(
+            f"{path}: {n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf values, "
+            f"e.g. {', '.join(nonfinite[:3])}"
+        )
 
     new = dict(params)
     for k, v in canon.items():

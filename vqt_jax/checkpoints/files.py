@@ -5,36 +5,66 @@ often have none):
   * numpy `.npz` (big_vision and the original vision_transformer releases);
   * PyTorch's zip serialisation (`torch.save`, `.pth`/`.pt`/`.bin`), read by a restricted
     unpickler that only rebuilds tensors and containers, so no code from the file ever runs and
-    torch need not be installed;
+    torch need not be installed; every tensor record is checked against its storage before any
+    byte is read, so a crafted file cannot make the reader touch memory outside the storage;
   * `.safetensors`.
 
 Paths may be local, `gs://...` (and anything else etils.epath / tf.io.gfile opens), or
-`http(s)://...` (downloaded once into a cache directory, atomically).
+`http(s)://...` (downloaded once into a cache directory, atomically: a download that is cut
+short, stalls, or is not a complete checkpoint never enters the cache).
+
+Every error for a bad file is one `CheckpointError` (a ValueError) or `FileNotFoundError` whose
+message names the path (for a download: the URL and the cached file) and the problem.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import http.client
 import io
 import json
+import math
 import os
 import pickle
 import struct
 import tempfile
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
+from absl import logging
+
+from vqt_jax.progress import Progress
 
 _CACHE_ENV = "VQT_JAX_CACHE"
+_STALL_ENV = "VQT_JAX_DOWNLOAD_STALL_S"
+_DEFAULT_STALL_S = 60.0
+# A transfer that brings fewer bytes than this in a whole stall window counts as stalled: a
+# server trickling a byte now and then would otherwise keep the socket timeout from ever firing.
+_STALL_MIN_BYTES = 64 * 1024
+_CHUNK = 1 << 20
+_PROGRESS_EVERY_S = 10.0
+# The first bytes of a download, enough to tell a checkpoint from an HTML page and to quote it.
+_HEAD_BYTES = 48
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line: remote file systems raise multi-line, very long errors."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def cache_dir() -> str:
@@ -42,30 +72,294 @@ def cache_dir() -> str:
     return os.environ.get(_CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "vqt_jax"))
 
 
-def _download(url: str) -> str:
-    """Downloads an http(s) URL into the cache (once) and returns the local path.
-
-    The file is written under a temporary name and renamed when complete, so an interrupted
-    download never leaves a partial checkpoint behind.
-    """
+def cache_path(url: str) -> str:
+    """The local file an http(s) URL is (or will be) cached as."""
     parsed = urllib.parse.urlparse(url)
     name = os.path.basename(parsed.path) or "checkpoint"
     sub = (parsed.netloc + os.path.dirname(parsed.path)).replace("/", "_").replace(":", "_")
-    local_dir = os.path.join(cache_dir(), sub)
-    local = os.path.join(local_dir, name)
+    return os.path.join(cache_dir(), sub, name)
+
+
+def stall_seconds() -> float:
+    """Seconds a download may go without real progress: $VQT_JAX_DOWNLOAD_STALL_S or 60."""
+    raw = os.environ.get(_STALL_ENV)
+    if raw is None or raw == "":
+        return _DEFAULT_STALL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise CheckpointError(f"{_STALL_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+# --- downloads --------------------------------------------------------------------------------
+
+
+def _open_part(fd: int) -> BinaryIO:
+    """Opens the temporary download file; a seam that tests use to simulate a full disk."""
+    return os.fdopen(fd, "wb")
+
+
+def _stalled(url: str, received: int, total: int | None, stall_s: float, why: str) -> str:
+    of = f" of {total}" if total is not None else ""
+    return (f"Could not download {url}: the transfer stalled ({why}); {received}{of} bytes "
+            f"arrived in all; nothing was cached (to wait longer, set {_STALL_ENV}; it is "
+            f"{stall_s:g} s now)")
+
+
+def _fetch(url: str, out: BinaryIO) -> None:
+    """Streams `url` into `out`.
+
+    Raises CheckpointError (naming the URL) if the server refuses, stalls, sends fewer bytes
+    than its Content-Length, or sends something that does not start like a checkpoint.
+    """
+    stall_s = stall_seconds()
+    try:
+        # The socket timeout catches a server that goes silent; the window below catches one
+        # that keeps the socket alive with a trickle.
+        resp = urllib.request.urlopen(url, timeout=stall_s)
+    except TimeoutError as e:  # socket.timeout is TimeoutError
+        raise CheckpointError(_stalled(url, 0, None, stall_s, f"no answer in {stall_s:g} s")) from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            why = f"no answer in {stall_s:g} s"
+            raise CheckpointError(_stalled(url, 0, None, stall_s, why)) from e
+        raise CheckpointError(
+            f"Could not download {url}: {_one_line(e)}; nothing was cached"
+        ) from e
+    except (OSError, http.client.HTTPException) as e:
+        # getresponse() is outside urllib's URLError wrapping (e.g. RemoteDisconnected).
+        raise CheckpointError(
+            f"Could not download {url}: {_one_line(e)}; nothing was cached"
+        ) from e
+    with resp:
+        content_type = resp.headers.get("Content-Type") or "no content type"
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length is not None and length.strip().isdigit() else None
+        progress = Progress(f"Downloading {url}", total, "bytes", every_s=_PROGRESS_EVERY_S)
+        head = b""
+        received = 0
+        window_start, window_bytes = time.monotonic(), 0
+        while True:
+            try:
+                chunk = resp.read1(_CHUNK)
+            except TimeoutError as e:
+                why = f"no data for {stall_s:g} s"
+                raise CheckpointError(_stalled(url, received, total, stall_s, why)) from e
+            except (OSError, http.client.HTTPException) as e:
+                raise CheckpointError(
+                    f"Could not download {url}: the connection failed after {received} bytes "
+                    f"({_one_line(e)}); nothing was cached"
+                ) from e
+            if not chunk:
+                break
+            if len(head) < _HEAD_BYTES:
+                head += chunk[: _HEAD_BYTES - len(head)]
+                if len(head) == _HEAD_BYTES:
+                    _check_head(url, head, content_type)
+            out.write(chunk)
+            received += len(chunk)
+            window_bytes += len(chunk)
+            progress.update(len(chunk))
+            now = time.monotonic()
+            if now - window_start >= stall_s:
+                if window_bytes < _STALL_MIN_BYTES:
+                    why = (f"{window_bytes} bytes in the last {now - window_start:.1f} s, "
+                           f"fewer than {_STALL_MIN_BYTES}")
+                    raise CheckpointError(_stalled(url, received, total, stall_s, why))
+                window_start, window_bytes = now, 0
+        if len(head) < _HEAD_BYTES:
+            _check_head(url, head, content_type)
+        if total is not None and received != total:
+            raise CheckpointError(
+                f"Could not download {url}: the server announced {total} bytes (Content-Length) "
+                f"but sent {received}; nothing was cached"
+            )
+        progress.done()
+
+
+def _kind_of_head(head: bytes) -> str | None:
+    """The container a file's first bytes announce ('zip' or 'safetensors'), or None."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
+def _check_head(url: str, head: bytes, content_type: str) -> None:
+    # Fail on the first bytes: an HTML login or error page served with HTTP 200 is common.
+    if _kind_of_head(head) is None:
+        raise CheckpointError(
+            f"Could not download {url}: not a checkpoint: the server sent {content_type}, "
+            f"starting {head!r}; nothing was cached"
+        )
+
+
+def _check_complete(path: str) -> None:
+    """Raises CheckpointError (without a path) unless `path` is a complete zip or safetensors.
+
+    A body cut short without a Content-Length looks like a finished download; the containers
+    say their own length (zip: the central directory at the end; safetensors: the offsets).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+        kind = _kind_of_head(head)
+        if kind == "zip":
+            try:
+                # The central directory is at the very end: a cut file has none.
+                with zipfile.ZipFile(f) as z:
+                    infos = z.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                raise CheckpointError(
+                    f"the file is incomplete: the zip archive's central directory cannot be read "
+                    f"({_one_line(e)})"
+                ) from None
+            for info in infos:
+                end = info.header_offset + info.compress_size
+                if end > size:
+                    raise CheckpointError(
+                        f"the file is incomplete: zip member {info.filename!r} ends at byte "
+                        f"{end}, past the end of the {size}-byte file"
+                    )
+        elif kind == "safetensors":
+            header, body_start = _safetensors_header(f, size)
+            ends = [
+                info["data_offsets"][1]
+                for name, info in header.items()
+                if name != "__metadata__" and isinstance(info, dict)
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and isinstance(info["data_offsets"][1], int)
+            ]
+            expected = body_start + max(ends, default=0)
+            if expected != size:
+                raise CheckpointError(
+                    f"the file is incomplete: the safetensors header describes {expected} "
+                    f"bytes but the file has {size}"
+                )
+        else:
+            raise CheckpointError(f"not a checkpoint: the file starts with {head!r}")
+
+
+def _download(url: str) -> str:
+    """Downloads an http(s) URL into the cache (once) and returns the local path.
+
+    The file is written under a temporary name and renamed only once it is complete (length as
+    announced, container intact), so a failed download never leaves a partial checkpoint behind.
+
+    Raises:
+      CheckpointError: naming the URL, if the download fails; nothing is cached then.
+    """
+    local = cache_path(url)
     if os.path.exists(local):
         return local
-    os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{name}.", suffix=".part")
+    local_dir = os.path.dirname(local)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            while chunk := resp.read(1 << 22):
-                out.write(chunk)
+        os.makedirs(local_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{os.path.basename(local)}.",
+                                   suffix=".part")
+    except OSError as e:
+        raise CheckpointError(
+            f"Could not download {url}: cannot write to the cache directory {local_dir} "
+            f"({_one_line(e)}); set ${_CACHE_ENV} to a writable directory"
+        ) from None
+    try:
+        try:
+            try:
+                out = _open_part(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            with out:
+                _fetch(url, out)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(
+                    f"no space left on device writing {tmp} for {url}; nothing was cached "
+                    f"(free some space or point ${_CACHE_ENV} at another disk)"
+                ) from None
+            raise CheckpointError(
+                f"Could not download {url}: {_one_line(e)} (writing {tmp}); nothing was cached"
+            ) from None
+        try:
+            _check_complete(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(f"Could not download {url}: {e}; nothing was cached") from None
         os.replace(tmp, local)
-    except Exception as e:
-        os.unlink(tmp)
-        raise CheckpointError(f"Could not download {url}: {e}") from e
+    except BaseException:
+        # Whatever went wrong (even Ctrl-C), no partial file stays next to the cache.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return local
+
+
+# --- opening files ----------------------------------------------------------------------------
+
+
+class _RemoteError(Exception):
+    """A remote file system's own error while reading, kept apart from a corrupt file."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(_one_line(cause))
+        self.cause = cause
+
+
+class _Guarded:
+    """Wraps a remote file so that any error its methods raise becomes a `_RemoteError`.
+
+    Readers catch OSError/ValueError as signs of a corrupt file; a permission or network error
+    from gcs must not be reported as one.
+    """
+
+    def __init__(self, f: Any):
+        self._f = f
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._f, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                raise _RemoteError(e) from e
+
+        return call
+
+    def __enter__(self) -> _Guarded:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._f.close()
+        except Exception:  # A failed close after a failed read must not hide the first error.
+            if exc[0] is None:
+                raise
+
+
+def _open_remote(path: str) -> _Guarded:
+    from etils import epath  # Remote file systems only; gs:// goes through tf.io.gfile.
+
+    try:
+        p = epath.Path(path)
+        exists = p.exists()
+    except Exception as e:
+        # TF raises tensorflow.errors.OpError subclasses, etils/gcsfs others; none is a
+        # ValueError, so main.py would print a traceback without this.
+        raise CheckpointError(f"{path}: cannot reach the remote file ({_one_line(e)})") from None
+    if not exists:
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        return _Guarded(p.open("rb"))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot open the remote file ({_one_line(e)})") from None
 
 
 def open_file(path: str) -> BinaryIO:
@@ -73,6 +367,7 @@ def open_file(path: str) -> BinaryIO:
 
     Raises:
       FileNotFoundError: naming the path, if it does not exist.
+      CheckpointError: naming the path, if a download or the remote file system fails.
     """
     if path.startswith(("http://", "https://")):
         path = _download(path)
@@ -80,12 +375,7 @@ def open_file(path: str) -> BinaryIO:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return open(path, "rb")
-    from etils import epath  # Remote file systems only; gs:// goes through tf.io.gfile.
-
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
-    return p.open("rb")
+    return _open_remote(path)  # type: ignore[return-value]
 
 
 # --- numpy .npz -------------------------------------------------------------------------------
@@ -117,11 +407,36 @@ _TORCH_STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+# Tensors may overlap their storage (expand(), as_strided()); materialising one is a copy of
+# numel elements, so a crafted record could ask for terabytes from a few bytes. Weight files
+# never hold large overlapping tensors.
+_MAX_OVERLAPPING_BYTES = 64 << 20
+_MAX_NESTING = 64
 
 
 class _StorageType:
     def __init__(self, name: str):
+        self.name = name
         self.dtype = np.dtype(_TORCH_STORAGE_DTYPES[name])
+
+
+class _UnsupportedStorageType:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _StorageRef:
+    """A storage named by the pickle; read from the zip only when a tensor needs it."""
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRecord:
+    """A tensor as the pickle describes it; checked and copied out once its name is known."""
+
+    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
 class _Opaque:
@@ -137,27 +452,20 @@ class _Opaque:
         return _Opaque()
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any):
-    if not size:
-        return storage[offset].copy()
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
-    )
-    return np.array(view)
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRecord:
+    return _TensorRecord(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data: np.ndarray, *_: Any) -> np.ndarray:
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
 
 
 class _TorchUnpickler(pickle.Unpickler):
-    """Rebuilds a torch state dict as numpy arrays; never imports or runs code from the file."""
+    """Rebuilds a torch state dict as tensor records; never imports or runs code from the file."""
 
-    def __init__(self, f: BinaryIO, load_storage: Callable[[str, np.dtype], np.ndarray]):
+    def __init__(self, f: BinaryIO):
         super().__init__(f)
-        self._load_storage = load_storage
-        self._storages: dict[str, np.ndarray] = {}
+        self._storages: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
@@ -166,76 +474,266 @@ class _TorchUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
             return _StorageType(name)
+        if module == "torch" and name.endswith("Storage"):
+            return _UnsupportedStorageType(name)
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "builtins" and name in ("dict", "list", "tuple", "set", "slice"):
             return {"dict": dict, "list": list, "tuple": tuple, "set": set, "slice": slice}[name]
         return _Opaque
 
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"Unsupported torch storage record {pid!r}")
-        if key not in self._storages:
-            self._storages[key] = self._load_storage(key, storage_type.dtype)
-        return self._storages[key]
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unsupported torch persistent record {pid!r:.200}")
+        _, storage_type, key, _location, numel = pid
+        if isinstance(storage_type, _UnsupportedStorageType):
+            raise CheckpointError(
+                f"storage {key!r} has type torch.{storage_type.name}, which is not supported "
+                f"(supported: {', '.join(sorted(_TORCH_STORAGE_DTYPES))})"
+            )
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
+            raise CheckpointError(f"unsupported torch storage record {pid!r:.200}")
+        if not _is_int(numel) or numel < 0:
+            raise CheckpointError(f"storage {key!r} has an invalid element count {numel!r:.50}")
+        ref = self._storages.get(key)
+        if ref is None:
+            ref = self._storages[key] = _StorageRef(key, storage_type.dtype, numel)
+        elif (ref.dtype, ref.numel) != (storage_type.dtype, numel):
+            raise CheckpointError(f"storage {key!r} is declared twice with different types/sizes")
+        return ref
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_record(rec: _TensorRecord, name: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Checks a tensor record against its storage; returns (offset, size, stride).
+
+    Nothing is read or viewed before this passes: as_strided trusts its arguments, so an
+    unchecked record could read memory outside the storage or crash the process.
+    """
+    st = rec.storage
+    if not isinstance(st, _StorageRef):
+        raise CheckpointError(f"tensor {name!r}: its storage is not a torch storage record")
+    where = f"tensor {name!r} (storage {st.key!r}: {st.numel} {st.dtype} elements)"
+    offset, size, stride = rec.offset, rec.size, rec.stride
+    sequences = isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+    if not (_is_int(offset) and sequences and all(map(_is_int, size))
+            and all(map(_is_int, stride))):
+        raise CheckpointError(
+            f"{where}: offset, size and stride must be integers, got offset={offset!r:.50}, "
+            f"size={size!r:.100}, stride={stride!r:.100}"
+        )
+    size, stride = tuple(size), tuple(stride)
+    detail = f"offset={offset}, size={size}, stride={stride}"
+    if len(size) != len(stride) or len(size) > 32:
+        raise CheckpointError(f"{where}: size and stride do not describe a tensor ({detail})")
+    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise CheckpointError(f"{where}: negative offset, size or stride ({detail})")
+    numel = math.prod(size)
+    if numel == 0:
+        return offset, size, stride  # An empty tensor reads nothing.
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= st.numel:
+        raise CheckpointError(
+            f"{where}: the tensor reaches element {last}, past the end of its storage ({detail})"
+        )
+    if numel > st.numel and numel * st.dtype.itemsize > _MAX_OVERLAPPING_BYTES:
+        raise CheckpointError(
+            f"{where}: the tensor has {numel} elements, more than its storage holds, and is too "
+            f"large to expand ({detail})"
+        )
+    return offset, size, stride
 
 
 def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
     with zipfile.ZipFile(f) as z:
-        names = z.namelist()
-        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        infos = {i.filename: i for i in z.infolist()}
+        pkl = next((n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"), None)
         if pkl is None:
             raise CheckpointError("zip archive holds neither .npy arrays nor a torch data.pkl")
         root = pkl[: -len("data.pkl")]
+        loaded: dict[str, np.ndarray] = {}
 
-        def load_storage(key: str, dtype: np.dtype) -> np.ndarray:
-            return np.frombuffer(z.read(f"{root}data/{key}"), dtype=dtype)
+        def storage(ref: _StorageRef, name: str, read: bool = True) -> np.ndarray | None:
+            """The storage's elements, after checking that its zip member exists and fits."""
+            if ref.key not in loaded:
+                member = f"{root}data/{ref.key}"
+                info = infos.get(member)
+                if info is None:
+                    raise CheckpointError(
+                        f"tensor {name!r}: its storage {ref.key!r} is missing from the archive "
+                        f"(no member {member!r})"
+                    )
+                expected = ref.numel * ref.dtype.itemsize
+                if info.file_size != expected:
+                    raise CheckpointError(
+                        f"tensor {name!r}: storage {ref.key!r} holds {info.file_size} bytes but "
+                        f"its record says {ref.numel} {ref.dtype} elements ({expected} bytes)"
+                    )
+                if not read:
+                    return None
+                loaded[ref.key] = np.frombuffer(z.read(member), dtype=ref.dtype)
+            return loaded[ref.key]
+
+        def tensor(rec: _TensorRecord, name: str) -> np.ndarray:
+            offset, size, stride = _check_record(rec, name)
+            dtype = rec.storage.dtype
+            if math.prod(size) == 0:
+                storage(rec.storage, name, read=False)  # An empty tensor reads nothing.
+                return np.zeros(size, dtype)
+            data = storage(rec.storage, name)
+            view = np.lib.stride_tricks.as_strided(
+                data[offset:], shape=size, strides=tuple(s * dtype.itemsize for s in stride)
+            )
+            return np.array(view)
+
+        seen: set[int] = set()
+
+        def materialise(obj: Any, name: str, depth: int) -> Any:
+            if isinstance(obj, _TensorRecord):
+                return tensor(obj, name)
+            if not isinstance(obj, (dict, list, tuple)) or id(obj) in seen:
+                return obj
+            if depth > _MAX_NESTING:
+                raise CheckpointError(f"{name!r}: containers nested over {_MAX_NESTING} deep")
+            prefix = f"{name}/" if name else ""
+            if isinstance(obj, tuple):
+                return tuple(materialise(v, f"{prefix}{i}", depth + 1) for i, v in enumerate(obj))
+            seen.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for k, v in list(items):
+                obj[k] = materialise(v, f"{prefix}{k}", depth + 1)
+            return obj
 
         with z.open(pkl) as p:
-            return _TorchUnpickler(io.BytesIO(p.read()), load_storage).load()
+            records = _TorchUnpickler(io.BytesIO(p.read())).load()
+        return materialise(records, "", 0)
 
 
 # --- safetensors ------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
 
+def _file_size(f: BinaryIO) -> int:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    return size
+
+
+def _safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
+    """Reads the header of a safetensors file at its start; returns (header, body start)."""
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"the file is only {size} bytes, too short for safetensors")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+        raise CheckpointError(
+            f"safetensors header is longer than the file (truncated?): {n} bytes announced, "
+            f"{size - 8} present"
+        )
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def _safetensors_entry(name: str, info: Any, body_len: int) -> tuple[np.dtype, list, int, int]:
+    """Checks one header entry; returns (dtype, shape, begin, end)."""
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+        raise CheckpointError(
+            f"tensor {name!r}: the header entry needs dtype, shape and data_offsets, "
+            f"got {info!r:.100}"
+        )
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype_name not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"tensor {name!r} has dtype {dtype_name!r:.30}, which this reader does not support "
+            f"(supported: {', '.join(sorted(_SAFETENSORS_DTYPES))})"
+        )
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CheckpointError(f"tensor {name!r}: invalid shape {shape!r:.100}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"tensor {name!r}: invalid data_offsets {offsets!r:.100}")
+    begin, end = offsets
+    if end > body_len:
+        raise CheckpointError(
+            f"tensor {name!r} runs past the end of the file (truncated?): its data ends at byte "
+            f"{end} of a {body_len}-byte data section"
+        )
+    dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+    need = math.prod(shape) * dtype.itemsize
+    if need != end - begin:
+        raise CheckpointError(
+            f"tensor {name!r}: shape {shape} of {dtype_name} needs {need} bytes but its "
+            f"data_offsets [{begin}, {end}] hold {end - begin}"
+        )
+    return dtype, shape, begin, end
+
+
 def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
-    data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise CheckpointError("safetensors header is longer than the file (truncated?)")
-    header = json.loads(data[8 : 8 + n])
-    body = memoryview(data)[8 + n :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if end > len(body):
+    size = _file_size(f)
+    header, body_start = _safetensors_header(f, size)
+    entries = {
+        name: _safetensors_entry(name, info, size - body_start)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    arrays = {}
+    # In file order: one sequential pass, each tensor read straight into its own buffer (no
+    # second copy of the whole file in memory).
+    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
+        f.seek(body_start + begin)
+        buf = bytearray(end - begin)
+        got = _read_into(f, buf)
+        if got != len(buf):
             raise CheckpointError(f"tensor {name!r} runs past the end of the file (truncated?)")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        out[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(info["shape"]).copy()
-    return out
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return {name: arrays[name] for name in entries}
+
+
+def _read_into(f: BinaryIO, buf: bytearray) -> int:
+    readinto = getattr(f, "readinto", None)
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            chunk = f.read(len(buf) - got)
+            n = len(chunk)
+            view[got : got + n] = chunk
+        if not n:
+            break
+        got += n
+    return got
 
 
 # --- dispatch ---------------------------------------------------------------------------------
 
 
 def _container(head: bytes, f: BinaryIO) -> str:
-    if head[:4] == b"PK\x03\x04":
+    kind = _kind_of_head(head)
+    if kind == "zip":
         with zipfile.ZipFile(f) as z:
             names = z.namelist()
         f.seek(0)
         return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
+    return kind or "unknown"
 
 
 _READERS: dict[str, Callable[[BinaryIO], dict[str, Any]]] = {
@@ -243,6 +741,62 @@ _READERS: dict[str, Callable[[BinaryIO], dict[str, Any]]] = {
     "torch": _read_torch_zip,
     "safetensors": _read_safetensors,
 }
+
+
+def _parse(f: BinaryIO) -> tuple[str, dict[str, Any]]:
+    """Reads an opened checkpoint; every failure is a CheckpointError without the path."""
+    try:
+        head = f.read(16)
+        f.seek(0)
+        kind = _container(head, f)
+        if kind == "unknown":
+            raise CheckpointError(
+                "not a recognised checkpoint (expected .npz, torch zip or .safetensors)"
+            )
+        return kind, _READERS[kind](f)
+    except (CheckpointError, _RemoteError):
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, struct.error,
+            pickle.UnpicklingError, json.JSONDecodeError, IndexError, TypeError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint, the file is truncated or corrupt ({_one_line(e)})"
+        ) from None
+
+
+def _read_path(path: str, label: str) -> tuple[str, dict[str, Any]]:
+    with open_file(path) as f:
+        try:
+            return _parse(f)
+        except CheckpointError as e:
+            raise CheckpointError(f"{label}: {e}") from None
+        except _RemoteError as e:
+            raise CheckpointError(f"{label}: cannot read the remote file ({e})") from None
+
+
+def _read_url(url: str) -> tuple[str, dict[str, Any]]:
+    local = cache_path(url)
+    label = f"{url} (cached at {local})"
+    was_cached = os.path.exists(local)
+    path = _download(url)  # Its errors name the URL; nothing is cached then.
+    try:
+        return _read_path(path, label)
+    except CheckpointError as e:
+        if not was_cached:
+            raise CheckpointError(
+                f"{e}; the file was just downloaded (remove the cached copy with: rm {local})"
+            ) from None
+        # A file that was fine when it entered the cache was damaged since (a full disk, a
+        # killed copy, bit rot): one fresh download usually fixes it.
+        logging.warning("%s; deleting the cached file %s and downloading it again", e, local)
+        os.unlink(local)
+    path = _download(url)
+    try:
+        return _read_path(path, label)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}; the cached file was deleted and downloaded again and still cannot be read, so "
+            f"the file on the server is likely bad (remove the cached copy with: rm {local})"
+        ) from None
 
 
 def read(path: str) -> tuple[str, dict[str, Any]]:
@@ -257,23 +811,39 @@ def read(path: str) -> tuple[str, dict[str, Any]]:
 
     Raises:
       FileNotFoundError: the file does not exist.
-      CheckpointError: the file is truncated, corrupt or not a checkpoint.
+      CheckpointError: the file is truncated, corrupt or not a checkpoint, its download failed,
+        or the remote file system failed; the message names the path (and the cached file).
     """
-    with open_file(path) as f:
-        head = f.read(16)
-        f.seek(0)
-        try:
-            kind = _container(head, f)
-            if kind == "unknown":
-                raise CheckpointError(
-                    "not a recognised checkpoint (expected .npz, torch zip or .safetensors)"
-                )
-            return kind, _READERS[kind](f)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, struct.error,
-                pickle.UnpicklingError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"{path}: cannot read checkpoint, the file is truncated or corrupt "
-                f"({type(e).__name__}: {e})"
-            ) from None
+    if path.startswith(("http://", "https://")):
+        return _read_url(path)
+    return _read_path(path, path)
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    try:
+        ml_dtypes.finfo(dtype)  # numpy floats and bfloat16/float8 alike; ints raise.
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether a floating array holds no NaN or inf (always True for other dtypes).
+
+    Works in slices along the first axis, so a large array needs no full-size temporary.
+    """
+    a = np.asarray(a)
+    if not _is_floating(a.dtype):
+        return True
+    if a.ndim == 0 or a.size == 0:
+        return bool(np.isfinite(a).all())
+    step = max(1, (1 << 22) // max(1, a.size // a.shape[0]))
+    return all(bool(np.isfinite(a[i : i + step]).all()) for i in range(0, a.shape[0], step))
+
+
+def nonfinite_keys(arrays: Mapping[str, Any]) -> list[str]:
+    """The keys (sorted) of the floating arrays in `arrays` that hold NaN or inf values."""
+    return sorted(k for k, v in arrays.items() if not all_finite(v))

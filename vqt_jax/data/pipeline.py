@@ -27,7 +27,9 @@ TFDS datasets are never downloaded here: a dataset that is not prepared in `data
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -87,17 +89,37 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "") -
             f"either: {cause}\nPrepare it with a tensorflow-datasets release that can, or copy "
             "an already prepared copy (NAME[/CONFIG]/VERSION folder) into the data dir."
         )
-    dir_flag = f" --data_dir={data_dir}" if data_dir else ""
-    dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
+    dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
     lines = [
         f"{head} Prepare it once, on a machine with internet access:",
-        f"  tfds build '{task.tfds_name}'{dir_flag}",
-        "or, in Python:",
-        f"  tfds.builder({task.tfds_name!r}{dir_arg}).download_and_prepare()",
+        f"  {prepare_command(task.tfds_name, data_dir)}",
+        # The CLI is the usual advice, but its tensorflow-datasets entry point imports
+        # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.
+        f"(The CLI `tfds build '{task.tfds_name}'{dir_flag}` does the same, but needs "
+        f"apache-beam installed in tensorflow-datasets {tfds.__version__}.)",
     ]
     if task.prepare_note:
         lines.append(task.prepare_note)
     return "\n".join(lines)
+
+
+def prepare_command(tfds_name: str, data_dir: str | None) -> str:
+    """A shell command that downloads and prepares a TFDS dataset with only tensorflow-datasets.
+
+    Args:
+        tfds_name: TFDS name with config and version pattern, e.g. ``'dtd:3.*.*'``.
+        data_dir: Where to prepare it (None: TFDS's default data dir).
+    """
+    dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
+    code = (
+        "import tensorflow_datasets as tfds; "
+        f"tfds.builder({tfds_name!r}{dir_arg}).download_and_prepare()"
+    )
+    # Double quotes read best around Python's single-quoted strings; fall back to full shell
+    # quoting when a path holds a character the shell would expand inside them.
+    if not any(c in code for c in '"$`\\!'):
+        return f'python -c "{code}"'
+    return f"python -c {shlex.quote(code)}"
 
 
 def _builder(task: tasks_lib.Task, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -126,14 +148,15 @@ def _source(
     subset: Subset,
     shard_index: int = 0,
     shard_count: int = 1,
-) -> tuple[tf.data.Dataset, int]:
-    """Returns (examples of this shard, number of examples in all shards)."""
+) -> tuple[tf.data.Dataset, int, folder_lib.FolderListing | None]:
+    """Returns (examples of this shard, number of examples in all shards, the image files of a
+    folder task or None)."""
     _check_split(split)
     if task == FOLDER:
         if not data_dir:
             raise ValueError("task='folder' needs data_dir: the root of the image folders.")
         files = folder_lib.listing(data_dir, split, subset)
-        return folder_lib.dataset(files, shard_index, shard_count), len(files.paths)
+        return folder_lib.dataset(files, shard_index, shard_count), len(files.paths), files
 
     spec = tasks_lib.get_task(task)
     tfds_split = _tfds_split(spec, split, subset)
@@ -150,7 +173,24 @@ def _source(
     # sets are small enough that this simplicity is worth it.
     ds = ds.shard(shard_count, shard_index)
     ds = ds.map(spec.convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds, num_examples
+    return ds, num_examples, None
+
+
+def _naming_bad_files(
+    data_dir: str | None, files: folder_lib.FolderListing | None
+) -> contextlib.AbstractContextManager[None]:
+    """For a folder task, turns a decode failure while reading into an error naming the file."""
+    if files is None or data_dir is None:
+        return contextlib.nullcontext()
+    return folder_lib.naming_undecodable(data_dir, files)
+
+
+def _named_errors(
+    batches: Iterator[Batch], data_dir: str | None, files: folder_lib.FolderListing | None
+) -> Iterator[Batch]:
+    """`batches`, with a folder file that fails to decode named in the error (see above)."""
+    with _naming_bad_files(data_dir, files):
+        yield from batches
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -476,12 +516,14 @@ def _eval_batches(
 
 
 def validate(task: str, data_dir: str | None = None, split: str = "val") -> None:
-    """Checks cheaply, before any compilation, that the data of a run can be read.
+    """Checks, before any compilation, that the data of a run can be read.
 
     Checks that the task is known and the split is ``'val'`` or ``'test'``; for a VTAB task,
-    that its TFDS dataset is prepared in `data_dir` and has the VTAB-1k splits; for
-    ``task='folder'``, that the folders the split needs exist, hold images, and have no class
-    that ``train/`` lacks. Reads no images.
+    that its TFDS dataset is prepared in `data_dir` and has the VTAB-1k splits (reads no
+    images); for ``task='folder'``, that the folders the split needs exist, hold images, and
+    have no class that ``train/`` lacks, and that every image of both the training and the
+    evaluation side decodes (so a broken test image fails now, not after training; a set of
+    files that passed is not checked again in the same process).
 
     Args:
         task: VTAB-1k task name, or ``'folder'``.
@@ -489,7 +531,8 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
         split: ``'val'`` or ``'test'``.
 
     Raises:
-        ValueError: Naming what is wrong; `DatasetNotPreparedError` (a ValueError) if the
+        ValueError: Naming what is wrong (for images that do not decode: how many, the first
+            few paths and the decoder's reason); `DatasetNotPreparedError` (a ValueError) if the
             TFDS dataset needs preparing, with the command to run.
     """
     _check_split(split)
@@ -541,8 +584,9 @@ def load_train_examples(
 
     Example i here is example i of `make_train_iterator`'s shuffle (see `train_indices`).
     """
-    examples, num_examples = _source(task, data_dir, split, "train")
-    return _load_arrays(_resized(examples, image_size), num_examples)
+    examples, num_examples, files = _source(task, data_dir, split, "train")
+    with _naming_bad_files(data_dir, files):
+        return _load_arrays(_resized(examples, image_size), num_examples)
 
 
 def make_train_iterator(
@@ -632,7 +676,7 @@ def make_eval_iterator(
     """
     process_index, process_count = _processes(process_index, process_count)
     _local_batch_size(global_batch_size, process_index, process_count)
-    local_examples, num_examples = _source(
+    local_examples, num_examples, files = _source(
         task, data_dir, split, "eval", shard_index=process_index, shard_count=process_count
     )
     ds = _eval_batches(
@@ -645,4 +689,4 @@ def make_eval_iterator(
         local_device_count=local_device_count,
         normalization=normalization,
     )
-    return ds.as_numpy_iterator()
+    return _named_errors(ds.as_numpy_iterator(), data_dir, files)

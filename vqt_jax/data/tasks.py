@@ -145,7 +145,9 @@ _LARGE = "It is a large download (several GB or more); allow time and disk space
 def _manual(what: str) -> str:
     return (
         f"TFDS cannot fetch it by itself: {what} into the manual dir first "
-        "(<data_dir>/downloads/manual by default, or pass --manual_dir)."
+        "(<data_dir>/downloads/manual by default; or pass "
+        "download_config=tfds.download.DownloadConfig(manual_dir=DIR) to download_and_prepare, "
+        "or --manual_dir to tfds build)."
     )
 
 

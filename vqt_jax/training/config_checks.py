@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
 
 from vqt_jax import data, methods
-from vqt_jax.training import optim
 from vqt_jax.checkpoints import split_subtree
 from vqt_jax.models import decode_variant
-from vqt_jax.training import feature_heads
+from vqt_jax.training import feature_heads, optim
 
 SPLITS = ("val", "test")
+KV_DTYPES = ("float32", "bfloat16", "float16")
 NORMALIZATIONS = ("inception", "imagenet")
 # Config fields with a fixed set of values.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -44,11 +45,19 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     for field, allowed in CHOICES.items():
         if field in config and config[field] not in allowed:
             raise ValueError(f"config.{field}={config[field]!r}: choose from {allowed}")
+    for name in ("lr", "wd", "epochs", "warmup_epochs", "max_loss"):
+        value = config.get(name, 0)
+        if not isinstance(value, (int, float)) or math.isnan(value) or (
+                math.isinf(value) and name != "max_loss"):
+            raise ValueError(f"config.{name} must be a finite number, got {value}")
     for name in ("lr", "batch_size", "epochs", "image_size"):
         if not config[name] > 0:
             raise ValueError(f"config.{name} must be > 0, got {config[name]}")
     if config.wd < 0:
         raise ValueError(f"config.wd must be >= 0, got {config.wd}")
+    if config.get("num_devices", 0) < 0:
+        raise ValueError(f"config.num_devices must be >= 0 (0: every device), got "
+                         f"{config.num_devices}")
     if not 0 <= config.warmup_epochs <= config.epochs:
         raise ValueError(
             f"config.warmup_epochs={config.warmup_epochs} must be in [0, epochs={config.epochs}]"
@@ -69,6 +78,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     elif len(n) != 2 or any(len(x) != 3 for x in n):
         raise ValueError(f"config.normalization={n!r}: a (mean, std) pair of 3-tuples")
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    kv_dtype = model.get("kv_dtype")
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise ValueError(f"config.model.kv_dtype={kv_dtype!r}: an unknown dtype; choose from "
+                         f"{KV_DTYPES} (or leave it unset for the compute dtype)")
     patch = model.get("patch_size") or decode_variant(model.get("variant") or "B/16").get(
         "patch_size", (16, 16)
     )

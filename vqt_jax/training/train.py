@@ -1,20 +1,23 @@
 """The training loop: VQT (and the other methods) on VTAB-1k or an image folder.
 
-`train_and_evaluate(config, workdir)` validates the config and data (before any compilation),
-builds the model, loads the pretrained backbone, and trains the method's trainable set with one
-jitted, data-parallel step over a `jax.sharding.Mesh` of every device (batch sharded, parameters
-replicated, buffers donated). It logs through clu (TensorBoard, console, a JSON-lines file),
-checkpoints with orbax (re-running on the same workdir resumes), evaluates at the end with
-padded, masked batches, and writes `workdir/results.json`.
+`train_and_evaluate(config, workdir)` first checks everything it can without compiling or
+writing (`plan_run`: config, devices, every image, the checkpoint, the workdir's recorded
+config), then locks the workdir, records the config (`workdir/config.json`), loads the
+pretrained backbone and trains the method's trainable set with one jitted, data-parallel step
+over a `jax.sharding.Mesh` of every device (batch sharded, parameters replicated, buffers
+donated). It logs through clu (TensorBoard, console, a JSON-lines file), checkpoints with orbax
+(re-running on the same workdir with the same config resumes; a state is checkpointed only once
+it proved finite and sound), evaluates at the end with padded, masked batches, and writes
+`workdir/results.json` (with the whole config).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,17 +27,25 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
 from vqt_jax import checkpoints, data, methods, preparations
-from vqt_jax.training import optim, train_step
-from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.models import create_model
-from vqt_jax.training import checkpointing, config_checks, feature_heads, metrics_io
+from vqt_jax.progress import Progress
+from vqt_jax.training import (
+    checkpointing,
+    config_checks,
+    feature_heads,
+    metrics_io,
+    optim,
+    train_step,
+)
+from vqt_jax.training import trainable as trainable_lib
+from vqt_jax.training import workdir as workdir_lib
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -71,6 +82,9 @@ def optimizer_name(config: ml_collections.ConfigDict) -> str:
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D data-parallel mesh over all devices (or the first `num_devices`)."""
     devices = jax.devices()
+    if num_devices > len(devices):
+        raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} "
+                         f"{devices[0].platform.upper()} devices are available (0: use all)")
     if num_devices:
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), ("data",))
@@ -94,8 +108,12 @@ def _eval_step(model):
     return step
 
 
-def evaluate(model, variables, config, mesh: Mesh, eval_fn=None) -> dict[str, float]:
-    """Top-1 and loss over the evaluation split; each example counted exactly once."""
+def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
+             num_examples: int | None = None) -> dict[str, float]:
+    """Top-1 and loss over the evaluation split; each example counted exactly once.
+
+    `num_examples` (the split's size, if known) gives the progress lines an ETA.
+    """
     batch_sharding = NamedSharding(mesh, P("data"))
     eval_fn = eval_fn or jax.jit(_eval_step(model))
     it = data.make_eval_iterator(
@@ -104,11 +122,16 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None) -> dict[str, fl
         image_size=config.image_size, normalization=data.as_normalization(config.normalization),
         local_device_count=len(mesh.local_devices),
     )
+    split_name = "val" if config.split == "val" else "test"
+    progress = Progress(f"Evaluating on {split_name}", num_examples, "images")
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in it:
         out = eval_fn(variables, _global_batch(batch, batch_sharding))
         for k in totals:
             totals[k] += float(out[k])
+        progress.count = int(totals["count"])
+        progress.update(0)
+    progress.done()
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
             "num_examples": int(totals["count"])}
@@ -184,12 +207,93 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
     )
 
 
-def _write_json_atomically(path: str, obj: dict) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+@dataclasses.dataclass
+class RunPlan:
+    """Everything a run needs that can be known before anything compiles or is written.
+
+    Attributes:
+      config: the config, after its preparation step (`config.prepare`).
+      mesh: the data-parallel mesh.
+      model: the ViT of the config.
+      num_classes, num_train, num_eval: sizes of the task.
+      pretrained: the backbone read from `config.init` into abstract variables (numpy leaves
+        where the checkpoint provides them, shapes elsewhere), or None without `init`.
+      change: the config change the workdir allows (`workdir.check`), or None.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: Any
+    num_classes: int
+    num_train: int
+    num_eval: int
+    pretrained: dict | None
+    change: dict | None
+
+
+def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
+    """Checks a run completely without compiling or writing anything (`main.py --dry_run`).
+
+    Config fields, devices, the data (every image decodes), the checkpoint (readable, finite,
+    matching the model) and the workdir (its recorded config) are checked in that order; the
+    first problem raises one error that names it.
+
+    Raises:
+      ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
+    """
+    config = preparations.apply(config)
+    mesh = make_mesh(config.get("num_devices", 0))
+    config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
+    data.validate(config.task, config.data_dir, config.split)
+    num_classes = data.get_num_classes(config.task, config.data_dir)
+    num_train = data.get_num_examples(config.task, config.data_dir, config.split, "train")
+    num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
+    model = build_model(config, num_classes)
+    pretrained = None
+    if config.init:
+        # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
+        abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
+        pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size)
+    change = workdir_lib.check(workdir, config)
+    return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change)
+
+
+def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
+    return jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+
+
+def _with_pretrained(variables: dict, pretrained: dict | None) -> dict:
+    """`variables` with every leaf the checkpoint provided replaced by the checkpoint's."""
+    if pretrained is None:
+        return variables
+    return jax.tree.map(
+        lambda fresh, loaded: fresh if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
+        variables, pretrained)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a non-finite or diverged loss (or state).
+
+    Attributes:
+      step: the step whose loss was bad.
+      lr: the run's config.lr.
+      resume_step: the step a re-run resumes from (the last good checkpoint; 0 if none).
+    """
+
+    def __init__(self, message: str, step: int, lr: float, resume_step: int):
+        super().__init__(message)
+        self.step, self.lr, self.resume_step = step, lr, resume_step
+
+
+def _healthy(metrics: dict[str, float], max_loss: float) -> bool:
+    loss = metrics["loss"]
+    return math.isfinite(loss) and loss <= max_loss and bool(metrics["state_finite"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -213,34 +317,39 @@ def run(
     Args:
       config: see configs/vtab.py.
       workdir: where checkpoints, logs and results.json go.
-      callbacks: called as cb(step, metrics) after every train step (and after that step's
-        checkpoint, if any); an exception from one stops the run like a kill would.
+      callbacks: called as cb(step, metrics) after every train step; an exception from one
+        stops the run like a kill would. (A checkpoint of step s is written once step s + 1
+        has shown it sound, so a kill at step s loses it.)
 
     Returns:
       (results, the model's final variables).
     """
-    config = preparations.apply(config)
-    mesh = make_mesh(config.get("num_devices", 0))
-    config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
-    data.validate(config.task, config.data_dir, config.split)
-    num_classes = data.get_num_classes(config.task, config.data_dir)
-    num_train = data.get_num_examples(config.task, config.data_dir, config.split, "train")
-
-    is_chief = jax.process_index() == 0
     workdir = os.fspath(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    writer = metrics_io.create_writer(workdir, is_chief)
+    plan = plan_run(config, workdir)
+    is_chief = jax.process_index() == 0
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the workdir ({e.strerror})", workdir) from None
+    # Only the chief locks: with a shared file system the other hosts use the same workdir.
+    with workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext():
+        # Checked again under the lock: another run may have recorded its config meanwhile.
+        plan.change = workdir_lib.check(workdir, plan.config)
+        return _run_locked(plan, workdir, callbacks)
 
-    model = build_model(config, num_classes)
+
+def _run_locked(plan: RunPlan, workdir: str,
+                callbacks: Sequence[Callback]) -> tuple[dict[str, Any], dict[str, Any]]:
+    config, mesh, model = plan.config, plan.mesh, plan.model
+    num_classes, num_train = plan.num_classes, plan.num_train
+    is_chief = jax.process_index() == 0
+
     cache_plan = plan_cache(config, model, num_train, workdir)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    variables = jax.jit(model.init, out_shardings=replicated)(init_rng, dummy)
-    if config.init:
-        variables = checkpoints.load(config.init, variables, image_size=config.image_size)
-        variables = jax.device_put(variables, replicated)
+    variables = jax.jit(model.init, out_shardings=replicated)(init_rng, _dummy_images(config))
+    variables = jax.device_put(_with_pretrained(variables, plan.pretrained), replicated)
 
     rule = trainable_lib.rule_for(config.method)
     trainable, frozen = trainable_lib.partition(variables, rule)
@@ -259,10 +368,13 @@ def run(
     start = int(state.step)
     if start:
         logging.info("Resuming from step %d in %s", start, workdir)
+    if is_chief:
+        # Written before training: the workdir says what it holds even if the run dies.
+        workdir_lib.record(workdir, config, plan.change, start)
+    writer = metrics_io.create_writer(workdir, is_chief)
     if is_chief and start == 0:
         parameter_overview.log_parameter_overview(state.trainable)
-        writer.write_hparams({k: v for k, v in config.to_dict().items()
-                              if isinstance(v, (int, float, str, bool))})
+        writer.write_hparams(workdir_lib.flatten(workdir_lib.as_dict(config)))
 
     cache = None
     if cache_plan is not None and start < total_steps:
@@ -274,6 +386,9 @@ def run(
         trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
                                                 rng)
         metrics["lr"] = schedule(state.step)
+        # Whether the new state (parameters and optimiser moments) is finite: a state with an
+        # inf anywhere can never recover, whatever the lr, so it is never checkpointed.
+        metrics["state_finite"] = _all_finite((trainable, opt_state))
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     jit_step = jax.jit(
@@ -292,40 +407,57 @@ def run(
             image_size=config.image_size, normalization=data.as_normalization(config.normalization),
             seed=config.seed, start_step=start,
         )
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
+    max_loss = config.get("max_loss", math.inf)
     history: list[dict[str, float]] = []
     train_metrics: dict[str, float] = {}
+    progress = Progress("Training", total_steps - start, "steps", every_s=30)
+    # A checkpoint-step state is saved only once the next step, computed from it, proved it
+    # sound (finite, not diverged): a state that merely looks finite (weights of 1e30) must not
+    # become the "last good checkpoint" that a re-run with a lower lr resumes from.
+    pending: tuple[int, TrainState] | None = None
+    last_saved = manager.latest_step() or 0
+
+    def save(step: int, st: TrainState) -> None:
+        nonlocal last_saved
+        checkpointing.save(manager, step, st)
+        last_saved = step
 
     try:
         for step in range(start, total_steps):
             batch = _global_batch(next(train_iter), batch_sharding)
             state, metrics = jit_step(state, frozen, batch, train_rng)
             train_metrics = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(train_metrics["loss"]):
-                raise FloatingPointError(
-                    f"Training loss is {train_metrics['loss']} at step {step + 1} (lr "
-                    f"{train_metrics['lr']:.3g}); stopped. The last good checkpoint in "
-                    f"{workdir}/checkpoints is intact: lower config.lr and re-run to resume."
-                )
-            history.append(train_metrics)
             done = step + 1
-            report(done)
+            if not _healthy(train_metrics, max_loss):
+                pending = None
+                raise _nonfinite(train_metrics, done, start, config, workdir, last_saved,
+                                 max_loss)
+            if pending is not None:
+                save(*pending)
+                pending = None
+            history.append(train_metrics)
+            progress.update()
             if done % log_every == 0 or done == total_steps:
-                avg = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+                avg = {f"train/{k}": float(np.mean([h[k] for h in history]))
+                       for k in history[0] if k != "state_finite"}
                 writer.write_scalars(done, avg)
                 history = []
-            if done % ckpt_every == 0 or done == total_steps:
-                checkpointing.save(manager, done, state)
+            if done == total_steps:
+                save(done, state)  # its own loss was checked; there is no next step
+            elif done % ckpt_every == 0:
+                pending = (done, jax.tree.map(jnp.copy, state))  # state is donated next step
             for cb in callbacks:
                 cb(done, train_metrics)
     finally:
         # Whatever stops the loop, a save in flight completes (orbax commits atomically).
         manager.wait_until_finished()
+    progress.done()
+    train_metrics.pop("state_finite", None)
 
     variables = trainable_lib.merge(state.trainable, frozen)
-    eval_metrics = evaluate(model, variables, config, mesh)
+    eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval)
     split_name = "val" if config.split == "val" else "test"
     writer.write_scalars(total_steps, {f"{split_name}/{k}": v for k, v in eval_metrics.items()})
     writer.flush()
@@ -349,9 +481,37 @@ def run(
             previous = json.load(f)
         results["train_loss"] = previous.get("train_loss")
         results["cached"] = previous.get("cached", False)
+    # What was trained, in full: the workdir's guard makes it the config of every step.
+    results["config"] = workdir_lib.as_dict(config)
+    history_of_changes = workdir_lib.changes(workdir)
+    if history_of_changes:
+        results["config_changes"] = history_of_changes
     if is_chief:
-        _write_json_atomically(results_path, results)
+        workdir_lib.write_json(results_path, results)
     manager.close()
     return results, variables
 
 
+def _nonfinite(metrics: dict[str, float], step: int, start: int,
+               config: ml_collections.ConfigDict, workdir: str, last_saved: int,
+               max_loss: float) -> NonFiniteError:
+    """The error for a bad step, recorded in the workdir so that a lower lr may resume."""
+    loss, lr_now = metrics["loss"], metrics["lr"]
+    if not math.isfinite(loss):
+        what = f"Training loss is {loss}"
+    elif loss > max_loss:
+        what = f"Training loss is {loss:.4g}, over config.max_loss={max_loss:g} (diverged)"
+    else:
+        what = "The trained parameters or optimiser state became non-finite"
+    if step == 1 and start == 0 and lr_now == 0:
+        # The lr was 0: the update cannot be the cause; the weights or the inputs are.
+        message = (f"{what} at step 1 with lr 0: the pretrained weights or the input data hold "
+                   f"non-finite values (config.init={config.init!r}); stopped, nothing saved.")
+    else:
+        where = (f"the last good checkpoint (step {last_saved}) in {workdir}/checkpoints is "
+                 f"intact" if last_saved else "no checkpoint was saved before it")
+        message = (f"{what} at step {step} (lr {lr_now:.3g}); stopped. {where}: re-run with a "
+                   f"lower config.lr to resume from step {last_saved}.")
+    if jax.process_index() == 0:
+        workdir_lib.record_nonfinite_stop(workdir, step, config.lr, message)
+    return NonFiniteError(message, step, config.lr, last_saved)

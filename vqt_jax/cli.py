@@ -1,0 +1,273 @@
+"""main.py's command line: flags, one `error:` line for bad input, `--dry_run`.
+
+    python main.py --config=configs/vtab.py:dtd --workdir=/tmp/vqt/dtd [--config.lr=0.25]
+
+Every problem the user can fix (a config field, the data, the checkpoint, the workdir, the
+disk, a diverged run) ends the process with exit status 2 and one line on stderr that starts
+with ``error:`` and names the field, file or path; no traceback. Anything else is a bug and
+keeps its traceback.
+
+`parse(argv)` and `run(argv)` take their own `flags.FlagValues`, so tests run the exact command
+lines of README.md in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging as py_logging
+import os
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+ENV_DISTRIBUTED = "VQT_DISTRIBUTED"
+# Libraries whose INFO lines drown the run's own (orbax logs every save step by step).
+QUIET_LIBRARIES = ("orbax",)
+
+
+class UsageError(ValueError):
+    """A command line that cannot be parsed (unknown flag or config field, bad value)."""
+
+
+@dataclasses.dataclass
+class Options:
+    """A parsed command line."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    dry_run: bool
+    distributed: bool
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    log_libraries: bool
+    argv: list[str]
+
+
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+    """Defines main.py's flags on `fv` (the global FLAGS, or a fresh FlagValues in tests)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vtab.py:dtd.",
+                                    lock_config=True, flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.",
+                        flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Check the config, data, checkpoint and workdir, then "
+                      "stop before compiling or writing anything.", flag_values=fv)
+    flags.DEFINE_bool("distributed", os.environ.get(ENV_DISTRIBUTED, "") == "1",
+                      "Call jax.distributed.initialize() (multi-host).", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host off Cloud TPU).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host off Cloud TPU).",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host off Cloud TPU).",
+                         flag_values=fv)
+    flags.DEFINE_bool("log_libraries", False, "Keep the INFO logs of libraries (orbax).",
+                      flag_values=fv)
+    return fv
+
+
+def _describe_parse_error(e: BaseException, argv: Sequence[str] = ()) -> str:
+    text = str(e).strip()
+    # ml_collections reports a misspelled field as AttributeError("'lrr'\nDid you mean ...").
+    if isinstance(e, (AttributeError, KeyError)):
+        text = text.replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+        lines = [x.strip().strip("'\"") for x in text.splitlines() if x.strip()]
+        field = lines[0] if lines else text
+        hint = f" ({lines[1]})" if len(lines) > 1 else ""
+        # Name the whole dotted field as the user typed it.
+        for arg in argv:
+            name = arg.split("=")[0].lstrip("-")
+            if name.startswith("config.") and name.split(".")[-1] == field:
+                field = name
+                break
+        return f"{field}: the config has no such field{hint}"
+    return re.sub(r"\s+", " ", text)
+
+
+def parse(argv: Sequence[str], fv: flags.FlagValues | None = None) -> Options:
+    """Parses a main.py command line (argv[0] is the program).
+
+    Raises:
+      UsageError: an unknown flag or config field, a value of the wrong type, a missing
+        --config or --workdir, or a config file that cannot be loaded.
+    """
+    fv = fv if fv is not None else define_flags(flags.FlagValues())
+    argv = list(argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise UsageError(_describe_parse_error(e, argv)) from None
+    except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
+        # Raised while the config file loads or a --config.FIELD override applies.
+        raise UsageError(_describe_parse_error(e, argv)) from None
+    config = fv["config"].value
+    if config is None:
+        raise UsageError("--config is required, e.g. --config=configs/vtab.py:dtd")
+    try:
+        # config_flags defers a config file that failed to load to the first use.
+        config.to_dict()
+    except Exception as e:  # noqa: BLE001 - any failure of the user's config file
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        reason = lines[-1] if lines else type(e).__name__
+        raise UsageError(f"cannot load --config={fv['config'].config_filename}: "
+                         f"{reason}") from None
+    if not fv["workdir"].value:
+        raise UsageError("--workdir is required: where checkpoints, logs and results.json go")
+    return Options(
+        config=fv["config"].value, workdir=fv["workdir"].value, dry_run=fv["dry_run"].value,
+        distributed=fv["distributed"].value, coordinator=fv["coordinator"].value,
+        num_processes=fv["num_processes"].value, process_id=fv["process_id"].value,
+        log_libraries=fv["log_libraries"].value, argv=argv)
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drops INFO (and finer) records logged from inside the QUIET_LIBRARIES packages."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno >= py_logging.WARNING:
+            return True
+        path = record.pathname.replace(os.sep, "/")
+        return not any(f"/{name}/" in path for name in QUIET_LIBRARIES)
+
+
+def quiet_libraries() -> None:
+    """Keeps library logs (orbax) at warning level: they are most of a run's lines otherwise."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietLibraries())
+    for name in QUIET_LIBRARIES:
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug."""
+    from vqt_jax.training import train
+
+    if isinstance(e, UsageError):
+        return str(e)
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
+        where = f" ({e.filename})" if e.filename else ""
+        reason = e.strerror or os.strerror(e.errno)
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{where}: free space and re-run"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write{where}: {reason}; use a writable --workdir"
+        return f"{reason}{where}"
+    if isinstance(e, (ValueError, FileNotFoundError, train.NonFiniteError)):
+        return str(e)
+    if type(e).__module__.startswith("tensorflow") and hasattr(e, "message"):
+        # tf.errors.OpError from a data or gs:// read: its message names the file.
+        return str(e.message)
+    return None
+
+
+def lower_lr_command(argv: Sequence[str], lr: float) -> str:
+    """The same command line with `--config.lr` set to `lr` (replaced, or appended)."""
+    out, replaced = [], False
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--config.lr="):
+            out.append(f"--config.lr={lr:g}")
+            replaced = True
+        elif arg == "--config.lr" and i + 1 < len(argv):
+            out.append(f"--config.lr={lr:g}")
+            replaced, skip = True, True
+        else:
+            out.append(arg)
+    if not replaced:
+        out.append(f"--config.lr={lr:g}")
+    program = out[0]
+    if os.path.basename(program) == "main.py" or program.endswith(".py"):
+        out[0] = "python " + shlex.quote(program)
+        return " ".join([out[0], *(shlex.quote(a) for a in out[1:])])
+    return shlex.join(out)
+
+
+def run(argv: Sequence[str], fv: flags.FlagValues | None = None) -> int:
+    """Runs a main.py command line in this process; returns the exit status.
+
+    Bad input prints one `error:` line on stderr and returns 2.
+    """
+    try:
+        options = parse(argv, fv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_options(options)
+
+
+def run_options(options: Options) -> int:
+    """Runs parsed options (see `run`)."""
+    import jax
+
+    if not options.log_libraries:
+        quiet_libraries()
+    if options.distributed:
+        # CPU devices of different processes talk through gloo (no effect on TPU/GPU); it must
+        # be set before any backend starts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=options.coordinator,
+            num_processes=options.num_processes,
+            process_id=options.process_id,
+        )
+    from vqt_jax.training import train
+
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        if options.dry_run:
+            plan = train.plan_run(options.config, options.workdir)
+            print(dry_run_summary(plan, options.workdir))
+            return 0
+        results = train.train_and_evaluate(options.config, options.workdir)
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = user_error(e)
+        if message is None:
+            raise
+        if isinstance(e, train.NonFiniteError) and e.resume_step is not None:
+            lower = float(f"{e.lr / 10:.3g}")
+            message += f" For example: {lower_lr_command(options.argv, lower)}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2,
+                         sort_keys=True))
+        print(summary(results))
+    return 0
+
+
+def dry_run_summary(plan: Any, workdir: str) -> str:
+    """What a dry run checked, in a few lines."""
+    c = plan.config
+    lines = [
+        "dry run: the command is valid; nothing was compiled or written.",
+        f"  task {c.task} ({c.split}): {plan.num_train} training, {plan.num_eval} evaluation "
+        f"examples, {plan.num_classes} classes",
+        f"  method {c.method}, model {c.model.get('variant')}, init {c.init or 'random'}",
+        f"  devices: {plan.mesh.size}; workdir {workdir}"
+        + (" (resumes the recorded run)" if os.path.exists(os.path.join(workdir, "config.json"))
+           else " (new)"),
+    ]
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    """One line: the method's top-1, then its compressed head's and the baselines' if any."""
+    heads = {results["method"]: results["top1"]}
+    if "compression" in results:
+        heads[f"{results['method']} (compressed)"] = results["compression"]["top1"]
+    for name, r in results.get("baselines", {}).items():
+        heads[name] = r["top1"]
+    split = "val" if results["split"] == "val" else "test"
+    return f"{split} top-1: " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in heads.items())

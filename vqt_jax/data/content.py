@@ -1,0 +1,111 @@
+"""What a run's training data is, as a small JSON-able key that changes when the data does.
+
+The cache of the frozen backbone's outputs (`vqt_jax.cache`) is named by a hash of everything
+its contents depend on. Hashing only the data's *location* would keep serving a stale cache
+after the data changed in place (images moved between classes, files replaced), so the key
+covers the contents as cheaply as can be done without reading the images:
+
+* an image folder: every training file's path (relative to the root), size, modification
+  time (ns) and label, hashed;
+* a TFDS task: the prepared dataset's full name, version (read from its ``dataset_info.json``,
+  never downloaded) and the training split string.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vqt_jax.data import folder as folder_lib
+from vqt_jax.data import pipeline as pipeline_lib
+from vqt_jax.data import tasks as tasks_lib
+
+# Remote (gs://, s3://) stats are one request each: overlap them.
+_REMOTE_STAT_THREADS = 32
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a local or remote file."""
+    if _is_remote(path):
+        st = tf.io.gfile.stat(path)
+        return int(st.length), int(st.mtime_nsec)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _relative(path: str, root: str) -> str:
+    # The key must not change when only the root is spelled differently (trailing slash);
+    # the root itself is part of the cache fingerprint already.
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def _folder_key(data_dir: str, split: str) -> dict[str, Any]:
+    files = folder_lib.listing(data_dir, split, "train")
+    if files.paths and _is_remote(files.paths[0]):
+        with concurrent.futures.ThreadPoolExecutor(_REMOTE_STAT_THREADS) as pool:
+            stats = list(pool.map(_stat, files.paths))
+    else:
+        stats = [_stat(p) for p in files.paths]
+    digest = hashlib.sha256()
+    for path, (size, mtime_ns), label in zip(files.paths, stats, files.labels, strict=True):
+        # One JSON line per file: unambiguous whatever characters the names hold.
+        line = json.dumps([_relative(path, data_dir), size, mtime_ns, label])
+        digest.update(line.encode() + b"\n")
+    return {"task": pipeline_lib.FOLDER, "split": split, "num_files": len(files.paths),
+            "files_sha256": digest.hexdigest()}
+
+
+def _tfds_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
+    spec = tasks_lib.get_task(task)
+    tfds_split = spec.tfds_split(pipeline_lib.SPLITS[split][0])
+    # try_gcs=False: never look for the data on GCS (hangs for minutes without network); the
+    # builder only reads the prepared dataset_info.json here, it downloads nothing.
+    not_prepared = (
+        f"TFDS dataset {spec.tfds_name!r} (VTAB-1k task {task!r}) is not prepared in "
+        f"{data_dir or 'the default TFDS data dir'}; data.validate says how to prepare it.")
+    try:
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
+    except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
+        # E.g. no prepared version matches and this TFDS cannot build one either.
+        raise pipeline_lib.DatasetNotPreparedError(f"{not_prepared} ({e})") from e
+    if not builder.is_prepared():
+        raise pipeline_lib.DatasetNotPreparedError(not_prepared)
+    return {"task": task, "dataset": builder.info.full_name,
+            "version": str(builder.info.version), "split": tfds_split}
+
+
+def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
+    """A key of the training data of a run that changes whenever its contents do.
+
+    Args:
+      task: a VTAB-1k task name, or 'folder'.
+      data_dir: the TFDS data dir (None: TFDS's default), or the image-folder root.
+      split: the config-level split, 'val' or 'test'.
+
+    Returns:
+      A JSON-serialisable dict. For 'folder': the task, split, number of training files and a
+      SHA-256 over each file's relative path, size, mtime_ns and label. For a TFDS task: the
+      task, the prepared dataset's full name and version, and the TFDS training split.
+
+    Raises:
+      ValueError: for an unknown task or split, a missing folder, or a TFDS dataset that is
+        not prepared (`DatasetNotPreparedError`).
+    """
+    if split not in pipeline_lib.SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(pipeline_lib.SPLITS)}.")
+    if task == pipeline_lib.FOLDER:
+        if not data_dir:
+            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
+        return _folder_key(data_dir, split)
+    return _tfds_key(task, data_dir, split)
