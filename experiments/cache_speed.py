@@ -184,7 +184,8 @@ def _report(r: dict) -> str:
     ])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (README's `python experiments/cache_speed.py [--json PATH]`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="B/16")
     parser.add_argument("--image_size", type=int, default=224)
@@ -197,7 +198,11 @@ def main() -> None:
     parser.add_argument("--grid_points", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     r = measure(args.variant, args.image_size, args.images, args.batch, args.num_queries,
                 args.dtype, args.uncached_epochs, args.cached_epochs,
                 grid_points=args.grid_points, epochs=args.epochs)

@@ -336,8 +336,8 @@ def parse_model_fields(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point; returns the results (for tests)."""
+def parser() -> argparse.ArgumentParser:
+    """The command line (README's `python experiments/memory.py [--batch 64] [--json PATH]`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="B/16", help="ViT variant, e.g. B/16 or Ti/16")
     parser.add_argument("--batch", type=int, default=64)
@@ -348,16 +348,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="model fields on top of configs/vtab.py's, e.g. num_prompts=50")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the results (for tests)."""
+    parser_ = parser()
+    args = parser_.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+        parser_.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     try:
         overrides = parse_model_fields(args.model)
         model_fields(overrides)  # fail before compiling anything
     except ValueError as e:
-        parser.error(str(e))
+        parser_.error(str(e))
     print(f"ViT-{args.variant} at {args.image_size}px, batch {args.batch}, on "
           f"{jax.devices()[0].device_kind} ({jax.device_count()} device(s))"
           + (f", model {overrides}" if overrides else ""))

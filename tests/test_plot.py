@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -16,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests import train_utils
+from tests.scripts import load_script
 from vqt_jax import data
 from vqt_jax.models import create_model
 from vqt_jax.training import train
@@ -27,18 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_CLASSES = 3
 
 
-def _load_script(name: str):
-    # experiments/ is not a package: load the script by path, as `python experiments/...` does.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-plot = _load_script("plot")
+plot = load_script("plot")
 
 
 def _config(folder: str):
@@ -162,7 +150,7 @@ def test_eval_images_mix_classes_and_denormalize_inverts(run):
 
 def _write_sweep_csv(directory: Path) -> Path:
     # Written by vtab_sweep.py's own writer, so the reader follows its real format.
-    sweep = _load_script("vtab_sweep")
+    sweep = load_script("vtab_sweep")
     results = [
         sweep.TaskResult("dtd", "natural", 0.125, 1e-3, 0.70, (0.71, 0.72, 0.70)),
         sweep.TaskResult("eurosat", "specialized", 0.25, 0.0, 0.95, (0.94, 0.95, 0.93)),

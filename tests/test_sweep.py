@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import logging
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import ml_collections
 import pytest
 
+from tests.scripts import load_script
 from vqt_jax import methods
 from vqt_jax.training import workdir as workdir_lib
 
@@ -23,17 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"
 
 
-def _load_sweep_module():
-    # experiments/ is not a package: load the script by path, as `python experiments/...` does.
-    spec = importlib.util.spec_from_file_location("vtab_sweep", REPO_ROOT / "experiments" /
-                                                  "vtab_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep_module()
+sweep = load_script("vtab_sweep")
 
 # A small task table with one task per group, so group means can be checked without importing
 # the real table (which pulls in TensorFlow); one test checks the real table separately.

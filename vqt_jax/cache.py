@@ -220,7 +220,7 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
         data_key = content.content_key(config.task, config.data_dir, config.split)
     key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
                model=backbone, task=config.task, data_dir=config.data_dir,
-               split=config.split, image_size=config.image_size,
+               split=config.split, content=dict(data_key), image_size=config.image_size,
                normalization=config.normalization, dtype=config.cache_dtype)
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -52,10 +52,16 @@ class Options:
     argv: list[str]
 
 
-def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
-    """Defines main.py's flags on `fv` (the global FLAGS, or a fresh FlagValues in tests)."""
+def define_flags(fv: flags.FlagValues,
+                 argv: Sequence[str] | None = None) -> flags.FlagValues:
+    """Defines main.py's flags on `fv` (the global FLAGS, or a fresh FlagValues in tests).
+
+    `argv`: the command line the config flag takes its `--config.FIELD` overrides from
+    (config_flags reads them from sys.argv otherwise).
+    """
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vtab.py:dtd.",
-                                    lock_config=True, flag_values=fv)
+                                    lock_config=True, flag_values=fv,
+                                    sys_argv=list(argv) if argv is not None else None)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.",
                         flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Check the config, data, checkpoint and workdir, then "
@@ -98,8 +104,8 @@ def parse(argv: Sequence[str], fv: flags.FlagValues | None = None) -> Options:
       UsageError: an unknown flag or config field, a value of the wrong type, a missing
         --config or --workdir, or a config file that cannot be loaded.
     """
-    fv = fv if fv is not None else define_flags(flags.FlagValues())
     argv = list(argv)
+    fv = fv if fv is not None else define_flags(flags.FlagValues(), argv)
     try:
         fv(argv)
     except flags.Error as e:
@@ -227,7 +233,7 @@ def run_options(options: Options) -> int:
         logging.set_verbosity(logging.WARNING)
     try:
         if options.dry_run:
-            plan = train.plan_run(options.config, options.workdir)
+            plan = train.plan_run(options.config, options.workdir, dry_run=True)
             print(dry_run_summary(plan, options.workdir))
             return 0
         results = train.train_and_evaluate(options.config, options.workdir)
@@ -258,6 +264,7 @@ def dry_run_summary(plan: Any, workdir: str) -> str:
         f"  devices: {plan.mesh.size}; workdir {workdir}"
         + (" (resumes the recorded run)" if os.path.exists(os.path.join(workdir, "config.json"))
            else " (new)"),
+        *(f"  not checked: {note}" for note in plan.notes),
     ]
     return "\n".join(lines)
 

@@ -219,6 +219,7 @@ class RunPlan:
       pretrained: the backbone read from `config.init` into abstract variables (numpy leaves
         where the checkpoint provides them, shapes elsewhere), or None without `init`.
       change: the config change the workdir allows (`workdir.check`), or None.
+      notes: what a dry run could not check (e.g. a checkpoint that is not downloaded yet).
     """
 
     config: ml_collections.ConfigDict
@@ -229,14 +230,17 @@ class RunPlan:
     num_eval: int
     pretrained: dict | None
     change: dict | None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
+def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
+             dry_run: bool = False) -> RunPlan:
     """Checks a run completely without compiling or writing anything (`main.py --dry_run`).
 
     Config fields, devices, the data (every image decodes), the checkpoint (readable, finite,
     matching the model) and the workdir (its recorded config) are checked in that order; the
-    first problem raises one error that names it.
+    first problem raises one error that names it. With `dry_run`, an http(s) checkpoint that
+    is not in the download cache yet is not downloaded (a note says so).
 
     Raises:
       ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
@@ -249,13 +253,19 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
     num_train = data.get_num_examples(config.task, config.data_dir, config.split, "train")
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
     model = build_model(config, num_classes)
-    pretrained = None
-    if config.init:
+    pretrained, notes = None, []
+    url = checkpoints.split_subtree(config.init or "")[0]
+    if dry_run and url.startswith(("http://", "https://")) and not os.path.exists(
+            checkpoints.files.cache_path(url)):
+        notes.append(f"config.init {url} is not downloaded yet: a run downloads it once to "
+                     f"{checkpoints.files.cache_path(url)} and checks it then")
+    elif config.init:
         # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
         abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
         pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size)
     change = workdir_lib.check(workdir, config)
-    return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change)
+    return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
+                   notes)
 
 
 def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
@@ -508,8 +518,8 @@ def _nonfinite(metrics: dict[str, float], step: int, start: int,
         message = (f"{what} at step 1 with lr 0: the pretrained weights or the input data hold "
                    f"non-finite values (config.init={config.init!r}); stopped, nothing saved.")
     else:
-        where = (f"the last good checkpoint (step {last_saved}) in {workdir}/checkpoints is "
-                 f"intact" if last_saved else "no checkpoint was saved before it")
+        where = (f"The last good checkpoint (step {last_saved}) in {workdir}/checkpoints is "
+                 f"intact" if last_saved else "No checkpoint was saved before it")
         message = (f"{what} at step {step} (lr {lr_now:.3g}); stopped. {where}: re-run with a "
                    f"lower config.lr to resume from step {last_saved}.")
     if jax.process_index() == 0:

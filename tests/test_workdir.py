@@ -1,0 +1,190 @@
+"""A workdir says what it holds: config.json, the config guard, the lock, non-finite stops."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import train_utils
+from vqt_jax import cli
+from vqt_jax.training import checkpointing, train
+from vqt_jax.training import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+def snapshot(directory) -> dict[str, tuple[int, int]]:
+    """Every file under `directory`: relative path -> (size, mtime_ns)."""
+    out = {}
+    for base, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(base, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(folder, tmp_path_factory):
+    """A finished tiny run: (config, workdir, results)."""
+    workdir = str(tmp_path_factory.mktemp("finished"))
+    config = train_utils.tiny_config(data_dir=folder, epochs=2)
+    results, _ = train.run(config, workdir)
+    return config, workdir, results
+
+
+def test_workdir_records_the_whole_config(finished):
+    config, workdir, results = finished
+    recorded = json.loads(open(os.path.join(workdir, "config.json")).read())
+    assert recorded == workdir_lib.as_dict(config)
+    assert results["config"] == recorded
+    assert results["config"]["model"]["num_queries"] == config.model.num_queries
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    hparams = next(r["hparams"] for r in rows if "hparams" in r)
+    assert hparams["model.num_queries"] == config.model.num_queries
+    assert hparams["compression.keep_frac"] == config.compression.keep_frac
+    assert hparams["model.width"] == config.model.width
+    assert workdir_lib.load_config(workdir).to_dict() == recorded
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (dict(lr=0.5, wd=0.0), [r"lr: 0\.05 \(recorded\) vs 0\.5 \(now\)",
+                                r"wd: 0\.001 \(recorded\) vs 0\.0 \(now\)"]),
+        (dict(epochs=3), [r"epochs: 2 \(recorded\) vs 3 \(now\)"]),
+        (dict(model={"num_queries": 3}), [r"model\.num_queries: 2 \(recorded\) vs 3 \(now\)"]),
+    ],
+    ids=["lr and wd", "epochs", "num_queries"],
+)
+def test_a_changed_config_stops_before_writing(finished, overrides, named):
+    config, workdir, _ = finished
+    changed = config.copy_and_resolve_references()
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            changed[k].update(v)
+        else:
+            changed[k] = v
+    before = snapshot(workdir)
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+        train.run(changed, workdir)
+    for pattern in named:
+        assert re.search(pattern, str(e.value)), str(e.value)
+    assert snapshot(workdir) == before  # not one byte written, results.json untouched
+
+
+def test_neutral_fields_may_change(finished):
+    config, workdir, results = finished
+    changed = config.copy_and_resolve_references()
+    changed.log_every_steps = 1
+    changed.checkpoint_every_steps = 7
+    changed.eval_batch_size = 16
+    again, _ = train.run(changed, workdir)
+    assert again["top1"] == results["top1"] and again["eval_loss"] == pytest.approx(
+        results["eval_loss"], rel=1e-6)
+
+
+def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
+    """Two runs on one workdir: the second says so at once; the first finishes unharmed."""
+    workdir = tmp_path / "wd"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    first = subprocess.Popen(
+        [sys.executable, "main.py", f"--config=tests/tiny_config.py:{folder}",
+         f"--workdir={workdir}", "--config.epochs=8"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (workdir / "config.json").exists():
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        before = snapshot(workdir / "checkpoints") if (workdir / "checkpoints").exists() else {}
+        start = time.time()
+        code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
+                        f"--workdir={workdir}", "--config.epochs=8"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert re.match(rf"error: workdir {re.escape(str(workdir))} is in use by another run",
+                        err[0]), err
+        assert time.time() - start < 60  # checks only; nothing compiled or trained
+        del before
+    finally:
+        out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["epochs"] == 8 and results["num_eval_examples"] == 15
+    assert "_METADATA" not in out and "Traceback" not in out
+
+
+def _checkpoints_finite(workdir) -> list[int]:
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                   if s.isdigit())
+    mngr = checkpointing.manager(str(workdir), 10)
+    for step in steps:
+        restored = mngr.restore(step)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored)), step
+    return steps
+
+
+def test_nonfinite_stop_then_the_printed_command_resumes_and_finishes(folder, tmp_path, capsys,
+                                                                     monkeypatch):
+    """An absurd lr with a checkpoint every step: the first epoch (lr 0 under the per-epoch
+    warm-up) is sound, the second blows up. The error's own command resumes and finishes."""
+    monkeypatch.chdir(REPO)
+    workdir = tmp_path / "wd"
+    argv = ["main.py", f"--config=tests/tiny_config.py:{folder}", f"--workdir={workdir}",
+            "--config.lr=1e20", "--config.warmup_epochs=1", "--config.epochs=4",
+            "--config.checkpoint_every_steps=1"]
+    assert cli.run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    m = re.match(r"error: Training loss is nan at step (\d+) \(lr 1e\+20\); stopped\. The last "
+                 r"good checkpoint \(step (\d+)\) in .* is intact: re-run with a lower config\.lr"
+                 r" to resume from step \2\. For example: (python main\.py .*)$", err[0])
+    assert m, err[0]
+    bad_step, good_step, command = int(m.group(1)), int(m.group(2)), m.group(3)
+    assert good_step < bad_step
+    assert _checkpoints_finite(workdir)[-1] == good_step  # nothing unsound was saved
+    assert not (workdir / "results.json").exists()
+
+    # Exactly the printed command.
+    assert cli.run(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["lr"] == 1e19 and results["lr"] == 1e19
+    assert results["config_changes"] == [
+        {"resumed_at_step": good_step, "lr": {"from": 1e20, "to": 1e19}}]
+    assert math.isfinite(results["train_loss"])
+    assert json.loads((workdir / "config.json").read_text())["lr"] == 1e19
+    assert not (workdir / workdir_lib.NONFINITE_FILE).exists()
+    # Only that change was allowed: the guard holds again for anything else.
+    with pytest.raises(workdir_lib.WorkdirError, match="lr: 1e"):
+        train.run(train_utils.tiny_config(data_dir=folder, lr=1e18, warmup_epochs=1, epochs=4),
+                  str(workdir))
+
+
+def test_only_a_lower_lr_may_follow_a_nonfinite_stop(folder, tmp_path):
+    config = train_utils.tiny_config(data_dir=folder, lr=1e20, warmup_epochs=1, epochs=4,
+                                     checkpoint_every_steps=1)
+    with pytest.raises(train.NonFiniteError):
+        train.run(config, str(tmp_path))
+    for overrides, pattern in [(dict(lr=1e21), r"lr: 1e\+20 \(recorded\) vs 1e\+21"),
+                               (dict(lr=1e19, wd=0.0), r"wd: 0\.001 \(recorded\) vs 0\.0")]:
+        changed = config.copy_and_resolve_references()
+        changed.update(overrides)
+        with pytest.raises(workdir_lib.WorkdirError, match=pattern):
+            train.run(changed, str(tmp_path))
