@@ -23,7 +23,7 @@ def _parse(argv: list[str]) -> cli.Options:
     try:
         return cli.parse(argv, FLAGS)
     except cli.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
 
 

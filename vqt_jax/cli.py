@@ -159,10 +159,10 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, UsageError):
         return str(e)
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
-        where = f" ({e.filename})" if e.filename else ""
+        where = f" {e.filename}" if e.filename else ""
         reason = e.strerror or os.strerror(e.errno)
         if e.errno == errno.ENOSPC:
-            return f"no space left on device{where}: free space and re-run"
+            return f"no space left on device writing{where}: free space and re-run"
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"cannot write{where}: {reason}; use a writable --workdir"
         return f"{reason}{where}"
@@ -172,6 +172,11 @@ def user_error(e: BaseException) -> str | None:
         # tf.errors.OpError from a data or gs:// read: its message names the file.
         return str(e.message)
     return None
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a list of keys, a command to run) as one line."""
+    return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
 def lower_lr_command(argv: Sequence[str], lr: float) -> str:
@@ -207,7 +212,7 @@ def run(argv: Sequence[str], fv: flags.FlagValues | None = None) -> int:
     try:
         options = parse(argv, fv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return run_options(options)
 
@@ -244,7 +249,7 @@ def run_options(options: Options) -> int:
         if isinstance(e, train.NonFiniteError) and e.resume_step is not None:
             lower = float(f"{e.lr / 10:.3g}")
             message += f" For example: {lower_lr_command(options.argv, lower)}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2,

@@ -190,8 +190,12 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
 
 
 def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
-              mesh: Mesh) -> cache_lib.Cache:
-    """Opens the planned cache if it is complete, else builds it (one backbone pass)."""
+              mesh: Mesh) -> cache_lib.Cache | None:
+    """Opens the planned cache if it is complete, else builds it (one backbone pass).
+
+    A disk too full for the cache is an error with `config.cache='on'`; with 'auto' the run
+    says so and trains without the cache (None).
+    """
     if plan.path is not None:
         cache = cache_lib.open_cache(plan.path, plan.spec)
         if cache is not None:
@@ -200,11 +204,17 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                               config.image_size)
     norm = data.as_normalization(config.normalization)
-    return cache_lib.build(
-        plan.spec, model, variables, images, labels, mesh=mesh,
-        batch_size=config.eval_batch_size or config.batch_size,
-        normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
-    )
+    try:
+        return cache_lib.build(
+            plan.spec, model, variables, images, labels, mesh=mesh,
+            batch_size=config.eval_batch_size or config.batch_size,
+            normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
+        )
+    except cache_lib.DiskSpaceError as e:
+        if config.get("cache", "off") == "on":
+            raise
+        logging.warning("Training without a cache: %s.", e)
+        return None
 
 
 @dataclasses.dataclass
@@ -340,7 +350,7 @@ def run(
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(e.errno, f"cannot create the workdir ({e.strerror})", workdir) from None
+        raise OSError(e.errno, e.strerror, workdir) from None  # name the workdir, not a parent
     # Only the chief locks: with a shared file system the other hosts use the same workdir.
     with workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext():
         # Checked again under the lock: another run may have recorded its config meanwhile.

@@ -1,0 +1,269 @@
+"""Bad input, end to end through main.py's command line: one `error:` line, nothing lost.
+
+Every case runs `main.py`'s own entry (`cli.run`, in-process) on a tiny model and asserts:
+  * exit status 2 and exactly one line on stderr, `error: ...`, naming the problem;
+  * where the cause is knowable before compilation, that the model never compiled
+    (no `jit(init)` reached XLA);
+  * that nothing in the workdir, the download cache or the data changed (every file's size
+    and modification time before and after).
+The details of each area are tested beside it (test_downloads, test_checkpoint_files,
+test_images, test_cache_faults, test_workdir); this table proves each reaches the user as
+one clear line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from jax import monitoring
+
+from tests import test_checkpoint_files as ckpt_files
+from tests import test_downloads as downloads
+from tests import test_images as images
+from tests import train_utils
+from tests.test_workdir import snapshot
+from vqt_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILED: list[str] = []
+monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: COMPILED.append(kw.get("fun_name", ""))
+    if name == "/jax/core/compile/backend_compile_duration" else None)
+MODEL_PROGRAMS = ("jit(init)", "jit(sharded_step)", "jit(forward)")
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("data") / "folder", size=16)
+
+
+@pytest.fixture(scope="module")
+def finished(base_folder, tmp_path_factory):
+    """A finished run of the tiny config through main.py: its workdir."""
+    workdir = str(tmp_path_factory.mktemp("finished") / "wd")
+    assert cli.run(["main.py", f"--config=tests/tiny_config.py:{base_folder}",
+                    f"--workdir={workdir}", "--config.epochs=1"]) == 0
+    return workdir
+
+
+class Case:
+    """What a case needs: a scratch dir, the folder, a workdir, the env (monkeypatch)."""
+
+    def __init__(self, tmp_path, base_folder, finished, monkeypatch, stack):
+        self.tmp, self.finished, self.monkeypatch, self.stack = tmp_path, finished, \
+            monkeypatch, stack
+        self.folder = str(tmp_path / "folder")
+        shutil.copytree(base_folder, self.folder)
+        self.workdir = str(tmp_path / "wd")
+        self.cache = tmp_path / "download_cache"
+        self.cache.mkdir()
+        monkeypatch.setenv("VQT_JAX_CACHE", str(self.cache))
+        monkeypatch.setenv("VQT_JAX_DOWNLOAD_STALL_S", "1")
+        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+    def serve(self, handler) -> str:
+        return self.stack.enter_context(downloads.serve(handler))
+
+
+def _ro_dir(case: Case) -> str:
+    """A read-only directory: a read-only tmpfs where mounting works, else a stubbed mkdir."""
+    target = case.tmp / "readonly"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)],
+                             capture_output=True).returncode == 0
+    if mounted:
+        case.stack.callback(subprocess.run, ["umount", str(target)], check=False)
+    else:
+        from etils import epath
+
+        def read_only(self, *args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+        case.monkeypatch.setattr(epath.Path, "mkdir", read_only)
+    return str(target / "wd")
+
+
+def _full_disk(case: Case) -> None:
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    case.monkeypatch.setattr(os, "posix_fallocate", no_space)
+
+
+def _nan_weights(case: Case) -> str:
+    path = case.tmp / "nan.npz"
+    with np.load(train_utils.GOLDEN / "bv_vit.npz") as z:
+        flat = {k: z[k] for k in z.files}
+    flat["params/embedding/kernel"] = flat["params/embedding/kernel"].copy()
+    flat["params/embedding/kernel"].flat[3] = np.nan
+    np.savez(path, **flat)
+    return str(path)
+
+
+def _remote_denied(case: Case) -> str:
+    from etils import epath
+
+    case.monkeypatch.setattr(epath, "Path", ckpt_files.fake_remote(
+        exists_error=ckpt_files.PermissionDeniedError("HTTP response code 403")))
+    return "gs://some-bucket/vit.npz"
+
+
+def _eval_class_of_tiffs(case: Case) -> None:
+    d = os.path.join(case.folder, "test", "class2")
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    images.write_image(os.path.join(d, "a.tiff"), images.noise(), "TIFF")
+
+
+def _finished_workdir(case: Case) -> str:
+    return case.finished
+
+
+# name -> (setup(case) -> {"argv": [...], "workdir": ...}, error regex, before compilation).
+CASES = {
+    "reused workdir, lr and wd changed": (
+        lambda c: dict(workdir=_finished_workdir(c), argv=["--config.epochs=1",
+                                                           "--config.lr=0.5", "--config.wd=0"]),
+        r"workdir .* holds a run with another config \(lr: 0\.05 \(recorded\) vs 0\.5 \(now\); "
+        r"wd: 0\.001 \(recorded\) vs 0\.0 \(now\)\)", True),
+    "reused workdir, epochs changed": (
+        lambda c: dict(workdir=_finished_workdir(c), argv=["--config.epochs=2"]),
+        r"epochs: 1 \(recorded\) vs 2 \(now\)", True),
+    "reused workdir, num_queries changed": (
+        lambda c: dict(workdir=_finished_workdir(c),
+                       argv=["--config.epochs=1", "--config.model.num_queries=5"]),
+        r"model\.num_queries: 2 \(recorded\) vs 5 \(now\)", True),
+    "download shorter than Content-Length": (
+        lambda c: dict(argv=[f"--config.init={c.serve(downloads.short_body(downloads.NPZ))}"
+                             "/bv_vit.npz"]),
+        r"Could not download http://127\.0\.0\.1:\d+/bv_vit\.npz: the server announced \d+ "
+        r"bytes \(Content-Length\) but sent \d+; nothing was cached", True),
+    "download cut without Content-Length": (
+        lambda c: dict(argv=[f"--config.init="
+                             f"{c.serve(downloads.cut_without_length(downloads.NPZ))}/v.npz"]),
+        r"Could not download .*/v\.npz: the file is incomplete", True),
+    "download is an HTML page": (
+        lambda c: dict(argv=[f"--config.init={c.serve(downloads.html_page())}/v.npz"]),
+        r"Could not download .*: not a checkpoint: the server sent text/html", True),
+    "download stalls": (
+        lambda c: dict(argv=[f"--config.init="
+                             f"{c.serve(downloads.trickle(downloads.NPZ, every_s=20))}/v.npz"]),
+        r"Could not download .*: the transfer stalled", True),
+    "checkpoint holds NaN weights": (
+        lambda c: dict(argv=[f"--config.init={_nan_weights(c)}"]),
+        r"nan\.npz: 1 tensor holds NaN or inf values, e\.g\. embedding/kernel", True),
+    "crafted .pth past its storage": (
+        lambda c: dict(argv=["--config.init="
+                             f"{ckpt_files.write_bad_pth(c.tmp / 'bad.pth', 'offset_past_end')[0]}"
+                             ]),
+        r"bad\.pth: .*tensor 'w' \(storage '0': 6 float32 elements\): .*past the end", True),
+    "safetensors of an unsupported dtype": (
+        lambda c: dict(argv=["--config.init=" + str(ckpt_files.write_bad_safetensors(
+            c.tmp / "f8.safetensors", "unsupported_dtype")[0])]),
+        r"f8\.safetensors: .*tensor 'w' has dtype 'F8_E4M3FNUZ', which this reader does not "
+        r"support", True),
+    "unreachable gs:// checkpoint": (
+        lambda c: dict(argv=[f"--config.init={_remote_denied(c)}"]),
+        r"gs://some-bucket/vit\.npz: cannot reach the remote file \(PermissionDeniedError", True),
+    "missing checkpoint file": (
+        lambda c: dict(argv=[f"--config.init={c.tmp}/nope.npz"]),
+        r"checkpoint file not found: .*/nope\.npz", True),
+    "truncated PNG in test/": (
+        lambda c: dict(argv=[], _=images.write_truncated_png(
+            os.path.join(c.folder, "test", "class1", "bad.png"))),
+        r"Cannot decode 1 image in .* \(.*/test/class1/bad\.png: Invalid PNG data", True),
+    "truncated JPEG in train/": (
+        lambda c: dict(argv=[], _=images.write_truncated_jpeg(
+            os.path.join(c.folder, "train", "class0", "bad.jpg"))),
+        r"Cannot decode 1 image in .*/train/class0/bad\.jpg", True),
+    "test class of only unreadable formats": (
+        lambda c: dict(argv=[], _=_eval_class_of_tiffs(c)),
+        r"Class folder .*/test/class2 holds 1 files? but no .*images", True),
+    "unprepared TFDS task": (
+        lambda c: dict(argv=["--config.task=dtd", f"--config.data_dir={c.tmp}/tfds"]),
+        r"TFDS dataset 'dtd:3\.\*\.\*' \(VTAB-1k task 'dtd'\) is not prepared in .*/tfds; "
+        r"this code never downloads\. .* python -c \"import tensorflow_datasets as tfds; "
+        r"tfds\.builder\('dtd:3\.\*\.\*', data_dir='.*/tfds'\)\.download_and_prepare\(\)\"",
+        True),
+    "misspelled config field": (
+        lambda c: dict(argv=["--config.lrr=0.1"]),
+        r"config\.lrr: the config has no such field \(Did you mean \"lr\"", True),
+    "lr=inf": (lambda c: dict(argv=["--config.lr=inf"]),
+               r"config\.lr must be a finite number, got inf", True),
+    "num_devices beyond the devices": (
+        lambda c: dict(argv=["--config.num_devices=16"]),
+        r"config\.num_devices=16 but only 8 CPU devices are available", True),
+    "unknown kv_dtype": (
+        lambda c: dict(argv=["--config.model.kv_dtype=float8"]),
+        r"config\.model\.kv_dtype='float8': an unknown dtype", True),
+    "cache over its budget": (
+        lambda c: dict(argv=["--config.cache=on", "--config.cache_max_gb=1e-6"]),
+        r"config\.cache='on' but the cache would take [\d.]+ KiB = [\d.]+ GiB, over "
+        r"config\.cache_max_gb=1e-06",
+        True),
+    "disk full for the cache": (
+        lambda c: dict(argv=["--config.cache=on"], _=_full_disk(c)),
+        r"not enough disk space for the cache in .*: it needs [\d.]+ KiB", False),
+    "read-only workdir": (
+        lambda c: dict(workdir=_ro_dir(c), argv=[]),
+        r"cannot write .*/readonly/wd: Read-only file system; use a writable --workdir",
+        True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line_and_changes_nothing(name, base_folder, finished, tmp_path,
+                                                         monkeypatch, capsys):
+    setup, pattern, before_compilation = CASES[name]
+    monkeypatch.chdir(REPO)
+    with contextlib.ExitStack() as stack:
+        case = Case(tmp_path, base_folder, finished, monkeypatch, stack)
+        spec = setup(case)
+        workdir = spec.get("workdir", case.workdir)
+        watched = [case.cache, case.folder] + ([workdir] if os.path.isdir(workdir) else [])
+        before = {str(d): snapshot(d) for d in watched}
+        existed = os.path.exists(workdir)
+        COMPILED.clear()
+        capsys.readouterr()
+        code = cli.run(["main.py", f"--config=tests/tiny_config.py:{case.folder}",
+                        f"--workdir={workdir}", *spec["argv"]])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(pattern, err[0]), err[0]
+    if before_compilation:
+        assert not [f for f in COMPILED if f in MODEL_PROGRAMS], COMPILED
+    assert {str(d): snapshot(d) for d in watched} == before
+    if not existed:
+        # A new workdir may hold the run's config (written before training) and logs, never a
+        # checkpoint or results.
+        assert not os.path.exists(os.path.join(workdir, "results.json"))
+        assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not [
+            s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+        cache_dir = os.path.join(workdir, "cache")
+        assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
+
+
+def test_a_full_disk_with_cache_auto_trains_without_the_cache(base_folder, tmp_path, monkeypatch,
+                                                              caplog):
+    """'auto' means "cache when it can": a full disk is a warning and an uncached run."""
+    from vqt_jax.training import train
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    config = train_utils.tiny_config(data_dir=base_folder, epochs=1, cache="auto")
+    results, _ = train.run(config, str(tmp_path / "wd"))
+    assert results["cached"] is False and results["num_eval_examples"] == 15
+    assert any("Training without a cache: not enough disk space" in r.getMessage()
+               for r in caplog.records)
+    assert os.listdir(tmp_path / "wd" / "cache") == []

@@ -1,0 +1,103 @@
+"""Progress lines (rate, ETA) for the long phases, and library logs kept at warning level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import pytest
+
+from tests import train_utils
+from vqt_jax import cli, progress
+from vqt_jax.training import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_have_rate_and_eta():
+    clock, lines = FakeClock(), []
+    p = progress.Progress("Evaluating on test", 1000, "images", every_s=10, log=lines.append,
+                          clock=clock)
+    for _ in range(4):
+        clock.now += 5
+        p.update(100)
+    assert lines == ["Evaluating on test: 200/1000 images (20%), 20.0 images/s, ETA 40s",
+                     "Evaluating on test: 400/1000 images (40%), 20.0 images/s, ETA 30s"]
+    clock.now += 30
+    p.update(600)
+    assert p.done() == 50
+    assert lines[-1] == "Evaluating on test: 1000 images in 50.0 s (20.0 images/s)"
+
+
+def test_a_short_phase_stays_quiet():
+    clock, lines = FakeClock(), []
+    p = progress.Progress("Quick", 10, log=lines.append, clock=clock)
+    clock.now = 0.5
+    p.update(10)
+    p.done()
+    assert lines == []
+
+
+def test_slow_units_and_long_etas_read_well():
+    clock, lines = FakeClock(), []
+    p = progress.Progress("Sweep", 22, "runs", every_s=1, log=lines.append, clock=clock)
+    clock.now = 300
+    p.update()
+    assert lines == ["Sweep: 1/22 runs (5%), 300.0 s per run, ETA 1h45m"]
+    assert progress.format_duration(125) == "2m05s"
+
+
+def _record(path: str, level: int) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+
+def test_library_info_lines_are_dropped_warnings_kept():
+    f = cli._QuietLibraries()
+    orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+    assert not f.filter(_record(orbax, logging.INFO))
+    assert f.filter(_record(orbax, logging.WARNING))
+    assert f.filter(_record("/work/vqt_jax/training/train.py", logging.INFO))
+
+
+def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatch, capsys):
+    """Through main.py's entry: training and evaluation progress lines; orbax stays quiet."""
+    monkeypatch.chdir(REPO)
+    # Every update logs, so a tiny run shows what a long one shows every few seconds.
+    def every_update(*args, **kwargs):
+        return progress.Progress(*args, **{**kwargs, "every_s": 0})
+
+    monkeypatch.setattr(train, "Progress", every_update)
+    folder = train_utils.make_image_folder(tmp_path / "data")
+    caplog.set_level(logging.INFO)
+    code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
+                    f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
+                    "--config.checkpoint_every_steps=1"])
+    assert code == 0, capsys.readouterr().err
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
+               for m in messages), messages
+    assert any(re.match(r"Evaluating on test: \d+/15 images \(\d+%\), .*ETA", m)
+               for m in messages), messages
+    orbax = [r for r in caplog.records if "/orbax/" in r.pathname and r.levelno < logging.WARNING]
+    assert orbax == []
+
+
+@pytest.fixture(autouse=True)
+def _remove_quiet_filter():
+    """cli.run installs the filter on the absl logger: take it off again after each test."""
+    yield
+    from absl import logging as absl_logging
+
+    logger = absl_logging.get_absl_logger()
+    for f in list(logger.filters):
+        if isinstance(f, cli._QuietLibraries):
+            logger.removeFilter(f)
