@@ -1,6 +1,25 @@
-"""Shared test set-up: 8 simulated CPU devices, before jax is imported anywhere."""
+"""Shared test set-up: 8 simulated CPU devices, before jax is imported anywhere.
+
+Compiled programs go to one persistent XLA cache per test session (shared by the xdist workers
+and the subprocesses tests start): many tests compile the same tiny programs, and compilation is
+most of their time on a 2-core machine. The session's controller removes the cache at the end.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="vqt_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    if _OWN_CACHE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

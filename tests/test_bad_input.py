@@ -32,10 +32,11 @@ from tests.test_workdir import snapshot
 from vqt_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every program lowered for XLA (whether then compiled or read from a compilation cache).
 COMPILED: list[str] = []
 monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: COMPILED.append(kw.get("fun_name", ""))
-    if name == "/jax/core/compile/backend_compile_duration" else None)
+    if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
 MODEL_PROGRAMS = ("jit(init)", "jit(sharded_step)", "jit(forward)")
 
 
