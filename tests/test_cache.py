@@ -29,15 +29,16 @@ def folder(tmp_path_factory):
 
 def _randomized(model, images):
     """Variables with every leaf random (so no zero-init head hides a wrong query path)."""
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    # Drawn on the host: one eager jax.random call per leaf shape would compile a program each.
+    rng = np.random.default_rng(1)
+    leaves = [x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
     return jax.tree.unflatten(treedef, leaves)
 
 
 def _cached_batch(model, variables, images, dtype=jnp.float32):
-    out = model.apply(variables, images, method=ViT.cache_features)
+    out = jax.jit(lambda v, x: model.apply(v, x, method=ViT.cache_features))(variables, images)
     return {"k": out["k"].astype(dtype), "v": out["v"].astype(dtype), "cls": out["cls"]}
 
 
@@ -51,14 +52,16 @@ def test_cached_step_equals_uncached_step(dropout):
     tx = optax.adam(1e-2)
     rng = jax.random.key(5)
 
-    uncached = train_step.make_train_step(model, tx)
-    cached = train_step.make_train_step(model, tx, from_cache=True)
+    uncached = jax.jit(train_step.make_train_step(model, tx))
+    cached = jax.jit(train_step.make_train_step(model, tx, from_cache=True))
     batch = {"image": images, "label": labels}
     cbatch = {**_cached_batch(model, variables, images), "label": labels}
     loss_fn = train_step.make_loss_fn(model)
     closs_fn = train_step.make_loss_fn(model, from_cache=True)
-    (l0, _), g0 = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
-    (l1, _), g1 = jax.value_and_grad(closs_fn, has_aux=True)(trainable, frozen, cbatch, rng)
+    (l0, _), g0 = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, frozen, batch,
+                                                                     rng)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(closs_fn, has_aux=True))(trainable, frozen, cbatch,
+                                                                      rng)
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
     assert set(g0) == set(g1) == {"queries/tokens", "params/head/kernel", "params/head/bias"}
     for k in g0:
@@ -78,7 +81,7 @@ def test_cached_step_reads_the_cache():
     images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
     variables = _randomized(model, images)
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
-    loss_fn = train_step.make_loss_fn(model, from_cache=True)
+    loss_fn = jax.jit(train_step.make_loss_fn(model, from_cache=True))
     cbatch = {**_cached_batch(model, variables, images), "label": jnp.array([0, 1])}
     wrong = {**cbatch, "v": cbatch["v"][::-1]}
     key = jax.random.key(0)

@@ -142,8 +142,9 @@ def _main(workdir, folder, env, *extra):
     import subprocess
     import sys
 
+    # One epoch (5 steps) is enough to compare the processes' arithmetic.
     cmd = [sys.executable, "main.py", f"--config=tests/tiny_config.py:{folder}",
-           f"--workdir={workdir}", *extra]
+           f"--workdir={workdir}", "--config.epochs=1", *extra]
     return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
