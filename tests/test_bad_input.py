@@ -30,6 +30,7 @@ from tests import test_images as images
 from tests import train_utils
 from tests.test_workdir import snapshot
 from vqt_jax import cli
+from vqt_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every program lowered for XLA (whether then compiled or read from a compilation cache).
@@ -47,11 +48,20 @@ def base_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished(base_folder, tmp_path_factory):
-    """A finished run of the tiny config through main.py: its workdir."""
-    workdir = str(tmp_path_factory.mktemp("finished") / "wd")
-    assert cli.run(["main.py", f"--config=tests/tiny_config.py:{base_folder}",
-                    f"--workdir={workdir}", "--config.epochs=1"]) == 0
-    return workdir
+    """A workdir as a finished run of the tiny config leaves it, to be re-run with changes.
+
+    Only what the guard reads is real (config.json of exactly the command's config); the
+    results and checkpoint stand in for a run's (test_workdir.py guards real finished runs).
+    """
+    workdir = tmp_path_factory.mktemp("finished") / "wd"
+    workdir.mkdir()
+    options = cli.parse(["main.py", f"--config=tests/tiny_config.py:{base_folder}",
+                         f"--workdir={workdir}", "--config.epochs=1"])
+    workdir_lib.record(str(workdir), options.config, None, 0)
+    (workdir / "results.json").write_text('{"top1": 0.5}\n')
+    (workdir / "checkpoints" / "5").mkdir(parents=True)
+    (workdir / "checkpoints" / "5" / "_METADATA").write_text("{}\n")
+    return str(workdir)
 
 
 class Case:
@@ -124,6 +134,11 @@ def _eval_class_of_tiffs(case: Case) -> None:
     images.write_image(os.path.join(d, "a.tiff"), images.noise(), "TIFF")
 
 
+def _init_served(make_handler):
+    """A case setup whose checkpoint URL is served by `make_handler()` on 127.0.0.1."""
+    return lambda c: dict(argv=[f"--config.init={c.serve(make_handler())}/v.npz"])
+
+
 def _finished_workdir(case: Case) -> str:
     return case.finished
 
@@ -143,20 +158,17 @@ CASES = {
                        argv=["--config.epochs=1", "--config.model.num_queries=5"]),
         r"model\.num_queries: 2 \(recorded\) vs 5 \(now\)", True),
     "download shorter than Content-Length": (
-        lambda c: dict(argv=[f"--config.init={c.serve(downloads.short_body(downloads.NPZ))}"
-                             "/bv_vit.npz"]),
-        r"Could not download http://127\.0\.0\.1:\d+/bv_vit\.npz: the server announced \d+ "
+        _init_served(lambda: downloads.short_body(downloads.NPZ)),
+        r"Could not download http://127\.0\.0\.1:\d+/v\.npz: the server announced \d+ "
         r"bytes \(Content-Length\) but sent \d+; nothing was cached", True),
     "download cut without Content-Length": (
-        lambda c: dict(argv=[f"--config.init="
-                             f"{c.serve(downloads.cut_without_length(downloads.NPZ))}/v.npz"]),
+        _init_served(lambda: downloads.cut_without_length(downloads.NPZ)),
         r"Could not download .*/v\.npz: the file is incomplete", True),
     "download is an HTML page": (
-        lambda c: dict(argv=[f"--config.init={c.serve(downloads.html_page())}/v.npz"]),
+        _init_served(downloads.html_page),
         r"Could not download .*: not a checkpoint: the server sent text/html", True),
     "download stalls": (
-        lambda c: dict(argv=[f"--config.init="
-                             f"{c.serve(downloads.trickle(downloads.NPZ, every_s=20))}/v.npz"]),
+        _init_served(lambda: downloads.trickle(downloads.NPZ, every_s=20)),
         r"Could not download .*: the transfer stalled", True),
     "checkpoint holds NaN weights": (
         lambda c: dict(argv=[f"--config.init={_nan_weights(c)}"]),

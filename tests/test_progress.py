@@ -10,7 +10,7 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import cli, progress
-from vqt_jax.training import train
+from vqt_jax.training import feature_heads, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,23 +69,28 @@ def test_library_info_lines_are_dropped_warnings_kept():
 
 
 def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatch, capsys):
-    """Through main.py's entry: training and evaluation progress lines; orbax stays quiet."""
+    """Through main.py's entry: training, evaluation and feature-head progress; orbax quiet."""
     monkeypatch.chdir(REPO)
     # Every update logs, so a tiny run shows what a long one shows every few seconds.
     def every_update(*args, **kwargs):
         return progress.Progress(*args, **{**kwargs, "every_s": 0})
 
     monkeypatch.setattr(train, "Progress", every_update)
+    monkeypatch.setattr(feature_heads, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data")
     caplog.set_level(logging.INFO)
     code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
                     f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
-                    "--config.checkpoint_every_steps=1"])
+                    "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
     assert code == 0, capsys.readouterr().err
     messages = [r.getMessage() for r in caplog.records]
     assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
                for m in messages), messages
     assert any(re.match(r"Evaluating on test: \d+/15 images \(\d+%\), .*ETA", m)
+               for m in messages), messages
+    assert any(re.match(r"Feature heads: evaluation features: \d+/15 images .*ETA", m)
+               for m in messages), messages
+    assert any(re.match(r"Feature heads: linear fitted in \d+s, top-1 ", m)
                for m in messages), messages
     orbax = [r for r in caplog.records if "/orbax/" in r.pathname and r.levelno < logging.WARNING]
     assert orbax == []

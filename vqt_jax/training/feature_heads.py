@@ -15,12 +15,14 @@ images; evaluation features from one forward pass over the evaluation split.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,6 +30,7 @@ from vqt_jax import cache as cache_lib
 from vqt_jax import compression, data
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import l2_normalize
+from vqt_jax.progress import Progress, format_duration
 
 Features = dict[str, np.ndarray]  # pre_logits [N, F], cls [N, D], pooled [N, G, D], label [N]
 FIELDS = ("pre_logits", "cls", "pooled")
@@ -83,7 +86,8 @@ def wanted(config: ml_collections.ConfigDict) -> bool:
     return bool((c is not None and c.enabled) or config.get("baselines"))
 
 
-def _collect(batches: Iterable[dict], fn, sharding: NamedSharding) -> Features:
+def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
+             progress: Progress | None = None) -> Features:
     """Runs `fn` over global batches; keeps the rows whose mask is 1, in order."""
     out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
@@ -95,6 +99,10 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding) -> Features:
             jax.device_get(jax.make_array_from_process_local_data(sharding, mask))) > 0
         for k, v in feats.items():
             out.setdefault(k, []).append(np.asarray(v)[keep])
+        if progress is not None:
+            progress.update(len(out[next(iter(out))][-1]))
+    if progress is not None:
+        progress.done()
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -111,18 +119,22 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
         return {k: f[k] for k in FIELDS} | {"label": batch["label"]}
 
     images_fn = jax.jit(from_images, out_shardings=replicated)
+    num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
     evals = _collect(data.make_eval_iterator(
         config.task, config.data_dir, config.split, global_batch_size=batch_size,
         image_size=config.image_size, normalization=norm,
         local_device_count=len(mesh.local_devices)),
-        lambda b: images_fn(variables, b), sharding)
+        lambda b: images_fn(variables, b), sharding,
+        Progress("Feature heads: evaluation features", num_eval, "images"))
 
     if cache is None:
         images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                                   config.image_size)
         batches = _host_batches(len(labels), batch_size, lambda sl: {
             "image": data.normalize_array(images[sl], norm), "label": labels[sl]})
-        return _collect(batches, lambda b: images_fn(variables, b), sharding), evals
+        return _collect(batches, lambda b: images_fn(variables, b), sharding,
+                        Progress("Feature heads: training features", len(labels),
+                                 "images")), evals
 
     # From the cache: the fixed fields as stored; VQT's head input through the query path.
     def from_cache(v, batch):
@@ -138,8 +150,10 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
         inputs = ("k", "v", "cls")
         batches = _host_batches(n, batch_size, lambda sl: {
             k: np.asarray(cache.arrays[k][sl]) for k in inputs})
-        train["pre_logits"] = _collect(batches, lambda b: cache_fn(variables, b),
-                                       sharding)["pre_logits"]
+        train["pre_logits"] = _collect(
+            batches, lambda b: cache_fn(variables, b), sharding,
+            Progress("Feature heads: training features from the cache", n, "images"),
+        )["pre_logits"]
     return train, evals
 
 
@@ -161,11 +175,21 @@ def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
     train, evals = compute(config, model, variables, mesh, cache)
     out: dict = {}
     if config.compression.enabled:
-        out["compression"] = _compress(train["pre_logits"], train["label"],
-                                       evals["pre_logits"], evals["label"], config,
-                                       num_classes)
+        out["compression"] = _timed("compression", lambda: _compress(
+            train["pre_logits"], train["label"], evals["pre_logits"], evals["label"], config,
+            num_classes))
     names = config.get("baselines") or ()
     if names:
-        out["baselines"] = {name: BASELINES[name](train, evals, config, num_classes)
-                            for name in names}
+        out["baselines"] = {name: _timed(name, lambda name=name: BASELINES[name](
+            train, evals, config, num_classes)) for name in names}
     return out
+
+
+def _timed(name: str, fit: Callable[[], dict]) -> dict:
+    """Runs one head's fit (a single compiled loop, so no finer progress) between two lines."""
+    logging.info("Feature heads: fitting %s ...", name)
+    start = time.monotonic()
+    result = fit()
+    logging.info("Feature heads: %s fitted in %s, top-1 %.4f", name,
+                 format_duration(time.monotonic() - start), result["top1"])
+    return result
