@@ -113,7 +113,6 @@ def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
             assert first.poll() is None, first.communicate()[0][-3000:]
             assert time.time() < deadline
             time.sleep(0.2)
-        before = snapshot(workdir / "checkpoints") if (workdir / "checkpoints").exists() else {}
         start = time.time()
         code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
                         f"--workdir={workdir}", "--config.epochs=8"])
@@ -122,7 +121,6 @@ def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
         assert re.match(rf"error: workdir {re.escape(str(workdir))} is in use by another run",
                         err[0]), err
         assert time.time() - start < 60  # checks only; nothing compiled or trained
-        del before
     finally:
         out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]

@@ -247,6 +247,7 @@ def run_options(options: Options) -> int:
         if message is None:
             raise
         if isinstance(e, train.NonFiniteError) and e.resume_step is not None:
+            # A lower lr resumes from e.resume_step; say exactly how.
             lower = float(f"{e.lr / 10:.3g}")
             message += f" For example: {lower_lr_command(options.argv, lower)}"
         print(f"error: {one_line(message)}", file=sys.stderr)

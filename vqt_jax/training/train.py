@@ -127,10 +127,10 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in it:
         out = eval_fn(variables, _global_batch(batch, batch_sharding))
+        batch_totals = {k: float(out[k]) for k in totals}
         for k in totals:
-            totals[k] += float(out[k])
-        progress.count = int(totals["count"])
-        progress.update(0)
+            totals[k] += batch_totals[k]
+        progress.update(int(batch_totals["count"]))
     progress.done()
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
@@ -303,10 +303,11 @@ class NonFiniteError(FloatingPointError):
     Attributes:
       step: the step whose loss was bad.
       lr: the run's config.lr.
-      resume_step: the step a re-run resumes from (the last good checkpoint; 0 if none).
+      resume_step: the step a re-run with a lower lr resumes from (the last good checkpoint;
+        0 if none), or None when a lower lr cannot help (the loss was bad at lr 0).
     """
 
-    def __init__(self, message: str, step: int, lr: float, resume_step: int):
+    def __init__(self, message: str, step: int, lr: float, resume_step: int | None):
         super().__init__(message)
         self.step, self.lr, self.resume_step = step, lr, resume_step
 
@@ -523,10 +524,12 @@ def _nonfinite(metrics: dict[str, float], step: int, start: int,
         what = f"Training loss is {loss:.4g}, over config.max_loss={max_loss:g} (diverged)"
     else:
         what = "The trained parameters or optimiser state became non-finite"
+    resume_step: int | None = last_saved
     if step == 1 and start == 0 and lr_now == 0:
         # The lr was 0: the update cannot be the cause; the weights or the inputs are.
         message = (f"{what} at step 1 with lr 0: the pretrained weights or the input data hold "
                    f"non-finite values (config.init={config.init!r}); stopped, nothing saved.")
+        resume_step = None
     else:
         where = (f"The last good checkpoint (step {last_saved}) in {workdir}/checkpoints is "
                  f"intact" if last_saved else "No checkpoint was saved before it")
@@ -534,4 +537,4 @@ def _nonfinite(metrics: dict[str, float], step: int, start: int,
                    f"lower config.lr to resume from step {last_saved}.")
     if jax.process_index() == 0:
         workdir_lib.record_nonfinite_stop(workdir, step, config.lr, message)
-    return NonFiniteError(message, step, config.lr, last_saved)
+    return NonFiniteError(message, step, config.lr, resume_step)
