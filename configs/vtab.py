@@ -3,28 +3,41 @@ r"""VQT on one VTAB-1k task with the paper's protocol (ViT-B/16, ImageNet-21k).
 Command:
   python main.py --config=configs/vtab.py:dtd --workdir=/tmp/vqt/dtd
 
-Trains VQT (T=1 query per layer, queries + linear head only) on train800val200 of the task
-for 100 epochs (Adam, batch 128, 10 warm-up epochs, cosine decay) on every local device and
-host, and writes the test top-1 to /tmp/vqt/dtd/results.json (TensorBoard logs and
-metrics.jsonl beside it; re-running resumes from the last checkpoint). The argument is any of
-the 19 tasks in vqt_jax/data/tasks.py, or `folder` with --config.data_dir=ROOT for an image
-folder ROOT/{train,val,test}/CLASS/*. Override any field on the command line, e.g.
+Trains VQT (queries + linear head only) on train800val200 of the task for 100 epochs (Adam,
+batch 128 with the last batch of each epoch partial, 10 warm-up epochs, cosine decay stepped
+per epoch) on every local device and host, and writes the test top-1 to
+/tmp/vqt/dtd/results.json (TensorBoard logs and metrics.jsonl beside it; re-running resumes
+from the last checkpoint). The argument is `TASK` or `TASK,PROTOCOL`: any of the 19 tasks in
+vqt_jax/data/tasks.py, or `folder` with --config.data_dir=ROOT for an image folder
+ROOT/{train,val,test}/CLASS/*; PROTOCOL is `release` (default: the official release exactly,
+including its per-task T and compression stage) or `big_vision` (vqt_jax/protocol.py). Override
+any field on the command line, e.g.
   --config.split=val --config.lr=0.25 --config.wd=1e-3 --config.model.num_queries=10
 
 The TFDS dataset must be prepared in data_dir (the run says what to run if it is not); the
 checkpoint is downloaded once from `init` (or point `init` at a local/gs:// copy).
 """
 
+import os
+import sys
+
 import ml_collections
+
+# Config files are loaded by path: make the repository root importable for vqt_jax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vqt_jax import protocol  # noqa: E402
 
 # The checkpoint the paper uses: the original ImageNet-21k ViT-B/16 of vision_transformer.
 IN21K_B16 = "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config for one task; `arg` names the VTAB-1k task (default dtd)."""
+    """The config for one task: `arg` is 'TASK' or 'TASK,PROTOCOL' (default 'dtd,release')."""
+    task, _, protocol_name = (arg or "dtd").partition(",")
     c = ml_collections.ConfigDict()
-    c.task = arg or "dtd"
+    c.task = task
+    # The protocol's values (vqt_jax/protocol.py) are written in below; each stays overridable.
+    c.protocol = ""
     # TFDS data dir, or the image-folder root when task='folder'.
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.split = "test"  # 'val': train800 -> val200 (selection); 'test': train800val200 -> test.
@@ -42,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.qkv_bias = True
     c.model.pool_type = "tok"
     c.model.kv_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16'
+    c.model.head_init = "zeros"  # or 'kaiming_fan_out' (the release)
+    c.model.head_bias_init = 0.0  # the release: -log(99)
     # Sizes of the other methods' parts; a method switches off the parts it does not use.
     c.model.num_prompts = 10  # VPT's prompt length
     c.model.prompt_dropout = 0.1
@@ -61,6 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 128
     c.epochs = 100
     c.warmup_epochs = 10
+    # 'epoch': every epoch a fresh permutation cut into batches, the last one partial (the
+    # release's drop_last=False; padded and masked so the step keeps one shape);
+    # 'stream': full batches read across epoch boundaries.
+    c.batching = "stream"
     c.schedule_per_epoch = True  # the release steps its schedule once per epoch
     c.seed = 0
     # A training loss above this stops the run as diverged, like a NaN (inf: only non-finite
@@ -70,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'imagenet' mean/std instead. Or an explicit ((m, m, m), (s, s, s)).
     c.normalization = "inception"
     c.image_size = 224
+    # 'float': tf.image.resize's float result as is (the release); 'uint8': rounded to uint8.
+    c.resize = "uint8"
+    # MAE-style models (model.fc_norm): 'fresh' starts fc_norm as a new LayerNorm (the release
+    # drops the pretrained `norm`); 'checkpoint' loads the checkpoint's final norm into it.
+    c.fc_norm_init = "checkpoint"
 
     # Train from a one-time cache of the frozen backbone's outputs ('auto': when the method
     # allows it; 'on': fail if it cannot; 'off'). See vqt_jax/cache.py.
@@ -86,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compression.lasso = 1e-4
     c.compression.epochs = 100
     c.compression.lr_scale = 0.5
+    # True: both stages recompute the query outputs with query dropout on (the release trains
+    # them in train mode); False: on fixed eval-mode features (seconds).
+    c.compression.train_mode = False
     # Other heads fitted on the same fixed features after training, reported beside the
     # method's top-1: 'linear' (the final CLS), 'head2toe' (every block's pooled tokens, with
     # the compression stage's group-lasso selection).
@@ -95,4 +122,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2
+    protocol.apply(c, protocol_name or "release", task)
     return c

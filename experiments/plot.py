@@ -438,6 +438,10 @@ def _float(value: str | None) -> float | None:
         return None
 
 
+# The sweep's two averages (vqt_jax/protocol_tables.py), as bar labels.
+_SUMMARY_LABELS = {"mean_of_group_means": "mean of groups", "mean_over_tasks": "mean over tasks"}
+
+
 def read_sweep_csv(path: str) -> tuple[list[dict], list[dict]]:
     """experiments/vtab_sweep.py's results.csv: (task rows, summary rows).
 
@@ -479,7 +483,7 @@ def plot_sweep(csv_path: str, path: str) -> str:
         ax.text(xi, r["mean"] + r["std"] + 0.5, f"{r['mean']:.1f}", ha="center", va="bottom",
                 fontsize=7)
     labels = [r["name"] for r in tasks] + [
-        "mean" if r["name"] == "mean" else f"{r['name']} mean" for r in summaries]
+        _SUMMARY_LABELS.get(r["name"], f"{r['name']} mean") for r in summaries]
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, min(105.0, max(r["mean"] + r["std"] for r in bars) + 8))

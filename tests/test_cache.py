@@ -199,15 +199,18 @@ def test_size_is_computed_before_building():
     assert "GiB" in spec.describe()
 
 
-def test_train_indices_follow_the_image_pipeline():
+@pytest.mark.parametrize("batching", ["stream", "epoch"])
+def test_train_indices_follow_the_image_pipeline(batching):
     n, labels = 13, np.arange(13, dtype=np.int32)
     ds = data.train_dataset(np.zeros((n, 2, 2, 3), np.uint8), labels, global_batch_size=6,
-                            seed=3, process_index=1, process_count=2)
+                            seed=3, process_index=1, process_count=2, batching=batching)
     it = ds.as_numpy_iterator()
-    for step in range(6):  # 3 epochs' worth, batches straddling epochs
-        idx = data.train_indices(step, n, global_batch_size=6, seed=3, process_index=1,
-                                 process_count=2)
-        np.testing.assert_array_equal(next(it)["label"], idx)
+    for step in range(9):  # 3 epochs' worth (with 'stream', batches straddle epochs)
+        idx, mask = data.train_indices(step, n, global_batch_size=6, seed=3, process_index=1,
+                                       process_count=2, batching=batching)
+        batch = next(it)
+        np.testing.assert_array_equal(batch["label"], idx)
+        np.testing.assert_array_equal(batch["mask"], mask)
 
 
 def test_cache_gather_keeps_the_order(tmp_path):

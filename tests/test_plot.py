@@ -347,4 +347,5 @@ def test_sweep_reader_follows_the_writer(tmp_path):
     assert [t["name"] for t in tasks] == ["dtd", "eurosat", "dsprites_loc"]
     assert tasks[0]["mean"] == pytest.approx(71.0)
     assert tasks[0]["std"] == pytest.approx(1.0)
-    assert [s["name"] for s in summaries] == ["natural", "specialized", "structured", "mean"]
+    assert [s["name"] for s in summaries] == ["natural", "specialized", "structured",
+                                              "mean_of_group_means", "mean_over_tasks"]

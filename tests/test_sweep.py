@@ -1,4 +1,5 @@
-"""Tests of experiments/vtab_sweep.py with a fake trainer: no real training, no network."""
+"""Tests of the VTAB-1k sweep (vqt_jax/protocol.py, vqt_jax/protocol_tables.py) and its command
+line (experiments/vtab_sweep.py) with a fake trainer: no real training, no network."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import logging
 import math
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import ml_collections
 import pytest
 
 from tests.scripts import load_script
-from vqt_jax import methods
+from vqt_jax import methods, protocol, protocol_tables
 from vqt_jax.training import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"
 
 
-sweep = load_script("vtab_sweep")
+cli = load_script("vtab_sweep")  # the command line only; the protocol is the package's
 
 # A small task table with one task per group, so group means can be checked without importing
 # the real table (which pulls in TensorFlow); one test checks the real table separately.
@@ -59,7 +63,7 @@ def standin_config(task: str) -> ml_collections.ConfigDict:
 def base_config_fn():
     """The real configs/vtab.py when it exists (the lead is writing it), else the stand-in."""
     if REAL_CONFIG.is_file():
-        return sweep.load_config_fn(REAL_CONFIG)
+        return protocol.load_config_fn(REAL_CONFIG)
     return standin_config
 
 
@@ -127,12 +131,12 @@ def run(tmp_path, tasks=("dtd",), trainer=None, **kwargs):
     kwargs.setdefault("base_config_fn", base_config_fn())
     kwargs.setdefault("task_groups", TASK_GROUPS)
     kwargs.setdefault("num_seeds", 3)
-    results = sweep.run_sweep(list(tasks), tmp_path, train_fn=trainer, **kwargs)
+    results = protocol.run_sweep(list(tasks), tmp_path, train_fn=trainer, **kwargs)
     return results, trainer
 
 
 def test_vqt_grid_has_20_points_scaled_by_batch_size():
-    grid = sweep.grid_for("vqt")
+    grid = protocol.grid_for("vqt")
     points = grid.points(128)
     assert len(points) == len(set(points)) == 20
     assert sorted({lr for lr, _ in points}, reverse=True) == SCALED_LRS
@@ -144,10 +148,10 @@ VPT_SGD_LRS = [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05]
 
 
 def test_every_method_has_its_release_grid():
-    assert set(sweep.GRIDS) == set(methods.METHODS)
-    base = {m: sorted(sweep.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
+    # From the method's own lr_grid / wd_grid, or the fallback table: every method has one.
+    base = {m: sorted(protocol.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
     for m in methods.METHODS:
-        assert sorted(sweep.grid_for(m).wds, reverse=True) == WDS, m
+        assert sorted(protocol.grid_for(m).wds, reverse=True) == WDS, m
     # VPT's tune_vtab.py: 'linear' and 'prompt' (SGD), 'finetune' (AdamW).
     for m in ("linear", "vpt_shallow", "vpt_deep"):
         assert base[m] == VPT_SGD_LRS, m
@@ -160,10 +164,21 @@ def test_every_method_has_its_release_grid():
               "head2toe"):
         assert base[m] == [1.0, 0.5, 0.25, 0.1, 0.05], m
         assert methods.METHODS[m].optimizer == "adam"
-    assert len(sweep.grid_for("vpt_deep").points(128)) == 40
-    assert sweep.grid_for("vpt_deep").lrs(128)[:2] == [25.0, 12.5]
-    assert len(sweep.grid_for("full").points(128)) == 16
-    assert sweep.grid_for("full").lrs(128) == [0.0005, 0.00005, 0.00025, 0.0025]
+    assert len(protocol.grid_for("vpt_deep").points(128)) == 40
+    assert sorted(protocol.grid_for("vpt_deep").lrs(128), reverse=True)[:2] == [25.0, 12.5]
+    assert len(protocol.grid_for("full").points(128)) == 16
+    assert sorted(protocol.grid_for("full").lrs(128)) == [0.00005, 0.00025, 0.0005, 0.0025]
+
+
+def test_a_methods_own_grid_comes_first(monkeypatch):
+    # vqt_jax.methods.Method may carry the release grid itself; then GRIDS is not consulted,
+    # and a missing half (or an empty default) falls back to GRIDS.
+    monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(lr_grid=(0.3, 0.03),
+                                                                 wd_grid=(0.1,)))
+    assert protocol.grid_for("lora") == protocol.Grid((0.3, 0.03), (0.1,))
+    assert protocol.grid_for("lora").lrs(128) == [0.15, 0.015]
+    monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(lr_grid=(0.3,), wd_grid=()))
+    assert protocol.grid_for("lora") == protocol.Grid((0.3,), tuple(WDS))
 
 
 def test_unknown_method_or_missing_grid_fails_before_training(tmp_path, monkeypatch):
@@ -171,20 +186,21 @@ def test_unknown_method_or_missing_grid_fails_before_training(tmp_path, monkeypa
     with pytest.raises(ValueError, match="Unknown method 'vpt_medium'"):
         run(tmp_path, trainer=trainer, method="vpt_medium")
     # A known method must have a grid: no silent fallback to another method's.
-    monkeypatch.delitem(sweep.GRIDS, "lora")
+    monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(optimizer="adam"))
+    monkeypatch.delitem(protocol.GRIDS, "lora")
     with pytest.raises(ValueError, match=r"No \(lr, wd\) grid for method 'lora'"):
         run(tmp_path, trainer=trainer, method="lora")
     assert trainer.calls == []
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):  # the command line offers only the known methods
-        sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--method=vpt_medium"],
-                   base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+        cli.main([f"--workdir={tmp_path}", "--tasks=dtd", "--method=vpt_medium"],
+                 base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
 
 
 def test_method_flag_reaches_every_run_and_selects_its_grid(tmp_path, capsys):
     trainer = FakeTrainer()
-    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1", "--method=vpt_deep"],
-               base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+    cli.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1", "--method=vpt_deep"],
+             base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
     assert {c.method for c, _ in trainer.calls} == {"vpt_deep"}
     assert sorted({c.lr for c in trainer.runs("val")}, reverse=True) == [
         lr * 128 / 256 for lr in VPT_SGD_LRS]
@@ -224,13 +240,13 @@ def test_ties_go_to_smaller_lr_then_smaller_wd(tmp_path):
     assert (results[0].lr, results[0].wd) == (0.05, 0.001)
 
     # Direct: float noise below 1e-6 is a tie, a real difference (one val image) is not.
-    assert sweep.select_hparams({(0.5, 0.0): 0.7, (0.25, 0.0): 0.7 - 1e-9}) == (0.25, 0.0)
-    assert sweep.select_hparams({(0.5, 0.0): 0.705, (0.25, 0.0): 0.7}) == (0.5, 0.0)
+    assert protocol.select_hparams({(0.5, 0.0): 0.7, (0.25, 0.0): 0.7 - 1e-9}) == (0.25, 0.0)
+    assert protocol.select_hparams({(0.5, 0.0): 0.705, (0.25, 0.0): 0.7}) == (0.5, 0.0)
     # Diverged (None) and NaN points are never selected.
-    assert sweep.select_hparams({(0.5, 0.0): None, (0.25, 0.0): float("nan"),
-                                 (0.1, 0.0): 0.1}) == (0.1, 0.0)
+    assert protocol.select_hparams({(0.5, 0.0): None, (0.25, 0.0): float("nan"),
+                                    (0.1, 0.0): 0.1}) == (0.1, 0.0)
     with pytest.raises(ValueError, match="diverged"):
-        sweep.select_hparams({(0.5, 0.0): None})
+        protocol.select_hparams({(0.5, 0.0): None})
 
 
 def test_test_runs_use_selection_and_seeds(tmp_path):
@@ -280,13 +296,13 @@ def test_diverged_val_run_is_excluded_and_not_retried(tmp_path):
 
     results, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
     assert (results[0].lr, results[0].wd) == (0.125, 0.001)
-    assert len(list(tmp_path.glob(f"dtd/val/*/{sweep.FAILED_MARKER}"))) == 4
+    assert len(list(tmp_path.glob(f"dtd/val/*/{protocol.FAILED_MARKER}"))) == 4
     lines = []
     _, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1), log=lines.append)
     assert trainer.calls == []
     assert lines[0].endswith(": 23 runs, 23 finished earlier, 0 to train")
     assert "run 1 of 23: dtd lr=0.5 wd=0.01 seed=0 (val): diverged earlier " \
-        f"({sweep.FAILED_MARKER}), not retried" in lines
+        f"({protocol.FAILED_MARKER}), not retried" in lines
 
 
 def test_reports_group_means(tmp_path):
@@ -299,25 +315,165 @@ def test_reports_group_means(tmp_path):
 
     natural = (task_mean("cifar100") + task_mean("dtd")) / 2
     overall = statistics.mean(task_mean(t) for t in tasks)
+    of_groups = (natural + task_mean("eurosat") + task_mean("clevr_count")) / 3
     rows = {r["name"]: r for r in csv.DictReader(io.StringIO(
         (tmp_path / "results.csv").read_text()))}
     assert float(rows["natural"]["test_top1_mean_pct"]) == pytest.approx(natural)
     assert float(rows["specialized"]["test_top1_mean_pct"]) == pytest.approx(task_mean("eurosat"))
     assert float(rows["structured"]["test_top1_mean_pct"]) == pytest.approx(
         task_mean("clevr_count"))
-    assert float(rows["mean"]["test_top1_mean_pct"]) == pytest.approx(overall)
-    assert rows["natural"]["num_tasks"] == "2" and rows["mean"]["num_tasks"] == "4"
+    assert float(rows["mean_over_tasks"]["test_top1_mean_pct"]) == pytest.approx(overall)
+    assert float(rows["mean_of_group_means"]["test_top1_mean_pct"]) == pytest.approx(of_groups)
+    assert rows["natural"]["num_tasks"] == "2" and rows["mean_over_tasks"]["num_tasks"] == "4"
+    assert rows["mean_of_group_means"]["num_groups"] == "3"
     assert float(rows["dtd"]["lr"]) == 0.125 and float(rows["dtd"]["wd"]) == 0.001
 
     md = (tmp_path / "results.md").read_text()
     lines = md.splitlines()
-    assert lines[0].startswith("| task |")
+    assert lines[0] == "## VTAB-1k sweep: vqt"
+    assert lines[2].startswith("Protocol and preprocessing of every run: protocol ")
+    assert lines[4].startswith("| task |")
     dtd_std = 100 * statistics.stdev(default_test_top1("dtd", 0.125, 0.001, s) for s in (0, 1))
     assert f"| dtd | natural | 0.125 | 0.001 | 90.00 | {task_mean('dtd'):.2f} ± {dtd_std:.2f} |" \
         in md
     assert f"| **Natural** (2 tasks) | | | | | **{natural:.2f}** | |" in lines
     assert f"| **Specialized** (1 task) | | | | | **{task_mean('eurosat'):.2f}** | |" in lines
-    assert f"| **Mean** (4 tasks) | | | | | **{overall:.2f}** | |" in lines
+    assert f"| **Mean of group means** (3 groups) | | | | | **{of_groups:.2f}** | |" in lines
+    assert f"| **Mean over tasks** (4 tasks) | | | | | **{overall:.2f}** | |" in lines
+
+
+def _hand_results() -> list:
+    """Three natural tasks, one specialized, two structured: unequal groups."""
+    return [
+        protocol.TaskResult("cifar100", "natural", 0.1, 0.0, 0.6, (0.59, 0.61)),  # 0.60
+        protocol.TaskResult("dtd", "natural", 0.1, 0.0, 0.7, (0.70,)),
+        protocol.TaskResult("flowers102", "natural", 0.1, 0.0, 0.8, (0.80,)),
+        protocol.TaskResult("eurosat", "specialized", 0.1, 0.0, 0.9, (0.90,)),
+        protocol.TaskResult("clevr_count", "structured", 0.1, 0.0, 0.4, (0.40,)),
+        protocol.TaskResult("kitti", "structured", 0.1, 0.0, 0.5, (0.50,)),
+    ]
+
+
+def test_the_two_averages_differ_when_groups_differ_in_size():
+    # Groups: natural (0.60 + 0.70 + 0.80) / 3 = 0.70, specialized 0.90, structured 0.45.
+    # Mean of group means: (0.70 + 0.90 + 0.45) / 3 = 0.68333...
+    # Mean over tasks: (0.60 + 0.70 + 0.80 + 0.90 + 0.40 + 0.50) / 6 = 0.65
+    results = _hand_results()
+    rows = {r.name: r for r in protocol.summarize(results)}
+    assert [r.name for r in protocol.summarize(results)] == [
+        "natural", "specialized", "structured", "mean_of_group_means", "mean_over_tasks"]
+    assert rows["natural"].mean == pytest.approx(0.70)
+    assert rows["structured"].mean == pytest.approx(0.45)
+    assert rows["mean_of_group_means"].mean == pytest.approx(2.05 / 3)
+    assert (rows["mean_of_group_means"].num_groups, rows["mean_of_group_means"].num_tasks) == (
+        3, 6)
+    assert rows["mean_over_tasks"].mean == pytest.approx(0.65)
+
+    lines = protocol.to_markdown(results).splitlines()
+    assert "| **Natural** (3 tasks) | | | | | **70.00** | |" in lines
+    assert "| **Mean of group means** (3 groups) | | | | | **68.33** | |" in lines
+    assert "| **Mean over tasks** (6 tasks) | | | | | **65.00** | |" in lines
+    table = [line for line in lines if line.startswith("|")]
+    assert table[-2:] == ["| **Mean of group means** (3 groups) | | | | | **68.33** | |",
+                          "| **Mean over tasks** (6 tasks) | | | | | **65.00** | |"]
+
+    csv_rows = list(csv.DictReader(io.StringIO(protocol.to_csv(results))))
+    assert [(r["name"], r["kind"]) for r in csv_rows[-2:]] == [
+        ("mean_of_group_means", "all"), ("mean_over_tasks", "all")]
+    assert float(csv_rows[-2]["test_top1_mean_pct"]) == pytest.approx(68.3333333)
+    assert float(csv_rows[-1]["test_top1_mean_pct"]) == pytest.approx(65.0)
+    assert csv_rows[-2]["num_groups"] == "3" and csv_rows[-1]["num_tasks"] == "6"
+
+
+def test_mean_of_group_means_says_when_groups_are_missing():
+    results = [r for r in _hand_results() if r.group != "specialized"]
+    lines = protocol.to_markdown(results).splitlines()
+    assert "| **Mean of group means** (2 of 3 groups) | | | | | **57.50** | |" in lines
+    # An image folder is no VTAB group: only the mean over tasks.
+    folder = [protocol.TaskResult("folder", "custom", 0.1, 0.0, 0.5, (0.5,))]
+    assert [r.name for r in protocol.summarize(folder)] == ["mean_over_tasks"]
+    assert "Mean of group means" not in protocol.to_markdown(folder)
+    assert protocol.to_markdown(folder, method="vqt").startswith("## Sweep: vqt\n")
+
+
+def release_config(task: str) -> ml_collections.ConfigDict:
+    """The stand-in config with the release protocol's preprocessing fields."""
+    c = standin_config(task)
+    c.protocol, c.normalization, c.resize, c.batching = "release", "imagenet", "float", "epoch"
+    return c
+
+
+def big_vision_config(task: str) -> ml_collections.ConfigDict:
+    c = standin_config(task)
+    c.protocol, c.normalization, c.resize, c.batching = "big_vision", "inception", "uint8", "stream"
+    return c
+
+
+def test_header_names_the_protocol_and_preprocessing_of_the_runs(tmp_path):
+    results, _ = run(tmp_path, tasks=("dtd", "eurosat"), num_seeds=1,
+                     base_config_fn=release_config)
+    described = protocol.describe(workdir_lib.as_dict(release_config("dtd")))
+    assert {r.protocols for r in results} == {(described,)}
+    md = (tmp_path / "results.md").read_text()
+    assert f"Protocol and preprocessing of every run: {described}." in md.splitlines()
+    # describe() names the protocol and the preprocessing: resize and normalisation.
+    assert "protocol release" in described and "ImageNet mean/std" in described
+    assert "float" in described
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert [r["protocol"] for r in rows if r["kind"] == "task"] == [described, described]
+
+    # Without a recorded config (older results.json, no config.json) the header says so.
+    results, _ = run(tmp_path / "older", num_seeds=1, trainer=FakeTrainer(with_config=False))
+    assert results[0].protocols == (protocol.NOT_RECORDED,)
+    assert (f"Protocol and preprocessing of every run: {protocol.NOT_RECORDED}."
+            in (tmp_path / "older" / "results.md").read_text())
+
+
+def test_header_says_when_runs_disagree_on_protocol(tmp_path):
+    release = protocol.describe(workdir_lib.as_dict(release_config("dtd")))
+    big_vision = protocol.describe(workdir_lib.as_dict(big_vision_config("dtd")))
+    assert release != big_vision
+
+    def mixed(task):  # one task with each protocol
+        return release_config(task) if task == "dtd" else big_vision_config(task)
+
+    run(tmp_path / "tasks", tasks=("dtd", "eurosat"), num_seeds=1, base_config_fn=mixed)
+    md = (tmp_path / "tasks" / "results.md").read_text()
+    assert "**The runs disagree on protocol or preprocessing**" in md
+    assert f"* {release} (dtd)" in md.splitlines()
+    assert f"* {big_vision} (eurosat)" in md.splitlines()
+    assert "of every run" not in md
+
+    # Within one task: a reused run trained under another protocol (its sweep settings match,
+    # so it is read, not retrained) is named too.
+    run(tmp_path / "runs", num_seeds=2, base_config_fn=release_config)
+    path = protocol.test_run_dir(tmp_path / "runs", "dtd", 1) / "results.json"
+    results = json.loads(path.read_text())
+    results["config"] = workdir_lib.as_dict(big_vision_config("dtd")) | {
+        k: results["config"][k] for k in ("split", "lr", "wd", "seed")}
+    path.write_text(json.dumps(results))
+    (results_again,), trainer = run(tmp_path / "runs", num_seeds=2,
+                                    base_config_fn=release_config)
+    assert trainer.calls == []
+    assert results_again.protocols == tuple(sorted((release, big_vision)))
+    lines = (tmp_path / "runs" / "results.md").read_text().splitlines()
+    assert f"* {release} (dtd)" in lines and f"* {big_vision} (dtd)" in lines
+
+
+def test_tables_need_no_tensorflow():
+    # A results table can be rebuilt (e.g. in a notebook) without the training stack.
+    code = ("import sys, vqt_jax.protocol_tables; "
+            "sys.exit(any(m.split('.')[0] in ('tensorflow', 'jax') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+def test_script_keeps_the_protocols_names():
+    # experiments/plot.py's tests and notebooks load the script for these.
+    assert cli.TaskResult is protocol.TaskResult
+    assert cli.write_reports is protocol.write_reports
+    assert protocol.TaskResult is protocol_tables.TaskResult  # one class, re-exported
+    with pytest.raises(AttributeError):
+        cli.no_such_name  # noqa: B018
 
 
 def test_group_rows_only_for_groups_present(tmp_path):
@@ -330,44 +486,44 @@ def test_group_rows_only_for_groups_present(tmp_path):
 def test_unknown_task_fails_fast(tmp_path):
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"nope.*Valid tasks: cifar100, dtd, eurosat"):
-        sweep.run_sweep(["dtd", "nope"], tmp_path, base_config_fn=standin_config,
-                        train_fn=trainer, task_groups=TASK_GROUPS)
+        protocol.run_sweep(["dtd", "nope"], tmp_path, base_config_fn=standin_config,
+                           train_fn=trainer, task_groups=TASK_GROUPS)
     assert trainer.calls == []
     assert not any(tmp_path.iterdir())
 
 
 def test_real_task_table_has_groups():
-    groups = sweep.vtab_task_groups()
+    groups = protocol.vtab_task_groups()
     assert len(groups) == 20 and list(groups)[-1] == "folder"  # the 19, then an image folder
     assert list(groups)[:3] == ["caltech101", "cifar100", "dtd"]
-    assert {g: list(groups.values()).count(g) for g in sweep.GROUPS} == {
+    assert {g: list(groups.values()).count(g) for g in protocol.GROUPS} == {
         "natural": 7, "specialized": 4, "structured": 8}
     with pytest.raises(ValueError, match="Valid tasks: caltech101"):
-        sweep.check_tasks(["dtd", "imagenet"], groups)
+        protocol.check_tasks(["dtd", "imagenet"], groups)
 
 
 def test_parse_overrides():
-    assert sweep.parse_overrides(["epochs=10", "model.num_queries=20", "data_dir=/tmp/tfds",
+    assert protocol.parse_overrides(["epochs=10", "model.num_queries=20", "data_dir=/tmp/tfds",
                                   "model.kv_dtype=bfloat16", "x=None", "y=1e-3", "z=a=b"]) == {
         "epochs": 10, "model.num_queries": 20, "data_dir": "/tmp/tfds",
         "model.kv_dtype": "bfloat16", "x": None, "y": 0.001, "z": "a=b"}
     for bad in ["epochs", "=3", "lr=0.1", "seed=1", "split=val"]:
         with pytest.raises(ValueError):
-            sweep.parse_overrides([bad])
+            protocol.parse_overrides([bad])
 
 
 def test_apply_overrides_copies_nested_fields():
     config = standin_config("dtd")
-    out = sweep.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
+    out = protocol.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
     assert (out.model.num_queries, out.data_dir) == (10, "/tmp/tfds")
     assert (config.model.num_queries, config.data_dir) == (1, None)
 
 
 def test_set_overrides_reach_config_from_command_line(tmp_path, capsys):
     trainer = FakeTrainer()
-    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd,eurosat", "--seeds=2",
-                "--set", "epochs=10", "model.num_queries=10", "--set=batch_size=64"],
-               base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
+    cli.main([f"--workdir={tmp_path}", "--tasks=dtd,eurosat", "--seeds=2",
+              "--set", "epochs=10", "model.num_queries=10", "--set=batch_size=64"],
+             base_config_fn=base_config_fn(), train_fn=trainer, task_groups=TASK_GROUPS)
     assert len(trainer.calls) == 2 * (20 + 2)
     assert all(c.epochs == 10 and c.model.num_queries == 10 and c.batch_size == 64
                for c, _ in trainer.calls)
@@ -375,7 +531,7 @@ def test_set_overrides_reach_config_from_command_line(tmp_path, capsys):
     assert {c.method for c, _ in trainer.calls} == {"vqt"}
     out = capsys.readouterr().out
     assert out == (tmp_path / "results.md").read_text()
-    assert "| **Mean** (2 tasks) |" in out
+    assert "| **Mean over tasks** (2 tasks) |" in out
 
 
 def test_bad_override_fails_before_training(tmp_path):
@@ -400,9 +556,9 @@ def test_changed_overrides_are_refused(tmp_path):
 
 @pytest.mark.skipif(not REAL_CONFIG.is_file(), reason="configs/vtab.py not written yet")
 def test_real_config_accepts_overrides():
-    config = sweep.load_config_fn(REAL_CONFIG)("dtd")
+    config = protocol.load_config_fn(REAL_CONFIG)("dtd")
     assert config.batch_size == 128 and config.method == "vqt"
-    out = sweep.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
+    out = protocol.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
     assert (out.epochs, out.model.num_queries) == (10, 10)
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
 
@@ -415,17 +571,17 @@ def test_every_run_of_a_task_shares_one_cache_dir(tmp_path):
 
 
 def test_an_image_folder_is_swept_like_a_task_but_not_part_of_all(tmp_path, capsys):
-    groups = sweep.vtab_task_groups()
+    groups = protocol.vtab_task_groups()
     assert len(groups) == 20 and groups["folder"] == "custom"
     trainer = FakeTrainer()
-    sweep.main([f"--workdir={tmp_path / 'all'}", "--tasks=all", "--seeds=1"],
-               base_config_fn=base_config_fn(), train_fn=trainer,
-               task_groups={"dtd": "natural", "folder": "custom"})
+    cli.main([f"--workdir={tmp_path / 'all'}", "--tasks=all", "--seeds=1"],
+             base_config_fn=base_config_fn(), train_fn=trainer,
+             task_groups={"dtd": "natural", "folder": "custom"})
     assert {c.task for c, _ in trainer.calls} == {"dtd"}
     trainer = FakeTrainer()
-    sweep.main([f"--workdir={tmp_path / 'folder'}", "--tasks=folder", "--seeds=1"],
-               base_config_fn=base_config_fn(), train_fn=trainer,
-               task_groups={"dtd": "natural", "folder": "custom"})
+    cli.main([f"--workdir={tmp_path / 'folder'}", "--tasks=folder", "--seeds=1"],
+             base_config_fn=base_config_fn(), train_fn=trainer,
+             task_groups={"dtd": "natural", "folder": "custom"})
     assert {c.task for c, _ in trainer.calls} == {"folder"}
     capsys.readouterr()
 
@@ -476,8 +632,8 @@ def test_resumed_runs_count_as_done_but_not_towards_the_rate(tmp_path):
 
 def test_progress_goes_to_the_log_by_default(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO)
-    sweep.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1"],
-               base_config_fn=base_config_fn(), train_fn=FakeTrainer(), task_groups=TASK_GROUPS)
+    cli.main([f"--workdir={tmp_path}", "--tasks=dtd", "--seeds=1"],
+             base_config_fn=base_config_fn(), train_fn=FakeTrainer(), task_groups=TASK_GROUPS)
     messages = [r.getMessage() for r in caplog.records]
     assert "run 1 of 21: dtd lr=0.5 wd=0.01 seed=0 (val)" in messages
     assert len(_ends(messages)) == 21 and "ETA " in _ends(messages)[0]
@@ -486,7 +642,7 @@ def test_progress_goes_to_the_log_by_default(tmp_path, caplog, capsys):
 
 def test_reused_results_must_be_of_their_run_as_recorded(tmp_path):
     run(tmp_path, num_seeds=1)
-    path = sweep.val_run_dir(tmp_path, "dtd", 0.25, 0.0) / "results.json"
+    path = protocol.val_run_dir(tmp_path, "dtd", 0.25, 0.0) / "results.json"
     results = json.loads(path.read_text())
     assert results["config"]["lr"] == results["lr"] == 0.25
     refused = re.escape(f"{path} records lr=0.125, but the sweep runs lr=0.25 there") + \

@@ -74,9 +74,9 @@ NARROWABLE = ("k", "v")
 # Per cache kind, the model options its contents do not depend on (they only shape what is
 # computed from the cache), left out of the fingerprint so that runs differing in them share.
 IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
-    "kv": ("num_queries", "query_dropout", "l2_normalize", "head_bias_init", "kv_dtype",
-           "prompt_dropout", "head2toe"),
-    "features": ("query_dropout", "head_bias_init", "kv_dtype", "prompt_dropout"),
+    "kv": ("num_queries", "query_dropout", "l2_normalize", "head_init", "head_bias_init",
+           "kv_dtype", "prompt_dropout", "head2toe"),
+    "features": ("query_dropout", "head_init", "head_bias_init", "kv_dtype", "prompt_dropout"),
 }
 # A temporary build: .<name>.tmp-<host>-<pid>-<mkdtemp's random suffix, [a-z0-9_]>.
 _TMP_RE = re.compile(r"^\.(?P<name>.+?)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)$")
@@ -201,7 +201,7 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
 
     Args:
       config: the run's config (init, seed, task, data_dir, split, image_size, normalization,
-        cache_dtype are read).
+        resize, fc_norm_init, cache_dtype are read).
       model_kwargs: the model's options; those in `IGNORED_OPTIONS[kind]` are left out.
       kind: 'kv' or 'features'.
       data_key: `content.content_key` of the training data, if the caller has it already
@@ -221,7 +221,9 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
     key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
                model=backbone, task=config.task, data_dir=config.data_dir,
                split=config.split, content=dict(data_key), image_size=config.image_size,
-               normalization=config.normalization, dtype=config.cache_dtype)
+               normalization=config.normalization, dtype=config.cache_dtype,
+               resize=config.get("resize", "uint8"),
+               fc_norm_init=config.get("fc_norm_init", "checkpoint"))
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -569,11 +571,13 @@ def train_batches(
     process_count: int | None = None,
     prefetch: int = 2,
     fields: Sequence[str] | None = None,
+    batching: str = "stream",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from a cache: the same examples, in the same order, as the
-    image pipeline (`data.make_train_iterator`) gives for the same seed and step.
+    image pipeline (`data.make_train_iterator`) gives for the same seed, step and batching.
 
-    Batches hold `fields` (default: all) and 'label'. A background thread reads ahead
+    Batches hold `fields` (default: all), 'label' and 'mask' (0 for the padding of an
+    epoch's partial last batch with 'epoch' batching). A background thread reads ahead
     `prefetch` batches (the copies release the GIL).
     """
     process_index = jax.process_index() if process_index is None else process_index
@@ -581,9 +585,10 @@ def train_batches(
     n = cache.spec.num_examples
 
     def produce(step: int) -> dict[str, np.ndarray]:
-        idx = data.train_indices(step, n, global_batch_size=global_batch_size, seed=seed,
-                                 process_index=process_index, process_count=process_count)
-        return cache.gather(idx, fields)
+        idx, mask = data.train_indices(step, n, global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count,
+                                       batching=batching)
+        return {**cache.gather(idx, fields), "mask": mask}
 
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()

@@ -146,7 +146,7 @@ def _check_hparams(num_classes: int, lr: float, wd: float, epochs: int, batch_si
                          f"{', '.join(optim.OPTIMIZERS)}")
 
 
-def _safe_norms(kernel: jax.Array) -> jax.Array:
+def row_norms(kernel: jax.Array) -> jax.Array:
     """Row norms whose gradient at a zero row is 0 (a valid subgradient) instead of NaN.
 
     The head starts at zero, so the plain sqrt would poison the first gradient.
@@ -181,7 +181,7 @@ def _fit(x: jax.Array, y: jax.Array, key: jax.Array, lr: jax.Array, wd: jax.Arra
     def loss_fn(p, xb, yb):
         logits = xb @ p[_KERNEL] + p[_BIAS]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-        return ce + lasso * _safe_norms(p[_KERNEL]).sum()
+        return ce + lasso * row_norms(p[_KERNEL]).sum()
 
     def step(carry, idx):
         p, opt_state = carry

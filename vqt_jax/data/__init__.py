@@ -4,6 +4,7 @@ See `pipeline.py` for the usage pattern and `tasks.py` for the task table.
 """
 
 from vqt_jax.data.pipeline import (
+    BATCHINGS,
     FOLDER,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,6 +20,7 @@ from vqt_jax.data.pipeline import (
     normalize,
     normalize_array,
     resize,
+    steps_per_epoch,
     train_dataset,
     train_indices,
     validate,
@@ -26,6 +28,7 @@ from vqt_jax.data.pipeline import (
 from vqt_jax.data.tasks import TASKS, Task, get_task, task_names
 
 __all__ = [
+    "BATCHINGS",
     "FOLDER",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -44,6 +47,7 @@ __all__ = [
     "normalize",
     "normalize_array",
     "resize",
+    "steps_per_epoch",
     "task_names",
     "train_dataset",
     "train_indices",

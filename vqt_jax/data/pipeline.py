@@ -14,8 +14,14 @@ Typical use in a training script::
 `tasks.py`) read from TFDS in `data_dir`, or ``'folder'`` for an image-folder tree rooted at
 `data_dir` (see `folder.py`).
 
-Images are resized to ``image_size x image_size`` (bilinear, no crop, no augmentation), rounded
-to uint8 and normalized to float32 NHWC. Batches are dicts of numpy arrays.
+Images are resized to ``image_size x image_size`` (bilinear, no crop, no augmentation), kept as
+`tf.image.resize`'s float result (``round_resized=False``, the VQT release) or rounded to uint8,
+and normalized to float32 NHWC. Batches are dicts of numpy arrays.
+
+Training batches come in one of two `Batching` modes: ``'epoch'`` (the release's
+``drop_last=False`` loader: every epoch is a fresh permutation cut into ``ceil(N / B)`` batches,
+the last one partial, padded to B and masked) or ``'stream'`` (every batch full, read across
+epoch boundaries). Every training batch carries a ``'mask'`` (1 real, 0 padding).
 
 Multi-host: every host calls the same functions with its own `process_index`. The training
 stream gives each host its slice of every global batch; the evaluation stream gives each host a
@@ -58,6 +64,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Subset = Literal["train", "eval"]
+Batching = Literal["epoch", "stream"]
+BATCHINGS = ("epoch", "stream")
 Normalization = str | tuple[Sequence[float], Sequence[float]]
 Batch = dict[str, np.ndarray]
 
@@ -233,10 +241,10 @@ def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(images: tf.Tensor, normalization: Normalization = "inception") -> tf.Tensor:
-    """Maps uint8 images to float32: ``(x / 255 - mean) / std`` per channel.
+    """Maps images in pixel units to float32: ``(x / 255 - mean) / std`` per channel.
 
     Args:
-        images: uint8 tensor ``[..., 3]``.
+        images: uint8 (or float, in [0, 255]) tensor ``[..., 3]``.
         normalization: ``'inception'`` (to [-1, 1]), ``'imagenet'`` (ImageNet mean/std), or
             a ``(mean, std)`` pair of 3-tuples in [0, 1] units.
 
@@ -258,16 +266,20 @@ def as_normalization(value: str | Sequence[Sequence[float]]) -> Normalization:
 
 def normalize_array(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
     """`normalize` on a numpy batch (the same computation, for the same floats)."""
-    return normalize(tf.convert_to_tensor(images, tf.uint8), normalization).numpy()
+    return normalize(tf.convert_to_tensor(images), normalization).numpy()
 
 
-def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+def resize(image: tf.Tensor, image_size: int, round_resized: bool = True) -> tf.Tensor:
     """Bilinear resize of one uint8 image to ``[image_size, image_size, 3]``, no crop.
 
-    The result is rounded back to uint8: the training set is cached at this stage, and
-    evaluation goes through the same rounding so both see identical pixels.
+    With `round_resized` the result is rounded back to uint8 (a quarter of the memory for
+    the in-memory training set); otherwise it is `tf.image.resize`'s float32 result as is, as
+    the VQT release feeds it (`src/data/datasets/tf_dataset.py`). Training, caching and
+    evaluation all go through the same function, so they see identical pixels.
     """
     resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    if not round_resized:
+        return resized
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
@@ -296,16 +308,17 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     return global_batch_size // process_count
 
 
-def _resized(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+def _resized(ds: tf.data.Dataset, image_size: int, round_resized: bool) -> tf.data.Dataset:
     return ds.map(
-        lambda ex: {"image": resize(ex["image"], image_size), "label": ex["label"]},
+        lambda ex: {"image": resize(ex["image"], image_size, round_resized),
+                    "label": ex["label"]},
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
 
 
 def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a (resized) dataset into memory as uint8 images and int32 labels."""
+    """Reads a (resized) dataset into memory as images (uint8 or float32) and int32 labels."""
     images, labels = [], []
     for batch in ds.batch(256).as_numpy_iterator():
         images.append(batch["image"])
@@ -317,17 +330,45 @@ def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np
     return images, labels
 
 
-def _shuffled_index(position: tf.Tensor, seed: int | tf.Tensor,
-                    num_examples: int | tf.Tensor) -> tf.Tensor:
-    """The example at a position of the endless training stream (see `train_dataset`)."""
-    # One scalar seed per element: index_shuffle mishandles a batch of seeds
-    # (TF 2.21 pads the [n, 2] seed along the wrong axis).
+def _check_batching(batching: str) -> None:
+    if batching not in BATCHINGS:
+        raise ValueError(f"Unknown batching {batching!r}; choose from {', '.join(BATCHINGS)}.")
+
+
+def _shuffled_index(position: tf.Tensor, seed: int | tf.Tensor, num_examples: int | tf.Tensor,
+                    batch_size: int, batching: Batching) -> tuple[tf.Tensor, tf.Tensor]:
+    """(example, is real) at a position of the endless training stream (see `train_dataset`).
+
+    Position p is slot ``p % B`` of global batch ``p // B``. With 'stream' batching it is
+    entry ``p % N`` of epoch ``p // N``'s permutation; with 'epoch' batching, batch k is
+    batch ``k % S`` (S = ceil(N / B)) of epoch ``k // S``, whose slots past the epoch's end
+    are padding (not real; they repeat the last entry so that the gather stays in range).
+    """
     position = tf.cast(position, tf.int64)
     num_examples = tf.cast(num_examples, tf.int64)
-    seed_and_epoch = tf.stack([tf.cast(seed, tf.int64), position // num_examples])
-    return tf.random.experimental.index_shuffle(
-        position % num_examples, seed_and_epoch, num_examples - 1
-    )
+    if batching == "epoch":
+        batch = tf.constant(batch_size, tf.int64)
+        steps_per_epoch = (num_examples + batch - 1) // batch
+        step = position // batch
+        epoch = step // steps_per_epoch
+        offset = (step % steps_per_epoch) * batch + position % batch
+        real = offset < num_examples
+        offset = tf.minimum(offset, num_examples - 1)
+    else:
+        epoch, offset, real = position // num_examples, position % num_examples, tf.constant(True)
+    # One scalar seed per element: index_shuffle mishandles a batch of seeds
+    # (TF 2.21 pads the [n, 2] seed along the wrong axis).
+    seed_and_epoch = tf.stack([tf.cast(seed, tf.int64), epoch])
+    index = tf.random.experimental.index_shuffle(offset, seed_and_epoch, num_examples - 1)
+    return index, real
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, batching: Batching) -> float:
+    """Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'."""
+    _check_batching(batching)
+    if batching == "epoch":
+        return math.ceil(num_examples / global_batch_size)
+    return num_examples / global_batch_size
 
 
 def train_indices(
@@ -338,22 +379,30 @@ def train_indices(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-) -> np.ndarray:
-    """The example indices of this host's slice of global training batch `step`.
+    batching: Batching = "stream",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The example indices of this host's slice of global training batch `step`, and its mask.
 
     The same stream as `train_dataset` yields (the same function computes it), for training
     from per-example arrays such as a cache of the backbone's outputs.
+
+    Returns:
+        (int64 [B / P] example indices, float32 [B / P] mask: 1 real, 0 padding).
     """
+    _check_batching(batching)
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     start = (step * process_count + process_index) * local_batch
     positions = tf.range(start, start + local_batch, dtype=tf.int64)
-    return _indices_of(positions, tf.constant(seed, tf.int64),
-                       tf.constant(num_examples, tf.int64)).numpy()
+    index, real = _indices_of(positions, tf.constant(seed, tf.int64),
+                              tf.constant(num_examples, tf.int64), global_batch_size, batching)
+    return index.numpy(), real.numpy().astype(np.float32)
 
 
 @tf.function(reduce_retracing=True)
-def _indices_of(positions: tf.Tensor, seed: tf.Tensor, num_examples: tf.Tensor) -> tf.Tensor:
-    return tf.map_fn(lambda p: _shuffled_index(p, seed, num_examples), positions)
+def _indices_of(positions: tf.Tensor, seed: tf.Tensor, num_examples: tf.Tensor,
+                batch_size: int, batching: str) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.map_fn(lambda p: _shuffled_index(p, seed, num_examples, batch_size, batching),
+                     positions, fn_output_signature=(tf.int64, tf.bool))
 
 
 def train_dataset(
@@ -366,19 +415,21 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     normalization: Normalization = "inception",
+    batching: Batching = "stream",
 ) -> tf.data.Dataset:
     """The infinite, shuffled training stream over in-memory examples, for one host.
 
-    The examples are read as one endless sequence of epochs, each a fresh permutation of all
-    examples chosen by ``(seed, epoch)``; global batch ``k`` is positions
-    ``[k * B, (k + 1) * B)`` of that sequence and host ``h`` takes positions
-    ``[k * B + h * B / P, k * B + (h + 1) * B / P)``. Every batch is full (batches may straddle
-    an epoch boundary), the hosts' slices make up exactly the single-host batch, and starting at
+    Every epoch is a fresh permutation of all examples chosen by ``(seed, epoch)``. Global batch
+    ``k`` is stream positions ``[k * B, (k + 1) * B)`` and host ``h`` takes positions
+    ``[k * B + h * B / P, k * B + (h + 1) * B / P)``; a position maps to its example as
+    `_shuffled_index` says: with 'stream' batching every batch is full and may straddle an epoch
+    boundary; with 'epoch' batching each epoch is ``ceil(N / B)`` batches, its last one padded
+    (``mask`` 0). The hosts' slices make up exactly the single-host batch, and starting at
     `start_step` costs nothing, since any position maps to its example directly
     (`tf.random.experimental.index_shuffle` computes a permutation entry without the rest).
 
     Args:
-        images: uint8 ``[N, H, W, 3]``, already resized.
+        images: uint8 (or float32 pixel values) ``[N, H, W, 3]``, already resized.
         labels: int ``[N]``.
         global_batch_size: Batch size over all hosts (B); divisible by `process_count` (P).
         seed: Shuffling seed; the same seed gives the same stream.
@@ -386,10 +437,13 @@ def train_dataset(
         process_index: This host's index.
         process_count: Number of hosts.
         normalization: See `normalize`.
+        batching: 'epoch' or 'stream' (see above).
 
     Returns:
-        A dataset of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P]}``.
+        A dataset of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P],
+        'mask': float32 [B / P]}``.
     """
+    _check_batching(batching)
     num_examples = len(labels)
     if num_examples == 0:
         raise ValueError("The training set is empty.")
@@ -398,13 +452,14 @@ def train_dataset(
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     # Captured eager tensors are handed to the tf.data function by reference (a numpy array
     # would be embedded in the graph as a constant).
-    images_t = tf.convert_to_tensor(images, tf.uint8)
+    images_t = tf.convert_to_tensor(images)
     labels_t = tf.convert_to_tensor(labels, tf.int32)
     _mean_std(normalization)  # Fail here, not inside tf.data.
 
     def example_at(position: tf.Tensor) -> dict[str, tf.Tensor]:
-        index = _shuffled_index(position, seed, num_examples)
-        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
+        index, real = _shuffled_index(position, seed, num_examples, global_batch_size, batching)
+        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index),
+                "mask": tf.cast(real, tf.float32)}
 
     def positions_of(chunk: tf.Tensor) -> tf.data.Dataset:
         # Chunk c = k * P + h is stream positions [c * B/P, (c + 1) * B/P).
@@ -417,7 +472,7 @@ def train_dataset(
     ds = ds.map(example_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.map(
-        lambda b: {"image": normalize(b["image"], normalization), "label": b["label"]},
+        lambda b: {**b, "image": normalize(b["image"], normalization)},
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -434,6 +489,7 @@ def eval_dataset(
     process_count: int = 1,
     local_device_count: int | None = None,
     normalization: Normalization = "inception",
+    round_resized: bool = True,
 ) -> tf.data.Dataset:
     """The finite, padded evaluation stream of one host.
 
@@ -452,6 +508,7 @@ def eval_dataset(
         local_device_count: If given, B / P must be divisible by it (for sharding a batch
             over the local devices).
         normalization: See `normalize`.
+        round_resized: See `resize`.
 
     Returns:
         A dataset of ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P],
@@ -467,6 +524,7 @@ def eval_dataset(
         process_count=process_count,
         local_device_count=local_device_count,
         normalization=normalization,
+        round_resized=round_resized,
     )
 
 
@@ -480,6 +538,7 @@ def _eval_batches(
     process_count: int,
     local_device_count: int | None,
     normalization: Normalization,
+    round_resized: bool,
 ) -> tf.data.Dataset:
     """`eval_dataset` for examples already sharded to this host (strided, as `Dataset.shard`)."""
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
@@ -495,7 +554,7 @@ def _eval_batches(
     _mean_std(normalization)  # Fail here, not inside tf.data.
 
     def prepare(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = normalize(resize(ex["image"], image_size), normalization)
+        image = normalize(resize(ex["image"], image_size, round_resized), normalization)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": 1.0}
 
     ds = local_examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -578,15 +637,17 @@ def get_num_examples(
 
 
 def load_train_examples(
-    task: str, data_dir: str | None = None, split: str = "val", image_size: int = 224
+    task: str, data_dir: str | None = None, split: str = "val", image_size: int = 224,
+    round_resized: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The whole training set of a split, resized: uint8 [N, S, S, 3] images, int32 labels.
+    """The whole training set of a split, resized: [N, S, S, 3] images (uint8, or float32 if
+    not `round_resized`; see `resize`), int32 labels.
 
     Example i here is example i of `make_train_iterator`'s shuffle (see `train_indices`).
     """
     examples, num_examples, files = _source(task, data_dir, split, "train")
     with _naming_bad_files(data_dir, files):
-        return _load_arrays(_resized(examples, image_size), num_examples)
+        return _load_arrays(_resized(examples, image_size, round_resized), num_examples)
 
 
 def make_train_iterator(
@@ -601,11 +662,14 @@ def make_train_iterator(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    batching: Batching = "stream",
+    round_resized: bool = True,
 ) -> Iterator[Batch]:
     """Endless training batches: this host's slice of each global batch.
 
     Reads and resizes the whole training set into memory first (uint8, ``image_size**2 * 3``
-    bytes per example: 150 KB at 224, so 150 MB for VTAB-1k's 1000 examples), then streams
+    bytes per example: 150 KB at 224, so 150 MB for VTAB-1k's 1000 examples; four times that
+    in float32 without `round_resized`), then streams
     shuffled batches as described in `train_dataset`. Deterministic in `seed`; reshuffled every
     epoch; `start_step` resumes exactly where a run with the same arguments was at that step.
 
@@ -620,15 +684,19 @@ def make_train_iterator(
         start_step: Global step of the first batch.
         process_index: This host's index (default: `jax.process_index()`).
         process_count: Number of hosts (default: `jax.process_count()`).
+        batching: 'epoch' or 'stream' (see `train_dataset`).
+        round_resized: See `resize`.
 
     Yields:
-        ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P]}`` numpy batches.
+        ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P], 'mask': float32 [B / P]}``
+        numpy batches.
     """
     process_index, process_count = _processes(process_index, process_count)
+    _check_batching(batching)
     _local_batch_size(
         global_batch_size, process_index, process_count
     )  # Fail before reading any data.
-    images, labels = load_train_examples(task, data_dir, split, image_size)
+    images, labels = load_train_examples(task, data_dir, split, image_size, round_resized)
     ds = train_dataset(
         images,
         labels,
@@ -638,6 +706,7 @@ def make_train_iterator(
         process_index=process_index,
         process_count=process_count,
         normalization=normalization,
+        batching=batching,
     )
     return ds.as_numpy_iterator()
 
@@ -653,6 +722,7 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
+    round_resized: bool = True,
 ) -> Iterator[Batch]:
     """One pass over the evaluation set, padded so every host runs the same number of steps.
 
@@ -669,6 +739,7 @@ def make_eval_iterator(
         process_index: This host's index (default: `jax.process_index()`).
         process_count: Number of hosts (default: `jax.process_count()`).
         local_device_count: If given, checked to divide the local batch size.
+        round_resized: See `resize`.
 
     Yields:
         ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P], 'mask': float32 [B / P]}``
@@ -688,5 +759,6 @@ def make_eval_iterator(
         process_count=process_count,
         local_device_count=local_device_count,
         normalization=normalization,
+        round_resized=round_resized,
     )
     return _named_errors(ds.as_numpy_iterator(), data_dir, files)

@@ -197,6 +197,35 @@ TASKS: Mapping[str, Task] = dict([
 ])  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleaseSetting:
+    """The VQT release's per-task settings (github andytu28/VQT, `run_demo_exp.sh`).
+
+    Attributes:
+        num_queries: T, query tokens per layer.
+        compression: whether the feature-compression stage (keep 0.7) follows; the release
+            runs it on the T = 1 tasks only.
+    """
+
+    num_queries: int
+    compression: bool
+
+
+_T1 = ReleaseSetting(num_queries=1, compression=True)
+_T10 = ReleaseSetting(num_queries=10, compression=False)
+_T20 = ReleaseSetting(num_queries=20, compression=False)
+
+# One row per task, in TASKS' order: what `run_demo_exp.sh` runs for it.
+RELEASE_SETTINGS: Mapping[str, ReleaseSetting] = {
+    "caltech101": _T1, "cifar100": _T1, "dtd": _T1, "oxford_flowers102": _T1,
+    "oxford_iiit_pet": _T1, "svhn": _T20, "sun397": _T1,
+    "patch_camelyon": _T1, "eurosat": _T1, "resisc45": _T1, "diabetic_retinopathy": _T1,
+    "clevr_count": _T1, "clevr_distance": _T10, "dmlab": _T20, "kitti_distance": _T20,
+    "dsprites_location": _T20, "dsprites_orientation": _T1, "smallnorb_azimuth": _T20,
+    "smallnorb_elevation": _T10,
+}  # fmt: skip
+
+
 def task_names() -> list[str]:
     """Returns the names of the 19 VTAB-1k tasks in table order."""
     return list(TASKS)

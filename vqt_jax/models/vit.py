@@ -460,6 +460,14 @@ class Encoder(BlockOptions):
         return self.encoder_norm(x)
 
 
+# Head kernel initialisers by name. torch's kaiming_normal_(a=0, mode='fan_out') on a Linear
+# weight [C, F] draws N(0, 2 / C); flax's kernel is [F, C], whose fan_out is also C.
+HEAD_INITS = {
+    "zeros": nn.initializers.zeros,
+    "kaiming_fan_out": nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+}
+
+
 class ViT(nn.Module):
     """Vision Transformer with Visual Query Tuning and the methods it is compared/combined with.
 
@@ -490,6 +498,9 @@ class ViT(nn.Module):
         token, 2 groups per layer) instead of the final CLS (+ VQT's query outputs).
       l2_normalize: L2-normalise each feature group before the head; default: on for VQT's
         and Head2Toe's head inputs, off for a plain CLS (linear probing).
+      head_init: the head kernel's initialisation: 'zeros' (big_vision) or
+        'kaiming_fan_out' (the VQT/VPT releases: torch's `kaiming_normal_(mode='fan_out')`, an
+        untruncated normal of variance 2 / num_classes).
       head_bias_init: constant initial head bias (the release uses -log(99) as a prior).
       kv_dtype: dtype in which the query path's backward keeps each layer's keys and values,
         e.g. jnp.bfloat16 to halve VQT's stash; the forward is unchanged (exact). None keeps
@@ -522,6 +533,7 @@ class ViT(nn.Module):
     lora_alpha: float | None = None
     head2toe: bool = False
     l2_normalize: bool | None = None
+    head_init: str = "zeros"
     head_bias_init: float = 0.0
     kv_dtype: Dtype | None = None
     dtype: Dtype = jnp.float32
@@ -550,6 +562,9 @@ class ViT(nn.Module):
             raise ValueError(f"pool_type must be 'tok' or 'gap', got {self.pool_type!r}")
         if self.pool_type == "tok" and not self.has_class_token:
             raise ValueError("pool_type 'tok' needs a class token")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"Unknown head_init {self.head_init!r}; choose from "
+                             f"{', '.join(HEAD_INITS)}")
         if self.mlp_act not in ACTIVATIONS:
             raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
         for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
@@ -592,7 +607,7 @@ class ViT(nn.Module):
         if self.num_classes:
             out["logits"] = nn.Dense(
                 self.num_classes,
-                kernel_init=nn.initializers.zeros,
+                kernel_init=HEAD_INITS[self.head_init],
                 bias_init=nn.initializers.constant(self.head_bias_init),
                 name="head",
             )(out["pre_logits"])

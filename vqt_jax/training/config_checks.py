@@ -7,9 +7,10 @@ import os
 
 import ml_collections
 
-from vqt_jax import data, methods
+from vqt_jax import data, methods, protocol
 from vqt_jax.checkpoints import split_subtree
 from vqt_jax.models import decode_variant
+from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.training import feature_heads, optim
 
 SPLITS = ("val", "test")
@@ -20,6 +21,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache": ("auto", "on", "off"),
     "cache_dtype": ("float32", "bfloat16"),
     "cache_storage": ("disk", "memory"),
+    "batching": data.BATCHINGS,
+    "resize": ("float", "uint8"),
+    "fc_norm_init": ("fresh", "checkpoint"),
 }
 
 
@@ -39,6 +43,12 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     if config.split not in SPLITS:
         raise ValueError(f"config.split={config.split!r}: must be one of {SPLITS}")
     methods.get(config.method)
+    if config.get("protocol"):
+        protocol.get(config.protocol)
+    head_init = config.model.get("head_init", "zeros")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"config.model.head_init={head_init!r}: choose from "
+                         f"{', '.join(HEAD_INITS)}")
     name = config.get("optimizer")
     if name is not None and name not in optim.OPTIMIZERS:
         raise ValueError(f"config.optimizer={name!r}: choose from {', '.join(optim.OPTIMIZERS)}")

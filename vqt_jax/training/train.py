@@ -79,6 +79,27 @@ def optimizer_name(config: ml_collections.ConfigDict) -> str:
     return config.get("optimizer") or methods.get(config.method).optimizer
 
 
+def batching(config: ml_collections.ConfigDict) -> str:
+    """config.batching ('epoch' or 'stream'; configs without the field: 'stream')."""
+    return config.get("batching", "stream")
+
+
+def round_resized(config: ml_collections.ConfigDict) -> bool:
+    """Whether resized images are rounded to uint8 (config.resize 'uint8', the default)."""
+    return config.get("resize", "uint8") == "uint8"
+
+
+def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Parameters kept at their fresh initialisation when `config.init` is loaded: the head,
+    and, for a model that normalises its pooled feature (`model.fc_norm`, MAE) with
+    `config.fc_norm_init='fresh'`, that LayerNorm: the release builds MAE with a new `fc_norm`
+    and deletes the pretrained `norm` (`h2t_vit_mae.py`), so it starts at scale 1, bias 0."""
+    keep = tuple(checkpoints.DEFAULT_DONT_LOAD)
+    if config.model.get("fc_norm") and config.get("fc_norm_init", "checkpoint") == "fresh":
+        keep += ("Transformer/encoder_norm/.*",)
+    return keep
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D data-parallel mesh over all devices (or the first `num_devices`)."""
     devices = jax.devices()
@@ -120,7 +141,7 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
         config.task, config.data_dir, config.split,
         global_batch_size=config.eval_batch_size or config.batch_size,
         image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        local_device_count=len(mesh.local_devices),
+        local_device_count=len(mesh.local_devices), round_resized=round_resized(config),
     )
     split_name = "val" if config.split == "val" else "test"
     progress = Progress(f"Evaluating on {split_name}", num_examples, "images")
@@ -202,7 +223,7 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
             logging.info("Reusing the cache in %s.", plan.path)
             return cache
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
-                                              config.image_size)
+                                              config.image_size, round_resized(config))
     norm = data.as_normalization(config.normalization)
     try:
         return cache_lib.build(
@@ -272,7 +293,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
     elif config.init:
         # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
         abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
-        pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size)
+        pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size,
+                                      dont_load=dont_load(config))
     change = workdir_lib.check(workdir, config)
     return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
                    notes)
@@ -374,12 +396,10 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     rule = trainable_lib.rule_for(config.method)
     trainable, frozen = trainable_lib.partition(variables, rule)
-    steps_per_epoch = num_train / config.batch_size
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    schedule = optim.warmup_cosine(
-        config.lr, total_steps, config.warmup_epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch if config.get("schedule_per_epoch", True) else None,
-    )
+    schedule, total_steps = optim.training_schedule(
+        config.lr, num_examples=num_train, batch_size=config.batch_size, epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs, batching=batching(config),
+        per_epoch=config.get("schedule_per_epoch", True))
     tx = optim.make_optimizer(schedule, config.wd, trainable, optimizer_name(config))
     state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     state = jax.device_put(state, replicated)
@@ -421,12 +441,14 @@ def _run_locked(plan: RunPlan, workdir: str,
     if cache is not None:
         train_iter = cache_lib.train_batches(
             cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
-            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays])
+            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
+            batching=batching(config))
     else:
         train_iter = data.make_train_iterator(
             config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
             image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-            seed=config.seed, start_step=start,
+            seed=config.seed, start_step=start, batching=batching(config),
+            round_resized=round_resized(config),
         )
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)

@@ -45,7 +45,9 @@ def make_loss_fn(
                                  method=model.from_cache)
         else:
             logits = model.apply(variables, batch["image"], train=True, rngs=rngs)
-        return cross_entropy(logits, batch["label"]), logits
+        # The mask zeroes the padding of an epoch's partial last batch: the loss is the mean
+        # over the real examples, as torch's over a short batch.
+        return cross_entropy(logits, batch["label"], batch.get("mask")), logits
 
     return loss_fn
 
@@ -63,7 +65,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         (loss, logits), grads = grad_fn(trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        accuracy = (logits.argmax(-1) == batch["label"]).mean()
+        correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+        mask = batch.get("mask")
+        accuracy = correct.mean() if mask is None else (
+            (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0))
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, metrics
 

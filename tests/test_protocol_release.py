@@ -1,0 +1,163 @@
+"""The `release` protocol against the VQT release's own definitions (github andytu28/VQT)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import vtab
+from vqt_jax import data, protocol
+from vqt_jax.data import tasks
+from vqt_jax.models import create_model
+from vqt_jax.training import optim, train
+
+
+def _release_lr_lambda(step: int, warmup: int, total: int) -> float:
+    # src/solver/lr_scheduler.py, WarmupCosineSchedule.lr_lambda (cycles = 0.5), transcribed
+    # (its float(cycles) kept as a literal).
+    if step < warmup:
+        return float(step) / float(max(1.0, warmup))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def _release_run(n: int, batch: int, epochs: int, warmup: int, base_lr: float):
+    """(lr, batch size) of every optimiser step of the release's loop.
+
+    src/engine/trainer.py: `for epoch in range(total_epoch)`, one pass of a DataLoader with
+    drop_last=False (src/data/loader.py, one GPU), `scheduler.step()` after each epoch; a
+    LambdaLR starts at lr_lambda(0).
+    """
+    steps = []
+    for epoch in range(epochs):
+        lr = base_lr * _release_lr_lambda(epoch, warmup, epochs)
+        sizes = [batch] * (n // batch) + ([n % batch] if n % batch else [])
+        steps += [(lr, size) for size in sizes]
+    return steps
+
+
+@pytest.mark.parametrize("n", [800, 1000, 37, 128])
+def test_schedule_and_batches_match_the_release(n):
+    batch, epochs, warmup, base_lr = 128, 100, 10, 0.125
+    expected = _release_run(n, batch, epochs, warmup, base_lr)
+    schedule, total = optim.training_schedule(
+        base_lr, num_examples=n, batch_size=batch, epochs=epochs, warmup_epochs=warmup,
+        batching="epoch", per_epoch=True)
+    assert total == len(expected)
+    lrs = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
+    np.testing.assert_allclose(lrs, [lr for lr, _ in expected], rtol=1e-6, atol=0)
+    # The batches the data pipeline gives for these steps: sizes, and each epoch a permutation.
+    s = data.steps_per_epoch(n, batch, "epoch")
+    for epoch in (0, 1, epochs - 1):
+        seen = []
+        for j in range(s):
+            step = epoch * s + j
+            idx, mask = data.train_indices(step, n, global_batch_size=batch, seed=0,
+                                           batching="epoch")
+            assert int(mask.sum()) == expected[step][1]
+            seen += list(idx[mask > 0])
+        assert sorted(seen) == list(range(n))
+
+
+def test_n1000_last_step_lr_is_the_releases():
+    # The off-by-one of reading 782 steps as 101 epochs: the last epoch must be epoch 99.
+    schedule, total = optim.training_schedule(
+        0.125, num_examples=1000, batch_size=128, epochs=100, warmup_epochs=10)
+    assert total == 800
+    assert float(schedule(total - 1)) == pytest.approx(0.125 * _release_lr_lambda(99, 10, 100))
+    # The same with full batches across epochs ('stream'): 782 steps, still 100 epochs.
+    schedule, total = optim.training_schedule(
+        0.125, num_examples=1000, batch_size=128, epochs=100, warmup_epochs=10,
+        batching="stream")
+    assert total == 782
+    assert float(schedule(total - 1)) == pytest.approx(0.125 * _release_lr_lambda(99, 10, 100))
+
+
+def test_per_task_table_is_the_releases():
+    # run_demo_exp.sh: T=10 for smallnorb elevation and clevr distance; T=20 for svhn, dmlab,
+    # dSprites location, smallnorb azimuth, KITTI distance; T=1 (with compression 0.7) elsewhere.
+    t10 = {"smallnorb_elevation", "clevr_distance"}
+    t20 = {"svhn", "dmlab", "dsprites_location", "smallnorb_azimuth", "kitti_distance"}
+    assert set(tasks.RELEASE_SETTINGS) == set(tasks.TASKS)
+    for name, setting in tasks.RELEASE_SETTINGS.items():
+        t = 10 if name in t10 else 20 if name in t20 else 1
+        assert setting.num_queries == t, name
+        assert setting.compression == (t == 1), name
+
+
+def test_vtab_config_resolves_the_task_settings():
+    svhn = vtab.get_config("svhn")
+    assert svhn.protocol == "release"
+    assert (svhn.model.num_queries, svhn.compression.enabled) == (20, False)
+    dtd = vtab.get_config("dtd")
+    assert (dtd.model.num_queries, dtd.compression.enabled) == (1, True)
+    assert dtd.compression.keep_frac == 0.7
+    # The model a run builds from them: svhn's queries are [12, 20, 768].
+    model = train.build_model(svhn, num_classes=10)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert shapes["queries"]["tokens"].shape == (12, 20, 768)
+    # big_vision keeps T = 1 without compression, and today's conventions.
+    bv = vtab.get_config("svhn,big_vision")
+    assert (bv.model.num_queries, bv.compression.enabled) == (1, False)
+    assert (bv.batching, bv.normalization, bv.resize, bv.model.head_init) == (
+        "stream", "inception", "uint8", "zeros")
+    with pytest.raises(ValueError, match="Unknown protocol 'nope'"):
+        vtab.get_config("dtd,nope")
+
+
+def test_head_init_is_kaiming_normal_fan_out_with_the_prior_bias():
+    # src/models/mlp.py: kaiming_normal_(weight, a=0, mode='fan_out') on a [C, F] weight, i.e.
+    # N(0, 2 / C), untruncated; bias -log((1 - 0.01) / 0.01).
+    config = vtab.get_config("dtd")
+    model = create_model(None, num_classes=47, patch_size=(8, 8), width=512, depth=1,
+                         mlp_dim=64, num_heads=4, num_queries=1,
+                         head_init=config.model.head_init,
+                         head_bias_init=config.model.head_bias_init)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    kernel = np.asarray(variables["params"]["head"]["kernel"])
+    assert kernel.shape == (1024, 47)
+    std = math.sqrt(2.0 / 47)
+    assert abs(kernel.mean()) < 4 * std / math.sqrt(kernel.size)
+    assert kernel.std() == pytest.approx(std, rel=0.02)
+    # Untruncated: a truncated normal at 2 std would have no values beyond 2 std and a smaller
+    # std; a normal has about 4.6% there.
+    assert np.mean(np.abs(kernel) > 2 * std) == pytest.approx(0.0455, abs=0.006)
+    np.testing.assert_allclose(variables["params"]["head"]["bias"], -math.log(99), rtol=1e-6)
+
+
+def test_release_preprocessing_is_tf_image_resize_in_float_then_imagenet():
+    # src/data/datasets/tf_dataset.py: tf.image.resize(image, [224, 224]) (bilinear, float),
+    # / 255, then (x - mean) / std with ImageNet's mean and std.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), np.uint8)
+    reference = tf.image.resize(image, [224, 224]).numpy() / 255.0
+    reference = (reference - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    config = vtab.get_config("dtd")
+    ours = data.normalize(data.resize(tf.constant(image), 224, train.round_resized(config)),
+                          config.normalization).numpy()
+    np.testing.assert_allclose(ours, reference, atol=2e-6)
+    # The big_vision protocol rounds to uint8 (not the release's numbers).
+    bv = vtab.get_config("dtd,big_vision")
+    rounded = data.resize(tf.constant(image), 224, train.round_resized(bv)).numpy()
+    assert rounded.dtype == np.uint8
+
+
+def test_mae_fc_norm_starts_fresh_under_the_release():
+    config = vtab.get_config("dtd")
+    config.model.fc_norm = True
+    assert "Transformer/encoder_norm/.*" in train.dont_load(config)
+    config.fc_norm_init = "checkpoint"
+    assert "Transformer/encoder_norm/.*" not in train.dont_load(config)
+    # A CLS model (the supervised ViT) loads its final norm either way.
+    config = vtab.get_config("dtd")
+    assert "Transformer/encoder_norm/.*" not in train.dont_load(config)
+
+
+def test_describe_names_protocol_and_preprocessing():
+    line = protocol.describe(vtab.get_config("dtd").to_dict())
+    assert "protocol release" in line and "ImageNet mean/std" in line and "float" in line

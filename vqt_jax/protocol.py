@@ -1,0 +1,744 @@
+"""Training protocols by name, and the paper's VTAB-1k protocol (grid, selection, seeds, tables).
+
+A *protocol* is a set of config values that together reproduce one way of training, looked up
+by name in `PROTOCOLS` and written into a config by `apply` (`configs/vtab.py:TASK,PROTOCOL`;
+every field stays overridable on the command line afterwards):
+
+* `release` (the default): the official VQT release (github andytu28/VQT) exactly, which the
+  paper's numbers need. Per-epoch batches with the last one partial (`drop_last=False`), the
+  schedule stepped once per epoch, the head initialised as its `MLP(special_bias=True)`,
+  `tf.image.resize` in float then ImageNet mean/std, MAE's fresh `fc_norm`, both compression
+  stages trained with the queries in train mode (query dropout on), and the per-task query
+  count T and compression stage of its `run_demo_exp.sh` (`data/tasks.py: RELEASE_SETTINGS`).
+* `big_vision`: this project's earlier defaults, with the conventions of the Google
+  checkpoints: inputs in [-1, 1] (big_vision's `value_range(-1, 1)`), resized images rounded
+  to uint8, full batches that run across epoch boundaries, a zero-initialised head, MAE's
+  pretrained final norm reused as `fc_norm`, compression on cached (eval-mode) features, T = 1
+  everywhere.
+
+The sweep (`run_sweep`, the engine of ``experiments/vtab_sweep.py``) runs the paper's VTAB-1k
+protocol on a list of tasks. For every task:
+
+  1. it trains on train800 and evaluates on val200 (``split='val'``, seed `VAL_SEED`) at every
+     (lr, wd) of the method's grid (`grid_for`; for VQT, lr in {1.0, 0.5, 0.25, 0.1, 0.05} x
+     batch_size/256 and wd in {0.01, 0.001, 0.0001, 0.0}: 20 runs);
+  2. it selects the (lr, wd) with the best final val top-1 (`select_hparams`); ties go to the
+     smaller lr, then to the smaller wd. A grid point whose training diverged
+     (`FloatingPointError` from the trainer) is recorded as failed and never selected;
+  3. it retrains with the selected (lr, wd) on train800val200 and evaluates on test
+     (``split='test'``) with seeds 0..N-1, and reports the mean and the sample standard
+     deviation of the test top-1. A test run that diverges stops the sweep.
+
+Under the sweep's directory it writes ``<task>/val/lr=<lr>,wd=<wd>/`` and
+``<task>/test/seed=<s>/`` (one training run each, as `train_and_evaluate` writes it),
+``<task>/selection.json`` (every grid point's val top-1 and the selection), ``<task>/sweep.json``
+(the method and overrides the task was swept with) and ``results.md`` / ``results.csv``
+(`vqt_jax.protocol_tables`: per task, per group, the mean of the group means and the mean over
+tasks, under a header naming the runs' protocol and preprocessing).
+
+Re-running is cheap and safe: a run whose ``results.json`` exists is read, not trained again;
+an interrupted run is resumed by the trainer from its checkpoints; a diverged run is marked by
+`FAILED_MARKER` in its directory and not retried (delete the file to retry). A reused run must
+have been trained with the task, split, lr, wd, seed and method its directory stands for (as
+its ``results.json`` records them), and a task directory refuses a different method or
+overrides than it was swept with, except for `NEUTRAL_KEYS` (where data and caches live, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vqt_jax import methods
+from vqt_jax.progress import format_duration
+from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's results)
+    CSV_FIELDS,
+    GROUPS,
+    MEAN_OF_GROUP_MEANS,
+    MEAN_OVER_TASKS,
+    NOT_RECORDED,
+    SummaryRow,
+    TaskResult,
+    summarize,
+    to_csv,
+    to_markdown,
+    write_reports,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One named way of training.
+
+    Attributes:
+      description: one line for README, logs and the sweep's table header.
+      fields: config field ('a.b' paths) -> value.
+      per_task: whether the release's per-task T and compression (`RELEASE_SETTINGS`) apply.
+    """
+
+    description: str
+    fields: Mapping[str, Any]
+    per_task: bool = False
+
+
+# The release's head bias: torch.nn.init.constant_(bias, -log((1 - 0.01) / 0.01)).
+RELEASE_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
+
+PROTOCOLS: Mapping[str, Protocol] = {
+    "release": Protocol(
+        "VQT release: per-epoch batches (last partial), epoch-stepped schedule, "
+        "kaiming fan_out head with bias -log(99), float resize + ImageNet mean/std",
+        {
+            "batching": "epoch",
+            "schedule_per_epoch": True,
+            "resize": "float",
+            "normalization": "imagenet",
+            "model.head_init": "kaiming_fan_out",
+            "model.head_bias_init": RELEASE_HEAD_BIAS,
+            "fc_norm_init": "fresh",
+            "compression.train_mode": True,
+        },
+        per_task=True,
+    ),
+    "big_vision": Protocol(
+        "big_vision conventions: full batches across epochs, zero-init head, uint8 resize, "
+        "inputs in [-1, 1]",
+        {
+            "batching": "stream",
+            "schedule_per_epoch": True,
+            "resize": "uint8",
+            "normalization": "inception",
+            "model.head_init": "zeros",
+            "model.head_bias_init": 0.0,
+            "fc_norm_init": "checkpoint",
+            "compression.train_mode": False,
+        },
+    ),
+}
+
+
+def get(name: str) -> Protocol:
+    """The protocol of a name; ValueError listing the known ones otherwise."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def apply(config: ml_collections.ConfigDict, name: str, task: str | None = None) -> None:
+    """Writes protocol `name`'s values (and, for `release`, the task's T and compression)
+    into `config` in place; records the name in `config.protocol`."""
+    protocol = get(name)
+    config.protocol = name
+    for path, value in protocol.fields.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    # Imported here: the task table loads TensorFlow, which reading a config should not need.
+    from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415
+
+    setting = tasks_lib.RELEASE_SETTINGS.get(task) if protocol.per_task else None
+    if setting is not None:
+        config.model.num_queries = setting.num_queries
+        config.compression.enabled = setting.compression
+
+
+def describe(config: Mapping[str, Any]) -> str:
+    """One line naming a config's protocol and preprocessing (for tables and logs)."""
+    name = config.get("protocol", "?")
+    norm = config.get("normalization")
+    norm = "ImageNet mean/std" if norm == "imagenet" else (
+        "[-1, 1]" if norm == "inception" else f"mean/std {norm}")
+    resize = "float" if config.get("resize") == "float" else "uint8-rounded"
+    return (f"protocol {name}: {config.get('image_size')} px bilinear resize ({resize}), "
+            f"{norm}, {config.get('batching', 'stream')} batching")
+
+
+# =============================================================================================
+# The VTAB-1k sweep: grid, selection on val, seeds on test.
+
+ConfigFn = Callable[[str], ml_collections.ConfigDict]
+TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
+LogFn = Callable[[str], None]
+
+# configs/vtab.py of the checkout this package lives in (an editable install or the repository
+# itself); callers outside a checkout pass their own `base_config_fn`.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vtab.py"
+
+# The selection runs use one fixed seed, like the release; the test runs use seeds 0..N-1.
+VAL_SEED = 0
+
+# Fields each run sets itself; a user override of one of them would silently be replaced.
+RESERVED_KEYS = frozenset({"task", "split", "lr", "wd", "seed", "method"})
+
+# Overrides that change where or how fast a run goes, not its result: left out of the record of
+# what a task directory was swept with, so e.g. moving the data does not lock the sweep out.
+NEUTRAL_KEYS = frozenset({"data_dir", "num_devices", "eval_batch_size", "log_every_steps",
+                          "checkpoint_every_steps", "keep_checkpoints", "cache", "cache_dir",
+                          "cache_storage", "cache_max_gb"})
+
+# Written into a run's workdir when its training diverged, so a re-run does not retrain it.
+FAILED_MARKER = "sweep_failed.json"
+
+# An image folder (`--tasks=folder --set data_dir=ROOT`, or a config that prepares one, such as
+# configs/demo.py) is swept like a task of its own group; `--tasks=all` means VTAB-1k's 19.
+FOLDER_TASK, FOLDER_GROUP = "folder", "custom"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A method's hyper-parameter grid.
+
+    Attributes:
+        base_lrs: Learning rates at `reference_batch_size`; scaled linearly with the batch size.
+        wds: Weight decays.
+        reference_batch_size: The batch size at which `base_lrs` apply.
+    """
+
+    base_lrs: tuple[float, ...]
+    wds: tuple[float, ...]
+    reference_batch_size: int = 256
+
+    def lrs(self, batch_size: int) -> list[float]:
+        """The learning rates for `batch_size`, in the order of `base_lrs`."""
+        # Round off the float noise of the scaling (0.1 * 128 / 256) so run directory names and
+        # results.json values are the short decimals a user would type.
+        return [float(f"{lr * batch_size / self.reference_batch_size:.12g}")
+                for lr in self.base_lrs]
+
+    def points(self, batch_size: int) -> list[tuple[float, float]]:
+        """All (lr, wd) pairs for `batch_size`, lr-major."""
+        return [(lr, wd) for lr in self.lrs(batch_size) for wd in self.wds]
+
+
+# The releases' (lr, wd) grids, used for a method whose `vqt_jax.methods.Method` does not carry
+# `lr_grid` / `wd_grid` (see `grid_for`; once every method carries them, these go). Base lrs
+# are per 256 examples and scaled linearly to the batch size, as both releases do (VPT's
+# tune_vtab.py: lr / 256 * batch_size). Each grid goes with its release's optimiser, which the
+# trainer takes from the method (unless config.optimizer is overridden): the sweep leaves it.
+_WDS = (0.01, 0.001, 0.0001, 0.0)
+# The VQT release (inherited from VPT's VTAB scripts, with Adam): 5 lrs x 4 wds.
+VQT_GRID = Grid(base_lrs=(1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
+# VPT's tune_vtab.py, train types 'linear' and 'prompt' (the same set; SGD, momentum 0.9):
+# 10 lrs x 4 wds.
+VPT_SGD_GRID = Grid(base_lrs=(50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
+# VPT's tune_vtab.py, train type 'finetune' (AdamW): 4 lrs x 4 wds. VPT's base-finetune.yaml
+# also warms up for 5 epochs at batch 384; the sweep keeps the config's batch size (128) and
+# warm-up for every method, so only the lr scaling follows the batch size.
+VPT_FINETUNE_GRID = Grid(base_lrs=(0.001, 0.0001, 0.0005, 0.005), wds=_WDS)
+
+# Method -> grid, for methods without their own `lr_grid` / `wd_grid`. A method with neither is
+# refused rather than swept with some other method's grid.
+GRIDS: dict[str, Grid] = {
+    "vqt": VQT_GRID,
+    "vqt+vpt_deep": VQT_GRID,
+    "vqt+adaptformer": VQT_GRID,
+    "vqt+lora": VQT_GRID,
+    "linear": VPT_SGD_GRID,
+    "vpt_shallow": VPT_SGD_GRID,
+    "vpt_deep": VPT_SGD_GRID,
+    "full": VPT_FINETUNE_GRID,
+    # No release grid for these here (AdaptFormer, LoRA and Head2Toe were not tuned with
+    # these VTAB scripts): VQT's grid, as they train with Adam like VQT.
+    "adaptformer": VQT_GRID,
+    "lora": VQT_GRID,
+    "head2toe": VQT_GRID,
+}
+
+
+def grid_for(method: str) -> Grid:
+    """Returns the (lr, wd) grid of `method`: the one place the sweep gets a grid from.
+
+    The method's own ``lr_grid`` (base lrs per 256 examples) and ``wd_grid``
+    (`vqt_jax.methods.Method` attributes) when it has them, each falling back to the method's
+    entry in `GRIDS` when absent.
+
+    Raises:
+        ValueError: If `method` is not in `vqt_jax.methods.METHODS`, or it has neither its own
+            grid nor an entry in `GRIDS` (there is no default grid).
+    """
+    spec = methods.get(method)  # an unknown method: ValueError listing the known ones
+    fallback = GRIDS.get(method)
+    # An empty or missing attribute means "no grid of its own", whatever Method's default.
+    lrs = getattr(spec, "lr_grid", None) or (fallback.base_lrs if fallback else None)
+    wds = getattr(spec, "wd_grid", None) or (fallback.wds if fallback else None)
+    if not lrs or not wds:
+        raise ValueError(f"No (lr, wd) grid for method {method!r}: give its Method lr_grid and "
+                         f"wd_grid (vqt_jax/methods.py) or an entry in vqt_jax.protocol.GRIDS; "
+                         f"methods with a grid in GRIDS: {', '.join(GRIDS)}.")
+    return Grid(base_lrs=tuple(lrs), wds=tuple(wds))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parses ``KEY=VALUE`` strings into a dict.
+
+    Values go through `ast.literal_eval` (so ``10`` is an int, ``1e-3`` a float, ``None`` and
+    ``(1, 2)`` what they look like) and stay strings if that fails (``bfloat16``, paths).
+
+    Raises:
+        ValueError: If an item has no ``=`` or an empty key, or sets a key the sweep owns.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        if key in RESERVED_KEYS:
+            raise ValueError(
+                f"--set {key}=... is not allowed: the sweep sets {', '.join(sorted(RESERVED_KEYS))}"
+                " itself (use --tasks / --method for task and method)."
+            )
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        overrides[key] = value
+    return overrides
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with the dotted-key `overrides` set.
+
+    Only existing fields can be set, so a typo fails instead of being silently ignored;
+    ConfigDict itself rejects a value of the wrong type.
+
+    Raises:
+        KeyError: If a key (or one of its parents) is not a field of the config.
+        TypeError: If ConfigDict refuses the value's type.
+    """
+    # Deep copy: ConfigDict(config) would share the nested ConfigDicts (e.g. `model`).
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, name in enumerate(parents):
+            child = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise KeyError(f"--set {key}: {'.'.join(parents[:depth + 1])!r} is not a "
+                               "nested config.")
+            node = child
+        if leaf not in node:
+            raise KeyError(f"--set {key}: no such config field; fields here: "
+                           f"{', '.join(sorted(node.keys()))}.")
+        node[leaf] = value
+    return config
+
+
+def load_config_fn(path: str | Path) -> ConfigFn:
+    """Returns the ``get_config`` of the config file at `path` (e.g. configs/vtab.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
+
+
+def vtab_task_groups() -> dict[str, str]:
+    """The 19 VTAB-1k task names, in table order, mapped to their group, then `folder`."""
+    from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415 (loads TensorFlow)
+
+    groups = {name: tasks_lib.get_task(name).group for name in tasks_lib.task_names()}
+    return {**groups, FOLDER_TASK: FOLDER_GROUP}
+
+
+def check_tasks(tasks: Sequence[str], task_groups: Mapping[str, str]) -> None:
+    """Raises ValueError naming every unknown task and listing the valid ones."""
+    unknown = [t for t in tasks if t not in task_groups]
+    if unknown:
+        raise ValueError(f"Unknown VTAB-1k task(s): {', '.join(unknown)}. "
+                         f"Valid tasks: {', '.join(task_groups)}.")
+    if not tasks:
+        raise ValueError("No tasks given.")
+
+
+def resolve_tasks(text: str, task_groups: Mapping[str, str]) -> list[str]:
+    """The tasks of a comma-separated list; ``all`` means every task but `FOLDER_TASK`."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if tasks == ["all"]:
+        return [t for t in task_groups if t != FOLDER_TASK]
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs.
+
+
+def val_run_dir(workdir: str | Path, task: str, lr: float, wd: float) -> Path:
+    """Workdir of the selection run of `task` at (lr, wd)."""
+    return Path(workdir) / task / "val" / f"lr={lr!r},wd={wd!r}"
+
+
+def test_run_dir(workdir: str | Path, task: str, seed: int) -> Path:
+    """Workdir of the test run of `task` with `seed`."""
+    return Path(workdir) / task / "test" / f"seed={seed}"
+
+
+def task_run_dirs(workdir: str | Path, task: str, grid: Grid, batch_size: int,
+                  num_seeds: int) -> list[Path]:
+    """The workdirs of every run of `task`, in the order the sweep runs them.
+
+    The test runs' directories depend on the seed only, so they are known before the
+    selection is.
+    """
+    return ([val_run_dir(workdir, task, lr, wd) for lr, wd in grid.points(batch_size)]
+            + [test_run_dir(workdir, task, seed) for seed in range(num_seeds)])
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether a run needs no training: its results are on disk, or it diverged earlier."""
+    return (run_dir / "results.json").is_file() or (run_dir / FAILED_MARKER).is_file()
+
+
+def _log_info(message: str) -> None:
+    logging.info("%s", message)
+
+
+class SweepProgress:
+    """Numbers the sweep's runs in its log and says how long the rest will take.
+
+    Before each run: ``run k of N: TASK lr=.. wd=.. seed=.. (split)``; after each run it
+    trained: how long that run took, the sweep's elapsed time, the mean time per trained run
+    and the ETA of the runs still to train. A run finished earlier (its results.json is read)
+    or diverged earlier counts towards k but not towards the rate: it costs nothing now, and
+    counting it would make a resumed sweep look many times faster than it is.
+
+    Args:
+        run_dirs: Every run's workdir, in the order the runs come (see `task_run_dirs`).
+        log: Where the lines go (default: `logging.info`).
+        clock: The time source, in seconds (tests pass a fake one).
+    """
+
+    def __init__(self, run_dirs: Sequence[Path], log: LogFn | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.run_dirs = [Path(d) for d in run_dirs]
+        self.total = len(self.run_dirs)
+        self.number = 0  # of the current run, 1-based
+        self.trained = 0
+        self.train_seconds = 0.0
+        self.log = log or _log_info
+        self._clock = clock
+        self._start = clock()
+        self._run_start = self._start
+
+    def left_to_train(self) -> int:
+        """Runs after the current one that have neither results nor a divergence marker."""
+        # Checked on disk each time (a few hundred stat calls at most, against minutes per
+        # run), so runs finished by an earlier invocation are never counted as work left.
+        return sum(not _finished(d) for d in self.run_dirs[self.number:])
+
+    def plan(self, what: str) -> None:
+        """Logs the size of the sweep before its first run."""
+        left = self.left_to_train()
+        self.log(f"{what}: {self.total} runs, {self.total - left} finished earlier, "
+                 f"{left} to train")
+
+    def begin(self, config: ml_collections.ConfigDict, run_dir: Path) -> None:
+        """Logs ``run k of N: ...`` for the run of `config` in `run_dir`."""
+        self.number += 1
+        line = (f"run {self.number} of {self.total}: {config.task} lr={config.lr!r} "
+                f"wd={config.wd!r} seed={config.seed} ({config.split})")
+        if (run_dir / "results.json").is_file():
+            line += ": finished earlier, its results.json is read"
+        elif (run_dir / FAILED_MARKER).is_file():
+            line += f": diverged earlier ({FAILED_MARKER}), not retried"
+        self.log(line)
+        self._run_start = self._clock()
+
+    def end(self) -> None:
+        """Logs the time of the run just trained, the rate so far and the ETA."""
+        now = self._clock()
+        seconds = now - self._run_start
+        self.trained += 1
+        self.train_seconds += seconds
+        per_run = self.train_seconds / self.trained
+        left = self.left_to_train()
+        line = (f"run {self.number} of {self.total} took {format_duration(seconds)}; "
+                f"{format_duration(now - self._start)} elapsed, {format_duration(per_run)} "
+                f"per trained run ({self.trained} so far)")
+        if left:
+            line += (f"; ETA {format_duration(per_run * left)} for {left} "
+                     f"run{'s' if left != 1 else ''} left to train")
+        else:
+            line += "; no runs left to train"
+        self.log(line)
+
+
+def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
+                seed: int) -> ml_collections.ConfigDict:
+    config = copy.deepcopy(base)  # every run gets its own config, nested fields included
+    config.split, config.lr, config.wd, config.seed = split, lr, wd, seed
+    return config
+
+
+def recorded_settings(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings the sweep owns (`RESERVED_KEYS`) as a finished run's results record them.
+
+    Taken from ``results["config"]`` (the run's whole config, which the trainer records) when
+    present, else from the top-level keys of an older results.json; a key neither has is left
+    out.
+    """
+    recorded = results.get("config")
+    source = recorded if isinstance(recorded, Mapping) else results
+    return {k: source[k] for k in sorted(RESERVED_KEYS) if k in source}
+
+
+def run_protocol(run_dir: str | Path, results: Mapping[str, Any] | None = None) -> str:
+    """The protocol/preprocessing line (`describe`) of the config a run recorded.
+
+    Args:
+        run_dir: The run's workdir.
+        results: Its results, if read already.
+
+    Returns:
+        `describe` of ``results["config"]``, else of the run's ``config.json`` (a diverged run
+        has no results but has one), else `NOT_RECORDED`.
+    """
+    recorded = (results or {}).get("config")
+    if not isinstance(recorded, Mapping):
+        path = Path(run_dir) / "config.json"
+        try:
+            recorded = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            recorded = None  # unreadable: the table says so rather than failing the sweep
+    return describe(recorded) if isinstance(recorded, Mapping) else NOT_RECORDED
+
+
+def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDict,
+                    path: Path) -> None:
+    """Refuses a finished run that was not trained with the settings of its directory."""
+    wrong = {k: v for k, v in recorded_settings(results).items() if v != config.get(k)}
+    if wrong:
+        # E.g. a run resumed by hand with a lower lr after diverging: its top-1 would be
+        # reported (and maybe selected) under the grid point its directory names.
+        raise ValueError(
+            f"{path} records {', '.join(f'{k}={v!r}' for k, v in wrong.items())}, but the sweep "
+            f"runs {', '.join(f'{k}={config.get(k)!r}' for k in wrong)} there; its result would "
+            f"be reported for a setting it was not trained with. Delete {path.parent} to "
+            "retrain it, or use another --workdir.")
+
+
+def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: TrainFn, *,
+                 may_diverge: bool, progress: SweepProgress) -> dict[str, Any] | None:
+    """Returns the results of one run, training only if they are not on disk yet.
+
+    Returns None for a run that diverged (only when `may_diverge`): a selection run at too
+    high an lr is a legitimate outcome of the grid, not a reason to stop the sweep.
+
+    Raises:
+        ValueError: results on disk record other task/split/lr/wd/seed/method than `config`.
+    """
+    progress.begin(config, run_dir)
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        _check_recorded(results, config, results_path)
+        return results
+    if (run_dir / FAILED_MARKER).is_file():
+        return None
+    try:
+        # The trainer resumes from run_dir's checkpoints if an earlier attempt was interrupted.
+        results = dict(train_fn(config, str(run_dir)))
+    except FloatingPointError as e:
+        if not may_diverge:
+            raise
+        logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, e)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(e)}, indent=2) + "\n")
+        results = None
+    progress.end()
+    return results
+
+
+def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tuple[float, float]:
+    """Picks the (lr, wd) with the best val top-1; ties go to the smaller lr, then smaller wd.
+
+    Args:
+        val_top1: Final val top-1 per (lr, wd); None (diverged) or NaN entries are never picked.
+
+    Raises:
+        ValueError: If no grid point has a usable val top-1.
+    """
+    usable = {k: v for k, v in val_top1.items() if v is not None and math.isfinite(v)}
+    if not usable:
+        raise ValueError("Every grid point diverged or has no val top-1; nothing to select.")
+    # Top-1 on val200 moves in steps of 0.005; rounding to 1e-6 only makes equal counts compare
+    # equal even if they were summed in a different order, so ties are real ties.
+    return min(usable, key=lambda k: (-round(usable[k], 6), k[0], k[1]))
+
+
+def _check_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuses to mix finished runs of a different method or overrides into this sweep."""
+    path = task_dir / "sweep.json"
+    # JSON round trip so that e.g. tuples and lists compare equal to what was stored.
+    fingerprint = json.loads(json.dumps(fingerprint, default=repr))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != fingerprint:
+            raise ValueError(
+                f"{task_dir} was swept with {stored}, not {fingerprint}; its finished runs "
+                "would be reused. Use another --workdir (or delete the task directory)."
+            )
+
+
+def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / "sweep.json").write_text(json.dumps(fingerprint, indent=2, default=repr) + "\n")
+
+
+def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | Path, *,
+               grid: Grid, num_seeds: int, train_fn: TrainFn,
+               progress: SweepProgress | None = None) -> TaskResult:
+    """Runs (or reads) the val grid and the test seeds of one task.
+
+    Args:
+        task: Task name.
+        group: Its VTAB group, carried into the result.
+        base: The task's config with the overrides applied; split, lr, wd, seed are set per run.
+        workdir: The sweep's root directory.
+        grid: The (lr, wd) grid; its lrs are scaled to ``base.batch_size``.
+        num_seeds: Number of test seeds (0..num_seeds-1).
+        train_fn: ``train_fn(config, run_workdir) -> results`` with a ``'top1'`` entry.
+        progress: Numbers and times the runs; default: one for this task's runs alone.
+
+    Returns:
+        The selected (lr, wd), its val top-1, the test top-1 of every seed and the protocol
+        lines the task's runs recorded.
+    """
+    if progress is None:
+        progress = SweepProgress(task_run_dirs(workdir, task, grid, base.batch_size, num_seeds))
+    if "cache_dir" in base and not base.cache_dir:
+        # One cache of the frozen backbone per task and split, shared by every grid point
+        # and seed (vqt_jax/cache.py): the backbone runs once per image, not once per run.
+        base = copy.deepcopy(base)
+        base.cache_dir = str(Path(workdir) / task / "cache")
+    protocols: set[str] = set()  # of every run, val included: the selection depends on them
+    val_top1: dict[tuple[float, float], float | None] = {}
+    for lr, wd in grid.points(base.batch_size):
+        config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
+        run_dir = val_run_dir(workdir, task, lr, wd)
+        results = _run_or_read(config, run_dir, train_fn, may_diverge=True, progress=progress)
+        val_top1[(lr, wd)] = None if results is None else float(results["top1"])
+        line = run_protocol(run_dir, results)
+        # A run that diverged before recording its config says nothing about the protocol:
+        # counting it as "not recorded" would flag a disagreement that is not there.
+        if results is not None or line != NOT_RECORDED:
+            protocols.add(line)
+    lr, wd = select_hparams(val_top1)
+    progress.log(f"{task}: selected lr={lr!r} wd={wd!r} (val top-1 {val_top1[(lr, wd)]:.4f})")
+    selection = {
+        "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
+        "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
+    }
+    (Path(workdir) / task / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+
+    test_top1 = []
+    for seed in range(num_seeds):
+        config = _run_config(base, split="test", lr=lr, wd=wd, seed=seed)
+        run_dir = test_run_dir(workdir, task, seed)
+        results = _run_or_read(config, run_dir, train_fn, may_diverge=False, progress=progress)
+        test_top1.append(float(results["top1"]))
+        protocols.add(run_protocol(run_dir, results))
+    return TaskResult(task, group, lr, wd, val_top1[(lr, wd)], tuple(test_top1),
+                      tuple(sorted(protocols)))
+
+
+def run_sweep(
+    tasks: Sequence[str],
+    workdir: str | Path,
+    *,
+    base_config_fn: ConfigFn | None = None,
+    train_fn: TrainFn | None = None,
+    method: str = "vqt",
+    num_seeds: int = 5,
+    overrides: Mapping[str, Any] | None = None,
+    task_groups: Mapping[str, str] | None = None,
+    log: LogFn | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[TaskResult]:
+    """Runs the VTAB-1k protocol on `tasks` and writes results.md / results.csv in `workdir`.
+
+    Everything that can be checked without training (task names, override keys and types,
+    earlier sweeps in the same workdir) is checked for every task before the first run.
+
+    Args:
+        tasks: Task names.
+        workdir: Root directory of the sweep; see the module docstring for its layout.
+        base_config_fn: ``get_config(task)``; default: `DEFAULT_CONFIG`'s.
+        train_fn: ``train_fn(config, run_workdir) -> results``; default:
+            `vqt_jax.training.train.train_and_evaluate`. Tests pass a fake.
+        method: Written into every config's ``method`` and selects the grid (`grid_for`).
+        num_seeds: Number of test seeds.
+        overrides: Dotted config keys to values, applied to every task's config.
+        task_groups: Task name -> group, in report order; default: the VTAB-1k task table.
+        log: Where the progress lines go (see `SweepProgress`); default: `logging.info`.
+        clock: The time source of the progress lines, in seconds (tests pass a fake one).
+
+    Returns:
+        One `TaskResult` per task, in the order of `task_groups`.
+
+    Raises:
+        ValueError: For an unknown task or method, a method without a grid, a reserved
+            override key, num_seeds < 1, or a task directory swept earlier with another method
+            or overrides.
+        KeyError, TypeError: For an override the config does not accept.
+    """
+    overrides = dict(overrides or {})
+    if reserved := RESERVED_KEYS.intersection(overrides):
+        raise ValueError(f"Overrides may not set {sorted(reserved)}: the sweep sets them.")
+    if num_seeds < 1:
+        raise ValueError(f"num_seeds must be at least 1, got {num_seeds}.")
+    task_groups = vtab_task_groups() if task_groups is None else task_groups
+    check_tasks(tasks, task_groups)
+    # Report order is the table's (groups stay together), whatever order the user typed.
+    tasks = [t for t in task_groups if t in set(tasks)]
+    base_config_fn = base_config_fn or load_config_fn(DEFAULT_CONFIG)
+    grid = grid_for(method)
+    fingerprint = {"method": method,
+                   "overrides": {k: v for k, v in overrides.items() if k not in NEUTRAL_KEYS}}
+
+    workdir = Path(workdir)
+    bases = {}
+    for task in tasks:
+        base = apply_overrides(base_config_fn(task), overrides)
+        base.task, base.method = task, method
+        bases[task] = base
+        _check_fingerprint(workdir / task, fingerprint)
+
+    if train_fn is None:
+        # Imported only now: it pulls in the whole training stack.
+        from vqt_jax.training.train import train_and_evaluate as train_fn
+
+    progress = SweepProgress(
+        [d for task in tasks
+         for d in task_run_dirs(workdir, task, grid, bases[task].batch_size, num_seeds)],
+        log=log, clock=clock)
+    progress.plan(f"Sweep of {len(tasks)} task{'s' if len(tasks) != 1 else ''} "
+                  f"({method}, {num_seeds} seed{'s' if num_seeds != 1 else ''})")
+    results = []
+    for task in tasks:
+        _write_fingerprint(workdir / task, fingerprint)
+        results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
+                                  num_seeds=num_seeds, train_fn=train_fn, progress=progress))
+    write_reports(results, workdir, method=method)
+    return results
