@@ -62,20 +62,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.prompt_dropout = 0.1
     c.model.adapter_dim = 64  # AdaptFormer's bottleneck and scale (its VTAB setting)
     c.model.adapter_scale = 0.1
+    c.model.adapter_dropout = 0.1  # in the bottleneck, while training (AdaptFormer's release)
     c.model.lora_rank = 8
     c.model.lora_alpha = ml_collections.config_dict.placeholder(float)  # default: the rank
 
     # vqt, linear, full, vpt_shallow, vpt_deep, adaptformer, lora, head2toe, vqt+vpt_deep,
     # vqt+adaptformer, vqt+lora (vqt_jax/methods.py).
     c.method = "vqt"
-    c.optimizer = ml_collections.config_dict.placeholder(str)  # default: the method's release
+    # Unset: the method's release recipe (vqt_jax/methods.py): VQT's Adam, batch 128 and 10
+    # warm-up epochs; VPT's SGD (batch 1024 for linear) and AdamW (full: batch 384, 5 epochs).
+    c.optimizer = ml_collections.config_dict.placeholder(str)
+    c.batch_size = ml_collections.config_dict.placeholder(int)
+    c.warmup_epochs = ml_collections.config_dict.placeholder(int)
     # lr grid of the release: {1.0, 0.5, 0.25, 0.1, 0.05} x batch/256; wd {1e-2,1e-3,1e-4,0}.
     c.lr = 0.125
     c.wd = 1e-3
-    c.batch_size = 128
     c.eval_batch_size = 128
     c.epochs = 100
-    c.warmup_epochs = 10
     # 'epoch': every epoch a fresh permutation cut into batches, the last one partial (the
     # release's drop_last=False; padded and masked so the step keeps one shape);
     # 'stream': full batches read across epoch boundaries.

@@ -186,6 +186,8 @@ def _config(folder: str, method: str):
         log_every_steps=1, checkpoint_every_steps=1000, num_devices=1,
     )
     config.model.update(PART_SIZES)
+    # A zero head (the big_vision protocol's), so that every run starts at loss ln(C).
+    config.model.update(head_init="zeros", head_bias_init=0.0)
     config.lr = LR[methods.get(method).optimizer]
     return config
 

@@ -148,7 +148,7 @@ VPT_SGD_LRS = [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05]
 
 
 def test_every_method_has_its_release_grid():
-    # From the method's own lr_grid / wd_grid, or the fallback table: every method has one.
+    # From the method's lr_grid / wd_grid (vqt_jax/methods.py).
     base = {m: sorted(protocol.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
     for m in methods.METHODS:
         assert sorted(protocol.grid_for(m).wds, reverse=True) == WDS, m
@@ -170,26 +170,17 @@ def test_every_method_has_its_release_grid():
     assert sorted(protocol.grid_for("full").lrs(128)) == [0.00005, 0.00025, 0.0005, 0.0025]
 
 
-def test_a_methods_own_grid_comes_first(monkeypatch):
-    # vqt_jax.methods.Method may carry the release grid itself; then GRIDS is not consulted,
-    # and a missing half (or an empty default) falls back to GRIDS.
+def test_a_methods_grid_comes_from_its_method(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(lr_grid=(0.3, 0.03),
                                                                  wd_grid=(0.1,)))
     assert protocol.grid_for("lora") == protocol.Grid((0.3, 0.03), (0.1,))
     assert protocol.grid_for("lora").lrs(128) == [0.15, 0.015]
-    monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(lr_grid=(0.3,), wd_grid=()))
-    assert protocol.grid_for("lora") == protocol.Grid((0.3,), tuple(WDS))
 
 
-def test_unknown_method_or_missing_grid_fails_before_training(tmp_path, monkeypatch):
+def test_unknown_method_fails_before_training(tmp_path):
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match="Unknown method 'vpt_medium'"):
         run(tmp_path, trainer=trainer, method="vpt_medium")
-    # A known method must have a grid: no silent fallback to another method's.
-    monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(optimizer="adam"))
-    monkeypatch.delitem(protocol.GRIDS, "lora")
-    with pytest.raises(ValueError, match=r"No \(lr, wd\) grid for method 'lora'"):
-        run(tmp_path, trainer=trainer, method="lora")
     assert trainer.calls == []
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):  # the command line offers only the known methods
@@ -206,8 +197,9 @@ def test_method_flag_reaches_every_run_and_selects_its_grid(tmp_path, capsys):
         lr * 128 / 256 for lr in VPT_SGD_LRS]
     assert len(trainer.runs("val")) == 40 and len(trainer.runs("test")) == 1
     assert json.loads((tmp_path / "dtd" / "sweep.json").read_text())["method"] == "vpt_deep"
-    # The optimiser is the method's own, picked by the trainer: the sweep leaves it unset.
-    assert all(c.get("optimizer") is None for c, _ in trainer.calls)
+    # The optimiser (and batch size, warm-up) are the method's release recipe.
+    assert {c.optimizer for c, _ in trainer.calls} == {"sgd"}
+    assert {c.batch_size for c, _ in trainer.calls} == {128}
     capsys.readouterr()
 
 
@@ -557,7 +549,8 @@ def test_changed_overrides_are_refused(tmp_path):
 @pytest.mark.skipif(not REAL_CONFIG.is_file(), reason="configs/vtab.py not written yet")
 def test_real_config_accepts_overrides():
     config = protocol.load_config_fn(REAL_CONFIG)("dtd")
-    assert config.batch_size == 128 and config.method == "vqt"
+    assert config.batch_size is None and config.method == "vqt"  # the method's, when run
+    assert methods.with_recipe(config).batch_size == 128
     out = protocol.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
     assert (out.epochs, out.model.num_queries) == (10, 10)
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched

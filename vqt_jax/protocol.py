@@ -223,62 +223,16 @@ class Grid:
         return [(lr, wd) for lr in self.lrs(batch_size) for wd in self.wds]
 
 
-# The releases' (lr, wd) grids, used for a method whose `vqt_jax.methods.Method` does not carry
-# `lr_grid` / `wd_grid` (see `grid_for`; once every method carries them, these go). Base lrs
-# are per 256 examples and scaled linearly to the batch size, as both releases do (VPT's
-# tune_vtab.py: lr / 256 * batch_size). Each grid goes with its release's optimiser, which the
-# trainer takes from the method (unless config.optimizer is overridden): the sweep leaves it.
-_WDS = (0.01, 0.001, 0.0001, 0.0)
-# The VQT release (inherited from VPT's VTAB scripts, with Adam): 5 lrs x 4 wds.
-VQT_GRID = Grid(base_lrs=(1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
-# VPT's tune_vtab.py, train types 'linear' and 'prompt' (the same set; SGD, momentum 0.9):
-# 10 lrs x 4 wds.
-VPT_SGD_GRID = Grid(base_lrs=(50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05), wds=_WDS)
-# VPT's tune_vtab.py, train type 'finetune' (AdamW): 4 lrs x 4 wds. VPT's base-finetune.yaml
-# also warms up for 5 epochs at batch 384; the sweep keeps the config's batch size (128) and
-# warm-up for every method, so only the lr scaling follows the batch size.
-VPT_FINETUNE_GRID = Grid(base_lrs=(0.001, 0.0001, 0.0005, 0.005), wds=_WDS)
-
-# Method -> grid, for methods without their own `lr_grid` / `wd_grid`. A method with neither is
-# refused rather than swept with some other method's grid.
-GRIDS: dict[str, Grid] = {
-    "vqt": VQT_GRID,
-    "vqt+vpt_deep": VQT_GRID,
-    "vqt+adaptformer": VQT_GRID,
-    "vqt+lora": VQT_GRID,
-    "linear": VPT_SGD_GRID,
-    "vpt_shallow": VPT_SGD_GRID,
-    "vpt_deep": VPT_SGD_GRID,
-    "full": VPT_FINETUNE_GRID,
-    # No release grid for these here (AdaptFormer, LoRA and Head2Toe were not tuned with
-    # these VTAB scripts): VQT's grid, as they train with Adam like VQT.
-    "adaptformer": VQT_GRID,
-    "lora": VQT_GRID,
-    "head2toe": VQT_GRID,
-}
-
-
 def grid_for(method: str) -> Grid:
-    """Returns the (lr, wd) grid of `method`: the one place the sweep gets a grid from.
-
-    The method's own ``lr_grid`` (base lrs per 256 examples) and ``wd_grid``
-    (`vqt_jax.methods.Method` attributes) when it has them, each falling back to the method's
-    entry in `GRIDS` when absent.
+    """The (lr, wd) grid of `method`: its release's, from its `vqt_jax.methods.Method`
+    (`lr_grid`: base lrs per 256 examples, scaled linearly to the batch size as both releases
+    do; `wd_grid`). The one place the sweep gets a grid from.
 
     Raises:
-        ValueError: If `method` is not in `vqt_jax.methods.METHODS`, or it has neither its own
-            grid nor an entry in `GRIDS` (there is no default grid).
+        ValueError: If `method` is not in `vqt_jax.methods.METHODS`.
     """
     spec = methods.get(method)  # an unknown method: ValueError listing the known ones
-    fallback = GRIDS.get(method)
-    # An empty or missing attribute means "no grid of its own", whatever Method's default.
-    lrs = getattr(spec, "lr_grid", None) or (fallback.base_lrs if fallback else None)
-    wds = getattr(spec, "wd_grid", None) or (fallback.wds if fallback else None)
-    if not lrs or not wds:
-        raise ValueError(f"No (lr, wd) grid for method {method!r}: give its Method lr_grid and "
-                         f"wd_grid (vqt_jax/methods.py) or an entry in vqt_jax.protocol.GRIDS; "
-                         f"methods with a grid in GRIDS: {', '.join(GRIDS)}.")
-    return Grid(base_lrs=tuple(lrs), wds=tuple(wds))
+    return Grid(base_lrs=tuple(spec.lr_grid), wds=tuple(spec.wd_grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,7 +676,9 @@ def run_sweep(
     for task in tasks:
         base = apply_overrides(base_config_fn(task), overrides)
         base.task, base.method = task, method
-        bases[task] = base
+        # The method's release batch size scales its lr grid (and its optimiser and warm-up
+        # train every run), unless the config or an override sets them.
+        bases[task] = methods.with_recipe(base)
         _check_fingerprint(workdir / task, fingerprint)
 
     if train_fn is None:

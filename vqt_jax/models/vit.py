@@ -174,13 +174,16 @@ class Adapter(nn.Module):
     Attributes:
       bottleneck: the hidden size (64 in AdaptFormer's VTAB runs).
       scale: the output scale (0.1 there).
+      dropout: dropout on the bottleneck after the ReLU, in training (AdaptFormer's
+        `models/adapter.py`: 0.1).
     """
 
     bottleneck: int
     scale: float = 0.1
+    dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         d = x.shape[-1]
         var = functools.partial(self.variable, "adapter")
         down = var("down_kernel", lambda: _kaiming_uniform_linear(
@@ -189,6 +192,7 @@ class Adapter(nn.Module):
         up = var("up_kernel", lambda: jnp.zeros((self.bottleneck, d), jnp.float32)).value
         up_b = var("up_bias", lambda: jnp.zeros((d,), jnp.float32)).value
         h = jax.nn.relu(x @ down.astype(x.dtype) + down_b.astype(x.dtype))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
         return (h @ up.astype(x.dtype) + up_b.astype(x.dtype)) * self.scale
 
 
@@ -315,6 +319,7 @@ class BlockOptions(nn.Module):
     kv_dtype: Dtype | None = None
     adapter_dim: int = 0
     adapter_scale: float = 0.1
+    adapter_dropout: float = 0.1
     lora_rank: int = 0
     lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
@@ -340,18 +345,19 @@ class Encoder1DBlock(BlockOptions):
             self.LayerScale_0 = LayerScale()
             self.LayerScale_1 = LayerScale()
         if self.adapter_dim:
-            self.Adapter_0 = Adapter(self.adapter_dim, self.adapter_scale)
+            self.Adapter_0 = Adapter(self.adapter_dim, self.adapter_scale, self.adapter_dropout)
 
     def _scale(self, i: int, x: Array) -> Array:
         return getattr(self, f"LayerScale_{i}")(x) if self.layerscale else x
 
-    def _mlp_residual(self, x: Array) -> Array:
+    def _mlp_residual(self, x: Array, train: bool = False) -> Array:
         y = x + self._scale(1, self.MlpBlock_0(self.LayerNorm_1(x)))
         if self.adapter_dim:
-            y = y + self.Adapter_0(x)
+            y = y + self.Adapter_0(x, train)
         return y
 
-    def __call__(self, x: Array, q: Array | None = None) -> tuple[Array, Array | None, KV]:
+    def __call__(self, x: Array, q: Array | None = None,
+                 train: bool = False) -> tuple[Array, Array | None, KV]:
         """Runs the block on ordinary tokens x [B, N, D] and query tokens q [B, T, D] (or None).
 
         Returns:
@@ -361,12 +367,12 @@ class Encoder1DBlock(BlockOptions):
         """
         attn = self.MultiHeadDotProductAttention_0
         qx, k, v = attn.qkv(self.LayerNorm_0(x))
-        x_out = self._mlp_residual(x + self._scale(0, attn.attend(qx, k, v)))
-        q_out = None if q is None else self.query_path(q, k, v, self.kv_dtype)
+        x_out = self._mlp_residual(x + self._scale(0, attn.attend(qx, k, v)), train)
+        q_out = None if q is None else self.query_path(q, k, v, self.kv_dtype, train=train)
         return x_out, q_out, (k, v)
 
     def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
-                   heads_major: bool = False) -> Array:
+                   heads_major: bool = False, train: bool = False) -> Array:
         """VQT's query tokens q [B, T, D] through the block, attending only to k and v.
 
         LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual ->
@@ -380,7 +386,7 @@ class Encoder1DBlock(BlockOptions):
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "query_attention", Attention.probs(qq, k, heads_major))
         o = attn.attend(qq, k, v, stash_dtype, heads_major)
-        return self._mlp_residual(q + self._scale(0, o))
+        return self._mlp_residual(q + self._scale(0, o), train)
 
 
 def _block_options(module: nn.Module) -> dict[str, Any]:
@@ -412,6 +418,7 @@ class Encoder(BlockOptions):
         prompts: Array | None = None,
         prompt_start: int = 1,
         collect: Callable[[int, Array, KV], None] | None = None,
+        train: bool = False,
     ) -> tuple[Array, Array | None]:
         """Runs every block.
 
@@ -422,6 +429,7 @@ class Encoder(BlockOptions):
             `prompt_start` with its own before running (layer 0's are already in x).
           prompt_start: index of the first prompt token.
           collect: called as collect(m, block m's ordinary output, block m's (k, v)).
+          train: training mode (the adapters' dropout).
 
         Returns:
           (last block's ordinary tokens [B, N, D] before the final norm,
@@ -433,7 +441,7 @@ class Encoder(BlockOptions):
                 p = prompts.shape[2]
                 x = jnp.concatenate(
                     [x[:, :prompt_start], prompts[:, i], x[:, prompt_start + p:]], axis=1)
-            x, q, kv = block(x, None if queries is None else queries[:, i])
+            x, q, kv = block(x, None if queries is None else queries[:, i], train)
             if q is not None:
                 q_outs.append(q)
             if collect is not None:
@@ -492,6 +500,7 @@ class ViT(nn.Module):
       prompt_dropout: dropout on the prompts during training (0.1 in VPT's VTAB runs).
       adapter_dim: AdaptFormer's bottleneck (`adapter` collection); 0: no adapters.
       adapter_scale: AdaptFormer's output scale.
+      adapter_dropout: dropout in the adapter's bottleneck during training (0.1, AdaptFormer).
       lora_rank: rank of LoRA's updates of W_q and W_v (`lora` collection); 0: none.
       lora_alpha: LoRA's scale numerator (scale alpha / rank); default: the rank.
       head2toe: the head reads Head2Toe's features (each block's class token and mean patch
@@ -529,6 +538,7 @@ class ViT(nn.Module):
     prompt_dropout: float = 0.1
     adapter_dim: int = 0
     adapter_scale: float = 0.1
+    adapter_dropout: float = 0.1
     lora_rank: int = 0
     lora_alpha: float | None = None
     head2toe: bool = False
@@ -671,7 +681,7 @@ class ViT(nn.Module):
                 per_layer["v"].append(kv[1])
 
         x, q_out = encoder(x, q, prompts=prompts if self.deep_prompts else None,
-                           prompt_start=prompt_start, collect=collect)
+                           prompt_start=prompt_start, collect=collect, train=train)
         if self.fc_norm:
             # timm's MAE layout: no norm on the tokens, the norm acts on the pooled feature.
             tokens_out, cls_out = x, encoder.norm(pool(x))

@@ -276,7 +276,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
     Raises:
       ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
     """
-    config = preparations.apply(config)
+    config = methods.with_recipe(preparations.apply(config))
     mesh = make_mesh(config.get("num_devices", 0))
     config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
     data.validate(config.task, config.data_dir, config.split)
