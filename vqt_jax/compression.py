@@ -23,6 +23,7 @@ epoch, as in `vqt_jax/train.py`.
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from typing import Any
@@ -166,16 +167,17 @@ def _batch_indices(key: jax.Array, num_examples: int, batch_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "num_classes", "batch_size", "total_steps", "warmup_steps", "steps_per_epoch", "optimizer"))
+    "num_classes", "batch_size", "total_steps", "epochs", "warmup_epochs", "steps_per_epoch",
+    "optimizer"))
 def _fit(x: jax.Array, y: jax.Array, key: jax.Array, lr: jax.Array, wd: jax.Array,
          lasso: jax.Array, bias_init: jax.Array, *, num_classes: int, batch_size: int,
-         total_steps: int, warmup_steps: float, steps_per_epoch: float,
+         total_steps: int, epochs: int, warmup_epochs: int,
+         steps_per_epoch: fractions.Fraction,
          optimizer: str) -> tuple[dict[str, jax.Array], jax.Array]:
     # lr, wd, lasso and bias_init are traced, so a sweep over them compiles once per shape.
     params = {_KERNEL: jnp.zeros((x.shape[1], num_classes), jnp.float32),
               _BIAS: jnp.full((num_classes,), bias_init, jnp.float32)}
-    schedule = optim.warmup_cosine(lr, total_steps, warmup_steps,
-                                   steps_per_epoch=steps_per_epoch)
+    schedule = optim.epoch_warmup_cosine(lr, epochs, warmup_epochs, steps_per_epoch)
     tx = optim.make_optimizer(schedule, wd, params, optimizer)
 
     def loss_fn(p, xb, yb):
@@ -241,14 +243,14 @@ def fit_head(
     _check_hparams(num_classes, lr, wd, epochs, batch_size, warmup_epochs, lasso, optimizer)
     _check_data(features, labels, num_classes, "training")
     n = np.shape(features)[0]
-    steps_per_epoch = n / batch_size
+    steps_per_epoch = fractions.Fraction(n, batch_size)
     total_steps = max(1, math.ceil(epochs * steps_per_epoch))
     params, losses = _fit(
         jnp.asarray(features, jnp.float32), jnp.asarray(labels, jnp.int32),
         jax.random.key(seed), jnp.float32(lr), jnp.float32(wd), jnp.float32(lasso),
         jnp.float32(bias_init), num_classes=num_classes, batch_size=batch_size,
-        total_steps=total_steps, warmup_steps=float(warmup_epochs * steps_per_epoch),
-        steps_per_epoch=float(steps_per_epoch), optimizer=optimizer)
+        total_steps=total_steps, epochs=int(epochs), warmup_epochs=int(warmup_epochs),
+        steps_per_epoch=steps_per_epoch, optimizer=optimizer)
     last = float(losses[-1])
     if not math.isfinite(last):
         raise FloatingPointError(f"Head training diverged (final loss {last}); lower lr={lr}")
