@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import jax
@@ -90,8 +91,8 @@ def test_fit_head_runs_the_main_loops_number_of_steps(monkeypatch):
     x, y = _separable()  # 100 examples: 3.125 batches of 32 per epoch
     compression.fit_head(x, y, 4, **SEPARABLE_KWARGS)
     assert seen["total_steps"] == math.ceil(30 * 100 / 32) == 94
-    assert seen["steps_per_epoch"] == pytest.approx(100 / 32)
-    assert seen["warmup_steps"] == pytest.approx(3 * 100 / 32)
+    assert seen["steps_per_epoch"] == fractions.Fraction(100, 32)  # exact: no float drift
+    assert (seen["epochs"], seen["warmup_epochs"]) == (30, 3)
 
 
 def test_fit_head_separable_and_deterministic():
