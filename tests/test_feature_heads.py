@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import compression
+from vqt_jax import compression, linear_probe
+from vqt_jax.data import folder as folder_lib
 from vqt_jax.training import feature_heads, train
 
 
@@ -37,10 +38,16 @@ def test_compression_and_baselines_from_the_cache(folder, tmp_path):
     assert comp["top1"] > chance + 0.3
     h2t = results["baselines"]["head2toe"]
     assert h2t["num_features"] == depth * 2 * width  # each block: class token + mean patch
-    assert h2t["num_kept"] == round(0.3 * h2t["num_features"])
+    # Head2Toe's keep fraction is chosen on the validation part, not compression's keep_frac.
+    assert h2t["keep_frac"] in linear_probe.DEFAULT_KEEP_FRACS
+    assert h2t["num_kept"] == linear_probe.num_to_keep(h2t["num_features"], h2t["keep_frac"])
     assert results["baselines"]["linear"]["num_features"] == width
     for name in ("linear", "head2toe"):
-        assert results["baselines"][name]["top1"] > chance + 0.3, name
+        r = results["baselines"][name]
+        assert r["top1"] > chance + 0.3, name
+        assert r["C"] in linear_probe.DEFAULT_CS and r["converged"], name
+        assert r["num_val"] == 3 * 4  # split='test': the val/ folder's images
+        assert 0 < r["val_top1"] <= 1
 
 
 def test_cached_and_computed_features_agree(folder, tmp_path):
@@ -52,11 +59,44 @@ def test_cached_and_computed_features_agree(folder, tmp_path):
     cache = train.get_cache(plan, config, model, variables, mesh)
     from_cache, evals = feature_heads.compute(config, model, variables, mesh, cache)
     from_images, evals2 = feature_heads.compute(config, model, variables, mesh, None)
+    # The run's baselines are linear_probe's tuned heads on the cached features.
+    is_val = feature_heads.validation_rows(config, from_cache["label"])
+    for name, fit in feature_heads.BASELINES.items():
+        again = fit(from_cache, evals, is_val)
+        assert again["C"] == results["baselines"][name]["C"], name
+        assert again["top1"] == pytest.approx(results["baselines"][name]["top1"]), name
     for k in ("pre_logits", "cls", "pooled", "label"):
         np.testing.assert_allclose(from_cache[k], from_images[k], rtol=1e-5, atol=1e-6,
                                    err_msg=k)
         np.testing.assert_array_equal(evals[k], evals2[k])
     assert len(evals["label"]) == results["num_eval_examples"] == 24
+
+
+def test_validation_part_is_the_val_folder_for_split_test(folder):
+    config = _config(folder)
+    assert config.split == "test"
+    files = folder_lib.listing(folder, "test", "train")  # the rows' order: train/, then val/
+    labels = np.asarray(files.labels)
+    is_val = feature_heads.validation_rows(config, labels)
+    from_val = np.array(["/val/" in path for path in files.paths])
+    np.testing.assert_array_equal(is_val, from_val)
+    assert is_val.sum() == 12 and is_val[-12:].all()
+
+
+def test_validation_part_for_split_val_holds_out_every_class():
+    config = _config("unused", split="val")
+    labels = np.repeat([0, 1, 2], [10, 6, 3])  # an image folder lists its rows class by class
+    is_val = feature_heads.validation_rows(config, labels)
+    # The last 20% of each class's rows (floor): 2 of 10, 1 of 6, 0 of 3.
+    np.testing.assert_array_equal(np.flatnonzero(is_val), [8, 9, 15])
+    with pytest.raises(ValueError, match="too few to hold out"):
+        feature_heads.validation_rows(config, np.array([0, 0, 1, 1]))
+
+
+def test_validation_part_cannot_be_everything(folder):
+    # 12 val images cannot be the validation part of 12 training rows: nothing left to fit.
+    with pytest.raises(ValueError, match="val split has 12 examples, which cannot be"):
+        feature_heads.validation_rows(_config(folder), np.zeros(12, np.int32))
 
 
 def test_unknown_baseline_fails_before_training(folder, tmp_path):

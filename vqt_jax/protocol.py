@@ -155,6 +155,17 @@ def apply(config: ml_collections.ConfigDict, name: str, task: str | None = None)
         config.compression.enabled = setting.compression
 
 
+def batching(config: Mapping[str, Any]) -> str:
+    """config.batching ('epoch' or 'stream'); configs without the field: 'stream'."""
+    return config.get("batching", "stream")
+
+
+def round_resized(config: Mapping[str, Any]) -> bool:
+    """Whether resized images are rounded to uint8 (config.resize 'uint8', also for configs
+    without the field) rather than kept as float (the release's 'float')."""
+    return config.get("resize", "uint8") == "uint8"
+
+
 def describe(config: Mapping[str, Any]) -> str:
     """One line naming a config's protocol and preprocessing (for tables and logs)."""
     name = config.get("protocol", "?")

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import compression, data
+from vqt_jax import compression, data, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.progress import Progress
@@ -98,7 +98,7 @@ def train_head(
     schedule, total_steps = optim.training_schedule(
         config.lr * c.lr_scale, num_examples=num_examples, batch_size=config.batch_size,
         epochs=c.epochs, warmup_epochs=min(config.warmup_epochs, c.epochs),
-        batching=config.get("batching", "stream"),
+        batching=protocol.batching(config),
         per_epoch=config.get("schedule_per_epoch", True))
     width = num_features if kept is None else len(kept)
     key = jax.random.key(config.seed)
@@ -163,13 +163,12 @@ def compress(config: ml_collections.ConfigDict, model: ViT, variables: dict, mes
         if cache is not None:
             return cache_lib.train_batches(cache, global_batch_size=config.batch_size,
                                            seed=config.seed, fields=fields,
-                                           batching=config.get("batching", "stream"))
+                                           batching=protocol.batching(config))
         return data.make_train_iterator(
             config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
             image_size=config.image_size,
             normalization=data.as_normalization(config.normalization), seed=config.seed,
-            batching=config.get("batching", "stream"),
-            round_resized=config.get("resize", "uint8") == "uint8")
+            batching=protocol.batching(config), round_resized=protocol.round_resized(config))
 
     features_fn = train_mode_features(model, variables)
     num_features = int(eval_features.shape[1])

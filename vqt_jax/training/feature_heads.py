@@ -5,8 +5,15 @@ own features. Two things then cost one pass over the data plus seconds of head t
 
 * compression (`config.compression.enabled`): the release's feature-compression stage on the
   method's head input (VQT: [CLS ; query outputs]); see `vqt_jax/compression.py`;
-* baselines (`config.baselines`, names from `BASELINES`): other heads on the same features,
-  e.g. a linear probe on the final CLS and Head2Toe on every block's pooled tokens.
+* baselines (`config.baselines`, names from `BASELINES`): other heads on the same features, a
+  linear probe on the final CLS and Head2Toe on every block's pooled tokens, each a convex
+  problem solved to convergence with its regularisation (and Head2Toe's keep fraction) chosen
+  on a validation part of the training rows, then refitted on all of them
+  (`vqt_jax/linear_probe.py`). The validation part (`validation_rows`): with
+  `config.split == 'test'` the training rows are train800 then val200 (TFDS splits concatenated
+  in order; image folders train/ then val/), so it is the last rows, as many as the val split
+  has; with `'val'` (train800 only) it is the last `HOLDOUT` of each class's rows (per class,
+  since an image folder lists its rows class by class).
 
 Training features come from the run's cache when there is one (for VQT: the query path over
 the cached keys/values with the trained queries), else from a forward pass over the training
@@ -27,10 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import compression, data
+from vqt_jax import compression, data, linear_probe, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import l2_normalize
 from vqt_jax.progress import Progress, format_duration
+from vqt_jax.training import compression_train
 
 Features = dict[str, np.ndarray]  # pre_logits [N, F], cls [N, D], pooled [N, G, D], label [N]
 FIELDS = ("pre_logits", "cls", "pooled")
@@ -41,26 +49,63 @@ def head2toe_features(pooled: np.ndarray) -> np.ndarray:
     return np.asarray(l2_normalize(jnp.asarray(pooled))).reshape(len(pooled), -1)
 
 
-def _linear(train: Features, evals: Features, config: ml_collections.ConfigDict,
-            num_classes: int) -> dict:
-    # The CLS L2-normalised, as it enters VQT's head, so one lr/wd suits both heads.
-    x_train, x_eval = (np.asarray(l2_normalize(jnp.asarray(f["cls"]))) for f in (train, evals))
-    head = compression.fit_head(
-        x_train, train["label"], num_classes, lr=config.lr, wd=config.wd,
-        epochs=config.epochs, batch_size=config.batch_size,
-        warmup_epochs=config.warmup_epochs, seed=config.seed)
-    return {"top1": float(compression.accuracy(head, x_eval, evals["label"])),
-            "num_features": int(x_train.shape[1])}
+# The share of each class's training rows held out to choose the baselines' hyper-parameters
+# when the run has no separate validation rows (config.split == 'val').
+HOLDOUT = 0.2
 
 
-def _head2toe(train: Features, evals: Features, config: ml_collections.ConfigDict,
-              num_classes: int) -> dict:
-    return _compress(head2toe_features(train["pooled"]), train["label"],
-                     head2toe_features(evals["pooled"]), evals["label"], config, num_classes)
+def validation_rows(config: ml_collections.ConfigDict, labels: np.ndarray) -> np.ndarray:
+    """Boolean mask [N] of the training rows that choose the baselines' hyper-parameters.
+
+    Rows are in `data.load_train_examples` order (as the cache keeps them). For
+    `config.split == 'test'`: the last rows, as many as the val split has (val200 after
+    train800). For `'val'`: per class, the last `floor(HOLDOUT * n_c)` of its `n_c` rows, so
+    every class keeps training rows.
+
+    Raises:
+      ValueError: the validation part would be empty or the whole training set.
+    """
+    n = len(labels)
+    if config.split == "test":
+        num_val = data.get_num_examples(config.task, config.data_dir, "val", "eval")
+        if not 0 < num_val < n:
+            raise ValueError(f"Baselines: the val split has {num_val} examples, which cannot be "
+                             f"the validation part of {n} training rows (train + val)")
+        return np.arange(n) >= n - num_val
+    mask = np.zeros(n, bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        mask[rows[len(rows) - int(HOLDOUT * len(rows)):]] = True
+    if not mask.any():
+        raise ValueError(f"Baselines: {n} training rows are too few to hold out "
+                         f"{HOLDOUT:.0%} of a class for choosing the regularisation")
+    return mask
 
 
-# Baseline heads by name: (train features, eval features, config, classes) -> metrics.
-BASELINES: dict[str, Callable[..., dict]] = {"linear": _linear, "head2toe": _head2toe}
+def _linear(train: Features, evals: Features, is_val: np.ndarray) -> dict:
+    # The CLS L2-normalised, as it enters VQT's head.
+    x, x_eval = (np.asarray(l2_normalize(jnp.asarray(f["cls"]))) for f in (train, evals))
+    y = train["label"]
+    tuned = linear_probe.tune(x[~is_val], y[~is_val], x[is_val], y[is_val])
+    return {"top1": tuned.probe.accuracy(x_eval, evals["label"]), "C": tuned.C,
+            "val_top1": max(tuned.val_top1), "num_features": int(x.shape[1]),
+            "num_val": int(is_val.sum()), "converged": tuned.probe.converged}
+
+
+def _head2toe(train: Features, evals: Features, is_val: np.ndarray) -> dict:
+    x, x_eval = head2toe_features(train["pooled"]), head2toe_features(evals["pooled"])
+    y = train["label"]
+    r = linear_probe.head2toe(x[~is_val], y[~is_val], x[is_val], y[is_val])
+    return {"top1": r.probe.accuracy(x_eval[:, r.kept], evals["label"]), "C": r.C,
+            "keep_frac": r.keep_frac, "val_top1": max(max(v) for v in r.val_top1.values()),
+            "num_features": int(x.shape[1]), "num_kept": len(r.kept),
+            "num_val": int(is_val.sum()),
+            "converged": r.probe.converged and r.lasso_converged}
+
+
+# Baseline heads by name: (train features, eval features, validation-row mask) -> metrics.
+BASELINES: dict[str, Callable[[Features, Features, np.ndarray], dict]] = {
+    "linear": _linear, "head2toe": _head2toe}
 
 
 def _compress(train_x, train_y, eval_x, eval_y, config, num_classes) -> dict:
@@ -123,13 +168,13 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     evals = _collect(data.make_eval_iterator(
         config.task, config.data_dir, config.split, global_batch_size=batch_size,
         image_size=config.image_size, normalization=norm,
-        local_device_count=len(mesh.local_devices)),
+        local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config)),
         lambda b: images_fn(variables, b), sharding,
         Progress("Feature heads: evaluation features", num_eval, "images"))
 
     if cache is None:
         images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
-                                                  config.image_size)
+                                                  config.image_size, protocol.round_resized(config))
         batches = _host_batches(len(labels), batch_size, lambda sl: {
             "image": data.normalize_array(images[sl], norm), "label": labels[sl]})
         return _collect(batches, lambda b: images_fn(variables, b), sharding,
@@ -168,20 +213,30 @@ def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
 
     Returns:
       {'compression': {...}} and/or {'baselines': {name: {...}}}, each with the evaluation
-      top-1; empty if nothing is asked for.
+      'top1'; empty if nothing is asked for. A baseline's entry also holds its chosen 'C', its
+      best 'val_top1' on the validation part, 'num_features', 'num_val' (validation rows),
+      'converged' (the final fits reached their tolerances: L-BFGS, and Head2Toe's group
+      lasso) and, for Head2Toe, the chosen 'keep_frac' and 'num_kept'.
     """
     if not wanted(config):
         return {}
     train, evals = compute(config, model, variables, mesh, cache)
     out: dict = {}
-    if config.compression.enabled:
+    if config.compression.enabled and config.compression.get("train_mode", False):
+        # The release's: both stages see the queries through their dropout (see
+        # compression_train.py); progress lines come from its loop.
+        out["compression"] = compression_train.compress(
+            config, model, variables, mesh, cache, len(train["label"]), evals["pre_logits"],
+            evals["label"], num_classes)
+    elif config.compression.enabled:
         out["compression"] = _timed("compression", lambda: _compress(
             train["pre_logits"], train["label"], evals["pre_logits"], evals["label"], config,
             num_classes))
     names = config.get("baselines") or ()
     if names:
+        is_val = validation_rows(config, train["label"])
         out["baselines"] = {name: _timed(name, lambda name=name: BASELINES[name](
-            train, evals, config, num_classes)) for name in names}
+            train, evals, is_val)) for name in names}
     return out
 
 
@@ -192,4 +247,7 @@ def _timed(name: str, fit: Callable[[], dict]) -> dict:
     result = fit()
     logging.info("Feature heads: %s fitted in %s, top-1 %.4f", name,
                  format_duration(time.monotonic() - start), result["top1"])
+    if result.get("converged") is False:
+        logging.warning("Feature heads: %s stopped at an iteration cap before its "
+                        "tolerance; its top-1 may be below the optimum's", name)
     return result

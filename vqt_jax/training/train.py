@@ -36,6 +36,7 @@ from vqt_jax import cache as cache_lib
 from vqt_jax import checkpoints, data, methods, preparations
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
+from vqt_jax.protocol import batching, round_resized
 from vqt_jax.training import (
     checkpointing,
     config_checks,
@@ -77,16 +78,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 def optimizer_name(config: ml_collections.ConfigDict) -> str:
     """config.optimizer, or by default the optimiser of the method's release."""
     return config.get("optimizer") or methods.get(config.method).optimizer
-
-
-def batching(config: ml_collections.ConfigDict) -> str:
-    """config.batching ('epoch' or 'stream'; configs without the field: 'stream')."""
-    return config.get("batching", "stream")
-
-
-def round_resized(config: ml_collections.ConfigDict) -> bool:
-    """Whether resized images are rounded to uint8 (config.resize 'uint8', the default)."""
-    return config.get("resize", "uint8") == "uint8"
 
 
 def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
