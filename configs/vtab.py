@@ -117,8 +117,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # them in train mode); False: on fixed eval-mode features (seconds).
     c.compression.train_mode = False
     # Other heads fitted on the same fixed features after training, reported beside the
-    # method's top-1: 'linear' (the final CLS), 'head2toe' (every block's pooled tokens, with
-    # the compression stage's group-lasso selection).
+    # method's top-1, each tuned as its authors would (vqt_jax/linear_probe.py): 'linear'
+    # (L2 logistic regression on the final CLS, C chosen on the val rows, refit on train+val),
+    # 'head2toe' (every block's pooled tokens, group-lasso selection with the kept fraction and
+    # C chosen on the val rows).
     c.baselines = ()
 
     c.num_devices = 0  # 0: every device
