@@ -43,7 +43,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vqt_jax import checkpoints, data, preparations
+from vqt_jax import checkpoints, data, methods, preparations
 from vqt_jax.training import checkpointing, optim, train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
@@ -302,8 +302,9 @@ def run_config(workdir: str,
     except FileNotFoundError:
         return config  # a run from before config.json: the caller's word is all there is
     # The run recorded its config after `config.prepare` filled in its paths (e.g. the demo's
-    # init), so the explicit config is compared in the same state.
-    config = preparations.apply(config)
+    # init) and its method's recipe the unset optimiser, batch and warm-up, so the explicit
+    # config is compared in the same state.
+    config = methods.with_recipe(preparations.apply(config))
     diff = workdir_lib.differences(recorded, config)
     if diff:
         fields = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (--config)"

@@ -241,7 +241,10 @@ def test_fingerprint_tracks_what_the_contents_depend_on(folder):
     assert cache_lib.fingerprint(config, {**model, "num_queries": 0, "l2_normalize": True},
                                  "features") != feats
     assert cache_lib.fingerprint(config, {**model, "width": 64}, "kv") != base
-    other = train_utils.tiny_config(data_dir=folder, normalization="imagenet")
-    assert cache_lib.fingerprint(other, model, "kv") != base
+    for field, value in (("normalization", "inception"), ("resize", "uint8"),
+                         ("fc_norm_init", "checkpoint")):
+        assert config[field] != value, field  # the release protocol's differ
+        other = train_utils.tiny_config(data_dir=folder, **{field: value})
+        assert cache_lib.fingerprint(other, model, "kv") != base, field
     other = train_utils.tiny_config(data_dir=folder, cache_dtype="bfloat16")
     assert cache_lib.fingerprint(other, model, "kv") != base

@@ -40,7 +40,7 @@ def test_compression_and_baselines_from_the_cache(folder, tmp_path):
     assert h2t["num_features"] == depth * 2 * width  # each block: class token + mean patch
     # Head2Toe's keep fraction is chosen on the validation part, not compression's keep_frac.
     assert h2t["keep_frac"] in linear_probe.DEFAULT_KEEP_FRACS
-    assert h2t["num_kept"] == linear_probe.num_to_keep(h2t["num_features"], h2t["keep_frac"])
+    assert h2t["num_kept"] == compression.num_to_keep(h2t["num_features"], h2t["keep_frac"])
     assert results["baselines"]["linear"]["num_features"] == width
     for name in ("linear", "head2toe"):
         r = results["baselines"][name]

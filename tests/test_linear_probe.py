@@ -16,7 +16,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from vqt_jax import checkpoints, data, linear_probe
+from vqt_jax import checkpoints, compression, data, linear_probe
 from vqt_jax.checkpoints import onnx_dinov2
 from vqt_jax.data import fashion_mnist
 from vqt_jax.models import create_model
@@ -281,7 +281,7 @@ def test_head2toe_chooses_the_best_validation_point():
     best_score, neg_frac = max(scores)
     assert r.keep_frac == -neg_frac
     assert r.C == (0.01, 1.0)[r.val_top1[r.keep_frac].index(best_score)]
-    assert len(r.kept) == linear_probe.num_to_keep(63, r.keep_frac)
+    assert len(r.kept) == compression.num_to_keep(63, r.keep_frac)
 
 
 @pytest.mark.parametrize("fn", [linear_probe.tune, linear_probe.head2toe])

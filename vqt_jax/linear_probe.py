@@ -71,6 +71,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from vqt_jax.compression import num_to_keep
+
 # C grid of scikit-learn's convention: 1e-3 ... 1e3, half a decade apart.
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
 # Head2Toe keep fractions searched on the validation part (1.0: every feature).
@@ -646,11 +648,6 @@ def group_lasso(features: Any, labels: Any, *, lasso_ratio: float = DEFAULT_LASS
     order = np.lexsort((np.arange(f), -grad_rows, -norms))
     return GroupLasso(kernel=kernel, lam=lam, lam_max=lam_max, order=order,
                       iterations=iterations, converged=optimal and float(mapping) <= tol)
-
-
-def num_to_keep(num_features: int, keep_frac: float) -> int:
-    """Features a keep fraction keeps: round(keep_frac * F), at least one."""
-    return max(1, round(keep_frac * num_features))
 
 
 def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labels: Any, *,
