@@ -14,7 +14,8 @@ from configs import vtab
 from vqt_jax import data, protocol
 from vqt_jax.data import tasks
 from vqt_jax.models import create_model
-from vqt_jax.training import optim, train
+from vqt_jax.training import optim, train, train_step
+from vqt_jax.training import trainable as trainable_lib
 
 
 def _release_lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -161,3 +162,26 @@ def test_mae_fc_norm_starts_fresh_under_the_release():
 def test_describe_names_protocol_and_preprocessing():
     line = protocol.describe(vtab.get_config("dtd").to_dict())
     assert "protocol release" in line and "ImageNet mean/std" in line and "float" in line
+
+
+def test_partial_batch_padding_does_not_enter_the_loss():
+    # The release's short last batch: the mean over its real examples only.
+    config = vtab.get_config("dtd")
+    model = create_model(None, num_classes=5, patch_size=(8, 8), width=32, depth=1,
+                         mlp_dim=64, num_heads=2, num_queries=1, query_dropout=0.0,
+                         head_init=config.model.head_init,
+                         head_bias_init=config.model.head_bias_init)
+    images = jax.random.normal(jax.random.key(1), (6, 16, 16, 3))
+    variables = model.init(jax.random.key(0), images[:1])
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
+    loss_fn = train_step.make_loss_fn(model)
+
+    def loss(batch):
+        return float(loss_fn(trainable, frozen, batch, jax.random.key(2))[0])
+
+    labels = jnp.array([0, 1, 2, 3, 4, 0])
+    real = loss({"image": images[:4], "label": labels[:4]})
+    padded = loss({"image": images, "label": labels,
+                   "mask": jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])})
+    assert padded == pytest.approx(real, rel=1e-6)
+    assert loss({"image": images, "label": labels}) != pytest.approx(real, rel=1e-3)
