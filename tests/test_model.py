@@ -171,23 +171,6 @@ def test_vqt_train_step_changes_only_queries_and_head():
     assert np.isfinite(metrics["loss"])
 
 
-def test_vqt_backward_does_not_touch_backbone_gradients():
-    """The jaxpr of the VQT gradient computes no cotangent for any backbone weight."""
-    model = ViT(**TINY, num_queries=1)
-    variables = _randomize(_init(model))
-    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
-    loss_fn = train_step.make_loss_fn(model)
-    batch = {"image": jax.random.normal(jax.random.key(7), (2, 16, 16, 3)),
-             "label": jnp.array([0, 1])}
-    grads = jax.jit(jax.grad(lambda t: loss_fn(t, frozen, batch, jax.random.key(0))[0]))(
-        trainable)
-    assert set(grads) == set(trainable)
-    # Full fine-tuning's grads, by contrast, reach the patch embedding.
-    full_t, full_f = trainable_lib.partition(variables, trainable_lib.rule_for("full"))
-    full = jax.jit(jax.grad(lambda t: loss_fn(t, full_f, batch, jax.random.key(0))[0]))(full_t)
-    assert float(jnp.abs(full["params/embedding/kernel"]).max()) > 0
-
-
 def test_frozen_dict_variables_are_accepted():
     model = ViT(**TINY)
     v = flax.core.freeze(_init(model))
@@ -211,3 +194,42 @@ def test_bfloat16_stash_keeps_forward_exact_and_grads_close():
     q_exact, q_narrow = g_exact["queries/tokens"], g_narrow["queries/tokens"]
     rel = float(jnp.abs(q_exact - q_narrow).max() / jnp.abs(q_exact).max())
     assert 0 < rel < 2e-2  # bfloat16 keys/values: a small, nonzero difference
+
+
+def _compiled_flops(fn, *args) -> float:
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def test_vqt_backward_skips_the_backbone_by_its_flops():
+    """Structural: the compiled VQT gradient costs about one forward, not three.
+
+    The backward of a backbone is about twice its forward, so a gradient that reached back
+    through the ordinary tokens (e.g. a model whose ordinary stream depended on the queries)
+    would cost ~3x the forward, as full fine-tuning's does. VQT's backward only runs through
+    each layer's T query tokens and the head.
+    """
+    model = ViT(**TINY, num_queries=1)
+    variables = _randomize(_init(model, image_size=64))
+    loss_fn = train_step.make_loss_fn(model)
+    batch = {"image": jax.random.normal(jax.random.key(7), (4, 64, 64, 3)),  # 64 patches
+             "label": jnp.array([0, 1, 2, 3])}
+    rng = jax.random.key(0)
+
+    def ratio(method: str) -> float:
+        trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(method))
+
+        def loss(t):
+            return loss_fn(t, frozen, batch, rng)[0]
+
+        return (_compiled_flops(jax.value_and_grad(loss), trainable)
+                / _compiled_flops(loss, trainable))
+
+    # Measured: vqt 1.016, full 2.868; with the ordinary stream made to depend on the queries
+    # (x_out += 1e-3 * q_out.mean() in each block) vqt rises to 1.92 and this fails, while a
+    # check that only the trainable leaves get gradients still passes.
+    vqt, full = ratio("vqt"), ratio("full")
+    assert full > 2.5, full  # the measure sees a backbone backward when there is one
+    assert vqt < 1.25, vqt
