@@ -243,6 +243,23 @@ def _bias_corrections(count: jax.Array, b1: float, b2: float) -> tuple[jax.Array
     return -jnp.expm1(t * math.log(b1)), jnp.sqrt(-jnp.expm1(t * math.log(b2)))
 
 
+def _adam_init(params: optax.Params) -> AdamState:
+    return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                     jax.tree.map(jnp.zeros_like, params))
+
+
+def _adam_moments(learning_rate: float | Callable[[jax.Array], jax.Array], grads: optax.Updates,
+                  state: AdamState, b1: float, b2: float):
+    """The part both Adam transcriptions share: this step's lr (schedule of the count before
+    it), the new count, the bias corrections (1 - b1^t, sqrt(1 - b2^t)) and the new moments."""
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    count = state.count + 1
+    bc1, sqrt_bc2 = _bias_corrections(count, b1, b2)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, grads)
+    return lr, count, bc1, sqrt_bc2, mu, nu
+
+
 def torch_adam(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     weight_decay: float | jax.Array,
@@ -272,28 +289,20 @@ def torch_adam(
       The transformation; its update needs `params`.
     """
 
-    def init_fn(params: optax.Params) -> AdamState:
-        return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
-                         jax.tree.map(jnp.zeros_like, params))
-
     def update_fn(grads: optax.Updates, state: AdamState,
                   params: optax.Params | None = None) -> tuple[optax.Updates, AdamState]:
         if params is None:
             raise ValueError("torch_adam needs the params: its L2 term is wd * p")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        count = state.count + 1
-        bc1, sqrt_bc2 = _bias_corrections(count, b1, b2)
         # The coupled L2 enters the gradient before the moments (torch: grad.add(p, alpha=wd)).
         grads = jax.tree.map(lambda g, p, d: jnp.where(d, g + weight_decay * p, g),
                              grads, params, _decay_tree(mask, params))
-        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, grads)
+        lr, count, bc1, sqrt_bc2, mu, nu = _adam_moments(learning_rate, grads, state, b1, b2)
         updates = jax.tree.map(
             lambda m, v, p: (-(lr / bc1) * m / (jnp.sqrt(v) / sqrt_bc2 + eps)).astype(p.dtype),
             mu, nu, params)
         return updates, AdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_adam_init, update_fn)
 
 
 def _adam(schedule, weight_decay, mask) -> optax.GradientTransformation:
@@ -331,19 +340,11 @@ def vpt_adamw(
       The transformation; its update needs `params`.
     """
 
-    def init_fn(params: optax.Params) -> AdamState:
-        return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
-                         jax.tree.map(jnp.zeros_like, params))
-
     def update_fn(grads: optax.Updates, state: AdamState,
                   params: optax.Params | None = None) -> tuple[optax.Updates, AdamState]:
         if params is None:
             raise ValueError("vpt_adamw needs the params: its decay acts on the weights")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        count = state.count + 1
-        bc1, sqrt_bc2 = _bias_corrections(count, b1, b2)
-        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, grads)
+        lr, count, bc1, sqrt_bc2, mu, nu = _adam_moments(learning_rate, grads, state, b1, b2)
         step_size = lr * sqrt_bc2 / bc1
 
         def leaf_update(m, v, p, decayed):
@@ -356,7 +357,7 @@ def vpt_adamw(
         updates = jax.tree.map(leaf_update, mu, nu, params, _decay_tree(mask, params))
         return updates, AdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_adam_init, update_fn)
 
 
 def _adamw(schedule, weight_decay, mask) -> optax.GradientTransformation:
