@@ -75,6 +75,7 @@ from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's r
     to_markdown,
     write_reports,
 )
+from vqt_jax.training import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +173,9 @@ def describe(config: Mapping[str, Any]) -> str:
     norm = config.get("normalization")
     norm = "ImageNet mean/std" if norm == "imagenet" else (
         "[-1, 1]" if norm == "inception" else f"mean/std {norm}")
-    resize = "float" if config.get("resize") == "float" else "uint8-rounded"
+    resize = "uint8-rounded" if round_resized(config) else "float"
     return (f"protocol {name}: {config.get('image_size')} px bilinear resize ({resize}), "
-            f"{norm}, {config.get('batching', 'stream')} batching")
+            f"{norm}, {batching(config)} batching")
 
 
 # =============================================================================================
@@ -196,9 +197,9 @@ RESERVED_KEYS = frozenset({"task", "split", "lr", "wd", "seed", "method"})
 
 # Overrides that change where or how fast a run goes, not its result: left out of the record of
 # what a task directory was swept with, so e.g. moving the data does not lock the sweep out.
-NEUTRAL_KEYS = frozenset({"data_dir", "num_devices", "eval_batch_size", "log_every_steps",
-                          "checkpoint_every_steps", "keep_checkpoints", "cache", "cache_dir",
-                          "cache_storage", "cache_max_gb"})
+# The workdir guard's neutral fields, less `prepare`: a run's guard compares configs after the
+# preparation filled in what it prepares, but the sweep records its overrides before that.
+NEUTRAL_KEYS = workdir_lib.NEUTRAL - {"prepare"}
 
 # Written into a run's workdir when its training diverged, so a re-run does not retrain it.
 FAILED_MARKER = "sweep_failed.json"
