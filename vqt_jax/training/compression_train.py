@@ -28,10 +28,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import compression, data, protocol
+from vqt_jax import compression, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.progress import Progress
+from vqt_jax.training import batches as batches_lib
 from vqt_jax.training import optim, train_step
 
 FeatureFn = Callable[[dict, jax.Array], jax.Array]
@@ -155,20 +156,8 @@ def compress(config: ml_collections.ConfigDict, model: ViT, variables: dict, mes
       eval_features, eval_labels: eval-mode head inputs [M, F] and labels of the eval split.
       num_classes: C.
     """
-    fields = None
-    if cache is not None:
-        fields = [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
-
     def batches() -> Iterator[dict[str, np.ndarray]]:
-        if cache is not None:
-            return cache_lib.train_batches(cache, global_batch_size=config.batch_size,
-                                           seed=config.seed, fields=fields,
-                                           batching=protocol.batching(config))
-        return data.make_train_iterator(
-            config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
-            image_size=config.image_size,
-            normalization=data.as_normalization(config.normalization), seed=config.seed,
-            batching=protocol.batching(config), round_resized=protocol.round_resized(config))
+        return batches_lib.train_batches(config, cache)
 
     features_fn = train_mode_features(model, variables)
     num_features = int(eval_features.shape[1])

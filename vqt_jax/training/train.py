@@ -38,6 +38,7 @@ from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, round_resized
 from vqt_jax.training import (
+    batches,
     checkpointing,
     config_checks,
     feature_heads,
@@ -429,18 +430,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-    if cache is not None:
-        train_iter = cache_lib.train_batches(
-            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
-            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
-            batching=batching(config))
-    else:
-        train_iter = data.make_train_iterator(
-            config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
-            image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-            seed=config.seed, start_step=start, batching=batching(config),
-            round_resized=round_resized(config),
-        )
+    train_iter = batches.train_batches(config, cache, start_step=start)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
     max_loss = config.get("max_loss", math.inf)

@@ -1,0 +1,30 @@
+"""A run's training batches: from its cache when it has one, else from the images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+from vqt_jax import cache as cache_lib
+from vqt_jax import data, protocol
+from vqt_jax.training import train_step
+
+
+def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | None, *,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This host's slices of the run's endless training batches, from global step
+    `start_step`: the same examples in the same order either way (config's seed, batch size
+    and batching), with 'label' and 'mask'; cached fields (`train_step.CACHE_INPUTS`) from a
+    cache, normalised 'image' otherwise."""
+    if cache is not None:
+        return cache_lib.train_batches(
+            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
+            batching=protocol.batching(config))
+    return data.make_train_iterator(
+        config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
+        seed=config.seed, start_step=start_step, batching=protocol.batching(config),
+        round_resized=protocol.round_resized(config))
