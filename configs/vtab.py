@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.cache_storage = "disk"  # 'disk': memory-mapped files in cache_dir; 'memory': host RAM
     c.cache_dir = ml_collections.config_dict.placeholder(str)  # default: WORKDIR/cache
     c.cache_max_gb = 32.0  # budget; a larger cache falls back to the uncached path
+    # Keep the cache on the devices and train in compiled loops ('auto': when it fits half of
+    # each device's memory; 'on': fail if it does not; 'off': gather batches on the host).
+    c.cache_on_device = "auto"
     # The release's feature-compression stage after VQT (group-lasso head, keep the top
     # keep_frac features by column norm, retrain the head), on cached query outputs.
     c.compression = ml_collections.ConfigDict()

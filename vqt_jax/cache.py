@@ -9,7 +9,7 @@ the head's input itself. Methods that change the ordinary tokens (VPT, adapters,
 fine-tuning) cannot use a cache.
 
 Layout: ``CACHE_DIR/<fingerprint>/`` holds ``meta.json`` and one raw array file per field,
-example i being example i of `data.load_train_examples` (the order `data.train_indices`
+example i being example i of `data.load_train_examples` (the order `vqt_jax.sampling`
 shuffles). The fingerprint hashes everything the contents depend on (checkpoint, backbone
 options, task, split, the data's contents (`data.content.content_key`), preprocessing, dtype),
 so runs that differ only in lr, wd, seed, epochs or the number of queries share one cache.
@@ -26,9 +26,10 @@ Safety:
 * ``meta.json`` records each file's size; a cache whose files are missing or of another size,
   or whose meta.json cannot be read, is removed and rebuilt with one warning.
 
-Multi-host: the build is data-parallel over every device of every host and its outputs are
-replicated, so each host writes a complete cache of its own (`<fingerprint>-host<i>`), to be
-memory-mapped from local disk.
+Multi-host: the build is data-parallel over every device of every host, its outputs sharded
+over the batch; each host gathers every batch's rows (`fetch_rows`) and writes a complete cache
+of its own (`<fingerprint>-host<i>`), to be memory-mapped from local disk. A device-resident
+copy (`device_cache`) then takes from it only the rows of this host's devices.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import data, methods
-from vqt_jax.data import content
+from vqt_jax import methods, sampling
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 
@@ -218,6 +218,8 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
     backbone = {k: v for k, v in sorted(model_kwargs.items())
                 if k not in IGNORED_OPTIONS[kind]}
     if data_key is None:
+        from vqt_jax.data import content  # the data's key needs the input pipeline (TF)
+
         data_key = content.content_key(config.task, config.data_dir, config.split)
     key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
                model=backbone, task=config.task, data_dir=config.data_dir,
@@ -463,8 +465,17 @@ def build(
             for name, (shape, dtype) in spec.fields.items():
                 arrays[name] = np.empty((n, *shape), _np_dtype(dtype))
         else:
-            for file, size in spec.file_sizes.items():
-                _reserve(os.path.join(tmp, file), size)
+            try:
+                for file, size in spec.file_sizes.items():
+                    _reserve(os.path.join(tmp, file), size)
+            except OSError as e:
+                if e.errno not in _NO_SPACE:
+                    raise
+                no_space = e
+            # The pass is collective: every host must have its files, or none runs it.
+            if not all_hosts(no_space is None):
+                raise no_space or OSError(errno.ENOSPC, "another host's disk cannot hold its "
+                                          "copy of the cache (see that host's log)")
             for name, (shape, dtype) in spec.fields.items():
                 # r+: "w+" would truncate the file and give back the reserved blocks.
                 arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
@@ -517,7 +528,6 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
                   normalize: Callable[[np.ndarray], np.ndarray], every_s: float) -> None:
     """The pass of `build`: fills `arrays` (N rows each) with the backbone's outputs."""
     n = spec.num_examples
-    replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     names = list(spec.fields)
 
@@ -525,11 +535,12 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         out = model.apply(v, x, method=ViT.cache_features)
         return {k: out[k].astype(_np_dtype(spec.fields[k][1])) for k in names}
 
-    fn = jax.jit(forward, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    fn = forward_fn(forward, mesh)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
-    for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]}):
+    for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
+                                    sharding=batch_sharding):
         x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
-        out = jax.device_get(fn(variables, x))
+        out = fetch_rows(fn(variables, x))
         count = rows.stop - rows.start  # the padding is not stored
         for name in names:
             arrays[name][rows] = out[name][:count]
@@ -537,8 +548,38 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
     progress.done()
 
 
+def forward_fn(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn(variables, batch)` jitted data-parallel: variables replicated, batch and outputs
+    sharded over the batch, so each device's output is its own rows (a replicated output
+    would hold the whole batch on every device, growing with the device count)."""
+    batch = NamedSharding(mesh, P("data"))
+    return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
+
+
+def fetch_rows(tree: Any) -> Any:
+    """The full value of every (batch-sharded) array of `tree` on this host, as numpy: with
+    several hosts each one gathers the others' rows (`process_allgather`); a plain
+    `device_get` cannot fetch rows held by another host's devices."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def all_hosts(flag: bool) -> bool:
+    """Whether `flag` holds on every host (a collective: every host must call it): decisions
+    that choose what every host compiles (cache or not, build or reuse) must be the same."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def host_batches(
-    num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]]
+    num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
     """One pass over rows [0, num_rows) in global batches, for every host alike.
 
@@ -546,20 +587,25 @@ def host_batches(
       num_rows: rows to cover.
       batch_size: global batch size (divisible by the number of hosts).
       get: rows -> {name: array whose first axis is those rows}.
+      sharding: the batches' sharding: this host's slice is the slots its devices hold
+        (`sampling.host_rows`); default: host i takes the i-th of equal slices.
 
     Yields:
       (the rows of the global batch, this host's slice of it). The last batch is padded with
       zeros to `batch_size`; the slice also holds 'mask' (1 for real rows, 0 for padding).
     """
-    local = batch_size // jax.process_count()
-    lo = jax.process_index() * local
+    if sharding is not None:
+        mine = sampling.host_rows(sharding, batch_size)
+    else:
+        local = batch_size // jax.process_count()
+        mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     for start in range(0, num_rows, batch_size):
         rows = slice(start, min(start + batch_size, num_rows))
         count = rows.stop - rows.start
         batch = {k: np.concatenate([v, np.zeros((batch_size - count, *v.shape[1:]), v.dtype)])
                  for k, v in get(rows).items()}
         batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
-        yield rows, {k: v[lo:lo + local] for k, v in batch.items()}
+        yield rows, {k: v[mine] for k, v in batch.items()}
 
 
 def train_batches(
@@ -568,27 +614,25 @@ def train_batches(
     global_batch_size: int,
     seed: int,
     start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: slice | None = None,
     prefetch: int = 2,
     fields: Sequence[str] | None = None,
     batching: str = "stream",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from a cache: the same examples, in the same order, as the
-    image pipeline (`data.make_train_iterator`) gives for the same seed, step and batching.
+    image pipeline (`data.make_train_iterator`) gives for the same seed, step and batching
+    (`vqt_jax.sampling`).
 
-    Batches hold `fields` (default: all), 'label' and 'mask' (0 for the padding of an
-    epoch's partial last batch with 'epoch' batching). A background thread reads ahead
-    `prefetch` batches (the copies release the GIL).
+    Batches hold this host's `rows` of each global batch (default: all) of `fields` (default:
+    all), 'label' and 'mask' (0 for the padding of an epoch's partial last batch with 'epoch'
+    batching). A background thread reads ahead `prefetch` batches (the copies release the
+    GIL), so the next batch is gathered while the current step runs.
     """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
     n = cache.spec.num_examples
 
     def produce(step: int) -> dict[str, np.ndarray]:
-        idx, mask = data.train_indices(step, n, global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count,
-                                       batching=batching)
+        idx, mask = sampling.host_batch_indices(step, n, global_batch_size=global_batch_size,
+                                                seed=seed, rows=rows, batching=batching)
         return {**cache.gather(idx, fields), "mask": mask}
 
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))

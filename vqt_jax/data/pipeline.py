@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vqt_jax import sampling
 from vqt_jax.data import folder as folder_lib
 from vqt_jax.data import tasks as tasks_lib
 
@@ -65,7 +66,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Subset = Literal["train", "eval"]
 Batching = Literal["epoch", "stream"]
-BATCHINGS = ("epoch", "stream")
+BATCHINGS = sampling.BATCHINGS
 Normalization = str | tuple[Sequence[float], Sequence[float]]
 Batch = dict[str, np.ndarray]
 
@@ -331,44 +332,12 @@ def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np
 
 
 def _check_batching(batching: str) -> None:
-    if batching not in BATCHINGS:
-        raise ValueError(f"Unknown batching {batching!r}; choose from {', '.join(BATCHINGS)}.")
-
-
-def _shuffled_index(position: tf.Tensor, seed: int | tf.Tensor, num_examples: int | tf.Tensor,
-                    batch_size: int, batching: Batching) -> tuple[tf.Tensor, tf.Tensor]:
-    """(example, is real) at a position of the endless training stream (see `train_dataset`).
-
-    Position p is slot ``p % B`` of global batch ``p // B``. With 'stream' batching it is
-    entry ``p % N`` of epoch ``p // N``'s permutation; with 'epoch' batching, batch k is
-    batch ``k % S`` (S = ceil(N / B)) of epoch ``k // S``, whose slots past the epoch's end
-    are padding (not real; they repeat the last entry so that the gather stays in range).
-    """
-    position = tf.cast(position, tf.int64)
-    num_examples = tf.cast(num_examples, tf.int64)
-    if batching == "epoch":
-        batch = tf.constant(batch_size, tf.int64)
-        steps_per_epoch = (num_examples + batch - 1) // batch
-        step = position // batch
-        epoch = step // steps_per_epoch
-        offset = (step % steps_per_epoch) * batch + position % batch
-        real = offset < num_examples
-        offset = tf.minimum(offset, num_examples - 1)
-    else:
-        epoch, offset, real = position // num_examples, position % num_examples, tf.constant(True)
-    # One scalar seed per element: index_shuffle mishandles a batch of seeds
-    # (TF 2.21 pads the [n, 2] seed along the wrong axis).
-    seed_and_epoch = tf.stack([tf.cast(seed, tf.int64), epoch])
-    index = tf.random.experimental.index_shuffle(offset, seed_and_epoch, num_examples - 1)
-    return index, real
+    sampling.check_batching(batching)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int, batching: Batching) -> float:
     """Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'."""
-    _check_batching(batching)
-    if batching == "epoch":
-        return math.ceil(num_examples / global_batch_size)
-    return num_examples / global_batch_size
+    return sampling.steps_per_epoch(num_examples, global_batch_size, batching)
 
 
 def train_indices(
@@ -383,26 +352,17 @@ def train_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The example indices of this host's slice of global training batch `step`, and its mask.
 
-    The same stream as `train_dataset` yields (the same function computes it), for training
-    from per-example arrays such as a cache of the backbone's outputs.
+    The same stream as `train_dataset` yields (`sampling.batch_indices` computes both), for
+    training from per-example arrays such as a cache of the backbone's outputs.
 
     Returns:
         (int64 [B / P] example indices, float32 [B / P] mask: 1 real, 0 padding).
     """
     _check_batching(batching)
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-    start = (step * process_count + process_index) * local_batch
-    positions = tf.range(start, start + local_batch, dtype=tf.int64)
-    index, real = _indices_of(positions, tf.constant(seed, tf.int64),
-                              tf.constant(num_examples, tf.int64), global_batch_size, batching)
-    return index.numpy(), real.numpy().astype(np.float32)
-
-
-@tf.function(reduce_retracing=True)
-def _indices_of(positions: tf.Tensor, seed: tf.Tensor, num_examples: tf.Tensor,
-                batch_size: int, batching: str) -> tuple[tf.Tensor, tf.Tensor]:
-    return tf.map_fn(lambda p: _shuffled_index(p, seed, num_examples, batch_size, batching),
-                     positions, fn_output_signature=(tf.int64, tf.bool))
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    return sampling.host_batch_indices(step, num_examples, global_batch_size=global_batch_size,
+                                       seed=seed, rows=rows, batching=batching)
 
 
 def train_dataset(
@@ -419,14 +379,12 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """The infinite, shuffled training stream over in-memory examples, for one host.
 
-    Every epoch is a fresh permutation of all examples chosen by ``(seed, epoch)``. Global batch
-    ``k`` is stream positions ``[k * B, (k + 1) * B)`` and host ``h`` takes positions
-    ``[k * B + h * B / P, k * B + (h + 1) * B / P)``; a position maps to its example as
-    `_shuffled_index` says: with 'stream' batching every batch is full and may straddle an epoch
-    boundary; with 'epoch' batching each epoch is ``ceil(N / B)`` batches, its last one padded
-    (``mask`` 0). The hosts' slices make up exactly the single-host batch, and starting at
-    `start_step` costs nothing, since any position maps to its example directly
-    (`tf.random.experimental.index_shuffle` computes a permutation entry without the rest).
+    Every epoch is a fresh permutation of all examples chosen by ``(seed, epoch)``, as
+    `vqt_jax.sampling` defines it for every training path (images, host cache, device cache).
+    Host ``h`` takes slots ``[h * B / P, (h + 1) * B / P)`` of every global batch, so the hosts'
+    slices make up exactly the single-host batch. With 'stream' batching every batch is full
+    and may straddle an epoch boundary; with 'epoch' batching each epoch is ``ceil(N / B)``
+    batches, its last one padded (``mask`` 0). Starting at `start_step` costs one permutation.
 
     Args:
         images: uint8 (or float32 pixel values) ``[N, H, W, 3]``, already resized.
@@ -450,29 +408,26 @@ def train_dataset(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
     # Captured eager tensors are handed to the tf.data function by reference (a numpy array
     # would be embedded in the graph as a constant).
     images_t = tf.convert_to_tensor(images)
     labels_t = tf.convert_to_tensor(labels, tf.int32)
     _mean_std(normalization)  # Fail here, not inside tf.data.
 
-    def example_at(position: tf.Tensor) -> dict[str, tf.Tensor]:
-        index, real = _shuffled_index(position, seed, num_examples, global_batch_size, batching)
-        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index),
-                "mask": tf.cast(real, tf.float32)}
+    def indices() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        step = start_step
+        while True:
+            yield sampling.host_batch_indices(step, num_examples,
+                                              global_batch_size=global_batch_size, seed=seed,
+                                              rows=rows, batching=batching)
+            step += 1
 
-    def positions_of(chunk: tf.Tensor) -> tf.data.Dataset:
-        # Chunk c = k * P + h is stream positions [c * B/P, (c + 1) * B/P).
-        return tf.data.Dataset.range(chunk * local_batch, (chunk + 1) * local_batch)
-
-    chunks = tf.data.Dataset.counter(
-        start=start_step * process_count + process_index, step=process_count
-    )
-    ds = chunks.flat_map(positions_of)
-    ds = ds.map(example_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = tf.data.Dataset.from_generator(indices, output_signature=(
+        tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch], tf.float32)))
     ds = ds.map(
-        lambda b: {**b, "image": normalize(b["image"], normalization)},
+        lambda index, mask: {"image": normalize(tf.gather(images_t, index), normalization),
+                             "label": tf.gather(labels_t, index), "mask": mask},
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -13,18 +14,35 @@ from vqt_jax.training import train_step
 
 
 def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | None, *,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, rows: slice | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """This host's slices of the run's endless training batches, from global step
     `start_step`: the same examples in the same order either way (config's seed, batch size
     and batching), with 'label' and 'mask'; cached fields (`train_step.CACHE_INPUTS`) from a
-    cache, normalised 'image' otherwise."""
+    cache, normalised 'image' otherwise.
+
+    Args:
+      config: the run's config.
+      cache: the host cache, or None to read the images.
+      start_step: the first global step.
+      rows: the slots of each global batch this host feeds (`sampling.host_rows` of the
+        batch sharding); default: this process's equal share, in process order.
+    """
+    if rows is None:
+        local = config.batch_size // jax.process_count()
+        rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     if cache is not None:
         return cache_lib.train_batches(
             cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
             fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
-            batching=protocol.batching(config))
+            batching=protocol.batching(config), rows=rows)
+    local = rows.stop - rows.start
+    if rows.start % local or config.batch_size % local:
+        raise ValueError(f"This host's slots {rows.start}..{rows.stop - 1} of the global batch "
+                         "are not one of equal per-host slices")
     return data.make_train_iterator(
         config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
         image_size=config.image_size, normalization=data.as_normalization(config.normalization),
         seed=config.seed, start_step=start_step, batching=protocol.batching(config),
-        round_resized=protocol.round_resized(config))
+        round_resized=protocol.round_resized(config), process_index=rows.start // local,
+        process_count=config.batch_size // local)

@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache": ("auto", "on", "off"),
     "cache_dtype": ("float32", "bfloat16"),
     "cache_storage": ("disk", "memory"),
+    "cache_on_device": ("auto", "on", "off"),
     "batching": data.BATCHINGS,
     "resize": ("float", "uint8"),
     "fc_norm_init": ("fresh", "checkpoint"),

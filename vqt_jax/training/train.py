@@ -33,7 +33,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, methods, preparations
+from vqt_jax import checkpoints, data, methods, preparations, sampling
+from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, round_resized
@@ -44,6 +45,7 @@ from vqt_jax.training import (
     feature_heads,
     metrics_io,
     optim,
+    steppers,
     train_step,
 )
 from vqt_jax.training import trainable as trainable_lib
@@ -137,14 +139,16 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     )
     split_name = "val" if config.split == "val" else "test"
     progress = Progress(f"Evaluating on {split_name}", num_examples, "images")
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    # Sums stay on the devices (float32: exact up to 2^24 examples) and are fetched once, so
+    # the host reads the next batch while the devices evaluate this one.
+    totals = None
     for batch in it:
         out = eval_fn(variables, _global_batch(batch, batch_sharding))
-        batch_totals = {k: float(out[k]) for k in totals}
-        for k in totals:
-            totals[k] += batch_totals[k]
-        progress.update(int(batch_totals["count"]))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {
+        "correct": 0.0, "loss": 0.0, "count": 0.0}
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
             "num_examples": int(totals["count"])}
@@ -194,6 +198,10 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     logging.info("Cache of the frozen backbone (%s): %s, in %s.", kind, spec.describe(), where)
     exists = path is not None and os.path.exists(os.path.join(path, "meta.json"))
     why = None if exists else cache_lib.check_budget(spec, path, config.cache_max_gb)
+    # One decision for all hosts (they compile the same program): cached only if every one
+    # can hold its copy.
+    if not cache_lib.all_hosts(why is None):
+        why = why or "another host cannot hold its copy of the cache (see that host's log)"
     if why is not None:
         if mode == "on":
             raise ValueError(f"config.cache='on' but {why}")
@@ -206,14 +214,15 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
               mesh: Mesh) -> cache_lib.Cache | None:
     """Opens the planned cache if it is complete, else builds it (one backbone pass).
 
-    A disk too full for the cache is an error with `config.cache='on'`; with 'auto' the run
-    says so and trains without the cache (None).
+    A disk too full for the cache (on any host) is an error with `config.cache='on'`; with
+    'auto' the run says so and trains without the cache (None). Every host decides alike.
     """
-    if plan.path is not None:
-        cache = cache_lib.open_cache(plan.path, plan.spec)
-        if cache is not None:
-            logging.info("Reusing the cache in %s.", plan.path)
-            return cache
+    cache = None if plan.path is None else cache_lib.open_cache(plan.path, plan.spec)
+    # The build is collective: if any host lacks its copy, every host runs the pass (a host
+    # that has a complete copy keeps it).
+    if cache_lib.all_hosts(cache is not None):
+        logging.info("Reusing the cache in %s.", plan.path)
+        return cache
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                               config.image_size, round_resized(config))
     norm = data.as_normalization(config.normalization)
@@ -331,6 +340,35 @@ def _healthy(metrics: dict[str, float], max_loss: float) -> bool:
     return math.isfinite(loss) and loss <= max_loss and bool(metrics["state_finite"])
 
 
+def make_stepper(config: ml_collections.ConfigDict, step: steppers.StepFn,
+                 cache: cache_lib.Cache | None, mesh: Mesh, frozen: dict, rng: jax.Array,
+                 start: int, max_steps: int) -> steppers.HostStepper | steppers.DeviceStepper:
+    """The run's stepper: a compiled loop over the device-resident cache when the run has a
+    cache that fits the devices (`config.cache_on_device`: 'auto' when it fits, 'on' an
+    error when it does not, 'off' never), else one step per host batch."""
+    batch_size = config.batch_size
+    if cache is not None:
+        fields = [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
+        mode = config.get("cache_on_device", "auto")
+        why = "config.cache_on_device='off'" if mode == "off" else device_cache_lib.why_not(
+            cache.spec, fields, mesh, batch_size)
+        if not cache_lib.all_hosts(why is None):  # every host compiles the same loop
+            why = why or "another host's devices cannot hold it"
+        if why is None:
+            logging.info("Training from the cache on the devices (a compiled loop per chunk).")
+            return steppers.DeviceStepper(
+                step, device_cache_lib.upload(cache, mesh, fields), frozen, rng, fields=fields,
+                batch_size=batch_size, seed=config.seed, batching=batching(config),
+                max_steps=max_steps)
+        if mode == "on":
+            raise ValueError(f"config.cache_on_device='on' but {why}")
+        logging.info("Training from the host cache: %s.", why)
+    rows = sampling.host_rows(NamedSharding(mesh, P("data")), batch_size)
+    return steppers.HostStepper(step, mesh, frozen, rng,
+                                batches.train_batches(config, cache, start_step=start,
+                                                      rows=rows))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains the configured method and evaluates it; resumes from `workdir` if it can.
 
@@ -352,7 +390,8 @@ def run(
     Args:
       config: see configs/vtab.py.
       workdir: where checkpoints, logs and results.json go.
-      callbacks: called as cb(step, metrics) after every train step; an exception from one
+      callbacks: called as cb(step, metrics) for every train step, in order, when its chunk's
+        metrics reach the host (at every logging and checkpoint step); an exception from one
         stops the run like a kill would. (A checkpoint of step s is written once step s + 1
         has shown it sound, so a kill at step s loses it.)
 
@@ -381,7 +420,6 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     cache_plan = plan_cache(config, model, num_train, workdir)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     variables = jax.jit(model.init, out_shardings=replicated)(init_rng, _dummy_images(config))
     variables = jax.device_put(_with_pretrained(variables, plan.pretrained), replicated)
@@ -424,22 +462,21 @@ def _run_locked(plan: RunPlan, workdir: str,
         metrics["state_finite"] = _all_finite((trainable, opt_state))
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
-    jit_step = jax.jit(
-        sharded_step,
-        in_shardings=(replicated, replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
-    train_iter = batches.train_batches(config, cache, start_step=start)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
+    stepper = None
+    if start < total_steps:
+        stepper = make_stepper(config, sharded_step, cache, mesh, frozen, train_rng, start,
+                               steppers.max_chunk(total_steps, log_every, ckpt_every))
     max_loss = config.get("max_loss", math.inf)
     history: list[dict[str, float]] = []
     train_metrics: dict[str, float] = {}
     progress = Progress("Training", total_steps - start, "steps", every_s=30)
     # A checkpoint-step state is saved only once the next step, computed from it, proved it
     # sound (finite, not diverged): a state that merely looks finite (weights of 1e30) must not
-    # become the "last good checkpoint" that a re-run with a lower lr resumes from.
+    # become the "last good checkpoint" that a re-run with a lower lr resumes from. Metrics
+    # are fetched once per chunk (ending at every logging and checkpoint step), so the checks
+    # run there, step by step, before anything from the chunk is saved or reported.
     pending: tuple[int, TrainState] | None = None
     last_saved = manager.latest_step() or 0
 
@@ -449,31 +486,31 @@ def _run_locked(plan: RunPlan, workdir: str,
         last_saved = step
 
     try:
-        for step in range(start, total_steps):
-            batch = _global_batch(next(train_iter), batch_sharding)
-            state, metrics = jit_step(state, frozen, batch, train_rng)
-            train_metrics = {k: float(v) for k, v in metrics.items()}
-            done = step + 1
-            if not _healthy(train_metrics, max_loss):
-                pending = None
-                raise _nonfinite(train_metrics, done, start, config, workdir, last_saved,
-                                 max_loss)
-            if pending is not None:
-                save(*pending)
-                pending = None
-            history.append(train_metrics)
-            progress.update()
-            if done % log_every == 0 or done == total_steps:
-                avg = {f"train/{k}": float(np.mean([h[k] for h in history]))
-                       for k in history[0] if k != "state_finite"}
-                writer.write_scalars(done, avg)
-                history = []
+        done = start
+        for end in steppers.chunk_ends(start, total_steps, log_every, ckpt_every):
+            state, chunk_metrics = stepper.advance(state, end - done)
+            for train_metrics in steppers.fetch(chunk_metrics, end - done):
+                done += 1
+                if not _healthy(train_metrics, max_loss):
+                    pending = None
+                    raise _nonfinite(train_metrics, done, start, config, workdir, last_saved,
+                                     max_loss)
+                if pending is not None:
+                    save(*pending)
+                    pending = None
+                history.append(train_metrics)
+                progress.update()
+                if done % log_every == 0 or done == total_steps:
+                    avg = {f"train/{k}": float(np.mean([h[k] for h in history]))
+                           for k in history[0] if k != "state_finite"}
+                    writer.write_scalars(done, avg)
+                    history = []
+                for cb in callbacks:
+                    cb(done, train_metrics)
             if done == total_steps:
                 save(done, state)  # its own loss was checked; there is no next step
             elif done % ckpt_every == 0:
-                pending = (done, jax.tree.map(jnp.copy, state))  # state is donated next step
-            for cb in callbacks:
-                cb(done, train_metrics)
+                pending = (done, jax.tree.map(jnp.copy, state))  # state is donated next
     finally:
         # Whatever stops the loop, a save in flight completes (orbax commits atomically).
         manager.wait_until_finished()
@@ -493,6 +530,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         "train_loss": train_metrics.get("loss"),
         "num_trainable": int(sum(np.size(v) for v in state.trainable.values())),
         "cached": cache is not None,
+        "cache_on_device": isinstance(stepper, steppers.DeviceStepper),
     }
     if feature_heads.wanted(config):
         if cache is None and cache_plan is not None:
@@ -505,6 +543,7 @@ def _run_locked(plan: RunPlan, workdir: str,
             previous = json.load(f)
         results["train_loss"] = previous.get("train_loss")
         results["cached"] = previous.get("cached", False)
+        results["cache_on_device"] = previous.get("cache_on_device", False)
     # What was trained, in full: the workdir's guard makes it the config of every step.
     results["config"] = workdir_lib.as_dict(config)
     history_of_changes = workdir_lib.changes(workdir)

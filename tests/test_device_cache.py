@@ -1,0 +1,164 @@
+"""The device-resident cache and the training loop that never waits on a step ([8] items 1-3).
+
+Run with 8 simulated CPU devices (README's test command sets XLA_FLAGS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax._src import array as array_impl
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests import train_utils
+from vqt_jax import cache as cache_lib
+from vqt_jax import device_cache, sampling
+from vqt_jax.models import ViT, create_model
+from vqt_jax.training import steppers, train
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.mark.parametrize("batching,n,b", [("epoch", 37, 16), ("stream", 37, 16),
+                                          ("stream", 5, 16), ("epoch", 5, 16)])
+def test_indices_drawn_on_device_equal_the_hosts_and_cover_every_epoch(batching, n, b):
+    f = jax.jit(lambda s: sampling.batch_indices(s, 7, num_examples=n, batch_size=b,
+                                                 batching=batching))
+    steps = 3 * int(np.ceil(n / b)) + 1
+    seen = []
+    for step in range(steps):
+        index, mask = f(step)
+        host_index, host_mask = sampling.host_batch_indices(step, n, global_batch_size=b, seed=7,
+                                                            batching=batching)
+        np.testing.assert_array_equal(np.asarray(index), host_index)
+        np.testing.assert_array_equal(np.asarray(mask), host_mask)
+        seen.extend(host_index[host_mask > 0])
+    # Every epoch is a permutation: each block of N consecutive real entries covers 0..N-1,
+    # and consecutive epochs are drawn differently.
+    epochs = [sorted(seen[i:i + n]) for i in range(0, len(seen) - n + 1, n)]
+    assert len(epochs) >= 2 and all(e == list(range(n)) for e in epochs)
+    assert seen[:n] != seen[n:2 * n]
+
+
+def test_gather_on_device_equals_the_host_cache():
+    mesh = train.make_mesh()
+    assert mesh.size == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    n, b = 37, 16
+    rng = np.random.default_rng(0)
+    spec = cache_lib.Spec("kv", n, {"k": ((2, 3), "bfloat16"), "cls": ((4,), "float32")})
+    arrays = {"k": rng.normal(size=(n, 2, 3)).astype(ml_dtypes.bfloat16),
+              "cls": rng.normal(size=(n, 4)).astype(np.float32)}
+    host = cache_lib.Cache(spec, arrays, rng.integers(0, 9, n).astype(np.int32))
+    dev = device_cache.upload(host, mesh, ["k", "cls"])
+    # Each device holds its share (ceil(37 / 8) = 5 rows), not the whole cache.
+    assert {s.data.shape for s in dev.arrays["k"].addressable_shards} == {(5, 1, 2, 3)}
+    gather = jax.jit(lambda a, s: device_cache.gather(a, sampling.batch_indices(
+        s, 3, num_examples=n, batch_size=b, batching="epoch")[0], mesh))
+    for step in range(6):
+        out = gather(dev.arrays, step)
+        assert out["k"].sharding.spec == P("data")
+        index, _ = sampling.host_batch_indices(step, n, global_batch_size=b, seed=3,
+                                               batching="epoch")
+        want = host.gather(index)
+        for name in ("k", "cls", "label"):
+            np.testing.assert_array_equal(np.asarray(out[name]), want[name])
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+def test_device_loop_trains_like_the_host_cache(folder, tmp_path):
+    runs = {}
+    for mode in ("on", "off"):
+        config = train_utils.tiny_config(data_dir=folder, epochs=3, cache="on",
+                                         cache_storage="memory", cache_on_device=mode)
+        runs[mode] = train.run(config, str(tmp_path / mode))[0]
+        assert runs[mode]["cached"] and runs[mode]["cache_on_device"] == (mode == "on")
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-5)
+    assert runs["on"]["top1"] == runs["off"]["top1"]
+    np.testing.assert_allclose(runs["on"]["eval_loss"], runs["off"]["eval_loss"], rtol=1e-5)
+
+
+_SYNCS = ("__float__", "__int__", "__bool__", "__index__", "__array__", "item", "tolist",
+          "block_until_ready")
+
+
+@pytest.mark.parametrize("on_device", ["on", "off"])
+def test_the_training_loop_never_waits_on_a_step(folder, tmp_path, monkeypatch, on_device):
+    """Inside a chunk nothing reads a device value back; the host waits once per chunk."""
+    inside = []
+
+    def guard(name, original):
+        def method(self, *args, **kwargs):
+            if inside:
+                raise AssertionError(f"jax.Array.{name} (a host sync) inside a training chunk")
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in _SYNCS:
+        monkeypatch.setattr(array_impl.ArrayImpl, name,
+                            guard(name, getattr(array_impl.ArrayImpl, name)))
+
+    def device_get(x):
+        if inside:
+            raise AssertionError("jax.device_get inside a training chunk")
+        return original_get(x)
+
+    original_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", device_get)
+    for cls in (steppers.HostStepper, steppers.DeviceStepper):
+        def advance(self, state, count, original=cls.advance):
+            inside.append(count)
+            try:
+                return original(self, state, count)
+            finally:
+                inside.pop()
+        monkeypatch.setattr(cls, "advance", advance)
+    fetched = []
+    original_fetch = steppers.fetch
+    monkeypatch.setattr(steppers, "fetch",
+                        lambda m, count: fetched.append(count) or original_fetch(m, count))
+    # 3 epochs of 36 examples in batches of 8: 15 steps; chunks end at 5, 6, 10, 12, 15.
+    config = train_utils.tiny_config(data_dir=folder, epochs=3, cache="on", log_every_steps=5,
+                                     checkpoint_every_steps=6, cache_storage="memory",
+                                     cache_on_device=on_device)
+    results = train.run(config, str(tmp_path / "wd"))[0]
+    assert results["steps"] == 15 and results["cache_on_device"] == (on_device == "on")
+    assert fetched == [5, 1, 4, 2, 3]
+
+
+def test_cache_build_output_is_sharded_over_the_batch():
+    """The build's per-device output shrinks with the device count (memory_analysis)."""
+    model = create_model(None, num_classes=3, patch_size=(8, 8), width=32, depth=2, mlp_dim=64,
+                         num_heads=2, num_queries=1)
+    x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def forward(v, images):
+        return model.apply(v, images, method=ViT.cache_features)
+
+    def placed(tree, sharding):
+        return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding),
+                            tree)
+
+    per_device = {}
+    for d in (1, 2, 8):
+        mesh = Mesh(np.asarray(jax.devices()[:d]), ("data",))
+        v = placed(variables, NamedSharding(mesh, P()))
+        images = placed(x, NamedSharding(mesh, P("data")))
+        compiled = cache_lib.forward_fn(forward, mesh).lower(v, images).compile()
+        per_device[d] = compiled.memory_analysis().output_size_in_bytes
+    assert per_device[2] * 2 == pytest.approx(per_device[1], rel=0.01)
+    assert per_device[8] * 8 == pytest.approx(per_device[1], rel=0.01)

@@ -1,0 +1,137 @@
+"""The cache held in the devices' memory: rows sharded over the data axis, batches gathered
+on the device, so a compiled loop trains from it without the host (`training/device_loop.py`).
+
+A host cache (`cache.py`, memory or disk) gathers every batch's rows in Python and copies
+them to the device each step: on an accelerator that traffic, not the query path, sets the
+pace (886 MiB per batch of 128 at ViT-B/16 in bfloat16). Held on the devices, the cache
+costs each device 1/D of it (D devices on the data axis), and a step moves only what it
+gathers.
+
+Layout: each field is a global array ``[ceil(N / D), D, ...]`` sharded over its second axis,
+so example r is row ``r div D`` of device ``r mod D``'s shard (round-robin; the last row of
+some devices is zero padding that no index reaches). Each host builds only its devices'
+shards, reading those rows from its host cache (`jax.make_array_from_callback`), never
+the others'.
+
+Gathering (`gather`, inside jit): every device reads, for each slot of the batch, the row if
+it holds it and zeros otherwise; a reduce-scatter over the data axis then leaves each device
+its own slots' rows (sums of one row and zeros: exact in any dtype). Each device briefly holds
+one batch's rows (B rows, not B / D), which is the price of a gather in any order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vqt_jax import cache as cache_lib
+
+AXIS = "data"
+# The share of a device's memory the cache and one batch's gather may take; the rest is for
+# the model, its activations and the optimiser.
+DEVICE_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCache:
+    """A cache on the devices.
+
+    Attributes:
+      arrays: field name (and 'label') -> global array ``[ceil(N / D), D, ...]`` sharded
+        ``P(None, 'data')``.
+      num_examples: N.
+      mesh: the mesh the arrays live on.
+    """
+
+    arrays: dict[str, jax.Array]
+    num_examples: int
+    mesh: Mesh
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.shape[AXIS]
+
+
+def _row_bytes(spec: cache_lib.Spec, fields: list[str]) -> int:
+    row = sum(int(np.prod(spec.fields[f][0])) * np.dtype(cache_lib._np_dtype(spec.fields[f][1]))
+              .itemsize for f in fields)
+    return row + 4  # the int32 label
+
+
+def per_device_bytes(spec: cache_lib.Spec, fields: list[str], num_devices: int,
+                     batch_size: int) -> int:
+    """What a device holds: its share of the rows plus one batch's gather (B rows)."""
+    rows = math.ceil(spec.num_examples / num_devices) + batch_size
+    return rows * _row_bytes(spec, fields)
+
+
+def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
+            batch_size: int) -> str | None:
+    """Why the cache cannot live on `mesh`'s devices, or None if it fits.
+
+    A device that reports its memory (GPU, TPU) must keep `DEVICE_FRACTION` of it for the
+    cache; a CPU device is the host's memory, which the host cache's own budget
+    (`config.cache_max_gb`) already bounds.
+    """
+    need = per_device_bytes(spec, fields, mesh.shape[AXIS], batch_size)
+    device = mesh.devices.flat[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    limit = (stats or {}).get("bytes_limit")
+    if limit and need > DEVICE_FRACTION * limit:
+        return (f"each device would hold {cache_lib.format_size(need)} of the cache, over "
+                f"{DEVICE_FRACTION:g} of its {cache_lib.format_size(limit)} "
+                f"({device.device_kind})")
+    return None
+
+
+def upload(cache: cache_lib.Cache, mesh: Mesh, fields: list[str]) -> DeviceCache:
+    """The device copy of `fields` (and the labels) of a host cache, in the layout above.
+
+    Each host reads only the rows of its own devices.
+    """
+    n, d = cache.spec.num_examples, mesh.shape[AXIS]
+    blocks = math.ceil(n / d)
+    sharding = NamedSharding(mesh, P(None, AXIS))
+    sources = {name: cache.arrays[name] for name in fields} | {"label": cache.labels}
+
+    def shard(src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        cols = range(*index[1].indices(d))
+        out = np.zeros((blocks, len(cols), *src.shape[1:]), src.dtype)
+        for j, c in enumerate(cols):
+            rows = np.arange(c, n, d)  # device column c holds examples c, c + D, ...
+            out[:len(rows), j] = src[rows]
+        return out
+
+    arrays = {name: jax.make_array_from_callback(
+        (blocks, d, *src.shape[1:]), sharding, lambda idx, src=src: shard(src, idx))
+        for name, src in sources.items()}
+    return DeviceCache(arrays, n, mesh)
+
+
+def gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh) -> dict[str, jax.Array]:
+    """The rows `index` (int [B], replicated) of every field, as a batch sharded over the data
+    axis; for use inside jit (see the module docstring)."""
+    d = mesh.shape[AXIS]
+
+    def local(shards: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+        mine = index % d == jax.lax.axis_index(AXIS)
+        row = index // d
+        out = {}
+        for name, shard in shards.items():
+            rows = shard[row, 0]
+            keep = mine.reshape(-1, *([1] * (rows.ndim - 1)))
+            rows = jnp.where(keep, rows, jnp.zeros((), rows.dtype))
+            out[name] = jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True)
+        return out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, AXIS), P()),
+                         out_specs=P(AXIS))(arrays, index)

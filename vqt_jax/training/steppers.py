@@ -1,0 +1,121 @@
+"""How the training loop advances a run by a number of steps without waiting on the devices.
+
+The loop (`train.py`) asks a stepper for `advance(state, count)`: the state after `count` more
+steps and their metrics, still on the devices; it fetches them once per chunk (at a logging,
+checkpoint or final step), so the host never waits for a step before dispatching the next.
+
+* `HostStepper`: one jitted step per batch, batches from a host iterator (the image pipeline
+  or the host cache, which read ahead in a background thread while the devices compute).
+* `DeviceStepper`: a whole chunk as one compiled loop (`lax.fori_loop`) over the
+  device-resident cache: each step draws its batch's indices on the device
+  (`sampling.batch_indices`) and gathers its rows there (`device_cache.gather`); metrics
+  accumulate in a device buffer of `max_steps` entries. The count is an argument, so every
+  chunk length shares one compilation.
+
+Both compute step s from the state's own step counter, the run's seed and its batching, so
+they train on the same batches in the same order, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vqt_jax import device_cache as device_cache_lib
+from vqt_jax import sampling
+
+# step(state, frozen, batch, rng) -> (state, metrics of scalars); the state has a `.step`.
+StepFn = Callable[[Any, Any, dict, jax.Array], tuple[Any, dict]]
+Metrics = dict[str, jax.Array]
+
+
+def fetch(metrics: list[Metrics] | Metrics, count: int) -> list[dict[str, float]]:
+    """The metrics of a chunk's `count` steps on the host, one dict per step (one transfer)."""
+    host = jax.device_get(metrics)
+    if isinstance(host, dict):  # DeviceStepper: {name: [max_steps]}
+        return [{k: float(v[i]) for k, v in host.items()} for i in range(count)]
+    return [{k: float(v) for k, v in m.items()} for m in host]
+
+
+class HostStepper:
+    """One dispatch per step; batches from a host iterator of this host's slices."""
+
+    def __init__(self, step: StepFn, mesh: Mesh, frozen: Any, rng: jax.Array,
+                 batches: Iterator[dict[str, np.ndarray]]):
+        replicated, self._sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self._step = jax.jit(step, in_shardings=(replicated, replicated, self._sharding,
+                                                 replicated),
+                             out_shardings=(replicated, replicated), donate_argnums=(0,))
+        self._frozen, self._rng, self._batches = frozen, rng, batches
+
+    def advance(self, state: Any, count: int) -> tuple[Any, list[Metrics]]:
+        out = []
+        for _ in range(count):
+            batch = {k: jax.make_array_from_process_local_data(self._sharding, v)
+                     for k, v in next(self._batches).items()}
+            state, metrics = self._step(state, self._frozen, batch, self._rng)
+            out.append(metrics)
+        return state, out
+
+
+class DeviceStepper:
+    """Chunks of steps as one compiled loop over a device-resident cache."""
+
+    def __init__(self, step: StepFn, cache: device_cache_lib.DeviceCache, frozen: Any,
+                 rng: jax.Array, *, fields: list[str], batch_size: int, seed: int,
+                 batching: str, max_steps: int):
+        mesh, n = cache.mesh, cache.num_examples
+        replicated = NamedSharding(mesh, P())
+        batch_sharding = NamedSharding(mesh, P("data"))
+        names = [*fields, "label"]
+
+        def one(state, frozen, arrays, rng):
+            index, mask = sampling.batch_indices(state.step, seed, num_examples=n,
+                                                 batch_size=batch_size, batching=batching)
+            batch = device_cache_lib.gather({k: arrays[k] for k in names}, index, mesh)
+            batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
+            return step(state, frozen, batch, rng)
+
+        def chunk(state, frozen, arrays, rng, count):
+            shapes = jax.eval_shape(one, state, frozen, arrays, rng)[1]
+            buffer = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in shapes.items()}
+
+            def body(i, carry):
+                state, buffer = carry
+                state, metrics = one(state, frozen, arrays, rng)
+                return state, {k: buffer[k].at[i].set(metrics[k]) for k in buffer}
+
+            return jax.lax.fori_loop(0, count, body, (state, buffer))
+
+        cache_sharding = NamedSharding(mesh, P(None, device_cache_lib.AXIS))
+        self._chunk = jax.jit(
+            chunk, in_shardings=(replicated, replicated, cache_sharding, replicated, replicated),
+            out_shardings=(replicated, replicated), donate_argnums=(0,))
+        self._frozen, self._rng, self._max = frozen, rng, max_steps
+        self._arrays = {k: cache.arrays[k] for k in names}
+
+    def advance(self, state: Any, count: int) -> tuple[Any, Metrics]:
+        if not 0 < count <= self._max:
+            raise ValueError(f"A chunk runs 1..{self._max} steps, not {count}")
+        return self._chunk(state, self._frozen, self._arrays, self._rng,
+                           jnp.asarray(count, jnp.int32))
+
+
+def chunk_ends(start: int, total: int, *every: int) -> Iterator[int]:
+    """The steps after `start` up to `total` where a chunk ends: every multiple of each of
+    `every` (logging, checkpointing) and `total`."""
+    step = start
+    while step < total:
+        step = min([total, *((step // e + 1) * e for e in every if e > 0)])
+        yield step
+
+
+def max_chunk(total: int, *every: int) -> int:
+    """The longest chunk `chunk_ends` can give (from any start)."""
+    return max(1, min([total, *(e for e in every if e > 0)]))
