@@ -557,14 +557,20 @@ def forward_fn(fn: Callable, mesh: Mesh) -> Callable:
 
 
 def fetch_rows(tree: Any) -> Any:
-    """The full value of every (batch-sharded) array of `tree` on this host, as numpy: with
-    several hosts each one gathers the others' rows (`process_allgather`); a plain
-    `device_get` cannot fetch rows held by another host's devices."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
+    """The full value of every array of `tree` on this host, as numpy, in global row order.
 
-    return multihost_utils.process_allgather(tree, tiled=True)
+    A replicated or fully addressable array is read directly; one sharded over other hosts'
+    devices (which `jax.device_get` cannot read) is all-gathered (`process_allgather`): every
+    process must then call this for the same arrays, in the same order.
+    """
+    def one(x: jax.Array) -> np.ndarray:
+        if x.is_fully_replicated or x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def all_hosts(flag: bool) -> bool:

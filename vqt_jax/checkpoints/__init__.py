@@ -28,7 +28,8 @@ from vqt_jax.checkpoints import files, layouts
 from vqt_jax.checkpoints.files import CheckpointError
 from vqt_jax.models.vit import variant_name
 
-__all__ = ["CheckpointError", "load", "read_backbone", "resample_posemb", "split_subtree"]
+__all__ = ["CheckpointError", "load", "place", "read_backbone", "resample_posemb",
+           "split_subtree"]
 
 # Model parameters that a checkpoint does not provide by default: the task head is new.
 DEFAULT_DONT_LOAD = ("head/.*",)
@@ -42,6 +43,42 @@ _HINTS = [
     (r"cls$", "class_token differs between the checkpoint and the model"),
     (r"reg_token", "register tokens (DINOv2-reg) are not supported"),
 ]
+
+
+def place(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Puts every leaf of `tree` on `sharding` as a global array, without cross-host checks.
+
+    Use it for values every host already holds (a loaded checkpoint, fresh parameters): each
+    host builds its own shards from its own copy (`jax.make_array_from_callback`). With several
+    processes, `jax.device_put(numpy_tree, global_sharding)` instead all-gathers every leaf to
+    assert that the hosts agree, which for a whole backbone costs a collective per parameter;
+    here nothing is compared, so the hosts must pass the same values.
+
+    Args:
+      tree: a pytree of numpy arrays, Python scalars or `jax.Array`s. A `jax.Array` already on
+        an equivalent sharding is returned as it is; a non-fully-addressable one (another
+        multi-host layout) is resharded with `jax.device_put` (a reshard, no equality check);
+        any other (a local, e.g. single-device, array) is read back to the host first.
+      sharding: the target sharding, e.g. `NamedSharding(mesh, P())` (replicated).
+
+    Returns:
+      The tree with every leaf a `jax.Array` on `sharding` (dtypes canonicalised as jax does:
+      float64 becomes float32 unless x64 is enabled).
+    """
+    def one(x):
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(one(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
 
 
 def split_subtree(path: str) -> tuple[str, str | None]:

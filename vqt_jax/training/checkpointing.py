@@ -2,6 +2,9 @@
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so an
 interrupted save never leaves a partial checkpoint that a resume would pick up.
+
+Checkpoints live in `checkpoint_dir(workdir)`, local or remote (gs://): orbax reads and writes
+through `etils.epath`, and in a multi-host run every host writes and reads its own shards.
 """
 
 from __future__ import annotations
@@ -10,11 +13,26 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+from vqt_jax.training import workdir as workdir_lib
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """`workdir/checkpoints`; a local workdir is made absolute first (orbax requires it).
+
+    A remote workdir (gs://bucket/run) is kept as it is: `os.path.abspath` would turn it into
+    a local directory under the current one (CWD/gs:/bucket/run).
+    """
+    if workdir_lib.is_local(workdir):
+        workdir = os.path.abspath(workdir)
+    return epath.Path(workdir) / "checkpoints"
+
+
+def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+    """The run's checkpoint manager, keeping the last `keep` checkpoints in `checkpoint_dir`."""
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
     )
 

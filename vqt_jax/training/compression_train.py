@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import compression, protocol
+from vqt_jax import checkpoints, compression, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.progress import Progress
@@ -125,8 +125,10 @@ def train_head(
     sharding = NamedSharding(mesh, P("data"))
     jit_step = jax.jit(step, in_shardings=(replicated, replicated, sharding, replicated),
                        out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-    head = jax.device_put(head, replicated)
-    opt_state = jax.device_put(tx.init(head), replicated)
+    # Every host computed the same head from the same seed: place it without device_put's
+    # cross-host equality check (an all-gather per leaf in a multi-host run).
+    head = checkpoints.place(head, replicated)
+    opt_state = checkpoints.place(tx.init(head), replicated)
     dropout_key = jax.random.fold_in(key, 2)
     progress = Progress(f"Compression ({what})", total_steps, "steps", every_s=30)
     it = batches()
@@ -166,6 +168,8 @@ def compress(config: ml_collections.ConfigDict, model: ViT, variables: dict, mes
     c = config.compression
     lasso_head = train_head(config, features_fn, batches, kept=None, lasso=c.lasso,
                             what="stage 1, group lasso", **common)
+    # The heads come out of `train_head` replicated (its step's out_shardings), so every host
+    # can read them whole, in a multi-host run too.
     lasso_head = jax.device_get(lasso_head)
     kept = compression.select_features(lasso_head["head/kernel"], c.keep_frac)
     head = jax.device_get(train_head(config, features_fn, batches, kept=kept, lasso=0.0,

@@ -133,17 +133,22 @@ def wanted(config: ml_collections.ConfigDict) -> bool:
 
 def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
              progress: Progress | None = None) -> Features:
-    """Runs `fn` over global batches; keeps the rows whose mask is 1, in order."""
+    """Runs `fn` over global batches; keeps the rows whose mask is 1, in order.
+
+    Each process passes its own slices of the global batches (`sharding` places them) and gets
+    back every row of every batch: multi-host runs train the heads on each host from the same
+    features.
+    """
     out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         mask = batch.pop("mask", None)
         arrays = {k: jax.make_array_from_process_local_data(sharding, v)
                   for k, v in batch.items()}
-        feats = jax.device_get(fn(arrays))
-        keep = slice(None) if mask is None else np.asarray(
-            jax.device_get(jax.make_array_from_process_local_data(sharding, mask))) > 0
+        feats = cache_lib.fetch_rows(fn(arrays))
+        keep = slice(None) if mask is None else cache_lib.fetch_rows(
+            jax.make_array_from_process_local_data(sharding, mask)) > 0
         for k, v in feats.items():
-            out.setdefault(k, []).append(np.asarray(v)[keep])
+            out.setdefault(k, []).append(v[keep])
         if progress is not None:
             progress.update(len(out[next(iter(out))][-1]))
     if progress is not None:
@@ -154,7 +159,6 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
 def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
             cache: cache_lib.Cache | None) -> tuple[Features, Features]:
     """(training features, evaluation features) of the trained model."""
-    replicated = NamedSharding(mesh, P())
     sharding = NamedSharding(mesh, P("data"))
     batch_size = config.eval_batch_size or config.batch_size
     norm = data.as_normalization(config.normalization)
@@ -163,7 +167,9 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
         f = model.apply(v, batch["image"], method=ViT.features, keep_blocks=False)
         return {k: f[k] for k in FIELDS} | {"label": batch["label"]}
 
-    images_fn = jax.jit(from_images, out_shardings=replicated)
+    # Outputs stay sharded over the batch (each device holds its own rows; `_collect` gathers
+    # them), so the per-device output does not grow with the device count.
+    images_fn = cache_lib.forward_fn(from_images, mesh)
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
     evals = _collect(data.make_eval_iterator(
         config.task, config.data_dir, config.split, global_batch_size=batch_size,
@@ -175,7 +181,7 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     if cache is None:
         images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                                   config.image_size, protocol.round_resized(config))
-        batches = _host_batches(len(labels), batch_size, lambda sl: {
+        batches = _host_batches(len(labels), batch_size, sharding, lambda sl: {
             "image": data.normalize_array(images[sl], norm), "label": labels[sl]})
         return _collect(batches, lambda b: images_fn(variables, b), sharding,
                         Progress("Feature heads: training features", len(labels),
@@ -186,14 +192,14 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
         return {"pre_logits": model.apply(v, batch, method=ViT.features_from_cache)[
             "pre_logits"]}
 
-    cache_fn = jax.jit(from_cache, out_shardings=replicated)
+    cache_fn = cache_lib.forward_fn(from_cache, mesh)
     n = cache.spec.num_examples
     train = {k: np.asarray(cache.arrays[k]) for k in ("cls", "pooled", "pre_logits")
              if k in cache.arrays}
     train["label"] = np.asarray(cache.labels)
     if "pre_logits" not in train:
         inputs = ("k", "v", "cls")
-        batches = _host_batches(n, batch_size, lambda sl: {
+        batches = _host_batches(n, batch_size, sharding, lambda sl: {
             k: np.asarray(cache.arrays[k][sl]) for k in inputs})
         train["pre_logits"] = _collect(
             batches, lambda b: cache_fn(variables, b), sharding,
@@ -202,9 +208,10 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     return train, evals
 
 
-def _host_batches(n: int, batch_size: int, get: Callable[[slice], dict]) -> Iterable[dict]:
+def _host_batches(n: int, batch_size: int, sharding: NamedSharding,
+                  get: Callable[[slice], dict]) -> Iterable[dict]:
     """This host's slices of the padded, masked global batches (see `cache.host_batches`)."""
-    return (local for _, local in cache_lib.host_batches(n, batch_size, get))
+    return (local for _, local in cache_lib.host_batches(n, batch_size, get, sharding=sharding))
 
 
 def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,

@@ -1,4 +1,8 @@
-"""Metric writers: clu's TensorBoard + console writers, plus a JSON-lines file."""
+"""Metric writers: clu's TensorBoard + console writers, plus a JSON-lines file.
+
+The workdir may be local or remote (gs://): TensorBoard's writer handles both, and the JSON-lines
+file is opened through `etils.epath`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,20 @@ from typing import Any
 
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends one JSON object per `write_scalars` call to a file: {"step": s, name: value}."""
+    """Appends one JSON object per `write_scalars` call to a file: {"step": s, name: value}.
 
-    def __init__(self, path: str):
-        self._path = path
-        self._file = open(path, "a")  # noqa: SIM115  (kept open for the run's lifetime)
+    The file is opened through `etils.epath`, so `path` may be remote (gs://). There, appending
+    is the backend's: tf.io.gfile keeps the file's content and uploads all of it again at each
+    flush (GCS objects cannot be appended to), which is fine at one row per logging interval.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._path = epath.Path(path)
+        self._file = self._path.open("a")  # noqa: SIM115  (kept open for the run's lifetime)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -51,12 +61,12 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._file.close()
 
 
-def create_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
+def create_writer(workdir: str | os.PathLike, is_chief: bool) -> metric_writers.MetricWriter:
     """TensorBoard + logging (+ workdir/metrics.jsonl) on the chief, logging only elsewhere."""
     default = metric_writers.create_default_writer(
-        workdir, just_logging=not is_chief, asynchronous=False
+        os.fspath(workdir), just_logging=not is_chief, asynchronous=False
     )
     if not is_chief:
         return default
-    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    jsonl = JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
     return metric_writers.MultiWriter([default, jsonl])

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,21 +50,10 @@ from vqt_jax.training import (
 )
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
+from vqt_jax.training.mesh import make_mesh
+from vqt_jax.training.train_step import TrainState
 
 Callback = Callable[[int, dict[str, float]], None]
-
-
-@dataclasses.dataclass
-class TrainState:
-    """What a checkpoint holds: the step, the trainable leaves and their optimiser state."""
-
-    step: jax.Array
-    trainable: dict
-    opt_state: Any
-
-
-jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state"],
-                                 meta_fields=[])
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -92,17 +81,6 @@ def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if config.model.get("fc_norm") and config.get("fc_norm_init", "checkpoint") == "fresh":
         keep += ("Transformer/encoder_norm/.*",)
     return keep
-
-
-def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D data-parallel mesh over all devices (or the first `num_devices`)."""
-    devices = jax.devices()
-    if num_devices > len(devices):
-        raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} "
-                         f"{devices[0].platform.upper()} devices are available (0: use all)")
-    if num_devices:
-        devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), ("data",))
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -139,19 +117,30 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     )
     split_name = "val" if config.split == "val" else "test"
     progress = Progress(f"Evaluating on {split_name}", num_examples, "images")
-    # Sums stay on the devices (float32: exact up to 2^24 examples) and are fetched once, so
-    # the host reads the next batch while the devices evaluate this one.
-    totals = None
+    # Per-batch sums stay on the devices and are fetched once at the end (the host reads the
+    # next batch while the devices evaluate this one), then added in float64 on the host, so
+    # the result does not depend on the batch size.
+    outs = []
     for batch in it:
-        out = eval_fn(variables, _global_batch(batch, batch_sharding))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        outs.append(eval_fn(variables, _global_batch(batch, batch_sharding)))
         progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {
-        "correct": 0.0, "loss": 0.0, "count": 0.0}
+    totals = {k: math.fsum(float(o[k]) for o in jax.device_get(outs))
+              for k in ("correct", "loss", "count")}
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
             "num_examples": int(totals["count"])}
+
+
+def default_cache_dir(workdir: str) -> str:
+    """WORKDIR/cache, or for a remote workdir (gs://: the cache is memory-mapped, so it must
+    be on a local disk) a directory under this host's temporary directory."""
+    if workdir_lib.is_local(workdir):
+        return os.path.join(workdir, "cache")
+    local = os.path.join(tempfile.gettempdir(), "vqt_jax_cache")
+    logging.info("The workdir %s is remote: the cache goes to %s on this host (set "
+                 "config.cache_dir to choose).", workdir, local)
+    return local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +178,7 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     path = None
     if config.cache_storage == "disk":
         kwargs = methods.model_kwargs(config.method, dict(config.model))
-        directory = config.get("cache_dir") or os.path.join(workdir, "cache")
+        directory = config.get("cache_dir") or default_cache_dir(workdir)
         name = cache_lib.fingerprint(config, kwargs, kind)
         if jax.process_count() > 1:  # every host keeps a complete copy (see cache.py)
             name += f"-host{jax.process_index()}"
@@ -314,12 +303,6 @@ def _with_pretrained(variables: dict, pretrained: dict | None) -> dict:
         variables, pretrained)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 class NonFiniteError(FloatingPointError):
     """Training stopped on a non-finite or diverged loss (or state).
 
@@ -422,7 +405,9 @@ def _run_locked(plan: RunPlan, workdir: str,
     replicated = NamedSharding(mesh, P())
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     variables = jax.jit(model.init, out_shardings=replicated)(init_rng, _dummy_images(config))
-    variables = jax.device_put(_with_pretrained(variables, plan.pretrained), replicated)
+    # Built from each host's own copy: device_put would all-gather every parameter to check
+    # that the hosts agree.
+    variables = checkpoints.place(_with_pretrained(variables, plan.pretrained), replicated)
 
     rule = trainable_lib.rule_for(config.method)
     trainable, frozen = trainable_lib.partition(variables, rule)
@@ -432,7 +417,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         per_epoch=config.get("schedule_per_epoch", True))
     tx = optim.make_optimizer(schedule, config.wd, trainable, optimizer_name(config))
     state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-    state = jax.device_put(state, replicated)
+    state = checkpoints.place(state, replicated)
 
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
     state = checkpointing.restore_latest(manager, state)
@@ -452,16 +437,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         cache = get_cache(cache_plan, config, model, variables, mesh)
     step_fn = train_step.make_train_step(model, tx, from_cache=cache is not None)
 
-    def sharded_step(state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
-                                                rng)
-        metrics["lr"] = schedule(state.step)
-        # Whether the new state (parameters and optimiser moments) is finite: a state with an
-        # inf anywhere can never recover, whatever the lr, so it is never checkpointed.
-        metrics["state_finite"] = _all_finite((trainable, opt_state))
-        return TrainState(state.step + 1, trainable, opt_state), metrics
-
+    sharded_step = train_step.make_state_step(step_fn, schedule)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
     stepper = None
@@ -536,11 +512,9 @@ def _run_locked(plan: RunPlan, workdir: str,
         if cache is None and cache_plan is not None:
             cache = get_cache(cache_plan, config, model, variables, mesh)
         results.update(feature_heads.run(config, model, variables, mesh, cache, num_classes))
-    results_path = os.path.join(workdir, "results.json")
-    if results["train_loss"] is None and os.path.exists(results_path):
+    previous = workdir_lib.read_results(workdir) if results["train_loss"] is None else None
+    if previous is not None:
         # Nothing left to train (a re-run of a finished run): keep the recorded train loss.
-        with open(results_path) as f:
-            previous = json.load(f)
         results["train_loss"] = previous.get("train_loss")
         results["cached"] = previous.get("cached", False)
         results["cache_on_device"] = previous.get("cache_on_device", False)
@@ -550,7 +524,7 @@ def _run_locked(plan: RunPlan, workdir: str,
     if history_of_changes:
         results["config_changes"] = history_of_changes
     if is_chief:
-        workdir_lib.write_json(results_path, results)
+        workdir_lib.write_results(workdir, results)
     manager.close()
     return results, variables
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -73,3 +74,49 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         return trainable, opt_state, metrics
 
     return step
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint holds: the step, the trainable leaves and their optimiser state."""
+
+    step: jax.Array
+    trainable: dict
+    opt_state: Any
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state"],
+                                 meta_fields=[])
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (a device scalar)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_state_step(step: Callable, schedule: Callable[[jax.Array], jax.Array]):
+    """The training loop's step on a `TrainState`: state_step(state, frozen, batch, rng).
+
+    Args:
+      step: from `make_train_step`.
+      schedule: the lr schedule (reported as metric 'lr').
+
+    Returns:
+      state_step(state, frozen, batch, rng) -> (state, metrics): the dropout key is the run's
+      key folded with the step, so a step's randomness depends only on (seed, step) and a
+      resumed run continues exactly.
+    """
+
+    def state_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        trainable, opt_state, metrics = step(state.trainable, state.opt_state, frozen, batch,
+                                             rng)
+        metrics["lr"] = schedule(state.step)
+        # Whether the new state (parameters and optimiser moments) is finite: a state with an
+        # inf anywhere can never recover, whatever the lr, so it is never checkpointed.
+        metrics["state_finite"] = all_finite((trainable, opt_state))
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return state_step

@@ -10,6 +10,13 @@ from the last good checkpoint; the change is recorded in ``config_changes.json``
 ``config.json`` holds the new config.
 
 A workdir is locked while a run uses it (`lock`): a second run on it stops at once.
+
+Every file of a workdir is read and written through `etils.epath`, so a workdir may be a local
+directory or a `gs://` URL (epath's backends for remote file systems need tensorflow or the
+fsspec/gcsfs packages). Locally, JSON files are written atomically (a temporary file renamed
+into place); on an object store (GCS), where a rename is a copy then a delete, they are written
+directly: an object becomes visible only once its upload completes, so readers never see a
+partial file there either. The lock is local-only (see `lock`).
 """
 
 from __future__ import annotations
@@ -19,17 +26,22 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging
+from etils import epath
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
 NONFINITE_FILE = "stopped_nonfinite.json"
+RESULTS_FILE = "results.json"
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
-    "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "num_devices",
+    "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_on_device",
+    "num_devices",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
     "prepare",
 })
@@ -69,35 +81,62 @@ def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> dict[
     return out
 
 
-def _path(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name)
+# A URL scheme ("gs://", "s3://", ...): such a path names a remote file system, not a local one.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on the local file system (it has no URL scheme such as gs://)."""
+    return not _SCHEME.match(os.fspath(path))
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
+    return epath.Path(workdir) / name
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value stored at `path` (local or remote)."""
+    return json.loads(epath.Path(path).read_text())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON to `path`: atomically where local (a temporary file renamed into place).
+
+    On a remote path it is one plain write: object stores (GCS) publish an object only once its
+    upload completes, and have no atomic rename (theirs is a copy then a delete).
+    """
+    path = epath.Path(path)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    if not is_local(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        tmp.write_text(text)
+        tmp.replace(path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The workdir's results.json (a finished run's metrics), or None if it has none."""
+    path = _path(workdir, RESULTS_FILE)
+    return read_json(path) if path.exists() else None
+
+
+def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> None:
+    """Writes the workdir's results.json (see `write_json`)."""
+    write_json(_path(workdir, RESULTS_FILE), dict(results))
 
 
 def recorded_config(workdir: str) -> dict[str, Any] | None:
     """The config recorded in `workdir`, or None for a new workdir."""
     path = _path(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not path.exists():
         return None
     try:
-        return _read_json(path)
+        return read_json(path)
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} cannot be read ({e}); it records the config of the run "
                            "in this workdir: restore it or use a new --workdir") from None
@@ -121,7 +160,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def changes(workdir: str) -> list[dict[str, Any]]:
     """The recorded config changes of the workdir (see the module docstring), oldest first."""
     path = _path(workdir, CHANGES_FILE)
-    return _read_json(path) if os.path.exists(path) else []
+    return read_json(path) if path.exists() else []
 
 
 def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
@@ -141,14 +180,15 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] |
     if not diff:
         return None
     stop_path = _path(workdir, NONFINITE_FILE)
-    if os.path.exists(stop_path) and set(diff) == {"lr"}:
+    stopped = stop_path.exists()
+    if stopped and set(diff) == {"lr"}:
         old, new = diff["lr"]
         if isinstance(new, (int, float)) and isinstance(old, (int, float)) and new < old:
             return diff
     listed = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (now)"
                        for k, (a, b) in diff.items())
     hint = ""
-    if os.path.exists(stop_path) and "lr" in diff:
+    if stopped and "lr" in diff:
         hint = " After a non-finite stop, only a lower lr may change."
     raise WorkdirError(
         f"workdir {workdir} holds a run with another config ({listed}). Its checkpoints and "
@@ -170,8 +210,8 @@ def record(workdir: str, config: ml_collections.ConfigDict, change: dict[str, tu
                         **{k: {"from": a, "to": b} for k, (a, b) in change.items()}})
         write_json(_path(workdir, CHANGES_FILE), history)
         stop_path = _path(workdir, NONFINITE_FILE)
-        if os.path.exists(stop_path):
-            os.unlink(stop_path)
+        if stop_path.exists():
+            stop_path.unlink()
 
 
 def record_nonfinite_stop(workdir: str, step: int, lr: float, message: str) -> None:
@@ -184,11 +224,18 @@ def lock(workdir: str) -> Iterator[None]:
     """Holds an exclusive lock on the workdir directory for the duration of a run.
 
     The lock is the kernel's (flock on the directory itself): it writes nothing and is released
-    when the process ends, however it ends.
+    when the process ends, however it ends. It exists only on the local file system: for a
+    remote workdir (gs://...) nothing is locked (a log line says so), and keeping two runs off
+    one remote workdir is up to the user.
 
     Raises:
       WorkdirError: another process holds the lock.
     """
+    if not is_local(workdir):
+        logging.warning("workdir %s is not local: it is not locked against another run using "
+                        "it at the same time", workdir)
+        yield
+        return
     fd = os.open(workdir, os.O_RDONLY)
     try:
         try:

@@ -1,0 +1,304 @@
+"""Multi-host I/O: remote (gs://) workdirs, feature collection and placement across processes.
+
+Nothing here touches the network: a gs:// workdir is checked on the paths computed, and on a
+fake bucket (epath's backends redirected to a local directory). The multi-process test runs
+this module as a script in 2 processes x 2 CPU devices (jax.distributed on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import gpath
+from etils.epath import testing as epath_testing
+
+from vqt_jax.training import checkpointing, metrics_io
+from vqt_jax.training import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "gs://bucket/run"
+
+
+def test_checkpoint_dir_of_a_remote_workdir_stays_remote(monkeypatch):
+    assert str(checkpointing.checkpoint_dir(BUCKET)) == f"{BUCKET}/checkpoints"
+    assert str(checkpointing.checkpoint_dir(epath.Path(BUCKET))) == f"{BUCKET}/checkpoints"
+    # The manager is built on that directory (a stand-in records it: nothing is created).
+    seen = []
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager",
+                        lambda directory, **kw: seen.append(directory))
+    checkpointing.manager(BUCKET, keep=2)
+    assert [str(d) for d in seen] == [f"{BUCKET}/checkpoints"]
+
+
+def test_checkpoint_dir_of_a_relative_local_workdir_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = checkpointing.checkpoint_dir("runs/a")
+    assert os.path.isabs(os.fspath(path))
+    assert os.fspath(path) == os.path.join(str(tmp_path), "runs", "a", "checkpoints")
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """gs://... paths land in tmp_path/gcs/...; any local-only call on them raises.
+
+    The test runs in an empty current directory: a gs:// path handed to a local call would
+    name CWD/gs:/..., so besides the guards, that directory must stay empty.
+    """
+    root = tmp_path / "gcs"
+    root.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def local(path):
+        p = os.fspath(path)
+        return str(root / p[len("gs://"):]) if p.startswith("gs://") else p
+
+    def redirect(original, path, *args, **kwargs):
+        return original(local(path), *args, **kwargs)
+
+    def redirect2(original, src, dst, *args, **kwargs):
+        return original(local(src), local(dst), *args, **kwargs)
+
+    def guard(fn):
+        def guarded(path, *args, **kwargs):
+            if os.fspath(path).startswith("gs:"):
+                raise AssertionError(f"local-only {fn.__qualname__} on {path}")
+            return fn(path, *args, **kwargs)
+        return guarded
+
+    for module, name in [(os.path, "exists"), (os.path, "isfile"), (os, "replace"),
+                         (os, "unlink"), (os, "remove"), (os, "open"), (builtins, "open")]:
+        monkeypatch.setattr(module, name, guard(getattr(module, name)))
+    fns = {n: redirect for n in ("open", "exists", "isdir", "listdir", "glob", "makedirs",
+                                 "mkdir", "remove", "rmtree", "stat")}
+    # With tensorflow installed, epath sends gs:// to tf.io.gfile whatever its backend table
+    # says (mock_epath only replaces the table): make it use the table.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    with epath_testing.mock_epath(**fns, rename=redirect2, replace=redirect2,
+                                  copy=redirect2):
+        # Never reach a real bucket: stop here if epath picks another backend.
+        backend = epath.Path(BUCKET)._backend  # noqa: SLF001
+        assert type(backend).__name__ == "_MockBackend", backend
+        epath.Path(BUCKET).mkdir(parents=True)
+        yield root / "bucket" / "run"
+    assert not os.listdir(cwd)
+
+
+def _config(**kw) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"lr": 0.1, "wd": 0.0, "model": {"num_queries": 2},
+                                      "data_dir": "/data", **kw})
+
+
+def _workdir_round_trip(workdir: str) -> None:
+    """config.json, the config guard, a non-finite stop and its lr change, results.json."""
+    config = _config()
+    assert workdir_lib.recorded_config(workdir) is None
+    workdir_lib.record(workdir, config, None, 0)
+    assert workdir_lib.recorded_config(workdir) == workdir_lib.as_dict(config)
+    assert workdir_lib.load_config(workdir).lr == 0.1
+    assert workdir_lib.check(workdir, _config(data_dir="/elsewhere")) is None  # neutral field
+    with pytest.raises(workdir_lib.WorkdirError, match=r"wd: 0\.0 \(recorded\) vs 0\.5"):
+        workdir_lib.check(workdir, _config(wd=0.5))
+    with pytest.raises(workdir_lib.WorkdirError):  # a lower lr needs a non-finite stop first
+        workdir_lib.check(workdir, _config(lr=0.01))
+    workdir_lib.record_nonfinite_stop(workdir, 7, 0.1, "loss is nan")
+    change = workdir_lib.check(workdir, _config(lr=0.01))
+    assert change == {"lr": (0.1, 0.01)}
+    workdir_lib.record(workdir, _config(lr=0.01), change, 6)
+    assert workdir_lib.changes(workdir) == [{"resumed_at_step": 6,
+                                             "lr": {"from": 0.1, "to": 0.01}}]
+    assert not (epath.Path(workdir) / workdir_lib.NONFINITE_FILE).exists()
+    assert workdir_lib.read_results(workdir) is None
+    workdir_lib.write_results(workdir, {"top1": 0.5})
+    workdir_lib.write_json(f"{workdir}/results.json", {"top1": 0.75})  # as train.py calls it
+    assert workdir_lib.read_results(workdir) == {"top1": 0.75}
+    with workdir_lib.lock(workdir):
+        pass
+
+
+def _jsonl_round_trip(workdir: str, monkeypatch) -> None:
+    # TensorBoard's writer is clu's business (and would reach for a real bucket): a stand-in.
+    monkeypatch.setattr(metrics_io.metric_writers, "create_default_writer",
+                        lambda *a, **kw: metrics_io.metric_writers.MultiWriter([]))
+    writer = metrics_io.create_writer(workdir, is_chief=True)
+    writer.write_hparams({"lr": 0.1})
+    writer.write_scalars(2, {"train/loss": np.float32(1.5)})
+    writer.close()
+    lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"hparams": {"lr": 0.1}},
+                                              {"step": 2, "train/loss": 1.5}]
+
+
+def test_workdir_files_of_a_remote_workdir_go_through_epath(fake_bucket, monkeypatch, caplog):
+    _workdir_round_trip(BUCKET)
+    assert f"workdir {BUCKET} is not local: it is not locked" in caplog.text
+    _jsonl_round_trip(BUCKET, monkeypatch)
+    # Everything landed in the (fake) bucket, and only the workdir's own files.
+    assert sorted(os.listdir(fake_bucket)) == [
+        "config.json", "config_changes.json", "metrics.jsonl", "results.json"]
+    assert json.loads((fake_bucket / "results.json").read_text()) == {"top1": 0.75}
+
+
+def test_workdir_files_of_a_local_workdir(tmp_path, monkeypatch):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    _workdir_round_trip(str(workdir))
+    _jsonl_round_trip(str(workdir), monkeypatch)
+    assert sorted(os.listdir(workdir)) == [
+        "config.json", "config_changes.json", "metrics.jsonl", "results.json"]
+
+
+def test_local_json_writes_stay_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous file whole (and no temporary file)."""
+    path = tmp_path / "results.json"
+    workdir_lib.write_json(str(path), {"top1": 0.5})
+    cls = type(epath.Path(tmp_path))
+    original = cls.write_text
+
+    def dies_half_way(self, data, *args, **kwargs):
+        original(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cls, "write_text", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        workdir_lib.write_json(str(path), {"top1": 0.75, "more": list(range(50))})
+    assert json.loads(path.read_text()) == {"top1": 0.5}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+# --- 2 processes x 2 CPU devices ------------------------------------------------------------
+
+NUM_ROWS, GLOBAL_BATCH = 11, 4  # 3 global batches, the last padded with 1 masked row
+
+
+def _rows() -> dict[str, np.ndarray]:
+    x = np.arange(NUM_ROWS * 3, dtype=np.float32).reshape(NUM_ROWS, 3)
+    return {"x": x, "label": np.arange(NUM_ROWS, dtype=np.int32) % 4}
+
+
+def _worker(process_id: int, port: int, out: str) -> None:
+    """One process of the 2-process test: writes what it computed to `out` (.npz)."""
+    import jax  # noqa: PLC0415  (after XLA_FLAGS is set by the parent)
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id)
+    from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    from vqt_jax import checkpoints  # noqa: PLC0415
+    from vqt_jax.training import feature_heads  # noqa: PLC0415
+
+    assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    rows = _rows()
+    result = {}
+
+    def fn(b):
+        return {"sq": b["x"] ** 2, "label": b["label"]}
+
+    # Outputs left sharded over both hosts' devices (as feature_heads.compute does), and
+    # outputs made replicated: every host must get every row, in order.
+    for name, jitted in [("sharded", jax.jit(fn)),
+                         ("replicated", jax.jit(fn, out_shardings=replicated))]:
+        batches = feature_heads._host_batches(NUM_ROWS, GLOBAL_BATCH, sharding, lambda sl: {
+            k: v[sl] for k, v in rows.items()})
+        got = feature_heads._collect(batches, jitted, sharding)
+        result[f"{name}_sq"], result[f"{name}_label"] = got["sq"], got["label"]
+
+    # The same values on every host: placed whole and replicated.
+    tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "b": jax.numpy.ones((5,), jax.numpy.bfloat16), "step": 3}
+    placed = checkpoints.place(tree, replicated)
+    for k, v in placed.items():
+        assert v.is_fully_replicated and v.sharding.is_equivalent_to(replicated, v.ndim), k
+        result[f"placed_{k}"] = np.asarray(v).astype(np.float32)
+    # Different values on each host: device_put's cross-host check refuses them, `place` has
+    # none, so it places them (what each host then holds is its own copy: not compared).
+    differ = np.full((5,), process_id, np.float32)
+    try:
+        jax.device_put(differ, replicated).block_until_ready()
+        result["device_put_checked"] = np.array(False)
+    except AssertionError:
+        result["device_put_checked"] = np.array(True)
+    checkpoints.place({"d": differ}, replicated)["d"].block_until_ready()
+    result["place_accepted_different_values"] = np.array(True)
+    np.savez(out, **result)
+    jax.distributed.shutdown()
+
+
+def _two_processes(port: int, outs: list[str]) -> int:
+    """Runs `_worker` as process 0 here and as process 1 in a fork; the exit status.
+
+    The fork happens after the imports (tensorflow's, through vqt_jax.data, is most of this
+    test's time) and before jax starts any backend, so both processes are fresh jax runtimes
+    that share the imported modules.
+    """
+    import traceback  # noqa: PLC0415
+
+    from vqt_jax import checkpoints  # noqa: F401, PLC0415  (imported once, for both)
+    from vqt_jax.training import feature_heads  # noqa: F401, PLC0415
+
+    child = os.fork()
+    process_id = 1 if child == 0 else 0
+    try:
+        _worker(process_id, port, outs[process_id])
+        code = 0
+    except BaseException:  # noqa: BLE001  (reported, then the status says it failed)
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if child == 0:
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    code = code or int(os.waitstatus_to_exitcode(status) != 0)
+    if code:
+        # Skip jax's exit-time shutdown: it would wait out the coordination service's
+        # heartbeat timeout for the child that already left.
+        os._exit(code)
+    return code
+
+
+def test_collect_and_place_in_two_processes(tmp_path):
+    """jax.distributed on localhost, 2 processes x 2 CPU devices: feature_heads._collect and
+    checkpoints.place."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    outs = [str(tmp_path / f"process{i}.npz") for i in range(2)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_multihost_io", str(port), *outs], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    rows = _rows()
+    for i, out in enumerate(outs):
+        got = dict(np.load(out))
+        for name in ("sharded", "replicated"):
+            np.testing.assert_array_equal(got[f"{name}_sq"], rows["x"] ** 2,
+                                          err_msg=f"process {i}, {name}")
+            np.testing.assert_array_equal(got[f"{name}_label"], rows["label"],
+                                          err_msg=f"process {i}, {name}")
+        np.testing.assert_array_equal(got["placed_w"], np.arange(12).reshape(3, 4))
+        np.testing.assert_array_equal(got["placed_b"], np.ones(5))
+        np.testing.assert_array_equal(got["placed_step"], 3)
+        assert got["device_put_checked"], ("device_put accepted different values: the check "
+                                           "that `place` avoids did not run")
+        assert got["place_accepted_different_values"]
+
+
+if __name__ == "__main__":
+    sys.exit(_two_processes(int(sys.argv[1]), sys.argv[2:4]))
