@@ -21,6 +21,7 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
+from tests import multihost
 from vqt_jax.training import checkpointing, metrics_io
 from vqt_jax.training import workdir as workdir_lib
 
@@ -190,9 +191,7 @@ def _worker(process_id: int, port: int, out: str) -> None:
     """One process of the 2-process test: writes what it computed to `out` (.npz)."""
     import jax  # noqa: PLC0415  (after XLA_FLAGS is set by the parent)
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id)
+    multihost.initialize(process_id, port)
     from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
@@ -238,39 +237,6 @@ def _worker(process_id: int, port: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def _two_processes(port: int, outs: list[str]) -> int:
-    """Runs `_worker` as process 0 here and as process 1 in a fork; the exit status.
-
-    The fork happens after the imports (tensorflow's, through vqt_jax.data, is most of this
-    test's time) and before jax starts any backend, so both processes are fresh jax runtimes
-    that share the imported modules.
-    """
-    import traceback  # noqa: PLC0415
-
-    from vqt_jax import checkpoints  # noqa: F401, PLC0415  (imported once, for both)
-    from vqt_jax.training import feature_heads  # noqa: F401, PLC0415
-
-    child = os.fork()
-    process_id = 1 if child == 0 else 0
-    try:
-        _worker(process_id, port, outs[process_id])
-        code = 0
-    except BaseException:  # noqa: BLE001  (reported, then the status says it failed)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if child == 0:
-        os._exit(code)
-    _, status = os.waitpid(child, 0)
-    code = code or int(os.waitstatus_to_exitcode(status) != 0)
-    if code:
-        # Skip jax's exit-time shutdown: it would wait out the coordination service's
-        # heartbeat timeout for the child that already left.
-        os._exit(code)
-    return code
-
-
 def test_collect_and_place_in_two_processes(tmp_path):
     """jax.distributed on localhost, 2 processes x 2 CPU devices: feature_heads._collect and
     checkpoints.place."""
@@ -301,4 +267,8 @@ def test_collect_and_place_in_two_processes(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.exit(_two_processes(int(sys.argv[1]), sys.argv[2:4]))
+    from vqt_jax import checkpoints  # noqa: F401  (imported once, for both processes)
+    from vqt_jax.training import feature_heads  # noqa: F401
+
+    multihost.run_two(lambda i, port, outs: _worker(i, port, outs[i]), int(sys.argv[1]),
+                      sys.argv[2:4])

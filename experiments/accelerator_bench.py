@@ -1,0 +1,320 @@
+"""VQT's speed and memory on one accelerator (or CPU): forward, train steps, cached epoch.
+
+    python experiments/accelerator_bench.py --json experiments/results/accelerator_<device>.json
+    python experiments/accelerator_bench.py --tiny --json /tmp/bench.json   # seconds, any CPU
+
+For ViT-B/16 at 224 (random weights and inputs: time does not depend on the values) and the
+largest batch of `--batches` whose VQT train step fits the device (by the compiled step's
+`memory_analysis()`; every candidate on a device that does not report its memory), it reports:
+  * forward_img_s: the inference forward (images -> logits), float32 and bfloat16 compute;
+  * vqt_step_uncached_img_s: a VQT train step from images (backbone forward, query path
+    forward and backward, optimiser);
+  * vqt_step_cached_img_s: a VQT train step from the device-resident cache, inside the
+    training loop's compiled chunk (`training.steppers.DeviceStepper`: indices drawn and rows
+    gathered on the device);
+  * epoch_s: a whole epoch of `--epoch_images` (1000: VTAB-1k's train800val200) both ways,
+    uncached (that many steps of the uncached step) and cached (one chunk), and their ratio;
+  * memory: the compiled memory (arguments, outputs, temporaries) of the VQT step and of full
+    fine-tuning's step at the same batch;
+  * flops: the forward's FLOPs per image (XLA's cost analysis) and its achieved FLOP/s, as a
+    fraction of the device's dense peak for that dtype where the peak is in `PEAKS` (the
+    vendor's datasheet figure, dense, no sparsity; stated in the JSON).
+Times are medians of `--repeats` timed calls after a warm-up (each call waits for its
+result). Everything needs only jax, flax, optax and numpy (no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vqt_jax import cache as cache_lib  # noqa: E402
+from vqt_jax import device_cache  # noqa: E402
+from vqt_jax.models import create_model  # noqa: E402
+from vqt_jax.training import optim, steppers, train_step  # noqa: E402
+from vqt_jax.training import trainable as trainable_lib  # noqa: E402
+from vqt_jax.training.mesh import make_mesh  # noqa: E402
+
+# Dense peak FLOP/s by device kind (substring, first match) and compute dtype, from the
+# vendors' datasheets (no structured sparsity). float32 on NVIDIA is the TF32 tensor-core
+# figure, which XLA uses for float32 matmuls at default precision.
+PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("L4", {"bfloat16": 121e12, "float32": 60e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v5p", {"bfloat16": 459e12}),
+    ("TPU v6 lite", {"bfloat16": 918e12}),
+]
+TINY = dict(variant=None, patch_size=(8, 8), width=32, depth=2, mlp_dim=64, num_heads=2)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    for name, peaks in PEAKS:
+        if name.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `fn()` (which returns something to wait for), after one warm-up."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {"argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes),
+            "total_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes
+                               + m.temp_size_in_bytes - m.alias_size_in_bytes)}
+
+
+class Bench:
+    """The model, its states and its jitted functions at one batch size."""
+
+    def __init__(self, args: argparse.Namespace, batch: int):
+        self.args, self.batch = args, batch
+        self.mesh = make_mesh()
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P("data"))
+        kwargs = TINY if args.tiny else {"variant": args.variant}
+        self.kwargs = {**kwargs, "num_classes": args.num_classes,
+                       "num_queries": args.num_queries}
+        self.model = create_model(**self.kwargs)
+        self.images = jax.ShapeDtypeStruct((batch, args.image_size, args.image_size, 3),
+                                           jnp.float32, sharding=self.sharded)
+        self.variables = jax.jit(self.model.init, out_shardings=self.replicated)(
+            jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
+
+    def image_batch(self) -> dict[str, jax.Array]:
+        shape = self.images.shape
+        x = jax.device_put(np.random.default_rng(0).normal(size=shape).astype(np.float32),
+                           self.sharded)
+        y = jax.device_put(np.arange(shape[0], dtype=np.int32) % self.args.num_classes,
+                           self.sharded)
+        return {"image": x, "label": y}
+
+    def state_step(self, method: str, from_cache: bool = False):
+        """(jitted state step, its initial state, frozen) for `method` ('vqt' or 'full')."""
+        trainable, frozen = trainable_lib.partition(self.variables,
+                                                    trainable_lib.rule_for(method))
+        schedule = optax.constant_schedule(1e-3)
+        tx = optim.make_optimizer(schedule, 1e-4, trainable, "adam")  # VQT release
+        step = train_step.make_state_step(
+            train_step.make_train_step(self.model, tx, from_cache=from_cache), schedule)
+        # One compiled init; its copies of the leaves are the state's (the step donates it).
+        state = jax.jit(lambda t: train_step.TrainState(
+            jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, t), tx.init(t)),
+            out_shardings=self.replicated)(trainable)
+        return step, state, frozen
+
+    def jit_step(self, step):
+        r = self.replicated
+        return jax.jit(step, in_shardings=(r, r, self.sharded, r), out_shardings=(r, r),
+                       donate_argnums=(0,))
+
+    def vqt_step_memory(self, method: str = "vqt") -> dict[str, int]:
+        step, state, frozen = self.state_step(method)
+        batch = {"image": self.images,
+                 "label": jax.ShapeDtypeStruct((self.batch,), jnp.int32, sharding=self.sharded)}
+        compiled = self.jit_step(step).lower(state, frozen, batch, jax.random.key(0)).compile()
+        return memory(compiled)
+
+
+def fits(total_bytes: int, device: Any) -> bool:
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        limit = None
+    return limit is None or total_bytes <= 0.9 * limit
+
+
+def choose_batch(args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """The largest candidate batch whose compiled VQT step fits the device."""
+    tried, best = [], None
+    for batch in args.batches:
+        if batch % len(jax.devices()):
+            continue
+        mem = Bench(args, batch).vqt_step_memory()
+        ok = fits(mem["total_bytes"], jax.devices()[0])
+        tried.append({"batch": batch, "vqt_step_total_bytes": mem["total_bytes"], "fits": ok})
+        if not ok:
+            break
+        best = batch
+    if best is None:
+        raise SystemExit(f"error: no batch of {args.batches} fits the device")
+    return best, tried
+
+
+def forward(bench: Bench, dtype: str, repeats: int) -> dict[str, Any]:
+    model = create_model(**bench.kwargs, dtype=dtype)
+    fn = jax.jit(lambda v, x: model.apply(v, x), in_shardings=(bench.replicated, bench.sharded))
+    compiled = fn.lower(bench.variables, bench.images).compile()
+    flops = (compiled.cost_analysis() or {}).get("flops")
+    x = bench.image_batch()["image"]
+    seconds = median_time(lambda: compiled(bench.variables, x), repeats)
+    out: dict[str, Any] = {"img_s": bench.batch / seconds, "step_s": seconds}
+    if flops:
+        achieved = flops / seconds
+        out |= {"gflops_per_image": flops / bench.batch / 1e9, "achieved_tflop_s": achieved / 1e12}
+        peak = peak_flops(jax.devices()[0].device_kind, dtype)
+        if peak:
+            out |= {"peak_tflop_s_assumed": peak / 1e12, "fraction_of_peak": achieved / peak}
+    return out
+
+
+def uncached(bench: Bench, repeats: int, epoch_steps: int) -> dict[str, float]:
+    step, state, frozen = bench.state_step("vqt")
+    fn, batch, rng = bench.jit_step(step), bench.image_batch(), jax.random.key(0)
+    box = [state]
+
+    def one():
+        box[0], metrics = fn(box[0], frozen, batch, rng)
+        return metrics["loss"]
+
+    def epoch():
+        for _ in range(epoch_steps):
+            loss = one()
+        return loss
+
+    seconds = median_time(one, repeats)
+    return {"step_img_s": bench.batch / seconds, "step_s": seconds,
+            "epoch_s": median_time(epoch, max(1, repeats // 4))}
+
+
+def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
+           cache_dtype: str) -> dict[str, Any]:
+    """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
+    spec = cache_lib.spec_for(bench.model, "kv", num_examples, bench.args.image_size,
+                              cache_dtype)
+    fields = ["k", "v", "cls"]
+    mesh, d = bench.mesh, bench.mesh.shape["data"]
+    blocks = math.ceil(num_examples / d)
+    sharding = NamedSharding(mesh, P(None, "data"))
+
+    def make(key: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for i, name in enumerate(fields):
+            shape, dtype = spec.fields[name]
+            out[name] = jax.random.normal(jax.random.fold_in(key, i), (blocks, d, *shape),
+                                          jnp.float32).astype(cache_lib._np_dtype(dtype))
+        out["label"] = jnp.arange(blocks * d, dtype=jnp.int32).reshape(blocks, d) % (
+            bench.args.num_classes)
+        return out
+
+    arrays = jax.jit(make, out_shardings=sharding)(jax.random.key(0))
+    cache = device_cache.DeviceCache(arrays, num_examples, mesh)
+    step, state, frozen = bench.state_step("vqt", from_cache=True)
+    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
+                                     batch_size=bench.batch, seed=0, batching="epoch",
+                                     max_steps=epoch_steps)
+    box = [state]
+
+    def run(count: int):
+        def go():
+            box[0], metrics = stepper.advance(box[0], count)
+            return metrics
+        return go
+
+    step_s = median_time(run(1), repeats)
+    epoch_s = median_time(run(epoch_steps), max(1, repeats // 4))
+    return {"step_img_s": bench.batch / step_s, "step_s": step_s, "epoch_s": epoch_s,
+            "cache_bytes": spec.nbytes, "cache_dtype": cache_dtype}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    device = jax.devices()[0]
+    batch, tried = (args.batches[0], []) if args.tiny else choose_batch(args)
+    t = time.perf_counter()
+    bench = Bench(args, batch)
+    print(f"setup: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    epoch_steps = math.ceil(args.epoch_images / batch)
+    result: dict[str, Any] = {
+        "device": device.device_kind, "platform": device.platform,
+        "num_devices": len(jax.devices()), "jax": jax.__version__,
+        "model": "tiny" if args.tiny else f"ViT-{args.variant}", "image_size": args.image_size,
+        "num_queries": args.num_queries, "batch": batch, "batch_search": tried,
+        "repeats": args.repeats,
+    }
+    sections = result["section_seconds"] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        sections[name] = time.perf_counter() - t
+        print(f"{name}: {sections[name]:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    result["forward"] = {dt: timed(f"forward_{dt}", lambda dt=dt: forward(bench, dt, args.repeats))
+                         for dt in ("float32", "bfloat16")}
+    result["vqt_uncached"] = timed("vqt_uncached",
+                                   lambda: uncached(bench, args.repeats, epoch_steps))
+    result["vqt_cached"] = timed("vqt_cached", lambda: cached(
+        bench, args.repeats, args.epoch_images, epoch_steps, args.cache_dtype))
+    result["epoch"] = {
+        "images": args.epoch_images, "steps": epoch_steps,
+        "uncached_s": result["vqt_uncached"]["epoch_s"],
+        "cached_s": result["vqt_cached"]["epoch_s"],
+        "speedup": result["vqt_uncached"]["epoch_s"] / result["vqt_cached"]["epoch_s"]}
+    result["memory"] = timed("memory", lambda: {
+        "vqt_step": bench.vqt_step_memory("vqt"),
+        "full_finetune_step": bench.vqt_step_memory("full")})
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write the figures here (one JSON object)")
+    p.add_argument("--tiny", action="store_true", help="a tiny ViT at 32 px (tests, CPU)")
+    p.add_argument("--variant", default="B/16")
+    p.add_argument("--image_size", type=int, default=None)
+    p.add_argument("--num_queries", type=int, default=10)
+    p.add_argument("--num_classes", type=int, default=100)
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="candidate batch sizes, ascending (default 64 .. 1024)")
+    p.add_argument("--epoch_images", type=int, default=None)
+    p.add_argument("--cache_dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or (32 if args.tiny else 224)
+    args.batches = args.batches or ([8] if args.tiny else [64, 128, 256, 512, 1024])
+    args.epoch_images = args.epoch_images or (64 if args.tiny else 1000)
+    args.repeats = args.repeats or (3 if args.tiny else 10)
+    result = run(args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

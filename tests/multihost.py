@@ -1,0 +1,53 @@
+"""Running a function as 2 jax processes (jax.distributed on 127.0.0.1) for the tests.
+
+`run_two(worker, *args)` runs ``worker(process_id, port, *args)`` as process 0 here and as
+process 1 in a fork. The fork happens after the caller's imports (tensorflow's, through
+vqt_jax.data, is most of a multi-process test's time) and before jax starts any backend, so
+both processes are fresh jax runtimes that share the imported modules. Call it from a script
+started with ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (D devices per process).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(process_id: int, port: int, num_processes: int = 2) -> None:
+    """jax.distributed on localhost, CPU collectives through gloo (before any backend)."""
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                               num_processes=num_processes, process_id=process_id)
+
+
+def run_two(worker: Callable[..., Any], port: int, *args: Any) -> int:
+    """The exit status of ``worker(process_id, port, *args)`` in 2 processes (0: both ok)."""
+    child = os.fork()
+    process_id = 1 if child == 0 else 0
+    try:
+        worker(process_id, port, *args)
+        code = 0
+    except BaseException:  # noqa: BLE001  (reported, then the status says it failed)
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if child == 0:
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    code = code or int(os.waitstatus_to_exitcode(status) != 0)
+    # Skip jax's exit-time shutdown: it would wait out the coordination service's heartbeat
+    # timeout for a process that already left.
+    os._exit(code)

@@ -1,0 +1,65 @@
+"""The core runs without TensorFlow ([8] item 5): a GPU box with only JAX can train and bench.
+
+Each check runs in a fresh interpreter whose import system refuses tensorflow and
+tensorflow_datasets, so any core module that imports them (directly or through another
+module) fails the check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.device_cache", "vqt_jax.sampling",
+        "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
+        "vqt_jax.training.optim", "vqt_jax.training.steppers", "vqt_jax.training.mesh")
+BLOCK_TF = """
+import sys
+class _NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"{name} is blocked: the core must not need TensorFlow")
+sys.meta_path.insert(0, _NoTensorFlow())
+"""
+
+
+def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TF + code], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+
+
+def test_core_modules_import_without_tensorflow():
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in CORE)
+    code += "print(sorted(m for m in sys.modules if m.startswith('tensorflow')))\n"
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_pipeline_does_need_tensorflow():
+    """The blocker works: the input pipeline, which does need TensorFlow, fails under it."""
+    proc = _python("import vqt_jax.data\n")
+    assert proc.returncode != 0 and "blocked" in proc.stdout
+
+
+def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a GPU box
+    proc = _python(
+        "import runpy\n"
+        f"sys.argv = ['accelerator_bench.py', '--tiny', '--json', {str(out)!r}]\n"
+        "runpy.run_path('experiments/accelerator_bench.py', run_name='__main__')\n", env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    r = json.loads(out.read_text())
+    assert r["device"] and r["batch"] == 8
+    for dtype in ("float32", "bfloat16"):
+        assert r["forward"][dtype]["img_s"] > 0 and r["forward"][dtype]["gflops_per_image"] > 0
+    assert r["vqt_uncached"]["step_img_s"] > 0 and r["vqt_cached"]["step_img_s"] > 0
+    assert r["epoch"]["steps"] == 8 and r["epoch"]["speedup"] > 0
+    # Full fine-tuning keeps gradients and Adam moments for every parameter: more memory.
+    assert (r["memory"]["full_finetune_step"]["total_bytes"]
+            > r["memory"]["vqt_step"]["total_bytes"] > 0)
