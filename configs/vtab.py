@@ -55,6 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.qkv_bias = True
     c.model.pool_type = "tok"
     c.model.kv_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16'
+    # Compute dtype of the backbone and the query path ('bfloat16' on accelerators; the
+    # parameters, LayerNorm statistics, softmax and the head stay float32).
+    c.model.dtype = "float32"
+    # For ViT-L/H memory: the blocks under lax.scan (one compiled block), and rematerialised
+    # in the backward (pair it with scan_blocks). The params tree stays big_vision's.
+    c.model.scan_blocks = False
+    c.model.remat = False
     c.model.head_init = "zeros"  # or 'kaiming_fan_out' (the release)
     c.model.head_bias_init = 0.0  # the release: -log(99)
     # Sizes of the other methods' parts; a method switches off the parts it does not use.

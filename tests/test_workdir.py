@@ -97,8 +97,10 @@ def test_neutral_fields_may_change(finished):
     changed.checkpoint_every_steps = 7
     changed.eval_batch_size = 16
     again, _ = train.run(changed, workdir)
+    # Another eval batch gives each device another number of examples, so XLA:CPU picks
+    # other kernels: the per-example losses agree to float32 rounding, not bit for bit.
     assert again["top1"] == results["top1"] and again["eval_loss"] == pytest.approx(
-        results["eval_loss"], rel=1e-6)
+        results["eval_loss"], rel=1e-5)
 
 
 def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):

@@ -75,9 +75,10 @@ NARROWABLE = ("k", "v")
 # computed from the cache), left out of the fingerprint so that runs differing in them share.
 IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
     "kv": ("num_queries", "query_dropout", "l2_normalize", "head_init", "head_bias_init",
-           "kv_dtype", "prompt_dropout", "adapter_dropout", "head2toe"),
+           "kv_dtype", "prompt_dropout", "adapter_dropout", "head2toe", "scan_blocks",
+           "remat"),
     "features": ("query_dropout", "head_init", "head_bias_init", "kv_dtype", "prompt_dropout",
-                 "adapter_dropout"),
+                 "adapter_dropout", "scan_blocks", "remat"),
 }
 # A temporary build: .<name>.tmp-<host>-<pid>-<mkdtemp's random suffix, [a-z0-9_]>.
 _TMP_RE = re.compile(r"^\.(?P<name>.+?)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)$")

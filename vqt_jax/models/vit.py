@@ -14,6 +14,11 @@ How the query path is computed, and why it is memory-efficient:
   only runs through the query paths and keeps each layer's keys and values as residuals. No
   `stop_gradient` is needed for that (and none is used, so methods that also train the backbone
   still get correct gradients).
+
+Compute options (`ViT` attributes): `dtype` is the compute dtype of the backbone and the query
+path (parameters stay float32, logits are float32); `scan_blocks` runs the blocks under
+`jax.lax.scan` and `remat` rematerialises each block's ordinary stream. None of them changes
+the variables or, in float32, the results.
 """
 
 from __future__ import annotations
@@ -276,6 +281,27 @@ class Attention(nn.Module):
             o = _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype))
         return self.out(o.astype(self.dtype))
 
+    def self_attend(self, q: Array, k: Array, v: Array) -> Array:
+        """The ordinary tokens' self-attention, q, k, v [B, N, H, Dh] -> [B, N, D].
+
+        `jax.nn.dot_product_attention` reads this [B, N, H, Dh] layout as is. On a GPU with a
+        16-bit compute dtype it asks for cuDNN's fused flash attention (JAX's default,
+        `implementation=None`, is XLA's unfused attention), and falls back to XLA's where
+        cuDNN does not support the shapes (it says so while tracing, before anything runs);
+        elsewhere it uses XLA's. Its logits and softmax are float32 for any input dtype, like
+        `attend`'s. The query path keeps `attend`: it needs the heads-major cache layout and
+        the narrow key/value stash, which this does not have.
+        """
+        o = None
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                o = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except Exception:  # noqa: BLE001 - unsupported shape/dtype/cuDNN: use XLA's
+                o = None
+        if o is None:
+            o = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        return self.out(o.astype(self.dtype))
+
 
 def _sdpa(q: Array, k: Array, v: Array, heads_major: bool = False) -> Array:
     """softmax(q k^T / sqrt(Dh)) v with float32 logits and accumulation."""
@@ -323,6 +349,7 @@ class BlockOptions(nn.Module):
     lora_rank: int = 0
     lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
 
 class Encoder1DBlock(BlockOptions):
@@ -330,7 +357,20 @@ class Encoder1DBlock(BlockOptions):
 
     With `adapter_dim` it has AdaptFormer's parallel adapter, with `lora_rank` LoRA updates of
     W_q and W_v; both act on the ordinary tokens and on the query tokens alike.
+
+    With `remat`, the ordinary tokens' part of the block (`ordinary`) is rematerialised: a
+    backward through it keeps only its inputs and recomputes the rest. The query path stays
+    outside the checkpoint: it is small (T tokens), and when only the queries are
+    differentiated nothing in the checkpoint is, so VQT's backward neither recomputes nor
+    runs through the backbone and still keeps each layer's keys and values (in `kv_dtype`).
+
+    Attributes:
+      in_scan: set by `Encoder` on the block it applies inside `jax.lax.scan`; the scan
+        already keeps XLA from merging the recomputation into the forward, so remat needs no
+        CSE barriers of its own there.
     """
+
+    in_scan: bool = False
 
     def setup(self):
         ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
@@ -365,11 +405,20 @@ class Encoder1DBlock(BlockOptions):
           ordinary tokens' keys and values (each [B, N, H, Dh]), which are all the query path
           reads from the ordinary stream.
         """
-        attn = self.MultiHeadDotProductAttention_0
-        qx, k, v = attn.qkv(self.LayerNorm_0(x))
-        x_out = self._mlp_residual(x + self._scale(0, attn.attend(qx, k, v)), train)
+        ordinary = Encoder1DBlock.ordinary
+        if self.remat:
+            # Argument 2 is `train` (0 is the module): a Python bool that picks the dropout.
+            ordinary = nn.remat(ordinary, static_argnums=(2,), prevent_cse=not self.in_scan)
+        x_out, (k, v) = ordinary(self, x, train)
         q_out = None if q is None else self.query_path(q, k, v, self.kv_dtype, train=train)
         return x_out, q_out, (k, v)
+
+    def ordinary(self, x: Array, train: bool = False) -> tuple[Array, KV]:
+        """The block on the ordinary tokens x [B, N, D] alone: (output [B, N, D], (k, v))."""
+        attn = self.MultiHeadDotProductAttention_0
+        qx, k, v = attn.qkv(self.LayerNorm_0(x))
+        x_out = self._mlp_residual(x + self._scale(0, attn.self_attend(qx, k, v)), train)
+        return x_out, (k, v)
 
     def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
                    heads_major: bool = False, train: bool = False) -> Array:
@@ -395,13 +444,38 @@ def _block_options(module: nn.Module) -> dict[str, Any]:
     return {n: getattr(module, n) for n in names}
 
 
+def _replace_prompts(x: Array, prompts: Array, start: int) -> Array:
+    """x [B, N, D] with the P tokens at `start` replaced by prompts [B, P, D] (VPT-deep)."""
+    p = prompts.shape[1]
+    return jnp.concatenate([x[:, :start], prompts, x[:, start + p:]], axis=1)
+
+
+def _layers_first(a: Array | None) -> Array | None:
+    """[B, M, ...] -> [M, B, ...]: per-layer inputs as `jax.lax.scan` slices them."""
+    return None if a is None else jnp.moveaxis(a, 1, 0)
+
+
+def _layers_second(a: Array | None) -> Array | None:
+    """[M, B, ...] -> [B, M, ...]: a scan's stacked outputs in the model's layout."""
+    return None if a is None else jnp.moveaxis(a, 0, 1)
+
+
 class Encoder(BlockOptions):
     """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision).
 
-    Attributes: `depth`, and the BlockOptions of every block.
+    The parameters are always per block (`encoderblock_{i}`, big_vision's non-scanned layout),
+    whatever `scan_blocks` says, so checkpoints, trainable rules and optimiser states see one
+    tree. With `scan_blocks`, `apply` stacks the blocks' variables along a new leading axis and
+    runs one block's program under `jax.lax.scan`: XLA compiles the block once instead of
+    `depth` times (the program, and its compile time, no longer grow with the depth), at the
+    cost of one copy of the blocks' variables per step (their gradients are sliced back per
+    block). `init`, and forwards that sow `intermediates` (per-block names), run the loop.
+
+    Attributes: `depth`, `scan_blocks`, and the BlockOptions of every block.
     """
 
     depth: int = 12
+    scan_blocks: bool = False
 
     def setup(self):
         self.blocks = [
@@ -417,9 +491,9 @@ class Encoder(BlockOptions):
         *,
         prompts: Array | None = None,
         prompt_start: int = 1,
-        collect: Callable[[int, Array, KV], None] | None = None,
+        collect: Callable[[Array, KV], dict[str, Array]] | None = None,
         train: bool = False,
-    ) -> tuple[Array, Array | None]:
+    ) -> tuple[Array, Array | None, dict[str, Array]]:
         """Runs every block.
 
         Args:
@@ -428,25 +502,68 @@ class Encoder(BlockOptions):
           prompts: VPT-deep prompts [B, M, P, D]: layer m > 0 replaces the P tokens at
             `prompt_start` with its own before running (layer 0's are already in x).
           prompt_start: index of the first prompt token.
-          collect: called as collect(m, block m's ordinary output, block m's (k, v)).
+          collect: a pure function of (block m's ordinary output, block m's (k, v)) to a dict
+            of per-layer arrays [B, ...] to keep (it may run inside `jax.lax.scan`).
           train: training mode (the adapters' dropout).
 
         Returns:
           (last block's ordinary tokens [B, N, D] before the final norm,
-           query outputs [B, M, T, D] or None).
+           query outputs [B, M, T, D] or None,
+           `collect`'s arrays stacked per layer, each [B, M, ...]).
         """
-        q_outs = []
+        if self._scanning():
+            return self._scan(x, queries, prompts, prompt_start, collect, train)
+        q_outs, kept = [], []
         for i, block in enumerate(self.blocks):
             if prompts is not None and i > 0:
-                p = prompts.shape[2]
-                x = jnp.concatenate(
-                    [x[:, :prompt_start], prompts[:, i], x[:, prompt_start + p:]], axis=1)
+                x = _replace_prompts(x, prompts[:, i], prompt_start)
             x, q, kv = block(x, None if queries is None else queries[:, i], train)
-            if q is not None:
-                q_outs.append(q)
-            if collect is not None:
-                collect(i, x, kv)
-        return x, (jnp.stack(q_outs, axis=1) if q_outs else None)
+            q_outs.append(q)
+            kept.append({} if collect is None else collect(x, kv))
+        q_out = None if queries is None else jnp.stack(q_outs, axis=1)
+        return x, q_out, {name: jnp.stack([k[name] for k in kept], axis=1) for name in kept[0]}
+
+    def _scanning(self) -> bool:
+        # init builds the per-block tree the unrolled way (the same tree either way); sown
+        # intermediates are kept under each block's own name, which only the loop gives.
+        return (self.scan_blocks and not self.is_initializing()
+                and not self.is_mutable_collection("intermediates"))
+
+    def _scanned_block(self) -> Encoder1DBlock:
+        # An unbound block applied functionally to one layer's variables inside the scan.
+        return Encoder1DBlock(**_block_options(self), in_scan=True, parent=None)
+
+    def _stacked_blocks(self) -> dict[str, Any]:
+        """Every collection's block variables, stacked: {collection: {leaf: [M, ...]}}."""
+        per_block = []
+        for i in range(self.depth):
+            name = f"encoderblock_{i}"
+            per_block.append({c: tree[name] for c, tree in self.variables.items() if name in tree})
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+
+    def _scan(self, x: Array, queries: Array | None, prompts: Array | None, prompt_start: int,
+              collect: Callable[[Array, KV], dict[str, Array]] | None,
+              train: bool) -> tuple[Array, Array | None, dict[str, Array]]:
+        block = self._scanned_block()
+        rngs = None
+        if train and self.adapter_dim and self.has_rng("dropout"):
+            # One dropout key per layer (a different stream than the unrolled loop's, which
+            # derives keys from module paths; the same distribution).
+            rngs = jax.random.split(self.make_rng("dropout"), self.depth)
+
+        def body(x, xs):
+            variables, q, p, rng = xs
+            if p is not None:
+                # Layer 0 puts back the prompts x already holds: the same values, and the
+                # replaced copy gets no gradient, so the gradient is the unrolled loop's.
+                x = _replace_prompts(x, p, prompt_start)
+            x, q_out, kv = block.apply(variables, x, q, train,
+                                       rngs=None if rng is None else {"dropout": rng})
+            return x, (q_out, {} if collect is None else collect(x, kv))
+
+        xs = (self._stacked_blocks(), _layers_first(queries), _layers_first(prompts), rngs)
+        x, (q_out, kept) = jax.lax.scan(body, x, xs)
+        return x, _layers_second(q_out), jax.tree.map(_layers_second, kept)
 
     def queries_from_kv(self, queries: Array, k: Array, v: Array) -> Array:
         """The query path alone, over given per-layer keys and values.
@@ -459,10 +576,25 @@ class Encoder(BlockOptions):
         Returns:
           Query outputs [B, M, T, D], the same as `__call__` gives for the same images.
         """
-        outs = [block.query_path(queries[:, i], k[:, i].astype(self.dtype),
-                                 v[:, i].astype(self.dtype), heads_major=True)
-                for i, block in enumerate(self.blocks)]
-        return jnp.stack(outs, axis=1)
+        if not self._scanning():
+            outs = [block.query_path(queries[:, i], k[:, i].astype(self.dtype),
+                                     v[:, i].astype(self.dtype), heads_major=True)
+                    for i, block in enumerate(self.blocks)]
+            return jnp.stack(outs, axis=1)
+        block = self._scanned_block()
+
+        def body(carry, xs):
+            variables, q, i = xs
+            # Each layer's slice is read in place: moving M first would copy the whole batch
+            # of keys and values (by far the largest input) before the scan.
+            k_i, v_i = (jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False).astype(self.dtype)
+                        for a in (k, v))
+            q_out = block.apply(variables, q, k_i, v_i, heads_major=True, method="query_path")
+            return carry, q_out
+
+        xs = (self._stacked_blocks(), _layers_first(queries), jnp.arange(self.depth))
+        _, outs = jax.lax.scan(body, None, xs)
+        return _layers_second(outs)
 
     def norm(self, x: Array) -> Array:
         return self.encoder_norm(x)
@@ -514,7 +646,20 @@ class ViT(nn.Module):
       kv_dtype: dtype in which the query path's backward keeps each layer's keys and values,
         e.g. jnp.bfloat16 to halve VQT's stash; the forward is unchanged (exact). None keeps
         them in the compute dtype.
-      dtype: compute dtype (parameters stay float32).
+      dtype: the compute dtype, a name ('float32', 'bfloat16') or a dtype: the backbone's
+        and the query path's activations, matmul operands and attention inputs are in it;
+        parameters stay float32 (each layer casts them), LayerNorm statistics and attention
+        logits/softmax are float32. The head runs in float32 on a float32 input (see
+        `head_input`), so logits are float32 whatever the compute dtype. Outputs per token
+        (`tokens`, `blocks`, `k`, `v`) are in the compute dtype, per image (`cls`, `queries`,
+        `pooled`, `pre_logits`, `logits`) in float32.
+      scan_blocks: run the blocks under `jax.lax.scan` (one compiled block instead of
+        `depth`; see `Encoder`); the `params` tree stays per block, the results the same.
+      remat: rematerialise each block's ordinary-token computation in the backward (memory
+        for backbone-training methods on ViT-L/H; see `Encoder1DBlock`); results the same.
+        Pair it with `scan_blocks`: in the unrolled loop XLA is free to schedule the
+        recomputation early, and on CPU it does (a full fine-tuning gradient of a 12-layer
+        ViT needed 230 MiB of temporaries, 242 with remat, 51 with remat and scan_blocks).
     """
 
     num_classes: int | None = None
@@ -547,6 +692,24 @@ class ViT(nn.Module):
     head_bias_init: float = 0.0
     kv_dtype: Dtype | None = None
     dtype: Dtype = jnp.float32
+    scan_blocks: bool = False
+    remat: bool = False
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as a numpy dtype (it may be given by name).
+
+        Raises:
+          ValueError: if it names no dtype or not a floating-point one.
+        """
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            raise ValueError(f"dtype={self.dtype!r} is not a dtype; e.g. 'float32' or "
+                             f"'bfloat16'") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"dtype={self.dtype!r}: the compute dtype must be floating-point")
+        return dtype
 
     @property
     def has_class_token(self) -> bool:
@@ -577,6 +740,7 @@ class ViT(nn.Module):
                              f"{', '.join(HEAD_INITS)}")
         if self.mlp_act not in ACTIVATIONS:
             raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
+        _ = self.compute_dtype  # raises on a bad dtype, before any layer uses it
         for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -593,7 +757,7 @@ class ViT(nn.Module):
             lambda: jax.random.uniform(self.make_rng("params"), tuple(shape), jnp.float32,
                                        -bound, bound),
         ).value
-        t = jnp.broadcast_to(tokens.astype(self.dtype)[None], (batch, *tokens.shape))
+        t = jnp.broadcast_to(tokens.astype(self.compute_dtype)[None], (batch, *tokens.shape))
         return nn.Dropout(rate, name=f"{collection}_dropout")(t, deterministic=not train)
 
     @nn.compact
@@ -602,8 +766,10 @@ class ViT(nn.Module):
                  keep_pooled: bool = False) -> dict[str, Array]:
         self._validate()
         d = self.width
-        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d}
-        encoder = Encoder(depth=self.depth, **options, name="Transformer")
+        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d,
+                   "dtype": self.compute_dtype}
+        encoder = Encoder(depth=self.depth, scan_blocks=self.scan_blocks, **options,
+                          name="Transformer")
         b = (images if cached is None else cached["cls"]).shape[0]
         q = None
         if self.num_queries:
@@ -615,8 +781,12 @@ class ViT(nn.Module):
             out = self._from_images(encoder, images, q, train, keep_blocks, keep_kv,
                                     keep_pooled or self.head2toe)
         if self.num_classes:
+            # float32 whatever the compute dtype: pre_logits are float32 (`head_input`), and
+            # the head is one small matmul, so its logits (and the loss) cost nothing to keep
+            # exact.
             out["logits"] = nn.Dense(
                 self.num_classes,
+                dtype=jnp.float32,
                 kernel_init=HEAD_INITS[self.head_init],
                 bias_init=nn.initializers.constant(self.head_bias_init),
                 name="head",
@@ -630,17 +800,19 @@ class ViT(nn.Module):
             raise ValueError("A key/value cache is only useful with query tokens "
                              "(num_queries > 0)")
         q_out = encoder.queries_from_kv(q, cached["k"], cached["v"])
-        return {"queries": q_out, "pre_logits": self.head_input(cached["cls"], q_out)}
+        return {"queries": q_out.astype(jnp.float32),
+                "pre_logits": self.head_input(cached["cls"], q_out)}
 
     def _from_images(self, encoder: Encoder, images: Array, q: Array | None, train: bool,
                      keep_blocks: bool, keep_kv: bool, keep_pooled: bool) -> dict[str, Array]:
         b, h, w, _ = images.shape
         self.check_image_size(h, w)
         d = self.width
+        dtype = self.compute_dtype
         x = nn.Conv(
             d, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
-            dtype=self.dtype, name="embedding",
-        )(images.astype(self.dtype))
+            dtype=dtype, name="embedding",
+        )(images.astype(dtype))
         x = x.reshape(b, -1, d)
         # big_vision's layout: the position embedding covers the patches only and is added
         # before the class token is prepended (a checkpoint's cls position entry is folded into
@@ -653,7 +825,7 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
         if self.pre_norm:
-            x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(x)
+            x = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
 
         num_prefix = int(self.has_class_token)
         prompts = None
@@ -668,30 +840,34 @@ class ViT(nn.Module):
         def pool(t: Array) -> Array:
             return t[:, 0] if self.pool_type == "tok" else t[:, num_prefix:].mean(axis=1)
 
-        per_layer: dict[str, list[Array]] = {"blocks": [], "pooled": [], "k": [], "v": []}
-
-        def collect(i: int, x_i: Array, kv: KV) -> None:
+        def collect(x_i: Array, kv: KV) -> dict[str, Array]:
+            # Pure (it may run inside the encoder's scan): what to keep of one block.
+            kept = {}
             if keep_blocks:
-                per_layer["blocks"].append(x_i)
+                kept["blocks"] = x_i
             if keep_pooled:
                 groups = [x_i[:, 0]] if self.has_class_token else []
-                per_layer["pooled"] += groups + [x_i[:, num_prefix:].mean(axis=1)]
+                groups.append(x_i[:, num_prefix:].astype(jnp.float32).mean(axis=1))
+                kept["pooled"] = jnp.stack(groups, axis=1).astype(jnp.float32)
             if keep_kv:
-                per_layer["k"].append(kv[0])
-                per_layer["v"].append(kv[1])
+                kept["k"], kept["v"] = kv
+            return kept
 
-        x, q_out = encoder(x, q, prompts=prompts if self.deep_prompts else None,
-                           prompt_start=prompt_start, collect=collect, train=train)
+        keep = keep_blocks or keep_pooled or keep_kv
+        x, q_out, out = encoder(x, q, prompts=prompts if self.deep_prompts else None,
+                                prompt_start=prompt_start, collect=collect if keep else None,
+                                train=train)
+        if "pooled" in out:  # [B, M, G, D] -> [B, M * G, D]: layer-major groups
+            out["pooled"] = out["pooled"].reshape(b, -1, d)
         if self.fc_norm:
             # timm's MAE layout: no norm on the tokens, the norm acts on the pooled feature.
             tokens_out, cls_out = x, encoder.norm(pool(x))
         else:
             tokens_out = encoder.norm(x)
             cls_out = pool(tokens_out)
-        out = {name: jnp.stack(v, axis=1) for name, v in per_layer.items() if v}
-        out.update(cls=cls_out, tokens=tokens_out)
+        out.update(cls=cls_out.astype(jnp.float32), tokens=tokens_out)
         if q_out is not None:
-            out["queries"] = q_out
+            out["queries"] = q_out.astype(jnp.float32)
         out["pre_logits"] = self.head_input(cls_out, q_out, out.get("pooled"))
         return out
 
@@ -704,8 +880,10 @@ class ViT(nn.Module):
           pooled: Head2Toe's per-layer pooled tokens [B, G, D] (used when `head2toe`).
 
         Returns:
-          [B, feature_dim] features, L2-normalised per group when `l2_normalize` resolves on
-          (each layer's T*D query vector is one group, each Head2Toe pooled token one group).
+          [B, feature_dim] float32 features, L2-normalised per group when `l2_normalize`
+          resolves on (each layer's T*D query vector is one group, each Head2Toe pooled token
+          one group). float32 whatever the compute dtype: the norms, the head and the
+          feature caches read them, and they are small.
         """
         normalize = self.l2_normalize
         if normalize is None:
@@ -717,6 +895,7 @@ class ViT(nn.Module):
             if queries is not None:
                 b, m, t, d = queries.shape
                 groups.append(queries.reshape(b, m, t * d))
+        groups = [g.astype(jnp.float32) for g in groups]
         if normalize:
             groups = [l2_normalize(g) for g in groups]
         return jnp.concatenate([g.reshape(g.shape[0], -1) for g in groups], axis=-1)

@@ -89,6 +89,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     elif len(n) != 2 or any(len(x) != 3 for x in n):
         raise ValueError(f"config.normalization={n!r}: a (mean, std) pair of 3-tuples")
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    dtype = model.get("dtype", "float32")
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"config.model.dtype={dtype!r}: an unknown compute dtype; choose from "
+                         f"{KV_DTYPES}")
     kv_dtype = model.get("kv_dtype")
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise ValueError(f"config.model.kv_dtype={kv_dtype!r}: an unknown dtype; choose from "

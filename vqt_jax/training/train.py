@@ -96,7 +96,9 @@ def _eval_step(model):
         )
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
         m = batch["mask"]
-        return {"correct": (correct * m).sum(), "loss": (losses * m).sum(), "count": m.sum()}
+        # Per example: summed on the host in float64, the totals do not depend on the batch
+        # size (a float32 sum per batch would, in its last bits).
+        return {"correct": correct * m, "loss": losses * m, "count": m}
 
     return step
 
@@ -125,7 +127,8 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
         outs.append(eval_fn(variables, _global_batch(batch, batch_sharding)))
         progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
-    totals = {k: math.fsum(float(o[k]) for o in jax.device_get(outs))
+    host = cache_lib.fetch_rows(outs)
+    totals = {k: math.fsum(x for o in host for x in np.asarray(o[k], np.float64).ravel())
               for k in ("correct", "loss", "count")}
     count = max(totals["count"], 1.0)
     return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
