@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqt_jax.models import ViT
+from vqt_jax.models import ViT, vit
 from vqt_jax.training import train_step
 from vqt_jax.training import trainable as trainable_lib
 
@@ -185,7 +185,11 @@ def _reference_blocks(params, images, patch, eps=1e-6):
     return jnp.stack(outs, axis=1)
 
 
-def test_self_attention_is_dot_product_attention_equal_to_einsums(monkeypatch):
+@pytest.mark.parametrize("platform", ["gpu", "cpu"])
+def test_self_attention_is_dot_product_attention_equal_to_einsums(monkeypatch, platform):
+    """Off CPU the ordinary tokens' attention is jax.nn.dot_product_attention (float32 here:
+    XLA's); on CPU the heads-major einsums; both equal the reference."""
+    monkeypatch.setattr(vit, "_platform", lambda: platform)
     model = ViT(**dict(TINY, num_classes=None))
     variables = {"params": {k: v for k, v in _variables()["params"].items() if k != "head"}}
     images = _images(3)
@@ -198,8 +202,11 @@ def test_self_attention_is_dot_product_attention_equal_to_einsums(monkeypatch):
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", counting)
     blocks = _run(functools.partial(model.apply, method="features"), variables, images)["blocks"]
-    assert len(calls) == TINY["depth"]  # one per block, traced once under jit
-    assert all(c.get("implementation") is None for c in calls)  # JAX picks the kernel
+    if platform == "gpu":
+        assert len(calls) == TINY["depth"]  # one per block, traced once under jit
+        assert all(c.get("implementation") == "xla" for c in calls)  # float32: no cuDNN
+    else:
+        assert not calls
     reference = _run(functools.partial(_reference_blocks, patch=8), variables["params"], images)
     np.testing.assert_allclose(blocks, reference, atol=1e-5, rtol=1e-5)
 
