@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (README's commands are checked against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the figures here (one JSON object)")
     p.add_argument("--tiny", action="store_true", help="a tiny ViT at 32 px (tests, CPU)")
@@ -302,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epoch_images", type=int, default=None)
     p.add_argument("--cache_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     args.image_size = args.image_size or (32 if args.tiny else 224)
     args.batches = args.batches or ([8] if args.tiny else [64, 128, 256, 512, 1024])
     args.epoch_images = args.epoch_images or (64 if args.tiny else 1000)

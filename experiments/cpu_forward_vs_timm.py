@@ -50,7 +50,8 @@ with torch.inference_mode():
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (README's commands are checked against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--timm_python", required=True, help="a python with torch and timm")
     p.add_argument("--batch", type=int, default=32)
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
 
     timm = subprocess.Popen([args.timm_python, "-c", TIMM_WORKER, str(args.batch),
                              str(args.image_size)], stdin=subprocess.PIPE,

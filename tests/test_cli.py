@@ -120,7 +120,7 @@ def test_readme_command_runs_as_written(where, line, placeholders, tmp_path, mon
         assert parsed.tasks and parsed.workdir
     elif name == "plot":
         module.parse_flags(["plot.py", *rest])
-    elif name in ("memory", "cache_speed"):
+    elif name in ("memory", "cache_speed", "accelerator_bench", "cpu_forward_vs_timm"):
         module.parser().parse_args(rest)
     else:
         pytest.fail(f"README shows {script}, which this test does not know how to check")
