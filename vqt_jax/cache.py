@@ -604,8 +604,7 @@ def host_batches(
     if sharding is not None:
         mine = sampling.host_rows(sharding, batch_size)
     else:
-        local = batch_size // jax.process_count()
-        mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        mine = sampling.process_rows(batch_size)
     for start in range(0, num_rows, batch_size):
         rows = slice(start, min(start + batch_size, num_rows))
         count = rows.stop - rows.start

@@ -108,6 +108,12 @@ def host_batch_indices(step: int, num_examples: int, *, global_batch_size: int, 
     return index[rows], mask[rows]
 
 
+def process_rows(global_batch_size: int) -> slice:
+    """This process's equal share of a global batch's slots, in process order."""
+    local = global_batch_size // jax.process_count()
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
 def host_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
     """The slots of a global batch that this host's devices hold under `sharding`.
 

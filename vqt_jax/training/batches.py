@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import jax
 import ml_collections
 import numpy as np
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import data, protocol
+from vqt_jax import data, protocol, sampling
 from vqt_jax.training import train_step
 
 
@@ -28,9 +27,7 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
       rows: the slots of each global batch this host feeds (`sampling.host_rows` of the
         batch sharding); default: this process's equal share, in process order.
     """
-    if rows is None:
-        local = config.batch_size // jax.process_count()
-        rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    rows = rows or sampling.process_rows(config.batch_size)
     if cache is not None:
         return cache_lib.train_batches(
             cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,

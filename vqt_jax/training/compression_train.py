@@ -33,7 +33,7 @@ from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.progress import Progress
 from vqt_jax.training import batches as batches_lib
-from vqt_jax.training import optim, train_step
+from vqt_jax.training import optim, steppers, train_step
 
 FeatureFn = Callable[[dict, jax.Array], jax.Array]
 
@@ -134,8 +134,7 @@ def train_head(
     it = batches()
     loss = None
     for i in range(total_steps):
-        batch = {k: jax.make_array_from_process_local_data(sharding, v)
-                 for k, v in next(it).items()}
+        batch = steppers.global_batch(next(it), sharding)
         head, opt_state, loss = jit_step(head, opt_state, batch, jax.random.fold_in(dropout_key, i))
         progress.update()
     progress.done()

@@ -35,6 +35,11 @@ StepFn = Callable[[Any, Any, dict, jax.Array], tuple[Any, dict]]
 Metrics = dict[str, jax.Array]
 
 
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Turns this host's slice of a batch into global arrays sharded over the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
 def fetch(metrics: list[Metrics] | Metrics, count: int) -> list[dict[str, float]]:
     """The metrics of a chunk's `count` steps on the host, one dict per step (one transfer)."""
     host = jax.device_get(metrics)
@@ -57,8 +62,7 @@ class HostStepper:
     def advance(self, state: Any, count: int) -> tuple[Any, list[Metrics]]:
         out = []
         for _ in range(count):
-            batch = {k: jax.make_array_from_process_local_data(self._sharding, v)
-                     for k, v in next(self._batches).items()}
+            batch = global_batch(next(self._batches), self._sharding)
             state, metrics = self._step(state, self._frozen, batch, self._rng)
             out.append(metrics)
         return state, out

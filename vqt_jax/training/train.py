@@ -83,11 +83,6 @@ def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return keep
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Turns this host's slice of a batch into global arrays sharded over the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 def _eval_step(model):
     def step(variables, batch):
         logits = model.apply(variables, batch["image"])
@@ -124,7 +119,7 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     # the result does not depend on the batch size.
     outs = []
     for batch in it:
-        outs.append(eval_fn(variables, _global_batch(batch, batch_sharding)))
+        outs.append(eval_fn(variables, steppers.global_batch(batch, batch_sharding)))
         progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
     host = cache_lib.fetch_rows(outs)
