@@ -134,6 +134,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baselines = ()
 
     c.num_devices = 0  # 0: every device
+    # experiments/vtab_sweep.py trains each stage's runs (the grid, the seeds) as one program
+    # (vqt_jax/training/stacked.py); at most this many runs per program (0: all; a program too
+    # large for the devices' memory is split on its own).
+    c.program_max_runs = 0
+    # JAX's persistent compilation cache (vqt_jax/compilation_cache.py): re-runs and the next
+    # task of the same shapes load their programs instead of compiling. Unset:
+    # $JAX_COMPILATION_CACHE_DIR, else $VQT_JAX_CACHE/xla (~/.cache/vqt_jax/xla); '': not set here.
+    c.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2

@@ -2,6 +2,7 @@
 
     python experiments/vtab_sweep.py --tasks=dtd,cifar100 --workdir=DIR \\
         [--method=vqt] [--seeds=5] [--config=configs/vtab.py] [--set KEY=VALUE ...]
+        [--program=auto]
 
 For every task (``--tasks=all`` for the 19 of VTAB-1k, ``--tasks=folder`` for an image
 folder): train800 -> val200 at every (lr, wd) of the method's grid, the best on val (ties to
@@ -11,6 +12,12 @@ task's ``selection.json`` and ``sweep.json``, and ``results.md`` / ``results.csv
 per group, the mean of the group means and the mean over tasks, under a header naming the
 runs' protocol and preprocessing. The markdown is also printed. The protocol itself (grids,
 selection, what a re-run reuses, what it refuses) is `vqt_jax.protocol`'s, documented there.
+
+``--program``: ``auto`` (default) trains each stage's runs (the grid, then the seeds) as one
+program when the method leaves the backbone frozen (VQT, linear, Head2Toe) and the cache fits
+the devices (`vqt_jax.training.stacked`: one compilation, one backbone pass per evaluation
+split, the same numbers), else one by one; ``one`` makes the first an error where it cannot
+be; ``sequential`` always trains one run at a time.
 
 Re-running the command is cheap and safe: finished runs are read, interrupted ones resumed,
 diverged ones not retried. A task directory remembers the ``--method`` and ``--set`` overrides
@@ -71,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="Number of test seeds (0..N-1).")
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="Config file with get_config(task).")
+    p.add_argument("--program", default="auto", choices=["auto", "one", "sequential"],
+                   help="Train each stage's runs as one program (see above).")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE", help="Config overrides, e.g. model.num_queries=10.")
     return p
@@ -101,7 +110,7 @@ def main(
         protocol.resolve_tasks(args.tasks, task_groups), args.workdir,
         base_config_fn=base_config_fn or protocol.load_config_fn(args.config),
         train_fn=train_fn, method=args.method, num_seeds=args.seeds, overrides=overrides,
-        task_groups=task_groups,
+        task_groups=task_groups, program=args.program,
     )
     print(protocol.to_markdown(results, method=args.method), end="")
     return 0

@@ -120,7 +120,8 @@ def test_readme_command_runs_as_written(where, line, placeholders, tmp_path, mon
         assert parsed.tasks and parsed.workdir
     elif name == "plot":
         module.parse_flags(["plot.py", *rest])
-    elif name in ("memory", "cache_speed", "accelerator_bench", "cpu_forward_vs_timm"):
+    elif name in ("memory", "cache_speed", "accelerator_bench", "cpu_forward_vs_timm",
+                  "sweep_speed"):
         module.parser().parse_args(rest)
     else:
         pytest.fail(f"README shows {script}, which this test does not know how to check")

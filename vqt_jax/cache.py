@@ -166,6 +166,19 @@ class Cache:
         return batch
 
 
+def first_rows(cache: Cache, n: int) -> Cache:
+    """The cache of the first `n` examples of `cache` (views of its arrays, nothing copied).
+
+    A train800val200 cache holds train800 in its first 800 rows (both splits list train800
+    first), so this is train800's cache too.
+    """
+    if not 0 < n <= cache.spec.num_examples:
+        raise ValueError(f"first_rows: {n} rows of a cache of {cache.spec.num_examples}")
+    spec = dataclasses.replace(cache.spec, num_examples=n)
+    return Cache(spec, {k: v[:n] for k, v in cache.arrays.items()}, cache.labels[:n],
+                 cache.path)
+
+
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
     """np.empty whose data starts on an `align`-byte boundary."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize

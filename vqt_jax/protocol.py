@@ -29,6 +29,12 @@ protocol on a list of tasks. For every task:
      (``split='test'``) with seeds 0..N-1, and reports the mean and the sample standard
      deviation of the test top-1. A test run that diverges stops the sweep.
 
+Each stage's runs (the grid, then the seeds) train together as one program when the method
+leaves the backbone frozen (VQT, linear probing, Head2Toe) and the cache fits the devices
+(`program='auto'`, the default; `vqt_jax.training.stacked`): one compilation per stage, every
+batch of cached keys/values read once for all runs, one backbone pass per evaluation split,
+and the same per-run outputs and numbers as the runs one by one (`program='sequential'`).
+
 Under the sweep's directory it writes ``<task>/val/lr=<lr>,wd=<wd>/`` and
 ``<task>/test/seed=<s>/`` (one training run each, as `train_and_evaluate` writes it),
 ``<task>/selection.json`` (every grid point's val top-1 and the selection), ``<task>/sweep.json``
@@ -183,6 +189,14 @@ def describe(config: Mapping[str, Any]) -> str:
 
 ConfigFn = Callable[[str], ml_collections.ConfigDict]
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
+# stage_fn(configs, run_dirs, may_diverge) -> per run its results or the FloatingPointError that
+# excluded it; None when the runs cannot be one program (it says why).
+StageFn = Callable[[Sequence[ml_collections.ConfigDict], Sequence[Path], bool],
+                   "list[Mapping[str, Any] | FloatingPointError] | None"]
+
+# How a sweep trains a stage's runs: 'auto' as one program where the method and the cache
+# allow it, else one by one; 'one' (an error where it cannot), 'sequential' (one by one).
+PROGRAMS = ("auto", "one", "sequential")
 LogFn = Callable[[str], None]
 
 # configs/vtab.py of the checkout this package lives in (an editable install or the repository
@@ -406,6 +420,7 @@ class SweepProgress:
         self._clock = clock
         self._start = clock()
         self._run_start = self._start
+        self._in_program: set[Path] = set()  # runs trained together by `program_*`
 
     def left_to_train(self) -> int:
         """Runs after the current one that have neither results nor a divergence marker."""
@@ -424,12 +439,28 @@ class SweepProgress:
         self.number += 1
         line = (f"run {self.number} of {self.total}: {config.task} lr={config.lr!r} "
                 f"wd={config.wd!r} seed={config.seed} ({config.split})")
-        if (run_dir / "results.json").is_file():
+        if Path(run_dir) in self._in_program:
+            line += ": trained in the program above, its results.json is read"
+        elif (run_dir / "results.json").is_file():
             line += ": finished earlier, its results.json is read"
         elif (run_dir / FAILED_MARKER).is_file():
             line += f": diverged earlier ({FAILED_MARKER}), not retried"
         self.log(line)
         self._run_start = self._clock()
+
+    def program_begin(self, what: str, run_dirs: Sequence[Path]) -> None:
+        """Logs the start of `run_dirs`' runs trained together as one program."""
+        self.log(f"{what}: {len(run_dirs)} runs as one program")
+        self._run_start = self._clock()
+
+    def program_end(self, run_dirs: Sequence[Path]) -> None:
+        """Logs how long the program took; its runs count as trained (for the rate)."""
+        seconds = self._clock() - self._run_start
+        self.trained += len(run_dirs)
+        self.train_seconds += seconds
+        self._in_program.update(Path(d) for d in run_dirs)
+        self.log(f"{len(run_dirs)} runs as one program took {format_duration(seconds)}; "
+                 f"{format_duration(self._clock() - self._start)} elapsed")
 
     def end(self) -> None:
         """Logs the time of the run just trained, the rate so far and the ETA."""
@@ -572,9 +603,55 @@ def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
     (task_dir / "sweep.json").write_text(json.dumps(fingerprint, indent=2, default=repr) + "\n")
 
 
+def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> StageFn:
+    """The real `StageFn`: `vqt_jax.training.stacked.run_stage`.
+
+    Args:
+      strict: a stage that cannot be one program is an error (`program='one'`); otherwise its
+        runs train one by one, after a line that says why.
+      log: where the lines go.
+    """
+    log = log or _log_info
+
+    def stage_fn(configs, run_dirs, may_diverge):
+        from vqt_jax.training import stacked  # noqa: PLC0415 (the training stack)
+
+        members = [stacked.Member(c, str(d)) for c, d in zip(configs, run_dirs, strict=True)]
+        try:
+            return stacked.run_stage(members, may_diverge=may_diverge, log=log)
+        except stacked.Unstackable as e:
+            if strict:
+                raise ValueError(
+                    f"program='one' but these runs cannot be one program: {e}") from None
+            log(f"Training these runs one by one: {e}")
+            return None
+
+    return stage_fn
+
+
+def _program(stage_fn: StageFn | None, runs: Sequence[tuple[ml_collections.ConfigDict, Path]],
+             *, may_diverge: bool, progress: SweepProgress, what: str) -> None:
+    """Trains the unfinished runs of a stage as one program, if `stage_fn` can (it returns None
+    when it cannot, after saying why); the sweep's loop then reads their results."""
+    todo = [(c, d) for c, d in runs if not _finished(d)]
+    if stage_fn is None or len(todo) < 2:
+        return
+    progress.program_begin(what, [d for _, d in todo])
+    outcomes = stage_fn([c for c, _ in todo], [d for _, d in todo], may_diverge)
+    if outcomes is None:
+        return
+    for (_, run_dir), outcome in zip(todo, outcomes, strict=True):
+        if isinstance(outcome, FloatingPointError):  # a grid point that diverged
+            logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, outcome)
+            (run_dir / FAILED_MARKER).write_text(
+                json.dumps({"error": str(outcome)}, indent=2) + "\n")
+    progress.program_end([d for _, d in todo])
+
+
 def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | Path, *,
                grid: Grid, num_seeds: int, train_fn: TrainFn,
-               progress: SweepProgress | None = None) -> TaskResult:
+               progress: SweepProgress | None = None,
+               stage_fn: StageFn | None = None) -> TaskResult:
     """Runs (or reads) the val grid and the test seeds of one task.
 
     Args:
@@ -586,6 +663,8 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         num_seeds: Number of test seeds (0..num_seeds-1).
         train_fn: ``train_fn(config, run_workdir) -> results`` with a ``'top1'`` entry.
         progress: Numbers and times the runs; default: one for this task's runs alone.
+        stage_fn: Trains a stage's unfinished runs (the grid, then the seeds) as one program
+            (`program_stage_fn`); None: every run on its own with `train_fn`.
 
     Returns:
         The selected (lr, wd), its val top-1, the test top-1 of every seed and the protocol
@@ -600,7 +679,11 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         base.cache_dir = str(Path(workdir) / task / "cache")
     protocols: set[str] = set()  # of every run, val included: the selection depends on them
     val_top1: dict[tuple[float, float], float | None] = {}
-    for lr, wd in grid.points(base.batch_size):
+    points = grid.points(base.batch_size)
+    _program(stage_fn, [(_run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED),
+                         val_run_dir(workdir, task, lr, wd)) for lr, wd in points],
+             may_diverge=True, progress=progress, what=f"{task}: the grid on val")
+    for lr, wd in points:
         config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
         run_dir = val_run_dir(workdir, task, lr, wd)
         results = _run_or_read(config, run_dir, train_fn, may_diverge=True, progress=progress)
@@ -619,6 +702,9 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     (Path(workdir) / task / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
 
     test_top1 = []
+    _program(stage_fn, [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
+                         test_run_dir(workdir, task, seed)) for seed in range(num_seeds)],
+             may_diverge=False, progress=progress, what=f"{task}: the seeds on test")
     for seed in range(num_seeds):
         config = _run_config(base, split="test", lr=lr, wd=wd, seed=seed)
         run_dir = test_run_dir(workdir, task, seed)
@@ -641,6 +727,8 @@ def run_sweep(
     task_groups: Mapping[str, str] | None = None,
     log: LogFn | None = None,
     clock: Callable[[], float] = time.monotonic,
+    program: str = "auto",
+    stage_fn: StageFn | None = None,
 ) -> list[TaskResult]:
     """Runs the VTAB-1k protocol on `tasks` and writes results.md / results.csv in `workdir`.
 
@@ -659,6 +747,10 @@ def run_sweep(
         task_groups: Task name -> group, in report order; default: the VTAB-1k task table.
         log: Where the progress lines go (see `SweepProgress`); default: `logging.info`.
         clock: The time source of the progress lines, in seconds (tests pass a fake one).
+        program: One of `PROGRAMS`: whether each stage's runs (the grid, the seeds) train
+            together as one program (`vqt_jax.training.stacked`) or one by one.
+        stage_fn: What trains a stage as one program; default: `program_stage_fn` with the
+            real trainer, none with a `train_fn` given (tests pass fakes of both).
 
     Returns:
         One `TaskResult` per task, in the order of `task_groups`.
@@ -670,6 +762,8 @@ def run_sweep(
         KeyError, TypeError: For an override the config does not accept.
     """
     overrides = dict(overrides or {})
+    if program not in PROGRAMS:
+        raise ValueError(f"program={program!r}: choose from {', '.join(PROGRAMS)}")
     if reserved := RESERVED_KEYS.intersection(overrides):
         raise ValueError(f"Overrides may not set {sorted(reserved)}: the sweep sets them.")
     if num_seeds < 1:
@@ -693,7 +787,8 @@ def run_sweep(
         bases[task] = methods.with_recipe(base)
         _check_fingerprint(workdir / task, fingerprint)
 
-    if train_fn is None:
+    real = train_fn is None
+    if real:
         # Imported only now: it pulls in the whole training stack.
         from vqt_jax.training.train import train_and_evaluate as train_fn
 
@@ -703,10 +798,15 @@ def run_sweep(
         log=log, clock=clock)
     progress.plan(f"Sweep of {len(tasks)} task{'s' if len(tasks) != 1 else ''} "
                   f"({method}, {num_seeds} seed{'s' if num_seeds != 1 else ''})")
+    if program == "sequential":
+        stage_fn = None
+    elif stage_fn is None and real:
+        stage_fn = program_stage_fn(strict=program == "one", log=progress.log)
     results = []
     for task in tasks:
         _write_fingerprint(workdir / task, fingerprint)
         results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
-                                  num_seeds=num_seeds, train_fn=train_fn, progress=progress))
+                                  num_seeds=num_seeds, train_fn=train_fn, progress=progress,
+                                  stage_fn=stage_fn))
     write_reports(results, workdir, method=method)
     return results

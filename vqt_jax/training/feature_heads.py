@@ -157,8 +157,10 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
 
 
 def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
-            cache: cache_lib.Cache | None) -> tuple[Features, Features]:
-    """(training features, evaluation features) of the trained model."""
+            cache: cache_lib.Cache | None,
+            evals: Features | None = None) -> tuple[Features, Features]:
+    """(training features, evaluation features) of the trained model; `evals`, if given, are
+    the evaluation features already computed (by a pass that served several runs)."""
     sharding = NamedSharding(mesh, P("data"))
     batch_size = config.eval_batch_size or config.batch_size
     norm = data.as_normalization(config.normalization)
@@ -171,7 +173,7 @@ def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh
     # them), so the per-device output does not grow with the device count.
     images_fn = cache_lib.forward_fn(from_images, mesh)
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
-    evals = _collect(data.make_eval_iterator(
+    evals = evals if evals is not None else _collect(data.make_eval_iterator(
         config.task, config.data_dir, config.split, global_batch_size=batch_size,
         image_size=config.image_size, normalization=norm,
         local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config)),
@@ -215,8 +217,11 @@ def _host_batches(n: int, batch_size: int, sharding: NamedSharding,
 
 
 def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
-        cache: cache_lib.Cache | None, num_classes: int) -> dict:
+        cache: cache_lib.Cache | None, num_classes: int, evals: Features | None = None) -> dict:
     """Trains the compression and baseline heads the config asks for; returns their metrics.
+
+    `evals`: the evaluation features (`FIELDS` and 'label'), if computed already; default: one
+    forward pass over the evaluation split here.
 
     Returns:
       {'compression': {...}} and/or {'baselines': {name: {...}}}, each with the evaluation
@@ -227,7 +232,7 @@ def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
     """
     if not wanted(config):
         return {}
-    train, evals = compute(config, model, variables, mesh, cache)
+    train, evals = compute(config, model, variables, mesh, cache, evals)
     out: dict = {}
     if config.compression.enabled and config.compression.get("train_mode", False):
         # The release's: both stages see the queries through their dropout (see

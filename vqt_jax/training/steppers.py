@@ -75,7 +75,6 @@ class DeviceStepper:
                  rng: jax.Array, *, fields: list[str], batch_size: int, seed: int,
                  batching: str, max_steps: int):
         mesh, n = cache.mesh, cache.num_examples
-        replicated = NamedSharding(mesh, P())
         batch_sharding = NamedSharding(mesh, P("data"))
         names = [*fields, "label"]
 
@@ -86,21 +85,7 @@ class DeviceStepper:
             batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
             return step(state, frozen, batch, rng)
 
-        def chunk(state, frozen, arrays, rng, count):
-            shapes = jax.eval_shape(one, state, frozen, arrays, rng)[1]
-            buffer = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in shapes.items()}
-
-            def body(i, carry):
-                state, buffer = carry
-                state, metrics = one(state, frozen, arrays, rng)
-                return state, {k: buffer[k].at[i].set(metrics[k]) for k in buffer}
-
-            return jax.lax.fori_loop(0, count, body, (state, buffer))
-
-        cache_sharding = NamedSharding(mesh, P(None, device_cache_lib.AXIS))
-        self._chunk = jax.jit(
-            chunk, in_shardings=(replicated, replicated, cache_sharding, replicated, replicated),
-            out_shardings=(replicated, replicated), donate_argnums=(0,))
+        self._chunk = compiled_chunks(one, max_steps, mesh)
         self._frozen, self._rng, self._max = frozen, rng, max_steps
         self._arrays = {k: cache.arrays[k] for k in names}
 
@@ -109,6 +94,32 @@ class DeviceStepper:
             raise ValueError(f"A chunk runs 1..{self._max} steps, not {count}")
         return self._chunk(state, self._frozen, self._arrays, self._rng,
                            jnp.asarray(count, jnp.int32))
+
+
+def compiled_chunks(one: Callable, max_steps: int, mesh: Mesh) -> Callable:
+    """A jitted chunk(state, frozen, arrays, rng, count) -> (state, {metric: [max_steps, ...]}):
+    `one(state, frozen, arrays, rng) -> (state, metrics)` run `count` times in a
+    `lax.fori_loop` (the count is traced: one compilation serves every chunk length), its
+    metrics stored per step in a device buffer. `arrays` is a device cache's (sharded as
+    `device_cache.upload` places it), everything else replicated; the state is donated.
+    """
+
+    def chunk(state, frozen, arrays, rng, count):
+        shapes = jax.eval_shape(one, state, frozen, arrays, rng)[1]
+        buffer = {k: jnp.zeros((max_steps, *v.shape), v.dtype) for k, v in shapes.items()}
+
+        def body(i, carry):
+            state, buffer = carry
+            state, metrics = one(state, frozen, arrays, rng)
+            return state, {k: buffer[k].at[i].set(metrics[k]) for k in buffer}
+
+        return jax.lax.fori_loop(0, count, body, (state, buffer))
+
+    replicated = NamedSharding(mesh, P())
+    cache_sharding = NamedSharding(mesh, P(None, device_cache_lib.AXIS))
+    return jax.jit(chunk, in_shardings=(replicated, replicated, cache_sharding, replicated,
+                                        replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def chunk_ends(start: int, total: int, *every: int) -> Iterator[int]:

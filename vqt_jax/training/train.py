@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, methods, preparations, sampling
+from vqt_jax import checkpoints, compilation_cache, data, methods, preparations, sampling
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
@@ -91,11 +91,40 @@ def _eval_step(model):
         )
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
         m = batch["mask"]
-        # Per example: summed on the host in float64, the totals do not depend on the batch
-        # size (a float32 sum per batch would, in its last bits).
+        # Per example: summed on the host in float64 (`eval_totals`).
         return {"correct": correct * m, "loss": losses * m, "count": m}
 
     return step
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict]:
+    """This host's slices of the padded, masked evaluation batches of `config.split`."""
+    return data.make_eval_iterator(
+        config.task, config.data_dir, config.split,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
+        local_device_count=len(mesh.local_devices), round_resized=round_resized(config),
+    )
+
+
+def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> Any:
+    """Top-1, loss and count from per-batch, per-example `correct`/`loss`/`count` on the host.
+
+    The sums are taken in float64 (`math.fsum`), so they do not depend on the batch size (a
+    float32 sum per batch would, in its last bits). With `members`, `correct` and `loss` are
+    [members, B] per batch and one result per member is returned.
+    """
+    count = math.fsum(x for o in outs for x in np.asarray(o["count"], np.float64).ravel())
+
+    def totals(pick: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        sums = {k: math.fsum(x for o in outs for x in pick(np.asarray(o[k], np.float64)).ravel())
+                for k in ("correct", "loss")}
+        return {"top1": sums["correct"] / max(count, 1.0), "loss": sums["loss"] / max(count, 1.0),
+                "num_examples": int(count)}
+
+    if members is None:
+        return totals(lambda x: x)
+    return [totals(lambda x, j=j: x[j]) for j in range(members)]
 
 
 def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
@@ -106,28 +135,20 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     """
     batch_sharding = NamedSharding(mesh, P("data"))
     eval_fn = eval_fn or jax.jit(_eval_step(model))
-    it = data.make_eval_iterator(
-        config.task, config.data_dir, config.split,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        local_device_count=len(mesh.local_devices), round_resized=round_resized(config),
-    )
-    split_name = "val" if config.split == "val" else "test"
-    progress = Progress(f"Evaluating on {split_name}", num_examples, "images")
+    progress = Progress(f"Evaluating on {split_name(config)}", num_examples, "images")
     # Per-batch sums stay on the devices and are fetched once at the end (the host reads the
-    # next batch while the devices evaluate this one), then added in float64 on the host, so
-    # the result does not depend on the batch size.
+    # next batch while the devices evaluate this one).
     outs = []
-    for batch in it:
+    for batch in eval_batches(config, mesh):
         outs.append(eval_fn(variables, steppers.global_batch(batch, batch_sharding)))
         progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
-    host = cache_lib.fetch_rows(outs)
-    totals = {k: math.fsum(x for o in host for x in np.asarray(o[k], np.float64).ravel())
-              for k in ("correct", "loss", "count")}
-    count = max(totals["count"], 1.0)
-    return {"top1": totals["correct"] / count, "loss": totals["loss"] / count,
-            "num_examples": int(totals["count"])}
+    return eval_totals(cache_lib.fetch_rows(outs))
+
+
+def split_name(config: ml_collections.ConfigDict) -> str:
+    """The evaluation split's name: 'val' (val200) or 'test'."""
+    return "val" if config.split == "val" else "test"
 
 
 def default_cache_dir(workdir: str) -> str:
@@ -252,7 +273,7 @@ class RunPlan:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
+def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
              dry_run: bool = False) -> RunPlan:
     """Checks a run completely without compiling or writing anything (`main.py --dry_run`).
 
@@ -265,6 +286,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
       ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
     """
     config = methods.with_recipe(preparations.apply(config))
+    compilation_cache.enable(config.get("compilation_cache_dir"))
     mesh = make_mesh(config.get("num_devices", 0))
     config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
     data.validate(config.task, config.data_dir, config.split)
@@ -283,7 +305,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str, *,
         abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
         pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size,
                                       dont_load=dont_load(config))
-    change = workdir_lib.check(workdir, config)
+    change = None if workdir is None else workdir_lib.check(workdir, config)
     return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
                    notes)
 
@@ -299,6 +321,18 @@ def _with_pretrained(variables: dict, pretrained: dict | None) -> dict:
     return jax.tree.map(
         lambda fresh, loaded: fresh if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
         variables, pretrained)
+
+
+def init_variables(plan: RunPlan, seed: int) -> tuple[dict, jax.Array]:
+    """(the run's initial variables, replicated over the mesh; its training key) for `seed`:
+    the model initialised from the seed's key, then the checkpoint's leaves put in."""
+    replicated = NamedSharding(plan.mesh, P())
+    init_rng, train_rng = jax.random.split(jax.random.key(seed))
+    variables = jax.jit(plan.model.init, out_shardings=replicated)(
+        init_rng, _dummy_images(plan.config))
+    # Built from each host's own copy: device_put would all-gather every parameter to check
+    # that the hosts agree.
+    return checkpoints.place(_with_pretrained(variables, plan.pretrained), replicated), train_rng
 
 
 class NonFiniteError(FloatingPointError):
@@ -401,11 +435,7 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     cache_plan = plan_cache(config, model, num_train, workdir)
     replicated = NamedSharding(mesh, P())
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    variables = jax.jit(model.init, out_shardings=replicated)(init_rng, _dummy_images(config))
-    # Built from each host's own copy: device_put would all-gather every parameter to check
-    # that the hosts agree.
-    variables = checkpoints.place(_with_pretrained(variables, plan.pretrained), replicated)
+    variables, train_rng = init_variables(plan, config.seed)
 
     rule = trainable_lib.rule_for(config.method)
     trainable, frozen = trainable_lib.partition(variables, rule)
@@ -493,19 +523,13 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     variables = trainable_lib.merge(state.trainable, frozen)
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval)
-    split_name = "val" if config.split == "val" else "test"
-    writer.write_scalars(total_steps, {f"{split_name}/{k}": v for k, v in eval_metrics.items()})
+    writer.write_scalars(total_steps, {f"{split_name(config)}/{k}": v
+                                       for k, v in eval_metrics.items()})
     writer.flush()
-    results = {
-        "task": config.task, "split": config.split, "method": config.method,
-        "seed": config.seed, "lr": config.lr, "wd": config.wd, "steps": total_steps,
-        "top1": eval_metrics["top1"], "eval_loss": eval_metrics["loss"],
-        "num_eval_examples": eval_metrics["num_examples"],
-        "train_loss": train_metrics.get("loss"),
-        "num_trainable": int(sum(np.size(v) for v in state.trainable.values())),
-        "cached": cache is not None,
-        "cache_on_device": isinstance(stepper, steppers.DeviceStepper),
-    }
+    results = run_results(
+        config, steps=total_steps, eval_metrics=eval_metrics,
+        train_loss=train_metrics.get("loss"), num_trainable=count_params(state.trainable),
+        cached=cache is not None, cache_on_device=isinstance(stepper, steppers.DeviceStepper))
     if feature_heads.wanted(config):
         if cache is None and cache_plan is not None:
             cache = get_cache(cache_plan, config, model, variables, mesh)
@@ -525,6 +549,24 @@ def _run_locked(plan: RunPlan, workdir: str,
         workdir_lib.write_results(workdir, results)
     manager.close()
     return results, variables
+
+
+def count_params(trainable: dict) -> int:
+    """The number of trainable values (one run's, unstacked)."""
+    return int(sum(np.size(v) for v in trainable.values()))
+
+
+def run_results(config: ml_collections.ConfigDict, *, steps: int, eval_metrics: dict,
+                train_loss: float | None, num_trainable: int, cached: bool,
+                cache_on_device: bool) -> dict[str, Any]:
+    """What results.json reports of a run (before its feature heads and config are added)."""
+    return {
+        "task": config.task, "split": config.split, "method": config.method,
+        "seed": config.seed, "lr": config.lr, "wd": config.wd, "steps": steps,
+        "top1": eval_metrics["top1"], "eval_loss": eval_metrics["loss"],
+        "num_eval_examples": eval_metrics["num_examples"], "train_loss": train_loss,
+        "num_trainable": num_trainable, "cached": cached, "cache_on_device": cache_on_device,
+    }
 
 
 def _nonfinite(metrics: dict[str, float], step: int, start: int,

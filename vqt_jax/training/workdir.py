@@ -41,7 +41,7 @@ RESULTS_FILE = "results.json"
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
     "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_on_device",
-    "num_devices",
+    "num_devices", "compilation_cache_dir", "program_max_runs",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
     "prepare",
 })

@@ -1,0 +1,236 @@
+"""The whole VTAB-1k protocol of one task, run one by one and as one program per stage, timed.
+
+    python experiments/sweep_speed.py --json PATH [--setups demo,b16] [--epochs 20]
+        [--b16_epochs 2] [--workdir DIR]
+
+For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid
+on train -> val, the selected point retrained with 5 seeds on train+val -> test) twice in this
+process, each in a fresh workdir: first every run on its own (`program='sequential'`, how the
+protocol ran before), then each stage's runs as one program (`program='one'`). Both build
+their own caches and compile their own programs, so each time is the whole protocol: cache
+builds, training, evaluation. It reports both times and their ratio, whether the selection and
+the test top-1s are identical, and each time in *backbone-forward equivalents*: the time over
+that of one inference pass (the model's forward, images already in memory) over all the task's
+images (train + val + test), the floor any protocol that looks at every image must pay.
+
+Setups:
+  * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
+    112 px; its feature-head baselines off) for `--epochs` epochs.
+  * b16: ViT-B/16 at 224 px (random weights written as a big_vision .npz: time does not
+    depend on the values) on a Fashion-MNIST folder of 1000 train, 200 val and 1000 test images,
+    for `--b16_epochs` epochs.
+
+Persistent compilation caching is off for both runs (each pays its own compilations); the
+machine should be otherwise idle. `--tiny` runs a 2-layer model on a small folder (a check that
+the script works, no figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_collections
+
+from vqt_jax import protocol
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TASK = "folder"
+SEEDS = 5
+MODES = ("sequential", "one")
+
+
+def demo_config(epochs: int) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
+    """configs/demo.py, with its baselines off, `epochs` epochs and a tenth of them warm-up."""
+    return protocol.load_config_fn(CONFIGS / "demo.py"), {
+        "epochs": epochs, "warmup_epochs": epochs // 10, "baselines": ()}
+
+
+def b16_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
+    """configs/vtab.py's folder task at ViT-B/16 224 px on a 1000/200/1000 Fashion-MNIST folder,
+    from random weights written once as a big_vision .npz under `root`."""
+    from vqt_jax.data import fashion_mnist  # noqa: PLC0415
+
+    data_dir = os.path.join(root, "fashion_mnist_1000_200_1000")
+    if not os.path.isdir(data_dir):
+        fashion_mnist.write_vtab_style_subset(data_dir, num_train=1000, num_val=200,
+                                              num_test=1000)
+    init = os.path.join(root, "b16_random.npz")
+    if not os.path.exists(init):
+        _write_random_npz(init, "B/16", 224)
+    return protocol.load_config_fn(CONFIGS / "vtab.py"), {
+        "epochs": epochs, "warmup_epochs": epochs // 10, "data_dir": data_dir, "init": init,
+        "cache_dtype": "bfloat16",
+        "normalization": "imagenet"}
+
+
+def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.ConfigDict],
+                                                  dict]:
+    """ViT-Ti/16 at 32 px on a 27-image folder (`--tiny`)."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    data_dir = os.path.join(root, "tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        for c in range(3):
+            os.makedirs(os.path.join(data_dir, split, f"c{c}"), exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                img[..., c] = 240
+                Image.fromarray(img).save(os.path.join(data_dir, split, f"c{c}", f"{i}.png"))
+    init = os.path.join(root, "ti16.npz")
+    _write_random_npz(init, "Ti/16", 32)
+    return protocol.load_config_fn(CONFIGS / "vtab.py"), {
+        "epochs": epochs, "warmup_epochs": 1, "data_dir": data_dir, "init": init,
+        "image_size": 32,
+        "batch_size": 8, "eval_batch_size": 8, "model.variant": "Ti/16"}
+
+
+def _write_random_npz(path: str, variant: str, image_size: int) -> None:
+    """A big_vision-layout .npz of a randomly initialised backbone (no head)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from vqt_jax.models import create_model  # noqa: PLC0415
+    from vqt_jax.training import trainable  # noqa: PLC0415
+
+    vit = create_model(variant, num_classes=0)
+    params = jax.jit(vit.init)(jax.random.key(0),
+                               jnp.zeros((1, image_size, image_size, 3)))["params"]
+    flat = {k: np.asarray(v) for k, v in trainable.flatten(params).items()}
+    np.savez(path, **flat)
+
+
+def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
+    """(seconds of one inference pass over the task's train, val and test images, images):
+    the model's forward over batches already normalised in memory; median of 2 after one
+    that compiles."""
+    import jax  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    from vqt_jax import cache as cache_lib  # noqa: PLC0415
+    from vqt_jax import data  # noqa: PLC0415
+    from vqt_jax.training import steppers, train  # noqa: PLC0415
+
+    config = protocol.apply_overrides(config_fn(TASK), overrides)
+    plan = train.plan_run(config, None)
+    config = plan.config
+    variables, _ = train.init_variables(plan, 0)
+    norm = data.as_normalization(config.normalization)
+    batch = config.eval_batch_size or config.batch_size
+    sharding = NamedSharding(plan.mesh, P("data"))
+    # train + val as training loads them, test as evaluation does (the same preprocessing).
+    train_val = data.load_train_examples(TASK, config.data_dir, "test", config.image_size,
+                                         protocol.round_resized(config))[0]
+    batches = [{"image": data.normalize_array(local["image"], norm)} for _, local in
+               cache_lib.host_batches(len(train_val), batch, lambda sl: {
+                   "image": train_val[sl]}, sharding=sharding)]
+    batches += [{"image": b["image"]} for b in train.eval_batches(config, plan.mesh)]
+    batches = [steppers.global_batch(b, sharding)["image"] for b in batches]
+    fn = cache_lib.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
+
+    def run_pass() -> None:
+        jax.block_until_ready([fn(variables, x) for x in batches])
+
+    run_pass()  # compiles
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        run_pass()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), len(train_val) + plan.num_eval
+
+
+def measure(name: str, config_fn, overrides: dict, workdir: str) -> dict:
+    """Both protocols of one setup, timed, compared, and the forward pass."""
+    overrides = {**overrides, "compilation_cache_dir": ""}
+    out: dict = {"setup": name, "epochs": overrides["epochs"], "seeds": SEEDS}
+    results = {}
+    for mode in MODES:
+        start = time.perf_counter()
+        results[mode] = protocol.run_sweep(
+            [TASK], os.path.join(workdir, name, mode), base_config_fn=config_fn,
+            method="vqt", num_seeds=SEEDS, overrides=overrides,
+            task_groups={TASK: protocol.FOLDER_GROUP}, program=mode)[0]
+        out[f"{mode}_s"] = round(time.perf_counter() - start, 1)
+    seq, one = results["sequential"], results["one"]
+    grid = protocol.grid_for("vqt")
+    out.update(
+        runs=len(grid.base_lrs) * len(grid.wds) + SEEDS,
+        ratio=round(out["sequential_s"] / out["one_s"], 2),
+        selected={"lr": one.lr, "wd": one.wd, "val_top1": one.val_top1},
+        test_top1=list(one.test_top1),
+        identical_selection=(seq.lr, seq.wd, seq.val_top1) == (one.lr, one.wd, one.val_top1),
+        identical_test_top1=seq.test_top1 == one.test_top1,
+        sequential_test_top1=list(seq.test_top1))
+    forward_s, images = forward_pass_seconds(config_fn, overrides)
+    out.update(forward_pass_s=round(forward_s, 2), images=images,
+               sequential_forward_equivalents=round(out["sequential_s"] / forward_s, 1),
+               one_forward_equivalents=round(out["one_s"] / forward_s, 1))
+    return out
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| setup | epochs | one by one | one program | ratio | identical selection / "
+             "test | forward pass (all images) | one by one, forwards | one program, forwards |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['epochs']} | {r['sequential_s']:.0f} s | {r['one_s']:.0f} s | "
+            f"{r['ratio']:.1f}x | {r['identical_selection']} / {r['identical_test_top1']} | "
+            f"{r['forward_pass_s']:.1f} s ({r['images']} images) | "
+            f"{r['sequential_forward_equivalents']:.0f} | {r['one_forward_equivalents']:.1f} |")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (README's `python experiments/sweep_speed.py --json PATH`)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setups", default="demo,b16", help="comma-separated: demo, b16")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the demo setup")
+    p.add_argument("--b16_epochs", type=int, default=2, help="epochs of the b16 setup")
+    p.add_argument("--workdir", help="where the sweeps run (default: a temporary directory)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and folder (no figures)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    from absl import logging  # noqa: PLC0415
+
+    logging.set_verbosity(logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="sweep_speed_") as tmp:
+        workdir = args.workdir or tmp
+        os.makedirs(workdir, exist_ok=True)
+        setups = {
+            "demo": lambda: demo_config(args.epochs),
+            "b16": lambda: b16_config(args.b16_epochs, workdir),
+            "tiny": lambda: tiny_config(2, workdir),
+        }
+        names = ["tiny"] if args.tiny else [s.strip() for s in args.setups.split(",")]
+        unknown = [n for n in names if n not in setups]
+        if unknown:
+            raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16")
+        rows = []
+        for name in names:
+            config_fn, overrides = setups[name]()
+            rows.append(measure(name, config_fn, overrides, workdir))
+            print(report(rows), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""One program per protocol stage (vqt_jax/training/stacked.py) against the runs one by one.
+
+The same tiny task is swept twice, once with every run trained on its own (the trainer of
+`main.py`) and once with each stage's runs as one program: every run's train loss, eval loss
+and top-1, the selection and the test numbers must agree. The grid holds a point that diverges
+(lr 1e38), so exclusion is compared too, and a killed stage must resume to the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import train_utils
+from vqt_jax import methods, protocol
+from vqt_jax.training import checkpointing, stacked
+from vqt_jax.training.train import train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = protocol.Grid(base_lrs=(1e38, 0.02), wds=(0.01, 0.0), reference_batch_size=8)
+NUM_SEEDS = 2
+KEYS = ("task", "split", "method", "seed", "lr", "wd", "steps", "num_eval_examples",
+        "num_trainable", "cached")
+
+
+def base_config(data_dir: str, method: str):
+    c = train_utils.tiny_config(data_dir=data_dir, batching="epoch", epochs=2, warmup_epochs=1)
+    c.task, c.method = "folder", method
+    c = methods.with_recipe(c)
+    c.batch_size = 8  # the grid's reference batch: lrs as written
+    return c
+
+
+def sweep(base, workdir: Path, program: bool) -> tuple[protocol.TaskResult, list[str]]:
+    """The protocol on the tiny task: each stage as one program, or every run on its own."""
+    lines: list[str] = []
+    stage_fn = protocol.program_stage_fn(strict=True, log=lines.append) if program else None
+    dirs = protocol.task_run_dirs(workdir, "folder", GRID, base.batch_size, NUM_SEEDS)
+    progress = protocol.SweepProgress(dirs, log=lines.append)
+    result = protocol.sweep_task("folder", "custom", base, workdir, grid=GRID,
+                                 num_seeds=NUM_SEEDS, train_fn=train_and_evaluate,
+                                 progress=progress, stage_fn=stage_fn)
+    return result, lines
+
+
+class CompileLog(logging.Handler):
+    """Collects jax's 'Finished XLA compilation of jit(NAME)' lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record):
+        text = record.getMessage()
+        if text.startswith("Finished XLA compilation of jit("):
+            self.names.append(text.split("jit(", 1)[1].split(")", 1)[0])
+
+
+@pytest.fixture(scope="module", params=["vqt", "linear"])
+def sweeps(request, tmp_path_factory):
+    """(root, method, {mode: (TaskResult, log lines, compiled jit names)})."""
+    import jax
+
+    root = tmp_path_factory.mktemp(f"stacked_{request.param}")
+    data = train_utils.make_image_folder(root / "data")
+    base = base_config(data, request.param)
+    out = {}
+    for mode in ("sequential", "one"):
+        handler = CompileLog()
+        logger = logging.getLogger("jax")
+        logger.addHandler(handler)
+        try:
+            with jax.log_compiles(True):
+                result, lines = sweep(base, root / mode, mode == "one")
+        finally:
+            logger.removeHandler(handler)
+        out[mode] = (result, lines, handler.names)
+    return root, request.param, out
+
+
+def run_dirs(root: Path, mode: str) -> list[Path]:
+    return protocol.task_run_dirs(root / mode, "folder", GRID, 8, NUM_SEEDS)
+
+
+def test_every_run_equals_its_sequential_run(sweeps):
+    root, _, _ = sweeps
+    compared = diverged = 0
+    for seq_dir, one_dir in zip(run_dirs(root, "sequential"), run_dirs(root, "one"),
+                                strict=True):
+        if (seq_dir / protocol.FAILED_MARKER).is_file():
+            assert (one_dir / protocol.FAILED_MARKER).is_file(), one_dir
+            assert not (one_dir / "results.json").exists()
+            diverged += 1
+            continue
+        a = json.loads((seq_dir / "results.json").read_text())
+        b = json.loads((one_dir / "results.json").read_text())
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, one_dir
+        for k in ("train_loss", "eval_loss"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (one_dir, k, a[k], b[k])
+        assert a["top1"] == b["top1"], one_dir
+        assert b["program"]["runs"] in (len(GRID.points(8)), NUM_SEEDS)
+        # Each run records its own whole config (the sweeps' workdirs, and so caches, differ).
+        same = {k: v for k, v in a["config"].items() if k != "cache_dir"}
+        assert {k: b["config"][k] for k in same} == same
+        assert json.loads((one_dir / "config.json").read_text()) == b["config"]
+        assert (one_dir / "metrics.jsonl").read_text().count("train/loss") >= 1
+        compared += 1
+    assert compared == 2 + NUM_SEEDS and diverged == 2  # lr 1e38 diverges at both wds
+
+
+def test_selection_and_test_numbers_are_identical(sweeps):
+    root, _, out = sweeps
+    assert out["one"][0] == out["sequential"][0]
+    selections = [json.loads((root / m / "folder" / "selection.json").read_text())
+                  for m in ("sequential", "one")]
+    assert selections[0] == selections[1]
+    # Not a trivial task: the grid points differ on val, and each seed trained its own run.
+    assert len({p["val_top1"] for p in selections[0]["grid"]}) > 1
+    losses = [json.loads((d / "results.json").read_text())["eval_loss"]
+              for d in run_dirs(root, "one")[-NUM_SEEDS:]]
+    assert len(set(losses)) == NUM_SEEDS
+
+
+def test_each_stage_is_one_program_compiled_once(sweeps):
+    _, _, out = sweeps
+    lines = out["one"][1]
+    assert f"folder: the grid on val: {len(GRID.points(8))} runs as one program" in lines
+    assert f"folder: the seeds on test: {NUM_SEEDS} runs as one program" in lines
+    assert any(line.startswith("run 1 of 6: folder") and "trained in the program above" in line
+               for line in lines)
+    # One training loop and one evaluation per stage, against one per run one by one.
+    one, seq = out["one"][2], out["sequential"][2]
+    assert one.count("chunk") == 2, one
+    assert one.count("fn") == 2, one
+    assert seq.count("chunk") == len(GRID.points(8)) + NUM_SEEDS
+
+
+@pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
+def test_a_killed_stage_resumes_to_the_same_numbers(sweeps, tmp_path, monkeypatch):
+    root, method, _ = sweeps
+    base = base_config(str(root / "data"), method)
+    save = checkpointing.save
+
+    def save_then_die(manager, step, state):
+        save(manager, step, state)
+        if step == 4:
+            raise KeyboardInterrupt("killed after the checkpoint of step 4")
+
+    monkeypatch.setattr(checkpointing, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(base, tmp_path, True)
+    monkeypatch.setattr(checkpointing, "save", save)
+    assert not any((d / "results.json").exists() for d in run_dirs(tmp_path.parent, tmp_path.name))
+    _, lines = sweep(base, tmp_path, True)
+    assert "4 runs of folder (val) as one program: 6 steps each, resuming from step 4" in lines
+    for resumed, whole in zip(run_dirs(tmp_path.parent, tmp_path.name), run_dirs(root, "one"),
+                              strict=True):
+        if (whole / protocol.FAILED_MARKER).is_file():
+            assert (resumed / protocol.FAILED_MARKER).is_file()
+            continue
+        a, b = (json.loads((d / "results.json").read_text()) for d in (resumed, whole))
+        assert (a["train_loss"], a["eval_loss"], a["top1"]) == (
+            b["train_loss"], b["eval_loss"], b["top1"]), resumed
+
+
+def tiny_configs(method: str = "vqt", n: int = 2, **fields):
+    base = train_utils.tiny_config(data_dir="/nonexistent", **fields)
+    base.method = method
+    out = []
+    for i in range(n):
+        c = base.copy_and_resolve_references()
+        c.lr = 0.1 * (i + 1)
+        out.append(c)
+    return out
+
+
+def test_why_not_names_what_keeps_runs_apart():
+    assert stacked.why_not(tiny_configs()) is None
+    assert "adapts the backbone" in stacked.why_not(tiny_configs("vpt_deep"))
+    assert "adapts the backbone" in stacked.why_not(tiny_configs("lora"))
+    assert "config.cache='off'" in stacked.why_not(tiny_configs(cache="off"))
+    assert "cache_on_device='off'" in stacked.why_not(tiny_configs(cache_on_device="off"))
+    seeds = tiny_configs(init="")
+    seeds[1].lr, seeds[1].seed = seeds[0].lr, 1
+    assert "random initialisation" in stacked.why_not(seeds)
+    seeds[1].seed = 0
+    assert stacked.why_not(seeds) is None  # the grid: one seed, one random backbone
+    other = tiny_configs()
+    other[1].epochs = 9
+    with pytest.raises(ValueError, match="differ only in .*also differ in \\['epochs'\\]"):
+        stacked.why_not(other)
+
+
+def test_program_one_refuses_and_auto_falls_back(tmp_path):
+    configs = tiny_configs("vpt_deep")
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ValueError, match="program='one' but .*adapts the backbone"):
+        protocol.program_stage_fn(strict=True)(configs, dirs, True)
+    lines: list[str] = []
+    assert protocol.program_stage_fn(log=lines.append)(configs, dirs, True) is None
+    assert lines == ["Training these runs one by one: method 'vpt_deep' adapts the backbone, so "
+                     "every run needs its own backbone passes"]
+    assert not any(d.exists() for d in dirs)
+
+
+def test_persistent_compilation_cache_serves_a_rerun(tmp_path):
+    """A run with config.compilation_cache_dir fills that directory; a run of the same shapes
+    in a new process (and workdir) loads its programs from there instead of compiling."""
+    data = train_utils.make_image_folder(tmp_path / "data")
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    code = (
+        "import sys, jax.monitoring as m\n"
+        "events = []\n"
+        "m.register_event_listener(lambda name, **kw: events.append(name))\n"
+        "from vqt_jax import cli\n"
+        "assert cli.run(sys.argv[1:]) == 0\n"
+        "print('HITS', events.count('/jax/compilation_cache/cache_hits'),"
+        " events.count('/jax/compilation_cache/compile_requests_use_cache'))\n")
+
+    def run(workdir: str) -> tuple[int, int, set[str]]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, "main.py", f"--config=tests/tiny_config.py:{data}",
+             f"--workdir={tmp_path / workdir}", f"--config.compilation_cache_dir={cache}"],
+            cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+        hits, requests = map(int, out.split("HITS")[1].split())
+        return hits, requests, set(os.listdir(cache))
+
+    hits, requests, first = run("a")
+    assert hits == 0 and requests > 3 and len(first) > 3
+    hits, requests, second = run("b")
+    assert hits == requests and second == first
+
+
+@pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
+def test_a_stage_too_large_runs_as_several_programs(sweeps, tmp_path, monkeypatch):
+    """config.program_max_runs=3 cuts the 4-point grid into 3 + 1; the first program is then
+    found too large for the devices (`fits`, forced here) and halved: 1 + 2 + 1 programs, the
+    same numbers as the runs one by one."""
+    root, method, _ = sweeps
+    base = base_config(str(root / "data"), method)
+    base.program_max_runs = 3
+    calls = []
+
+    def fits(compiled, mesh):
+        calls.append(compiled)
+        return "too large (forced by the test)" if len(calls) == 1 else None
+
+    monkeypatch.setattr(stacked, "fits", fits)
+    _, lines = sweep(base, tmp_path, True)
+    assert "3 runs as one program: too large (forced by the test); splitting them in two" in lines
+    programs = [line for line in lines if " runs of folder (" in line]
+    assert [p.split(" runs")[0] for p in programs] == ["1", "2", "1", "2"], programs
+    for mine, seq in zip(run_dirs(tmp_path.parent, tmp_path.name), run_dirs(root, "sequential"),
+                         strict=True):
+        if (seq / protocol.FAILED_MARKER).is_file():
+            assert (mine / protocol.FAILED_MARKER).is_file()
+            continue
+        a, b = (json.loads((d / "results.json").read_text()) for d in (mine, seq))
+        assert a["top1"] == b["top1"]
+        assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-5, abs_tol=1e-6)

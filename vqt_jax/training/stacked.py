@@ -1,0 +1,555 @@
+"""Many runs of one frozen backbone trained and evaluated as one program (a protocol *stage*).
+
+The VTAB-1k protocol (`vqt_jax.protocol`) trains one method on one task 25 times: 20 (lr, wd)
+grid points on train800 -> val200, then 5 seeds of the selected point on train800val200 ->
+test. When the method leaves the backbone frozen (`methods.Method.cache`: VQT, linear probing,
+Head2Toe) all of them read the same backbone outputs, so each stage's runs (its *members*)
+run here together:
+
+* Training: the members' trainable states are stacked on a leading axis, and their learning
+  rates and weight decays are inputs of the program (traced, not constants), so one
+  compilation serves every member and every chunk length. Each step `vmap`s the method's own
+  step (`train_step`, the same optimiser and schedule) over the members, in compiled chunks
+  over the device-resident cache (`device_cache`, `steppers.compiled_chunks`). The batch is
+  gathered once for all members when they share a seed (the grid), else once per member (the
+  seeds: each keeps its own init, dropout stream and example order, as its own run would).
+* Evaluation: each batch of the evaluation split goes through the backbone once; every
+  member's query path and head read that pass's keys/values (or features).
+* One cache for both stages: train800val200's. Its first rows are train800 (TFDS and image
+  folders list train800 first), so the grid trains from them (`cache.first_rows`) and no
+  train800 cache is built. Together with the single evaluation passes the backbone runs once
+  over train800val200, once over val200 and once over test per task.
+
+Each member's directory gets what `train.train_and_evaluate` would have written there
+(config.json, metrics, results.json with the same fields, plus `program`), with the same
+numbers up to float rounding (tests/test_stacked.py compares them with sequential runs). The
+stage checkpoints its stacked state under its own directory (named by its members) and resumes
+from there. Stages that cannot run this way say why (`Unstackable`) before anything is written,
+and the protocol trains their runs one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vqt_jax import cache as cache_lib
+from vqt_jax import checkpoints, data, methods, sampling
+from vqt_jax import device_cache as device_cache_lib
+from vqt_jax.models import ViT
+from vqt_jax.progress import Progress
+from vqt_jax.protocol import batching
+from vqt_jax.training import (
+    checkpointing,
+    feature_heads,
+    metrics_io,
+    optim,
+    steppers,
+    train,
+    train_step,
+)
+from vqt_jax.training import trainable as trainable_lib
+from vqt_jax.training import workdir as workdir_lib
+
+# What may differ between the members of a stage.
+MEMBER_FIELDS = ("lr", "wd", "seed")
+# The split whose training cache serves both stages (train800val200).
+CACHE_SPLIT = "test"
+# The stage's own directory under its members' parent: checkpoints of the stacked state.
+STAGE_PREFIX = "program-"
+
+
+class Unstackable(ValueError):
+    """A stage cannot run as one program (the reason is the message); nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One run of a stage: its config (the stage's, with its own lr, wd and seed) and its
+    directory."""
+
+    config: ml_collections.ConfigDict
+    run_dir: str
+
+
+def why_not(configs: Sequence[ml_collections.ConfigDict]) -> str | None:
+    """Why these runs cannot be one program (from their configs alone), or None.
+
+    Raises:
+      ValueError: if the configs differ in more than `MEMBER_FIELDS` (a caller's mistake).
+    """
+    base = configs[0]
+    for c in configs[1:]:
+        diff = workdir_lib.differences(_shared(base), _shared(c))
+        if diff:
+            raise ValueError(f"Runs of one program may differ only in {MEMBER_FIELDS}; these "
+                             f"also differ in {sorted(diff)}")
+    if methods.get(base.method).cache is None:
+        return (f"method {base.method!r} adapts the backbone, so every run needs its own "
+                "backbone passes")
+    if base.get("cache", "off") == "off":
+        return "config.cache='off' (one program trains from the cache)"
+    if base.get("cache_on_device", "auto") == "off":
+        return "config.cache_on_device='off' (one program trains from the device cache)"
+    if base.split not in ("val", "test"):
+        return f"config.split={base.split!r}"
+    if not base.init and len({c.seed for c in configs}) > 1:
+        return ("without config.init every seed's backbone is its own random initialisation, "
+                "so the seeds share no backbone pass")
+    return None
+
+
+def _shared(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    d = workdir_lib.as_dict(config)
+    return {k: v for k, v in d.items() if k not in MEMBER_FIELDS}
+
+
+def stage_dir(members: Sequence[Member]) -> str:
+    """The stage's directory: beside its members' directories, named by what they are."""
+    key = json.dumps([[m.config.lr, m.config.wd, m.config.seed, os.path.basename(m.run_dir)]
+                      for m in members])
+    parent = os.path.dirname(os.path.normpath(members[0].run_dir))
+    return os.path.join(parent, STAGE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What a stage holds once planned (before training)."""
+
+    plan: train.RunPlan
+    configs: list[ml_collections.ConfigDict]  # each member's, as its run would record it
+    cache: cache_lib.Cache  # the training rows
+    variables0: dict  # the first member's full variables (the backbone pass's)
+    frozen: dict
+    state: train_step.TrainState  # stacked
+    rngs: jax.Array  # [S] training keys
+    total_steps: int
+    unit_schedule: Callable[[jax.Array], jax.Array]
+    template: dict
+
+
+def _plan(members: Sequence[Member]) -> _Setup:
+    """Checks, opens (or builds) the cache and initialises every member; raises Unstackable."""
+    configs = [m.config for m in members]
+    why = why_not(configs)
+    if why:
+        raise Unstackable(why)
+    plan = train.plan_run(configs[0], None)
+    for m in members:  # each member's directory must accept its config (like its own run)
+        workdir_lib.check(m.run_dir, _member_config(plan.config, m.config))
+    config = plan.config
+    cache_config = copy.deepcopy(config)
+    cache_config.split = CACHE_SPLIT
+    num_rows = data.get_num_examples(config.task, config.data_dir, CACHE_SPLIT, "train")
+    if config.split == "val":
+        val200 = data.get_num_examples(config.task, config.data_dir, "val", "eval")
+        if num_rows != plan.num_train + val200:
+            raise Unstackable(f"train800val200 has {num_rows} examples, not train800's "
+                              f"{plan.num_train} + val200's {val200}")
+    cache_plan = train.plan_cache(cache_config, plan.model, num_rows,
+                                  os.path.dirname(stage_dir(members)))
+    if cache_plan is None:
+        raise Unstackable("the run would train without a cache (see the line above)")
+
+    seeds = [m.config.seed for m in members]
+    inits = {s: train.init_variables(plan, s) for s in dict.fromkeys(seeds)}
+    rule = trainable_lib.rule_for(config.method)
+    parts = {s: trainable_lib.partition(v, rule) for s, (v, _) in inits.items()}
+    variables0 = inits[seeds[0]][0]
+    full = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh)
+    if full is None:
+        raise Unstackable("the cache could not be built (see the line above)")
+    cache = cache_lib.first_rows(full, plan.num_train)
+    fields = _fields(cache)
+    rows = plan.config.batch_size * (1 if len(set(seeds)) == 1 else len(members))
+    why = device_cache_lib.why_not(cache.spec, fields, plan.mesh, rows)
+    if not cache_lib.all_hosts(why is None):
+        raise Unstackable(f"the cache does not fit the devices: "
+                          f"{why or 'another host cannot hold it'}")
+
+    frozen = parts[seeds[0]][1]
+    unit, total_steps = optim.training_schedule(
+        1.0, num_examples=plan.num_train, batch_size=config.batch_size, epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs, batching=batching(config),
+        per_epoch=config.get("schedule_per_epoch", True))
+    template = parts[seeds[0]][0]
+    tx = _optimizer(config, template, unit, 1.0, 0.0)
+    states = [train_step.TrainState(jnp.zeros((), jnp.int32), parts[s][0],
+                                    tx.init(parts[s][0])) for s in seeds]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    replicated = NamedSharding(plan.mesh, P())
+    state = checkpoints.place(jax.device_get(stacked), replicated)
+    rngs = jax.device_put(jnp.stack([inits[s][1] for s in seeds]), replicated)
+    return _Setup(plan, [_member_config(config, m.config) for m in members], cache, variables0,
+                  frozen, state, rngs, total_steps, unit, template)
+
+
+def _member_config(config: ml_collections.ConfigDict,
+                   member: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    out = copy.deepcopy(config)
+    for k in MEMBER_FIELDS:
+        out[k] = member[k]
+    return out
+
+
+def _fields(cache: cache_lib.Cache) -> list[str]:
+    return [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
+
+
+def _optimizer(config, template, unit, lr, wd):
+    """The run's optimiser with peak lr `lr` and decay `wd` (traced values inside the program):
+    the same transformation `train` builds from constants."""
+    return optim.make_optimizer(lambda step: lr * unit(step), wd, template,
+                                train.optimizer_name(config))
+
+
+def _member_step(setup: _Setup):
+    """step(hp, state, frozen, batch, rng) of one member: `train`'s step with its lr and wd."""
+    config, model = setup.plan.config, setup.plan.model
+
+    def step(hp, state, frozen, batch, rng):
+        def schedule(s):
+            return hp["lr"] * setup.unit_schedule(s)
+
+        tx = _optimizer(config, setup.template, setup.unit_schedule, hp["lr"], hp["wd"])
+        inner = train_step.make_train_step(model, tx, from_cache=True)
+        return train_step.make_state_step(inner, schedule)(state, frozen, batch, rng)
+
+    return step
+
+
+class _Stepper:
+    """Chunks of steps of every member as one compiled loop over the device cache."""
+
+    def __init__(self, setup: _Setup, dcache: device_cache_lib.DeviceCache, seeds: list[int],
+                 max_steps: int):
+        config, mesh = setup.plan.config, setup.plan.mesh
+        n, b, s = dcache.num_examples, config.batch_size, len(seeds)
+        names = [*_fields(setup.cache), "label"]
+        shared = len(set(seeds)) == 1
+        member = jax.vmap(_member_step(setup), in_axes=(0, 0, None, None if shared else 1, 0))
+        batch_sharding = NamedSharding(mesh, P("data"))
+        kwargs = dict(num_examples=n, batch_size=b, batching=batching(config))
+
+        def one(state, constants, arrays, rng):
+            frozen, hp, seed = constants
+            step = state.step[0]  # every member is at the same step
+            arrays = {k: arrays[k] for k in names}
+            if shared:
+                index, mask = sampling.batch_indices(step, seed[0], **kwargs)
+                batch = device_cache_lib.gather(arrays, index, mesh)
+            else:
+                # One gather of every member's rows, batch slot major, so each device's
+                # share is whole slots of every member: [B * S] -> [B, S, ...].
+                index, mask = jax.vmap(lambda sd: sampling.batch_indices(step, sd, **kwargs))(
+                    seed)
+                rows = device_cache_lib.gather(arrays, index.T.reshape(-1), mesh)
+                batch = {k: v.reshape(b, s, *v.shape[1:]) for k, v in rows.items()}
+                mask = mask.T
+            batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
+            return member(hp, state, frozen, batch, rng)
+
+        replicated = NamedSharding(mesh, P())
+        hp = {"lr": np.asarray([c.lr for c in setup.configs], np.float32),
+              "wd": np.asarray([c.wd for c in setup.configs], np.float32)}
+        self._constants = jax.device_put(
+            (setup.frozen, hp, np.asarray(seeds, np.int32)), replicated)
+        self._arrays, self._rngs, self._max = dcache.arrays, setup.rngs, max_steps
+        # Compiled ahead of the first call, so that a program too large for the devices is
+        # known before anything is written (`fits`).
+        self._chunk = steppers.compiled_chunks(one, max_steps, mesh).lower(
+            setup.state, self._constants, self._arrays, self._rngs,
+            jnp.asarray(1, jnp.int32)).compile()
+
+    @property
+    def compiled(self) -> Any:
+        return self._chunk
+
+    def advance(self, state, count: int):
+        return self._chunk(state, self._constants, self._arrays, self._rngs,
+                           jnp.asarray(count, jnp.int32))
+
+
+def fits(compiled: Any, mesh) -> str | None:
+    """Why a compiled program does not fit the devices' memory, or None (it fits, or the
+    device does not report its memory, as a CPU does): its arguments (the device cache
+    included), outputs and temporaries per device (`memory_analysis`), against 0.9 of a
+    device's memory."""
+    try:
+        limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        limit = None
+    if not limit:
+        return None
+    m = compiled.memory_analysis()
+    need = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+    if need > 0.9 * limit:
+        return (f"the program needs {cache_lib.format_size(need)} per device, over 0.9 of its "
+                f"{cache_lib.format_size(limit)}")
+    return None
+
+
+def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool):
+    """fn(variables0, trainables, frozen, batch) -> per-example outputs of every member: one
+    backbone pass (`ViT.cache_features`), then each member's query path and head on it."""
+    model = setup.plan.model
+
+    def fn(variables0, trainables, frozen, batch):
+        feats = model.apply(variables0, batch["image"], method=ViT.cache_features)
+        inputs = {k: feats[k] for k in fields}
+
+        def member(trainable):
+            out = model.apply(trainable_lib.merge(trainable, frozen), inputs,
+                              method=ViT.features_from_cache)
+            logits = out["logits"].astype(jnp.float32)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+            m = batch["mask"]
+            kept = {"correct": correct * m, "loss": losses * m}
+            if keep_features:
+                kept["pre_logits"] = out["pre_logits"]
+            return kept
+
+        out = jax.vmap(member)(trainables)
+        out["count"] = batch["mask"]
+        if keep_features:
+            out.update({k: feats[k] for k in ("cls", "pooled")}, label=batch["label"])
+        return out
+
+    mesh = setup.plan.mesh
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    per_member = NamedSharding(mesh, P(None, "data"))
+    shardings = {"correct": per_member, "loss": per_member, "count": rows}
+    if keep_features:
+        shardings.update(pre_logits=per_member, cls=rows, pooled=rows, label=rows)
+    return jax.jit(fn, in_shardings=(replicated, replicated, replicated, rows),
+                   out_shardings=shardings)
+
+
+def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
+    """Every member's eval metrics (and features for the feature heads) in one pass."""
+    config, mesh = setup.plan.config, setup.plan.mesh
+    fn = _eval_fn(setup, _fields(setup.cache), keep_features)
+    sharding = NamedSharding(mesh, P("data"))
+    progress = Progress(f"Evaluating {len(setup.configs)} runs on {train.split_name(config)} "
+                        "(one backbone pass)", setup.plan.num_eval, "images")
+    outs = []
+    for batch in train.eval_batches(config, mesh):
+        outs.append(fn(setup.variables0, trainables, setup.frozen,
+                       steppers.global_batch(batch, sharding)))
+        progress.update(int(batch["mask"].sum()) * jax.process_count())
+    progress.done()
+    host = cache_lib.fetch_rows(outs)
+    metrics = train.eval_totals(host, members=len(setup.configs))
+    if not keep_features:
+        return metrics, None
+    keep = np.concatenate([o["count"] for o in host]) > 0
+    shared = {k: np.concatenate([o[k] for o in host])[keep] for k in ("cls", "pooled", "label")}
+    pre = np.concatenate([o["pre_logits"] for o in host], axis=1)[:, keep]
+    return metrics, [{**shared, "pre_logits": p} for p in pre]
+
+
+def _unstack(tree: Any, j: int) -> Any:
+    return jax.tree.map(lambda x: x[j], tree)
+
+
+def _problem(metrics: dict[str, float], max_loss: float) -> str | None:
+    loss = metrics["loss"]
+    if not math.isfinite(loss):
+        return f"Training loss is {loss}"
+    if loss > max_loss:
+        return f"Training loss is {loss:.4g}, over config.max_loss={max_loss:g} (diverged)"
+    if not metrics["state_finite"]:
+        return "The trained parameters or optimiser state became non-finite"
+    return None
+
+
+def run_stage(members: Sequence[Member], *, may_diverge: bool = True,
+              log: Callable[[str], None] = logging.info) -> list[dict | FloatingPointError]:
+    """Trains and evaluates `members` as one program; writes each member's run directory.
+
+    A stage larger than `config.program_max_runs` (0: no limit), or whose program does not fit
+    the devices' memory (`fits`), runs as several programs of consecutive members, halved
+    until each fits.
+
+    Args:
+      members: the stage's runs: configs that differ only in lr, wd and seed, split 'val'
+        (trained on train800, evaluated on val200) or 'test' (train800val200 -> test).
+      may_diverge: a member whose loss or state goes bad is reported as a FloatingPointError in
+        its place (the grid); False: the stage stops with that error (the seeds), as the
+        protocol's sequential runs do.
+      log: where the stage's progress lines go.
+
+    Returns:
+      Per member, its results (as `train.train_and_evaluate` returns them) or the error that
+      excluded it.
+
+    Raises:
+      Unstackable: before anything is written, when the stage cannot be one program.
+    """
+    limit = members[0].config.get("program_max_runs", 0) or len(members)
+    groups = [list(members[i:i + limit]) for i in range(0, len(members), limit)]
+    out: list[dict | FloatingPointError] = []
+    while groups:
+        group = groups.pop(0)
+        try:
+            out += _run_group(group, may_diverge, log)
+        except _TooBig as e:
+            if len(group) == 1:
+                raise Unstackable(f"one run alone: {e}") from None
+            half = len(group) // 2
+            log(f"{len(group)} runs as one program: {e}; splitting them in two")
+            groups[:0] = [group[:half], group[half:]]
+    return out
+
+
+class _TooBig(Exception):
+    """A group's program does not fit the devices (raised before anything is written)."""
+
+
+def _run_group(members: list[Member], may_diverge: bool,
+               log: Callable[[str], None]) -> list[dict | FloatingPointError]:
+    """`run_stage` for one group of members, as one program."""
+    setup = _plan(members)
+    config, mesh = setup.plan.config, setup.plan.mesh
+    s = len(members)
+    seeds = [m.config.seed for m in members]
+    directory = stage_dir(members)
+    is_chief = jax.process_index() == 0
+    fields = _fields(setup.cache)
+    dcache = device_cache_lib.upload(setup.cache, mesh, fields)
+    log_every = config.get("log_every_steps", 10)
+    ckpt_every = config.get("checkpoint_every_steps", 100)
+    total = setup.total_steps
+    stepper = _Stepper(setup, dcache, seeds, steppers.max_chunk(total, log_every, ckpt_every))
+    why = fits(stepper.compiled, mesh)
+    if not cache_lib.all_hosts(why is None):
+        raise _TooBig(why or "another host's devices cannot hold it")
+
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    with workdir_lib.lock(directory) if is_chief else contextlib.nullcontext():
+        if is_chief:
+            workdir_lib.write_json(epath.Path(directory) / "members.json", [
+                {"lr": c.lr, "wd": c.wd, "seed": c.seed, "run_dir": m.run_dir}
+                for c, m in zip(setup.configs, members, strict=True)])
+            for c, m in zip(setup.configs, members, strict=True):
+                epath.Path(m.run_dir).mkdir(parents=True, exist_ok=True)
+                workdir_lib.record(m.run_dir, c, None, 0)
+        # Beside the state: the step each member went bad at (0: never) and its last loss.
+        template = {"state": setup.state, "failed": jnp.zeros(s, jnp.int32),
+                    "loss": jnp.zeros(s, jnp.float32)}
+        manager = checkpointing.manager(directory, config.get("keep_checkpoints", 2))
+        restored = checkpointing.restore_latest(manager, template)
+        state, failed = restored["state"], np.array(restored["failed"])
+        last_loss = np.array(restored["loss"])
+        start = int(state.step[0])
+        log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
+            f"{total} steps each" + (f", resuming from step {start}" if start else ""))
+        errors: dict[int, FloatingPointError] = {}
+        _check_failed(failed, members, setup, errors, may_diverge)
+        writers = [metrics_io.create_writer(m.run_dir, is_chief) for m in members]
+        history: list[dict[str, np.ndarray]] = []
+        pending = None
+        progress = Progress("Training", total - start, "steps", every_s=30)
+        max_loss = config.get("max_loss", math.inf)
+        try:
+            done = start
+            for end in steppers.chunk_ends(start, total, log_every, ckpt_every):
+                state, chunk = stepper.advance(state, end - done)
+                host = jax.device_get(chunk)
+                for i in range(end - done):
+                    done += 1
+                    last = {k: v[i] for k, v in host.items()}  # [S] each
+                    for j in np.flatnonzero(failed == 0):
+                        why = _problem({k: float(v[j]) for k, v in last.items()}, max_loss)
+                        if why:
+                            failed[j] = done
+                            errors[j] = _failure(why, done, float(last["lr"][j]), members[j], s)
+                            if not may_diverge:
+                                raise errors[j]
+                    if pending is not None:  # its next step proved it sound
+                        checkpointing.save(manager, pending[0], {
+                            "state": pending[1], "failed": jnp.asarray(failed),
+                            "loss": jnp.asarray(pending[2])})
+                        pending = None
+                    last_loss = np.asarray(last["loss"], np.float32)
+                    history.append(last)
+                    progress.update()
+                    if done % log_every == 0 or done == total:
+                        for j, w in enumerate(writers):
+                            w.write_scalars(done, {
+                                f"train/{k}": float(np.mean([h[k][j] for h in history]))
+                                for k in history[0] if k != "state_finite"})
+                        history = []
+                if done == total:
+                    checkpointing.save(manager, done, {"state": state,
+                                                       "failed": jnp.asarray(failed),
+                                                       "loss": jnp.asarray(last_loss)})
+                elif done % ckpt_every == 0:
+                    pending = (done, jax.tree.map(jnp.copy, state), last_loss)
+        finally:
+            manager.wait_until_finished()
+        progress.done()
+        manager.close()
+
+        wanted = feature_heads.wanted(config)
+        metrics, evals = _evaluate(setup, state.trainable, wanted)
+        out: list[dict | FloatingPointError] = []
+        for j, (c, m) in enumerate(zip(setup.configs, members, strict=True)):
+            if j in errors:
+                out.append(errors[j])
+                continue
+            results = train.run_results(
+                c, steps=total, eval_metrics=metrics[j],
+                train_loss=float(last_loss[j]),
+                num_trainable=train.count_params(setup.template),
+                cached=True, cache_on_device=True)
+            writers[j].write_scalars(total, {f"{train.split_name(c)}/{k}": v
+                                             for k, v in metrics[j].items()})
+            writers[j].flush()
+            if wanted:
+                variables = trainable_lib.merge(_unstack(state.trainable, j), setup.frozen)
+                results.update(feature_heads.run(c, setup.plan.model, variables, mesh,
+                                                 setup.cache, setup.plan.num_classes,
+                                                 evals=evals[j]))
+            results["program"] = {"runs": s, "directory": directory}
+            results["config"] = workdir_lib.as_dict(c)
+            if is_chief:
+                workdir_lib.write_results(m.run_dir, results)
+            out.append(results)
+    return out
+
+
+def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"{why} at step {step} (lr {lr_now:.3g}) of {member.run_dir} (lr={member.config.lr!r}, "
+        f"wd={member.config.wd!r}, seed={member.config.seed}), trained in one program with "
+        f"{s - 1} other run{'s' if s != 2 else ''}; the others continue.")
+
+
+def _check_failed(failed: np.ndarray, members: Sequence[Member], setup: _Setup,
+                  errors: dict[int, FloatingPointError], may_diverge: bool) -> None:
+    """Members a resumed stage had already excluded."""
+    for j in np.flatnonzero(failed):
+        errors[j] = _failure("It went bad earlier", int(failed[j]), float("nan"), members[j],
+                             len(members))
+        if not may_diverge:
+            raise errors[j]
