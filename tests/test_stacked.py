@@ -33,6 +33,8 @@ KEYS = ("task", "split", "method", "seed", "lr", "wd", "steps", "num_eval_exampl
 def base_config(data_dir: str, method: str):
     c = train_utils.tiny_config(data_dir=data_dir, batching="epoch", epochs=2, warmup_epochs=1)
     c.task, c.method = "folder", method
+    if method == "vqt":  # a feature head after training, fitted on the program's features
+        c.baselines = ("linear",)
     c = methods.with_recipe(c)
     c.batch_size = 8  # the grid's reference batch: lrs as written
     return c
@@ -105,6 +107,7 @@ def test_every_run_equals_its_sequential_run(sweeps):
         for k in ("train_loss", "eval_loss"):
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (one_dir, k, a[k], b[k])
         assert a["top1"] == b["top1"], one_dir
+        assert a.get("baselines") == b.get("baselines"), one_dir
         assert b["program"]["runs"] in (len(GRID.points(8)), NUM_SEEDS)
         # Each run records its own whole config (the sweeps' workdirs, and so caches, differ).
         same = {k: v for k, v in a["config"].items() if k != "cache_dir"}
