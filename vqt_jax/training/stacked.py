@@ -542,7 +542,7 @@ def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> Floa
     return FloatingPointError(
         f"{why} at step {step} (lr {lr_now:.3g}) of {member.run_dir} (lr={member.config.lr!r}, "
         f"wd={member.config.wd!r}, seed={member.config.seed}), trained in one program with "
-        f"{s - 1} other run{'s' if s != 2 else ''}; the others continue.")
+        f"{s - 1} other run{'s' if s != 2 else ''}.")
 
 
 def _check_failed(failed: np.ndarray, members: Sequence[Member], setup: _Setup,
