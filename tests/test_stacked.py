@@ -195,6 +195,10 @@ def test_why_not_names_what_keeps_runs_apart():
     assert "random initialisation" in stacked.why_not(seeds)
     seeds[1].seed = 0
     assert stacked.why_not(seeds) is None  # the grid: one seed, one random backbone
+    seeds[1].seed = 1
+    for c in seeds:
+        c.prepare = "fashion_mnist_dinov2"  # sets init (the demo): known once it has run
+    assert stacked.why_not(seeds) is None
     other = tiny_configs()
     other[1].epochs = 9
     with pytest.raises(ValueError, match="differ only in .*also differ in \\['epochs'\\]"):

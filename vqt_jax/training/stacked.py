@@ -76,6 +76,10 @@ CACHE_SPLIT = "test"
 STAGE_PREFIX = "program-"
 
 
+NO_INIT = ("without config.init every seed's backbone is its own random initialisation, so the "
+           "seeds share no backbone pass")
+
+
 class Unstackable(ValueError):
     """A stage cannot run as one program (the reason is the message); nothing was written."""
 
@@ -110,9 +114,9 @@ def why_not(configs: Sequence[ml_collections.ConfigDict]) -> str | None:
         return "config.cache_on_device='off' (one program trains from the device cache)"
     if base.split not in ("val", "test"):
         return f"config.split={base.split!r}"
-    if not base.init and len({c.seed for c in configs}) > 1:
-        return ("without config.init every seed's backbone is its own random initialisation, "
-                "so the seeds share no backbone pass")
+    # A preparation step may set `init` (the demo's does): checked again once it has run.
+    if not base.init and not base.get("prepare") and len({c.seed for c in configs}) > 1:
+        return NO_INIT
     return None
 
 
@@ -152,6 +156,8 @@ def _plan(members: Sequence[Member]) -> _Setup:
     if why:
         raise Unstackable(why)
     plan = train.plan_run(configs[0], None)
+    if not plan.config.init and len({c.seed for c in configs}) > 1:
+        raise Unstackable(NO_INIT)
     for m in members:  # each member's directory must accept its config (like its own run)
         workdir_lib.check(m.run_dir, _member_config(plan.config, m.config))
     config = plan.config
