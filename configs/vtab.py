@@ -92,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batching = "stream"
     c.schedule_per_epoch = True  # the release steps its schedule once per epoch
     c.seed = 0
+    # The seed of the example order (unset: `seed`). The protocol's seeds share one order when
+    # it is set (each keeps its own init and dropout), so their programs read each batch of the
+    # cache once (experiments/sweep_speed.py measures what it changes).
+    c.order_seed = ml_collections.config_dict.placeholder(int)
     # A training loss above this stops the run as diverged, like a NaN (inf: only non-finite
     # losses and states stop it). Either way no unsound state is ever checkpointed.
     c.max_loss = float("inf")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,18 +92,21 @@ def run_dirs(root: Path, mode: str) -> list[Path]:
     return protocol.task_run_dirs(root / mode, "folder", GRID, 8, NUM_SEEDS)
 
 
+def paired_results(dirs: list[Path], reference: list[Path]):
+    """(dir, its results.json, the reference's) for each pair of run directories whose
+    reference finished; a reference that diverged must have diverged in `dirs` too."""
+    for mine, ref in zip(dirs, reference, strict=True):
+        if (ref / protocol.FAILED_MARKER).is_file():
+            assert (mine / protocol.FAILED_MARKER).is_file(), mine
+            assert not (mine / "results.json").exists(), mine
+            continue
+        yield mine, *(json.loads((d / "results.json").read_text()) for d in (mine, ref))
+
+
 def test_every_run_equals_its_sequential_run(sweeps):
     root, _, _ = sweeps
-    compared = diverged = 0
-    for seq_dir, one_dir in zip(run_dirs(root, "sequential"), run_dirs(root, "one"),
-                                strict=True):
-        if (seq_dir / protocol.FAILED_MARKER).is_file():
-            assert (one_dir / protocol.FAILED_MARKER).is_file(), one_dir
-            assert not (one_dir / "results.json").exists()
-            diverged += 1
-            continue
-        a = json.loads((seq_dir / "results.json").read_text())
-        b = json.loads((one_dir / "results.json").read_text())
+    compared = 0
+    for one_dir, b, a in paired_results(run_dirs(root, "one"), run_dirs(root, "sequential")):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, one_dir
         for k in ("train_loss", "eval_loss"):
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (one_dir, k, a[k], b[k])
@@ -115,7 +119,8 @@ def test_every_run_equals_its_sequential_run(sweeps):
         assert json.loads((one_dir / "config.json").read_text()) == b["config"]
         assert (one_dir / "metrics.jsonl").read_text().count("train/loss") >= 1
         compared += 1
-    assert compared == 2 + NUM_SEEDS and diverged == 2  # lr 1e38 diverges at both wds
+    failed = [d for d in run_dirs(root, "sequential") if (d / protocol.FAILED_MARKER).is_file()]
+    assert compared == 2 + NUM_SEEDS and len(failed) == 2  # lr 1e38 diverges at both wds
 
 
 def test_selection_and_test_numbers_are_identical(sweeps):
@@ -162,13 +167,10 @@ def test_a_killed_stage_resumes_to_the_same_numbers(sweeps, tmp_path, monkeypatc
     monkeypatch.setattr(checkpointing, "save", save)
     assert not any((d / "results.json").exists() for d in run_dirs(tmp_path.parent, tmp_path.name))
     _, lines = sweep(base, tmp_path, True)
-    assert "4 runs of folder (val) as one program: 6 steps each, resuming from step 4" in lines
-    for resumed, whole in zip(run_dirs(tmp_path.parent, tmp_path.name), run_dirs(root, "one"),
-                              strict=True):
-        if (whole / protocol.FAILED_MARKER).is_file():
-            assert (resumed / protocol.FAILED_MARKER).is_file()
-            continue
-        a, b = (json.loads((d / "results.json").read_text()) for d in (resumed, whole))
+    assert ("4 runs of folder (val) as one program: 6 steps each, 1 example order(s), "
+            "resuming from step 4") in lines
+    for resumed, a, b in paired_results(run_dirs(tmp_path.parent, tmp_path.name),
+                                        run_dirs(root, "one")):
         assert (a["train_loss"], a["eval_loss"], a["top1"]) == (
             b["train_loss"], b["eval_loss"], b["top1"]), resumed
 
@@ -265,11 +267,37 @@ def test_a_stage_too_large_runs_as_several_programs(sweeps, tmp_path, monkeypatc
     assert "3 runs as one program: too large (forced by the test); splitting them in two" in lines
     programs = [line for line in lines if " runs of folder (" in line]
     assert [p.split(" runs")[0] for p in programs] == ["1", "2", "1", "2"], programs
-    for mine, seq in zip(run_dirs(tmp_path.parent, tmp_path.name), run_dirs(root, "sequential"),
-                         strict=True):
-        if (seq / protocol.FAILED_MARKER).is_file():
-            assert (mine / protocol.FAILED_MARKER).is_file()
-            continue
-        a, b = (json.loads((d / "results.json").read_text()) for d in (mine, seq))
+    for _, a, b in paired_results(run_dirs(tmp_path.parent, tmp_path.name),
+                                  run_dirs(root, "sequential")):
         assert a["top1"] == b["top1"]
         assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
+def test_seeds_can_share_one_example_order(sweeps, tmp_path):
+    """config.order_seed=0: every seed keeps its own init and dropout but reads seed 0's
+    batches, so its program gathers each batch once for all of them. The runs one by one with
+    the same setting give the same numbers; only seed 0's run is the one of its own order."""
+    root, method, _ = sweeps
+    base = base_config(str(root / "data"), method)
+    base.order_seed = 0
+    results, lines = {}, {}
+    for mode in ("sequential", "one"):  # the grid is done: the fixture's runs one by one
+        shutil.copytree(root / "sequential" / "folder" / "val", tmp_path / mode / "folder" / "val")
+        results[mode], lines[mode] = sweep(base, tmp_path / mode, mode == "one")
+    assert results["one"] == results["sequential"]
+    programs = [line for line in lines["one"] if " runs of folder (" in line]
+    assert len(programs) == 1 and programs[0].startswith(f"{NUM_SEEDS} runs"), programs
+    assert "1 example order(s)" in programs[0]
+    seeds = slice(-NUM_SEEDS, None)
+    shared = list(paired_results(run_dirs(tmp_path, "one")[seeds],
+                                 run_dirs(tmp_path, "sequential")[seeds]))
+    for one_dir, b, a in shared:
+        assert b["config"]["order_seed"] == 0 and a["top1"] == b["top1"], one_dir
+        for k in ("train_loss", "eval_loss"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (one_dir, k, a[k], b[k])
+    own = [r for _, r, _ in paired_results(run_dirs(root, "sequential")[seeds],
+                                           run_dirs(root, "sequential")[seeds])]
+    assert shared[0][1]["train_loss"] == pytest.approx(own[0]["train_loss"], rel=1e-5)
+    assert shared[1][1]["train_loss"] != pytest.approx(own[1]["train_loss"], rel=1e-3)
+    assert shared[1][1]["eval_loss"] != pytest.approx(shared[0][1]["eval_loss"], rel=1e-3)

@@ -167,6 +167,13 @@ def batching(config: Mapping[str, Any]) -> str:
     return config.get("batching", "stream")
 
 
+def order_seed(config: Mapping[str, Any]) -> int:
+    """The seed of the training examples' order: config.order_seed, or config.seed when it is
+    unset (or the config has no such field)."""
+    seed = config.get("order_seed")
+    return config.seed if seed is None else seed
+
+
 def round_resized(config: Mapping[str, Any]) -> bool:
     """Whether resized images are rounded to uint8 (config.resize 'uint8', also for configs
     without the field) rather than kept as float (the release's 'float')."""

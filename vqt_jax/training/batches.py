@@ -30,7 +30,8 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
     rows = rows or sampling.process_rows(config.batch_size)
     if cache is not None:
         return cache_lib.train_batches(
-            cache, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+            cache, global_batch_size=config.batch_size, seed=protocol.order_seed(config),
+            start_step=start_step,
             fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
             batching=protocol.batching(config), rows=rows)
     local = rows.stop - rows.start
@@ -40,6 +41,6 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
     return data.make_train_iterator(
         config.task, config.data_dir, config.split, global_batch_size=config.batch_size,
         image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        seed=config.seed, start_step=start_step, batching=protocol.batching(config),
+        seed=protocol.order_seed(config), start_step=start_step, batching=protocol.batching(config),
         round_resized=protocol.round_resized(config), process_index=rows.start // local,
         process_count=config.batch_size // local)

@@ -11,8 +11,9 @@ run here together:
   compilation serves every member and every chunk length. Each step `vmap`s the method's own
   step (`train_step`, the same optimiser and schedule) over the members, in compiled chunks
   over the device-resident cache (`device_cache`, `steppers.compiled_chunks`). The batch is
-  gathered once for all members when they share a seed (the grid), else once per member (the
-  seeds: each keeps its own init, dropout stream and example order, as its own run would).
+  gathered once for all members when they share an example order (the grid; the seeds too when
+  `config.order_seed` is set), else once per member (the seeds: each keeps its own init,
+  dropout stream and example order, as its own run would).
 * Evaluation: each batch of the evaluation split goes through the backbone once; every
   member's query path and head read that pass's keys/values (or features).
 * One cache for both stages: train800val200's. Its first rows are train800 (TFDS and image
@@ -55,7 +56,7 @@ from vqt_jax import checkpoints, data, methods, sampling
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
-from vqt_jax.protocol import batching
+from vqt_jax.protocol import batching, order_seed
 from vqt_jax.training import (
     checkpointing,
     feature_heads,
@@ -184,7 +185,8 @@ def _plan(members: Sequence[Member]) -> _Setup:
         raise Unstackable("the cache could not be built (see the line above)")
     cache = cache_lib.first_rows(full, plan.num_train)
     fields = _fields(cache)
-    rows = plan.config.batch_size * (1 if len(set(seeds)) == 1 else len(members))
+    orders = {order_seed(m.config) for m in members}
+    rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
     why = device_cache_lib.why_not(cache.spec, fields, plan.mesh, rows)
     if not cache_lib.all_hosts(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
@@ -244,12 +246,12 @@ def _member_step(setup: _Setup):
 class _Stepper:
     """Chunks of steps of every member as one compiled loop over the device cache."""
 
-    def __init__(self, setup: _Setup, dcache: device_cache_lib.DeviceCache, seeds: list[int],
+    def __init__(self, setup: _Setup, dcache: device_cache_lib.DeviceCache, orders: list[int],
                  max_steps: int):
         config, mesh = setup.plan.config, setup.plan.mesh
-        n, b, s = dcache.num_examples, config.batch_size, len(seeds)
+        n, b, s = dcache.num_examples, config.batch_size, len(orders)
         names = [*_fields(setup.cache), "label"]
-        shared = len(set(seeds)) == 1
+        shared = len(set(orders)) == 1  # one example order: one gather serves every member
         member = jax.vmap(_member_step(setup), in_axes=(0, 0, None, None if shared else 1, 0))
         batch_sharding = NamedSharding(mesh, P("data"))
         kwargs = dict(num_examples=n, batch_size=b, batching=batching(config))
@@ -276,7 +278,7 @@ class _Stepper:
         hp = {"lr": np.asarray([c.lr for c in setup.configs], np.float32),
               "wd": np.asarray([c.wd for c in setup.configs], np.float32)}
         self._constants = jax.device_put(
-            (setup.frozen, hp, np.asarray(seeds, np.int32)), replicated)
+            (setup.frozen, hp, np.asarray(orders, np.int32)), replicated)
         self._arrays, self._rngs, self._max = dcache.arrays, setup.rngs, max_steps
         # Compiled ahead of the first call, so that a program too large for the devices is
         # known before anything is written (`fits`).
@@ -437,7 +439,6 @@ def _run_group(members: list[Member], may_diverge: bool,
     setup = _plan(members)
     config, mesh = setup.plan.config, setup.plan.mesh
     s = len(members)
-    seeds = [m.config.seed for m in members]
     directory = stage_dir(members)
     is_chief = jax.process_index() == 0
     fields = _fields(setup.cache)
@@ -445,7 +446,8 @@ def _run_group(members: list[Member], may_diverge: bool,
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
     total = setup.total_steps
-    stepper = _Stepper(setup, dcache, seeds, steppers.max_chunk(total, log_every, ckpt_every))
+    orders = [order_seed(m.config) for m in members]
+    stepper = _Stepper(setup, dcache, orders, steppers.max_chunk(total, log_every, ckpt_every))
     why = fits(stepper.compiled, mesh)
     if not cache_lib.all_hosts(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
@@ -468,7 +470,8 @@ def _run_group(members: list[Member], may_diverge: bool,
         last_loss = np.array(restored["loss"])
         start = int(state.step[0])
         log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
-            f"{total} steps each" + (f", resuming from step {start}" if start else ""))
+            f"{total} steps each, {len(set(orders))} example order(s)"
+            + (f", resuming from step {start}" if start else ""))
         errors: dict[int, FloatingPointError] = {}
         _check_failed(failed, members, setup, errors, may_diverge)
         writers = [metrics_io.create_writer(m.run_dir, is_chief) for m in members]

@@ -37,7 +37,7 @@ from vqt_jax import checkpoints, compilation_cache, data, methods, preparations,
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
-from vqt_jax.protocol import batching, round_resized
+from vqt_jax.protocol import batching, order_seed, round_resized
 from vqt_jax.training import (
     batches,
     checkpointing,
@@ -373,7 +373,7 @@ def make_stepper(config: ml_collections.ConfigDict, step: steppers.StepFn,
             logging.info("Training from the cache on the devices (a compiled loop per chunk).")
             return steppers.DeviceStepper(
                 step, device_cache_lib.upload(cache, mesh, fields), frozen, rng, fields=fields,
-                batch_size=batch_size, seed=config.seed, batching=batching(config),
+                batch_size=batch_size, seed=order_seed(config), batching=batching(config),
                 max_steps=max_steps)
         if mode == "on":
             raise ValueError(f"config.cache_on_device='on' but {why}")
