@@ -6,12 +6,16 @@
 For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid
 on train -> val, the selected point retrained with 5 seeds on train+val -> test) twice in this
 process, each in a fresh workdir: first every run on its own (`program='sequential'`, how the
-protocol ran before), then each stage's runs as one program (`program='one'`). Both build
-their own caches and compile their own programs, so each time is the whole protocol: cache
-builds, training, evaluation. It reports both times and their ratio, whether the selection and
-the test top-1s are identical, and each time in *backbone-forward equivalents*: the time over
-that of one inference pass (the model's forward, images already in memory) over all the task's
-images (train + val + test), the floor any protocol that looks at every image must pay.
+protocol ran before), then each stage's runs as one program (`program='one'`), then as one
+program with the seeds sharing seed 0's example order (`order_seed=0`: each seed keeps its own
+init and dropout; its program reads each cached batch once for all seeds). Each builds its own
+caches and compiles its own programs, so each time is the whole protocol: cache builds,
+training, evaluation. It reports the times and their ratios to the one-by-one time, whether
+the selection and the test top-1s are identical (with a shared order the seeds are other runs:
+it reports how far their test top-1s and mean move), and each time in *backbone-forward
+equivalents*: the time over that of one inference pass (the model's forward, images already in
+memory) over all the task's images (train + val + test), the floor any protocol that looks at
+every image must pay.
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -43,7 +47,9 @@ from vqt_jax import protocol
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK = "folder"
 SEEDS = 5
-MODES = ("sequential", "one")
+# name: (program, extra overrides)
+MODES = {"sequential": ("sequential", {}), "one": ("one", {}),
+         "shared": ("one", {"order_seed": 0})}
 
 
 def demo_config(epochs: int) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
@@ -165,39 +171,54 @@ def measure(name: str, config_fn, overrides: dict, workdir: str) -> dict:
     # First (it is quick): the floor both protocols are measured against.
     forward_s, images = forward_pass_seconds(config_fn, overrides)
     results = {}
-    for mode in MODES:
+    for mode, (program, extra) in MODES.items():
         start = time.perf_counter()
         results[mode] = protocol.run_sweep(
             [TASK], os.path.join(workdir, name, mode), base_config_fn=config_fn,
-            method="vqt", num_seeds=SEEDS, overrides=overrides,
-            task_groups={TASK: protocol.FOLDER_GROUP}, program=mode)[0]
+            method="vqt", num_seeds=SEEDS, overrides={**overrides, **extra},
+            task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
         out[f"{mode}_s"] = round(time.perf_counter() - start, 1)
-    seq, one = results["sequential"], results["one"]
+    seq, one, shared = results["sequential"], results["one"], results["shared"]
     grid = protocol.grid_for("vqt")
     out.update(
         runs=len(grid.base_lrs) * len(grid.wds) + SEEDS,
         ratio=round(out["sequential_s"] / out["one_s"], 2),
+        shared_ratio=round(out["sequential_s"] / out["shared_s"], 2),
         selected={"lr": one.lr, "wd": one.wd, "val_top1": one.val_top1},
         test_top1=list(one.test_top1),
-        identical_selection=(seq.lr, seq.wd, seq.val_top1) == (one.lr, one.wd, one.val_top1),
+        identical_selection=_selection(seq) == _selection(one),
         identical_test_top1=seq.test_top1 == one.test_top1,
-        sequential_test_top1=list(seq.test_top1))
-    out.update(forward_pass_s=round(forward_s, 2), images=images,
-               sequential_forward_equivalents=round(out["sequential_s"] / forward_s, 1),
-               one_forward_equivalents=round(out["one_s"] / forward_s, 1))
+        sequential_test_top1=list(seq.test_top1),
+        shared_identical_selection=_selection(seq) == _selection(shared),
+        shared_test_top1=list(shared.test_top1),
+        shared_mean_change=round(statistics.mean(shared.test_top1)
+                                 - statistics.mean(seq.test_top1), 5),
+        shared_max_change=round(max(abs(a - b) for a, b in zip(shared.test_top1,
+                                                              seq.test_top1, strict=True)), 5))
+    out.update(forward_pass_s=round(forward_s, 2), images=images, **{
+        f"{mode}_forward_equivalents": round(out[f"{mode}_s"] / forward_s, 1) for mode in MODES})
     return out
 
 
+def _selection(result: protocol.TaskResult) -> tuple:
+    return result.lr, result.wd, result.val_top1
+
+
 def report(rows: list[dict]) -> str:
-    lines = ["| setup | epochs | one by one | one program | ratio | identical selection / "
-             "test | forward pass (all images) | one by one, forwards | one program, forwards |",
+    lines = ["| setup | epochs | one by one | one program (ratio) | identical selection / "
+             "test | one program, shared order (ratio) | its test mean / largest change | "
+             "forward pass (all images) | in forwards: one by one / one / shared |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['setup']} | {r['epochs']} | {r['sequential_s']:.0f} s | {r['one_s']:.0f} s | "
-            f"{r['ratio']:.1f}x | {r['identical_selection']} / {r['identical_test_top1']} | "
+            f"| {r['setup']} | {r['epochs']} | {r['sequential_s']:.0f} s | "
+            f"{r['one_s']:.0f} s ({r['ratio']:.1f}x) | "
+            f"{r['identical_selection']} / {r['identical_test_top1']} | "
+            f"{r['shared_s']:.0f} s ({r['shared_ratio']:.1f}x) | "
+            f"{100 * r['shared_mean_change']:+.2f} / {100 * r['shared_max_change']:.2f} points | "
             f"{r['forward_pass_s']:.1f} s ({r['images']} images) | "
-            f"{r['sequential_forward_equivalents']:.0f} | {r['one_forward_equivalents']:.1f} |")
+            f"{r['sequential_forward_equivalents']:.0f} / {r['one_forward_equivalents']:.1f} / "
+            f"{r['shared_forward_equivalents']:.1f} |")
     return "\n".join(lines)
 
 
