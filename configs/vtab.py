@@ -142,6 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (vqt_jax/training/stacked.py); at most this many runs per program (0: all; a program too
     # large for the devices' memory is split on its own).
     c.program_max_runs = 0
+    # Also write every evaluation example's label and prediction into evaluation.json.
+    c.save_predictions = False
     # JAX's persistent compilation cache (vqt_jax/compilation_cache.py): re-runs and the next
     # task of the same shapes load their programs instead of compiling. Unset:
     # $JAX_COMPILATION_CACHE_DIR, else $VQT_JAX_CACHE/xla (~/.cache/vqt_jax/xla); '': not set here.

@@ -18,6 +18,8 @@ Writes, into DIR/plots (or --out), whichever of these its inputs allow:
     from experiments/vtab_sweep.py's ``results.csv`` in SWEEP_DIR (or the csv itself).
   * ``memory.png``: compiled training memory and step time per setting, from
     experiments/memory.py's ``--json`` output.
+  * ``confusion.png``: the run's confusion matrix (rows normalised) with each class's top-1,
+    from ``DIR/evaluation.json`` (every run writes it).
 
 A figure whose input is missing is skipped (the reason is printed); it is an error if nothing
 at all could be drawn, and also if DIR holds checkpoints but neither config.json nor --config
@@ -51,6 +53,7 @@ from vqt_jax.training import workdir as workdir_lib
 ATTENTION_PNG = "query_attention.png"
 SWEEP_PNG = "sweep_accuracy.png"
 MEMORY_PNG = "memory.png"
+CONFUSION_PNG = "confusion.png"
 
 # One colour per VTAB group, so a task's bar says which group it counts towards.
 GROUP_COLOURS = {"natural": "tab:green", "specialized": "tab:orange", "structured": "tab:blue"}
@@ -251,15 +254,6 @@ def _check_method(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
 
 
-def _tuples(value: Any) -> Any:
-    """JSON's lists back to tuples, recursively (the configs write sequences as tuples)."""
-    if isinstance(value, Mapping):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     """The config the run in `workdir` recorded in its config.json, with tuples restored.
 
@@ -271,7 +265,7 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
       FileNotFoundError: the workdir has no config.json.
       ValueError: config.json cannot be read.
     """
-    return ml_collections.ConfigDict(_tuples(workdir_lib.load_config(workdir).to_dict()))
+    return workdir_lib.from_json(workdir_lib.load_config(workdir).to_dict())
 
 
 def _has_checkpoints(workdir: str) -> bool:
@@ -598,6 +592,41 @@ def plot_memory(json_path: str, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Confusion matrix and per-class top-1.
+
+
+def plot_confusion(evaluation_json: str, path: str) -> str:
+    """The run's confusion matrix (rows: true class, normalised per row) and each class's top-1,
+    from its evaluation.json.
+
+    Raises:
+      ValueError: the file has no confusion matrix.
+    """
+    report = json.loads(open(evaluation_json).read())
+    if "confusion" not in report:
+        raise ValueError(f"{evaluation_json} has no confusion matrix")
+    counts = np.asarray(report["confusion"], np.float64)
+    names = report["class_names"]
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(names)
+    side = min(14.0, 3.0 + 0.35 * n)
+    fig = _new_figure(side + 1.5, side)
+    ax = fig.subplots()
+    image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 50:  # beyond that the labels overlap; the matrix still shows the structure
+        ticks = [f"{c} ({100 * r['top1']:.0f}%)" if r["top1"] is not None else f"{c} (-)"
+                 for c, r in zip(names, report["per_class"], strict=True)]
+        ax.set_yticks(range(n), ticks, fontsize=7)
+        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (its top-1)")
+    ax.set_title(f"{report['split']}: top-1 {100 * report['top1']:.1f}% "
+                 f"({report['num_examples']} images)", fontsize=10)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
 # All of them.
 
 
@@ -657,6 +686,10 @@ def write_plots(workdir: str, *, config: ml_collections.ConfigDict | None = None
             "no --memory given" if not memory
             else None if os.path.isfile(memory) else f"{memory} does not exist",
             lambda p: plot_memory(memory, p))
+    evaluation = os.path.join(workdir, workdir_lib.EVALUATION_FILE)
+    attempt(CONFUSION_PNG,
+            None if os.path.isfile(evaluation) else f"no {evaluation}",
+            lambda p: plot_confusion(evaluation, p))
     if not written:
         raise ValueError("No figure could be drawn:\n  " + "\n  ".join(skipped))
     return written

@@ -43,6 +43,7 @@ from pathlib import Path
 import ml_collections
 
 from vqt_jax import protocol
+from vqt_jax.checkpoints import synthetic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK = "folder"
@@ -67,9 +68,7 @@ def b16_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.C
     if not os.path.isdir(data_dir):
         fashion_mnist.write_vtab_style_subset(data_dir, num_train=1000, num_val=200,
                                               num_test=1000)
-    init = os.path.join(root, "b16_random.npz")
-    if not os.path.exists(init):
-        _write_random_npz(init, 224, variant="B/16")
+    init = synthetic.write_random_npz(os.path.join(root, "b16_random.npz"), 224, variant="B/16")
     return protocol.load_config_fn(CONFIGS / "vtab.py"), {
         "epochs": epochs, "warmup_epochs": epochs // 10, "data_dir": data_dir, "init": init,
         "cache_dtype": "bfloat16",
@@ -94,8 +93,7 @@ def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
                 img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
                 img[..., c] = 240
                 Image.fromarray(img).save(os.path.join(data_dir, split, f"c{c}", f"{i}.png"))
-    init = os.path.join(root, "tiny.npz")
-    _write_random_npz(init, 16, **TINY_MODEL)
+    init = synthetic.write_random_npz(os.path.join(root, "tiny.npz"), 16, **TINY_MODEL)
     vtab = protocol.load_config_fn(CONFIGS / "vtab.py")
 
     def config_fn(task: str) -> ml_collections.ConfigDict:
@@ -105,22 +103,6 @@ def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
 
     return config_fn, {"epochs": epochs, "warmup_epochs": 1, "data_dir": data_dir,
                        "init": init, "image_size": 16, "batch_size": 8, "eval_batch_size": 8}
-
-
-def _write_random_npz(path: str, image_size: int, **model) -> None:
-    """A big_vision-layout .npz of a randomly initialised backbone (no head)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from vqt_jax.models import create_model  # noqa: PLC0415
-    from vqt_jax.training import trainable  # noqa: PLC0415
-
-    vit = create_model(num_classes=0, **model)
-    params = jax.jit(vit.init)(jax.random.key(0),
-                               jnp.zeros((1, image_size, image_size, 3)))["params"]
-    flat = {k: np.asarray(v) for k, v in trainable.flatten(params).items()}
-    np.savez(path, **flat)
 
 
 def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:

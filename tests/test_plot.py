@@ -209,7 +209,7 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def test_main_writes_the_three_figures(run, tmp_path, capsys):
+def test_main_writes_the_four_figures(run, tmp_path, capsys):
     # No --config: the model is rebuilt from the config the run recorded in config.json.
     _, workdir, _ = run
     sweep_dir = _write_sweep_csv(tmp_path / "sweep")
@@ -217,7 +217,7 @@ def test_main_writes_the_three_figures(run, tmp_path, capsys):
     written = plot.main(["plot.py", f"--workdir={workdir}", f"--sweep={sweep_dir}",
                          f"--memory={memory}", "--num_images=3"])
     plots = Path(workdir) / "plots"
-    names = ["query_attention.png", "sweep_accuracy.png", "memory.png"]
+    names = ["query_attention.png", "sweep_accuracy.png", "memory.png", "confusion.png"]
     assert written == [str(plots / n) for n in names]
     out = capsys.readouterr().out
     for n in names:
@@ -226,6 +226,7 @@ def test_main_writes_the_three_figures(run, tmp_path, capsys):
     assert _assert_png(plots / "query_attention.png") == (480, 540)
     _assert_png(plots / "sweep_accuracy.png")
     _assert_png(plots / "memory.png")
+    _assert_png(plots / "confusion.png")
 
 
 def test_recorded_config_draws_what_the_explicit_config_draws(run, tmp_path, capsys):
@@ -238,7 +239,7 @@ def test_recorded_config_draws_what_the_explicit_config_draws(run, tmp_path, cap
         out = tmp_path / name
         written = plot.main(["plot.py", f"--workdir={workdir}", f"--out={out}",
                              "--num_images=3", *extra])
-        assert written == [str(out / plot.ATTENTION_PNG)]
+        assert written == [str(out / plot.ATTENTION_PNG), str(out / plot.CONFUSION_PNG)]
         figures[name] = _pixels(out / plot.ATTENTION_PNG)
     np.testing.assert_array_equal(figures["recorded"], figures["explicit"])
     # A field that does not change the run (here where the data lives) may differ.
@@ -283,7 +284,8 @@ def test_a_run_without_config_json_needs_config(run, tmp_path, capsys):
     # (3 images, as in the other tests, so the compiled forward is reused.)
     written = plot.main(["plot.py", f"--workdir={old}", f"--config={config_file}",
                          "--num_images=3"])
-    assert written == [str(old / "plots" / plot.ATTENTION_PNG)]
+    assert written == [str(old / "plots" / plot.ATTENTION_PNG),
+                       str(old / "plots" / plot.CONFUSION_PNG)]
     capsys.readouterr()
 
 

@@ -17,10 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import methods, protocol
+from vqt_jax import export, methods, protocol
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training.train import train_and_evaluate
 
@@ -105,6 +106,9 @@ def paired_results(dirs: list[Path], reference: list[Path]):
 
 def test_every_run_equals_its_sequential_run(sweeps):
     root, _, _ = sweeps
+
+    def seq_dir(one_dir: Path) -> Path:
+        return root / "sequential" / one_dir.relative_to(root / "one")
     compared = 0
     for one_dir, b, a in paired_results(run_dirs(root, "one"), run_dirs(root, "sequential")):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, one_dir
@@ -118,6 +122,14 @@ def test_every_run_equals_its_sequential_run(sweeps):
         assert {k: b["config"][k] for k in same} == same
         assert json.loads((one_dir / "config.json").read_text()) == b["config"]
         assert (one_dir / "metrics.jsonl").read_text().count("train/loss") >= 1
+        # The same evaluation report and the same exported part.
+        reports = [json.loads((d / "evaluation.json").read_text())
+                   for d in (one_dir, seq_dir(one_dir))]
+        assert reports[0]["confusion"] == reports[1]["confusion"], one_dir
+        exports = [export.read(str(d / export.EXPORT_FILE)) for d in (one_dir, seq_dir(one_dir))]
+        assert sorted(exports[0].arrays) == sorted(exports[1].arrays)
+        for k, v in exports[0].arrays.items():
+            np.testing.assert_allclose(v, exports[1].arrays[k], rtol=1e-4, atol=1e-6)
         compared += 1
     failed = [d for d in run_dirs(root, "sequential") if (d / protocol.FAILED_MARKER).is_file()]
     assert compared == 2 + NUM_SEEDS and len(failed) == 2  # lr 1e38 diverges at both wds

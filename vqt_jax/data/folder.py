@@ -208,6 +208,34 @@ def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> Fo
     return FolderListing(tuple(paths), tuple(labels))
 
 
+def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(image files, skipped entries) of files and folders to classify.
+
+    A folder is searched recursively for files with an image extension (sorted, hidden names
+    left out; other files are returned as skipped); a file given by name is kept whatever its
+    extension (decoding decides). gs:// paths work as local ones.
+
+    Raises:
+      FileNotFoundError: an input that does not exist.
+    """
+    files, skipped = [], []
+    for path in inputs:
+        if tf.io.gfile.isdir(path):
+            found = []
+            for root, _, names in tf.io.gfile.walk(path):
+                relative = os.path.relpath(root.rstrip("/"), path.rstrip("/"))
+                if any(part.startswith(".") for part in relative.split(os.sep) if part != "."):
+                    continue
+                found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+            for full in sorted(found):
+                (files if full.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(full)
+        elif tf.io.gfile.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such image or folder: {path}")
+    return files, skipped
+
+
 def check_split(split: str) -> None:
     """Raises ValueError unless `split` is a config-level split (``'val'`` or ``'test'``)."""
     if split not in FOLDER_SPLITS:

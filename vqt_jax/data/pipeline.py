@@ -284,6 +284,29 @@ def resize(image: tf.Tensor, image_size: int, round_resized: bool = True) -> tf.
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def eval_image(image: tf.Tensor, image_size: int, normalization: Normalization,
+               round_resized: bool) -> tf.Tensor:
+    """One decoded uint8 image as evaluation (and prediction) feeds it: resized, normalised."""
+    return normalize(resize(image, image_size, round_resized), normalization)
+
+
+def file_batches(paths: Sequence[str], *, batch_size: int, image_size: int,
+                 normalization: Normalization = "inception",
+                 round_resized: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(paths, float32 images [n <= batch_size, S, S, 3]) of image files, in order, decoded as
+    an image folder's are and preprocessed as evaluation does (`eval_image`). Every file must
+    decode (`folder.find_undecodable` names those that do not)."""
+    _mean_std(normalization)  # Fail here, not inside tf.data.
+    listing = folder_lib.FolderListing(tuple(paths), (0,) * len(paths))
+    ds = folder_lib.dataset(listing).map(
+        lambda ex: eval_image(ex["image"], image_size, normalization, round_resized),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    start = 0
+    for images in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+        yield list(paths[start:start + len(images)]), images
+        start += len(images)
+
+
 # --------------------------------------------------------------------------------------------
 # Streams.
 # --------------------------------------------------------------------------------------------
@@ -509,7 +532,7 @@ def _eval_batches(
     _mean_std(normalization)  # Fail here, not inside tf.data.
 
     def prepare(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = normalize(resize(ex["image"], image_size, round_resized), normalization)
+        image = eval_image(ex["image"], image_size, normalization, round_resized)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": 1.0}
 
     ds = local_examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -580,6 +603,25 @@ def get_num_classes(task: str, data_dir: str | None = None) -> int:
             raise ValueError("task='folder' needs data_dir: the root of the image folders.")
         return len(folder_lib.class_names(data_dir))
     return tasks_lib.get_task(task).num_classes
+
+
+def get_class_names(task: str, data_dir: str | None = None) -> list[str]:
+    """One name per class, in label order: an image folder's class folders; a VTAB-1k task's
+    TFDS label names when its labels are TFDS's own, else the converted label's number (e.g.
+    clevr_count's '0'..'7' stand for 3..10 objects)."""
+    if task == FOLDER:
+        return folder_lib.class_names(data_dir or "")
+    spec = tasks_lib.get_task(task)
+    names = None
+    if spec.convert is tasks_lib.image_and_label:
+        try:
+            feature = _builder(spec, data_dir).info.features["label"]
+            names = list(getattr(feature, "names", None) or [])
+        except (DatasetNotPreparedError, KeyError):
+            names = None  # the names are for people; the numbers say the same
+    if not names or len(names) != spec.num_classes:
+        names = [str(i) for i in range(spec.num_classes)]
+    return names
 
 
 def get_num_examples(

@@ -25,7 +25,7 @@ Group = Literal["natural", "specialized", "structured"]
 SPLIT_NAMES = ("train800", "val200", "train800val200", "test")
 
 
-def _image_and_label(example: Example) -> dict[str, tf.Tensor]:
+def image_and_label(example: Example) -> dict[str, tf.Tensor]:
     """Conversion for the tasks whose TFDS `label` is already the class."""
     return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
 
@@ -120,7 +120,7 @@ class Task:
     train800: str
     val200: str
     test: str
-    convert: Converter = _image_and_label
+    convert: Converter = image_and_label
     prepare_note: str = ""
 
     @property

@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding
@@ -327,27 +326,24 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool):
         def member(trainable):
             out = model.apply(trainable_lib.merge(trainable, frozen), inputs,
                               method=ViT.features_from_cache)
-            logits = out["logits"].astype(jnp.float32)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
-            m = batch["mask"]
-            kept = {"correct": correct * m, "loss": losses * m}
+            kept = train.example_outcomes(out["logits"], batch)
             if keep_features:
                 kept["pre_logits"] = out["pre_logits"]
             return kept
 
         out = jax.vmap(member)(trainables)
-        out["count"] = batch["mask"]
+        out.update(count=batch["mask"], label=batch["label"])
         if keep_features:
-            out.update({k: feats[k] for k in ("cls", "pooled")}, label=batch["label"])
+            out.update({k: feats[k] for k in ("cls", "pooled")})
         return out
 
     mesh = setup.plan.mesh
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     per_member = NamedSharding(mesh, P(None, "data"))
-    shardings = {"correct": per_member, "loss": per_member, "count": rows}
+    shardings = {"correct": per_member, "loss": per_member, "pred": per_member, "count": rows,
+                 "label": rows}
     if keep_features:
-        shardings.update(pre_logits=per_member, cls=rows, pooled=rows, label=rows)
+        shardings.update(pre_logits=per_member, cls=rows, pooled=rows)
     return jax.jit(fn, in_shardings=(replicated, replicated, replicated, rows),
                    out_shardings=shardings)
 
@@ -367,6 +363,10 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     progress.done()
     host = cache_lib.fetch_rows(outs)
     metrics = train.eval_totals(host, members=len(setup.configs))
+    class_names = data.get_class_names(config.task, config.data_dir)
+    for j, m in enumerate(metrics):
+        m["report"] = train.evaluation_report(host, class_names, member=j,
+                                              predictions=config.get("save_predictions", False))
     if not keep_features:
         return metrics, None
     keep = np.concatenate([o["count"] for o in host]) > 0
@@ -526,6 +526,7 @@ def _run_group(members: list[Member], may_diverge: bool,
             if j in errors:
                 out.append(errors[j])
                 continue
+            report = metrics[j].pop("report")
             results = train.run_results(
                 c, steps=total, eval_metrics=metrics[j],
                 train_loss=float(last_loss[j]),
@@ -534,14 +535,17 @@ def _run_group(members: list[Member], may_diverge: bool,
             writers[j].write_scalars(total, {f"{train.split_name(c)}/{k}": v
                                              for k, v in metrics[j].items()})
             writers[j].flush()
+            variables = trainable_lib.merge(_unstack(state.trainable, j), setup.frozen)
             if wanted:
-                variables = trainable_lib.merge(_unstack(state.trainable, j), setup.frozen)
                 results.update(feature_heads.run(c, setup.plan.model, variables, mesh,
                                                  setup.cache, setup.plan.num_classes,
                                                  evals=evals[j]))
             results["program"] = {"runs": s, "directory": directory}
             results["config"] = workdir_lib.as_dict(c)
             if is_chief:
+                train.write_evaluation(m.run_dir, c, metrics[j], report)
+                train.write_export(setup.plan, c, m.run_dir, variables, results,
+                                   report["class_names"])
                 workdir_lib.write_results(m.run_dir, results)
             out.append(results)
     return out

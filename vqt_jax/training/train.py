@@ -33,7 +33,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, compilation_cache, data, methods, preparations, sampling
+from vqt_jax import (
+    checkpoints,
+    compilation_cache,
+    data,
+    export,
+    methods,
+    preparations,
+    sampling,
+)
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
@@ -83,16 +91,20 @@ def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return keep
 
 
+def example_outcomes(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per example of an evaluation batch: `correct` (0/1) and the cross-entropy `loss`, both 0
+    where `mask` is 0. They are summed on the host in float64 (`eval_totals`)."""
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    pred = logits.argmax(-1).astype(jnp.int32)
+    correct = (pred == batch["label"]).astype(jnp.float32)
+    return {"correct": correct * batch["mask"], "loss": losses * batch["mask"], "pred": pred}
+
+
 def _eval_step(model):
     def step(variables, batch):
-        logits = model.apply(variables, batch["image"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch["label"]
-        )
-        correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
-        m = batch["mask"]
-        # Per example: summed on the host in float64 (`eval_totals`).
-        return {"correct": correct * m, "loss": losses * m, "count": m}
+        return {**example_outcomes(model.apply(variables, batch["image"]), batch),
+                "count": batch["mask"], "label": batch["label"]}
 
     return step
 
@@ -127,11 +139,64 @@ def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> A
     return [totals(lambda x, j=j: x[j]) for j in range(members)]
 
 
+def evaluation_report(outs: Sequence[dict[str, Any]], class_names: Sequence[str],
+                      member: int | None = None, predictions: bool = False) -> dict[str, Any]:
+    """Per-class top-1 and the confusion matrix (rows: true class, columns: predicted) from
+    host per-example outputs (`count`, `label`, `pred`; `pred` [members, B] with `member`),
+    and with `predictions` every example's label and prediction in the split's order."""
+    count = np.concatenate([np.asarray(o["count"]) for o in outs]) > 0
+    labels = np.concatenate([np.asarray(o["label"]) for o in outs])
+    preds = np.concatenate([np.asarray(o["pred"] if member is None else o["pred"][member])
+                            for o in outs])
+    n = len(class_names)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (labels[count], preds[count]), 1)
+    totals = confusion.sum(1)
+    report: dict[str, Any] = {
+        "class_names": list(class_names),
+        "per_class": [{"class": c, "count": int(t),
+                       "top1": float(confusion[i, i] / t) if t else None}
+                      for i, (c, t) in enumerate(zip(class_names, totals, strict=True))],
+        "confusion": confusion.tolist(),
+    }
+    if predictions:
+        order = _split_order(outs)
+        report["predictions"] = [
+            {"index": int(i), "label": int(y), "prediction": int(p)}
+            for i, y, p in sorted(zip(order[count], labels[count], preds[count],
+                                      strict=True))]
+    return report
+
+
+def _split_order(outs: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Each fetched row's index in the evaluation split. Host h of P evaluates examples
+    h, h + P, ... (`data.eval_dataset`), and a global batch holds each host's rows in turn."""
+    p = jax.process_count()
+    index = []
+    for i, o in enumerate(outs):
+        local = len(np.asarray(o["count"])) // p
+        for j in range(local * p):
+            h, r = divmod(j, local)
+            index.append(h + p * (i * local + r))
+    return np.asarray(index, np.int64)
+
+
+def write_evaluation(workdir: str, config: ml_collections.ConfigDict, metrics: dict[str, Any],
+                     report: dict[str, Any]) -> None:
+    """`WORKDIR/evaluation.json`: the split, top-1 and `evaluation_report`."""
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.EVALUATION_FILE), {
+        "split": split_name(config), "top1": metrics["top1"],
+        "num_examples": metrics["num_examples"], **report})
+
+
 def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
-             num_examples: int | None = None) -> dict[str, float]:
+             num_examples: int | None = None,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Top-1 and loss over the evaluation split; each example counted exactly once.
 
-    `num_examples` (the split's size, if known) gives the progress lines an ETA.
+    `num_examples` (the split's size, if known) gives the progress lines an ETA. With
+    `class_names`, the result also has `report` (`evaluation_report`; with every prediction
+    when `config.save_predictions`).
     """
     batch_sharding = NamedSharding(mesh, P("data"))
     eval_fn = eval_fn or jax.jit(_eval_step(model))
@@ -143,7 +208,12 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
         outs.append(eval_fn(variables, steppers.global_batch(batch, batch_sharding)))
         progress.update(int(batch["mask"].sum()) * jax.process_count())
     progress.done()
-    return eval_totals(cache_lib.fetch_rows(outs))
+    host = cache_lib.fetch_rows(outs)
+    metrics = eval_totals(host)
+    if class_names is not None:
+        metrics["report"] = evaluation_report(host, class_names,
+                                              predictions=config.get("save_predictions", False))
+    return metrics
 
 
 def split_name(config: ml_collections.ConfigDict) -> str:
@@ -522,7 +592,10 @@ def _run_locked(plan: RunPlan, workdir: str,
     train_metrics.pop("state_finite", None)
 
     variables = trainable_lib.merge(state.trainable, frozen)
-    eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval)
+    class_names = data.get_class_names(config.task, config.data_dir)
+    eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
+                            class_names=class_names)
+    report = eval_metrics.pop("report")
     writer.write_scalars(total_steps, {f"{split_name(config)}/{k}": v
                                        for k, v in eval_metrics.items()})
     writer.flush()
@@ -546,9 +619,23 @@ def _run_locked(plan: RunPlan, workdir: str,
     if history_of_changes:
         results["config_changes"] = history_of_changes
     if is_chief:
+        write_evaluation(workdir, config, eval_metrics, report)
+        write_export(plan, config, workdir, variables, results, class_names)
         workdir_lib.write_results(workdir, results)
     manager.close()
     return results, variables
+
+
+def write_export(plan: RunPlan, config: ml_collections.ConfigDict, workdir: str,
+                 variables: dict, results: dict[str, Any], class_names: Sequence[str]) -> None:
+    """Writes the run's trained part as `WORKDIR/model.vqt` (`vqt_jax.export`) and names it,
+    and evaluation.json, in `results` (before results.json is written, so a results.json
+    always has them)."""
+    export.write(os.path.join(workdir, export.EXPORT_FILE), config=config, variables=variables,
+                 provided=export.provided_keys(plan.pretrained), class_names=class_names,
+                 results={k: v for k, v in results.items() if k != "config"})
+    results["export"] = export.EXPORT_FILE
+    results["evaluation"] = workdir_lib.EVALUATION_FILE
 
 
 def count_params(trainable: dict) -> int:

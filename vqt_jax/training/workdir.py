@@ -38,12 +38,13 @@ CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
 NONFINITE_FILE = "stopped_nonfinite.json"
 RESULTS_FILE = "results.json"
+EVALUATION_FILE = "evaluation.json"  # per-class top-1, confusion matrix (train.write_evaluation)
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
     "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_on_device",
     "num_devices", "compilation_cache_dir", "program_max_runs",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-    "prepare",
+    "prepare", "save_predictions",
 })
 
 
@@ -140,6 +141,22 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} cannot be read ({e}); it records the config of the run "
                            "in this workdir: restore it or use a new --workdir") from None
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def from_json(recorded: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config recorded as JSON (config.json, an export) as a ConfigDict, JSON's lists turned
+    back into tuples: the config files write sequences as tuples (normalization's (mean, std),
+    baselines, patch_size), and as tuples they compare and hash like the config's own values
+    (a model attribute must be hashable for a jitted forward)."""
+    return ml_collections.ConfigDict(_tuples(dict(recorded)))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -1,0 +1,28 @@
+"""Randomly initialised backbones written as real checkpoint files, for benchmarks whose time
+does not depend on the weights' values (nothing can be downloaded on an offline machine)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def write_random_npz(path: str, image_size: int, **model) -> str:
+    """Writes a big_vision-layout `.npz` of a randomly initialised ViT backbone (no head), built
+    by `create_model(**model)` (e.g. `variant="B/16"`), unless `path` exists; returns `path`."""
+    if os.path.exists(path):
+        return path
+    from vqt_jax.models import create_model  # noqa: PLC0415
+    from vqt_jax.training import trainable  # noqa: PLC0415
+
+    vit = create_model(num_classes=0, **model)
+    params = jax.jit(vit.init)(jax.random.key(0),
+                               jnp.zeros((1, image_size, image_size, 3)))["params"]
+    flat = {k: np.asarray(v) for k, v in trainable.flatten(params).items()}
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,207 @@
+"""A trained run's own part as one small file (`model.vqt`): all that predicting needs besides
+the pretrained backbone.
+
+Every run writes `WORKDIR/model.vqt` when it finishes (`train.train_and_evaluate`, and each run
+of a protocol stage trained as one program). It holds:
+
+* every variable the backbone checkpoint does not provide, and every trainable one: for VQT the
+  query tokens and the head (kilobytes); prompts, adapters or LoRA factors for those methods;
+  the whole model for full fine-tuning or a model without `config.init`;
+* the class names, in label order;
+* the run's whole config (model options, method, image size, normalisation, resize rule), from
+  which the model is rebuilt;
+* the backbone checkpoint's path and the SHA-256 of its file: loading refuses a backbone file
+  whose content differs, since the exported part was trained on that backbone's features;
+* the run's evaluation results (results.json's numbers).
+
+The file is a zip archive in numpy's `.npz` layout: `meta.json` (as bytes) and one array per
+variable, named `collection/path/to/leaf`; `numpy.load` reads it without vqt_jax. It is written
+to a temporary name and renamed, so a killed write never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from vqt_jax import checkpoints
+from vqt_jax.training import trainable as trainable_lib
+from vqt_jax.training import workdir as workdir_lib
+
+EXPORT_FILE = "model.vqt"
+FORMAT = "vqt_jax.export"
+VERSION = 1
+META = "meta.json"
+
+
+class ExportError(ValueError):
+    """An export file that cannot be used (unreadable, another format, or a backbone that is
+    not the one it was trained on); the message names the file and the problem."""
+
+
+def checkpoint_sha256(path: str | None) -> str | None:
+    """SHA-256 of a checkpoint file's bytes (local, gs:// or a downloaded http(s) file; a
+    big_vision `:img` sub-tree suffix is ignored: the file is hashed); None without a path."""
+    if not path:
+        return None
+    file_path = checkpoints.split_subtree(path)[0]
+    key = (file_path, *_stat(file_path))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with checkpoints.files.open_file(file_path) as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+# Hashes already taken in this process, by (path, size, mtime): the protocol's 25 runs share
+# one backbone file, which is hashed once.
+_HASHES: dict[tuple, str] = {}
+
+
+def _stat(path: str) -> tuple:
+    if "://" in path:
+        return ()
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def provided_keys(pretrained: Mapping[str, Any] | None) -> frozenset[str]:
+    """The variables (flat `collection/path` names) a checkpoint provides: the leaves of
+    `train.RunPlan.pretrained` that hold values rather than shapes."""
+    if pretrained is None:
+        return frozenset()
+    return frozenset(k for k, v in trainable_lib.flatten(pretrained).items()
+                     if not isinstance(v, jax.ShapeDtypeStruct))
+
+
+def exported_leaves(variables: Mapping[str, Any], method: str,
+                    provided: frozenset[str]) -> dict[str, np.ndarray]:
+    """The variables an export keeps: the trainable ones (`method`'s rule) and every one the
+    checkpoint does not provide, as host arrays."""
+    rule = trainable_lib.rule_for(method)
+    flat = trainable_lib.flatten(variables)
+    keep = [k for k in flat if k not in provided or any(re.fullmatch(p, k) for p in rule)]
+    return {k: _host(flat[k]) for k in keep}
+
+
+def _host(x: Any) -> np.ndarray:
+    """A replicated value on this host, also when its array spans other hosts' devices (then
+    `device_get` refuses it; a replicated array's local copy is the whole value)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            raise ValueError(f"cannot export a variable sharded over hosts ({x.sharding})")
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+
+
+def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[str, Any],
+          provided: frozenset[str], class_names: Sequence[str],
+          results: Mapping[str, Any] | None = None) -> str:
+    """Writes a run's export to `path` (atomically) and returns `path`.
+
+    Args:
+      path: the file to write (conventionally `WORKDIR/model.vqt`).
+      config: the run's config (as trained).
+      variables: the model's final variables (nested, as `model.apply` takes them).
+      provided: the variables the backbone checkpoint provides (`provided_keys`).
+      class_names: one name per class, in label order.
+      results: the run's results (only JSON-able scalars and lists are kept).
+    """
+    arrays = exported_leaves(variables, config.method, provided)
+    if len(class_names) != _num_classes(arrays):
+        raise ValueError(f"{len(class_names)} class names for a head of "
+                         f"{_num_classes(arrays)} classes")
+    meta = {
+        "format": FORMAT, "version": VERSION, "method": config.method, "task": config.task,
+        "class_names": list(class_names), "config": workdir_lib.as_dict(config),
+        "backbone": {"init": config.init or None, "sha256": checkpoint_sha256(config.init),
+                     "provided": sorted(provided)},
+        "results": {k: v for k, v in (results or {}).items()
+                    if isinstance(v, (int, float, str, bool, list)) or v is None},
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **{META: np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
+    if not workdir_lib.is_local(path):  # an object store publishes it whole, or not at all
+        epath.Path(path).write_bytes(buf.getvalue())
+        return path
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _num_classes(arrays: Mapping[str, np.ndarray]) -> int:
+    bias = arrays.get("params/head/bias")
+    return 0 if bias is None else int(bias.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """A read export: `meta` (see the module docstring) and its `arrays` by flat name."""
+
+    path: str
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        """The run's config (sequences as tuples again, as the config files write them)."""
+        return workdir_lib.from_json(self.meta["config"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def num_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+def read(path: str) -> Exported:
+    """Reads an export file.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ExportError: not an export of this format and version; the message names the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Export file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if META not in z.files:
+                raise ExportError(f"{path} is not a vqt_jax export (it has no {META})")
+            meta = json.loads(z[META].tobytes().decode())
+            arrays = {k: z[k] for k in z.files if k != META}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        if isinstance(e, ExportError):
+            raise
+        raise ExportError(f"{path} is not a readable vqt_jax export: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a vqt_jax export (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ExportError(f"{path} is an export of version {meta.get('version')!r}; this "
+                          f"vqt_jax reads version {VERSION}")
+    return Exported(path, meta, arrays)
