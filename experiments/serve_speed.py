@@ -47,9 +47,7 @@ def write_exports(root: str, tasks: int, image_size: int, model: dict) -> list[s
     config.model.num_queries = 1
     config.update(method="vqt", init=init, image_size=image_size, data_dir=root)
     vit = train.build_model(config, NUM_CLASSES)
-    abstract = jax.eval_shape(vit.init, jax.random.key(0),
-                              jnp.zeros((1, image_size, image_size, 3)))
-    loaded = checkpoints.load(init, abstract, image_size=image_size)
+    loaded = checkpoints.load(init, train.abstract_variables(vit, config), image_size=image_size)
     provided = export.provided_keys(loaded)
     paths = []
     for i in range(tasks):

@@ -175,10 +175,6 @@ class Exported:
     def method(self) -> str:
         return self.meta["method"]
 
-    @property
-    def num_bytes(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays.values()))
-
 
 def read(path: str) -> Exported:
     """Reads an export file.

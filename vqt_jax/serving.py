@@ -30,7 +30,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import checkpoints, export, methods
+from vqt_jax import checkpoints, export, methods, protocol
 from vqt_jax.models import ViT
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training.mesh import make_mesh
@@ -115,10 +115,10 @@ def check_compatible(exports: Sequence[tuple[str, export.Exported]]) -> None:
                     f"{value!r}); serve them in separate calls")
 
 
-def _load_backbone(exported: export.Exported, model: ViT, path: str | None,
+def _load_backbone(exported: export.Exported, abstract: dict[str, Any], path: str | None,
                    sha256: str | None) -> dict[str, Any]:
-    """The checkpoint's variables for `model` (flat, host arrays), after checking that the
-    file is the one the export was trained on."""
+    """The checkpoint's variables for a model of variables `abstract` (flat), after checking
+    that the file is the one the export was trained on."""
     if sha256 is None:
         return {}
     if not path:
@@ -131,8 +131,6 @@ def _load_backbone(exported: export.Exported, model: ViT, path: str | None,
             f"{exported.path} was trained on ({exported.meta['backbone']['init']}, sha256 "
             f"{sha256[:12]}...): its queries and head read that backbone's features")
     config = exported.config
-    abstract = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, config.image_size, config.image_size, 3)))
     from vqt_jax.training import train  # noqa: PLC0415 (imports the data pipeline)
 
     loaded = checkpoints.load(path, abstract, image_size=config.image_size,
@@ -175,15 +173,13 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
     sha256 = first.meta["backbone"]["sha256"]
     path = backbone or first.meta["backbone"]["init"]
     models_ = [train.build_model(e.config, len(e.class_names)) for _, e in exports]
-    shared = _load_backbone(first, models_[0], path, sha256)
+    abstracts = [train.abstract_variables(m, e.config)
+                 for m, (_, e) in zip(models_, exports, strict=True)]
+    shared = _load_backbone(first, abstracts[0], path, sha256)
     tasks = []
-    for (name, e), model in zip(exports, models_, strict=True):
-        config = e.config
-        abstract = trainable_lib.flatten(jax.eval_shape(
-            model.init, jax.random.key(0),
-            jnp.zeros((1, config.image_size, config.image_size, 3))))
+    for (name, e), model, abstract in zip(exports, models_, abstracts, strict=True):
         flat = {}
-        for k, a in abstract.items():
+        for k, a in trainable_lib.flatten(abstract).items():
             value = e.arrays.get(k, shared.get(k))
             if value is None:
                 raise export.ExportError(f"{e.path}: variable {k} is neither in the export nor "
@@ -219,7 +215,7 @@ class Predictor:
         config = self.tasks[0].exported.config
         self.image_size = config.image_size
         self.normalization = config.normalization
-        self.round_resized = config.get("resize", "uint8") == "uint8"
+        self.round_resized = protocol.round_resized(config)
         replicated = NamedSharding(self.mesh, P())
         self._rows = NamedSharding(self.mesh, P("data"))
         # The backbone's arrays are one set on the devices, whatever the number of tasks.

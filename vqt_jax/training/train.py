@@ -372,12 +372,17 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
                      f"{checkpoints.files.cache_path(url)} and checks it then")
     elif config.init:
         # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
-        abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
+        abstract = abstract_variables(model, config)
         pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size,
                                       dont_load=dont_load(config))
     change = None if workdir is None else workdir_lib.check(workdir, config)
     return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
                    notes)
+
+
+def abstract_variables(model, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model's variables as shapes and dtypes only (nothing is computed)."""
+    return jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))
 
 
 def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
