@@ -1,7 +1,7 @@
 """The whole VTAB-1k protocol of one task, run one by one and as one program per stage, timed.
 
     python experiments/sweep_speed.py --json PATH [--setups demo,b16] [--epochs 20]
-        [--b16_epochs 2] [--workdir DIR]
+        [--b16_epochs 2] [--modes sequential,one,shared] [--workdir DIR]
 
 For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid
 on train -> val, the selected point retrained with 5 seeds on train+val -> test) twice in this
@@ -12,10 +12,10 @@ init and dropout; its program reads each cached batch once for all seeds). Each 
 caches and compiles its own programs, so each time is the whole protocol: cache builds,
 training, evaluation. It reports the times and their ratios to the one-by-one time, whether
 the selection and the test top-1s are identical (with a shared order the seeds are other runs:
-it reports how far their test top-1s and mean move), and each time in *backbone-forward
-equivalents*: the time over that of one inference pass (the model's forward, images already in
-memory) over all the task's images (train + val + test), the floor any protocol that looks at
-every image must pay.
+it reports how far their test top-1s and mean move; `--modes` may leave that protocol out),
+and each time in *backbone-forward equivalents*: the time over that of one inference pass (the
+model's forward, images already in memory) over all the task's images (train + val + test),
+the floor any protocol that looks at every image must pay.
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -146,39 +146,44 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     return statistics.median(times), len(train_val) + plan.num_eval
 
 
-def measure(name: str, config_fn, overrides: dict, workdir: str) -> dict:
-    """Both protocols of one setup, timed, compared, and the forward pass."""
+def measure(name: str, config_fn, overrides: dict, workdir: str,
+            modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    """The protocols `modes` (sequential and one at least) of one setup, timed, compared, and
+    the forward pass."""
     overrides = {**overrides, "compilation_cache_dir": ""}
     out: dict = {"setup": name, "epochs": overrides["epochs"], "seeds": SEEDS}
     # First (it is quick): the floor both protocols are measured against.
     forward_s, images = forward_pass_seconds(config_fn, overrides)
     results = {}
-    for mode, (program, extra) in MODES.items():
+    for mode in modes:
+        program, extra = MODES[mode]
         start = time.perf_counter()
         results[mode] = protocol.run_sweep(
             [TASK], os.path.join(workdir, name, mode), base_config_fn=config_fn,
             method="vqt", num_seeds=SEEDS, overrides={**overrides, **extra},
             task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
         out[f"{mode}_s"] = round(time.perf_counter() - start, 1)
-    seq, one, shared = results["sequential"], results["one"], results["shared"]
+    seq, one = results["sequential"], results["one"]
     grid = protocol.grid_for("vqt")
     out.update(
         runs=len(grid.base_lrs) * len(grid.wds) + SEEDS,
         ratio=round(out["sequential_s"] / out["one_s"], 2),
-        shared_ratio=round(out["sequential_s"] / out["shared_s"], 2),
         selected={"lr": one.lr, "wd": one.wd, "val_top1": one.val_top1},
         test_top1=list(one.test_top1),
         identical_selection=_selection(seq) == _selection(one),
         identical_test_top1=seq.test_top1 == one.test_top1,
-        sequential_test_top1=list(seq.test_top1),
-        shared_identical_selection=_selection(seq) == _selection(shared),
-        shared_test_top1=list(shared.test_top1),
-        shared_mean_change=round(statistics.mean(shared.test_top1)
-                                 - statistics.mean(seq.test_top1), 5),
-        shared_max_change=round(max(abs(a - b) for a, b in zip(shared.test_top1,
-                                                              seq.test_top1, strict=True)), 5))
+        sequential_test_top1=list(seq.test_top1))
+    if shared := results.get("shared"):
+        out.update(
+            shared_ratio=round(out["sequential_s"] / out["shared_s"], 2),
+            shared_identical_selection=_selection(seq) == _selection(shared),
+            shared_test_top1=list(shared.test_top1),
+            shared_mean_change=round(statistics.mean(shared.test_top1)
+                                     - statistics.mean(seq.test_top1), 5),
+            shared_max_change=round(max(abs(a - b) for a, b in zip(
+                shared.test_top1, seq.test_top1, strict=True)), 5))
     out.update(forward_pass_s=round(forward_s, 2), images=images, **{
-        f"{mode}_forward_equivalents": round(out[f"{mode}_s"] / forward_s, 1) for mode in MODES})
+        f"{mode}_forward_equivalents": round(out[f"{mode}_s"] / forward_s, 1) for mode in modes})
     return out
 
 
@@ -192,15 +197,20 @@ def report(rows: list[dict]) -> str:
              "forward pass (all images) | in forwards: one by one / one / shared |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        shared = ("not run", "not run", "-")
+        if "shared_s" in r:
+            shared = (f"{r['shared_s']:.0f} s ({r['shared_ratio']:.1f}x)",
+                      f"{100 * r['shared_mean_change']:+.2f} / "
+                      f"{100 * r['shared_max_change']:.2f} points",
+                      f"{r['shared_forward_equivalents']:.1f}")
         lines.append(
             f"| {r['setup']} | {r['epochs']} | {r['sequential_s']:.0f} s | "
             f"{r['one_s']:.0f} s ({r['ratio']:.1f}x) | "
             f"{r['identical_selection']} / {r['identical_test_top1']} | "
-            f"{r['shared_s']:.0f} s ({r['shared_ratio']:.1f}x) | "
-            f"{100 * r['shared_mean_change']:+.2f} / {100 * r['shared_max_change']:.2f} points | "
+            f"{shared[0]} | {shared[1]} | "
             f"{r['forward_pass_s']:.1f} s ({r['images']} images) | "
             f"{r['sequential_forward_equivalents']:.0f} / {r['one_forward_equivalents']:.1f} / "
-            f"{r['shared_forward_equivalents']:.1f} |")
+            f"{shared[2]} |")
     return "\n".join(lines)
 
 
@@ -210,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--setups", default="demo,b16", help="comma-separated: demo, b16")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the demo setup")
     p.add_argument("--b16_epochs", type=int, default=2, help="epochs of the b16 setup")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated protocols: sequential and one, optionally shared")
     p.add_argument("--workdir", help="where the sweeps run (default: a temporary directory)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and folder (no figures)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -233,10 +245,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         unknown = [n for n in names if n not in setups]
         if unknown:
             raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16")
+        modes = tuple(m.strip() for m in args.modes.split(","))
+        if not {"sequential", "one"} <= set(modes) or not set(modes) <= set(MODES):
+            raise SystemExit(f"error: --modes={args.modes!r}: sequential and one, optionally "
+                             "shared")
         rows = []
         for name in names:
             config_fn, overrides = setups[name]()
-            rows.append(measure(name, config_fn, overrides, workdir))
+            rows.append(measure(name, config_fn, overrides, workdir, modes))
             print(report(rows), flush=True)
             if args.json:
                 with open(args.json, "w") as f:
