@@ -42,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mlp_act = "gelu"
     c.model.ln_eps = 1e-6
     c.normalization = "imagenet"
+    # Resized as DINOv2 / Hugging Face (and the ONNX graph the backbone comes from) do.
+    c.posemb_resample = "bicubic"
     # Fashion-MNIST is 28x28: 112 (8x8 patches of 14) keeps every pixel and the cache small.
     c.image_size = 112
 

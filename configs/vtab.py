@@ -43,6 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.split = "test"  # 'val': train800 -> val200 (selection); 'test': train800val200 -> test.
     c.init = IN21K_B16
     c.prepare = ""  # a set-up step run first (vqt_jax/preparations.py), e.g. for the demo
+    # How the checkpoint's position embeddings are resized to image_size's grid: 'auto' (the
+    # checkpoint family's own rule: big_vision 'bilinear_corners', timm 'bicubic_antialias',
+    # Meta's DINOv2 files 'bicubic'), or one of those names (vqt_jax/checkpoints/resample.py).
+    c.posemb_resample = "auto"
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"
@@ -53,7 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.layerscale = False
     c.model.pre_norm = False
     c.model.qkv_bias = True
+    # 'tok' (class token), 'gap' (mean patch token) or 'map' (SigLIP's MAP head).
     c.model.pool_type = "tok"
+    c.model.num_registers = 0  # DINOv2 with registers: 4
     c.model.kv_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16'
     # Compute dtype of the backbone and the query path ('bfloat16' on accelerators; the
     # parameters, LayerNorm statistics, softmax and the head stay float32).

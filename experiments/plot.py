@@ -45,7 +45,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vqt_jax import checkpoints, data, methods, preparations
+from vqt_jax import data, methods, preparations
 from vqt_jax.training import checkpointing, optim, train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
@@ -215,7 +215,7 @@ def restore_run(config: ml_collections.ConfigDict,
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = _jit_init(model, init_rng, dummy)
     if config.init:
-        variables = checkpoints.load(config.init, variables, image_size=config.image_size)
+        variables = train.load_pretrained(config, variables)
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
     # The checkpoint is a whole TrainState, so restoring needs one of the same structure; the
     # optimiser state's structure does not depend on the schedule's values.

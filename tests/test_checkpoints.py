@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from vqt_jax import checkpoints
-from vqt_jax.checkpoints import CheckpointError, files
+from vqt_jax.checkpoints import CheckpointError, files, resample
 from vqt_jax.models import ViT
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden"
@@ -80,13 +80,103 @@ def test_head_and_queries_keep_their_init_by_default():
     assert np.all(np.asarray(variables["params"]["cls"]) == 0)
 
 
-def test_resample_posemb_matches_bilinear_half_pixel():
-    grid = np.arange(4, dtype=np.float32).reshape(1, 4, 1)  # 2x2 grid, D=1: [[0, 1], [2, 3]]
-    out = checkpoints.resample_posemb(grid, (4, 4)).reshape(4, 4)
-    # Half-pixel bilinear: the first output row samples row 0 (clamped) -> 0, 0.25, 0.75, 1.
-    np.testing.assert_allclose(out[0], [0, 0.25, 0.75, 1], atol=1e-6)
-    np.testing.assert_allclose(out[:, 0], [0, 0.5, 1.5, 2], atol=1e-6)
-    assert checkpoints.resample_posemb(grid, (2, 2)) is grid
+@pytest.mark.parametrize("rule", ["bicubic", "bicubic_antialias"])
+def test_resample_rules_match_pytorch(rule, golden):
+    # PyTorch's interpolate (bicubic, with and without antialias) in float64, recorded by
+    # tools/make_golden.py: shrinking, growing and a non-square target.
+    keys = [k for k in golden if k.startswith(f"resample/{rule}/")]
+    assert len(keys) == 8
+    for key in keys:
+        side, target = key.split("/")[2:]
+        size = tuple(int(n) for n in target.split("x"))
+        ours = resample.resample_grid(golden[f"resample/input/{side}"], size, rule)
+        np.testing.assert_allclose(ours, golden[key], atol=1e-5, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("side,size", [(7, (3, 3)), (7, (9, 9)), (4, (4, 6)), (37, (16, 16))])
+def test_bilinear_corners_matches_big_vision(side, size):
+    # big_vision's (and vision_transformer's) resample_posemb is scipy.ndimage.zoom, order 1.
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    grid = np.random.default_rng(0).standard_normal((side, side, 3))
+    ref = scipy_ndimage.zoom(grid, (size[0] / side, size[1] / side, 1), order=1)
+    np.testing.assert_allclose(resample.resample_grid(grid, size, "bilinear_corners"), ref,
+                               atol=1e-12)
+
+
+def test_rules_differ_and_identity_is_kept():
+    grid = np.random.default_rng(0).standard_normal((7, 7, 2)).astype(np.float32)
+    outs = {r: resample.resample_grid(grid, (4, 4), r) for r in resample.RULES}
+    assert len({o.tobytes() for o in outs.values()}) == 3
+    assert resample.resample_grid(grid, (7, 7), "bicubic") is grid
+    with pytest.raises(ValueError, match="choose from auto, bilinear_corners"):
+        resample.check_rule("nearest")
+
+
+@pytest.mark.parametrize("case,rule", [("bv_npz", "bilinear_corners"),
+                                       ("orig_npz", "bilinear_corners"),
+                                       ("timm_pth", "bicubic_antialias"),
+                                       ("dinov2_safetensors", "bicubic_antialias")])
+def test_auto_rule_is_the_families(case, rule):
+    assert checkpoints.read_backbone(str(GOLDEN / CASES[case]["file"]), 3)[3] == rule
+
+
+def _meta_dinov2_reg(tmp_path):
+    """The timm DINOv2-reg fixture in Meta's own naming: `register_tokens`, a `mask_token`, and
+    the class token's position entry in `pos_embed` (timm folds it into `cls_token`)."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(str(GOLDEN / CASES["dinov2_reg_safetensors"]["file"]))
+    cls_pos = np.random.default_rng(1).standard_normal(state["cls_token"].shape, np.float32)
+    state["register_tokens"] = state.pop("reg_token")
+    state["cls_token"] = state["cls_token"] - cls_pos
+    state["pos_embed"] = np.concatenate([cls_pos, state["pos_embed"]], axis=1)
+    state["mask_token"] = np.zeros((1, state["cls_token"].shape[-1]), np.float32)
+    path = tmp_path / "dinov2_reg_meta.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_meta_dinov2_registers_load_as_timm_does(tmp_path, golden):
+    path = _meta_dinov2_reg(tmp_path)
+    assert checkpoints.read_backbone(str(path), 3)[3] == "bicubic"
+    spec = CASES["dinov2_reg_safetensors"]
+    model = _model("dinov2_reg_safetensors")
+    variables = _init(model, spec["image_size"])
+    loaded = checkpoints.load(str(path), variables, image_size=spec["image_size"], dont_load=())
+    logits = model.apply(loaded, golden["dinov2_reg_safetensors/images"])
+    np.testing.assert_allclose(logits, golden["dinov2_reg_safetensors/logits"], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_loading_resamples_by_the_rule(golden):
+    # A 4x4 big_vision grid into a 6x6 model: big_vision's rule by default, another on request.
+    model = _model("bv_npz")
+    variables = _init(model, 48)
+    path = str(GOLDEN / "bv_vit.npz")
+    stored = checkpoints.read_backbone(path, 4)[1]["pos_embedding"].reshape(4, 4, -1)
+    for rule, requested in (("bilinear_corners", "auto"), ("bicubic", "bicubic")):
+        loaded = checkpoints.load(path, variables, image_size=48, resample_rule=requested)
+        np.testing.assert_allclose(
+            loaded["params"]["pos_embedding"].reshape(6, 6, -1),
+            resample.resample_grid(stored, (6, 6), rule), atol=1e-6)
+    with pytest.raises(ValueError, match="posemb_resample='area'"):
+        checkpoints.load(path, variables, image_size=48, resample_rule="area")
+
+
+@pytest.mark.parametrize("case,overrides,hint", [
+    ("siglip_map_npz", dict(pool_type="tok", class_token=True), "model.pool_type='map'"),
+    ("siglip_map_safetensors", dict(pool_type="gap"), "model.pool_type='map'"),
+    ("bv_npz", dict(pool_type="map", class_token=True), "no MAP head: model.pool_type='tok'"),
+    ("dinov2_reg_safetensors", dict(num_registers=0), "model.num_registers=2"),
+    ("dinov2_safetensors", dict(num_registers=4), "model.num_registers=0"),
+])
+def test_architecture_mismatch_names_the_option(case, overrides, hint):
+    spec = CASES[case]
+    model = _model(case, **overrides)
+    variables = _init(model, spec["image_size"])
+    with pytest.raises(CheckpointError) as e:
+        checkpoints.load(str(GOLDEN / spec["file"]), variables, image_size=spec["image_size"])
+    assert hint in str(e.value)
 
 
 def test_split_subtree():
@@ -177,7 +267,7 @@ def test_image_size_not_a_multiple_of_patch():
         checkpoints.load(str(GOLDEN / "bv_vit.npz"), _variables(), image_size=30)
 
 
-def test_loaded_model_at_another_resolution_runs(golden):
+def test_loaded_model_at_another_resolution_runs():
     # bv_vit.npz is a 4x4 grid; a model at 48px has a 6x6 grid and gets a resampled embedding.
     model = _model("bv_npz")
     variables = _init(model, 48)

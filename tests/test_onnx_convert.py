@@ -123,9 +123,9 @@ def features(model):
     return fn
 
 
-def _load(model, path, size):
+def _load(model, path, size, resample_rule="auto"):
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    return checkpoints.load(path, variables, image_size=size)
+    return checkpoints.load(path, variables, image_size=size, resample_rule=resample_rule)
 
 
 def _rel(ours, ref):
@@ -168,16 +168,21 @@ def test_matches_onnxruntime_at_native_grid(model, features, timm_file, session,
     assert max(diffs.values()) < RTOL, diffs
 
 
-def test_matches_onnxruntime_at_224(model, features, timm_file, session, gray_images):
-    # At 224 the graph resamples the 37x37 position grid bicubically (Hugging Face's
-    # interpolate_pos_encoding) and our loader bilinearly; with the graph's own resampled grid
-    # the outputs agree, with the loader's they stay close.
-    variables = _load(model, timm_file, 224)
-    x = _inputs(gray_images, 224)
-    loader_diffs, ref = _compare(features, variables, session, x)
-    assert loader_diffs["cls"] < 0.1, loader_diffs
-    diffs, _ = _compare(features, _with_pos(variables, ref[RESIZED_POS]), session, x)
+@pytest.mark.parametrize("size", [224, 112])
+def test_matches_onnxruntime_when_resampled(size, model, features, timm_file, session,
+                                            gray_images):
+    # Below 518 the graph resamples the 37x37 position grid itself (Hugging Face's
+    # interpolate_pos_encoding: bicubic, no antialias). Loaded with that rule (the demo's
+    # config.posemb_resample) our grid is the graph's, and so are the outputs; timm's rule
+    # (what 'auto' picks for a timm-layout file) is another grid.
+    x = _inputs(gray_images, size)
+    variables = _load(model, timm_file, size, "bicubic")
+    diffs, ref = _compare(features, variables, session, x)
+    np.testing.assert_allclose(variables["params"]["pos_embedding"], ref[RESIZED_POS],
+                               atol=1e-5, rtol=1e-5)
     assert max(diffs.values()) < RTOL, diffs
+    timm_rule = _load(model, timm_file, size)["params"]["pos_embedding"]
+    assert _rel(np.asarray(timm_rule), ref[RESIZED_POS]) > 1e-3
 
 
 def _swap_query_key(state):

@@ -14,7 +14,9 @@ Output directory (default ``tests/fixtures/golden/``):
   kwargs in vqt_jax's ViT API.
 * ``golden.npz``: per case ``{name}/images`` (B, H, W, 3) in model input space, ``{name}/logits``,
   ``{name}/pre_logits``, ``{name}/tokens`` (after the final norm) and ``{name}/blocks`` (output
-  of every transformer block, (depth, B, 1 + N, D)); all float32.
+  of every transformer block, (depth, B, prefix + N, D)); and PyTorch's resampling of random
+  grids by timm's and DINOv2's rules (``resample/...``, see ``resample_references``); all
+  float32.
 * one checkpoint file per case.
 
 Usage (in a separate venv; this script must never import jax or tensorflow)::
@@ -98,6 +100,7 @@ class Case:
     num_classes: int = 5
     pool_type: str = "tok"
     class_token: bool = True
+    num_registers: int = 0
     fc_norm: bool = False
     layerscale: bool = False
     mlp_act: str = "gelu"
@@ -124,6 +127,7 @@ class Case:
             "num_classes": self.num_classes,
             "pool_type": self.pool_type,
             "class_token": self.class_token,
+            "num_registers": self.num_registers,
             "fc_norm": self.fc_norm,
             "layerscale": self.layerscale,
             "mlp_act": self.mlp_act,
@@ -155,7 +159,27 @@ CASES: tuple[Case, ...] = (
          patch=8, mlp_act="quick_gelu", ln_eps=1e-5, pre_norm=True),
     Case("resample_pth", "resample_vit.pth", "timm", "pth", image_size=48, patch=8,
          checkpoint_image_size=32),
+    # SigLIP towers: no class token, big_vision's MAP head pools the final tokens.
+    Case("siglip_map_npz", "siglip_map.npz", "big_vision_npz", "bv", image_size=32, patch=8,
+         pool_type="map", class_token=False, mlp_act="gelu_tanh", no_embed_class=True),
+    Case("siglip_map_img_npz", "siglip_map_two_tower.npz", "big_vision_npz", "siglip",
+         image_size=24, patch=8, num_heads=4, mlp_dim=192, pool_type="map", class_token=False,
+         mlp_act="gelu_tanh", no_embed_class=True, file_suffix=":img"),
+    Case("siglip_map_safetensors", "siglip_map.safetensors", "timm", "safetensors",
+         image_size=40, patch=8, depth=3, pool_type="map", class_token=False,
+         mlp_act="gelu_tanh"),
+    # DINOv2 with registers as timm holds it: cls and registers without position embedding.
+    Case("dinov2_reg_safetensors", "dinov2_reg.safetensors", "timm", "safetensors",
+         image_size=42, patch=14, mlp_dim=192, layerscale=True, num_registers=2,
+         no_embed_class=True),
 )
+
+# Position-embedding grids resampled by PyTorch (timm's rule: bicubic with antialias; DINOv2 /
+# Hugging Face: bicubic without), from these source sides to these target grids: both
+# directions and a non-square target.
+RESAMPLE_SOURCES = (7, 4)
+RESAMPLE_TARGETS = ((3, 3), (5, 5), (9, 9), (4, 6))
+RESAMPLE_RULES = {"bicubic_antialias": True, "bicubic": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +201,8 @@ def build_timm(case: Case, image_size: int) -> VisionTransformer:
         img_size=image_size,
         patch_size=case.patch,
         num_classes=case.num_classes,
-        global_pool={"tok": "token", "gap": "avg"}[case.pool_type],
+        global_pool={"tok": "token", "gap": "avg", "map": "map"}[case.pool_type],
+        reg_tokens=case.num_registers,
         embed_dim=case.width,
         depth=case.depth,
         num_heads=case.num_heads,
@@ -209,6 +234,15 @@ def _assert_architecture(model: VisionTransformer, case: Case) -> None:
         x = torch.linspace(-6.0, 6.0, 1001, dtype=torch.float64)
         err = (blk.mlp.act(x) - ACTS[case.mlp_act](x)).abs().max().item()
         assert err < 1e-12, (case.name, case.mlp_act, err)
+    x = torch.linspace(-6.0, 6.0, 1001, dtype=torch.float64)
+    assert (model.attn_pool is not None) == (case.pool_type == "map"), case.name
+    if model.attn_pool is not None:
+        assert model.attn_pool.latent.shape == (1, 1, case.width), case.name
+        assert model.attn_pool.mlp.fc1.out_features == case.mlp_dim, case.name
+        err = (model.attn_pool.mlp.act(x) - ACTS[case.mlp_act](x)).abs().max().item()
+        assert err < 1e-12, (case.name, "attn_pool", err)
+    assert (model.cls_token is not None) == case.class_token, case.name
+    assert model.num_reg_tokens == case.num_registers, case.name
     assert isinstance(model.norm_pre, torch.nn.LayerNorm) == case.pre_norm, case.name
     assert isinstance(model.fc_norm, torch.nn.LayerNorm) == case.fc_norm, case.name
     # timm moves the final norm after pooling when fc_norm is set (MAE), never both.
@@ -243,7 +277,7 @@ def randomize_(model: torch.nn.Module, rng: np.random.Generator) -> None:
             val = rng.standard_normal(shape) / np.sqrt(fan_in)
         elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and leaf == "bias":
             val = 0.1 * rng.standard_normal(shape)
-        elif name in ("cls_token", "pos_embed"):
+        elif name in ("cls_token", "pos_embed", "reg_token", "attn_pool.latent"):
             val = 0.5 * rng.standard_normal(shape)
         else:
             raise ValueError(f"randomize_: no rule for parameter {name!r} ({type(mod).__name__})")
@@ -302,6 +336,36 @@ def _block_tree(blk: torch.nn.Module, num_heads: int, orig: bool) -> dict[str, n
     return tree
 
 
+def _map_tree(pool: torch.nn.Module, num_heads: int) -> dict[str, np.ndarray]:
+    """big_vision's MAPHead params from timm's AttentionPoolLatent (relative to MAPHead_0/).
+
+    timm's q is a D->D Linear of the latent and kv one D->2D Linear of the tokens ([k; v] rows);
+    big_vision's flax MultiHeadDotProductAttention has (D, H, Dh) query/key/value kernels and an
+    (H, Dh, D) out kernel.
+    """
+    d = pool.q.weight.shape[1]
+    dh = d // num_heads
+    w_kv, b_kv = _np(pool.kv.weight), _np(pool.kv.bias)
+    mha = "MultiHeadDotProductAttention_0"
+    tree = {
+        "probe": _np(pool.latent),
+        f"{mha}/query/kernel": _np(pool.q.weight).T.reshape(d, num_heads, dh),
+        f"{mha}/query/bias": _np(pool.q.bias).reshape(num_heads, dh),
+        f"{mha}/key/kernel": w_kv[:d].T.reshape(d, num_heads, dh),
+        f"{mha}/key/bias": b_kv[:d].reshape(num_heads, dh),
+        f"{mha}/value/kernel": w_kv[d:].T.reshape(d, num_heads, dh),
+        f"{mha}/value/bias": b_kv[d:].reshape(num_heads, dh),
+        f"{mha}/out/kernel": _np(pool.proj.weight).T.reshape(num_heads, dh, d),
+        f"{mha}/out/bias": _np(pool.proj.bias),
+        "LayerNorm_0/scale": _np(pool.norm.weight),
+        "LayerNorm_0/bias": _np(pool.norm.bias),
+    }
+    for r, fc in enumerate((pool.mlp.fc1, pool.mlp.fc2)):
+        tree[f"MlpBlock_0/Dense_{r}/kernel"] = _np(fc.weight).T
+        tree[f"MlpBlock_0/Dense_{r}/bias"] = _np(fc.bias)
+    return tree
+
+
 def flax_tree(model: VisionTransformer, case: Case, orig: bool, scanned: bool = False
               ) -> dict[str, np.ndarray]:
     """Converts a timm ViT to a flat '/'-joined flax parameter dict.
@@ -316,12 +380,14 @@ def flax_tree(model: VisionTransformer, case: Case, orig: bool, scanned: bool = 
         Flat dict of float32 arrays, in a fixed order.
     """
     assert model.patch_embed.proj.bias is not None
+    assert model.reg_token is None, "big_vision has no register tokens"
     tree = {
         # conv (out, in, kh, kw) -> flax (kh, kw, in, out)
         "embedding/kernel": _np(model.patch_embed.proj.weight).transpose(2, 3, 1, 0),
         "embedding/bias": _np(model.patch_embed.proj.bias),
-        "cls": _np(model.cls_token),
     }
+    if model.cls_token is not None:
+        tree["cls"] = _np(model.cls_token)
     if orig:
         # Original layout: (1, 1 + N, D), cls entry first, added after the cls is prepended.
         assert not model.no_embed_class
@@ -340,6 +406,9 @@ def flax_tree(model: VisionTransformer, case: Case, orig: bool, scanned: bool = 
                 tree[f"Transformer/encoderblock_{i}/{k}"] = v
     tree["Transformer/encoder_norm/scale"] = _np(model.norm.weight)
     tree["Transformer/encoder_norm/bias"] = _np(model.norm.bias)
+    if model.attn_pool is not None:
+        tree.update({f"MAPHead_0/{k}": v for k, v in _map_tree(model.attn_pool,
+                                                                case.num_heads).items()})
     tree["head/kernel"] = _np(model.head.weight).T
     tree["head/bias"] = _np(model.head.bias)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tree.items()}
@@ -484,7 +553,7 @@ def verify_checkpoint(case: Case, model: VisionTransformer, out_dir: Path,
 
 
 def resample_pos_embed(pos: torch.Tensor, old: int, new: int, num_prefix: int) -> torch.Tensor:
-    """Bilinear (half-pixel, no antialias) resampling of the square patch part of a pos_embed.
+    """timm's rule (bicubic, half-pixel, antialias) for the square patch part of a pos_embed.
 
     Args:
         pos: (1, num_prefix + old * old, D).
@@ -498,8 +567,8 @@ def resample_pos_embed(pos: torch.Tensor, old: int, new: int, num_prefix: int) -
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     d = grid.shape[-1]
     grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False,
-                         antialias=False)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
+                         antialias=True)
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new * new, d)], dim=1)
 
 
@@ -515,16 +584,14 @@ def build_resampled_model(case: Case, sd: dict[str, torch.Tensor],
     new = case.image_size // case.patch
     assert not case.no_embed_class
     pos = resample_pos_embed(sd["pos_embed"], old, new, num_prefix=1)
-    timm_pos = resample_abs_pos_embed(sd["pos_embed"], new_size=[new, new], num_prefix_tokens=1,
-                                      interpolation="bilinear", antialias=False)
+    # timm's defaults, as its loaders resample.
+    timm_pos = resample_abs_pos_embed(sd["pos_embed"], new_size=[new, new], num_prefix_tokens=1)
     if not torch.equal(pos, timm_pos):
         raise AssertionError(f"{case.name}: resample differs from timm's resample_abs_pos_embed")
     model.load_state_dict({**sd, "pos_embed": pos}, strict=True)
-    # timm's own .pth path (its default is bicubic + antialias; ask for bilinear explicitly).
+    # timm's own .pth path, with its default rule.
     via_filter = build_timm(case, case.image_size)
-    via_filter.load_state_dict(
-        checkpoint_filter_fn(dict(sd), via_filter, interpolation="bilinear", antialias=False),
-        strict=True)
+    via_filter.load_state_dict(checkpoint_filter_fn(dict(sd), via_filter), strict=True)
     assert_same_model(case, "timm checkpoint_filter_fn resample", model, via_filter, images)
     return model
 
@@ -563,7 +630,7 @@ def golden_outputs(case: Case, model: VisionTransformer, images: np.ndarray
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     out64 = _forward_all(m64, x.double())
     out32 = _forward_all(model, x)
-    n_tok = 1 + (case.image_size // case.patch) ** 2
+    n_tok = int(case.class_token) + case.num_registers + (case.image_size // case.patch) ** 2
     expected = {
         "logits": (BATCH, case.num_classes),
         "pre_logits": (BATCH, case.width),
@@ -643,6 +710,30 @@ def make_case(case: Case, out_dir: Path, tmp_dir: Path) -> dict[str, np.ndarray]
     return {"images": images, **golden}
 
 
+def resample_references() -> dict[str, np.ndarray]:
+    """PyTorch's resampling of random grids [side, side, D] by each torch rule, float64 (stored
+    float32): ``resample/input/{side}`` and ``resample/{rule}/{side}/{h}x{w}``."""
+    rng = np.random.default_rng(zlib.crc32(b"resample"))
+    out: dict[str, np.ndarray] = {}
+    for side in RESAMPLE_SOURCES:
+        grid = rng.standard_normal((side, side, 3)).astype(np.float32)
+        out[f"resample/input/{side}"] = grid
+        x = torch.from_numpy(grid).double().permute(2, 0, 1)[None]
+        for rule, antialias in RESAMPLE_RULES.items():
+            for h, w in RESAMPLE_TARGETS:
+                y = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False,
+                                  antialias=antialias)
+                out[f"resample/{rule}/{side}/{h}x{w}"] = y[0].permute(1, 2, 0).numpy()
+    # timm's loaders resample with its defaults; they must be the rule recorded as timm's.
+    pos = torch.from_numpy(out[f"resample/input/{RESAMPLE_SOURCES[0]}"]).double()
+    via_timm = resample_abs_pos_embed(pos.reshape(1, -1, pos.shape[-1]), new_size=[5, 5],
+                                      num_prefix_tokens=0)
+    ours = out[f"resample/bicubic_antialias/{RESAMPLE_SOURCES[0]}/5x5"]
+    # (timm resamples in float32.)
+    assert np.abs(via_timm.reshape(5, 5, -1).numpy() - ours).max() < 1e-5
+    return out
+
+
 def generate(out_dir: Path) -> None:
     """Writes the whole fixture (checkpoint files, golden.npz, manifest.json) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -666,6 +757,8 @@ def generate(out_dir: Path) -> None:
                 entry["checkpoint_image_size"] = case.checkpoint_image_size
             entry["model"] = case.model_kwargs()
             manifest["cases"][case.name] = entry
+    golden.update({k: np.ascontiguousarray(v, dtype=np.float32)
+                   for k, v in resample_references().items()})
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -216,7 +216,7 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
 
     Args:
       config: the run's config (init, seed, task, data_dir, split, image_size, normalization,
-        resize, fc_norm_init, cache_dtype are read).
+        resize, fc_norm_init, posemb_resample, cache_dtype are read).
       model_kwargs: the model's options; those in `IGNORED_OPTIONS[kind]` are left out.
       kind: 'kv' or 'features'.
       data_key: `content.content_key` of the training data, if the caller has it already
@@ -240,7 +240,8 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
                split=config.split, content=dict(data_key), image_size=config.image_size,
                normalization=config.normalization, dtype=config.cache_dtype,
                resize=config.get("resize", "uint8"),
-               fc_norm_init=config.get("fc_norm_init", "checkpoint"))
+               fc_norm_init=config.get("fc_norm_init", "checkpoint"),
+               posemb_resample=config.get("posemb_resample", "auto"))
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

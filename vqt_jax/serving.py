@@ -43,8 +43,9 @@ TASK_MODEL_FIELDS = frozenset({
     "query_dropout", "prompt_dropout", "adapter_dropout", "adapter_scale", "lora_alpha",
     "head_init", "head_bias_init", "remat", "scan_blocks", "kv_dtype",
 })
-# Run config fields that define the input every task reads.
-INPUT_FIELDS = ("image_size", "normalization", "resize")
+# Run config fields that define the input every task reads (and the backbone's position
+# embedding at that input size).
+INPUT_FIELDS = ("image_size", "normalization", "resize", "posemb_resample")
 
 
 @dataclasses.dataclass
@@ -133,8 +134,7 @@ def _load_backbone(exported: export.Exported, abstract: dict[str, Any], path: st
     config = exported.config
     from vqt_jax.training import train  # noqa: PLC0415 (imports the data pipeline)
 
-    loaded = checkpoints.load(path, abstract, image_size=config.image_size,
-                              dont_load=train.dont_load(config))
+    loaded = train.load_pretrained(config, abstract, path)
     provided = export.provided_keys(loaded)
     return {k: v for k, v in trainable_lib.flatten(loaded).items() if k in provided}
 

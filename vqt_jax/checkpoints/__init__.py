@@ -24,7 +24,7 @@ import flax
 import jax
 import numpy as np
 
-from vqt_jax.checkpoints import files, layouts
+from vqt_jax.checkpoints import files, layouts, resample
 from vqt_jax.checkpoints.files import CheckpointError
 from vqt_jax.models.vit import variant_name
 
@@ -35,13 +35,21 @@ __all__ = ["CheckpointError", "load", "place", "read_backbone", "resample_posemb
 DEFAULT_DONT_LOAD = ("head/.*",)
 
 # Hints for the usual reason behind an unknown or missing key: a model option that does not
-# match the checkpoint's architecture.
+# match the checkpoint's architecture. (pattern, where the key is: 'unknown' (the checkpoint
+# has it, the model not), 'missing' (the reverse) or 'any', the hint.)
 _HINTS = [
-    (r"norm_pre/", "the checkpoint has a LayerNorm before the blocks (CLIP): pre_norm=True"),
-    (r".*LayerScale_", "the checkpoint has LayerScale (DINOv2): layerscale=True"),
-    (r".*/(query|key|value)/bias", "qkv_bias differs between the checkpoint and the model"),
-    (r"cls$", "class_token differs between the checkpoint and the model"),
-    (r"reg_token", "register tokens (DINOv2-reg) are not supported"),
+    (r"norm_pre/", "any", "the checkpoint has a LayerNorm before the blocks (CLIP): "
+                          "pre_norm=True"),
+    (r".*LayerScale_", "any", "the checkpoint has LayerScale (DINOv2): layerscale=True"),
+    (r".*/(query|key|value)/bias", "any", "qkv_bias differs between the checkpoint and the model"),
+    (r"cls$", "any", "class_token differs between the checkpoint and the model"),
+    (r"MAPHead_0/", "unknown", "the checkpoint pools with a MAP head (SigLIP): "
+                               "model.pool_type='map'"),
+    (r"MAPHead_0/", "missing", "the checkpoint has no MAP head: model.pool_type='tok' (class "
+                               "token) or 'gap'"),
+    (r"registers$", "unknown", "the checkpoint has register tokens (DINOv2 with registers): "
+                               "model.num_registers={registers}"),
+    (r"registers$", "missing", "the checkpoint has no register tokens: model.num_registers=0"),
 ]
 
 
@@ -89,28 +97,24 @@ def split_subtree(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def resample_posemb(posemb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resamples a (1, gh*gw, D) square-grid position embedding to `grid`.
-
-    Half-pixel centres and no anti-aliasing, the same as PyTorch's
-    `interpolate(mode='bilinear', align_corners=False)`, which timm uses.
-    """
+def resample_posemb(posemb: np.ndarray, grid: tuple[int, int], rule: str) -> np.ndarray:
+    """Resamples a (1, gh*gw, D) square-grid position embedding to `grid` by `rule` (a name
+    in `resample.RULES`: the checkpoint family's own way)."""
     n, d = posemb.shape[1], posemb.shape[2]
     side = int(round(np.sqrt(n)))
     if side * side != n:
         raise CheckpointError(f"position embedding of {n} entries is not a square grid")
-    if (side, side) == tuple(grid):
-        return posemb
-    x = jax.numpy.asarray(posemb.reshape(side, side, d), jax.numpy.float32)
-    y = jax.image.resize(x, (grid[0], grid[1], d), method="bilinear", antialias=False)
-    return np.asarray(y).reshape(1, grid[0] * grid[1], d).astype(posemb.dtype)
+    out = resample.resample_grid(posemb.reshape(side, side, d), tuple(grid), rule)
+    return out.reshape(1, grid[0] * grid[1], d)
 
 
-def read_backbone(path: str, num_heads: int) -> tuple[str, dict[str, np.ndarray], list[str]]:
+def read_backbone(path: str, num_heads: int
+                  ) -> tuple[str, dict[str, np.ndarray], list[str], str]:
     """Reads a checkpoint file into the canonical flat layout (see `layouts`).
 
     Returns:
-      (layout name, canonical {key: array}, keys dropped on purpose).
+      (layout name, canonical {key: array}, keys dropped on purpose, the family's rule for
+      resampling the position embedding: a name in `resample.RULES`).
     """
     file_path, sub = split_subtree(path)
     kind, contents = files.read(file_path)
@@ -120,7 +124,7 @@ def read_backbone(path: str, num_heads: int) -> tuple[str, dict[str, np.ndarray]
         canon, dropped = layout.convert(flat, prefix, num_heads)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return layout.name, canon, dropped
+    return layout.name, canon, dropped, layout.resample_rule(flat, prefix)
 
 
 def _describe(width: int, depth: int, patch: int) -> str:
@@ -132,8 +136,11 @@ def _depth(keys: Sequence[str]) -> int:
     return 1 + max(ids, default=-1)
 
 
-def _hints(keys: Sequence[str]) -> list[str]:
-    return sorted({msg for pattern, msg in _HINTS for k in keys if re.match(pattern, k)})
+def _hints(unknown: Sequence[str], missing: Sequence[str], canon: Mapping[str, Any]) -> list[str]:
+    keys = {"unknown": unknown, "missing": missing, "any": [*unknown, *missing]}
+    registers = canon["registers"].shape[1] if "registers" in canon else 0
+    return sorted({msg.format(registers=registers) for pattern, where, msg in _HINTS
+                   for k in keys[where] if re.match(pattern, k)})
 
 
 def load(
@@ -142,6 +149,7 @@ def load(
     *,
     image_size: int | Sequence[int] | None = None,
     dont_load: Sequence[str] = DEFAULT_DONT_LOAD,
+    resample_rule: str = resample.AUTO,
 ) -> dict[str, Any]:
     """Fills the backbone of `variables` from a pretrained checkpoint.
 
@@ -154,6 +162,10 @@ def load(
         assumed square.
       dont_load: regular expressions (full match) of parameter paths to keep at their fresh
         initialisation; the head by default.
+      resample_rule: how the position embedding is resampled to another grid: a name in
+        `resample.RULES`, or 'auto', the checkpoint family's own rule (big_vision and
+        vision_transformer files: 'bilinear_corners'; timm files: 'bicubic_antialias';
+        Meta's own DINOv2 files: 'bicubic').
 
     Returns:
       New variables with the backbone parameters replaced (cast to the model's dtypes); the
@@ -192,7 +204,10 @@ def load(
         side = int(round(np.sqrt(n_pos)))
         grid = (side, side)
 
-    _, canon, _ = read_backbone(path, num_heads)
+    resample.check_rule(resample_rule)
+    _, canon, _, rule = read_backbone(path, num_heads)
+    if resample_rule != resample.AUTO:
+        rule = resample_rule
 
     # Architecture first: one clear message instead of a list of shape mismatches.
     if "embedding/kernel" in canon:
@@ -220,13 +235,13 @@ def load(
             lines.append(f"Keys in the checkpoint that the model does not have: {unknown}")
         if missing:
             lines.append(f"Model parameters missing from the checkpoint: {missing}")
-        hints = _hints(unknown + missing)
+        hints = _hints(unknown, missing, canon)
         if hints:
             lines.append("Likely cause: " + "; ".join(hints) + ".")
         raise CheckpointError("\n".join(lines))
 
     if "pos_embedding" in canon and canon["pos_embedding"].shape != params["pos_embedding"].shape:
-        canon["pos_embedding"] = resample_posemb(canon["pos_embedding"], grid)
+        canon["pos_embedding"] = resample_posemb(canon["pos_embedding"], grid, rule)
 
     bad = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"

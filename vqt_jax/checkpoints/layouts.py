@@ -33,12 +33,15 @@ class Layout:
       find_prefix: returns the key prefix under which this layout's ViT lives in the file's
         flat keys (given an optional sub-tree name such as 'img'), or None if it is not there.
       convert: (flat contents, prefix, num_heads) -> (canonical dict, keys deliberately dropped).
+      resample_rule: (flat contents, prefix) -> how the family's authors resample the position
+        embedding to another grid (a name in `resample.RULES`).
     """
 
     name: str
     description: str
     find_prefix: Callable[[Mapping[str, Any], str | None], str | None]
     convert: Callable[[Mapping[str, Any], str, int], tuple[Flat, list[str]]]
+    resample_rule: Callable[[Mapping[str, Any], str], str]
 
 
 def _first_prefix(keys: Mapping[str, Any], candidates: list[str], marker: str) -> str | None:
@@ -85,6 +88,12 @@ def _split_cls_pos(pos: np.ndarray, has_cls: bool) -> tuple[np.ndarray, np.ndarr
 
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _bilinear_corners(flat: Mapping[str, Any], prefix: str) -> str:
+    # big_vision's and vision_transformer's `resample_posemb`: scipy.ndimage.zoom, order 1.
+    del flat, prefix
+    return "bilinear_corners"
 
 
 # --- big_vision -------------------------------------------------------------------------------
@@ -136,6 +145,8 @@ def _from_orig(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
 _TIMM_MARKER = "patch_embed.proj.weight"
 # Keys of self-supervised training checkpoints that are not part of the encoder.
 _TIMM_IGNORED = r"(decoder_|mask_token|head_drop|pre_logits)"
+# Register tokens: timm's DINOv2-reg name and Meta's own.
+_TIMM_REGISTERS = ("reg_token", "register_tokens")
 
 # (timm key suffix within a block, canonical suffix, how to convert the torch tensor).
 _LINEAR = "linear"  # torch Linear weight (out, in) -> flax kernel (in, out)
@@ -182,6 +193,51 @@ def unwrap_state_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _timm_resample_rule(flat: Mapping[str, Any], prefix: str) -> str:
+    # Meta's own DINOv2 files (their training keys: mask_token, register_tokens) are resampled
+    # as DINOv2 / Hugging Face do; anything else in this layout as timm's loader does.
+    if any(prefix + k in flat for k in ("mask_token", "register_tokens")):
+        return "bicubic"
+    return "bicubic_antialias"
+
+
+def _attention(out: Flat, dst: str, q: np.ndarray | None, k: np.ndarray, v: np.ndarray,
+               proj: np.ndarray, num_heads: int) -> None:
+    """torch Linear weights (out, in) of an attention -> flax DenseGeneral kernels under `dst`
+    (query/key/value [D, H, Dh], out [H, Dh, D]); q may be absent (given elsewhere)."""
+    d_model = k.shape[1]
+    if d_model % num_heads:
+        raise CheckpointError(f"width {d_model} is not divisible by {num_heads} heads")
+    for name, w in (("query", q), ("key", k), ("value", v)):
+        if w is not None:
+            out[f"{dst}{name}/kernel"] = w.T.reshape(d_model, num_heads, -1)
+    out[f"{dst}out/kernel"] = proj.T.reshape(num_heads, -1, proj.shape[0])
+
+
+def _map_head(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, num_heads: int) -> None:
+    """timm's `attn_pool` (AttentionPoolLatent) -> big_vision's `MAPHead_0`."""
+    src, dst = "attn_pool.", "MAPHead_0/"
+    mha = dst + "MultiHeadDotProductAttention_0/"
+    latent = take(src + "latent")
+    if latent.shape[1] != 1:
+        raise CheckpointError(f"attn_pool.latent {latent.shape}: only one latent (big_vision's "
+                              "MAP probe) is supported")
+    out[dst + "probe"] = latent
+    kv = take(src + "kv.weight")
+    d_model = kv.shape[1]
+    _attention(out, mha, take(src + "q.weight"), kv[:d_model], kv[d_model:],
+               take(src + "proj.weight"), num_heads)
+    out[mha + "query/bias"] = take(src + "q.bias").reshape(num_heads, -1)
+    kv_bias = take(src + "kv.bias").reshape(2, num_heads, -1)
+    out[mha + "key/bias"], out[mha + "value/bias"] = kv_bias[0], kv_bias[1]
+    out[mha + "out/bias"] = take(src + "proj.bias")
+    out[dst + "LayerNorm_0/scale"] = take(src + "norm.weight")
+    out[dst + "LayerNorm_0/bias"] = take(src + "norm.bias")
+    for r in range(2):
+        out[f"{dst}MlpBlock_0/Dense_{r}/kernel"] = take(f"{src}mlp.fc{r + 1}.weight").T
+        out[f"{dst}MlpBlock_0/Dense_{r}/bias"] = take(f"{src}mlp.fc{r + 1}.bias")
+
+
 def _timm_prefix(flat: Mapping[str, Any], sub: str | None) -> str | None:
     candidates = [f"{sub}.", f"{sub}.trunk."] if sub else ["", "visual.trunk.", "backbone."]
     return _first_prefix(flat, candidates, _TIMM_MARKER)
@@ -205,6 +261,11 @@ def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
     for src, dst in _TIMM_TOP:
         if src in sd:
             out[dst] = take(src)
+    for name in _TIMM_REGISTERS:
+        if name in sd:
+            out["registers"] = take(name)
+    if "attn_pool.latent" in sd:
+        _map_head(sd, take, out, num_heads)
     if "head.weight" in sd:
         out["head/kernel"] = take("head.weight").T
     # The final norm is `norm` for CLS-pooled models and `fc_norm` after average pooling (MAE).
@@ -227,21 +288,15 @@ def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
                 v = take(src + s)
                 out[dst + d] = v.T if kind == _LINEAR else v
         attn = dst + "MultiHeadDotProductAttention_0/"
-        if src + "attn.qkv.weight" in sd:
+        if src + "attn.qkv.weight" in sd and src + "attn.proj.weight" in sd:
             qkv = take(src + "attn.qkv.weight")  # (3D, D): rows are [q; k; v], heads inside.
             d_model = qkv.shape[1]
-            if d_model % num_heads:
-                raise CheckpointError(f"width {d_model} is not divisible by {num_heads} heads")
-            for j, name in enumerate(("query", "key", "value")):
-                part = qkv[j * d_model : (j + 1) * d_model]
-                out[f"{attn}{name}/kernel"] = part.T.reshape(d_model, num_heads, -1)
+            _attention(out, attn, *(qkv[j * d_model:(j + 1) * d_model] for j in range(3)),
+                       take(src + "attn.proj.weight"), num_heads)
             if src + "attn.qkv.bias" in sd:
                 bias = take(src + "attn.qkv.bias").reshape(3, num_heads, -1)
                 for j, name in enumerate(("query", "key", "value")):
                     out[f"{attn}{name}/bias"] = bias[j]
-        if src + "attn.proj.weight" in sd:
-            proj = take(src + "attn.proj.weight")  # (D_out, D_in), D_in = heads x head_dim.
-            out[f"{attn}out/kernel"] = proj.T.reshape(num_heads, -1, proj.shape[0])
     # Anything left over keeps its timm name, so the loader reports it as an unknown key.
     out.update({k: v for k, v in sd.items() if k not in used})
     return out, dropped
@@ -255,18 +310,23 @@ LAYOUTS: dict[str, Layout] = {
             "original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k)",
             _orig_prefix,
             _from_orig,
+            _bilinear_corners,
         ),
         Layout(
             "big_vision",
-            "big_vision .npz (AugReg, SigLIP `file.npz:img`), plain or scanned blocks",
+            "big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), "
+            "plain or scanned blocks",
             _big_vision_prefix,
             _from_big_vision,
+            _bilinear_corners,
         ),
         Layout(
             "timm",
-            "timm-layout PyTorch state dict (.pth/.bin/.safetensors: timm, MAE, DINOv2, CLIP)",
+            "timm-layout PyTorch state dict (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or "
+            "without registers, CLIP, SigLIP)",
             _timm_prefix,
             _from_timm,
+            _timm_resample_rule,
         ),
     ]
 }

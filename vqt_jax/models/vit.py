@@ -135,6 +135,31 @@ class MlpBlock(nn.Module):
         return dense(x.shape[-1], name="Dense_1")(h)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's `MAPHead`, SigLIP's pooling): a learned probe
+    attends over the tokens, then LayerNorm -> MLP -> residual; names and shapes as big_vision's
+    (`probe` [1, 1, D], `MultiHeadDotProductAttention_0`, `LayerNorm_0`, `MlpBlock_0`)."""
+
+    num_heads: int
+    mlp_dim: int
+    mlp_act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Tokens x [B, N, D] (after the encoder's norm) -> the pooled feature [B, D]."""
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+        attn = Attention(width=d, num_heads=self.num_heads, dtype=self.dtype,
+                         name="MultiHeadDotProductAttention_0")
+        q = attn.project_query(jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d)))
+        o = attn.attend(q, *attn.key_value(x))
+        y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")(o)
+        o = o + MlpBlock(self.mlp_dim, self.mlp_act, self.dtype, name="MlpBlock_0")(y)
+        return o[:, 0]
+
+
 def _kaiming_uniform_linear(key: Array, shape: Sequence[int]) -> Array:
     # torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)),
     # which LoRA's A and AdaptFormer's down-projection keep.
@@ -242,10 +267,14 @@ class Attention(nn.Module):
 
     def qkv(self, y: Array) -> tuple[Array, Array, Array]:
         """Projects normalised tokens [B, N, D] to q, k, v, each [B, N, H, Dh]."""
+        return self.project_query(y), *self.key_value(y)
+
+    def key_value(self, y: Array) -> KV:
+        """The keys and values [B, N, H, Dh] of normalised tokens y [B, N, D]."""
         v = self.value(y)
         if self.lora_rank:
             v = v + self.lora_value(y).astype(v.dtype)
-        return self.project_query(y), self.key(y), v
+        return self.key(y), v
 
     def project_query(self, y: Array) -> Array:
         q = self.query(y)
@@ -621,6 +650,9 @@ class Encoder(BlockOptions):
         return self.encoder_norm(x)
 
 
+# How the final tokens become one feature (`ViT.pool_type`).
+POOL_TYPES = ("tok", "gap", "map")
+
 # Head kernel initialisers by name. torch's kaiming_normal_(a=0, mode='fan_out') on a Linear
 # weight [C, F] draws N(0, 2 / C); flax's kernel is [F, C], whose fan_out is also C.
 HEAD_INITS = {
@@ -636,8 +668,14 @@ class ViT(nn.Module):
       num_classes: classes of the linear head; None or 0 for no head.
       patch_size: (ph, pw).
       width, depth, mlp_dim, num_heads: the transformer's shape (see `decode_variant`).
-      pool_type: 'tok' (class token) or 'gap' (mean of the patch tokens).
+      pool_type: 'tok' (class token), 'gap' (mean of the patch tokens) or 'map' (big_vision's
+        `MAPHead`, SigLIP's: a learned probe attends over the final tokens; VPT's prompts are
+        left out, as from 'gap').
       class_token: whether there is a class token; default: only for pool_type 'tok'.
+      num_registers: register tokens (DINOv2 with registers, `registers` [1, R, D]): after the
+        class token, without position embedding; they take part in attention like the other
+        tokens (VQT's queries read their keys and values too) and are left out of patch
+        pooling ('gap', Head2Toe's mean patch token).
       fc_norm: apply the final LayerNorm after pooling (timm/MAE) instead of to every token.
       layerscale: per-channel scales on both residual branches (DINOv2).
       mlp_act: 'gelu_tanh' (big_vision), 'gelu' (exact, timm), 'quick_gelu' (OpenAI CLIP).
@@ -691,6 +729,7 @@ class ViT(nn.Module):
     num_heads: int = 12
     pool_type: str = "tok"
     class_token: bool | None = None
+    num_registers: int = 0
     fc_norm: bool = False
     layerscale: bool = False
     mlp_act: str = "gelu_tanh"
@@ -752,8 +791,9 @@ class ViT(nn.Module):
             )
 
     def _validate(self) -> None:
-        if self.pool_type not in ("tok", "gap"):
-            raise ValueError(f"pool_type must be 'tok' or 'gap', got {self.pool_type!r}")
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type must be one of {', '.join(POOL_TYPES)}, got "
+                             f"{self.pool_type!r}")
         if self.pool_type == "tok" and not self.has_class_token:
             raise ValueError("pool_type 'tok' needs a class token")
         if self.head_init not in HEAD_INITS:
@@ -762,7 +802,9 @@ class ViT(nn.Module):
         if self.mlp_act not in ACTIVATIONS:
             raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
         _ = self.compute_dtype  # raises on a bad dtype, before any layer uses it
-        for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
+        if self.pool_type == "map" and self.fc_norm:
+            raise ValueError("pool_type 'map' pools the normed tokens; fc_norm is for 'gap'")
+        for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank", "num_registers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.head2toe and self.num_queries:
@@ -842,13 +884,19 @@ class ViT(nn.Module):
             "pos_embedding", nn.initializers.normal(stddev=1.0 / np.sqrt(d)), (1, x.shape[1], d)
         )
         x = x + pos.astype(x.dtype)
+        prefix = []
         if self.has_class_token:
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+            prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, d)))
+        if self.num_registers:
+            prefix.append(self.param("registers", nn.initializers.normal(stddev=1e-6),
+                                     (1, self.num_registers, d)))
+        if prefix:
+            x = jnp.concatenate([jnp.tile(t.astype(x.dtype), (b, 1, 1)) for t in prefix] + [x],
+                                axis=1)
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
 
-        num_prefix = int(self.has_class_token)
+        num_prefix = int(self.has_class_token) + self.num_registers
         prompts = None
         if self.num_prompts:
             layers = self.depth if self.deep_prompts else 1
@@ -859,7 +907,13 @@ class ViT(nn.Module):
         num_prefix += self.num_prompts
 
         def pool(t: Array) -> Array:
-            return t[:, 0] if self.pool_type == "tok" else t[:, num_prefix:].mean(axis=1)
+            if self.pool_type == "tok":
+                return t[:, 0]
+            if self.pool_type == "map":
+                without_prompts = jnp.concatenate([t[:, :prompt_start], t[:, num_prefix:]], 1)
+                return MAPHead(self.num_heads, self.mlp_dim or 4 * d, self.mlp_act,
+                               self.ln_eps, dtype, name="MAPHead_0")(without_prompts)
+            return t[:, num_prefix:].mean(axis=1)
 
         def collect(x_i: Array, kv: KV) -> dict[str, Array]:
             # Pure (it may run inside the encoder's scan): what to keep of one block.

@@ -8,9 +8,9 @@ import os
 import ml_collections
 
 from vqt_jax import data, methods, protocol
-from vqt_jax.checkpoints import split_subtree
+from vqt_jax.checkpoints import resample, split_subtree
 from vqt_jax.models import decode_variant
-from vqt_jax.models.vit import HEAD_INITS
+from vqt_jax.models.vit import HEAD_INITS, POOL_TYPES
 from vqt_jax.training import feature_heads, optim
 
 SPLITS = ("val", "test")
@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "batching": data.BATCHINGS,
     "resize": ("float", "uint8"),
     "fc_norm_init": ("fresh", "checkpoint"),
+    "posemb_resample": (resample.AUTO, *resample.RULES),
 }
 
 
@@ -46,6 +47,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     methods.get(config.method)
     if config.get("protocol"):
         protocol.get(config.protocol)
+    pool_type = config.model.get("pool_type", "tok")
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"config.model.pool_type={pool_type!r}: choose from "
+                         f"{', '.join(POOL_TYPES)}")
     head_init = config.model.get("head_init", "zeros")
     if head_init not in HEAD_INITS:
         raise ValueError(f"config.model.head_init={head_init!r}: choose from "

@@ -91,6 +91,16 @@ def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return keep
 
 
+def load_pretrained(config: ml_collections.ConfigDict, variables: Any,
+                    path: str | None = None) -> dict[str, Any]:
+    """The checkpoint `path` (default: `config.init`) loaded into `variables` (real or
+    abstract) as a run loads it: its dont_load patterns and its position-embedding rule
+    (`config.posemb_resample`)."""
+    return checkpoints.load(path or config.init, variables, image_size=config.image_size,
+                            dont_load=dont_load(config),
+                            resample_rule=config.get("posemb_resample", "auto"))
+
+
 def example_outcomes(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Per example of an evaluation batch: `correct` (0/1) and the cross-entropy `loss`, both 0
     where `mask` is 0. They are summed on the host in float64 (`eval_totals`)."""
@@ -373,8 +383,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
     elif config.init:
         # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
         abstract = abstract_variables(model, config)
-        pretrained = checkpoints.load(config.init, abstract, image_size=config.image_size,
-                                      dont_load=dont_load(config))
+        pretrained = load_pretrained(config, abstract)
     change = None if workdir is None else workdir_lib.check(workdir, config)
     return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
                    notes)
