@@ -215,6 +215,12 @@ CASES = {
     "num_devices beyond the devices": (
         lambda c: dict(argv=["--config.num_devices=16"]),
         r"config\.num_devices=16 but only 8 CPU devices are available", True),
+    "unknown pooling": (
+        lambda c: dict(argv=["--config.model.pool_type=mean"]),
+        r"config\.model\.pool_type='mean': choose from tok, gap, map", True),
+    "unknown position-embedding rule": (
+        lambda c: dict(argv=["--config.posemb_resample=nearest"]),
+        r"config\.posemb_resample='nearest': choose from .*bilinear_corners.*bicubic", True),
     "unknown kv_dtype": (
         lambda c: dict(argv=["--config.model.kv_dtype=float8"]),
         r"config\.model\.kv_dtype='float8': an unknown dtype", True),

@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, int]] = {
     "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
     "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),  # SigLIP's shape-optimised
     "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
     "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
 }
