@@ -6,8 +6,10 @@
 
 Supported (see `layouts.LAYOUTS` and `files.read`): original vision_transformer `.npz`,
 big_vision `.npz` (`params/` prefix or not, scanned or not, bfloat16 stored as void,
-`file.npz:img` sub-trees), and timm-layout PyTorch `.pth`/`.bin`/`.safetensors` (MAE, DINOv2,
-CLIP, supervised timm), from local, `gs://` or `http(s)://` paths.
+`file.npz:img` sub-trees, SigLIP's MAP head), and timm-layout PyTorch `.pth`/`.bin`/
+`.safetensors` (MAE, DINOv2 with or without registers, CLIP, SigLIP, supervised timm), from
+local, `gs://` or `http(s)://` paths. A position embedding of another grid is resampled by the
+checkpoint family's rule (`resample`), or the one asked for.
 
 Loading is all-or-nothing: every check (readable file, layout, width/depth/patch, unknown and
 missing keys, shapes) runs before anything is returned, and the input variables are never
