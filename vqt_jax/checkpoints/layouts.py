@@ -201,16 +201,15 @@ def _timm_resample_rule(flat: Mapping[str, Any], prefix: str) -> str:
     return "bicubic_antialias"
 
 
-def _attention(out: Flat, dst: str, q: np.ndarray | None, k: np.ndarray, v: np.ndarray,
+def _attention(out: Flat, dst: str, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                proj: np.ndarray, num_heads: int) -> None:
     """torch Linear weights (out, in) of an attention -> flax DenseGeneral kernels under `dst`
-    (query/key/value [D, H, Dh], out [H, Dh, D]); q may be absent (given elsewhere)."""
+    (query/key/value [D, H, Dh], out [H, Dh, D])."""
     d_model = k.shape[1]
     if d_model % num_heads:
         raise CheckpointError(f"width {d_model} is not divisible by {num_heads} heads")
     for name, w in (("query", q), ("key", k), ("value", v)):
-        if w is not None:
-            out[f"{dst}{name}/kernel"] = w.T.reshape(d_model, num_heads, -1)
+        out[f"{dst}{name}/kernel"] = w.T.reshape(d_model, num_heads, -1)
     out[f"{dst}out/kernel"] = proj.T.reshape(num_heads, -1, proj.shape[0])
 
 

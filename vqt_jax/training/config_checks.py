@@ -27,6 +27,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fc_norm_init": ("fresh", "checkpoint"),
     "posemb_resample": (resample.AUTO, *resample.RULES),
 }
+# config.model fields with a fixed set of values: (default, the values).
+MODEL_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pool_type": ("tok", POOL_TYPES),
+    "head_init": ("zeros", tuple(HEAD_INITS)),
+}
 
 
 def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
@@ -47,14 +52,11 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     methods.get(config.method)
     if config.get("protocol"):
         protocol.get(config.protocol)
-    pool_type = config.model.get("pool_type", "tok")
-    if pool_type not in POOL_TYPES:
-        raise ValueError(f"config.model.pool_type={pool_type!r}: choose from "
-                         f"{', '.join(POOL_TYPES)}")
-    head_init = config.model.get("head_init", "zeros")
-    if head_init not in HEAD_INITS:
-        raise ValueError(f"config.model.head_init={head_init!r}: choose from "
-                         f"{', '.join(HEAD_INITS)}")
+    for field, (default, allowed) in MODEL_CHOICES.items():
+        value = config.model.get(field, default)
+        if value not in allowed:
+            raise ValueError(f"config.model.{field}={value!r}: choose from "
+                             f"{', '.join(allowed)}")
     name = config.get("optimizer")
     if name is not None and name not in optim.OPTIMIZERS:
         raise ValueError(f"config.optimizer={name!r}: choose from {', '.join(optim.OPTIMIZERS)}")
