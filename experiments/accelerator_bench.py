@@ -221,14 +221,18 @@ def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
         out = {}
         for i, name in enumerate(fields):
             shape, dtype = spec.fields[name]
-            out[name] = jax.random.normal(jax.random.fold_in(key, i), (blocks, d, *shape),
-                                          jnp.float32).astype(cache_lib._np_dtype(dtype))
+            x = jax.random.normal(jax.random.fold_in(key, i), (blocks, d, *shape),
+                                  jnp.float32).astype(dtypes[name])
+            # Held as `device_cache.upload` holds it (16-bit floats as bit patterns).
+            out[name] = jax.lax.bitcast_convert_type(x, device_cache.stored_dtype(x.dtype))
         out["label"] = jnp.arange(blocks * d, dtype=jnp.int32).reshape(blocks, d) % (
             bench.args.num_classes)
         return out
 
+    dtypes = {name: np.dtype(cache_lib._np_dtype(spec.fields[name][1])) for name in fields}
     arrays = jax.jit(make, out_shardings=sharding)(jax.random.key(0))
-    cache = device_cache.DeviceCache(arrays, num_examples, mesh)
+    cache = device_cache.DeviceCache(arrays, num_examples, mesh,
+                                     {**dtypes, "label": np.dtype(np.int32)})
     step, state, frozen = bench.state_step("vqt", from_cache=True)
     stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
                                      batch_size=bench.batch, seed=0, batching="epoch",

@@ -2,7 +2,8 @@
 
     python experiments/vtab_sweep.py --tasks=dtd,cifar100 --workdir=DIR \\
         [--method=vqt] [--seeds=5] [--config=configs/vtab.py] [--set KEY=VALUE ...]
-        [--program=auto]
+        [--program=auto] [--distributed [--coordinator=HOST:PORT --num_processes=N
+        --process_id=I]]
 
 For every task (``--tasks=all`` for the 19 of VTAB-1k, ``--tasks=folder`` for an image
 folder): train800 -> val200 at every (lr, wd) of the method's grid, the best on val (ties to
@@ -18,6 +19,10 @@ program when the method leaves the backbone frozen (VQT, linear, Head2Toe) and t
 the devices (`vqt_jax.training.stacked`: one compilation, one backbone pass per evaluation
 split, the same numbers), else one by one; ``one`` makes the first an error where it cannot
 be; ``sequential`` always trains one run at a time.
+
+``--distributed``: run the same command on every host (as main.py's, README "Multi-host"), with
+a workdir every host sees; every run trains on all hosts together and process 0 writes the
+sweep's files.
 
 Re-running the command is cheap and safe: finished runs are read, interrupted ones resumed,
 diverged ones not retried. A task directory remembers the ``--method`` and ``--set`` overrides
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -82,6 +88,15 @@ def parser() -> argparse.ArgumentParser:
                    help="Train each stage's runs as one program (see above).")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE", help="Config overrides, e.g. model.num_queries=10.")
+    # Multi-host (as main.py's flags): every host runs the same command over one workdir.
+    p.add_argument("--distributed", action="store_true",
+                   default=os.environ.get("VQT_DISTRIBUTED", "") == "1",
+                   help="Call jax.distributed.initialize() (multi-host; or VQT_DISTRIBUTED=1).")
+    p.add_argument("--coordinator", help="host:port of process 0 (multi-host off Cloud TPU).")
+    p.add_argument("--num_processes", type=int,
+                   help="Number of processes (multi-host off Cloud TPU).")
+    p.add_argument("--process_id", type=int,
+                   help="This process's index (multi-host off Cloud TPU).")
     return p
 
 
@@ -101,7 +116,16 @@ def main(
         The exit status (0): errors raise.
     """
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from vqt_jax import hosts  # no jax until it is needed
+
+    if args.distributed:
+        hosts.initialize(args.coordinator, args.num_processes, args.process_id)
+    # Every host prints the same lines: only the chief's are worth reading. The level is set
+    # even where an import already gave the root logger a handler (basicConfig does nothing
+    # then).
+    level = logging.INFO if hosts.is_chief() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
     from vqt_jax import protocol  # after parsing: `--help` and usage errors stay fast
 
     overrides = protocol.parse_overrides(args.overrides)
@@ -112,7 +136,8 @@ def main(
         train_fn=train_fn, method=args.method, num_seeds=args.seeds, overrides=overrides,
         task_groups=task_groups, program=args.program,
     )
-    print(protocol.to_markdown(results, method=args.method), end="")
+    if hosts.is_chief():
+        print(protocol.to_markdown(results, method=args.method), end="")
     return 0
 
 

@@ -25,11 +25,9 @@ def free_port() -> int:
 
 def initialize(process_id: int, port: int, num_processes: int = 2) -> None:
     """jax.distributed on localhost, CPU collectives through gloo (before any backend)."""
-    import jax  # noqa: PLC0415
+    from vqt_jax import hosts  # noqa: PLC0415
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=num_processes, process_id=process_id)
+    hosts.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 
 
 def run_two(worker: Callable[..., Any], port: int, *args: Any) -> int:

@@ -50,9 +50,14 @@ def test_indices_drawn_on_device_equal_the_hosts_and_cover_every_epoch(batching,
     assert seen[:n] != seen[n:2 * n]
 
 
-def test_gather_on_device_equals_the_host_cache():
-    mesh = train.make_mesh()
-    assert mesh.size == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+def _one_device_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_gather_on_device_equals_the_host_cache(devices):
+    mesh = train.make_mesh() if devices == 8 else _one_device_mesh()
+    assert mesh.size == devices, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     n, b = 37, 16
     rng = np.random.default_rng(0)
     spec = cache_lib.Spec("kv", n, {"k": ((2, 3), "bfloat16"), "cls": ((4,), "float32")})
@@ -61,17 +66,61 @@ def test_gather_on_device_equals_the_host_cache():
     host = cache_lib.Cache(spec, arrays, rng.integers(0, 9, n).astype(np.int32))
     dev = device_cache.upload(host, mesh, ["k", "cls"])
     # Each device holds its share (ceil(37 / 8) = 5 rows), not the whole cache.
-    assert {s.data.shape for s in dev.arrays["k"].addressable_shards} == {(5, 1, 2, 3)}
-    gather = jax.jit(lambda a, s: device_cache.gather(a, sampling.batch_indices(
-        s, 3, num_examples=n, batch_size=b, batching="epoch")[0], mesh))
+    rows = -(-n // devices)
+    assert {s.data.shape for s in dev.arrays["k"].addressable_shards} == {(rows, 1, 2, 3)}
+    gather = jax.jit(lambda a, s: dev.gather(a, sampling.batch_indices(
+        s, 3, num_examples=n, batch_size=b, batching="epoch")[0]))
     for step in range(6):
         out = gather(dev.arrays, step)
-        assert out["k"].sharding.spec == P("data")
+        assert out["k"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
+        assert out["k"].dtype == ml_dtypes.bfloat16
         index, _ = sampling.host_batch_indices(step, n, global_batch_size=b, seed=3,
                                                batching="epoch")
         want = host.gather(index)
         for name in ("k", "cls", "label"):
             np.testing.assert_array_equal(np.asarray(out[name]), want[name])
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_a_bfloat16_cache_is_never_upcast_whole_in_the_training_loop(tmp_path, devices):
+    """XLA:CPU gathers bfloat16 in float32 and hoists the conversion of the whole cache out of
+    a compiled loop (a float32 copy: twice the cache's bytes of temporaries). The loop that
+    training compiles (`steppers.compiled_chunks`, gathering with `DeviceCache.gather`) must
+    keep its temporaries far below one copy of the cache, and on one CPU device the device
+    cache is the disk cache's memory map itself."""
+    mesh = train.make_mesh() if devices == 8 else _one_device_mesh()
+    n, shape = 4096, (2, 17, 16)  # 2 MiB of bfloat16 per device and field at 8 devices
+    path = tmp_path / "k.bin"
+    rng = np.random.default_rng(0)
+    k = np.memmap(path, np.uint16, "w+", shape=(n, *shape))
+    k[:] = rng.normal(size=(n, *shape)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    k.flush()
+    k = np.memmap(path, np.uint16, "r", shape=(n, *shape)).view(ml_dtypes.bfloat16)  # as cache.py
+    spec = cache_lib.Spec("kv", n, {"k": (shape, "bfloat16")})
+    dev = device_cache.upload(cache_lib.Cache(spec, {"k": k}, np.zeros(n, np.int32)), mesh,
+                              ["k"])
+    if devices == 1:
+        pointer = dev.arrays["k"].addressable_shards[0].data.unsafe_buffer_pointer()
+        assert pointer == k.ctypes.data
+
+    def one(state, frozen, arrays, rng):
+        index, _ = sampling.batch_indices(state, 0, num_examples=n, batch_size=8,
+                                          batching="epoch")
+        rows = dev.gather({"k": arrays["k"]}, index)["k"]
+        return state + 1, {"sum": rows.astype(jnp.float32).sum()}
+
+    chunk = steppers.compiled_chunks(one, 4, mesh)
+    state, metrics = chunk(jnp.asarray(0), None, {"k": dev.arrays["k"]}, None,
+                           jnp.asarray(4, jnp.int32))
+    want = [k[sampling.host_batch_indices(s, n, global_batch_size=8, seed=0,
+                                          batching="epoch")[0]].astype(np.float32).sum()
+            for s in range(4)]
+    np.testing.assert_allclose(np.asarray(metrics["sum"]), want, rtol=1e-5)
+    compiled = chunk.lower(jnp.asarray(0), None, {"k": dev.arrays["k"]}, None,
+                           jnp.asarray(4, jnp.int32)).compile()
+    share = int(np.prod(shape)) * 2 * -(-n // devices)  # bytes of the cache per device
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < share / 4, (temp, share)
 
 
 def _losses(workdir):

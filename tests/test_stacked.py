@@ -8,6 +8,7 @@ and top-1, the selection and the test numbers must agree. The grid holds a point
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import train_utils
+from tests import multihost, train_utils
 from vqt_jax import export, methods, protocol
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training.train import train_and_evaluate
@@ -35,8 +36,11 @@ KEYS = ("task", "split", "method", "seed", "lr", "wd", "steps", "num_eval_exampl
 def base_config(data_dir: str, method: str):
     c = train_utils.tiny_config(data_dir=data_dir, batching="epoch", epochs=2, warmup_epochs=1)
     c.task, c.method = "folder", method
-    if method == "vqt":  # a feature head after training, fitted on the program's features
+    if method == "vqt":  # feature heads after training, fitted on the program's features
         c.baselines = ("linear",)
+        c.compression.enabled = True
+        c.compression.keep_frac = 0.5
+        c.compression.epochs = 3
     c = methods.with_recipe(c)
     c.batch_size = 8  # the grid's reference batch: lrs as written
     return c
@@ -116,6 +120,8 @@ def test_every_run_equals_its_sequential_run(sweeps):
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (one_dir, k, a[k], b[k])
         assert a["top1"] == b["top1"], one_dir
         assert a.get("baselines") == b.get("baselines"), one_dir
+        assert a.get("compression") == b.get("compression"), one_dir
+        assert ("compression" in b) == (b["method"] == "vqt"), one_dir
         assert b["program"]["runs"] in (len(GRID.points(8)), NUM_SEEDS)
         # Each run records its own whole config (the sweeps' workdirs, and so caches, differ).
         same = {k: v for k, v in a["config"].items() if k != "cache_dir"}
@@ -313,3 +319,62 @@ def test_seeds_can_share_one_example_order(sweeps, tmp_path):
     assert shared[0][1]["train_loss"] == pytest.approx(own[0]["train_loss"], rel=1e-5)
     assert shared[1][1]["train_loss"] != pytest.approx(own[1]["train_loss"], rel=1e-3)
     assert shared[1][1]["eval_loss"] != pytest.approx(shared[0][1]["eval_loss"], rel=1e-3)
+
+
+def _two_host_worker(process_id: int, port: int, workdir: str, data: str) -> None:
+    """One host of `experiments/vtab_sweep.py --distributed --program=one` on the tiny task
+    (the test's grid), each host with its own local cache directory."""
+    spec = importlib.util.spec_from_file_location("vtab_sweep", REPO / "experiments" /
+                                                  "vtab_sweep.py")
+    vtab_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vtab_sweep)
+    protocol.grid_for = lambda method: GRID  # the tests' 2 x 2 grid, not the release's 20
+    vtab_sweep.main(
+        ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={process_id}", "--tasks=folder", f"--workdir={workdir}",
+         f"--seeds={NUM_SEEDS}", "--program=one",
+         "--set", f"cache_dir={workdir}-cache{process_id}"],
+        base_config_fn=lambda task: base_config(data, "vqt"),
+        task_groups={"folder": protocol.FOLDER_GROUP})
+
+
+@pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
+def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
+    """`vtab_sweep.py --distributed` on 2 processes x 2 CPU devices: every stage is one
+    program over both hosts, the diverged grid points are marked, and the selection, the test
+    numbers and every run's results are those of the one-process sweep (8 devices)."""
+    root, _, out = sweeps
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_stacked", str(multihost.free_port()), str(two),
+         str(root / "data")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert f"the grid on val: {len(GRID.points(8))} runs as one program" in proc.stdout
+    assert f"the seeds on test: {NUM_SEEDS} runs as one program" in proc.stdout
+    # Process 1 logs warnings only: the lines of the chief, once each.
+    assert proc.stdout.count("folder: selected lr=") == 1
+    assert (json.loads((two / "folder" / "selection.json").read_text())
+            == json.loads((root / "one" / "folder" / "selection.json").read_text()))
+    assert json.loads((two / "folder" / "sweep.json").read_text())["method"] == "vqt"
+    assert (two / "results.md").is_file() and proc.stdout.count("| folder |") == 1
+    compared = 0
+    for two_dir, b, a in paired_results(protocol.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS),
+                                        run_dirs(root, "one")):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, two_dir
+        assert a["top1"] == b["top1"] and b["program"]["runs"] == a["program"]["runs"], two_dir
+        for k in ("train_loss", "eval_loss"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (two_dir, k, a[k], b[k])
+        assert a["baselines"]["linear"]["top1"] == b["baselines"]["linear"]["top1"], two_dir
+        compared += 1
+    assert compared == 2 + NUM_SEEDS
+    assert out["one"][0].test_top1 == tuple(
+        json.loads((d / "results.json").read_text())["top1"]
+        for d in protocol.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)[-NUM_SEEDS:])
+
+
+if __name__ == "__main__":  # one host of test_two_hosts_sweep_as_one_program_like_one_host
+    port_arg, workdir_arg, data_arg = sys.argv[1:4]
+    multihost.run_two(_two_host_worker, int(port_arg), workdir_arg, data_arg)

@@ -56,7 +56,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import methods, sampling
+from vqt_jax import hosts, methods, sampling
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 
@@ -488,7 +488,7 @@ def build(
                     raise
                 no_space = e
             # The pass is collective: every host must have its files, or none runs it.
-            if not all_hosts(no_space is None):
+            if not hosts.all_agree(no_space is None):
                 raise no_space or OSError(errno.ENOSPC, "another host's disk cannot hold its "
                                           "copy of the cache (see that host's log)")
             for name, (shape, dtype) in spec.fields.items():
@@ -586,16 +586,6 @@ def fetch_rows(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
-
-
-def all_hosts(flag: bool) -> bool:
-    """Whether `flag` holds on every host (a collective: every host must call it): decisions
-    that choose what every host compiles (cache or not, build or reuse) must be the same."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def host_batches(

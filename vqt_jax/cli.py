@@ -28,6 +28,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
+from vqt_jax import hosts
+
 ENV_DISTRIBUTED = "VQT_DISTRIBUTED"
 # Libraries whose INFO lines drown the run's own (orbax logs every save step by step).
 QUIET_LIBRARIES = ("orbax",)
@@ -219,22 +221,13 @@ def run(argv: Sequence[str], fv: flags.FlagValues | None = None) -> int:
 
 def run_options(options: Options) -> int:
     """Runs parsed options (see `run`)."""
-    import jax
-
     if not options.log_libraries:
         quiet_libraries()
     if options.distributed:
-        # CPU devices of different processes talk through gloo (no effect on TPU/GPU); it must
-        # be set before any backend starts.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=options.coordinator,
-            num_processes=options.num_processes,
-            process_id=options.process_id,
-        )
+        hosts.initialize(options.coordinator, options.num_processes, options.process_id)
     from vqt_jax.training import train
 
-    if jax.process_index() != 0:
+    if not hosts.is_chief():
         logging.set_verbosity(logging.WARNING)
     try:
         if options.dry_run:
@@ -252,7 +245,7 @@ def run_options(options: Options) -> int:
             message += f" For example: {lower_lr_command(options.argv, lower)}"
         print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
-    if jax.process_index() == 0:
+    if hosts.is_chief():
         print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2,
                          sort_keys=True))
         print(summary(results))

@@ -11,12 +11,20 @@ Layout: each field is a global array ``[ceil(N / D), D, ...]`` sharded over its 
 so example r is row ``r div D`` of device ``r mod D``'s shard (round-robin; the last row of
 some devices is zero padding that no index reaches). Each host builds only its devices'
 shards, reading those rows from its host cache (`jax.make_array_from_callback`), never
-the others'.
+the others'. With one device the layout is the host cache's own, and on a CPU the device
+array is the host cache's memory itself (no copy).
 
-Gathering (`gather`, inside jit): every device reads, for each slot of the batch, the row if
-it holds it and zeros otherwise; a reduce-scatter over the data axis then leaves each device
-its own slots' rows (sums of one row and zeros: exact in any dtype). Each device briefly holds
-one batch's rows (B rows, not B / D), which is the price of a gather in any order.
+Floats of 16 bits (the bfloat16 cache) are held as their bit patterns (uint16) and turned back
+after each gather (`DeviceCache.gather`): XLA:CPU gathers and slices bfloat16 in float32, and
+inside a compiled loop it hoists that conversion of the whole cache out of the loop, making a
+float32 copy of all of it, twice the cache's bytes (see tests/test_device_cache.py). Integers
+are moved as they are, on any device.
+
+Gathering (`DeviceCache.gather`, inside jit): every device reads, for each slot of the batch,
+the row if it holds it and zeros otherwise; a reduce-scatter over the data axis then leaves
+each device its own slots' rows (sums of one row and zeros: exact in any dtype). Each device
+briefly holds one batch's rows (B rows, not B / D), which is the price of a gather in any
+order.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,6 +45,9 @@ AXIS = "data"
 # The share of a device's memory the cache and one batch's gather may take; the rest is for
 # the model, its activations and the optimiser.
 DEVICE_FRACTION = 0.5
+# Field dtypes held on the devices as their bit patterns (see the module docstring).
+BIT_PATTERNS = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.uint16),
+                np.dtype(np.float16): np.dtype(np.uint16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +56,33 @@ class DeviceCache:
 
     Attributes:
       arrays: field name (and 'label') -> global array ``[ceil(N / D), D, ...]`` sharded
-        ``P(None, 'data')``.
+        ``P(None, 'data')``; 16-bit floats as their bit patterns (`BIT_PATTERNS`).
       num_examples: N.
       mesh: the mesh the arrays live on.
+      dtypes: field name -> the dtype its rows have once gathered (the host cache's).
     """
 
     arrays: dict[str, jax.Array]
     num_examples: int
     mesh: Mesh
+    dtypes: dict[str, np.dtype]
 
     @property
     def num_devices(self) -> int:
         return self.mesh.shape[AXIS]
+
+    def gather(self, arrays: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+        """The rows `index` (int [B], replicated) of `arrays` (this cache's `arrays`, or some
+        of them, as a jitted function sees them) in their own dtypes, as a batch sharded over
+        the data axis; for use inside jit (see the module docstring)."""
+        rows = _gather(arrays, index, self.mesh)
+        return {k: v if v.dtype == self.dtypes[k] else
+                jax.lax.bitcast_convert_type(v, self.dtypes[k]) for k, v in rows.items()}
+
+
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a field of `dtype` is held in on the devices (`BIT_PATTERNS`, else its own)."""
+    return BIT_PATTERNS.get(np.dtype(dtype), np.dtype(dtype))
 
 
 def _row_bytes(spec: cache_lib.Spec, fields: list[str]) -> int:
@@ -102,24 +129,36 @@ def upload(cache: cache_lib.Cache, mesh: Mesh, fields: list[str]) -> DeviceCache
     blocks = math.ceil(n / d)
     sharding = NamedSharding(mesh, P(None, AXIS))
     sources = {name: cache.arrays[name] for name in fields} | {"label": cache.labels}
+    dtypes = {name: src.dtype for name, src in sources.items()}
+    sources = {name: src.view(stored_dtype(src.dtype)) for name, src in sources.items()}
+    if d == 1:
+        # One device holds every row in order: the layout is the host array's own. On a CPU
+        # the device array then aliases the host cache's memory (a disk cache's memory map is
+        # page-aligned, which XLA accepts), so the "device" copy costs no memory at all (a
+        # copy, staged through a second one, was twice ViT-B/16's 6.8 GiB cache of 1000
+        # images). Elsewhere it is one copy to the device.
+        return DeviceCache({name: jax.device_put(src.reshape(n, 1, *src.shape[1:]), sharding,
+                                                 may_alias=True)
+                            for name, src in sources.items()}, n, mesh, dtypes)
 
     def shard(src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
         cols = range(*index[1].indices(d))
         out = np.zeros((blocks, len(cols), *src.shape[1:]), src.dtype)
         for j, c in enumerate(cols):
-            rows = np.arange(c, n, d)  # device column c holds examples c, c + D, ...
-            out[:len(rows), j] = src[rows]
+            # Device column c holds examples c, c + D, ...: a strided view, copied once
+            # (fancy indexing would stage a second copy of the whole column first).
+            column = src[c::d]
+            out[:len(column), j] = column
         return out
 
     arrays = {name: jax.make_array_from_callback(
         (blocks, d, *src.shape[1:]), sharding, lambda idx, src=src: shard(src, idx))
         for name, src in sources.items()}
-    return DeviceCache(arrays, n, mesh)
+    return DeviceCache(arrays, n, mesh, dtypes)
 
 
-def gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh) -> dict[str, jax.Array]:
-    """The rows `index` (int [B], replicated) of every field, as a batch sharded over the data
-    axis; for use inside jit (see the module docstring)."""
+def _gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh) -> dict[str, jax.Array]:
+    """`DeviceCache.gather` before the bit patterns are turned back into floats."""
     d = mesh.shape[AXIS]
     if d == 1:
         # One device holds every row: a plain gather. The select and reduce-scatter below

@@ -48,6 +48,12 @@ an interrupted run is resumed by the trainer from its checkpoints; a diverged ru
 have been trained with the task, split, lr, wd, seed and method its directory stands for (as
 its ``results.json`` records them), and a task directory refuses a different method or
 overrides than it was swept with, except for `NEUTRAL_KEYS` (where data and caches live, ...).
+
+On several hosts (`jax.distributed`, `experiments/vtab_sweep.py --distributed`) every host
+runs the same sweep over a shared workdir: every run and program trains on all of them, the
+chief (process 0) alone writes the sweep's files (markers, selections, tables), and every host
+waits for the others (`vqt_jax.hosts.barrier`) after each run before reading what the chief
+wrote, so all of them take the same decisions (what to train, what to read, what to select).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from typing import Any
 
 import ml_collections
 
-from vqt_jax import methods
+from vqt_jax import hosts, methods
 from vqt_jax.progress import format_duration
 from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's results)
     CSV_FIELDS,
@@ -566,12 +572,20 @@ def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: Tra
     except FloatingPointError as e:
         if not may_diverge:
             raise
-        logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, e)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(e)}, indent=2) + "\n")
+        _mark_failed(run_dir, e)
         results = None
+    # Every host has trained it; the chief's files are complete before anyone reads on.
+    hosts.barrier(f"vqt_jax sweep: {run_dir}")
     progress.end()
     return results
+
+
+def _mark_failed(run_dir: Path, error: FloatingPointError) -> None:
+    """Records a diverged run (`FAILED_MARKER`; by the chief alone) so re-runs skip it."""
+    logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, error)
+    if hosts.is_chief():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
 
 
 def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tuple[float, float]:
@@ -606,8 +620,10 @@ def _check_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
 
 
 def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
-    task_dir.mkdir(parents=True, exist_ok=True)
-    (task_dir / "sweep.json").write_text(json.dumps(fingerprint, indent=2, default=repr) + "\n")
+    if hosts.is_chief():
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / "sweep.json").write_text(
+            json.dumps(fingerprint, indent=2, default=repr) + "\n")
 
 
 def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> StageFn:
@@ -649,9 +665,8 @@ def _program(stage_fn: StageFn | None, runs: Sequence[tuple[ml_collections.Confi
         return
     for (_, run_dir), outcome in zip(todo, outcomes, strict=True):
         if isinstance(outcome, FloatingPointError):  # a grid point that diverged
-            logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, outcome)
-            (run_dir / FAILED_MARKER).write_text(
-                json.dumps({"error": str(outcome)}, indent=2) + "\n")
+            _mark_failed(run_dir, outcome)
+    hosts.barrier(f"vqt_jax sweep: {what}")  # the chief's files are complete
     progress.program_end([d for _, d in todo])
 
 
@@ -706,7 +721,9 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
         "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
     }
-    (Path(workdir) / task / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    if hosts.is_chief():
+        (Path(workdir) / task / "selection.json").write_text(
+            json.dumps(selection, indent=2) + "\n")
 
     test_top1 = []
     _program(stage_fn, [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
@@ -809,11 +826,14 @@ def run_sweep(
         stage_fn = None
     elif stage_fn is None and real:
         stage_fn = program_stage_fn(strict=program == "one", log=progress.log)
+    # Every host has read the task directories before the chief writes into them.
+    hosts.barrier("vqt_jax sweep: checked")
     results = []
     for task in tasks:
         _write_fingerprint(workdir / task, fingerprint)
         results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
                                   num_seeds=num_seeds, train_fn=train_fn, progress=progress,
                                   stage_fn=stage_fn))
-    write_reports(results, workdir, method=method)
+    if hosts.is_chief():
+        write_reports(results, workdir, method=method)
     return results

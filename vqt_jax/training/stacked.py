@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, methods, sampling
+from vqt_jax import checkpoints, data, hosts, methods, sampling
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
@@ -187,7 +187,7 @@ def _plan(members: Sequence[Member]) -> _Setup:
     orders = {order_seed(m.config) for m in members}
     rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
     why = device_cache_lib.why_not(cache.spec, fields, plan.mesh, rows)
-    if not cache_lib.all_hosts(why is None):
+    if not hosts.all_agree(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
                           f"{why or 'another host cannot hold it'}")
 
@@ -203,7 +203,9 @@ def _plan(members: Sequence[Member]) -> _Setup:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     replicated = NamedSharding(plan.mesh, P())
     state = checkpoints.place(jax.device_get(stacked), replicated)
-    rngs = jax.device_put(jnp.stack([inits[s][1] for s in seeds]), replicated)
+    # Local, as `train` keeps its key: the compiled loop takes it replicated (a device_put
+    # onto the global mesh would be refused on several hosts).
+    rngs = jnp.stack([inits[s][1] for s in seeds])
     return _Setup(plan, [_member_config(config, m.config) for m in members], cache, variables0,
                   frozen, state, rngs, total_steps, unit, template)
 
@@ -261,13 +263,13 @@ class _Stepper:
             arrays = {k: arrays[k] for k in names}
             if shared:
                 index, mask = sampling.batch_indices(step, seed[0], **kwargs)
-                batch = device_cache_lib.gather(arrays, index, mesh)
+                batch = dcache.gather(arrays, index)
             else:
                 # One gather of every member's rows, batch slot major, so each device's
                 # share is whole slots of every member: [B * S] -> [B, S, ...].
                 index, mask = jax.vmap(lambda sd: sampling.batch_indices(step, sd, **kwargs))(
                     seed)
-                rows = device_cache_lib.gather(arrays, index.T.reshape(-1), mesh)
+                rows = dcache.gather(arrays, index.T.reshape(-1))
                 batch = {k: v.reshape(b, s, *v.shape[1:]) for k, v in rows.items()}
                 mask = mask.T
             batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
@@ -440,7 +442,7 @@ def _run_group(members: list[Member], may_diverge: bool,
     config, mesh = setup.plan.config, setup.plan.mesh
     s = len(members)
     directory = stage_dir(members)
-    is_chief = jax.process_index() == 0
+    is_chief = hosts.is_chief()
     fields = _fields(setup.cache)
     dcache = device_cache_lib.upload(setup.cache, mesh, fields)
     log_every = config.get("log_every_steps", 10)
@@ -449,7 +451,7 @@ def _run_group(members: list[Member], may_diverge: bool,
     orders = [order_seed(m.config) for m in members]
     stepper = _Stepper(setup, dcache, orders, steppers.max_chunk(total, log_every, ckpt_every))
     why = fits(stepper.compiled, mesh)
-    if not cache_lib.all_hosts(why is None):
+    if not hosts.all_agree(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
 
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
@@ -462,8 +464,7 @@ def _run_group(members: list[Member], may_diverge: bool,
                 epath.Path(m.run_dir).mkdir(parents=True, exist_ok=True)
                 workdir_lib.record(m.run_dir, c, None, 0)
         # Beside the state: the step each member went bad at (0: never) and its last loss.
-        template = {"state": setup.state, "failed": jnp.zeros(s, jnp.int32),
-                    "loss": jnp.zeros(s, jnp.float32)}
+        template = _saved(setup, setup.state, np.zeros(s), np.zeros(s))
         manager = checkpointing.manager(directory, config.get("keep_checkpoints", 2))
         restored = checkpointing.restore_latest(manager, template)
         state, failed = restored["state"], np.array(restored["failed"])
@@ -495,9 +496,8 @@ def _run_group(members: list[Member], may_diverge: bool,
                             if not may_diverge:
                                 raise errors[j]
                     if pending is not None:  # its next step proved it sound
-                        checkpointing.save(manager, pending[0], {
-                            "state": pending[1], "failed": jnp.asarray(failed),
-                            "loss": jnp.asarray(pending[2])})
+                        checkpointing.save(manager, pending[0],
+                                           _saved(setup, pending[1], failed, pending[2]))
                         pending = None
                     last_loss = np.asarray(last["loss"], np.float32)
                     history.append(last)
@@ -509,9 +509,7 @@ def _run_group(members: list[Member], may_diverge: bool,
                                 for k in history[0] if k != "state_finite"})
                         history = []
                 if done == total:
-                    checkpointing.save(manager, done, {"state": state,
-                                                       "failed": jnp.asarray(failed),
-                                                       "loss": jnp.asarray(last_loss)})
+                    checkpointing.save(manager, done, _saved(setup, state, failed, last_loss))
                 elif done % ckpt_every == 0:
                     pending = (done, jax.tree.map(jnp.copy, state), last_loss)
         finally:
@@ -549,6 +547,16 @@ def _run_group(members: list[Member], may_diverge: bool,
                 workdir_lib.write_results(m.run_dir, results)
             out.append(results)
     return out
+
+
+def _saved(setup: _Setup, state: train_step.TrainState, failed: np.ndarray,
+           loss: np.ndarray) -> dict:
+    """What a stage checkpoints: the stacked state, and per member the step it went bad at
+    (0: never) and its last loss, as global arrays (orbax writes no host-local array from
+    several hosts)."""
+    extras = {"failed": np.asarray(failed, np.int32), "loss": np.asarray(loss, np.float32)}
+    return {"state": state,
+            **checkpoints.place(extras, NamedSharding(setup.plan.mesh, P()))}
 
 
 def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> FloatingPointError:

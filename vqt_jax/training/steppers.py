@@ -81,7 +81,7 @@ class DeviceStepper:
         def one(state, frozen, arrays, rng):
             index, mask = sampling.batch_indices(state.step, seed, num_examples=n,
                                                  batch_size=batch_size, batching=batching)
-            batch = device_cache_lib.gather({k: arrays[k] for k in names}, index, mesh)
+            batch = cache.gather({k: arrays[k] for k in names}, index)
             batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
             return step(state, frozen, batch, rng)
 

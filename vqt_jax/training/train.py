@@ -38,6 +38,7 @@ from vqt_jax import (
     compilation_cache,
     data,
     export,
+    hosts,
     methods,
     preparations,
     sampling,
@@ -288,7 +289,7 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     why = None if exists else cache_lib.check_budget(spec, path, config.cache_max_gb)
     # One decision for all hosts (they compile the same program): cached only if every one
     # can hold its copy.
-    if not cache_lib.all_hosts(why is None):
+    if not hosts.all_agree(why is None):
         why = why or "another host cannot hold its copy of the cache (see that host's log)"
     if why is not None:
         if mode == "on":
@@ -308,7 +309,7 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
     cache = None if plan.path is None else cache_lib.open_cache(plan.path, plan.spec)
     # The build is collective: if any host lacks its copy, every host runs the pass (a host
     # that has a complete copy keeps it).
-    if cache_lib.all_hosts(cache is not None):
+    if hosts.all_agree(cache is not None):
         logging.info("Reusing the cache in %s.", plan.path)
         return cache
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
@@ -451,7 +452,7 @@ def make_stepper(config: ml_collections.ConfigDict, step: steppers.StepFn,
         mode = config.get("cache_on_device", "auto")
         why = "config.cache_on_device='off'" if mode == "off" else device_cache_lib.why_not(
             cache.spec, fields, mesh, batch_size)
-        if not cache_lib.all_hosts(why is None):  # every host compiles the same loop
+        if not hosts.all_agree(why is None):  # every host compiles the same loop
             why = why or "another host's devices cannot hold it"
         if why is None:
             logging.info("Training from the cache on the devices (a compiled loop per chunk).")
@@ -499,7 +500,7 @@ def run(
     """
     workdir = os.fspath(workdir)
     plan = plan_run(config, workdir)
-    is_chief = jax.process_index() == 0
+    is_chief = hosts.is_chief()
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -515,7 +516,7 @@ def _run_locked(plan: RunPlan, workdir: str,
                 callbacks: Sequence[Callback]) -> tuple[dict[str, Any], dict[str, Any]]:
     config, mesh, model = plan.config, plan.mesh, plan.model
     num_classes, num_train = plan.num_classes, plan.num_train
-    is_chief = jax.process_index() == 0
+    is_chief = hosts.is_chief()
 
     cache_plan = plan_cache(config, model, num_train, workdir)
     replicated = NamedSharding(mesh, P())
@@ -692,6 +693,6 @@ def _nonfinite(metrics: dict[str, float], step: int, start: int,
                  f"intact" if last_saved else "No checkpoint was saved before it")
         message = (f"{what} at step {step} (lr {lr_now:.3g}); stopped. {where}: re-run with a "
                    f"lower config.lr to resume from step {last_saved}.")
-    if jax.process_index() == 0:
+    if hosts.is_chief():
         workdir_lib.record_nonfinite_stop(workdir, step, config.lr, message)
     return NonFiniteError(message, step, config.lr, resume_step)

@@ -1,0 +1,68 @@
+"""What the hosts of a multi-host run (`jax.distributed`) agree on, and who writes.
+
+Every host runs the same program over a shared workdir. Files that describe the whole run
+(results, selections, markers) are written by the chief (process 0) alone; a host that then
+decides something from those files waits at a `barrier` first, so that every host reads the
+same state and takes the same branch (a host that took another branch would wait forever in
+the next collective). With one process each function is free and imports no jax until jax
+is in use.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Starts this process as one host of a multi-host run (`jax.distributed.initialize`).
+
+    On Cloud TPU every argument may stay None (JAX finds the coordinator); elsewhere pass
+    the coordinator's host:port, the number of processes and this one's index. Call it
+    before anything starts a JAX backend.
+    """
+    import jax  # noqa: PLC0415
+
+    # CPU devices of different processes talk through gloo (no effect on TPU/GPU); it must be
+    # set before any backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def count() -> int:
+    """The number of processes (1 while jax is not even imported: nothing distributed)."""
+    if "jax" not in sys.modules:
+        return 1
+    import jax  # noqa: PLC0415
+
+    return jax.process_count()
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run's shared files (process 0)."""
+    if count() == 1:
+        return True
+    import jax  # noqa: PLC0415
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every host reaches the barrier `name` (a no-op with one process)."""
+    if count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_agree(flag: bool) -> bool:
+    """Whether `flag` holds on every host (a collective: every host must call it): decisions
+    that choose what every host compiles (cache or not, build or reuse) must be the same."""
+    if count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
