@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any
 
 import ml_collections
 
-from vqt_jax import methods  # the method table only: no jax, no TensorFlow
+from vqt_jax import hosts, methods  # the method table and hosts: no jax, no TensorFlow
 
 # The same file as vqt_jax.protocol.DEFAULT_CONFIG, named here so that `--help` need not import
 # the package module (its task table pulls in TensorFlow).
@@ -89,9 +88,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE", help="Config overrides, e.g. model.num_queries=10.")
     # Multi-host (as main.py's flags): every host runs the same command over one workdir.
-    p.add_argument("--distributed", action="store_true",
-                   default=os.environ.get("VQT_DISTRIBUTED", "") == "1",
-                   help="Call jax.distributed.initialize() (multi-host; or VQT_DISTRIBUTED=1).")
+    p.add_argument("--distributed", action="store_true", default=hosts.wanted(),
+                   help="Call jax.distributed.initialize() (multi-host; or "
+                        f"{hosts.ENV_DISTRIBUTED}=1).")
     p.add_argument("--coordinator", help="host:port of process 0 (multi-host off Cloud TPU).")
     p.add_argument("--num_processes", type=int,
                    help="Number of processes (multi-host off Cloud TPU).")
@@ -116,8 +115,6 @@ def main(
         The exit status (0): errors raise.
     """
     args = parser().parse_args(argv)
-    from vqt_jax import hosts  # no jax until it is needed
-
     if args.distributed:
         hosts.initialize(args.coordinator, args.num_processes, args.process_id)
     # Every host prints the same lines: only the chief's are worth reading. The level is set

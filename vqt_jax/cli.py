@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from vqt_jax import hosts
 
-ENV_DISTRIBUTED = "VQT_DISTRIBUTED"
+ENV_DISTRIBUTED = hosts.ENV_DISTRIBUTED
 # Libraries whose INFO lines drown the run's own (orbax logs every save step by step).
 QUIET_LIBRARIES = ("orbax",)
 
@@ -68,7 +68,7 @@ def define_flags(fv: flags.FlagValues,
                         flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Check the config, data, checkpoint and workdir, then "
                       "stop before compiling or writing anything.", flag_values=fv)
-    flags.DEFINE_bool("distributed", os.environ.get(ENV_DISTRIBUTED, "") == "1",
+    flags.DEFINE_bool("distributed", hosts.wanted(),
                       "Call jax.distributed.initialize() (multi-host).", flag_values=fv)
     flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host off Cloud TPU).",
                         flag_values=fv)

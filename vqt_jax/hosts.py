@@ -10,9 +10,18 @@ is in use.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
+
+# Set to 1 on every host instead of passing --distributed (main.py, vtab_sweep.py).
+ENV_DISTRIBUTED = "VQT_DISTRIBUTED"
+
+
+def wanted() -> bool:
+    """Whether $VQT_DISTRIBUTED asks for a multi-host start (the flags' default)."""
+    return os.environ.get(ENV_DISTRIBUTED, "") == "1"
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
