@@ -106,3 +106,37 @@ def _remove_quiet_filter():
     for f in list(logger.filters):
         if isinstance(f, cli._QuietLibraries):
             logger.removeFilter(f)
+
+
+def test_evaluation_counts_a_batch_once_the_devices_have_computed_it(tmp_path):
+    """JAX dispatches asynchronously: the evaluation's progress (and its final 'N images in
+    X s') must wait for each batch's results, not only for it to be queued. Each batch's step
+    here is a chain of matmuls that takes a while on a CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from vqt_jax.training.mesh import make_mesh
+
+    folder = train_utils.make_image_folder(tmp_path / "data")
+    config = train_utils.tiny_config(data_dir=folder)
+    config.eval_batch_size = 8
+    mesh = make_mesh(1)
+
+    @jax.jit
+    def step(batch):
+        m = jnp.full((512, 512), batch["image"].mean() / 512)
+        return {"total": jax.lax.fori_loop(0, 200, lambda _, x: jnp.tanh(x @ m), m).sum()}
+
+    jax.block_until_ready(step({"image": jnp.zeros((8, 32, 32, 3))}))  # compiled
+    outs, ready_when_counted = [], []
+    p = progress.Progress("Evaluating on test", 15, "images", every_s=0, log=lambda _: None)
+    update = p.update
+
+    def counted(n):
+        ready_when_counted.append(outs[len(ready_when_counted)]["total"].is_ready())
+        update(n)
+
+    p.update = counted
+    host = train.run_eval_batches(lambda b: outs.append(step(b)) or outs[-1], config, mesh, p)
+    assert len(host) == 2 and p.count == 15  # 15 images in batches of 8
+    assert ready_when_counted == [True, True]

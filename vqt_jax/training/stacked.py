@@ -354,16 +354,10 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     """Every member's eval metrics (and features for the feature heads) in one pass."""
     config, mesh = setup.plan.config, setup.plan.mesh
     fn = _eval_fn(setup, _fields(setup.cache), keep_features)
-    sharding = NamedSharding(mesh, P("data"))
     progress = Progress(f"Evaluating {len(setup.configs)} runs on {train.split_name(config)} "
                         "(one backbone pass)", setup.plan.num_eval, "images")
-    outs = []
-    for batch in train.eval_batches(config, mesh):
-        outs.append(fn(setup.variables0, trainables, setup.frozen,
-                       steppers.global_batch(batch, sharding)))
-        progress.update(int(batch["mask"].sum()) * jax.process_count())
-    progress.done()
-    host = cache_lib.fetch_rows(outs)
+    host = train.run_eval_batches(lambda batch: fn(setup.variables0, trainables, setup.frozen,
+                                                   batch), config, mesh, progress)
     metrics = train.eval_totals(host, members=len(setup.configs))
     class_names = data.get_class_names(config.task, config.data_dir)
     for j, m in enumerate(metrics):

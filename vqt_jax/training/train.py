@@ -130,6 +130,36 @@ def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict
     )
 
 
+def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDict, mesh: Mesh,
+                     progress: Progress) -> list[Any]:
+    """`fn` (a compiled eval step) on every evaluation batch; its outputs, fetched to the host.
+
+    One batch is computed while the host reads the next one, and `progress` counts a batch
+    only once the devices have finished it: JAX dispatches asynchronously, so counting at
+    dispatch would report the time to queue the work, not to do it (a ViT-B/16 test pass on
+    a CPU, 5 minutes of compute, was logged as 3 s).
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    outs: list[Any] = []
+    pending: tuple[Any, int] | None = None
+    for batch in eval_batches(config, mesh):
+        out = fn(steppers.global_batch(batch, sharding))
+        if pending is not None:
+            progress.update(_finished(*pending))
+        pending = out, int(batch["mask"].sum()) * jax.process_count()
+        outs.append(out)
+    if pending is not None:
+        progress.update(_finished(*pending))
+    progress.done()
+    return cache_lib.fetch_rows(outs)
+
+
+def _finished(out: Any, examples: int) -> int:
+    """Waits for `out` to be computed; the examples it holds."""
+    jax.block_until_ready(out)
+    return examples
+
+
 def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> Any:
     """Top-1, loss and count from per-batch, per-example `correct`/`loss`/`count` on the host.
 
@@ -209,17 +239,10 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     `class_names`, the result also has `report` (`evaluation_report`; with every prediction
     when `config.save_predictions`).
     """
-    batch_sharding = NamedSharding(mesh, P("data"))
     eval_fn = eval_fn or jax.jit(_eval_step(model))
-    progress = Progress(f"Evaluating on {split_name(config)}", num_examples, "images")
-    # Per-batch sums stay on the devices and are fetched once at the end (the host reads the
-    # next batch while the devices evaluate this one).
-    outs = []
-    for batch in eval_batches(config, mesh):
-        outs.append(eval_fn(variables, steppers.global_batch(batch, batch_sharding)))
-        progress.update(int(batch["mask"].sum()) * jax.process_count())
-    progress.done()
-    host = cache_lib.fetch_rows(outs)
+    host = run_eval_batches(lambda batch: eval_fn(variables, batch), config, mesh,
+                            Progress(f"Evaluating on {split_name(config)}", num_examples,
+                                     "images"))
     metrics = eval_totals(host)
     if class_names is not None:
         metrics["report"] = evaluation_report(host, class_names,
