@@ -90,7 +90,9 @@ def test_predictions_equal_the_runs_own_evaluation(runs):
         reference = np.asarray(jax.jit(plan.model.apply)(variables, images))
         predictor = serving.Predictor([export_path(runs, name)], batch_size=4)
         logits = predictor.logits(images)[predictor.names[0]]
-        np.testing.assert_allclose(logits, reference, rtol=1e-6, atol=1e-6)
+        # Batches of 4 against all images at once: the matmul kernels differ with the batch
+        # shape, by up to 3e-6 here on an AVX-512 CPU.
+        np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
         predictions = list(predictor.predict_files(paths, top_k=3))
         names = predictor.tasks[0].exported.class_names
         top1 = np.mean([names.index(p.top[0][0]) == y
