@@ -137,8 +137,8 @@ def train_head(
         batch = steppers.global_batch(next(it), sharding)
         head, opt_state, loss = jit_step(head, opt_state, batch, jax.random.fold_in(dropout_key, i))
         progress.update()
+    final = float(loss)  # waits for the queued steps, so the time logged next includes them
     progress.done()
-    final = float(loss)
     if not np.isfinite(final):
         raise FloatingPointError(f"Compression ({what}) diverged (final loss {final}); lower "
                                  f"config.compression.lr_scale or config.lr")

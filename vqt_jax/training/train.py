@@ -141,23 +141,18 @@ def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDic
     """
     sharding = NamedSharding(mesh, P("data"))
     outs: list[Any] = []
-    pending: tuple[Any, int] | None = None
+    uncounted = 0  # examples in outs[-1], which may still be computing
     for batch in eval_batches(config, mesh):
         out = fn(steppers.global_batch(batch, sharding))
-        if pending is not None:
-            progress.update(_finished(*pending))
-        pending = out, int(batch["mask"].sum()) * jax.process_count()
+        if outs:  # the previous batch: wait for it only now that this one is queued
+            jax.block_until_ready(outs[-1])
+            progress.update(uncounted)
         outs.append(out)
-    if pending is not None:
-        progress.update(_finished(*pending))
+        uncounted = int(batch["mask"].sum()) * jax.process_count()
+    jax.block_until_ready(outs)
+    progress.update(uncounted)
     progress.done()
     return cache_lib.fetch_rows(outs)
-
-
-def _finished(out: Any, examples: int) -> int:
-    """Waits for `out` to be computed; the examples it holds."""
-    jax.block_until_ready(out)
-    return examples
 
 
 def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> Any:
