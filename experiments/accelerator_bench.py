@@ -14,6 +14,12 @@ largest batch of `--batches` whose VQT train step fits the device (by the compil
     gathered on the device);
   * epoch_s: a whole epoch of `--epoch_images` (1000: VTAB-1k's train800val200) both ways,
     uncached (that many steps of the uncached step) and cached (one chunk), and their ratio;
+  * stage_training: a protocol stage's training at the protocol's batch (`--stage_batch`,
+    128) over a `--epoch_images` cache: one run as the protocol trains each run on its own
+    (`DeviceStepper`), against the release's 20-point grid as one program (one shared example
+    order) and its 5 seeds as one program (each its own order; `StackedStepper`, as
+    `training.stacked` runs them): each one's first epoch (compilation included) and the median
+    epoch after it, and how much faster the program trains its runs than they train one by one;
   * memory: the compiled memory (arguments, outputs, temporaries) of the VQT step and of full
     fine-tuning's step at the same batch;
   * flops: the forward's FLOPs per image (XLA's cost analysis) and its achieved FLOP/s, as a
@@ -97,7 +103,7 @@ def memory(compiled) -> dict[str, int]:
 class Bench:
     """The model, its states and its jitted functions at one batch size."""
 
-    def __init__(self, args: argparse.Namespace, batch: int):
+    def __init__(self, args: argparse.Namespace, batch: int, variables: Any = None):
         self.args, self.batch = args, batch
         self.mesh = make_mesh()
         self.replicated = NamedSharding(self.mesh, P())
@@ -108,8 +114,10 @@ class Bench:
         self.model = create_model(**self.kwargs)
         self.images = jax.ShapeDtypeStruct((batch, args.image_size, args.image_size, 3),
                                            jnp.float32, sharding=self.sharded)
-        self.variables = jax.jit(self.model.init, out_shardings=self.replicated)(
-            jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
+        # The variables do not depend on the batch: the batch search initialises them once.
+        self.variables = variables if variables is not None else jax.jit(
+            self.model.init, out_shardings=self.replicated)(
+                jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
 
     def image_batch(self) -> dict[str, jax.Array]:
         shape = self.images.shape
@@ -154,18 +162,20 @@ def fits(total_bytes: int, device: Any) -> bool:
     return limit is None or total_bytes <= 0.9 * limit
 
 
-def choose_batch(args: argparse.Namespace) -> tuple[int, list[dict]]:
-    """The largest candidate batch whose compiled VQT step fits the device."""
-    tried, best = [], None
+def choose_batch(args: argparse.Namespace) -> tuple[Bench, list[dict]]:
+    """The bench at the largest candidate batch whose compiled VQT step fits the device."""
+    tried, best, variables = [], None, None
     for batch in args.batches:
         if batch % len(jax.devices()):
             continue
-        mem = Bench(args, batch).vqt_step_memory()
+        bench = Bench(args, batch, variables)
+        variables = bench.variables
+        mem = bench.vqt_step_memory()
         ok = fits(mem["total_bytes"], jax.devices()[0])
         tried.append({"batch": batch, "vqt_step_total_bytes": mem["total_bytes"], "fits": ok})
         if not ok:
             break
-        best = batch
+        best = bench
     if best is None:
         raise SystemExit(f"error: no batch of {args.batches} fits the device")
     return best, tried
@@ -207,57 +217,130 @@ def uncached(bench: Bench, repeats: int, epoch_steps: int) -> dict[str, float]:
             "epoch_s": median_time(epoch, max(1, repeats // 4))}
 
 
-def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
-           cache_dtype: str) -> dict[str, Any]:
-    """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
+def random_cache(bench: Bench, num_examples: int, cache_dtype: str):
+    """A device cache of `num_examples` random rows of the model's K/V cache, held as
+    `device_cache.upload` holds a real one; (cache, its fields, its spec)."""
     spec = cache_lib.spec_for(bench.model, "kv", num_examples, bench.args.image_size,
                               cache_dtype)
     fields = ["k", "v", "cls"]
     mesh, d = bench.mesh, bench.mesh.shape["data"]
     blocks = math.ceil(num_examples / d)
-    sharding = NamedSharding(mesh, P(None, "data"))
+    dtypes = {name: np.dtype(cache_lib._np_dtype(spec.fields[name][1])) for name in fields}
 
     def make(key: jax.Array) -> dict[str, jax.Array]:
         out = {}
         for i, name in enumerate(fields):
-            shape, dtype = spec.fields[name]
+            shape, _ = spec.fields[name]
             x = jax.random.normal(jax.random.fold_in(key, i), (blocks, d, *shape),
                                   jnp.float32).astype(dtypes[name])
-            # Held as `device_cache.upload` holds it (16-bit floats as bit patterns).
+            # 16-bit floats as bit patterns, as `device_cache.upload` holds them.
             out[name] = jax.lax.bitcast_convert_type(x, device_cache.stored_dtype(x.dtype))
         out["label"] = jnp.arange(blocks * d, dtype=jnp.int32).reshape(blocks, d) % (
             bench.args.num_classes)
         return out
 
-    dtypes = {name: np.dtype(cache_lib._np_dtype(spec.fields[name][1])) for name in fields}
-    arrays = jax.jit(make, out_shardings=sharding)(jax.random.key(0))
+    arrays = jax.jit(make, out_shardings=NamedSharding(mesh, P(None, "data")))(
+        jax.random.key(0))
     cache = device_cache.DeviceCache(arrays, num_examples, mesh,
                                      {**dtypes, "label": np.dtype(np.int32)})
-    step, state, frozen = bench.state_step("vqt", from_cache=True)
-    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
-                                     batch_size=bench.batch, seed=0, batching="epoch",
-                                     max_steps=epoch_steps)
+    return cache, fields, spec
+
+
+def chunk_timer(advance: Callable, state: Any) -> Callable[[int], Callable[[], Any]]:
+    """run(count) -> a call that advances the (donated) state by `count` steps."""
     box = [state]
 
     def run(count: int):
         def go():
-            box[0], metrics = stepper.advance(box[0], count)
+            box[0], metrics = advance(box[0], count)
             return metrics
         return go
 
+    return run
+
+
+def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
+           cache_dtype: str) -> dict[str, Any]:
+    """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
+    cache, fields, spec = random_cache(bench, num_examples, cache_dtype)
+    step, state, frozen = bench.state_step("vqt", from_cache=True)
+    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
+                                     batch_size=bench.batch, seed=0, batching="epoch",
+                                     max_steps=epoch_steps)
+    run = chunk_timer(stepper.advance, state)
     step_s = median_time(run(1), repeats)
     epoch_s = median_time(run(epoch_steps), max(1, repeats // 4))
     return {"step_img_s": bench.batch / step_s, "step_s": step_s, "epoch_s": epoch_s,
             "cache_bytes": spec.nbytes, "cache_dtype": cache_dtype}
 
 
+def first_and_median(build: Callable[[], Callable[[int], Callable[[], Any]]], steps: int,
+                     repeats: int) -> dict[str, float]:
+    """{first_epoch_s: building the stepper and its first epoch (compilation included),
+    epoch_s: the median epoch after it}."""
+    t = time.perf_counter()
+    run = build()
+    jax.block_until_ready(run(steps)())
+    out = {"first_epoch_s": time.perf_counter() - t, "epoch_s": median_time(run(steps), repeats)}
+    print(f"  {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """A protocol stage's training: its runs one by one against them as one program."""
+    batch, epochs, n = args.stage_batch, args.stage_epochs, args.epoch_images
+    cache, fields, _ = random_cache(bench, n, args.cache_dtype)
+    steps = math.ceil(n / batch)
+    repeats = max(1, args.repeats // 2)
+    unit, _ = optim.training_schedule(1.0, num_examples=n, batch_size=batch, epochs=epochs,
+                                      warmup_epochs=epochs // 10, batching="epoch")
+
+    def one_run():
+        step, state, frozen = bench.state_step("vqt", from_cache=True)
+        stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
+                                         batch_size=batch, seed=0, batching="epoch",
+                                         max_steps=steps)
+        return chunk_timer(stepper.advance, state)
+
+    def program(members: int, own_orders: bool):
+        def build():
+            trainable, frozen = trainable_lib.partition(bench.variables,
+                                                        trainable_lib.rule_for("vqt"))
+            tx = steppers.member_optimizer("adam", trainable, unit, 1.0, 0.0)
+            one = train_step.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+            state = jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * members), one),
+                                   bench.replicated)
+            stepper = steppers.StackedStepper(
+                steppers.member_step(bench.model, "adam", trainable, unit), cache, frozen,
+                jax.random.split(jax.random.key(0), members), state,
+                hp={"lr": np.geomspace(1e-3, 1.0, members), "wd": np.full(members, 1e-4)},
+                orders=list(range(members)) if own_orders else [0] * members, fields=fields,
+                batch_size=batch, batching="epoch", max_steps=steps)
+            return chunk_timer(stepper.advance, state)
+        return build
+
+    single = first_and_median(one_run, steps, repeats)
+    out: dict[str, Any] = {"batch": batch, "epoch_images": n, "steps_per_epoch": steps,
+                           "epochs": epochs, "one_run": single}
+    for name, members, own in (("grid", 20, False), ("seeds", 5, True)):
+        r = first_and_median(program(members, own), steps, repeats)
+        # A stage's training one by one: each run compiles and trains on its own.
+        by_one = members * (single["first_epoch_s"] + (epochs - 1) * single["epoch_s"])
+        together = r["first_epoch_s"] + (epochs - 1) * r["epoch_s"]
+        out[name] = {**r, "members": members, "example_orders": members if own else 1,
+                     "epoch_speedup": members * single["epoch_s"] / r["epoch_s"],
+                     "stage_one_by_one_s": by_one, "stage_one_program_s": together,
+                     "stage_speedup": by_one / together}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     device = jax.devices()[0]
-    batch, tried = (args.batches[0], []) if args.tiny else choose_batch(args)
-    t = time.perf_counter()
-    bench = Bench(args, batch)
-    print(f"setup: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    bench, tried = (Bench(args, args.batches[0]), []) if args.tiny else choose_batch(args)
+    batch = bench.batch
+    print(f"setup and batch search: {time.perf_counter() - start:.1f} s", file=sys.stderr,
+          flush=True)
     epoch_steps = math.ceil(args.epoch_images / batch)
     result: dict[str, Any] = {
         "device": device.device_kind, "platform": device.platform,
@@ -268,25 +351,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     sections = result["section_seconds"] = {}
 
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
+    def timed(name: str, into: dict, key: str, fn: Callable[[], Any]) -> None:
+        """Runs one section, stores its figures at into[key] and writes what is measured so
+        far (marked partial), so that a run cut short keeps it."""
         t = time.perf_counter()
-        out = fn()
+        into[key] = fn()
         sections[name] = time.perf_counter() - t
         print(f"{name}: {sections[name]:.1f} s", file=sys.stderr, flush=True)
-        return out
+        if args.json:
+            write_json(args.json, {**result, "partial": True})
 
-    result["forward"] = {dt: timed(f"forward_{dt}", lambda dt=dt: forward(bench, dt, args.repeats))
-                         for dt in ("float32", "bfloat16")}
-    result["vqt_uncached"] = timed("vqt_uncached",
-                                   lambda: uncached(bench, args.repeats, epoch_steps))
-    result["vqt_cached"] = timed("vqt_cached", lambda: cached(
+    result["forward"] = {}
+    for dt in ("float32", "bfloat16"):
+        timed(f"forward_{dt}", result["forward"], dt,
+              lambda dt=dt: forward(bench, dt, args.repeats))
+    timed("vqt_uncached", result, "vqt_uncached",
+          lambda: uncached(bench, args.repeats, epoch_steps))
+    timed("vqt_cached", result, "vqt_cached", lambda: cached(
         bench, args.repeats, args.epoch_images, epoch_steps, args.cache_dtype))
+    timed("stage_training", result, "stage_training", lambda: stage_training(bench, args))
     result["epoch"] = {
         "images": args.epoch_images, "steps": epoch_steps,
         "uncached_s": result["vqt_uncached"]["epoch_s"],
         "cached_s": result["vqt_cached"]["epoch_s"],
         "speedup": result["vqt_uncached"]["epoch_s"] / result["vqt_cached"]["epoch_s"]}
-    result["memory"] = timed("memory", lambda: {
+    timed("memory", result, "memory", lambda: {
         "vqt_step": bench.vqt_step_memory("vqt"),
         "full_finetune_step": bench.vqt_step_memory("full")})
     result["seconds"] = time.perf_counter() - start
@@ -307,6 +396,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch_images", type=int, default=None)
     p.add_argument("--cache_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--stage_batch", type=int, default=None,
+                   help="stage_training's batch (default 128, the protocol's; tiny: 8)")
+    p.add_argument("--stage_epochs", type=int, default=100,
+                   help="epochs of stage_training's whole-stage figures (the protocol's 100)")
     return p
 
 
@@ -316,13 +409,19 @@ def main(argv: list[str] | None = None) -> None:
     args.batches = args.batches or ([8] if args.tiny else [64, 128, 256, 512, 1024])
     args.epoch_images = args.epoch_images or (64 if args.tiny else 1000)
     args.repeats = args.repeats or (3 if args.tiny else 10)
+    args.stage_batch = args.stage_batch or (8 if args.tiny else 128)
     result = run(args)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(args.json, result)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    """Writes `result` to `path` whole (a temporary file renamed over it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,11 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     # Full fine-tuning keeps gradients and Adam moments for every parameter: more memory.
     assert (r["memory"]["full_finetune_step"]["total_bytes"]
             > r["memory"]["vqt_step"]["total_bytes"] > 0)
+    # A protocol stage's training: one run (DeviceStepper) against the stacked programs.
+    stage = r["stage_training"]
+    assert stage["batch"] == 8 and stage["steps_per_epoch"] == 8 and "partial" not in r
+    assert stage["one_run"]["epoch_s"] > 0
+    assert (stage["grid"]["members"], stage["grid"]["example_orders"]) == (20, 1)
+    assert (stage["seeds"]["members"], stage["seeds"]["example_orders"]) == (5, 5)
+    for name in ("grid", "seeds"):
+        assert stage[name]["epoch_s"] > 0 and stage[name]["stage_one_program_s"] > 0

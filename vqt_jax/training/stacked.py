@@ -10,7 +10,7 @@ run here together:
   rates and weight decays are inputs of the program (traced, not constants), so one
   compilation serves every member and every chunk length. Each step `vmap`s the method's own
   step (`train_step`, the same optimiser and schedule) over the members, in compiled chunks
-  over the device-resident cache (`device_cache`, `steppers.compiled_chunks`). The batch is
+  over the device-resident cache (`device_cache`, `steppers.StackedStepper`). The batch is
   gathered once for all members when they share an example order (the grid; the seeds too when
   `config.order_seed` is set), else once per member (the seeds: each keeps its own init,
   dropout stream and example order, as its own run would).
@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, hosts, methods, sampling
+from vqt_jax import checkpoints, data, hosts, methods
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
@@ -197,7 +197,7 @@ def _plan(members: Sequence[Member]) -> _Setup:
         warmup_epochs=config.warmup_epochs, batching=batching(config),
         per_epoch=config.get("schedule_per_epoch", True))
     template = parts[seeds[0]][0]
-    tx = _optimizer(config, template, unit, 1.0, 0.0)
+    tx = steppers.member_optimizer(train.optimizer_name(config), template, unit, 1.0, 0.0)
     states = [train_step.TrainState(jnp.zeros((), jnp.int32), parts[s][0],
                                     tx.init(parts[s][0])) for s in seeds]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -220,80 +220,6 @@ def _member_config(config: ml_collections.ConfigDict,
 
 def _fields(cache: cache_lib.Cache) -> list[str]:
     return [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
-
-
-def _optimizer(config, template, unit, lr, wd):
-    """The run's optimiser with peak lr `lr` and decay `wd` (traced values inside the program):
-    the same transformation `train` builds from constants."""
-    return optim.make_optimizer(lambda step: lr * unit(step), wd, template,
-                                train.optimizer_name(config))
-
-
-def _member_step(setup: _Setup):
-    """step(hp, state, frozen, batch, rng) of one member: `train`'s step with its lr and wd."""
-    config, model = setup.plan.config, setup.plan.model
-
-    def step(hp, state, frozen, batch, rng):
-        def schedule(s):
-            return hp["lr"] * setup.unit_schedule(s)
-
-        tx = _optimizer(config, setup.template, setup.unit_schedule, hp["lr"], hp["wd"])
-        inner = train_step.make_train_step(model, tx, from_cache=True)
-        return train_step.make_state_step(inner, schedule)(state, frozen, batch, rng)
-
-    return step
-
-
-class _Stepper:
-    """Chunks of steps of every member as one compiled loop over the device cache."""
-
-    def __init__(self, setup: _Setup, dcache: device_cache_lib.DeviceCache, orders: list[int],
-                 max_steps: int):
-        config, mesh = setup.plan.config, setup.plan.mesh
-        n, b, s = dcache.num_examples, config.batch_size, len(orders)
-        names = [*_fields(setup.cache), "label"]
-        shared = len(set(orders)) == 1  # one example order: one gather serves every member
-        member = jax.vmap(_member_step(setup), in_axes=(0, 0, None, None if shared else 1, 0))
-        batch_sharding = NamedSharding(mesh, P("data"))
-        kwargs = dict(num_examples=n, batch_size=b, batching=batching(config))
-
-        def one(state, constants, arrays, rng):
-            frozen, hp, seed = constants
-            step = state.step[0]  # every member is at the same step
-            arrays = {k: arrays[k] for k in names}
-            if shared:
-                index, mask = sampling.batch_indices(step, seed[0], **kwargs)
-                batch = dcache.gather(arrays, index)
-            else:
-                # One gather of every member's rows, batch slot major, so each device's
-                # share is whole slots of every member: [B * S] -> [B, S, ...].
-                index, mask = jax.vmap(lambda sd: sampling.batch_indices(step, sd, **kwargs))(
-                    seed)
-                rows = dcache.gather(arrays, index.T.reshape(-1))
-                batch = {k: v.reshape(b, s, *v.shape[1:]) for k, v in rows.items()}
-                mask = mask.T
-            batch["mask"] = jax.lax.with_sharding_constraint(mask, batch_sharding)
-            return member(hp, state, frozen, batch, rng)
-
-        replicated = NamedSharding(mesh, P())
-        hp = {"lr": np.asarray([c.lr for c in setup.configs], np.float32),
-              "wd": np.asarray([c.wd for c in setup.configs], np.float32)}
-        self._constants = jax.device_put(
-            (setup.frozen, hp, np.asarray(orders, np.int32)), replicated)
-        self._arrays, self._rngs, self._max = dcache.arrays, setup.rngs, max_steps
-        # Compiled ahead of the first call, so that a program too large for the devices is
-        # known before anything is written (`fits`).
-        self._chunk = steppers.compiled_chunks(one, max_steps, mesh).lower(
-            setup.state, self._constants, self._arrays, self._rngs,
-            jnp.asarray(1, jnp.int32)).compile()
-
-    @property
-    def compiled(self) -> Any:
-        return self._chunk
-
-    def advance(self, state, count: int):
-        return self._chunk(state, self._constants, self._arrays, self._rngs,
-                           jnp.asarray(count, jnp.int32))
 
 
 def fits(compiled: Any, mesh) -> str | None:
@@ -443,7 +369,13 @@ def _run_group(members: list[Member], may_diverge: bool,
     ckpt_every = config.get("checkpoint_every_steps", 100)
     total = setup.total_steps
     orders = [order_seed(m.config) for m in members]
-    stepper = _Stepper(setup, dcache, orders, steppers.max_chunk(total, log_every, ckpt_every))
+    stepper = steppers.StackedStepper(
+        steppers.member_step(setup.plan.model, train.optimizer_name(config), setup.template,
+                             setup.unit_schedule),
+        dcache, setup.frozen, setup.rngs, setup.state,
+        hp={"lr": [c.lr for c in setup.configs], "wd": [c.wd for c in setup.configs]},
+        orders=orders, fields=fields, batch_size=config.batch_size, batching=batching(config),
+        max_steps=steppers.max_chunk(total, log_every, ckpt_every))
     why = fits(stepper.compiled, mesh)
     if not hosts.all_agree(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
