@@ -19,10 +19,12 @@ largest batch of `--batches` whose VQT train step fits the device (by the compil
     (`DeviceStepper`), against the release's 20-point grid as one program (one shared example
     order) and its 5 seeds as one program (each its own order; `StackedStepper`, as
     `training.stacked` runs them): each one's first epoch (compilation included) and the median
-    epoch after it, and how much faster the program trains its runs than they train one by one;
+    epoch after it, how much faster the program trains its runs than they train one by one,
+    and the FLOPs of one run's step (counted as for the forward) and the FLOP/s achieved;
   * memory: the compiled memory (arguments, outputs, temporaries) of the VQT step and of full
     fine-tuning's step at the same batch;
-  * flops: the forward's FLOPs per image (XLA's cost analysis) and its achieved FLOP/s, as a
+  * flops: the forward's FLOPs per image (XLA's cost analysis of the program compiled for the
+    CPU: a GPU's leaves its cuBLAS/cuDNN calls out) and its achieved FLOP/s, as a
     fraction of the device's dense peak for that dtype where the peak is in `PEAKS` (the
     vendor's datasheet figure, dense, no sparsity; stated in the JSON).
 Times are medians of `--repeats` timed calls after a warm-up (each call waits for its
@@ -45,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -181,20 +183,37 @@ def choose_batch(args: argparse.Namespace) -> tuple[Bench, list[dict]]:
     return best, tried
 
 
-def forward(bench: Bench, dtype: str, repeats: int) -> dict[str, Any]:
+def cpu_flops(fn: Callable, *args: Any) -> float:
+    """XLA's FLOP count of fn(*args) (arrays or shapes) compiled for the CPU. A GPU's own cost
+    analysis leaves out the matmuls it hands to cuBLAS (and cuDNN's fused attention) as custom
+    calls: on an H200 it counted 0.92 of B/16's 36.8 GFLOP per image. The count is the
+    program's arithmetic, the same whatever runs it."""
+    cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+    return float(jax.jit(fn).lower(*specs).compile().cost_analysis()["flops"])
+
+
+def flops_per_image(bench: Bench) -> float:
+    """The float32 inference forward's FLOPs per image (`cpu_flops`; the same arithmetic in
+    any compute dtype)."""
+    model = create_model(**bench.kwargs)
+    image = jax.ShapeDtypeStruct((1, *bench.images.shape[1:]), bench.images.dtype)
+    return cpu_flops(lambda v, x: model.apply(v, x), bench.variables, image)
+
+
+def forward(bench: Bench, dtype: str, repeats: int, flops: float) -> dict[str, Any]:
+    """The inference forward's speed in `dtype`, and its FLOP/s (`flops` per image)."""
     model = create_model(**bench.kwargs, dtype=dtype)
     fn = jax.jit(lambda v, x: model.apply(v, x), in_shardings=(bench.replicated, bench.sharded))
     compiled = fn.lower(bench.variables, bench.images).compile()
-    flops = (compiled.cost_analysis() or {}).get("flops")
     x = bench.image_batch()["image"]
     seconds = median_time(lambda: compiled(bench.variables, x), repeats)
-    out: dict[str, Any] = {"img_s": bench.batch / seconds, "step_s": seconds}
-    if flops:
-        achieved = flops / seconds
-        out |= {"gflops_per_image": flops / bench.batch / 1e9, "achieved_tflop_s": achieved / 1e12}
-        peak = peak_flops(jax.devices()[0].device_kind, dtype)
-        if peak:
-            out |= {"peak_tflop_s_assumed": peak / 1e12, "fraction_of_peak": achieved / peak}
+    achieved = flops * bench.batch / seconds
+    out: dict[str, Any] = {"img_s": bench.batch / seconds, "step_s": seconds,
+                           "gflops_per_image": flops / 1e9, "achieved_tflop_s": achieved / 1e12}
+    peak = peak_flops(jax.devices()[0].device_kind, dtype)
+    if peak:
+        out |= {"peak_tflop_s_assumed": peak / 1e12, "fraction_of_peak": achieved / peak}
     return out
 
 
@@ -289,7 +308,7 @@ def first_and_median(build: Callable[[], Callable[[int], Callable[[], Any]]], st
 def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     """A protocol stage's training: its runs one by one against them as one program."""
     batch, epochs, n = args.stage_batch, args.stage_epochs, args.epoch_images
-    cache, fields, _ = random_cache(bench, n, args.cache_dtype)
+    cache, fields, spec = random_cache(bench, n, args.cache_dtype)
     steps = math.ceil(n / batch)
     repeats = max(1, args.repeats // 2)
     unit, _ = optim.training_schedule(1.0, num_examples=n, batch_size=batch, epochs=epochs,
@@ -319,9 +338,18 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             return chunk_timer(stepper.advance, state)
         return build
 
+    # One run's step (`cpu_flops`): a program's step does the arithmetic of its runs' steps.
+    step, state, frozen = bench.state_step("vqt", from_cache=True)
+    rows = {k: jax.ShapeDtypeStruct((batch, *shape), cache_lib._np_dtype(dtype))
+            for k, (shape, dtype) in spec.fields.items() if k in fields}
+    rows |= {"label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+             "mask": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+    flops = cpu_flops(step, state, frozen, rows, jax.random.key(0))
     single = first_and_median(one_run, steps, repeats)
+    single["achieved_tflop_s"] = flops * steps / single["epoch_s"] / 1e12
     out: dict[str, Any] = {"batch": batch, "epoch_images": n, "steps_per_epoch": steps,
-                           "epochs": epochs, "one_run": single}
+                           "epochs": epochs, "gflops_per_run_step": flops / 1e9,
+                           "one_run": single}
     for name, members, own in (("grid", 20, False), ("seeds", 5, True)):
         r = first_and_median(program(members, own), steps, repeats)
         # A stage's training one by one: each run compiles and trains on its own.
@@ -330,7 +358,8 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         out[name] = {**r, "members": members, "example_orders": members if own else 1,
                      "epoch_speedup": members * single["epoch_s"] / r["epoch_s"],
                      "stage_one_by_one_s": by_one, "stage_one_program_s": together,
-                     "stage_speedup": by_one / together}
+                     "stage_speedup": by_one / together,
+                     "achieved_tflop_s": members * flops * steps / r["epoch_s"] / 1e12}
     return out
 
 
@@ -361,10 +390,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.json:
             write_json(args.json, {**result, "partial": True})
 
+    timed("flops", result, "gflops_per_image_cpu_count", lambda: flops_per_image(bench) / 1e9)
     result["forward"] = {}
     for dt in ("float32", "bfloat16"):
-        timed(f"forward_{dt}", result["forward"], dt,
-              lambda dt=dt: forward(bench, dt, args.repeats))
+        timed(f"forward_{dt}", result["forward"], dt, lambda dt=dt: forward(
+            bench, dt, args.repeats, result["gflops_per_image_cpu_count"] * 1e9))
     timed("vqt_uncached", result, "vqt_uncached",
           lambda: uncached(bench, args.repeats, epoch_steps))
     timed("vqt_cached", result, "vqt_cached", lambda: cached(

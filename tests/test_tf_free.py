@@ -69,5 +69,8 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     assert stage["one_run"]["epoch_s"] > 0
     assert (stage["grid"]["members"], stage["grid"]["example_orders"]) == (20, 1)
     assert (stage["seeds"]["members"], stage["seeds"]["example_orders"]) == (5, 5)
+    assert stage["gflops_per_run_step"] > 0 and r["gflops_per_image_cpu_count"] > 0
     for name in ("grid", "seeds"):
         assert stage[name]["epoch_s"] > 0 and stage[name]["stage_one_program_s"] > 0
+        assert stage[name]["achieved_tflop_s"] > 0
+
