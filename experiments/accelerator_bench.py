@@ -278,30 +278,38 @@ def chunk_timer(advance: Callable, state: Any) -> Callable[[int], Callable[[], A
     return run
 
 
+def one_run(bench: Bench, cache: device_cache.DeviceCache, fields: list[str], batch: int,
+            max_steps: int) -> Callable[[int], Callable[[], Any]]:
+    """`chunk_timer` of one VQT run trained from `cache` as the training loop trains it
+    (`DeviceStepper`)."""
+    step, state, frozen = bench.state_step("vqt", from_cache=True)
+    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
+                                     batch_size=batch, seed=0, batching="epoch",
+                                     max_steps=max_steps)
+    return chunk_timer(stepper.advance, state)
+
+
 def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
            cache_dtype: str) -> dict[str, Any]:
     """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
     cache, fields, spec = random_cache(bench, num_examples, cache_dtype)
-    step, state, frozen = bench.state_step("vqt", from_cache=True)
-    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
-                                     batch_size=bench.batch, seed=0, batching="epoch",
-                                     max_steps=epoch_steps)
-    run = chunk_timer(stepper.advance, state)
+    run = one_run(bench, cache, fields, bench.batch, epoch_steps)
     step_s = median_time(run(1), repeats)
     epoch_s = median_time(run(epoch_steps), max(1, repeats // 4))
     return {"step_img_s": bench.batch / step_s, "step_s": step_s, "epoch_s": epoch_s,
             "cache_bytes": spec.nbytes, "cache_dtype": cache_dtype}
 
 
-def first_and_median(build: Callable[[], Callable[[int], Callable[[], Any]]], steps: int,
-                     repeats: int) -> dict[str, float]:
+def first_and_median(name: str, build: Callable[[], Callable[[int], Callable[[], Any]]],
+                     steps: int, repeats: int) -> dict[str, float]:
     """{first_epoch_s: building the stepper and its first epoch (compilation included),
     epoch_s: the median epoch after it}."""
     t = time.perf_counter()
     run = build()
     jax.block_until_ready(run(steps)())
     out = {"first_epoch_s": time.perf_counter() - t, "epoch_s": median_time(run(steps), repeats)}
-    print(f"  {out}", file=sys.stderr, flush=True)
+    print(f"  {name}: first epoch {out['first_epoch_s']:.2f} s, then {out['epoch_s']:.4f} s",
+          file=sys.stderr, flush=True)
     return out
 
 
@@ -313,13 +321,6 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     repeats = max(1, args.repeats // 2)
     unit, _ = optim.training_schedule(1.0, num_examples=n, batch_size=batch, epochs=epochs,
                                       warmup_epochs=epochs // 10, batching="epoch")
-
-    def one_run():
-        step, state, frozen = bench.state_step("vqt", from_cache=True)
-        stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
-                                         batch_size=batch, seed=0, batching="epoch",
-                                         max_steps=steps)
-        return chunk_timer(stepper.advance, state)
 
     def program(members: int, own_orders: bool):
         def build():
@@ -345,13 +346,14 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     rows |= {"label": jax.ShapeDtypeStruct((batch,), jnp.int32),
              "mask": jax.ShapeDtypeStruct((batch,), jnp.float32)}
     flops = cpu_flops(step, state, frozen, rows, jax.random.key(0))
-    single = first_and_median(one_run, steps, repeats)
+    single = first_and_median("one run", lambda: one_run(bench, cache, fields, batch, steps),
+                              steps, repeats)
     single["achieved_tflop_s"] = flops * steps / single["epoch_s"] / 1e12
     out: dict[str, Any] = {"batch": batch, "epoch_images": n, "steps_per_epoch": steps,
                            "epochs": epochs, "gflops_per_run_step": flops / 1e9,
                            "one_run": single}
     for name, members, own in (("grid", 20, False), ("seeds", 5, True)):
-        r = first_and_median(program(members, own), steps, repeats)
+        r = first_and_median(name, program(members, own), steps, repeats)
         # A stage's training one by one: each run compiles and trains on its own.
         by_one = members * (single["first_epoch_s"] + (epochs - 1) * single["epoch_s"])
         together = r["first_epoch_s"] + (epochs - 1) * r["epoch_s"]

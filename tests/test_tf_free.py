@@ -73,4 +73,3 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     for name in ("grid", "seeds"):
         assert stage[name]["epoch_s"] > 0 and stage[name]["stage_one_program_s"] > 0
         assert stage[name]["achieved_tflop_s"] > 0
-
