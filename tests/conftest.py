@@ -1,4 +1,5 @@
-"""Shared test set-up: 8 simulated CPU devices, before jax is imported anywhere.
+"""Shared test set-up, before jax is imported anywhere: 8 simulated CPU devices, compiled at
+LLVM optimisation level 0 (tests/xla_env.py says why).
 
 Compiled programs go to one persistent XLA cache per test session (shared by the xdist workers
 and the subprocesses tests start): many tests compile the same tiny programs, and compilation is
@@ -9,7 +10,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import xla_env  # no jax: it only reads and writes XLA_FLAGS
+
+os.environ["XLA_FLAGS"] = xla_env.session_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -24,6 +24,8 @@ from vqt_jax.models.vit import l2_normalize
 
 # Real features: class-balanced Fashion-MNIST images through DINOv2 ViT-S/14 at 56x56 (a 4x4
 # patch grid: cheap, and still far from linearly separable at this size).
+# One xdist worker converts DINOv2 and computes its features (`dinov2_cls`) once.
+pytestmark = pytest.mark.xdist_group("linear_probe")
 IMAGE_SIZE = 56
 PER_CLASS = {"train": 20, "val": 10, "test": 15}
 # scikit-learn to convergence: lbfgs in float64, far tighter than its default tol=1e-4 and

@@ -21,7 +21,7 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from tests import multihost
+from tests import multihost, xla_env
 from vqt_jax.training import checkpointing, metrics_io
 from vqt_jax.training import workdir as workdir_lib
 
@@ -243,8 +243,7 @@ def test_collect_and_place_in_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env = xla_env.env(2)
     outs = [str(tmp_path / f"process{i}.npz") for i in range(2)]
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_multihost_io", str(port), *outs], cwd=REPO, env=env,

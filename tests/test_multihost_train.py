@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import multihost, train_utils
+from tests import multihost, train_utils, xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +54,7 @@ def _worker(process_id: int, port: int, workdir: str, folder: str, cache_root: s
 
 
 def _launch(tmp_path, folder, cache, kill_at):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env = xla_env.env(2)
     args = [str(multihost.free_port()), str(tmp_path / "two"), folder, str(tmp_path / "local"),
             cache, str(kill_at)]
     return subprocess.run([sys.executable, "-m", "tests.test_multihost_train", *args],

@@ -20,6 +20,8 @@ from vqt_jax import data, export, serving
 from vqt_jax.data import folder
 from vqt_jax.training import train
 
+# One xdist worker trains the module's runs (the `runs` fixture) once for all its tests.
+pytestmark = pytest.mark.xdist_group("serving")
 RUNS = {  # name -> config overrides
     "a": dict(method="vqt", save_predictions=True),
     "b": dict(method="vqt", seed=1, lr=0.1),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import multihost, train_utils
+from tests import multihost, train_utils, xla_env
 from vqt_jax import export, methods, protocol
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training.train import train_and_evaluate
@@ -29,6 +29,10 @@ from vqt_jax.training.train import train_and_evaluate
 REPO = Path(__file__).resolve().parents[1]
 GRID = protocol.Grid(base_lrs=(1e38, 0.02), wds=(0.01, 0.0), reference_batch_size=8)
 NUM_SEEDS = 2
+# One xdist worker runs the whole module (pyproject: --dist=loadgroup): its tests build on
+# the `sweeps` fixture (two sweeps per method, mostly compilation) and rerun its programs,
+# which that worker has then compiled already.
+pytestmark = pytest.mark.xdist_group("stacked")
 KEYS = ("task", "split", "method", "seed", "lr", "wd", "steps", "num_eval_examples",
         "num_trainable", "cached")
 
@@ -344,8 +348,7 @@ def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
     program over both hosts, the diverged grid points are marked, and the selection, the test
     numbers and every run's results are those of the one-process sweep (8 devices)."""
     root, _, out = sweeps
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env = xla_env.env(2)
     two = tmp_path / "two"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_stacked", str(multihost.free_port()), str(two),

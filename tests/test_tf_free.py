@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from tests import xla_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.device_cache", "vqt_jax.sampling",
         "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
@@ -48,7 +50,7 @@ def test_the_pipeline_does_need_tensorflow():
 
 def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a GPU box
+    env = xla_env.env(None)  # one device, as a GPU box
     proc = _python(
         "import runpy\n"
         f"sys.argv = ['accelerator_bench.py', '--tiny', '--json', {str(out)!r}]\n"

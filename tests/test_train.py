@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import train_utils
+from tests import train_utils, xla_env
 from vqt_jax import checkpoints
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
@@ -156,12 +156,10 @@ def test_two_processes_match_one_process(folder, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = _main(tmp_path / "one", folder,
-                   {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    single = _main(tmp_path / "one", folder, xla_env.env(8))
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out
-    env = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = xla_env.env(4)
     procs = [
         _main(tmp_path / "two", folder, env, "--distributed", f"--coordinator=127.0.0.1:{port}",
               "--num_processes=2", f"--process_id={i}")

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests import train_utils
+from tests import train_utils, xla_env
 from vqt_jax import cli, methods
 from vqt_jax.training import checkpointing, train
 from vqt_jax.training import workdir as workdir_lib
@@ -106,7 +106,7 @@ def test_neutral_fields_may_change(finished):
 def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
     """Two runs on one workdir: the second says so at once; the first finishes unharmed."""
     workdir = tmp_path / "wd"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = xla_env.env(8)
     first = subprocess.Popen(
         [sys.executable, "main.py", f"--config=tests/tiny_config.py:{folder}",
          f"--workdir={workdir}", "--config.epochs=8"],
