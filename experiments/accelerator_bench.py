@@ -47,13 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqt_jax import cache as cache_lib  # noqa: E402
-from vqt_jax import device_cache  # noqa: E402
+from vqt_jax import costs, device_cache  # noqa: E402
 from vqt_jax.models import create_model  # noqa: E402
 from vqt_jax.training import optim, steppers, train_step  # noqa: E402
 from vqt_jax.training import trainable as trainable_lib  # noqa: E402
@@ -183,22 +183,11 @@ def choose_batch(args: argparse.Namespace) -> tuple[Bench, list[dict]]:
     return best, tried
 
 
-def cpu_flops(fn: Callable, *args: Any) -> float:
-    """XLA's FLOP count of fn(*args) (arrays or shapes) compiled for the CPU. A GPU's own cost
-    analysis leaves out the matmuls it hands to cuBLAS (and cuDNN's fused attention) as custom
-    calls: on an H200 it counted 0.92 of B/16's 36.8 GFLOP per image. The count is the
-    program's arithmetic, the same whatever runs it."""
-    cpu = SingleDeviceSharding(jax.devices("cpu")[0])
-    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-    return float(jax.jit(fn).lower(*specs).compile().cost_analysis()["flops"])
-
-
 def flops_per_image(bench: Bench) -> float:
-    """The float32 inference forward's FLOPs per image (`cpu_flops`; the same arithmetic in
-    any compute dtype)."""
-    model = create_model(**bench.kwargs)
-    image = jax.ShapeDtypeStruct((1, *bench.images.shape[1:]), bench.images.dtype)
-    return cpu_flops(lambda v, x: model.apply(v, x), bench.variables, image)
+    """The float32 inference forward's FLOPs per image (`costs.forward_flops`, counted on the
+    CPU: a GPU's count leaves cuBLAS/cuDNN calls out; the same arithmetic in any dtype)."""
+    return costs.forward_flops(create_model(**bench.kwargs), bench.variables,
+                               bench.args.image_size)
 
 
 def forward(bench: Bench, dtype: str, repeats: int, flops: float) -> dict[str, Any]:
@@ -339,13 +328,9 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             return chunk_timer(stepper.advance, state)
         return build
 
-    # One run's step (`cpu_flops`): a program's step does the arithmetic of its runs' steps.
-    step, state, frozen = bench.state_step("vqt", from_cache=True)
-    rows = {k: jax.ShapeDtypeStruct((batch, *shape), cache_lib._np_dtype(dtype))
-            for k, (shape, dtype) in spec.fields.items() if k in fields}
-    rows |= {"label": jax.ShapeDtypeStruct((batch,), jnp.int32),
-             "mask": jax.ShapeDtypeStruct((batch,), jnp.float32)}
-    flops = cpu_flops(step, state, frozen, rows, jax.random.key(0))
+    # One run's step: a program's step does the arithmetic of its runs' steps.
+    flops = costs.cached_step_flops(bench.model, bench.variables, spec, batch, method="vqt",
+                                    optimizer="adam")
     single = first_and_median("one run", lambda: one_run(bench, cache, fields, batch, steps),
                               steps, repeats)
     single["achieved_tflop_s"] = flops * steps / single["epoch_s"] / 1e12

@@ -2,6 +2,7 @@
 
     python experiments/sweep_speed.py --json PATH [--setups demo,b16] [--epochs 20]
         [--b16_epochs 2] [--modes sequential,one,shared] [--workdir DIR]
+    python experiments/sweep_speed.py --add_floor experiments/results/sweep_speed_demo.json
 
 For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid
 on train -> val, the selected point retrained with 5 seeds on train+val -> test) twice in this
@@ -15,7 +16,10 @@ the selection and the test top-1s are identical (with a shared order the seeds a
 it reports how far their test top-1s and mean move; `--modes` may leave that protocol out),
 and each time in *backbone-forward equivalents*: the time over that of one inference pass (the
 model's forward, images already in memory) over all the task's images (train + val + test),
-the floor any protocol that looks at every image must pay.
+the floor any protocol that looks at every image must pay; and the *FLOP floor*: that pass
+plus the protocol's training arithmetic (XLA's count of a VQT step from the cache, times every
+run's steps) at the FLOP rate the pass reached (`--add_floor JSON` adds it to an earlier run's
+figures without timing anything).
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -147,6 +151,56 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     return statistics.median(times), len(train_val) + plan.num_eval
 
 
+def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dict:
+    """The protocol's FLOP floor on this machine: the seconds of one inference pass over all
+    the task's images (`forward_s`, measured) plus the protocol's training arithmetic (every
+    run's steps, XLA's count of one VQT step from the cache: `vqt_jax.costs`) at the FLOP rate
+    that pass reached. What any protocol that looks at every image once and trains every run
+    must pay, unless its training runs faster per FLOP than the backbone's forward."""
+    from vqt_jax import cache as cache_lib  # noqa: PLC0415
+    from vqt_jax import costs, data  # noqa: PLC0415
+    from vqt_jax.training import optim, train  # noqa: PLC0415
+
+    config = protocol.apply_overrides(config_fn(TASK), overrides)
+    plan = train.plan_run(config, None)
+    config, model = plan.config, plan.model
+    variables = train.abstract_variables(model, config)
+    spec = cache_lib.spec_for(model, cache_lib.kind_for(config.method), 1, config.image_size,
+                              config.get("cache_dtype", "float32"))
+    per_image = costs.forward_flops(model, variables, config.image_size)
+    per_step = costs.cached_step_flops(model, variables, spec, config.batch_size,
+                                       method=config.method,
+                                       optimizer=train.optimizer_name(config))
+    grid = protocol.grid_for(config.method)
+
+    def steps(split: str) -> int:  # one run's steps on the split's training set
+        return optim.training_schedule(
+            1.0, num_examples=data.get_num_examples(TASK, config.data_dir, split, "train"),
+            batch_size=config.batch_size, epochs=config.epochs,
+            warmup_epochs=config.warmup_epochs, batching=protocol.batching(config),
+            per_epoch=config.get("schedule_per_epoch", True))[1]
+
+    run_steps = len(grid.base_lrs) * len(grid.wds) * steps("val") + SEEDS * steps("test")
+    rate = per_image * images / forward_s
+    floor_s = forward_s + run_steps * per_step / rate
+    return {"forward_gflops_per_image": round(per_image / 1e9, 3),
+            "forward_gflop_s": round(rate / 1e9, 1),
+            "run_step_gflops": round(per_step / 1e9, 3), "training_run_steps": run_steps,
+            "training_tflops": round(run_steps * per_step / 1e12, 2),
+            "flop_floor_s": round(floor_s, 1)}
+
+
+def with_floor(row: dict, config_fn, overrides: dict, forward_s: float | None = None) -> dict:
+    """`row` (a setup's figures) with its FLOP floor (`flop_floor`, from its own forward pass:
+    `forward_s`, or the one it recorded) and each protocol's time over it."""
+    row = {**row, **flop_floor(config_fn, overrides, forward_s or row["forward_pass_s"],
+                               row["images"])}
+    for mode in MODES:
+        if f"{mode}_s" in row:
+            row[f"{mode}_over_floor"] = round(row[f"{mode}_s"] / row["flop_floor_s"], 2)
+    return row
+
+
 def measure(name: str, config_fn, overrides: dict, workdir: str,
             modes: tuple[str, ...] = tuple(MODES)) -> dict:
     """The protocols `modes` (sequential and one at least) of one setup, timed, compared, and
@@ -185,7 +239,7 @@ def measure(name: str, config_fn, overrides: dict, workdir: str,
                 shared.test_top1, seq.test_top1, strict=True)), 5))
     out.update(forward_pass_s=round(forward_s, 2), images=images, **{
         f"{mode}_forward_equivalents": round(out[f"{mode}_s"] / forward_s, 1) for mode in modes})
-    return out
+    return with_floor(out, config_fn, overrides, forward_s)
 
 
 def _selection(result: protocol.TaskResult) -> tuple:
@@ -195,8 +249,9 @@ def _selection(result: protocol.TaskResult) -> tuple:
 def report(rows: list[dict]) -> str:
     lines = ["| setup | epochs | one by one | one program (ratio) | identical selection / "
              "test | one program, shared order (ratio) | its test mean / largest change | "
-             "forward pass (all images) | in forwards: one by one / one / shared |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "forward pass (all images) | in forwards: one by one / one / shared | "
+             "FLOP floor (training) | one program / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shared = ("not run", "not run", "-")
         if "shared_s" in r:
@@ -211,7 +266,8 @@ def report(rows: list[dict]) -> str:
             f"{shared[0]} | {shared[1]} | "
             f"{r['forward_pass_s']:.1f} s ({r['images']} images) | "
             f"{r['sequential_forward_equivalents']:.0f} / {r['one_forward_equivalents']:.1f} / "
-            f"{shared[2]} |")
+            f"{shared[2]} | {r['flop_floor_s']:.0f} s ({r['training_tflops']:.1f} TFLOP) | "
+            f"{r['one_over_floor']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -226,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where the sweeps run (default: a temporary directory)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and folder (no figures)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--add_floor", metavar="JSON",
+                   help="only add the FLOP floor (`flop_floor`) to the setups of an earlier "
+                   "run's JSON, from the forward pass it measured (nothing is timed)")
     return p
 
 
@@ -242,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "b16": lambda: b16_config(args.b16_epochs, workdir),
             "tiny": lambda: tiny_config(2, workdir),
         }
+        if args.add_floor:
+            return add_floor(args.add_floor, workdir)
         names = ["tiny"] if args.tiny else [s.strip() for s in args.setups.split(",")]
         unknown = [n for n in names if n not in setups]
         if unknown:
@@ -258,6 +319,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=2)
+    return rows
+
+
+def add_floor(path: str, workdir: str) -> list[dict]:
+    """`--add_floor`: the JSON at `path` with each setup's FLOP floor added (rewritten whole)."""
+    with open(path) as f:
+        rows = json.load(f)
+    setups = {"demo": lambda epochs: demo_config(epochs),
+              "b16": lambda epochs: b16_config(epochs, workdir),
+              "tiny": lambda epochs: tiny_config(epochs, workdir)}
+    rows = [with_floor(r, *setups[r["setup"]](r["epochs"])) for r in rows]
+    print(report(rows), flush=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(path + ".tmp", path)
     return rows
 
 

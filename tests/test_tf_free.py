@@ -15,8 +15,8 @@ import sys
 from tests import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.device_cache", "vqt_jax.sampling",
-        "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
+CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.costs", "vqt_jax.device_cache",
+        "vqt_jax.sampling", "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
         "vqt_jax.training.optim", "vqt_jax.training.steppers", "vqt_jax.training.mesh")
 BLOCK_TF = """
 import sys

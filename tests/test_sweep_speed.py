@@ -1,0 +1,32 @@
+"""experiments/sweep_speed.py's FLOP floor (the sweeps it times are tests/test_stacked.py's)."""
+
+import math
+
+import pytest
+
+from tests.scripts import load_script
+from vqt_jax import cache as cache_lib
+from vqt_jax import costs
+from vqt_jax.training import train
+
+sweep_speed = load_script("sweep_speed")
+
+
+def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tmp_path):
+    config_fn, overrides = sweep_speed.tiny_config(2, str(tmp_path))
+    # The tiny folder: 12 train, 6 val, 9 test images; batch 8, 2 epochs, the last batch of an
+    # epoch partial: a grid run trains on train (2 steps an epoch), a seed on train+val (3).
+    row = sweep_speed.with_floor({"forward_pass_s": 2.0, "images": 27, "sequential_s": 100.0,
+                                  "one_s": 40.0}, config_fn, overrides)
+    assert row["training_run_steps"] == 20 * 2 * 2 + 5 * 2 * 3
+    plan = train.plan_run(sweep_speed.protocol.apply_overrides(config_fn("folder"), overrides),
+                          None)
+    variables = train.abstract_variables(plan.model, plan.config)
+    per_image = costs.forward_flops(plan.model, variables, 16)
+    per_step = costs.cached_step_flops(plan.model, variables,
+                                       cache_lib.spec_for(plan.model, "kv", 1, 16), 8,
+                                       method="vqt", optimizer="adam")
+    floor = 2.0 + 110 * per_step / (per_image * 27 / 2.0)
+    assert row["flop_floor_s"] == pytest.approx(floor, abs=0.05)
+    assert math.isclose(row["one_over_floor"], round(40.0 / row["flop_floor_s"], 2))
+    assert "shared_over_floor" not in row
