@@ -57,6 +57,29 @@ class _Kill(Exception):
     pass
 
 
+def test_init_computes_only_what_the_checkpoint_lacks_and_gives_the_whole_inits_values(folder):
+    """init_variables draws only the leaves the checkpoint does not hold (queries, head): the
+    same values as the model's whole init from the seed's key, the rest the checkpoint's."""
+    plan = train.plan_run(train_utils.tiny_config(data_dir=folder), None)
+    variables, rng = train.init_variables(plan, 3)
+    init_rng, train_rng = jax.random.split(jax.random.key(3))
+    whole = jax.jit(plan.model.init)(init_rng, jnp.zeros((1, 32, 32, 3)))
+    fresh = 0
+    for path, got in jax.tree_util.tree_leaves_with_path(variables):
+        loaded = _at(plan.pretrained, path)
+        want = _at(whole, path) if isinstance(loaded, jax.ShapeDtypeStruct) else loaded
+        fresh += isinstance(loaded, jax.ShapeDtypeStruct)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+    assert fresh >= 3  # the queries, the head's kernel and bias
+    assert jax.random.key_data(rng).tolist() == jax.random.key_data(train_rng).tolist()
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
 def test_resume_after_kill_matches_uninterrupted_run(folder, tmp_path):
     config = train_utils.tiny_config(data_dir=folder)
     full, v_full = train.run(config, str(tmp_path / "full"))

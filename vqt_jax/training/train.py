@@ -417,25 +417,28 @@ def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
     return jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
 
-def _with_pretrained(variables: dict, pretrained: dict | None) -> dict:
-    """`variables` with every leaf the checkpoint provided replaced by the checkpoint's."""
-    if pretrained is None:
-        return variables
-    return jax.tree.map(
-        lambda fresh, loaded: fresh if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
-        variables, pretrained)
-
-
 def init_variables(plan: RunPlan, seed: int) -> tuple[dict, jax.Array]:
     """(the run's initial variables, replicated over the mesh; its training key) for `seed`:
     the model initialised from the seed's key, then the checkpoint's leaves put in."""
     replicated = NamedSharding(plan.mesh, P())
     init_rng, train_rng = jax.random.split(jax.random.key(seed))
-    variables = jax.jit(plan.model.init, out_shardings=replicated)(
-        init_rng, _dummy_images(plan.config))
+    loaded, treedef = jax.tree.flatten(plan.pretrained if plan.pretrained is not None else
+                                       abstract_variables(plan.model, plan.config))
+    fresh = [i for i, leaf in enumerate(loaded) if isinstance(leaf, jax.ShapeDtypeStruct)]
+
+    def init_fresh(rng: jax.Array, images: jax.Array) -> list[jax.Array]:
+        # Only the leaves the checkpoint does not provide: XLA drops the rest of the init
+        # (drawing ViT-B/16's 86M random weights only to replace them took most of a seed's
+        # initialisation). The kept leaves are the same values the whole init gives.
+        leaves = jax.tree.leaves(plan.model.init(rng, images))
+        return [leaves[i] for i in fresh]
+
+    values = jax.jit(init_fresh, out_shardings=replicated)(init_rng, _dummy_images(plan.config))
+    for i, value in zip(fresh, values, strict=True):
+        loaded[i] = value
     # Built from each host's own copy: device_put would all-gather every parameter to check
     # that the hosts agree.
-    return checkpoints.place(_with_pretrained(variables, plan.pretrained), replicated), train_rng
+    return checkpoints.place(jax.tree.unflatten(treedef, loaded), replicated), train_rng
 
 
 class NonFiniteError(FloatingPointError):
