@@ -57,8 +57,11 @@ MODES = {"sequential": ("sequential", {}), "one": ("one", {}),
          "shared": ("one", {"order_seed": 0})}
 
 
-def demo_config(epochs: int) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
-    """configs/demo.py, with its baselines off, `epochs` epochs and a tenth of them warm-up."""
+def demo_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.ConfigDict],
+                                                  dict]:
+    """configs/demo.py, with its baselines off, `epochs` epochs and a tenth of them warm-up
+    (`root` is unused: the demo's data and weights live in its own cache)."""
+    del root
     return protocol.load_config_fn(CONFIGS / "demo.py"), {
         "epochs": epochs, "warmup_epochs": epochs // 10, "baselines": ()}
 
@@ -107,6 +110,10 @@ def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
 
     return config_fn, {"epochs": epochs, "warmup_epochs": 1, "data_dir": data_dir,
                        "init": init, "image_size": 16, "batch_size": 8, "eval_batch_size": 8}
+
+
+# name -> fn(epochs, root) -> (config_fn, overrides): the setups `--setups` names.
+SETUPS = {"demo": demo_config, "b16": b16_config, "tiny": tiny_config}
 
 
 def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
@@ -159,7 +166,7 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
     must pay, unless its training runs faster per FLOP than the backbone's forward."""
     from vqt_jax import cache as cache_lib  # noqa: PLC0415
     from vqt_jax import costs, data  # noqa: PLC0415
-    from vqt_jax.training import optim, train  # noqa: PLC0415
+    from vqt_jax.training import train  # noqa: PLC0415
 
     config = protocol.apply_overrides(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
@@ -174,11 +181,8 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
     grid = protocol.grid_for(config.method)
 
     def steps(split: str) -> int:  # one run's steps on the split's training set
-        return optim.training_schedule(
-            1.0, num_examples=data.get_num_examples(TASK, config.data_dir, split, "train"),
-            batch_size=config.batch_size, epochs=config.epochs,
-            warmup_epochs=config.warmup_epochs, batching=protocol.batching(config),
-            per_epoch=config.get("schedule_per_epoch", True))[1]
+        return train.run_schedule(
+            config, data.get_num_examples(TASK, config.data_dir, split, "train"), 1.0)[1]
 
     run_steps = len(grid.base_lrs) * len(grid.wds) * steps("val") + SEEDS * steps("test")
     rate = per_image * images / forward_s
@@ -296,15 +300,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="sweep_speed_") as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        setups = {
-            "demo": lambda: demo_config(args.epochs),
-            "b16": lambda: b16_config(args.b16_epochs, workdir),
-            "tiny": lambda: tiny_config(2, workdir),
-        }
         if args.add_floor:
             return add_floor(args.add_floor, workdir)
+        epochs = {"demo": args.epochs, "b16": args.b16_epochs, "tiny": 2}
         names = ["tiny"] if args.tiny else [s.strip() for s in args.setups.split(",")]
-        unknown = [n for n in names if n not in setups]
+        unknown = [n for n in names if n not in SETUPS]
         if unknown:
             raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16")
         modes = tuple(m.strip() for m in args.modes.split(","))
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "shared")
         rows = []
         for name in names:
-            config_fn, overrides = setups[name]()
+            config_fn, overrides = SETUPS[name](epochs[name], workdir)
             rows.append(measure(name, config_fn, overrides, workdir, modes))
             print(report(rows), flush=True)
             if args.json:
@@ -326,10 +326,7 @@ def add_floor(path: str, workdir: str) -> list[dict]:
     """`--add_floor`: the JSON at `path` with each setup's FLOP floor added (rewritten whole)."""
     with open(path) as f:
         rows = json.load(f)
-    setups = {"demo": lambda epochs: demo_config(epochs),
-              "b16": lambda epochs: b16_config(epochs, workdir),
-              "tiny": lambda epochs: tiny_config(epochs, workdir)}
-    rows = [with_floor(r, *setups[r["setup"]](r["epochs"])) for r in rows]
+    rows = [with_floor(r, *SETUPS[r["setup"]](r["epochs"], workdir)) for r in rows]
     print(report(rows), flush=True)
     with open(path + ".tmp", "w") as f:
         json.dump(rows, f, indent=2)

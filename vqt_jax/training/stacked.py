@@ -60,7 +60,6 @@ from vqt_jax.training import (
     checkpointing,
     feature_heads,
     metrics_io,
-    optim,
     steppers,
     train,
     train_step,
@@ -192,10 +191,7 @@ def _plan(members: Sequence[Member]) -> _Setup:
                           f"{why or 'another host cannot hold it'}")
 
     frozen = parts[seeds[0]][1]
-    unit, total_steps = optim.training_schedule(
-        1.0, num_examples=plan.num_train, batch_size=config.batch_size, epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs, batching=batching(config),
-        per_epoch=config.get("schedule_per_epoch", True))
+    unit, total_steps = train.run_schedule(config, plan.num_train, 1.0)
     template = parts[seeds[0]][0]
     tx = steppers.member_optimizer(train.optimizer_name(config), template, unit, 1.0, 0.0)
     states = [train_step.TrainState(jnp.zeros((), jnp.int32), parts[s][0],
