@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from tests import multihost, train_utils, xla_env
 from vqt_jax import export, methods, protocol
@@ -63,16 +64,20 @@ def sweep(base, workdir: Path, program: bool) -> tuple[protocol.TaskResult, list
 
 
 class CompileLog(logging.Handler):
-    """Collects jax's 'Finished XLA compilation of jit(NAME)' lines."""
+    """Collects jax's 'Finished XLA compilation of jit(NAME)' lines, and the evaluations'
+    progress lines ('Evaluating ...', from absl)."""
 
     def __init__(self):
         super().__init__()
         self.names: list[str] = []
+        self.evaluations: list[str] = []
 
     def emit(self, record):
         text = record.getMessage()
         if text.startswith("Finished XLA compilation of jit("):
             self.names.append(text.split("jit(", 1)[1].split(")", 1)[0])
+        elif text.startswith("Evaluating "):
+            self.evaluations.append(text)
 
 
 @pytest.fixture(scope="module", params=["vqt", "linear"])
@@ -86,14 +91,19 @@ def sweeps(request, tmp_path_factory):
     out = {}
     for mode in ("sequential", "one"):
         handler = CompileLog()
-        logger = logging.getLogger("jax")
-        logger.addHandler(handler)
+        loggers = [logging.getLogger(name) for name in ("jax", "absl")]
+        for logger in loggers:
+            logger.addHandler(handler)
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
         try:
             with jax.log_compiles(True):
                 result, lines = sweep(base, root / mode, mode == "one")
         finally:
-            logger.removeHandler(handler)
-        out[mode] = (result, lines, handler.names)
+            absl_logging.set_verbosity(verbosity)
+            for logger in loggers:
+                logger.removeHandler(handler)
+        out[mode] = (result, lines, handler.names, handler.evaluations)
     return root, request.param, out
 
 
@@ -170,6 +180,12 @@ def test_each_stage_is_one_program_compiled_once(sweeps):
     assert one.count("chunk") == 2, one
     assert one.count("fn") == 2, one
     assert seq.count("chunk") == len(GRID.points(8)) + NUM_SEEDS
+    # The grid's stage built the train+val cache, and evaluated on val from the float32
+    # outputs it kept of val's rows; the seeds' stage runs the backbone over test.
+    assert out["one"][3][0] == (
+        f"Evaluating {len(GRID.points(8))} runs on val: the backbone's float32 outputs kept by "
+        "the cache build, no backbone pass."), out["one"][3]
+    assert f"Evaluating {NUM_SEEDS} runs on test: one backbone pass." in out["one"][3]
 
 
 @pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)

@@ -138,13 +138,36 @@ class Spec:
 
 
 @dataclasses.dataclass
+class Float32Rows:
+    """Rows [start, stop) of a cache as the pass that built it computed them: every field in
+    float32 (before narrowing to the cache dtype) and the rows' images, kept in host memory.
+
+    The VTAB-1k protocol's training cache of train800val200 holds val200 in its last rows, so
+    the grid's evaluation on val200 can read the backbone's float32 outputs from here instead
+    of running the backbone over val200 again (`training.stacked`); the images let it check
+    that the evaluation split is exactly these rows.
+    """
+
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray]
+    images: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + self.images.nbytes
+
+
+@dataclasses.dataclass
 class Cache:
-    """A built cache: per-example arrays (memory-mapped or in memory) and labels."""
+    """A built cache: per-example arrays (memory-mapped or in memory) and labels; `float32`,
+    rows kept in float32 by the pass that built it in this process (`build(keep_float32=)`)."""
 
     spec: Spec
     arrays: dict[str, np.ndarray]
     labels: np.ndarray
     path: str | None = None
+    float32: Float32Rows | None = None
 
     def gather(self, indices: np.ndarray,
                fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -185,6 +208,26 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
     raw = np.empty(nbytes + align, np.uint8)
     offset = (-raw.ctypes.data) % align
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def available_memory() -> int | None:
+    """The host memory available to new allocations (Linux's MemAvailable), or None where
+    the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def float32_bytes(spec: Spec, num_rows: int, image_shape: tuple[int, ...]) -> int:
+    """What `build(keep_float32=)` holds for `num_rows` rows: every field in float32 and the
+    rows' images (at most float32 too)."""
+    row = sum(int(np.prod(shape)) for shape, _ in spec.fields.values())
+    return num_rows * 4 * (row + int(np.prod(image_shape)))
 
 
 def _np_dtype(name: str) -> Any:
@@ -437,6 +480,7 @@ def build(
     normalize: Callable[[np.ndarray], np.ndarray],
     path: str | None = None,
     progress_every_s: float = 10.0,
+    keep_float32: slice | None = None,
 ) -> Cache:
     """Runs the frozen backbone once over `images` and stores what `spec` names.
 
@@ -455,6 +499,8 @@ def build(
       path: the cache directory to create (complete or not at all); None keeps the cache in
         host memory.
       progress_every_s: seconds between two progress lines of the pass.
+      keep_float32: rows to keep in host memory as the pass computed them, in float32
+        (`Cache.float32`); the stored cache is the same, bit for bit.
 
     Returns:
       The cache.
@@ -474,6 +520,12 @@ def build(
         tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path))
     no_space: OSError | None = None
     start_time = time.time()
+    kept = None
+    if keep_float32 is not None:
+        start, stop, _ = keep_float32.indices(n)
+        kept = Float32Rows(start, stop, {
+            name: np.empty((stop - start, *shape), np.float32)
+            for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
     try:
         arrays = {}
         if tmp is None:
@@ -495,10 +547,10 @@ def build(
                 # r+: "w+" would truncate the file and give back the reserved blocks.
                 arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
         _run_backbone(spec, model, variables, images, arrays, mesh=mesh, batch_size=batch_size,
-                      normalize=normalize, every_s=progress_every_s)
+                      normalize=normalize, every_s=progress_every_s, kept=kept)
         labels = np.asarray(labels, np.int32)
         if tmp is None:
-            return Cache(spec, arrays, labels, None)
+            return Cache(spec, arrays, labels, None, kept)
         for a in arrays.values():
             a.flush()
         label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "r+")
@@ -535,30 +587,45 @@ def build(
     cache = open_cache(path, spec)
     if cache is None:
         raise RuntimeError(f"The cache just built in {path} cannot be read back")
+    cache.float32 = kept
     return cache
 
 
 def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
                   arrays: dict[str, np.ndarray], *, mesh: Mesh, batch_size: int,
-                  normalize: Callable[[np.ndarray], np.ndarray], every_s: float) -> None:
-    """The pass of `build`: fills `arrays` (N rows each) with the backbone's outputs."""
+                  normalize: Callable[[np.ndarray], np.ndarray], every_s: float,
+                  kept: Float32Rows | None = None) -> None:
+    """The pass of `build`: fills `arrays` (N rows each) with the backbone's outputs, and
+    `kept`'s rows with them in float32."""
     n = spec.num_examples
     batch_sharding = NamedSharding(mesh, P("data"))
     names = list(spec.fields)
 
-    def forward(v, x):
-        out = model.apply(v, x, method=ViT.cache_features)
+    def narrow(out):
         return {k: out[k].astype(_np_dtype(spec.fields[k][1])) for k in names}
 
+    def forward(v, x):
+        out = model.apply(v, x, method=ViT.cache_features)
+        # Keeping float32 rows: the narrowing is a program of its own (the same XLA convert
+        # on the same values), so that both widths come from one backbone pass.
+        return {k: out[k] for k in names} if kept else narrow(out)
+
     fn = forward_fn(forward, mesh)
+    cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
     for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
                                     sharding=batch_sharding):
         x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
-        out = fetch_rows(fn(variables, x))
+        wide = fn(variables, x)
+        out = fetch_rows(cast(wide) if kept else wide)
         count = rows.stop - rows.start  # the padding is not stored
         for name in names:
             arrays[name][rows] = out[name][:count]
+        if kept and (lo := max(rows.start, kept.start)) < (hi := min(rows.stop, kept.stop)):
+            wide = fetch_rows(wide)
+            for name in names:
+                kept.arrays[name][lo - kept.start:hi - kept.start] = \
+                    wide[name][lo - rows.start:hi - rows.start]
         progress.update(count)
     progress.done()
 

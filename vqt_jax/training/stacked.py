@@ -18,8 +18,12 @@ run here together:
   member's query path and head read that pass's keys/values (or features).
 * One cache for both stages: train800val200's. Its first rows are train800 (TFDS and image
   folders list train800 first), so the grid trains from them (`cache.first_rows`) and no
-  train800 cache is built. Together with the single evaluation passes the backbone runs once
-  over train800val200, once over val200 and once over test per task.
+  train800 cache is built. Its last rows are val200: while the grid's stage builds the
+  cache it keeps their backbone outputs in float32 (`_val_rows`), and evaluates the grid on
+  val200 from them (`_exact_batches`, after checking that val200's images are those rows).
+  The backbone then runs once over train800val200 and once over test per task (and once
+  more over val200 when the cache was built earlier, by another process, or does not fit
+  in memory twice).
 
 Each member's directory gets what `train.train_and_evaluate` would have written there
 (config.json, metrics, results.json with the same fields, plus `program`), with the same
@@ -38,7 +42,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -73,6 +77,8 @@ MEMBER_FIELDS = ("lr", "wd", "seed")
 CACHE_SPLIT = "test"
 # The stage's own directory under its members' parent: checkpoints of the stacked state.
 STAGE_PREFIX = "program-"
+# The most of the host's available memory val200's float32 backbone outputs may take.
+KEEP_FRACTION = 0.25
 
 
 NO_INIT = ("without config.init every seed's backbone is its own random initialisation, so the "
@@ -146,6 +152,8 @@ class _Setup:
     total_steps: int
     unit_schedule: Callable[[jax.Array], jax.Array]
     template: dict
+    # val200's rows of the cache in float32, when this stage built the cache (`_val_rows`).
+    float32: cache_lib.Float32Rows | None = None
 
 
 def _plan(members: Sequence[Member]) -> _Setup:
@@ -178,7 +186,9 @@ def _plan(members: Sequence[Member]) -> _Setup:
     rule = trainable_lib.rule_for(config.method)
     parts = {s: trainable_lib.partition(v, rule) for s, (v, _) in inits.items()}
     variables0 = inits[seeds[0]][0]
-    full = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh)
+    keep = _val_rows(cache_plan.spec, plan, num_rows) if config.split == "val" else None
+    full = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh,
+                           keep_float32=keep)
     if full is None:
         raise Unstackable("the cache could not be built (see the line above)")
     cache = cache_lib.first_rows(full, plan.num_train)
@@ -203,7 +213,27 @@ def _plan(members: Sequence[Member]) -> _Setup:
     # onto the global mesh would be refused on several hosts).
     rngs = jnp.stack([inits[s][1] for s in seeds])
     return _Setup(plan, [_member_config(config, m.config) for m in members], cache, variables0,
-                  frozen, state, rngs, total_steps, unit, template)
+                  frozen, state, rngs, total_steps, unit, template, full.float32)
+
+
+def _val_rows(spec: cache_lib.Spec, plan: train.RunPlan, num_rows: int) -> slice | None:
+    """val200's rows of the train800val200 cache (its last ones), to keep in float32 while
+    the cache is built, so that the grid's evaluation on val200 reads the backbone's outputs
+    from there instead of running the backbone over val200 again (`_exact_batches`); None
+    (a second pass) on several hosts, whose evaluation batches are not the cache's rows in
+    order, or when they would take over `KEEP_FRACTION` of the host's available memory."""
+    if jax.process_count() > 1:
+        return None
+    image = (plan.config.image_size, plan.config.image_size, 3)
+    need = cache_lib.float32_bytes(spec, num_rows - plan.num_train, image)
+    available = cache_lib.available_memory()
+    if available is None or need > KEEP_FRACTION * available:
+        logging.info("val200's backbone outputs in float32 (%s) are not kept while caching: "
+                     "%s available; its evaluation runs the backbone again.",
+                     cache_lib.format_size(need),
+                     "unknown memory" if available is None else cache_lib.format_size(available))
+        return None
+    return slice(plan.num_train, num_rows)
 
 
 def _member_config(config: ml_collections.ConfigDict,
@@ -238,13 +268,15 @@ def fits(compiled: Any, mesh) -> str | None:
     return None
 
 
-def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool):
+def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: bool):
     """fn(variables0, trainables, frozen, batch) -> per-example outputs of every member: one
-    backbone pass (`ViT.cache_features`), then each member's query path and head on it."""
+    backbone pass (`ViT.cache_features`) over the batch's images, or its outputs given in the
+    batch (`from_cache`), then each member's query path and head on them."""
     model = setup.plan.model
 
     def fn(variables0, trainables, frozen, batch):
-        feats = model.apply(variables0, batch["image"], method=ViT.cache_features)
+        feats = batch if from_cache else model.apply(variables0, batch["image"],
+                                                     method=ViT.cache_features)
         inputs = {k: feats[k] for k in fields}
 
         def member(trainable):
@@ -275,11 +307,14 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool):
 def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     """Every member's eval metrics (and features for the feature heads) in one pass."""
     config, mesh = setup.plan.config, setup.plan.mesh
-    fn = _eval_fn(setup, _fields(setup.cache), keep_features)
-    progress = Progress(f"Evaluating {len(setup.configs)} runs on {train.split_name(config)} "
-                        "(one backbone pass)", setup.plan.num_eval, "images")
+    batches = _exact_batches(setup)
+    fn = _eval_fn(setup, _fields(setup.cache), keep_features, batches is not None)
+    what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
+    logging.info("%s: %s.", what, "one backbone pass" if batches is None else
+                 "the backbone's float32 outputs kept by the cache build, no backbone pass")
+    progress = Progress(what, setup.plan.num_eval, "images")
     host = train.run_eval_batches(lambda batch: fn(setup.variables0, trainables, setup.frozen,
-                                                   batch), config, mesh, progress)
+                                                   batch), config, mesh, progress, batches)
     metrics = train.eval_totals(host, members=len(setup.configs))
     class_names = data.get_class_names(config.task, config.data_dir)
     for j, m in enumerate(metrics):
@@ -291,6 +326,51 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     shared = {k: np.concatenate([o[k] for o in host])[keep] for k in ("cls", "pooled", "label")}
     pre = np.concatenate([o["pre_logits"] for o in host], axis=1)[:, keep]
     return metrics, [{**shared, "pre_logits": p} for p in pre]
+
+
+def _exact_batches(setup: _Setup) -> Iterator[dict] | None:
+    """The evaluation batches with the backbone's float32 outputs (`setup.float32`) in place
+    of their images, or None (the evaluation runs the backbone).
+
+    Only when the evaluation split is exactly the kept rows: every batch's images, normalised
+    as evaluation feeds them, equal the kept rows' in order (the outputs are then those a
+    backbone pass over the batch computes, to float rounding). Checked over the whole split
+    before any batch is made.
+    """
+    kept, config = setup.float32, setup.plan.config
+    if kept is None:
+        return None
+    norm = data.as_normalization(config.normalization)
+    masks, pos = [], 0
+    for batch in train.eval_batches(config, setup.plan.mesh):
+        mask = np.asarray(batch["mask"])
+        n = int(mask.sum())
+        if (not mask[:n].all() or pos + n > len(kept.images) or not np.array_equal(
+                batch["image"][:n], data.normalize_array(kept.images[pos:pos + n], norm))):
+            break
+        masks.append((batch["label"], mask))
+        pos += n
+    else:
+        if pos == len(kept.images):
+            return _float32_batches(kept, masks)
+    logging.warning("The evaluation split is not the cache's last %d rows; its evaluation "
+                    "runs the backbone.", len(kept.images))
+    return None
+
+
+def _float32_batches(kept: cache_lib.Float32Rows,
+                     masks: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[dict]:
+    """Batches of `kept`'s arrays shaped as the evaluation batches (`masks`: their labels and
+    masks), padding rows zero, made one at a time."""
+    pos = 0
+    for label, mask in masks:
+        n, size = int(mask.sum()), len(mask)
+        batch = {"label": label, "mask": mask}
+        for name, a in kept.arrays.items():
+            batch[name] = np.zeros((size, *a.shape[1:]), a.dtype)
+            batch[name][:n] = a[pos:pos + n]
+        pos += n
+        yield batch
 
 
 def _unstack(tree: Any, j: int) -> Any:

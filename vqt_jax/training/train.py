@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -131,8 +131,9 @@ def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict
 
 
 def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDict, mesh: Mesh,
-                     progress: Progress) -> list[Any]:
-    """`fn` (a compiled eval step) on every evaluation batch; its outputs, fetched to the host.
+                     progress: Progress, batches: Iterable[dict] | None = None) -> list[Any]:
+    """`fn` (a compiled eval step) on every evaluation batch (`batches`, default
+    `eval_batches`); its outputs, fetched to the host.
 
     One batch is computed while the host reads the next one, and `progress` counts a batch
     only once the devices have finished it: JAX dispatches asynchronously, so counting at
@@ -142,7 +143,7 @@ def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDic
     sharding = NamedSharding(mesh, P("data"))
     outs: list[Any] = []
     uncounted = 0  # examples in outs[-1], which may still be computing
-    for batch in eval_batches(config, mesh):
+    for batch in eval_batches(config, mesh) if batches is None else batches:
         out = fn(steppers.global_batch(batch, sharding))
         if outs:  # the previous batch: wait for it only now that this one is queued
             jax.block_until_ready(outs[-1])
@@ -318,11 +319,13 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
 
 
 def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
-              mesh: Mesh) -> cache_lib.Cache | None:
+              mesh: Mesh, keep_float32: slice | None = None) -> cache_lib.Cache | None:
     """Opens the planned cache if it is complete, else builds it (one backbone pass).
 
     A disk too full for the cache (on any host) is an error with `config.cache='on'`; with
     'auto' the run says so and trains without the cache (None). Every host decides alike.
+    A cache built here keeps the rows `keep_float32` in float32 too (`Cache.float32`); one
+    opened from disk has none.
     """
     cache = None if plan.path is None else cache_lib.open_cache(plan.path, plan.spec)
     # The build is collective: if any host lacks its copy, every host runs the pass (a host
@@ -338,6 +341,7 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
             plan.spec, model, variables, images, labels, mesh=mesh,
             batch_size=config.eval_batch_size or config.batch_size,
             normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
+            keep_float32=keep_float32,
         )
     except cache_lib.DiskSpaceError as e:
         if config.get("cache", "off") == "on":
