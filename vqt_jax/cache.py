@@ -149,13 +149,12 @@ class Float32Rows:
     """
 
     start: int
-    stop: int
     arrays: dict[str, np.ndarray]
     images: np.ndarray
 
     @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values()) + self.images.nbytes
+    def stop(self) -> int:
+        return self.start + len(self.images)
 
 
 @dataclasses.dataclass
@@ -523,7 +522,7 @@ def build(
     kept = None
     if keep_float32 is not None:
         start, stop, _ = keep_float32.indices(n)
-        kept = Float32Rows(start, stop, {
+        kept = Float32Rows(start, {
             name: np.empty((stop - start, *shape), np.float32)
             for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
     try:
@@ -611,7 +610,8 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         return {k: out[k] for k in names} if kept else narrow(out)
 
     fn = forward_fn(forward, mesh)
-    cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
+    if kept:
+        cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
     for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
                                     sharding=batch_sharding):
