@@ -4,22 +4,22 @@
         [--b16_epochs 2] [--modes sequential,one,shared] [--workdir DIR]
     python experiments/sweep_speed.py --add_floor experiments/results/sweep_speed_demo.json
 
-For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid
-on train -> val, the selected point retrained with 5 seeds on train+val -> test) twice in this
-process, each in a fresh workdir: first every run on its own (`program='sequential'`, how the
-protocol ran before), then each stage's runs as one program (`program='one'`), then as one
-program with the seeds sharing seed 0's example order (`order_seed=0`: each seed keeps its own
-init and dropout; its program reads each cached batch once for all seeds). Each builds its own
-caches and compiles its own programs, so each time is the whole protocol: cache builds,
-training, evaluation. It reports the times and their ratios to the one-by-one time, whether
-the selection and the test top-1s are identical (with a shared order the seeds are other runs:
-it reports how far their test top-1s and mean move; `--modes` may leave that protocol out),
-and each time in *backbone-forward equivalents*: the time over that of one inference pass (the
-model's forward, images already in memory) over all the task's images (train + val + test),
-the floor any protocol that looks at every image must pay; and the *FLOP floor*: that pass
-plus the protocol's training arithmetic (XLA's count of a VQT step from the cache, times every
-run's steps) at the FLOP rate the pass reached (`--add_floor JSON` adds it to an earlier run's
-figures without timing anything).
+For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid on
+train -> val, the selected point retrained with 5 seeds on train+val -> test) twice or three times,
+each in a process of its own and a fresh workdir whose caches it removes when done (each protocol
+starts alone on the machine): first every run on its own (`program='sequential'`, how the protocol
+ran before), then each stage's runs as one program (`program='one'`), then as one program with the
+seeds sharing seed 0's example order (`order_seed=0`: each seed keeps its own init and dropout; its
+program reads each cached batch once for all seeds). Each builds its own caches and compiles its own
+programs, so each time is the whole protocol: cache builds, training, evaluation. It reports the
+times and their ratios to the one-by-one time, whether the selection and the test top-1s are
+identical (with a shared order the seeds are other runs: it reports how far their test top-1s and
+mean move; `--modes` may leave that protocol out), and each time in *backbone-forward equivalents*:
+the time over that of one inference pass (the model's forward, images already in memory) over all
+the task's images (train + val + test), the floor any protocol that looks at every image must pay;
+and the *FLOP floor*: that pass plus the protocol's training arithmetic (XLA's count of a VQT step
+from the cache, times every run's steps) at the FLOP rate the pass reached (`--add_floor JSON` adds
+it to an earlier run's figures without timing anything).
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -36,13 +36,17 @@ the script works, no figures).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -205,23 +209,19 @@ def with_floor(row: dict, config_fn, overrides: dict, forward_s: float | None = 
     return row
 
 
-def measure(name: str, config_fn, overrides: dict, workdir: str,
+def measure(name: str, epochs: int, workdir: str,
             modes: tuple[str, ...] = tuple(MODES)) -> dict:
-    """The protocols `modes` (sequential and one at least) of one setup, timed, compared, and
-    the forward pass."""
+    """The protocols `modes` (sequential and one at least) of setup `name`, timed, compared,
+    and the forward pass: each in a process of its own (`_in_fresh_process`)."""
+    config_fn, overrides = SETUPS[name](epochs, workdir)
     overrides = {**overrides, "compilation_cache_dir": ""}
-    out: dict = {"setup": name, "epochs": overrides["epochs"], "seeds": SEEDS}
+    out: dict = {"setup": name, "epochs": epochs, "seeds": SEEDS}
     # First (it is quick): the floor both protocols are measured against.
-    forward_s, images = forward_pass_seconds(config_fn, overrides)
+    forward_s, images = _in_fresh_process(timed_forward, name, epochs, workdir)
     results = {}
     for mode in modes:
-        program, extra = MODES[mode]
-        start = time.perf_counter()
-        results[mode] = protocol.run_sweep(
-            [TASK], os.path.join(workdir, name, mode), base_config_fn=config_fn,
-            method="vqt", num_seeds=SEEDS, overrides={**overrides, **extra},
-            task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
-        out[f"{mode}_s"] = round(time.perf_counter() - start, 1)
+        out[f"{mode}_s"], results[mode] = _in_fresh_process(
+            timed_sweep, name, epochs, workdir, mode)
     seq, one = results["sequential"], results["one"]
     grid = protocol.grid_for("vqt")
     out.update(
@@ -244,6 +244,39 @@ def measure(name: str, config_fn, overrides: dict, workdir: str,
     out.update(forward_pass_s=round(forward_s, 2), images=images, **{
         f"{mode}_forward_equivalents": round(out[f"{mode}_s"] / forward_s, 1) for mode in modes})
     return with_floor(out, config_fn, overrides, forward_s)
+
+
+def timed_forward(name: str, epochs: int, root: str) -> tuple[float, int]:
+    """`forward_pass_seconds` of setup `name`."""
+    config_fn, overrides = SETUPS[name](epochs, root)
+    return forward_pass_seconds(config_fn, {**overrides, "compilation_cache_dir": ""})
+
+
+def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, protocol.TaskResult]:
+    """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`; its
+    caches are removed afterwards (their pages would crowd the next protocol's out of the
+    host's memory)."""
+    config_fn, overrides = SETUPS[name](epochs, root)
+    program, extra = MODES[mode]
+    directory = os.path.join(root, name, mode)
+    start = time.perf_counter()
+    result = protocol.run_sweep(
+        [TASK], directory, base_config_fn=config_fn, method="vqt", num_seeds=SEEDS,
+        overrides={**overrides, **extra, "compilation_cache_dir": ""},
+        task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
+    seconds = round(time.perf_counter() - start, 1)
+    shutil.rmtree(os.path.join(directory, TASK, "cache"), ignore_errors=True)
+    return seconds, result
+
+
+def _in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` in a new Python process (spawned: nothing of this one's JAX state, memory
+    or compiled programs carries over), so that each protocol is timed alone, not after
+    another in the same process (ViT-B/16: the one program took 910 s after the sequential
+    protocol in one process, 793 s alone)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _selection(result: protocol.TaskResult) -> tuple:
@@ -313,8 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "shared")
         rows = []
         for name in names:
-            config_fn, overrides = SETUPS[name](epochs[name], workdir)
-            rows.append(measure(name, config_fn, overrides, workdir, modes))
+            rows.append(measure(name, epochs[name], workdir, modes))
             print(report(rows), flush=True)
             if args.json:
                 with open(args.json, "w") as f:
