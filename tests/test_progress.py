@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+from absl import logging as absl_logging
 
 from tests import train_utils
 from vqt_jax import cli, progress
@@ -79,9 +80,15 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
     monkeypatch.setattr(feature_heads, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data")
     caplog.set_level(logging.INFO)
-    code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
-                    f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
-                    "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
+    # absl's verbosity is process-wide: an earlier test in this worker may have lowered it.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
+                        f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
+                        "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
+    finally:
+        absl_logging.set_verbosity(verbosity)
     assert code == 0, capsys.readouterr().err
     messages = [r.getMessage() for r in caplog.records]
     assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
