@@ -214,8 +214,7 @@ def measure(name: str, epochs: int, workdir: str,
             modes: tuple[str, ...] = tuple(MODES)) -> dict:
     """The protocols `modes` (sequential and one at least) of setup `name`, timed, compared,
     and the forward pass: each in a process of its own (`_in_fresh_process`)."""
-    config_fn, overrides = SETUPS[name](epochs, workdir)
-    overrides = {**overrides, "compilation_cache_dir": ""}
+    config_fn, overrides = _setup(name, epochs, workdir)
     out: dict = {"setup": name, "epochs": epochs, "seeds": SEEDS}
     # First (it is quick): the floor both protocols are measured against.
     forward_s, images = _in_fresh_process(timed_forward, name, epochs, workdir)
@@ -247,23 +246,30 @@ def measure(name: str, epochs: int, workdir: str,
     return with_floor(out, config_fn, overrides, forward_s)
 
 
+def _setup(name: str, epochs: int, root: str) -> tuple[Callable, dict]:
+    """`SETUPS[name]` with persistent compilation caching off (each protocol pays its own
+    compilations). Each process calls it (a spawned one cannot be sent the config function);
+    its files are written once."""
+    config_fn, overrides = SETUPS[name](epochs, root)
+    return config_fn, {**overrides, "compilation_cache_dir": ""}
+
+
 def timed_forward(name: str, epochs: int, root: str) -> tuple[float, int]:
     """`forward_pass_seconds` of setup `name`."""
-    config_fn, overrides = SETUPS[name](epochs, root)
-    return forward_pass_seconds(config_fn, {**overrides, "compilation_cache_dir": ""})
+    return forward_pass_seconds(*_setup(name, epochs, root))
 
 
 def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, protocol.TaskResult]:
     """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`; its
     caches are removed afterwards (their pages would crowd the next protocol's out of the
     host's memory)."""
-    config_fn, overrides = SETUPS[name](epochs, root)
+    config_fn, overrides = _setup(name, epochs, root)
     program, extra = MODES[mode]
     directory = os.path.join(root, name, mode)
     start = time.perf_counter()
     result = protocol.run_sweep(
         [TASK], directory, base_config_fn=config_fn, method="vqt", num_seeds=SEEDS,
-        overrides={**overrides, **extra, "compilation_cache_dir": ""},
+        overrides={**overrides, **extra},
         task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
     seconds = round(time.perf_counter() - start, 1)
     shutil.rmtree(os.path.join(directory, TASK, "cache"), ignore_errors=True)
