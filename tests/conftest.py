@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 from tests import xla_env  # no jax: it only reads and writes XLA_FLAGS
 
 os.environ["XLA_FLAGS"] = xla_env.session_flags(os.environ.get("XLA_FLAGS", ""))
@@ -26,3 +28,15 @@ def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
     if _OWN_CACHE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+    """Each test starts at the verbosity the worker started with (absl's default, WARNING):
+    scripts' `main()` raise the process-wide verbosity to INFO, and a test whose assertions
+    read INFO records passed or failed by whether such a test ran before it in its worker."""
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    verbosity = absl_logging.get_verbosity()
+    yield
+    absl_logging.set_verbosity(verbosity)

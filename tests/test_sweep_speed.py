@@ -10,11 +10,15 @@ from vqt_jax.training import train
 sweep_speed = load_script("sweep_speed")
 
 
-def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tmp_path):
+# 2 s: a floor of about 2 s; 1 ms: one under 0.05 s, which rounds to 0 (a ratio over the
+# rounded floor would divide by zero: `--tiny`'s floor is that small).
+@pytest.mark.parametrize("forward_s", [2.0, 1e-3])
+def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tmp_path,
+                                                                              forward_s):
     config_fn, overrides = sweep_speed.tiny_config(2, str(tmp_path))
     # The tiny folder: 12 train, 6 val, 9 test images; batch 8, 2 epochs, the last batch of an
     # epoch partial: a grid run trains on train (2 steps an epoch), a seed on train+val (3).
-    row = sweep_speed.with_floor({"forward_pass_s": 2.0, "images": 27, "sequential_s": 100.0,
+    row = sweep_speed.with_floor({"forward_pass_s": forward_s, "images": 27, "sequential_s": 100.0,
                                   "one_s": 40.0}, config_fn, overrides)
     assert row["training_run_steps"] == 20 * 2 * 2 + 5 * 2 * 3
     plan = train.plan_run(sweep_speed.protocol.apply_overrides(config_fn("folder"), overrides),
@@ -24,7 +28,8 @@ def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tm
     per_step = costs.cached_step_flops(plan.model, variables,
                                        cache_lib.spec_for(plan.model, "kv", 1, 16), 8,
                                        method="vqt", optimizer="adam")
-    floor = 2.0 + 110 * per_step / (per_image * 27 / 2.0)
+    floor = forward_s + 110 * per_step / (per_image * 27 / forward_s)
     assert row["flop_floor_s"] == pytest.approx(floor, abs=0.05)
-    assert row["one_over_floor"] == pytest.approx(40.0 / floor, abs=0.006)
+    # Over the unrounded floor: rounding its ratio to 2 decimals is all that may differ.
+    assert row["one_over_floor"] == pytest.approx(40.0 / floor, rel=1e-4, abs=0.006)
     assert "shared_over_floor" not in row
