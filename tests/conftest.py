@@ -31,12 +31,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(autouse=True)
-def _absl_verbosity_restored():
-    """Each test starts at the verbosity the worker started with (absl's default, WARNING):
-    scripts' `main()` raise the process-wide verbosity to INFO, and a test whose assertions
-    read INFO records passed or failed by whether such a test ran before it in its worker."""
+def _absl_info():
+    """Every test runs at absl's INFO verbosity (what the scripts' `main()` set), restored
+    afterwards. absl's verbosity is process-wide and its default is WARNING, under which its
+    logger drops INFO records before caplog sees them once a verbosity was set: tests that
+    read INFO records passed or failed by which tests had run before them in their xdist
+    worker. Until something sets a verbosity absl's logger has no level of its own and follows
+    caplog's; afterwards it keeps the one set, so both are restored."""
     from absl import logging as absl_logging  # noqa: PLC0415
 
-    verbosity = absl_logging.get_verbosity()
+    logger = absl_logging.get_absl_logger()
+    verbosity, level = absl_logging.get_verbosity(), logger.level
+    absl_logging.set_verbosity(absl_logging.INFO)
     yield
     absl_logging.set_verbosity(verbosity)
+    logger.setLevel(level)

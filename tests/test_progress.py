@@ -80,15 +80,9 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
     monkeypatch.setattr(feature_heads, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data")
     caplog.set_level(logging.INFO)
-    # absl's verbosity is process-wide: an earlier test in this worker may have lowered it.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.INFO)
-    try:
-        code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
-                        f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
-                        "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
-    finally:
-        absl_logging.set_verbosity(verbosity)
+    code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
+                    f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
+                    "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
     assert code == 0, capsys.readouterr().err
     messages = [r.getMessage() for r in caplog.records]
     assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
@@ -107,7 +101,6 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
 def _remove_quiet_filter():
     """cli.run installs the filter on the absl logger: take it off again after each test."""
     yield
-    from absl import logging as absl_logging
 
     logger = absl_logging.get_absl_logger()
     for f in list(logger.filters):
