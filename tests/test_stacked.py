@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from tests import multihost, train_utils, xla_env
 from vqt_jax import export, methods, protocol
@@ -93,10 +94,14 @@ def sweeps(request, tmp_path_factory):
         loggers = [logging.getLogger(name) for name in ("jax", "absl")]
         for logger in loggers:
             logger.addHandler(handler)
+        # A module-scoped fixture runs before conftest's function-scoped `_absl_info`.
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
         try:
             with jax.log_compiles(True):
                 result, lines = sweep(base, root / mode, mode == "one")
         finally:
+            absl_logging.set_verbosity(verbosity)
             for logger in loggers:
                 logger.removeHandler(handler)
         out[mode] = (result, lines, handler.names, handler.evaluations)
