@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from tests import xla_env  # no jax: it only reads and writes XLA_FLAGS
+from tests import absl_verbosity, xla_env  # no jax: XLA_FLAGS is set below
 
 os.environ["XLA_FLAGS"] = xla_env.session_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,16 +33,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(autouse=True)
 def _absl_info():
     """Every test runs at absl's INFO verbosity (what the scripts' `main()` set), restored
-    afterwards. absl's verbosity is process-wide and its default is WARNING, under which its
-    logger drops INFO records before caplog sees them once a verbosity was set: tests that
-    read INFO records passed or failed by which tests had run before them in their xdist
-    worker. Until something sets a verbosity absl's logger has no level of its own and follows
-    caplog's; afterwards it keeps the one set, so both are restored."""
-    from absl import logging as absl_logging  # noqa: PLC0415
-
-    logger = absl_logging.get_absl_logger()
-    verbosity, level = absl_logging.get_verbosity(), logger.level
-    absl_logging.set_verbosity(absl_logging.INFO)
-    yield
-    absl_logging.set_verbosity(verbosity)
-    logger.setLevel(level)
+    afterwards: the verbosity is process-wide, and tests that read INFO records passed or
+    failed by which tests had run before them in their xdist worker."""
+    with absl_verbosity.info():
+        yield

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 
-from tests import multihost, train_utils, xla_env
+from tests import absl_verbosity, multihost, train_utils, xla_env
 from vqt_jax import export, methods, protocol
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training.train import train_and_evaluate
@@ -94,14 +93,11 @@ def sweeps(request, tmp_path_factory):
         loggers = [logging.getLogger(name) for name in ("jax", "absl")]
         for logger in loggers:
             logger.addHandler(handler)
-        # A module-scoped fixture runs before conftest's function-scoped `_absl_info`.
-        verbosity = absl_logging.get_verbosity()
-        absl_logging.set_verbosity(absl_logging.INFO)
         try:
-            with jax.log_compiles(True):
+            # A module-scoped fixture runs before conftest's function-scoped `_absl_info`.
+            with absl_verbosity.info(), jax.log_compiles(True):
                 result, lines = sweep(base, root / mode, mode == "one")
         finally:
-            absl_logging.set_verbosity(verbosity)
             for logger in loggers:
                 logger.removeHandler(handler)
         out[mode] = (result, lines, handler.names, handler.evaluations)
