@@ -251,12 +251,14 @@ def test_fingerprint_tracks_what_the_contents_depend_on(folder):
 
 
 def test_build_keeps_float32_rows_and_stores_the_same_cache(tmp_path):
-    """`build(keep_float32=)`: the stored cache is bit for bit the one built without it, and
-    the kept rows (straddling batches, the last one padded) are the float32 pass's outputs."""
+    """`build(keep_float32=)`: the stored cache is bit for bit the one built without it (its
+    first batch, which holds no kept row, from the narrow program; the others from the float32
+    one and a cast), and the kept rows (straddling batches, the last one padded) are the
+    float32 pass's outputs."""
     model = ViT(**TINY, num_queries=2)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
-    labels = np.arange(10) % 5
+    images = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(20) % 5
 
     def normalize(x):
         return data.normalize_array(x, "inception")
@@ -265,21 +267,21 @@ def test_build_keeps_float32_rows_and_stores_the_same_cache(tmp_path):
     mesh = train.make_mesh(8 if jax.device_count() >= 8 else 1)
 
     def build(dtype, path=None, keep=None):
-        spec = cache_lib.spec_for(model, "kv", 10, 16, dtype)
+        spec = cache_lib.spec_for(model, "kv", 20, 16, dtype)
         return cache_lib.build(spec, model, variables, images, labels, mesh=mesh, batch_size=8,
                                normalize=normalize, path=path, keep_float32=keep)
 
     plain = build("bfloat16", str(tmp_path / "plain"))
-    kept = build("bfloat16", str(tmp_path / "kept"), slice(6, 10))
+    kept = build("bfloat16", str(tmp_path / "kept"), slice(10, 20))
     wide = build("float32")
-    assert plain.float32 is None and (kept.float32.start, kept.float32.stop) == (6, 10)
-    np.testing.assert_array_equal(kept.float32.images, images[6:10])
+    assert plain.float32 is None and (kept.float32.start, kept.float32.stop) == (10, 20)
+    np.testing.assert_array_equal(kept.float32.images, images[10:20])
     for name, array in plain.arrays.items():
         bits = [np.asarray(a).view(np.uint8) for a in (array, kept.arrays[name])]
         np.testing.assert_array_equal(bits[0], bits[1], err_msg=name)
         assert kept.float32.arrays[name].dtype == np.float32
-        np.testing.assert_array_equal(kept.float32.arrays[name], wide.arrays[name][6:10],
+        np.testing.assert_array_equal(kept.float32.arrays[name], wide.arrays[name][10:20],
                                       err_msg=name)
     # Not vacuous: the float32 outputs are not what the bfloat16 cache holds.
-    assert not np.array_equal(kept.float32.arrays["k"], np.asarray(kept.arrays["k"][6:10],
+    assert not np.array_equal(kept.float32.arrays["k"], np.asarray(kept.arrays["k"][10:20],
                                                                     np.float32))

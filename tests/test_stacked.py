@@ -206,8 +206,11 @@ def test_a_killed_stage_resumes_to_the_same_numbers(sweeps, tmp_path, monkeypatc
             "resuming from step 4") in lines
     for resumed, a, b in paired_results(run_dirs(tmp_path.parent, tmp_path.name),
                                         run_dirs(root, "one")):
-        assert (a["train_loss"], a["eval_loss"], a["top1"]) == (
-            b["train_loss"], b["eval_loss"], b["top1"]), resumed
+        assert (a["train_loss"], a["top1"]) == (b["train_loss"], b["top1"]), resumed
+        # The resumed stage reopens the cache, which holds no float32 val rows: its evaluation
+        # runs the backbone, the uninterrupted one read the rows its cache build kept (the
+        # same values, another program: equal to float rounding, as with the runs one by one).
+        assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-5, abs_tol=1e-6), resumed
 
 
 def tiny_configs(method: str = "vqt", n: int = 2, **fields):

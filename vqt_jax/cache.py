@@ -605,27 +605,33 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
 
     def forward(v, x):
         out = model.apply(v, x, method=ViT.cache_features)
-        # Keeping float32 rows: the narrowing is a program of its own (the same XLA convert
-        # on the same values), so that both widths come from one backbone pass.
-        return {k: out[k] for k in names} if kept else narrow(out)
+        return {k: out[k] for k in names}
 
-    fn = forward_fn(forward, mesh)
+    fn = forward_fn(lambda v, x: narrow(forward(v, x)), mesh)
     if kept:
+        # A batch that holds kept rows gets the float32 outputs, and its narrowing is a program
+        # of its own (the same XLA convert on the same values), so both widths come from one
+        # backbone pass. Every other batch takes the narrow program: its float32 outputs (twice
+        # the bytes) would only be written to be cast.
+        wide_fn = forward_fn(forward, mesh)
         cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
     for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
                                     sharding=batch_sharding):
         x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
-        wide = fn(variables, x)
-        out = fetch_rows(cast(wide) if kept else wide)
         count = rows.stop - rows.start  # the padding is not stored
-        for name in names:
-            arrays[name][rows] = out[name][:count]
-        if kept and (lo := max(rows.start, kept.start)) < (hi := min(rows.stop, kept.stop)):
+        lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
+        if lo < hi:
+            wide = wide_fn(variables, x)
+            out = fetch_rows(cast(wide))
             wide = fetch_rows(wide)
             for name in names:
                 kept.arrays[name][lo - kept.start:hi - kept.start] = \
                     wide[name][lo - rows.start:hi - rows.start]
+        else:
+            out = fetch_rows(fn(variables, x))
+        for name in names:
+            arrays[name][rows] = out[name][:count]
         progress.update(count)
     progress.done()
 

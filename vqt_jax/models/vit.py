@@ -860,6 +860,9 @@ class ViT(nn.Module):
     def _from_cache(self, encoder: Encoder, cached: dict, q: Array | None) -> dict[str, Array]:
         if "pre_logits" in cached:
             return {"pre_logits": cached["pre_logits"]}
+        if "queries" in cached:  # the query path ran elsewhere (several query sets as one)
+            return {"queries": cached["queries"],
+                    "pre_logits": self.head_input(cached["cls"], cached["queries"])}
         if q is None:
             raise ValueError("A key/value cache is only useful with query tokens "
                              "(num_queries > 0)")
@@ -1019,7 +1022,12 @@ class ViT(nn.Module):
         return out["logits"] if self.num_classes else out["pre_logits"]
 
     def features_from_cache(self, cached: dict[str, Array]) -> dict[str, Array]:
-        """`pre_logits` (and `queries` for a key/value cache) from cached features, eval mode."""
+        """`pre_logits` (and `queries` for a key/value cache) from cached features, eval mode.
+
+        `cached` may also be {'cls', 'queries'}: the final feature and the query outputs
+        [B, M, T, D], computed elsewhere (e.g. by one model whose query tokens are several
+        query sets' together); the head then reads them.
+        """
         return self._forward(None, False, cached=cached)
 
     def __call__(self, images: Array, train: bool = False) -> Array:

@@ -268,29 +268,62 @@ def fits(compiled: Any, mesh) -> str | None:
     return None
 
 
+# A member whose trainable leaves are these (VQT's) differs from the others only in its query
+# tokens and head, so the members' query sets can run as one (`_eval_fn`).
+_QUERY_SET = frozenset({"queries/tokens", "params/head/kernel", "params/head/bias"})
+
+
 def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: bool):
     """fn(variables0, trainables, frozen, batch) -> per-example outputs of every member: one
-    backbone pass (`ViT.cache_features`) over the batch's images, or its outputs given in the
-    batch (`from_cache`), then each member's query path and head on them."""
+    backbone pass over the batch's images, or its outputs given in the batch (`from_cache`),
+    and each member's query path and head.
+
+    VQT's members (`_QUERY_SET`) run their query sets as one: a query token attends to the
+    ordinary tokens' keys and values, never to another query token, and every other step of
+    the query path acts on each token alone, so S members' T tokens are one model's S x T
+    tokens. Their query path then runs inside the backbone pass, layer by layer, reading each
+    layer's keys and values once for all members (a vmap of each member's query path over the
+    pass's outputs read them S times, and kept every layer's in memory for them: 1.3x the
+    forward's time on ViT-B/16). Each member's head then reads its own tokens' outputs.
+    Other methods' members each run their head on the pass's outputs (`ViT.cache_features`).
+    """
     model = setup.plan.model
 
+    def heads(trainables, frozen, inputs, per_member=None):
+        """Each member's `features_from_cache` on `inputs`, with its [B, M, T, D] slice of
+        `per_member` as the query outputs."""
+        def member(trainable, queries):
+            extra = {} if queries is None else {"queries": queries}
+            return model.apply(trainable_lib.merge(trainable, frozen), {**inputs, **extra},
+                               method=ViT.features_from_cache)
+
+        return jax.vmap(member)(trainables, per_member)
+
     def fn(variables0, trainables, frozen, batch):
-        feats = batch if from_cache else model.apply(variables0, batch["image"],
-                                                     method=ViT.cache_features)
-        inputs = {k: feats[k] for k in fields}
-
-        def member(trainable):
-            out = model.apply(trainable_lib.merge(trainable, frozen), inputs,
-                              method=ViT.features_from_cache)
-            kept = train.example_outcomes(out["logits"], batch)
-            if keep_features:
-                kept["pre_logits"] = out["pre_logits"]
-            return kept
-
-        out = jax.vmap(member)(trainables)
+        if set(trainables) == _QUERY_SET:
+            tokens = trainables["queries/tokens"]  # [S, M, T, D]
+            s, m, t, d = tokens.shape
+            joint = model.clone(num_queries=s * t, num_classes=0)
+            variables = trainable_lib.merge(
+                {"queries/tokens": jnp.moveaxis(tokens, 0, 1).reshape(m, s * t, d)}, frozen)
+            if from_cache:
+                feats = batch
+                out = joint.apply(variables, {k: batch[k] for k in ("k", "v", "cls")},
+                                  method=ViT.features_from_cache)
+            else:
+                feats = out = joint.apply(variables, batch["image"], method=ViT.features,
+                                          keep_blocks=False)
+            q = out["queries"]  # [B, M, S*T, D], member-major
+            per_member = jnp.moveaxis(q.reshape(q.shape[0], m, s, t, d), 2, 0)
+            outs = heads(trainables, frozen, {"cls": feats["cls"]}, per_member)
+        else:
+            feats = batch if from_cache else model.apply(variables0, batch["image"],
+                                                         method=ViT.cache_features)
+            outs = heads(trainables, frozen, {k: feats[k] for k in fields})
+        out = jax.vmap(lambda o: train.example_outcomes(o, batch))(outs["logits"])
         out.update(count=batch["mask"], label=batch["label"])
         if keep_features:
-            out.update({k: feats[k] for k in ("cls", "pooled")})
+            out.update(pre_logits=outs["pre_logits"], cls=feats["cls"], pooled=feats["pooled"])
         return out
 
     mesh = setup.plan.mesh
@@ -519,6 +552,9 @@ def _run_group(members: list[Member], may_diverge: bool,
         progress.done()
         manager.close()
 
+        # The device-resident cache (host memory on a CPU) is not read again: freed before the
+        # evaluation's backbone pass needs the memory.
+        del stepper, dcache
         wanted = feature_heads.wanted(config)
         metrics, evals = _evaluate(setup, state.trainable, wanted)
         out: list[dict | FloatingPointError] = []
