@@ -282,9 +282,9 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
     ordinary tokens' keys and values, never to another query token, and every other step of
     the query path acts on each token alone, so S members' T tokens are one model's S x T
     tokens. Their query path then runs inside the backbone pass, layer by layer, reading each
-    layer's keys and values once for all members (a vmap of each member's query path over the
-    pass's outputs read them S times, and kept every layer's in memory for them: 1.3x the
-    forward's time on ViT-B/16). Each member's head then reads its own tokens' outputs.
+    layer's keys and values once for all members, while they are fresh (a vmap of each
+    member's query path over the pass's outputs had the pass keep every layer's keys and
+    values, and read them S times). Each member's head then reads its own tokens' outputs.
     Other methods' members each run their head on the pass's outputs (`ViT.cache_features`).
     """
     model = setup.plan.model
