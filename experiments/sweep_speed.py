@@ -122,8 +122,9 @@ SETUPS = {"demo": demo_config, "b16": b16_config, "tiny": tiny_config}
 
 def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     """(seconds of one inference pass over the task's train, val and test images, images):
-    the model's forward over batches already normalised in memory, after one batch that
-    compiles; the median of 2 passes, or one pass when it takes over a minute (ViT-B/16 at
+    the model's forward over batches already normalised in memory (train and val as the
+    cache's pass batches them, test as evaluation does), after a batch of each shape (they
+    compile); the median of 2 passes, or one pass when it takes over a minute (ViT-B/16 at
     224 on a CPU: a pass is many minutes, and its noise is small)."""
     import jax  # noqa: PLC0415
     from jax.sharding import NamedSharding  # noqa: PLC0415
@@ -145,7 +146,8 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
                                          protocol.round_resized(config))[0]
     batches = [{"image": data.normalize_array(local["image"], norm)} for _, local in
                cache_lib.host_batches(len(train_val), batch, lambda sl: {
-                   "image": train_val[sl]}, sharding=sharding)]
+                   "image": train_val[sl]}, sharding=sharding,
+                   last_multiple=plan.mesh.shape["data"])]
     batches += [{"image": b["image"]} for b in train.eval_batches(config, plan.mesh)]
     batches = [steppers.global_batch(b, sharding)["image"] for b in batches]
     fn = cache_lib.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
@@ -153,7 +155,8 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     def run_pass() -> None:
         jax.block_until_ready([fn(variables, x) for x in batches])
 
-    jax.block_until_ready(fn(variables, batches[0]))  # compiles
+    for x in {x.shape: x for x in batches}.values():  # compiles each batch shape
+        jax.block_until_ready(fn(variables, x))
     times = []
     while len(times) < 2 and (not times or times[0] < 60):
         t = time.perf_counter()

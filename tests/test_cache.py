@@ -285,3 +285,55 @@ def test_build_keeps_float32_rows_and_stores_the_same_cache(tmp_path):
     # Not vacuous: the float32 outputs are not what the bfloat16 cache holds.
     assert not np.array_equal(kept.float32.arrays["k"], np.asarray(kept.arrays["k"][10:20],
                                                                     np.float32))
+
+
+def test_host_batches_pad_the_last_batch_to_a_multiple():
+    """`last_multiple`: the last global batch is padded only to the next multiple (not to the
+    batch size), and each host's slice follows that batch's own size."""
+    mesh = train.make_mesh(2 if jax.device_count() >= 2 else 1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    values = np.arange(21)
+    out = list(cache_lib.host_batches(21, 8, lambda sl: {"x": values[sl]}, sharding=sharding,
+                                      last_multiple=mesh.shape["data"]))
+    last = 6 if mesh.shape["data"] == 2 else 5
+    assert [len(b["x"]) for _, b in out] == [8, 8, last]
+    assert [(r.start, r.stop) for r, _ in out] == [(0, 8), (8, 16), (16, 21)]
+    np.testing.assert_array_equal(out[-1][1]["x"][:5], values[16:])
+    np.testing.assert_array_equal(out[-1][1]["mask"], np.arange(last) < 5)
+    # Without it, the last batch is padded to the batch size.
+    full = list(cache_lib.host_batches(21, 8, lambda sl: {"x": values[sl]}, sharding=sharding))
+    assert [len(b["x"]) for _, b in full] == [8, 8, 8]
+
+
+def test_build_pads_its_last_batch_only_to_the_device_count(monkeypatch):
+    """The cache's backbone pass runs its last batch at the smallest size the devices take,
+    not at the batch size (no rows of padding computed beyond that), and stores every row's
+    outputs."""
+    model = ViT(**TINY, num_queries=2)
+    images = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+
+    def normalize(x):
+        return data.normalize_array(x, "inception")
+
+    variables = _randomized(model, normalize(images[:1]))
+    mesh = train.make_mesh(2 if jax.device_count() >= 2 else 1)
+    sizes = []
+    forward_fn = cache_lib.forward_fn
+
+    def recording(fn, mesh):
+        jitted = forward_fn(fn, mesh)
+
+        def call(v, x):
+            sizes.append(x.shape[0])
+            return jitted(v, x)
+
+        return call
+
+    monkeypatch.setattr(cache_lib, "forward_fn", recording)
+    spec = cache_lib.spec_for(model, "kv", 20, 16, "float32")
+    cache = cache_lib.build(spec, model, variables, images, np.arange(20) % 5, mesh=mesh,
+                            batch_size=8, normalize=normalize)
+    assert sizes == [8, 8, 4]
+    want = _cached_batch(model, variables, normalize(images))
+    for name in ("k", "v", "cls"):
+        np.testing.assert_allclose(cache.arrays[name], want[name], atol=1e-5, err_msg=name)

@@ -617,7 +617,7 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
     for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
-                                    sharding=batch_sharding):
+                                    sharding=batch_sharding, last_multiple=mesh.shape["data"]):
         x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
         count = rows.stop - rows.start  # the padding is not stored
         lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
@@ -663,7 +663,7 @@ def fetch_rows(tree: Any) -> Any:
 
 def host_batches(
     num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,
-    sharding: jax.sharding.Sharding | None = None,
+    sharding: jax.sharding.Sharding | None = None, last_multiple: int | None = None,
 ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
     """One pass over rows [0, num_rows) in global batches, for every host alike.
 
@@ -673,21 +673,26 @@ def host_batches(
       get: rows -> {name: array whose first axis is those rows}.
       sharding: the batches' sharding: this host's slice is the slots its devices hold
         (`sampling.host_rows`); default: host i takes the i-th of equal slices.
+      last_multiple: pad the last batch only to a multiple of this (a divisor of
+        `batch_size` that the batch's devices divide), not to `batch_size`: a pass whose
+        program may compile once more for that shape, rather than compute up to
+        `batch_size - 1` rows of padding (a tenth of a 1200-row pass at batch 128).
 
     Yields:
       (the rows of the global batch, this host's slice of it). The last batch is padded with
-      zeros to `batch_size`; the slice also holds 'mask' (1 for real rows, 0 for padding).
+      zeros to `batch_size` (or to `last_multiple`'s next multiple); the slice also holds
+      'mask' (1 for real rows, 0 for padding).
     """
-    if sharding is not None:
-        mine = sampling.host_rows(sharding, batch_size)
-    else:
-        mine = sampling.process_rows(batch_size)
     for start in range(0, num_rows, batch_size):
         rows = slice(start, min(start + batch_size, num_rows))
         count = rows.stop - rows.start
-        batch = {k: np.concatenate([v, np.zeros((batch_size - count, *v.shape[1:]), v.dtype)])
+        size = batch_size if not last_multiple else min(
+            batch_size, -(-count // last_multiple) * last_multiple)
+        mine = (sampling.host_rows(sharding, size) if sharding is not None
+                else sampling.process_rows(size))
+        batch = {k: np.concatenate([v, np.zeros((size - count, *v.shape[1:]), v.dtype)])
                  for k, v in get(rows).items()}
-        batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
+        batch["mask"] = (np.arange(size) < count).astype(np.float32)
         yield rows, {k: v[mine] for k, v in batch.items()}
 
 
