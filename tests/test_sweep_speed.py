@@ -33,3 +33,27 @@ def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tm
     # Over the unrounded floor: rounding its ratio to 2 decimals is all that may differ.
     assert row["one_over_floor"] == pytest.approx(40.0 / floor, abs=0.006)
     assert "shared_over_floor" not in row
+
+
+@pytest.mark.parametrize("before_after", [(10.0, 8.0), (8.0, 10.0)])
+def test_the_faster_of_the_forward_passes_before_and_after_the_protocols_counts(
+        monkeypatch, tmp_path, before_after):
+    """measure() times the forward pass before and after the protocols (the machine's speed
+    drifts) and divides by the faster, whichever comes first; the processes are stand-ins."""
+    import types  # noqa: PLC0415
+
+    forwards = list(before_after)
+    result = types.SimpleNamespace(lr=0.1, wd=0.0, val_top1=0.5, test_top1=(0.4,) * 5)
+
+    def in_fresh_process(fn, *args):
+        if fn is sweep_speed.timed_forward:
+            return forwards.pop(0), 27
+        return {"sequential": 40.0, "one": 8.0}[args[-1]], result
+
+    monkeypatch.setattr(sweep_speed, "_in_fresh_process", in_fresh_process)
+    monkeypatch.setattr(sweep_speed, "with_floor", lambda row, *a: row)
+    row = sweep_speed.measure("tiny", 2, str(tmp_path), ("sequential", "one"))
+    assert not forwards  # both passes were timed
+    assert row["forward_pass_before_after_s"] == list(before_after)
+    assert row["forward_pass_s"] == 8.0
+    assert (row["sequential_forward_equivalents"], row["one_forward_equivalents"]) == (5.0, 1.0)
