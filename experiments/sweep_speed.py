@@ -20,7 +20,11 @@ the task's images (train + val + test), the floor any protocol that looks at eve
 (timed in a process of its own before and after the protocols; the faster counts);
 and the *FLOP floor*: that pass plus the protocol's training arithmetic (XLA's count of a VQT step
 from the cache, times every run's steps) at the FLOP rate the pass reached (`--add_floor JSON` adds
-it to an earlier run's figures without timing anything).
+it to an earlier run's figures without timing them again). With it, the *matmul floor*: all that
+arithmetic at the best rate this machine's XLA reaches on a bare float32 matmul (`matmul_gflop_s`,
+timed in a process of its own), and the most any protocol could gain over the runs one by one
+(`max_ratio`): nothing of a real program (elementwise work, attention, gathers, compilation,
+input, writing) runs that fast, so it bounds every ratio from above.
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -199,19 +203,61 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
             "forward_gflop_s": round(rate / 1e9, 1),
             "run_step_gflops": round(per_step / 1e9, 3), "training_run_steps": run_steps,
             "training_tflops": round(run_steps * per_step / 1e12, 2),
-            "flop_floor_s": floor_s}
+            "flop_floor_s": floor_s, "flops": per_image * images + run_steps * per_step}
 
 
 def with_floor(row: dict, config_fn, overrides: dict, forward_s: float | None = None) -> dict:
     """`row` (a setup's figures) with its FLOP floor (`flop_floor`, from its own forward pass:
-    `forward_s`, or the one it recorded) and each protocol's time over it."""
+    `forward_s`, or the one it recorded) and each protocol's time over it; and, where the row
+    has `matmul_gflop_s`, its matmul floor and `max_ratio` (the module's docstring)."""
     row = {**row, **flop_floor(config_fn, overrides, forward_s or row["forward_pass_s"],
                                row["images"])}
     for mode in MODES:  # over the unrounded floor (--tiny's is well under 0.1 s)
         if f"{mode}_s" in row:
             row[f"{mode}_over_floor"] = round(row[f"{mode}_s"] / row["flop_floor_s"], 2)
     row["flop_floor_s"] = round(row["flop_floor_s"], 1)
+    flops = row.pop("flops")  # the pass's and the training's, unrounded
+    if row.get("matmul_gflop_s"):
+        matmul_floor = flops / (row["matmul_gflop_s"] * 1e9)
+        row["matmul_floor_s"] = round(matmul_floor, 1)
+        row["max_ratio"] = round(row["sequential_s"] / matmul_floor, 2)
     return row
+
+
+def matmul_gflop_s(width: int, mlp_dim: int, rows: int, repeats: int = 10,
+                   square: int = 4096) -> float:
+    """The best float32 matmul rate XLA reaches on this machine, in GFLOP/s: the fastest of
+    the query path's two MLP matmuls at `rows` rows ([rows, width] x [width, mlp_dim] and
+    [rows, mlp_dim] x [mlp_dim, width]: a grid step's, every member's batch together) and a
+    `square`^3 one, each the median of `repeats` runs after one that compiles."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    rates = []
+    for m, k, n in ((rows, width, mlp_dim), (rows, mlp_dim, width), (square,) * 3):
+        x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        fn = jax.jit(jnp.matmul)
+        jax.block_until_ready(fn(x, w))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x, w))
+            times.append(time.perf_counter() - t)
+        rates.append(2 * m * k * n / statistics.median(times) / 1e9)
+    return max(rates)
+
+
+def timed_matmuls(name: str, epochs: int, root: str) -> float:
+    """`matmul_gflop_s` at setup `name`'s width and MLP, at the rows of its grid's step."""
+    from vqt_jax.training import train  # noqa: PLC0415
+
+    config_fn, overrides = _setup(name, epochs, root)
+    plan = train.plan_run(protocol.apply_overrides(config_fn(TASK), overrides), None)
+    grid = protocol.grid_for(plan.config.method)
+    members = len(grid.base_lrs) * len(grid.wds)
+    model = plan.model
+    return round(matmul_gflop_s(model.width, model.mlp_dim or 4 * model.width,
+                                members * plan.config.batch_size), 1)
 
 
 def measure(name: str, epochs: int, workdir: str,
@@ -230,6 +276,7 @@ def measure(name: str, epochs: int, workdir: str,
             timed_sweep, name, epochs, workdir, mode)
     last, _ = _in_fresh_process(timed_forward, name, epochs, workdir)
     forward_s = min(first, last)
+    out["matmul_gflop_s"] = _in_fresh_process(timed_matmuls, name, epochs, workdir)
     seq, one = results["sequential"], results["one"]
     grid = protocol.grid_for("vqt")
     out.update(
@@ -303,8 +350,9 @@ def report(rows: list[dict]) -> str:
     lines = ["| setup | epochs | one by one | one program (ratio) | identical selection / "
              "test | one program, shared order (ratio) | its test mean / largest change | "
              "forward pass (all images) | in forwards: one by one / one / shared | "
-             "FLOP floor (training) | one program / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FLOP floor (training) | one program / floor | matmul floor (most any protocol "
+             "could gain) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shared = ("not run", "not run", "-")
         if "shared_s" in r:
@@ -320,7 +368,9 @@ def report(rows: list[dict]) -> str:
             f"{r['forward_pass_s']:.1f} s ({r['images']} images) | "
             f"{r['sequential_forward_equivalents']:.0f} / {r['one_forward_equivalents']:.1f} / "
             f"{shared[2]} | {r['flop_floor_s']:.0f} s ({r['training_tflops']:.1f} TFLOP) | "
-            f"{r['one_over_floor']:.2f}x |")
+            f"{r['one_over_floor']:.2f}x | " + (
+                f"{r['matmul_floor_s']:.0f} s at {r['matmul_gflop_s']:.0f} GFLOP/s "
+                f"({r['max_ratio']:.1f}x) |" if "max_ratio" in r else "not timed |"))
     return "\n".join(lines)
 
 
@@ -337,7 +387,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--add_floor", metavar="JSON",
                    help="only add the FLOP floor (`flop_floor`) to the setups of an earlier "
-                   "run's JSON, from the forward pass it measured (nothing is timed)")
+                   "run's JSON, from the forward pass it measured (nothing of the protocols "
+                   "is timed; the matmul rate is, where the JSON lacks it)")
     return p
 
 
@@ -371,9 +422,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def add_floor(path: str, workdir: str) -> list[dict]:
-    """`--add_floor`: the JSON at `path` with each setup's FLOP floor added (rewritten whole)."""
+    """`--add_floor`: the JSON at `path` with each setup's FLOP floor added (rewritten whole),
+    and its matmul rate timed (in a process of its own) where the JSON lacks it."""
     with open(path) as f:
         rows = json.load(f)
+    for r in rows:
+        if "matmul_gflop_s" not in r:
+            r["matmul_gflop_s"] = _in_fresh_process(timed_matmuls, r["setup"], r["epochs"],
+                                                    workdir)
     rows = [with_floor(r, *SETUPS[r["setup"]](r["epochs"], workdir)) for r in rows]
     print(report(rows), flush=True)
     with open(path + ".tmp", "w") as f:

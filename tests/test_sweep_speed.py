@@ -19,7 +19,7 @@ def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tm
     # The tiny folder: 12 train, 6 val, 9 test images; batch 8, 2 epochs, the last batch of an
     # epoch partial: a grid run trains on train (2 steps an epoch), a seed on train+val (3).
     row = sweep_speed.with_floor({"forward_pass_s": forward_s, "images": 27, "sequential_s": 100.0,
-                                  "one_s": 40.0}, config_fn, overrides)
+                                  "one_s": 40.0, "matmul_gflop_s": 0.01}, config_fn, overrides)
     assert row["training_run_steps"] == 20 * 2 * 2 + 5 * 2 * 3
     plan = train.plan_run(sweep_speed.protocol.apply_overrides(config_fn("folder"), overrides),
                           None)
@@ -33,6 +33,11 @@ def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tm
     # Over the unrounded floor: rounding its ratio to 2 decimals is all that may differ.
     assert row["one_over_floor"] == pytest.approx(40.0 / floor, abs=0.006)
     assert "shared_over_floor" not in row
+    # The matmul floor: the pass's and the training's arithmetic at the bare matmul rate.
+    matmul_floor = (per_image * 27 + 110 * per_step) / 0.01e9
+    assert row["matmul_floor_s"] == pytest.approx(matmul_floor, abs=0.05)
+    assert row["max_ratio"] == pytest.approx(100.0 / matmul_floor, rel=0.01)
+    assert "flops" not in row
 
 
 @pytest.mark.parametrize("before_after", [(10.0, 8.0), (8.0, 10.0)])
@@ -48,6 +53,8 @@ def test_the_faster_of_the_forward_passes_before_and_after_the_protocols_counts(
     def in_fresh_process(fn, *args):
         if fn is sweep_speed.timed_forward:
             return forwards.pop(0), 27
+        if fn is sweep_speed.timed_matmuls:
+            return 150.0
         return {"sequential": 40.0, "one": 8.0}[args[-1]], result
 
     monkeypatch.setattr(sweep_speed, "_in_fresh_process", in_fresh_process)
@@ -56,4 +63,11 @@ def test_the_faster_of_the_forward_passes_before_and_after_the_protocols_counts(
     assert not forwards  # both passes were timed
     assert row["forward_pass_before_after_s"] == list(before_after)
     assert row["forward_pass_s"] == 8.0
+    assert row["matmul_gflop_s"] == 150.0
     assert (row["sequential_forward_equivalents"], row["one_forward_equivalents"]) == (5.0, 1.0)
+
+
+def test_the_matmul_rate_is_a_positive_rate():
+    """matmul_gflop_s times real matmuls (here tiny ones) and gives a rate in GFLOP/s."""
+    rate = sweep_speed.matmul_gflop_s(8, 32, 16, repeats=3, square=32)
+    assert 0 < rate < 1e5
