@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vqt_jax import cache as cache_lib  # noqa: E402
 from vqt_jax import costs, device_cache  # noqa: E402
 from vqt_jax.models import create_model  # noqa: E402
+from vqt_jax.timing import median_seconds  # noqa: E402
 from vqt_jax.training import optim, steppers, train_step  # noqa: E402
 from vqt_jax.training import trainable as trainable_lib  # noqa: E402
 from vqt_jax.training.mesh import make_mesh  # noqa: E402
@@ -80,17 +80,6 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
         if name.lower() in device_kind.lower():
             return peaks.get(dtype)
     return None
-
-
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of `fn()` (which returns something to wait for), after one warm-up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def memory(compiled) -> dict[str, int]:
@@ -196,7 +185,7 @@ def forward(bench: Bench, dtype: str, repeats: int, flops: float) -> dict[str, A
     fn = jax.jit(lambda v, x: model.apply(v, x), in_shardings=(bench.replicated, bench.sharded))
     compiled = fn.lower(bench.variables, bench.images).compile()
     x = bench.image_batch()["image"]
-    seconds = median_time(lambda: compiled(bench.variables, x), repeats)
+    seconds = median_seconds(lambda: compiled(bench.variables, x), repeats)
     achieved = flops * bench.batch / seconds
     out: dict[str, Any] = {"img_s": bench.batch / seconds, "step_s": seconds,
                            "gflops_per_image": flops / 1e9, "achieved_tflop_s": achieved / 1e12}
@@ -220,9 +209,9 @@ def uncached(bench: Bench, repeats: int, epoch_steps: int) -> dict[str, float]:
             loss = one()
         return loss
 
-    seconds = median_time(one, repeats)
+    seconds = median_seconds(one, repeats)
     return {"step_img_s": bench.batch / seconds, "step_s": seconds,
-            "epoch_s": median_time(epoch, max(1, repeats // 4))}
+            "epoch_s": median_seconds(epoch, max(1, repeats // 4))}
 
 
 def random_cache(bench: Bench, num_examples: int, cache_dtype: str):
@@ -283,8 +272,8 @@ def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
     """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
     cache, fields, spec = random_cache(bench, num_examples, cache_dtype)
     run = one_run(bench, cache, fields, bench.batch, epoch_steps)
-    step_s = median_time(run(1), repeats)
-    epoch_s = median_time(run(epoch_steps), max(1, repeats // 4))
+    step_s = median_seconds(run(1), repeats)
+    epoch_s = median_seconds(run(epoch_steps), max(1, repeats // 4))
     return {"step_img_s": bench.batch / step_s, "step_s": step_s, "epoch_s": epoch_s,
             "cache_bytes": spec.nbytes, "cache_dtype": cache_dtype}
 
@@ -296,7 +285,7 @@ def first_and_median(name: str, build: Callable[[], Callable[[int], Callable[[],
     t = time.perf_counter()
     run = build()
     jax.block_until_ready(run(steps)())
-    out = {"first_epoch_s": time.perf_counter() - t, "epoch_s": median_time(run(steps), repeats)}
+    out = {"first_epoch_s": time.perf_counter() - t, "epoch_s": median_seconds(run(steps), repeats)}
     print(f"  {name}: first epoch {out['first_epoch_s']:.2f} s, then {out['epoch_s']:.4f} s",
           file=sys.stderr, flush=True)
     return out

@@ -37,8 +37,6 @@ import ast
 import dataclasses
 import importlib.util
 import json
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ import optax
 
 from vqt_jax import methods
 from vqt_jax.models import ViT, create_model
+from vqt_jax.timing import median_seconds
 from vqt_jax.training import optim, train_step
 from vqt_jax.training import trainable as trainable_lib
 
@@ -195,13 +194,7 @@ def median_step_seconds(compiled, args: tuple, reps: int, is_train: bool) -> flo
         if is_train:  # donated buffers: continue from the step's outputs
             args[0], args[1] = out[0], out[1]
 
-    call()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(call, reps)
 
 
 def stash_bytes(model, image_size: int, bytes_per_number: int) -> int:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +56,10 @@ def write_exports(root: str, tasks: int, image_size: int, model: dict) -> list[s
     return paths
 
 
-def _median_seconds(fn, reps: int) -> float:
-    fn()  # compiles
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(paths: list[str], batch: int, image_size: int, reps: int) -> dict:
     """The three timings (seconds per image) and their ratios to one task."""
     from vqt_jax import serving  # noqa: PLC0415
+    from vqt_jax.timing import median_seconds  # noqa: PLC0415
 
     images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype(
         np.float32)
@@ -83,9 +72,9 @@ def measure(paths: list[str], batch: int, image_size: int, reps: int) -> dict:
         np.testing.assert_allclose(shared[name], p.logits(images)[p.names[0]], rtol=1e-5,
                                    atol=1e-5)
     out = {"tasks": len(paths), "batch": batch, "image_size": image_size, "reps": reps}
-    out["one_task_s_per_image"] = _median_seconds(lambda: one.logits(images), reps) / batch
-    out["one_pass_s_per_image"] = _median_seconds(lambda: together.logits(images), reps) / batch
-    out["one_after_another_s_per_image"] = _median_seconds(
+    out["one_task_s_per_image"] = median_seconds(lambda: one.logits(images), reps) / batch
+    out["one_pass_s_per_image"] = median_seconds(lambda: together.logits(images), reps) / batch
+    out["one_after_another_s_per_image"] = median_seconds(
         lambda: [p.logits(images) for p in alone], reps) / batch
     for k in ("one_pass", "one_after_another"):
         out[f"{k}_ratio"] = round(out[f"{k}_s_per_image"] / out["one_task_s_per_image"], 3)

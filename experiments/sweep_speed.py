@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -233,17 +234,13 @@ def matmul_gflop_s(width: int, mlp_dim: int, rows: int, repeats: int = 10,
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from vqt_jax.timing import median_seconds  # noqa: PLC0415
+
     rates = []
     for m, k, n in ((rows, width, mlp_dim), (rows, mlp_dim, width), (square,) * 3):
         x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        fn = jax.jit(jnp.matmul)
-        jax.block_until_ready(fn(x, w))
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x, w))
-            times.append(time.perf_counter() - t)
-        rates.append(2 * m * k * n / statistics.median(times) / 1e9)
+        seconds = median_seconds(functools.partial(jax.jit(jnp.matmul), x, w), repeats)
+        rates.append(2 * m * k * n / seconds / 1e9)
     return max(rates)
 
 
