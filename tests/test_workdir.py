@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -29,12 +31,18 @@ def folder(tmp_path_factory):
 
 
 def snapshot(directory) -> dict[str, tuple[int, int]]:
-    """Every file under `directory`: relative path -> (size, mtime_ns)."""
+    """Every file under `directory`: relative path -> (size, mtime_ns).
+
+    An empty workdir lock file (`workdir.LOCK_FILE`) is left out: locking a workdir creates it
+    and never writes to it, so a run that stops at once may leave one where there was none.
+    """
     out = {}
     for base, _, names in os.walk(directory):
         for name in names:
             path = os.path.join(base, name)
             st = os.stat(path)
+            if name == workdir_lib.LOCK_FILE and st.st_size == 0:
+                continue
             out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
     return out
 
@@ -131,6 +139,110 @@ def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["epochs"] == 8 and results["num_eval_examples"] == 15
     assert "_METADATA" not in out and "Traceback" not in out
+
+
+# Takes the lock of the workdir argv[1], says so, and holds it until its stdin closes.
+_HOLDER = """
+import sys
+from vqt_jax.training import workdir
+with workdir.lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+# Tries the lock of the workdir argv[1] once; prints "locked" or the error.
+_TRY = """
+import sys
+from vqt_jax.training import workdir
+try:
+    with workdir.lock(sys.argv[1]):
+        print("locked")
+except workdir.WorkdirError as e:
+    print(e)
+"""
+
+
+def test_a_held_lock_refuses_another_process_until_its_holder_dies(tmp_path):
+    """The lock is between processes, and never stale: it goes when its holder's process does,
+    even killed; the lock file it leaves is empty, and locks again."""
+    workdir = str(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, workdir], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        busy = f"workdir {workdir} is in use by another run"
+        with pytest.raises(workdir_lib.WorkdirError, match=re.escape(busy)):
+            with workdir_lib.lock(workdir):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    lock_file = tmp_path / workdir_lib.LOCK_FILE
+    assert lock_file.exists() and lock_file.stat().st_size == 0
+    with workdir_lib.lock(workdir):
+        tried = subprocess.run([sys.executable, "-c", _TRY, workdir], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+        assert tried.stdout.startswith(busy), tried.stdout + tried.stderr
+    tried = subprocess.run([sys.executable, "-c", _TRY, workdir], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert tried.stdout == "locked\n", tried.stdout + tried.stderr
+    assert os.listdir(tmp_path) == [workdir_lib.LOCK_FILE]
+
+
+def _flock_needing_write(real):
+    """fcntl.flock as on NFS, where flock is a POSIX lock underneath and an exclusive one needs
+    a descriptor open for writing: EBADF for a read-only one."""
+
+    def flock(fd, operation):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, operation)
+
+    return flock
+
+
+def test_the_lock_works_where_only_a_descriptor_open_for_writing_locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", _flock_needing_write(fcntl.flock))
+    workdir = str(tmp_path)
+    with workdir_lib.lock(workdir):
+        # Still exclusive: a second open of the lock file (as another run's) is refused.
+        with pytest.raises(workdir_lib.WorkdirError, match="is in use by another run"):
+            with workdir_lib.lock(workdir):
+                pass
+    with workdir_lib.lock(workdir):  # released
+        pass
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+def test_a_file_system_that_cannot_lock_is_one_clear_error(tmp_path, monkeypatch, code):
+    def refuses(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", refuses)
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+        with workdir_lib.lock(str(tmp_path)):
+            pass
+    lock_file = re.escape(str(tmp_path / workdir_lib.LOCK_FILE))
+    assert re.match(rf"workdir {re.escape(str(tmp_path))} cannot be locked: the file system "
+                    rf"refuses a lock on {lock_file} \({errno.errorcode[code]}: ",
+                    str(e.value)), str(e.value)
+    assert "use a workdir on a file system with locks" in str(e.value)
+
+
+def test_a_workdir_on_nfs_without_locks_stops_with_one_error_line(folder, tmp_path, capsys,
+                                                                  monkeypatch):
+    """As main.py says it: one `error:` line, before anything is written but the lock file."""
+    def no_lock_service(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_lock_service)
+    monkeypatch.chdir(REPO)
+    workdir = tmp_path / "wd"
+    code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
+                    f"--workdir={workdir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: workdir {workdir} cannot be locked: "), err
+    assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]
 
 
 def _checkpoints_finite(workdir) -> list[int]:

@@ -9,14 +9,16 @@ with both values. One exception: after a run stopped on a non-finite loss (it le
 from the last good checkpoint; the change is recorded in ``config_changes.json`` and
 ``config.json`` holds the new config.
 
-A workdir is locked while a run uses it (`lock`): a second run on it stops at once.
+A workdir is locked while a run uses it (`lock`, through the empty file ``.lock``): a second
+run on it stops at once.
 
 Every file of a workdir is read and written through `etils.epath`, so a workdir may be a local
 directory or a `gs://` URL (epath's backends for remote file systems need tensorflow or the
 fsspec/gcsfs packages). Locally, JSON files are written atomically (a temporary file renamed
 into place); on an object store (GCS), where a rename is a copy then a delete, they are written
 directly: an object becomes visible only once its upload completes, so readers never see a
-partial file there either. The lock is local-only (see `lock`).
+partial file there either. The lock needs a POSIX file system (a local disk or NFS): a `gs://`
+workdir is not locked (see `lock`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CHANGES_FILE = "config_changes.json"
 NONFINITE_FILE = "stopped_nonfinite.json"
 RESULTS_FILE = "results.json"
 EVALUATION_FILE = "evaluation.json"  # per-class top-1, confusion matrix (train.write_evaluation)
+LOCK_FILE = ".lock"  # empty; locked while a run uses the workdir (see `lock`)
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
     "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_on_device",
@@ -236,24 +239,47 @@ def record_nonfinite_stop(workdir: str, step: int, lr: float, message: str) -> N
     write_json(_path(workdir, NONFINITE_FILE), {"step": step, "lr": lr, "message": message})
 
 
-@contextlib.contextmanager
-def lock(workdir: str) -> Iterator[None]:
-    """Holds an exclusive lock on the workdir directory for the duration of a run.
+# flock errors that say the file system cannot lock at all (not that someone holds the lock):
+# EBADF, an exclusive lock on a descriptor not open for writing (NFS emulates flock with POSIX
+# locks); ENOLCK, no lock service (an NFS mount with `nolock`, or lockd not running); EOPNOTSUPP
+# and EINVAL, a file system without locks (some FUSE file systems).
+_CANNOT_LOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP,
+                          errno.EINVAL})
 
-    The lock is the kernel's (flock on the directory itself): it writes nothing and is released
-    when the process ends, however it ends. It exists only on the local file system: for a
-    remote workdir (gs://...) nothing is locked (a log line says so), and keeping two runs off
-    one remote workdir is up to the user.
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on the workdir for the duration of a run.
+
+    The lock is the kernel's: `flock` on ``WORKDIR/.lock``, an empty file opened for reading
+    and writing (on NFS, where flock is emulated with POSIX locks, an exclusive lock needs a
+    descriptor open for writing, so a directory, which opens only for reading, cannot be
+    locked there). Nothing is ever written to the file, and it is left in place after the
+    run: it is harmless, and the next run locks the same file. (Removing it on release would
+    let a run that opened it just before lock a file that a third run no longer sees.)
+
+    A lock is never stale: the kernel releases it when its holder's descriptor closes, that is
+    when the process ends, however it ends (killed included), so an existing ``.lock`` file
+    means nothing by itself. On NFS the server releases the lock of a client host that crashed
+    once that client's lease expires or it reboots.
+
+    Object stores (gs://) have no locks, so a remote workdir is not locked (a log line says
+    so), and keeping two runs off one remote workdir is up to the user.
 
     Raises:
-      WorkdirError: another process holds the lock.
+      WorkdirError: another process holds the lock, or the workdir's file system cannot lock
+        (an NFS mount without a lock service).
+      OSError: the lock file cannot be created or opened (a read-only workdir); it names the
+        file.
     """
+    workdir = os.fspath(workdir)
     if not is_local(workdir):
         logging.warning("workdir %s is not local: it is not locked against another run using "
-                        "it at the same time", workdir)
+                        "it at the same time (an object store has no locks)", workdir)
         yield
         return
-    fd = os.open(workdir, os.O_RDONLY)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,7 +288,14 @@ def lock(workdir: str) -> Iterator[None]:
                 raise WorkdirError(
                     f"workdir {workdir} is in use by another run (it holds the workdir's "
                     "lock); wait for it to finish or use another --workdir") from None
-            raise
+            if e.errno in _CANNOT_LOCK:
+                raise WorkdirError(
+                    f"workdir {workdir} cannot be locked: the file system refuses a lock on "
+                    f"{path} ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}). A run "
+                    "locks its workdir to keep a second run off it; use a workdir on a file "
+                    "system with locks (a local disk, or NFS with its lock service, not "
+                    "mounted with nolock)") from None
+            raise OSError(e.errno, e.strerror, path) from None  # name the file
         yield
     finally:
         os.close(fd)
