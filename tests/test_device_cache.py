@@ -211,3 +211,89 @@ def test_cache_build_output_is_sharded_over_the_batch():
         per_device[d] = compiled.memory_analysis().output_size_in_bytes
     assert per_device[2] * 2 == pytest.approx(per_device[1], rel=0.01)
     assert per_device[8] * 8 == pytest.approx(per_device[1], rel=0.01)
+
+
+def _reduce_scatter_gather(arrays, index, mesh):
+    """The gather `device_cache` had before its ring ([12] A): every device builds all B slots
+    (its rows, zeros elsewhere) and reduce-scatters them. Kept only as the memory baseline."""
+    d = mesh.shape["data"]
+
+    def local(shards, index):
+        mine = index % d == jax.lax.axis_index("data")
+        out = {}
+        for name, shard in shards.items():
+            rows = shard[index // d, 0]
+            keep = mine.reshape(-1, *([1] * (rows.ndim - 1)))
+            rows = jnp.where(keep, rows, jnp.zeros((), rows.dtype))
+            out[name] = jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
+        return out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "data"), P()),
+                         out_specs=P("data"))(arrays, index)
+
+
+def _ring_cache(mesh, n, shape):
+    rng = np.random.default_rng(1)
+    k = rng.normal(size=(n, *shape)).astype(ml_dtypes.bfloat16)
+    k.view(np.uint16).reshape(n, -1)[:3, 0] = [0x7FC1, 0x8000, 0xFF80]  # NaN payload, -0, -inf
+    arrays = {"k": k, "cls": rng.normal(size=(n, 4)).astype(np.float32)}
+    spec = cache_lib.Spec("kv", n, {"k": (shape, "bfloat16"), "cls": ((4,), "float32")})
+    host = cache_lib.Cache(spec, arrays, rng.integers(0, 9, n).astype(np.int32))
+    return host, device_cache.upload(host, mesh, ["k", "cls"])
+
+
+def test_the_gather_holds_b_over_d_rows_per_device_and_equals_numpy_indexing():
+    """[12] A: the compiled gather's per-device buffers (memory_analysis at 8 devices) are
+    O(B / D) rows, at most 1/4 of the reduce-scatter gather's for the same batch, and its
+    batches are bit for bit the full cache indexed with numpy: random batches with repeats,
+    a batch whose rows all live on one device (owners as unbalanced as they get), and the
+    B x S gather of members with their own orders (`StackedStepper`)."""
+    mesh = train.make_mesh()
+    assert mesh.size == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    n, shape, b = 1000, (2, 17, 16), 256
+    host, dev = _ring_cache(mesh, n, shape)
+    row_bytes = int(np.prod(shape)) * 2 + 4 * 4 + 4  # k (bf16) + cls (4 x f32) + label
+    gather = jax.jit(dev.gather)
+    rng = np.random.default_rng(2)
+    seeds = [sampling.host_batch_indices(7, n, global_batch_size=b // 4, seed=s,
+                                         batching="epoch")[0] for s in range(4)]
+    indices = {"random": rng.integers(0, n, b), "one owner": rng.integers(0, n // 8, b) * 8 + 3,
+               "first rows": np.arange(b) % 3, "members": np.stack(seeds, 1).reshape(-1)}
+    for what, index in indices.items():
+        out = gather(dev.arrays, jnp.asarray(index, jnp.int32))
+        assert out["k"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4)
+        for name, full in [*host.arrays.items(), ("label", host.labels)]:
+            got = np.asarray(out[name])
+            assert got.dtype == full.dtype, (what, name)
+            np.testing.assert_array_equal(got.view(np.uint8), full[index].view(np.uint8),
+                                          err_msg=f"{what}: {name}")
+
+    index = jax.ShapeDtypeStruct((b,), np.int32, sharding=NamedSharding(mesh, P()))
+    ring = gather.lower(dev.arrays, index).compile().memory_analysis()
+    baseline = jax.jit(lambda a, i: _reduce_scatter_gather(a, i, mesh)).lower(
+        dev.arrays, index).compile().memory_analysis()
+    block = b // 8 * row_bytes  # one device's slots of the batch
+    assert ring.output_size_in_bytes == pytest.approx(block, rel=0.01)  # (+ a tuple)
+    assert ring.temp_size_in_bytes <= 1.5 * block, (ring.temp_size_in_bytes, block)
+    assert baseline.temp_size_in_bytes >= 0.9 * 8 * block  # about the whole batch
+    assert ring.temp_size_in_bytes <= baseline.temp_size_in_bytes / 4
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_the_gather_shrinks_with_the_device_count(devices):
+    """The same batch at 2 and 4 devices: each device's temporaries stay one block of B / D
+    rows (O(B / D), not O(B)), and the batches equal numpy indexing."""
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    n, shape, b = 301, (3, 64), 64  # rows far larger than the loop's few indices
+    host, dev = _ring_cache(mesh, n, shape)
+    row_bytes = int(np.prod(shape)) * 2 + 4 * 4 + 4
+    index = np.random.default_rng(devices).integers(0, n, b)
+    gather = jax.jit(dev.gather)
+    out = gather(dev.arrays, jnp.asarray(index, jnp.int32))
+    for name, full in [*host.arrays.items(), ("label", host.labels)]:
+        np.testing.assert_array_equal(np.asarray(out[name]).view(np.uint8),
+                                      full[index].view(np.uint8))
+    spec = jax.ShapeDtypeStruct((b,), np.int32, sharding=NamedSharding(mesh, P()))
+    temp = gather.lower(dev.arrays, spec).compile().memory_analysis().temp_size_in_bytes
+    block = b // devices * row_bytes
+    assert temp <= 1.5 * block, (temp, block)

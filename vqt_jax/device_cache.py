@@ -20,11 +20,14 @@ inside a compiled loop it hoists that conversion of the whole cache out of the l
 float32 copy of all of it, twice the cache's bytes (see tests/test_device_cache.py). Integers
 are moved as they are, on any device.
 
-Gathering (`DeviceCache.gather`, inside jit): every device reads, for each slot of the batch,
-the row if it holds it and zeros otherwise; a reduce-scatter over the data axis then leaves
-each device its own slots' rows (sums of one row and zeros: exact in any dtype). Each device
-briefly holds one batch's rows (B rows, not B / D), which is the price of a gather in any
-order.
+Gathering (`DeviceCache.gather`, inside jit): a batch's B slots split into D blocks of B / D,
+device j's block being the slots it ends up with. Each block travels once around a ring of the
+devices (D - 1 `ppermute`s), and every device it visits writes into it the rows it holds, so
+each device holds blocks of B / D rows, never the whole batch (a gather in which each device
+built all B slots, its rows and zeros elsewhere, and reduce-scattered them held B rows per
+device: B x S for S members with their own orders). A fixed-shape exchange keyed by owner
+would not do: a random batch's rows are not spread evenly over their owners. Rows are copied,
+never summed, so a batch is exact in any dtype.
 """
 
 from __future__ import annotations
@@ -93,30 +96,49 @@ def _row_bytes(spec: cache_lib.Spec, fields: list[str]) -> int:
 
 def per_device_bytes(spec: cache_lib.Spec, fields: list[str], num_devices: int,
                      batch_size: int) -> int:
-    """What a device holds: its share of the rows plus one batch's gather (B rows)."""
-    rows = math.ceil(spec.num_examples / num_devices) + batch_size
+    """What a device holds: its share of the rows plus a batch's gather, which at any time
+    holds three blocks of B / D rows (the rows a pass reads, the partial batch it fills and
+    the one it receives; see `_gather`)."""
+    rows = math.ceil(spec.num_examples / num_devices) + 3 * math.ceil(batch_size / num_devices)
     return rows * _row_bytes(spec, fields)
+
+
+def local_memory_limit(mesh: Mesh) -> int | None:
+    """The least memory (`bytes_limit`) among this host's devices in `mesh`, or None where
+    none reports it (a CPU).
+
+    Only this host's devices are asked: another host's cannot be (its `memory_stats` raises).
+    Each host thus answers for its own devices; a decision taken from the answer must be
+    combined across hosts (`hosts.all_agree`, as every caller does), so that every host
+    decides as the one with the least memory does.
+    """
+    limits = []
+    for device in mesh.local_devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+            stats = None
+        limit = (stats or {}).get("bytes_limit")
+        if limit:
+            limits.append(int(limit))
+    return min(limits, default=None)
 
 
 def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
             batch_size: int) -> str | None:
-    """Why the cache cannot live on `mesh`'s devices, or None if it fits.
+    """Why the cache cannot live on this host's devices of `mesh`, or None if it fits.
 
     A device that reports its memory (GPU, TPU) must keep `DEVICE_FRACTION` of it for the
     cache; a CPU device is the host's memory, which the host cache's own budget
-    (`config.cache_max_gb`) already bounds.
+    (`config.cache_max_gb`) already bounds. The answer is this host's
+    (`local_memory_limit`): combine it across hosts with `hosts.all_agree`.
     """
     need = per_device_bytes(spec, fields, mesh.shape[AXIS], batch_size)
-    device = mesh.devices.flat[0]
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-        stats = None
-    limit = (stats or {}).get("bytes_limit")
+    limit = local_memory_limit(mesh)
     if limit and need > DEVICE_FRACTION * limit:
         return (f"each device would hold {cache_lib.format_size(need)} of the cache, over "
                 f"{DEVICE_FRACTION:g} of its {cache_lib.format_size(limit)} "
-                f"({device.device_kind})")
+                f"({mesh.local_devices[0].device_kind})")
     return None
 
 
@@ -161,21 +183,43 @@ def _gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh) -> dict[
     """`DeviceCache.gather` before the bit patterns are turned back into floats."""
     d = mesh.shape[AXIS]
     if d == 1:
-        # One device holds every row: a plain gather. The select and reduce-scatter below
-        # would copy the batch twice more (on a CPU, with bfloat16 upcast for the collective:
-        # about 0.4 s of a 0.66 s step of the demo).
+        # One device holds every row: a plain gather. The ring below would copy the batch
+        # more times for nothing (on a CPU that copying was most of the demo's step).
         return {name: a[index, 0] for name, a in arrays.items()}
+    if index.shape[0] % d:
+        raise ValueError(f"a batch of {index.shape[0]} rows does not split over {d} devices")
+    m = index.shape[0] // d
+    # Device i passes what it has filled to device i - 1 (a ring): after D - 1 passes each
+    # partial batch has visited every device and reached its own.
+    ring = [(i, (i - 1) % d) for i in range(d)]
 
     def local(shards: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
-        mine = index % d == jax.lax.axis_index(AXIS)
-        row = index // d
-        out = {}
-        for name, shard in shards.items():
-            rows = shard[row, 0]
-            keep = mine.reshape(-1, *([1] * (rows.ndim - 1)))
-            rows = jnp.where(keep, rows, jnp.zeros((), rows.dtype))
-            out[name] = jax.lax.psum_scatter(rows, AXIS, scatter_dimension=0, tiled=True)
-        return out
+        me = jax.lax.axis_index(AXIS)
+
+        def fill(t: jax.Array, partial: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            # At pass t this device holds device (me + 1 + t) mod D's slots; it writes the
+            # rows it owns into them.
+            owner_of = (me + 1 + t) % d
+            slots = jax.lax.dynamic_slice_in_dim(index, owner_of * m, m)
+            mine = slots % d == me
+            row = jnp.where(mine, slots // d, 0)
+            out = {}
+            for name, shard in shards.items():
+                rows = shard[row, 0]
+                keep = mine.reshape(-1, *([1] * (rows.ndim - 1)))
+                out[name] = jnp.where(keep, rows, partial[name])
+            return out
+
+        def one_pass(t: jax.Array, partial: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            return jax.lax.ppermute(fill(t, partial), AXIS, ring)
+
+        # A loop, not D unrolled passes: unrolled, the passes' gathers depend only on the
+        # index, so XLA may run them all first and hold B rows again.
+        # (The carry varies over the data axis, as the passes' outputs do.)
+        empty = {name: jax.lax.pcast(jnp.zeros((m, *s.shape[2:]), s.dtype), AXIS,
+                                     to="varying") for name, s in shards.items()}
+        partial = jax.lax.fori_loop(0, d - 1, one_pass, empty)
+        return fill(jnp.asarray(d - 1), partial)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, AXIS), P()),
                          out_specs=P(AXIS))(arrays, index)

@@ -8,12 +8,41 @@ from jax.sharding import Mesh
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D data-parallel mesh ('data') over all devices (or the first `num_devices`), in
-    `jax.devices()` order, so each host's devices hold one contiguous block of a batch."""
+    """A 1-D data-parallel mesh ('data') over all devices, or `num_devices` of them.
+
+    The devices keep `jax.devices()` order, so each host's devices hold one contiguous block
+    of a batch. `num_devices` takes the same number from every host (its first N / P local
+    devices, P hosts): the first N global devices would all be one host's on a pod, leaving
+    the other hosts with no device of the mesh, so nothing they could feed or read.
+
+    Args:
+      num_devices: how many devices (0: all of them); a multiple of the number of hosts.
+
+    Raises:
+      ValueError: more devices than there are, or a count that does not split evenly over
+        the hosts.
+    """
     devices = jax.devices()
     if num_devices > len(devices):
         raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} "
                          f"{devices[0].platform.upper()} devices are available (0: use all)")
     if num_devices:
-        devices = devices[:num_devices]
+        hosts = jax.process_count()
+        if num_devices % hosts:
+            raise ValueError(f"config.num_devices={num_devices} must be a multiple of the "
+                             f"{hosts} hosts (each host takes the same number of its devices; "
+                             f"0: use all)")
+        per_host = num_devices // hosts
+        taken: dict[int, int] = {}
+        picked = []
+        for device in devices:
+            if taken.get(device.process_index, 0) < per_host:
+                taken[device.process_index] = taken.get(device.process_index, 0) + 1
+                picked.append(device)
+        short = {p: n for p, n in taken.items() if n < per_host}
+        if len(taken) < hosts or short:
+            counts = {p: sum(d.process_index == p for d in devices) for p in range(hosts)}
+            raise ValueError(f"config.num_devices={num_devices} takes {per_host} devices of "
+                             f"each of the {hosts} hosts, but they have {counts}")
+        devices = picked
     return Mesh(np.asarray(devices), ("data",))

@@ -251,12 +251,10 @@ def _fields(cache: cache_lib.Cache) -> list[str]:
 def fits(compiled: Any, mesh) -> str | None:
     """Why a compiled program does not fit the devices' memory, or None (it fits, or the
     device does not report its memory, as a CPU does): its arguments (the device cache
-    included), outputs and temporaries per device (`memory_analysis`), against 0.9 of a
-    device's memory."""
-    try:
-        limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-        limit = None
+    included), outputs and temporaries per device (`memory_analysis`), against 0.9 of the
+    least memory of this host's devices (`device_cache.local_memory_limit`); the caller
+    combines the hosts' answers (`hosts.all_agree`)."""
+    limit = device_cache_lib.local_memory_limit(mesh)
     if not limit:
         return None
     m = compiled.memory_analysis()
