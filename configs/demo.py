@@ -9,11 +9,12 @@ Command:
 What it does: writes a VTAB-1k-style Fashion-MNIST subset (class-balanced train800, val200,
 test1000) and converts the DINOv2 ViT-S/14 backbone to a timm-layout safetensors (both once,
 into $VQT_JAX_CACHE, default ~/.cache/vqt_jax); caches the frozen backbone's keys/values of
-train800val200 once (bfloat16, at 112x112); trains VQT (T=1, queries + head) for 100 epochs
-from the cache with the release's protocol; and evaluates on test1000 beside a linear probe
-(final CLS) and Head2Toe (every block's pooled tokens, group-lasso selection), both fitted to
-convergence on the same cached features with their regularisation chosen on val200. It
-prints the three test top-1s and writes them to /tmp/vqt/demo/results.json.
+train800val200 once (bfloat16, at 112x112, in $VQT_JAX_CACHE/features, not in the workdir);
+trains VQT (T=1, queries + head) for 100 epochs from the cache with the release's protocol;
+and evaluates on test1000 beside a linear probe (final CLS) and Head2Toe (every block's pooled
+tokens, group-lasso selection), both fitted to convergence on the same cached features with
+their regularisation chosen on val200. It prints the three test top-1s and writes them to
+/tmp/vqt/demo/results.json.
 """
 
 import os

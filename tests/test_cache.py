@@ -27,6 +27,15 @@ def folder(tmp_path_factory):
     return train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
 
 
+@pytest.fixture(autouse=True)
+def features(tmp_path_factory, monkeypatch):
+    """Where this module's caches go by default (train.default_cache_dir), under a fresh
+    $VQT_JAX_CACHE outside the runs' workdirs: never the user's own ~/.cache."""
+    root = tmp_path_factory.mktemp("vqt_jax_cache")
+    monkeypatch.setenv("VQT_JAX_CACHE", str(root))
+    return root / train.FEATURES_SUBDIR
+
+
 def _randomized(model, images):
     """Variables with every leaf random (so no zero-init head hides a wrong query path)."""
     variables = jax.jit(model.init)(jax.random.key(0), images)
@@ -101,7 +110,7 @@ def test_bfloat16_cache_is_close():
     assert 0 < rel < 2e-2
 
 
-def test_cached_run_ends_like_uncached_run(folder, tmp_path):
+def test_cached_run_ends_like_uncached_run(folder, tmp_path, features):
     runs = {}
     for mode in ("off", "on"):
         config = train_utils.tiny_config(data_dir=folder, epochs=4, cache=mode)
@@ -115,39 +124,42 @@ def test_cached_run_ends_like_uncached_run(folder, tmp_path):
     t_on, _ = trainable_lib.partition(v_on, trainable_lib.rule_for("vqt"))
     for k in t_off:
         np.testing.assert_allclose(t_on[k], t_off[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    # The cache lies under the workdir: complete files, nothing half-written beside them.
-    (entry,) = os.listdir(tmp_path / "on" / "cache")
+    # The cache lies in $VQT_JAX_CACHE/features, not in the workdir: complete files, nothing
+    # half-written beside them.
+    (entry,) = os.listdir(features)
     assert not entry.startswith(".")
-    assert sorted(os.listdir(tmp_path / "on" / "cache" / entry)) == [
+    assert sorted(os.listdir(features / entry)) == [
         "cls.bin", "k.bin", "label.bin", "meta.json", "pooled.bin", "v.bin"]
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".bin")]
 
 
 def test_cache_is_reused_across_runs_and_invalidated_by_the_backbone(folder, tmp_path,
-                                                                     monkeypatch):
-    shared = str(tmp_path / "shared")
-    config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared)
+                                                                     monkeypatch, features):
+    # Runs in three workdirs, with the default cache_dir: one directory of entries named by
+    # their contents, shared by every run whatever its workdir.
+    shared = str(features)
+    config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on")
     train.run(config, str(tmp_path / "a"))
     (entry,) = os.listdir(shared)
 
     def no_build(*a, **k):
         raise AssertionError("rebuilt a cache that exists")
 
-    monkeypatch.setattr(cache_lib, "build", no_build)
     # Another lr, wd, seed and query count: the same backbone outputs, the same cache.
-    other = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared,
-                                    lr=0.01, wd=0.0, seed=3)
+    other = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", lr=0.01, wd=0.0,
+                                    seed=3)
     other.model.num_queries = 3
-    assert train.run(other, str(tmp_path / "b"))[0]["cached"]
+    with monkeypatch.context() as patched:  # (undo() would drop $VQT_JAX_CACHE too)
+        patched.setattr(cache_lib, "build", no_build)
+        assert train.run(other, str(tmp_path / "b"))[0]["cached"]
     assert os.listdir(shared) == [entry]
     # Another image size changes what the backbone computes: a new cache is needed.
-    monkeypatch.undo()
-    resized = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", cache_dir=shared,
-                                      image_size=16)
+    resized = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", image_size=16)
     train.run(resized, str(tmp_path / "c"))
     assert len(os.listdir(shared)) == 2
 
 
-def test_killed_build_leaves_nothing(folder, tmp_path, monkeypatch):
+def test_killed_build_leaves_nothing(folder, tmp_path, monkeypatch, features):
     calls = []
     real = data.normalize_array
 
@@ -161,14 +173,14 @@ def test_killed_build_leaves_nothing(folder, tmp_path, monkeypatch):
     config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on", eval_batch_size=8)
     with pytest.raises(KeyboardInterrupt):
         train.run(config, str(tmp_path / "wd"))
-    assert os.listdir(tmp_path / "wd" / "cache") == []
+    assert os.listdir(features) == []
 
 
-def test_memory_storage(folder, tmp_path):
+def test_memory_storage(folder, tmp_path, features):
     config = train_utils.tiny_config(data_dir=folder, epochs=1, cache="on",
                                      cache_storage="memory", cache_dtype="bfloat16")
     results, _ = train.run(config, str(tmp_path))
-    assert results["cached"] and not (tmp_path / "cache").exists()
+    assert results["cached"] and not features.exists() and not (tmp_path / "cache").exists()
 
 
 def test_over_budget_falls_back_or_fails_before_compiling(folder, tmp_path, monkeypatch):

@@ -694,11 +694,10 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     """
     if progress is None:
         progress = SweepProgress(task_run_dirs(workdir, task, grid, base.batch_size, num_seeds))
-    if "cache_dir" in base and not base.cache_dir:
-        # One cache of the frozen backbone per task and split, shared by every grid point
-        # and seed (vqt_jax/cache.py): the backbone runs once per image, not once per run.
-        base = copy.deepcopy(base)
-        base.cache_dir = str(Path(workdir) / task / "cache")
+    # The runs leave config.cache_dir as it is: the default (train.default_cache_dir) is on
+    # each host's own disk, never in the sweep's (often shared) workdir, and its entries are
+    # named by their contents, so every grid point and seed of a task and split shares one
+    # cache of the frozen backbone (vqt_jax/cache.py): the backbone runs once per image.
     protocols: set[str] = set()  # of every run, val included: the selection depends on them
     val_top1: dict[tuple[float, float], float | None] = {}
     points = grid.points(base.batch_size)

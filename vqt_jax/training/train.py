@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -251,15 +250,26 @@ def split_name(config: ml_collections.ConfigDict) -> str:
     return "val" if config.split == "val" else "test"
 
 
-def default_cache_dir(workdir: str) -> str:
-    """WORKDIR/cache, or for a remote workdir (gs://: the cache is memory-mapped, so it must
-    be on a local disk) a directory under this host's temporary directory."""
-    if workdir_lib.is_local(workdir):
-        return os.path.join(workdir, "cache")
-    local = os.path.join(tempfile.gettempdir(), "vqt_jax_cache")
-    logging.info("The workdir %s is remote: the cache goes to %s on this host (set "
-                 "config.cache_dir to choose).", workdir, local)
-    return local
+# The subdirectory of the vqt_jax cache directory ($VQT_JAX_CACHE, ~/.cache/vqt_jax) that holds
+# the caches of the frozen backbone when a config leaves `cache_dir` unset.
+FEATURES_SUBDIR = "features"
+
+
+def default_cache_dir() -> str:
+    """Where caches of the frozen backbone go unless `config.cache_dir` says otherwise:
+    $VQT_JAX_CACHE/features (default ~/.cache/vqt_jax/features), on this host's own disk.
+
+    Never under the workdir, which is often shared (NFS, gs://): a cache is memory-mapped and
+    read a few shuffled rows at a time, which over a network file system is a network read
+    each, and every host of a multi-host run keeps a complete copy of its own. Entries are
+    named by the cache's content fingerprint (`cache.fingerprint`), so every run and sweep of
+    the same data and backbone shares one entry, whatever its workdir; concurrent builds of
+    one entry are safe (`cache.build`). Every default entry lives in this one directory.
+
+    Where the home directory is itself on a network file system, point $VQT_JAX_CACHE (or
+    `config.cache_dir`) at a local disk.
+    """
+    return os.path.join(checkpoints.files.cache_dir(), FEATURES_SUBDIR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +286,11 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
 
     `config.cache`: 'off' never; 'auto' when the method allows it and the cache fits
     `config.cache_max_gb` (and the disk), otherwise it says why and trains uncached; 'on' as
-    'auto' but a method or budget that does not allow it is an error. The cache's size is
-    logged before it is built.
+    'auto' but a method or budget that does not allow it is an error. The cache's size and
+    location are logged before it is built. A disk cache goes to `config.cache_dir`, else to
+    `default_cache_dir()`; `workdir` (the run's) does not place it and is only named in the
+    log line.
+
 
     Raises:
       ValueError: with `config.cache='on'`, naming why the run cannot be cached.
@@ -297,12 +310,21 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     path = None
     if config.cache_storage == "disk":
         kwargs = methods.model_kwargs(config.method, dict(config.model))
-        directory = config.get("cache_dir") or default_cache_dir(workdir)
+        directory = config.get("cache_dir") or default_cache_dir()
         name = cache_lib.fingerprint(config, kwargs, kind)
-        if jax.process_count() > 1:  # every host keeps a complete copy (see cache.py)
+        if jax.process_count() > 1:
+            # The host cache, which serves what does not fit the devices, reads rows in any
+            # order, so every host keeps a complete copy on its own disk (see cache.py); the
+            # suffix keeps the copies apart where cache_dir is shared by the hosts.
             name += f"-host{jax.process_index()}"
+            logging.info("Every host keeps a complete copy of the cache on its own disk: the "
+                         "host cache, for what does not fit the devices, reads rows in any "
+                         "order.")
         path = os.path.join(directory, name)
     where = path or "host memory"
+    if path is not None and not config.get("cache_dir"):
+        where += (f" (this host's disk, not the workdir {workdir}: set config.cache_dir or "
+                  "$VQT_JAX_CACHE to choose)")
     logging.info("Cache of the frozen backbone (%s): %s, in %s.", kind, spec.describe(), where)
     exists = path is not None and os.path.exists(os.path.join(path, "meta.json"))
     why = None if exists else cache_lib.check_budget(spec, path, config.cache_max_gb)

@@ -1,0 +1,104 @@
+"""Where the cache of the frozen backbone lives: on each host's own disk ($VQT_JAX_CACHE/features)
+whatever the workdir, unless `config.cache_dir` says otherwise; never in a (shared) workdir."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import pytest
+
+from tests import test_sweep, train_utils
+from vqt_jax import cache as cache_lib
+from vqt_jax import hosts, methods
+from vqt_jax.training import train
+
+NUM_TRAIN = 24  # the folder's train/ split: 3 classes x 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A fresh $VQT_JAX_CACHE: the tests never touch the user's own ~/.cache."""
+    path = tmp_path / "vqt_jax_cache"
+    monkeypatch.setenv("VQT_JAX_CACHE", str(path))
+    return path
+
+
+def _plan(config, workdir: str) -> train.CachePlan:
+    return train.plan_cache(config, train.build_model(config, 3), NUM_TRAIN, workdir)
+
+
+def _fingerprint(config) -> str:
+    kwargs = methods.model_kwargs(config.method, dict(config.model))
+    return cache_lib.fingerprint(config, kwargs, cache_lib.kind_for(config.method))
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_default_cache_is_in_vqt_jax_cache_not_in_the_workdir(folder, tmp_path, root,
+                                                                  caplog, where):
+    workdir = str(tmp_path / "wd") if where == "local" else "gs://bucket/sweep/dtd"
+    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    plan = _plan(config, workdir)
+    assert plan.path == str(root / "features" / _fingerprint(config))
+    assert not plan.path.startswith(workdir)
+    # The run says where its cache is, and that it is not in the workdir.
+    assert any(plan.path in r.getMessage() and f"not the workdir {workdir}" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_without_vqt_jax_cache_the_default_is_under_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("VQT_JAX_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # not the user's own home
+    assert train.default_cache_dir() == str(tmp_path / "home" / ".cache" / "vqt_jax" /
+                                            "features")
+
+
+def test_an_explicit_cache_dir_wins(folder, tmp_path, root, caplog):
+    mine = tmp_path / "on_the_shared_disk_after_all"
+    config = train_utils.tiny_config(data_dir=folder, cache="on", cache_dir=str(mine))
+    plan = _plan(config, str(tmp_path / "wd"))
+    assert plan.path == str(mine / _fingerprint(config))
+    assert not root.exists()
+    assert "not the workdir" not in caplog.text  # that note is for the default only
+
+
+def test_runs_in_other_workdirs_with_other_hyperparameters_share_one_entry(folder, tmp_path,
+                                                                           root):
+    a = train_utils.tiny_config(data_dir=folder, cache="on")
+    b = train_utils.tiny_config(data_dir=folder, cache="on", lr=0.01, wd=0.0, seed=3)
+    b.model.num_queries = 3
+    assert _plan(a, str(tmp_path / "sweep1" / "a")).path == \
+        _plan(b, str(tmp_path / "sweep2" / "b")).path
+
+
+def test_every_host_keeps_a_complete_copy_in_an_entry_of_its_own(folder, tmp_path, root,
+                                                                 monkeypatch, caplog):
+    """Host 1 of 2: its own entry (cache_dir may be shared by the hosts), and the log says
+    why the whole cache is on each host's disk."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(hosts, "all_agree", bool)  # no other host to ask
+    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    plan = _plan(config, str(tmp_path / "wd"))
+    assert plan.path == str(root / "features" / f"{_fingerprint(config)}-host1")
+    assert re.search(r"Every host keeps a complete copy of the cache on its own disk: the host "
+                     r"cache, for what does not fit the devices, reads rows in any order",
+                     caplog.text), caplog.text
+
+
+def test_a_sweep_leaves_cache_dir_to_the_default_or_the_user(tmp_path):
+    """The sweep no longer points every run's cache into its workdir; a cache_dir given on
+    the command line reaches every run as given."""
+    _, trainer = test_sweep.run(tmp_path / "default", tasks=("dtd", "eurosat"), num_seeds=2)
+    assert trainer.calls and all(not c.cache_dir for c, _ in trainer.calls)
+    mine = str(tmp_path / "mine")
+    _, trainer = test_sweep.run(tmp_path / "explicit", tasks=("dtd",), num_seeds=1,
+                                overrides={"cache_dir": mine})
+    assert trainer.calls and {c.cache_dir for c, _ in trainer.calls} == {mine}
+    assert not os.path.exists(mine)  # the fake trainer builds nothing
