@@ -212,7 +212,7 @@ def test_the_lock_works_where_only_a_descriptor_open_for_writing_locks(tmp_path,
         pass
 
 
-@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK], ids=["EBADF", "ENOLCK"])
 def test_a_file_system_that_cannot_lock_is_one_clear_error(tmp_path, monkeypatch, code):
     def refuses(fd, operation):
         raise OSError(code, os.strerror(code))
