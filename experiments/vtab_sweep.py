@@ -21,8 +21,10 @@ split, the same numbers), else one by one; ``one`` makes the first an error wher
 be; ``sequential`` always trains one run at a time.
 
 ``--distributed``: run the same command on every host (as main.py's, README "Multi-host"), with
-a workdir every host sees; every run trains on all hosts together and process 0 writes the
-sweep's files.
+a workdir every host sees (a shared file system, or a ``gs://`` URL: then every file of the
+sweep goes to the bucket, and a host's disk holds its caches only: the backbone's features and
+compiled programs); every run trains on all hosts together, process 0 writes the sweep's files,
+and a re-run resumes on every host from what DIR holds.
 
 Re-running the command is cheap and safe: finished runs are read, interrupted ones resumed,
 diverged ones not retried. A task directory remembers the ``--method`` and ``--set`` overrides
@@ -77,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                     "several seeds, write results.md / results.csv.")
     p.add_argument("--tasks", required=True,
                    help="Comma-separated VTAB-1k task names, 'all', or 'folder'.")
-    p.add_argument("--workdir", required=True, help="Root directory of the sweep.")
+    p.add_argument("--workdir", required=True,
+                   help="Root directory of the sweep: local, or a gs:// URL.")
     p.add_argument("--method", default="vqt", choices=list(methods.METHODS),
                    help="Method: config.method of every run, and the grid swept.")
     p.add_argument("--seeds", type=int, default=5, help="Number of test seeds (0..N-1).")

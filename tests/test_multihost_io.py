@@ -8,11 +8,16 @@ this module as a script in 2 processes x 2 CPU devices (jax.distributed on 127.0
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -22,6 +27,7 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from tests import multihost, xla_env
+from vqt_jax import export
 from vqt_jax.training import checkpointing, metrics_io
 from vqt_jax.training import workdir as workdir_lib
 
@@ -47,22 +53,19 @@ def test_checkpoint_dir_of_a_relative_local_workdir_is_absolute(tmp_path, monkey
     assert os.fspath(path) == os.path.join(str(tmp_path), "runs", "a", "checkpoints")
 
 
-@pytest.fixture
-def fake_bucket(tmp_path, monkeypatch):
-    """gs://... paths land in tmp_path/gcs/...; any local-only call on them raises.
+@contextlib.contextmanager
+def fake_gcs(root: str | os.PathLike) -> Iterator[Callable[[str], str]]:
+    """gs://B/... paths land in ROOT/B/...; any local-only call on a gs: path raises.
 
-    The test runs in an empty current directory: a gs:// path handed to a local call would
-    name CWD/gs:/..., so besides the guards, that directory must stay empty.
+    Yields `local`, the map from a gs:// path to its file under ROOT, for what does not go
+    through epath (orbax's arrays, which TensorStore writes; TensorBoard's writer) and a test
+    maps on its own. Usable in a test (`fake_bucket`) and in a worker process alike.
     """
-    root = tmp_path / "gcs"
-    root.mkdir()
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
+    root = os.fspath(root)
 
     def local(path):
         p = os.fspath(path)
-        return str(root / p[len("gs://"):]) if p.startswith("gs://") else p
+        return os.path.join(root, p[len("gs://"):]) if p.startswith("gs://") else p
 
     def redirect(original, path, *args, **kwargs):
         return original(local(path), *args, **kwargs)
@@ -72,24 +75,41 @@ def fake_bucket(tmp_path, monkeypatch):
 
     def guard(fn):
         def guarded(path, *args, **kwargs):
-            if os.fspath(path).startswith("gs:"):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith("gs:"):
                 raise AssertionError(f"local-only {fn.__qualname__} on {path}")
             return fn(path, *args, **kwargs)
         return guarded
 
-    for module, name in [(os.path, "exists"), (os.path, "isfile"), (os, "replace"),
-                         (os, "unlink"), (os, "remove"), (os, "open"), (builtins, "open")]:
-        monkeypatch.setattr(module, name, guard(getattr(module, name)))
     fns = {n: redirect for n in ("open", "exists", "isdir", "listdir", "glob", "makedirs",
                                  "mkdir", "remove", "rmtree", "stat")}
-    # With tensorflow installed, epath sends gs:// to tf.io.gfile whatever its backend table
-    # says (mock_epath only replaces the table): make it use the table.
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    with epath_testing.mock_epath(**fns, rename=redirect2, replace=redirect2,
-                                  copy=redirect2):
+    with contextlib.ExitStack() as stack:
+        for module, name in [(os.path, "exists"), (os.path, "isfile"), (os, "replace"),
+                             (os, "unlink"), (os, "remove"), (os, "open"), (builtins, "open")]:
+            stack.enter_context(mock.patch.object(module, name, guard(getattr(module, name))))
+        # With tensorflow installed, epath sends gs:// to tf.io.gfile whatever its backend
+        # table says (mock_epath only replaces the table): make it use the table.
+        stack.enter_context(mock.patch.object(gpath, "_is_tf_installed", lambda: False))
+        stack.enter_context(epath_testing.mock_epath(**fns, rename=redirect2,
+                                                     replace=redirect2, copy=redirect2))
         # Never reach a real bucket: stop here if epath picks another backend.
         backend = epath.Path(BUCKET)._backend  # noqa: SLF001
         assert type(backend).__name__ == "_MockBackend", backend
+        yield local
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """gs://... paths land in tmp_path/gcs/... (`fake_gcs`); yields the directory of BUCKET.
+
+    The test runs in an empty current directory: a gs:// path handed to a local call would
+    name CWD/gs:/..., so besides the guards, that directory must stay empty.
+    """
+    root = tmp_path / "gcs"
+    root.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with fake_gcs(root):
         epath.Path(BUCKET).mkdir(parents=True)
         yield root / "bucket" / "run"
     assert not os.listdir(cwd)
@@ -155,8 +175,10 @@ def test_workdir_files_of_a_local_workdir(tmp_path, monkeypatch):
     workdir.mkdir()
     _workdir_round_trip(str(workdir))
     _jsonl_round_trip(str(workdir), monkeypatch)
+    # The lock's empty file stays (see workdir.lock); a bucket has no lock, so none there.
     assert sorted(os.listdir(workdir)) == [
-        "config.json", "config_changes.json", "metrics.jsonl", "results.json"]
+        workdir_lib.LOCK_FILE, "config.json", "config_changes.json", "metrics.jsonl",
+        "results.json"]
 
 
 def test_local_json_writes_stay_atomic(tmp_path, monkeypatch):
@@ -175,6 +197,51 @@ def test_local_json_writes_stay_atomic(tmp_path, monkeypatch):
         workdir_lib.write_json(str(path), {"top1": 0.75, "more": list(range(50))})
     assert json.loads(path.read_text()) == {"top1": 0.5}
     assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_gs_url_that_lost_a_slash_is_never_local(tmp_path, monkeypatch):
+    """pathlib joins gs://b/x into gs:/b/x (abspath: CWD/gs:/b/x); such a path is refused,
+    by name, wherever a workdir path is used, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    assert str(Path(BUCKET) / "dtd") == "gs:/bucket/run/dtd"  # what the sweep used to join
+    assert not workdir_lib.is_local(BUCKET) and not workdir_lib.is_local(f"{BUCKET}/dtd")
+    assert str(workdir_lib.as_path(BUCKET) / "dtd") == f"{BUCKET}/dtd"
+    assert workdir_lib.is_local("runs/gs/a") and workdir_lib.is_local("/tmp/gs:x/a")
+    for mangled in ("gs:/bucket/run/dtd", os.path.abspath("gs:/bucket/run/dtd"), "s3:/b"):
+        message = f"{re.escape(mangled)}: a remote URL that lost a slash"
+        for use in (workdir_lib.is_local, workdir_lib.as_path, workdir_lib.read_results,
+                    checkpointing.checkpoint_dir, lambda p: workdir_lib.write_results(p, {})):
+            with pytest.raises(ValueError, match=message):
+                use(mangled)
+    assert not os.listdir(tmp_path)
+
+
+def _export_to(path: str) -> str:
+    """Writes a tiny VQT export (queries and head of 3 classes) to `path`."""
+    config = ml_collections.ConfigDict({"method": "vqt", "task": "folder", "init": "",
+                                        "image_size": 32})
+    variables = {"params": {"head": {"kernel": np.arange(12, dtype=np.float32).reshape(4, 3),
+                                     "bias": np.ones(3, np.float32)}},
+                 "queries": {"tokens": np.full((2, 1, 4), 0.5, np.float32)}}
+    return export.write(path, config=config, variables=variables, provided=frozenset(),
+                        class_names=["a", "b", "c"], results={"top1": 0.75})
+
+
+def test_export_read_reads_what_write_wrote_to_a_bucket(fake_bucket, tmp_path):
+    path = _export_to(f"{BUCKET}/model.vqt")
+    assert os.listdir(fake_bucket) == ["model.vqt"]
+    remote = export.read(path)
+    local = export.read(_export_to(str(tmp_path / "model.vqt")))
+    assert remote.path == path and remote.class_names == ["a", "b", "c"]
+    assert remote.meta == local.meta and remote.meta["results"] == {"top1": 0.75}
+    assert sorted(remote.arrays) == ["params/head/bias", "params/head/kernel", "queries/tokens"]
+    for k, v in local.arrays.items():
+        np.testing.assert_array_equal(remote.arrays[k], v, err_msg=k)
+    with pytest.raises(FileNotFoundError, match=f"Export file not found: {BUCKET}/none.vqt"):
+        export.read(f"{BUCKET}/none.vqt")
+    (fake_bucket / "bad.vqt").write_bytes(b"not a zip")
+    with pytest.raises(export.ExportError, match=f"{BUCKET}/bad.vqt is not a readable"):
+        export.read(f"{BUCKET}/bad.vqt")
 
 
 # --- 2 processes x 2 CPU devices ------------------------------------------------------------

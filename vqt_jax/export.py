@@ -176,17 +176,20 @@ class Exported:
         return self.meta["method"]
 
 
-def read(path: str) -> Exported:
-    """Reads an export file.
+def read(path: str | os.PathLike) -> Exported:
+    """Reads an export file, local or remote (gs://: every path `write` accepts).
 
     Raises:
       FileNotFoundError: no such file.
       ExportError: not an export of this format and version; the message names the file.
+      ValueError: a gs:// path that lost a slash (gs:/b/x: `workdir.is_local`).
     """
-    if not os.path.isfile(path):
+    file = workdir_lib.as_path(path)  # through etils.epath, as `write` writes it
+    path = os.fspath(path)
+    if not file.is_file():
         raise FileNotFoundError(f"Export file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with file.open("rb") as f, np.load(f, allow_pickle=False) as z:
             if META not in z.files:
                 raise ExportError(f"{path} is not a vqt_jax export (it has no {META})")
             meta = json.loads(z[META].tobytes().decode())

@@ -12,13 +12,14 @@ from the last good checkpoint; the change is recorded in ``config_changes.json``
 A workdir is locked while a run uses it (`lock`, through the empty file ``.lock``): a second
 run on it stops at once.
 
-Every file of a workdir is read and written through `etils.epath`, so a workdir may be a local
-directory or a `gs://` URL (epath's backends for remote file systems need tensorflow or the
-fsspec/gcsfs packages). Locally, JSON files are written atomically (a temporary file renamed
-into place); on an object store (GCS), where a rename is a copy then a delete, they are written
-directly: an object becomes visible only once its upload completes, so readers never see a
-partial file there either. The lock needs a POSIX file system (a local disk or NFS): a `gs://`
-workdir is not locked (see `lock`).
+Every file of a workdir is read and written through `etils.epath` (`as_path`), so a workdir may
+be a local directory or a `gs://` URL (epath's backends for remote file systems need tensorflow
+or the fsspec/gcsfs packages); a gs:// URL that lost a slash to a pathlib join ('gs:/b/x') is
+refused, never taken for a local directory (`is_local`). Locally, JSON files are written
+atomically (a temporary file renamed into place); on an object store (GCS), where a rename is a
+copy then a delete, they are written directly: an object becomes visible only once its upload
+completes, so readers never see a partial file there either. The lock needs a POSIX file
+system (a local disk or NFS): a `gs://` workdir is not locked (see `lock`).
 """
 
 from __future__ import annotations
@@ -87,30 +88,69 @@ def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> dict[
 
 # A URL scheme ("gs://", "s3://", ...): such a path names a remote file system, not a local one.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The schemes of the remote file systems `etils.epath` serves.
+REMOTE_SCHEMES = ("gs", "s3", "az", "hf")
+# A remote URL that lost a slash: `pathlib.Path('gs://b') / 'x'` and `os.path.normpath` give
+# 'gs:/b/x', and `os.path.abspath` then 'CWD/gs:/b/x'. Taken as local, such a path writes a
+# directory named 'gs:' on each host's own disk instead of into the bucket.
+_MANGLED = re.compile(rf"(^|/)({'|'.join(REMOTE_SCHEMES)}):(/|$)")
 
 
-def is_local(path: str | os.PathLike) -> bool:
-    """Whether `path` is on the local file system (it has no URL scheme such as gs://)."""
-    return not _SCHEME.match(os.fspath(path))
+def as_path(p: str | os.PathLike) -> epath.Path:
+    """`p` as an `etils.epath.Path`, the one path type of every workdir and sweep file.
+
+    Joining and taking parents of the result keeps a remote URL whole (`as_path('gs://b') / 'x'`
+    is gs://b/x), which `pathlib` and `os.path.normpath` do not.
+
+    Raises:
+      ValueError: `p` is a remote URL that lost a slash (see `is_local`); the message names it.
+    """
+    is_local(p)  # refuses a mangled URL
+    return epath.Path(p)
+
+
+def is_local(p: str | os.PathLike) -> bool:
+    """Whether `p` is on the local file system (it has no URL scheme such as gs://).
+
+    Raises:
+      ValueError: `p` holds a remote URL that lost a slash ('gs:/bucket/x', or a local path
+        with a 'gs:' directory): neither local nor a URL any backend would write to, it is
+        refused rather than written to the current directory.
+    """
+    text = os.fspath(p)
+    if _SCHEME.match(text):
+        return False
+    if _MANGLED.search(text):
+        raise ValueError(
+            f"{text}: a remote URL that lost a slash (a pathlib or os.path join or normpath "
+            "turns gs://b/x into gs:/b/x); it would be written to a local directory named "
+            "after the scheme. Join remote paths with etils.epath (vqt_jax.training.workdir."
+            "as_path).")
+    return True
 
 
 def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
-    return epath.Path(workdir) / name
+    return as_path(workdir) / name
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """The JSON value stored at `path` (local or remote)."""
-    return json.loads(epath.Path(path).read_text())
+def read_json(p: str | os.PathLike) -> Any:
+    """The JSON value stored at `p` (local or remote)."""
+    return json.loads(as_path(p).read_text())
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON to `path`: atomically where local (a temporary file renamed into place).
+def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> None:
+    """Writes JSON to `p`: atomically where local (a temporary file renamed into place).
 
     On a remote path it is one plain write: object stores (GCS) publish an object only once its
     upload completes, and have no atomic rename (theirs is a copy then a delete).
+
+    Args:
+      p: The file, local or remote.
+      obj: A JSON value.
+      sort_keys: Whether object keys are written sorted (else in their order in `obj`).
     """
-    path = epath.Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    path = as_path(p)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
     if not is_local(path):
         path.write_text(text)
         return
