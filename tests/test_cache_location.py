@@ -102,3 +102,40 @@ def test_a_sweep_leaves_cache_dir_to_the_default_or_the_user(tmp_path):
                                 overrides={"cache_dir": mine})
     assert trainer.calls and {c.cache_dir for c, _ in trainer.calls} == {mine}
     assert not os.path.exists(mine)  # the fake trainer builds nothing
+
+
+def _mounts(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / "mounts"
+    path.write_text("".join(f"{line} rw,relatime 0 0\n" for line in lines))
+    return str(path)
+
+
+def test_a_network_file_system_is_told_from_the_mount_table(tmp_path, monkeypatch):
+    home = tmp_path / "my home"  # the table writes its space as \040
+    escaped = str(home).replace(" ", "\\040")
+    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, [
+        "/dev/sda1 / ext4", f"server:/export {escaped} nfs4", f"tmpfs {escaped}/scratch tmpfs"]))
+    (home / "scratch").mkdir(parents=True)
+    # Not created yet: judged by the directory it would be created in.
+    assert train.network_file_system(str(home / ".cache" / "vqt_jax" / "features")) == "nfs4"
+    assert train.network_file_system(str(home / "scratch" / "features")) is None  # inner mount
+    assert train.network_file_system(str(tmp_path / "elsewhere")) is None
+    monkeypatch.setattr(train, "MOUNTS", str(tmp_path / "no such table"))
+    assert train.network_file_system(str(home)) is None
+
+
+def test_a_cache_directory_on_a_network_file_system_is_warned_of(folder, tmp_path, root,
+                                                                  monkeypatch, caplog):
+    """As where the default is under an NFS home: the run says so and how to move it."""
+    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, [
+        "/dev/sda1 / ext4", f"server:/export {tmp_path} nfs"]))
+    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    plan = _plan(config, str(tmp_path / "wd"))
+    assert (f"The cache directory {root / 'features'} is on a network file system (nfs): the "
+            "memory-mapped cache will be read over the network; set config.cache_dir or "
+            "$VQT_JAX_CACHE to a local disk.") in caplog.text
+    assert plan.path.startswith(str(root))  # a warning: the run still caches there
+    caplog.clear()
+    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, ["/dev/sda1 / ext4"]))
+    _plan(config, str(tmp_path / "wd"))
+    assert "network file system" not in caplog.text

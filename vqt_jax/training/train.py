@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -267,9 +268,43 @@ def default_cache_dir() -> str:
     one entry are safe (`cache.build`). Every default entry lives in this one directory.
 
     Where the home directory is itself on a network file system, point $VQT_JAX_CACHE (or
-    `config.cache_dir`) at a local disk.
+    `config.cache_dir`) at a local disk: `plan_cache` warns of a cache directory on one
+    (`network_file_system`).
     """
     return os.path.join(checkpoints.files.cache_dir(), FEATURES_SUBDIR)
+
+
+# The mount table: where each file system is mounted, and its type.
+MOUNTS = "/proc/self/mounts"
+# File system types whose files are on another machine, so that reading them is a network
+# round trip (FUSE ones are typed "fuse.<name>").
+NETWORK_FILE_SYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+    "gpfs", "beegfs", "fuse.sshfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.glusterfs",
+    "fuse.cephfs", "fuse.juicefs", "fuse.rclone",
+})
+
+
+def network_file_system(path: str) -> str | None:
+    """The type of the network file system that holds `path` (or would, once created), e.g.
+    'nfs4'; None for a local one, or where the mount table cannot be read (not Linux)."""
+    path = os.path.realpath(path)  # judged by its path alone, so it need not exist yet
+    try:
+        with open(MOUNTS) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    point, kind = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # The table writes a space, tab, newline or backslash in a path as an octal escape.
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(point):  # the innermost mount; a later one hides
+            point, kind = mount, fields[2]
+    return kind if kind in NETWORK_FILE_SYSTEMS else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +346,12 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     if config.cache_storage == "disk":
         kwargs = methods.model_kwargs(config.method, dict(config.model))
         directory = config.get("cache_dir") or default_cache_dir()
+        remote = network_file_system(directory)
+        if remote is not None:
+            logging.warning(
+                "The cache directory %s is on a network file system (%s): the memory-mapped "
+                "cache will be read over the network; set config.cache_dir or $VQT_JAX_CACHE "
+                "to a local disk.", directory, remote)
         name = cache_lib.fingerprint(config, kwargs, kind)
         if jax.process_count() > 1:
             # The host cache, which serves what does not fit the devices, reads rows in any
