@@ -301,7 +301,9 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
     A lock is never stale: the kernel releases it when its holder's descriptor closes, that is
     when the process ends, however it ends (killed included), so an existing ``.lock`` file
     means nothing by itself. On NFS the server releases the lock of a client host that crashed
-    once that client's lease expires or it reboots.
+    once that client's lease expires or it reboots. There the lock keeps apart runs on other
+    hosts only where the mount uses the server's lock service: a mount with ``nolock`` (or
+    ``local_lock=all``) locks on each host alone.
 
     Object stores (gs://) have no locks, so a remote workdir is not locked (a log line says
     so), and keeping two runs off one remote workdir is up to the user.
