@@ -29,7 +29,9 @@ Safety:
 Multi-host: the build is data-parallel over every device of every host, its outputs sharded
 over the batch; each host gathers every batch's rows (`fetch_rows`) and writes a complete cache
 of its own (`<fingerprint>-host<i>`), to be memory-mapped from local disk. A device-resident
-copy (`device_cache`) then takes from it only the rows of this host's devices.
+copy (`device_cache`) then takes from it only the rows of this host's devices. A run that
+needs no more than that copy builds only those rows (`build_device_rows`: each device computes
+its own rows, nothing is gathered; `<fingerprint>-host<i>-devices<a>-<b>of<D>`).
 """
 
 from __future__ import annotations
@@ -511,6 +513,31 @@ def build(
     if len(images) != n or len(labels) != n:
         raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
                          f"{len(labels)} labels")
+    kept = None
+    if keep_float32 is not None:
+        start, stop, _ = keep_float32.indices(n)
+        kept = Float32Rows(start, {
+            name: np.empty((stop - start, *shape), np.float32)
+            for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
+
+    def fill(arrays: dict[str, np.ndarray]) -> None:
+        _run_backbone(spec, model, variables, images, arrays, mesh=mesh, batch_size=batch_size,
+                      normalize=normalize, every_s=progress_every_s, kept=kept)
+
+    cache = _store(spec, path, fill, np.asarray(labels, np.int32))
+    cache.float32 = kept
+    return cache
+
+
+def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]], None],
+           labels: np.ndarray) -> Cache:
+    """The cache of `spec` whose rows `fill(arrays)` computes into `arrays` (empty, N rows
+    each), in host memory (`path` None) or at `path`, complete or not at all (see `build`).
+
+    Raises:
+      DiskSpaceError: the disk under `path` cannot hold the cache (nothing is left behind).
+    """
+    n = spec.num_examples
     tmp = parent = None
     if path is not None:
         parent = os.path.dirname(os.path.abspath(path))
@@ -519,12 +546,6 @@ def build(
         tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path))
     no_space: OSError | None = None
     start_time = time.time()
-    kept = None
-    if keep_float32 is not None:
-        start, stop, _ = keep_float32.indices(n)
-        kept = Float32Rows(start, {
-            name: np.empty((stop - start, *shape), np.float32)
-            for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
     try:
         arrays = {}
         if tmp is None:
@@ -545,11 +566,9 @@ def build(
             for name, (shape, dtype) in spec.fields.items():
                 # r+: "w+" would truncate the file and give back the reserved blocks.
                 arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
-        _run_backbone(spec, model, variables, images, arrays, mesh=mesh, batch_size=batch_size,
-                      normalize=normalize, every_s=progress_every_s, kept=kept)
-        labels = np.asarray(labels, np.int32)
+        fill(arrays)
         if tmp is None:
-            return Cache(spec, arrays, labels, None, kept)
+            return Cache(spec, arrays, labels, None)
         for a in arrays.values():
             a.flush()
         label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "r+")
@@ -586,7 +605,6 @@ def build(
     cache = open_cache(path, spec)
     if cache is None:
         raise RuntimeError(f"The cache just built in {path} cannot be read back")
-    cache.float32 = kept
     return cache
 
 
@@ -633,6 +651,142 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         for name in names:
             arrays[name][rows] = out[name][:count]
         progress.update(count)
+    progress.done()
+
+
+@dataclasses.dataclass
+class DeviceRows:
+    """The rows of a cache that this host's devices hold in the device-resident layout
+    (`device_cache`: example r on column r mod D of the mesh's data axis, as its row r div D),
+    and no other rows.
+
+    Attributes:
+      spec: the whole cache's (N examples).
+      num_devices: D, the data axis's size.
+      columns: this host's columns of the data axis, ascending (L of them).
+      rows: the rows as a cache of ceil(N / D) x L rows, block major: its row k L + j is example
+        k D + columns[j] (rows past N, the layout's padding, are zeros, label 0).
+    """
+
+    spec: Spec
+    num_devices: int
+    columns: tuple[int, ...]
+    rows: Cache
+
+    def column(self, name: str, c: int) -> np.ndarray:
+        """Column `c`'s rows of field `name` (or 'label'): [ceil(N / D), ...], a view."""
+        src = self.rows.labels if name == "label" else self.rows.arrays[name]
+        j = self.columns.index(c)
+        return src.reshape(-1, len(self.columns), *src.shape[1:])[:, j]
+
+
+def local_columns(mesh: Mesh) -> tuple[int, ...]:
+    """The columns of `mesh`'s data axis that this host's devices are."""
+    me = jax.process_index()
+    return tuple(c for c, d in enumerate(mesh.devices.flat) if d.process_index == me)
+
+
+def device_rows_spec(spec: Spec, num_devices: int, num_columns: int) -> Spec:
+    """The spec of `DeviceRows.rows`: ceil(N / D) rows for each of a host's L columns."""
+    blocks = -(-spec.num_examples // num_devices)
+    return dataclasses.replace(spec, num_examples=blocks * num_columns)
+
+
+def open_device_rows(path: str, spec: Spec, mesh: Mesh) -> DeviceRows | None:
+    """The complete `build_device_rows` output at `path`, if it is there (`open_cache`)."""
+    columns, d = local_columns(mesh), mesh.shape["data"]
+    rows = open_cache(path, device_rows_spec(spec, d, len(columns)))
+    return None if rows is None else DeviceRows(spec, d, columns, rows)
+
+
+def build_device_rows(
+    spec: Spec,
+    model: ViT,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mesh: Mesh,
+    batch_size: int,
+    normalize: Callable[[np.ndarray], np.ndarray],
+    path: str | None = None,
+    progress_every_s: float = 10.0,
+) -> DeviceRows:
+    """`build`, keeping only the rows of this host's devices (`DeviceRows`).
+
+    The pass gives each device its own rows: device column c of a global batch computes
+    examples k D + c of the batch's blocks k, so each host fetches its devices' outputs alone
+    and nothing is gathered from other hosts (`build` all-gathers every batch, so that each
+    host can write every row). The rows are those `build` computes, in another order.
+
+    Args:
+      spec, model, variables, images, labels, normalize, path, progress_every_s: as `build`
+        (`path` holds this host's rows only, so it names the host's columns of the mesh).
+      mesh: the data-parallel mesh the device cache will live on.
+      batch_size: global batch size of the pass (divisible by the number of devices).
+
+    Raises:
+      DiskSpaceError: as `build`.
+    """
+    n, d = spec.num_examples, mesh.shape["data"]
+    if len(images) != n or len(labels) != n:
+        raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
+                         f"{len(labels)} labels")
+    columns = local_columns(mesh)
+    rows_spec = device_rows_spec(spec, d, len(columns))
+    # Row k L + j of this host's rows is example k D + columns[j] (-1: padding).
+    example = (np.arange(rows_spec.num_examples) // len(columns) * d
+               + np.tile(np.asarray(columns), rows_spec.num_examples // len(columns)))
+    example[example >= n] = -1
+    local_labels = np.where(example >= 0, np.asarray(labels, np.int32)[example], 0)
+
+    def fill(arrays: dict[str, np.ndarray]) -> None:
+        _run_device_rows(spec, model, variables, images, arrays, columns, mesh=mesh,
+                         batch_size=batch_size, normalize=normalize, every_s=progress_every_s)
+
+    rows = _store(rows_spec, path, fill, local_labels.astype(np.int32))
+    return DeviceRows(spec, d, columns, rows)
+
+
+def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
+                     arrays: dict[str, np.ndarray], columns: tuple[int, ...], *, mesh: Mesh,
+                     batch_size: int, normalize: Callable[[np.ndarray], np.ndarray],
+                     every_s: float) -> None:
+    """The pass of `build_device_rows`: fills `arrays` (this host's rows, block major)."""
+    n, d, width = spec.num_examples, mesh.shape["data"], len(columns)
+    blocks = -(-n // d)
+    if batch_size % d:
+        raise ValueError(f"A pass of batch {batch_size} does not split over {d} devices")
+    names = list(spec.fields)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    fn = forward_fn(lambda v, x: {k: model.apply(v, x, method=ViT.cache_features)[k].astype(
+        _np_dtype(spec.fields[k][1])) for k in names}, mesh)
+    progress = Progress("Caching the frozen backbone's outputs (this host's devices' rows)",
+                        n, "examples", every_s)
+    for first in range(0, blocks, batch_size // d):
+        # Blocks [first, first + m): device column c computes examples k D + c of them, in
+        # slots [c m, (c + 1) m) of the global batch (P('data') gives each device one such
+        # run of slots). The last pass is shorter: it compiles once more rather than compute
+        # a full batch of padding.
+        m = min(batch_size // d, blocks - first)
+        mine = sampling.host_rows(batch_sharding, m * d)
+        slot = np.arange(mine.start, mine.stop)
+        example = (first + slot % m) * d + slot // m
+        local = np.zeros((len(slot), *images.shape[1:]), images.dtype)
+        local[example < n] = images[example[example < n]]
+        x = jax.make_array_from_process_local_data(batch_sharding, normalize(local))
+        out = fn(variables, x)
+        k = np.arange(first, first + m)
+        for name in names:
+            for shard in out[name].addressable_shards:
+                c = (shard.index[0].start or 0) // m
+                values = np.asarray(shard.data)
+                pad = (k * d + c >= n).reshape(-1, *([1] * (values.ndim - 1)))
+                j = columns.index(c)
+                # The layout's padding holds zeros.
+                arrays[name][first * width + j:(first + m) * width:width] = np.where(
+                    pad, np.zeros((), values.dtype), values)
+        progress.update(min(n, (first + m) * d) - first * d)
     progress.done()
 
 

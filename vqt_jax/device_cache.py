@@ -10,9 +10,10 @@ gathers.
 Layout: each field is a global array ``[ceil(N / D), D, ...]`` sharded over its second axis,
 so example r is row ``r div D`` of device ``r mod D``'s shard (round-robin; the last row of
 some devices is zero padding that no index reaches). Each host builds only its devices'
-shards, reading those rows from its host cache (`jax.make_array_from_callback`), never
-the others'. With one device the layout is the host cache's own, and on a CPU the device
-array is the host cache's memory itself (no copy).
+shards (`jax.make_array_from_callback`), reading those rows from its complete host cache, or
+from `cache.DeviceRows`, which holds no other rows (`cache.build_device_rows`). With one
+device the layout is the host cache's own, and on a CPU the device array is the host cache's
+memory itself (no copy).
 
 Floats of 16 bits (the bfloat16 cache) are held as their bit patterns (uint16) and turned back
 after each gather (`DeviceCache.gather`): XLA:CPU gathers and slices bfloat16 in float32, and
@@ -142,39 +143,56 @@ def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
     return None
 
 
-def upload(cache: cache_lib.Cache, mesh: Mesh, fields: list[str]) -> DeviceCache:
+def upload(cache: cache_lib.Cache | cache_lib.DeviceRows, mesh: Mesh,
+           fields: list[str]) -> DeviceCache:
     """The device copy of `fields` (and the labels) of a host cache, in the layout above.
 
-    Each host reads only the rows of its own devices.
+    Each host reads only the rows of its own devices: from a complete host cache
+    (`cache_lib.Cache`), or from `cache_lib.DeviceRows`, which holds no others.
     """
     n, d = cache.spec.num_examples, mesh.shape[AXIS]
     blocks = math.ceil(n / d)
     sharding = NamedSharding(mesh, P(None, AXIS))
-    sources = {name: cache.arrays[name] for name in fields} | {"label": cache.labels}
-    dtypes = {name: src.dtype for name, src in sources.items()}
-    sources = {name: src.view(stored_dtype(src.dtype)) for name, src in sources.items()}
-    if d == 1:
-        # One device holds every row in order: the layout is the host array's own. On a CPU
-        # the device array then aliases the host cache's memory (a disk cache's memory map is
-        # page-aligned, which XLA accepts), so the "device" copy costs no memory at all (a
-        # copy, staged through a second one, was twice ViT-B/16's 6.8 GiB cache of 1000
-        # images). Elsewhere it is one copy to the device.
-        return DeviceCache({name: jax.device_put(src.reshape(n, 1, *src.shape[1:]), sharding,
-                                                 may_alias=True)
-                            for name, src in sources.items()}, n, mesh, dtypes)
+    if isinstance(cache, cache_lib.DeviceRows):
+        if (cache.num_devices, cache.columns) != (d, cache_lib.local_columns(mesh)):
+            raise ValueError(f"Rows of columns {cache.columns} of {cache.num_devices} devices "
+                             f"cannot be placed on this host's columns "
+                             f"{cache_lib.local_columns(mesh)} of {d}")
+        sources = {name: cache.rows.arrays[name] for name in fields} | {
+            "label": cache.rows.labels}
+        dtypes = {name: src.dtype for name, src in sources.items()}
 
-    def shard(src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
-        cols = range(*index[1].indices(d))
-        out = np.zeros((blocks, len(cols), *src.shape[1:]), src.dtype)
-        for j, c in enumerate(cols):
+        def column(name: str, c: int) -> np.ndarray:
+            return cache.column(name, c)
+    else:
+        sources = {name: cache.arrays[name] for name in fields} | {"label": cache.labels}
+        dtypes = {name: src.dtype for name, src in sources.items()}
+        if d == 1:
+            # One device holds every row in order: the layout is the host array's own. On a
+            # CPU the device array then aliases the host cache's memory (a disk cache's memory
+            # map is page-aligned, which XLA accepts), so the "device" copy costs no memory at
+            # all (a copy, staged through a second one, was twice ViT-B/16's 6.8 GiB cache of
+            # 1000 images). Elsewhere it is one copy to the device.
+            return DeviceCache({name: jax.device_put(
+                src.view(stored_dtype(src.dtype)).reshape(n, 1, *src.shape[1:]), sharding,
+                may_alias=True) for name, src in sources.items()}, n, mesh, dtypes)
+
+        def column(name: str, c: int) -> np.ndarray:
             # Device column c holds examples c, c + D, ...: a strided view, copied once
             # (fancy indexing would stage a second copy of the whole column first).
-            column = src[c::d]
-            out[:len(column), j] = column
+            return sources[name][c::d]
+
+    def shard(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        cols = range(*index[1].indices(d))
+        src = sources[name]
+        out = np.zeros((blocks, len(cols), *src.shape[1:]), stored_dtype(src.dtype))
+        for j, c in enumerate(cols):
+            rows = column(name, c)
+            out[:len(rows), j] = rows.view(out.dtype)
         return out
 
     arrays = {name: jax.make_array_from_callback(
-        (blocks, d, *src.shape[1:]), sharding, lambda idx, src=src: shard(src, idx))
+        (blocks, d, *src.shape[1:]), sharding, lambda idx, name=name: shard(name, idx))
         for name, src in sources.items()}
     return DeviceCache(arrays, n, mesh, dtypes)
 

@@ -382,14 +382,18 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
 
 
 def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
-              mesh: Mesh, keep_float32: slice | None = None) -> cache_lib.Cache | None:
+              mesh: Mesh, keep_float32: slice | None = None, *, device_rows: bool = False
+              ) -> cache_lib.Cache | cache_lib.DeviceRows | None:
     """Opens the planned cache if it is complete, else builds it (one backbone pass).
 
     A disk too full for the cache (on any host) is an error with `config.cache='on'`; with
     'auto' the run says so and trains without the cache (None). Every host decides alike.
     A cache built here keeps the rows `keep_float32` in float32 too (`Cache.float32`); one
-    opened from disk has none.
+    opened from disk has none. With `device_rows` (every host alike), only the rows of this
+    host's devices in `mesh` (`cache.DeviceRows`, for the device-resident cache alone).
     """
+    if device_rows:
+        return _get_device_rows(plan, config, model, variables, mesh)
     cache = None if plan.path is None else cache_lib.open_cache(plan.path, plan.spec)
     # The build is collective: if any host lacks its copy, every host runs the pass (a host
     # that has a complete copy keeps it).
@@ -411,6 +415,57 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
             raise
         logging.warning("Training without a cache: %s.", e)
         return None
+
+
+def _get_device_rows(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
+                     mesh: Mesh) -> cache_lib.DeviceRows | None:
+    """`get_cache(device_rows=True)`: this host's devices' rows, opened or built
+    (`cache.build_device_rows`), beside the complete copy's place and named by the columns
+    of the mesh they are."""
+    columns, d = cache_lib.local_columns(mesh), mesh.shape["data"]
+    path = None if plan.path is None else (
+        f"{plan.path}-devices{columns[0]}-{columns[-1]}of{d}")
+    rows = None if path is None else cache_lib.open_device_rows(path, plan.spec, mesh)
+    if hosts.all_agree(rows is not None):
+        logging.info("Reusing this host's devices' rows of the cache in %s.", path)
+        return rows
+    images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
+                                              config.image_size, round_resized(config))
+    norm = data.as_normalization(config.normalization)
+    try:
+        return cache_lib.build_device_rows(
+            plan.spec, model, variables, images, labels, mesh=mesh,
+            batch_size=config.eval_batch_size or config.batch_size,
+            normalize=lambda x: data.normalize_array(x, norm), path=path)
+    except cache_lib.DiskSpaceError as e:
+        if config.get("cache", "off") == "on":
+            raise
+        logging.warning("Training without a cache: %s.", e)
+        return None
+
+
+def device_rows_only(config: ml_collections.ConfigDict, spec: cache_lib.Spec,
+                     mesh: Mesh) -> bool:
+    """Whether the run builds only its devices' rows of the cache (`get_cache(device_rows=)`):
+    on several hosts, when the cache goes on the devices (`why_not_on_device`) and nothing
+    after training reads the host cache (the feature heads read every row). A collective:
+    every host calls it."""
+    if jax.process_count() == 1 or feature_heads.wanted(config):
+        return False
+    return why_not_on_device(config, spec, mesh) is None
+
+
+def why_not_on_device(config: ml_collections.ConfigDict, spec: cache_lib.Spec,
+                      mesh: Mesh) -> str | None:
+    """Why the run's cache does not go on the devices (`config.cache_on_device`, or the
+    devices' memory on any host), or None: the same on every host (a collective)."""
+    fields = [k for k in train_step.CACHE_INPUTS if k in spec.fields]
+    mode = config.get("cache_on_device", "auto")
+    why = "config.cache_on_device='off'" if mode == "off" else device_cache_lib.why_not(
+        spec, fields, mesh, config.batch_size)
+    if not hosts.all_agree(why is None):  # every host compiles the same loop
+        why = why or "another host's devices cannot hold it"
+    return why
 
 
 @dataclasses.dataclass
@@ -543,19 +598,20 @@ def _healthy(metrics: dict[str, float], max_loss: float) -> bool:
 
 
 def make_stepper(config: ml_collections.ConfigDict, step: steppers.StepFn,
-                 cache: cache_lib.Cache | None, mesh: Mesh, frozen: dict, rng: jax.Array,
-                 start: int, max_steps: int) -> steppers.HostStepper | steppers.DeviceStepper:
+                 cache: cache_lib.Cache | cache_lib.DeviceRows | None, mesh: Mesh,
+                 frozen: dict, rng: jax.Array, start: int,
+                 max_steps: int) -> steppers.HostStepper | steppers.DeviceStepper:
     """The run's stepper: a compiled loop over the device-resident cache when the run has a
     cache that fits the devices (`config.cache_on_device`: 'auto' when it fits, 'on' an
     error when it does not, 'off' never), else one step per host batch."""
     batch_size = config.batch_size
     if cache is not None:
-        fields = [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
+        fields = [k for k in train_step.CACHE_INPUTS if k in cache.spec.fields]
         mode = config.get("cache_on_device", "auto")
-        why = "config.cache_on_device='off'" if mode == "off" else device_cache_lib.why_not(
-            cache.spec, fields, mesh, batch_size)
-        if not hosts.all_agree(why is None):  # every host compiles the same loop
-            why = why or "another host's devices cannot hold it"
+        # Rows built for the devices alone were built once the devices were found to hold
+        # them (`device_rows_only`).
+        why = None if isinstance(cache, cache_lib.DeviceRows) else why_not_on_device(
+            config, cache.spec, mesh)
         if why is None:
             logging.info("Training from the cache on the devices (a compiled loop per chunk).")
             return steppers.DeviceStepper(
@@ -646,7 +702,8 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     cache = None
     if cache_plan is not None and start < total_steps:
-        cache = get_cache(cache_plan, config, model, variables, mesh)
+        cache = get_cache(cache_plan, config, model, variables, mesh,
+                          device_rows=device_rows_only(config, cache_plan.spec, mesh))
     step_fn = train_step.make_train_step(model, tx, from_cache=cache is not None)
 
     sharded_step = train_step.make_state_step(step_fn, schedule)
