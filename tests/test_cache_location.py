@@ -87,9 +87,9 @@ def test_every_host_keeps_a_complete_copy_in_an_entry_of_its_own(folder, tmp_pat
     config = train_utils.tiny_config(data_dir=folder, cache="on")
     plan = _plan(config, str(tmp_path / "wd"))
     assert plan.path == str(root / "features" / f"{_fingerprint(config)}-host1")
-    assert re.search(r"Every host keeps a complete copy of the cache on its own disk: the host "
-                     r"cache, for what does not fit the devices, reads rows in any order",
-                     caplog.text), caplog.text
+    assert re.search(r"Every host keeps its own copy of the cache on its own disk: a complete "
+                     r"one where the host cache serves what does not fit the devices \(it reads "
+                     r"rows in any order\), else only its devices' rows", caplog.text), caplog.text
 
 
 def test_a_sweep_leaves_cache_dir_to_the_default_or_the_user(tmp_path):

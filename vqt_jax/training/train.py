@@ -262,10 +262,11 @@ def default_cache_dir() -> str:
 
     Never under the workdir, which is often shared (NFS, gs://): a cache is memory-mapped and
     read a few shuffled rows at a time, which over a network file system is a network read
-    each, and every host of a multi-host run keeps a complete copy of its own. Entries are
-    named by the cache's content fingerprint (`cache.fingerprint`), so every run and sweep of
-    the same data and backbone shares one entry, whatever its workdir; concurrent builds of
-    one entry are safe (`cache.build`). Every default entry lives in this one directory.
+    each, and every host of a multi-host run keeps a copy of its own (see `plan_cache`).
+    Entries are named by the cache's content fingerprint (`cache.fingerprint`), so every run
+    and sweep of the same data and backbone shares one entry, whatever its workdir; concurrent
+    builds of one entry are safe (`cache.build`). Every default entry lives in this one
+    directory.
 
     Where the home directory is itself on a network file system, point $VQT_JAX_CACHE (or
     `config.cache_dir`) at a local disk: `plan_cache` warns of a cache directory on one
@@ -354,13 +355,14 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
                 "to a local disk.", directory, remote)
         name = cache_lib.fingerprint(config, kwargs, kind)
         if jax.process_count() > 1:
-            # The host cache, which serves what does not fit the devices, reads rows in any
-            # order, so every host keeps a complete copy on its own disk (see cache.py); the
-            # suffix keeps the copies apart where cache_dir is shared by the hosts.
+            # Every host keeps its own copy on its own disk (see cache.py): a complete one
+            # where the run reads the host cache, which reads rows in any order, else only its
+            # devices' rows (`device_rows_only`). The suffix keeps the hosts' copies apart
+            # where cache_dir is shared by the hosts.
             name += f"-host{jax.process_index()}"
-            logging.info("Every host keeps a complete copy of the cache on its own disk: the "
-                         "host cache, for what does not fit the devices, reads rows in any "
-                         "order.")
+            logging.info("Every host keeps its own copy of the cache on its own disk: a "
+                         "complete one where the host cache serves what does not fit the "
+                         "devices (it reads rows in any order), else only its devices' rows.")
         path = os.path.join(directory, name)
     where = path or "host memory"
     if path is not None and not config.get("cache_dir"):
