@@ -77,10 +77,10 @@ def test_runs_in_other_workdirs_with_other_hyperparameters_share_one_entry(folde
         _plan(b, str(tmp_path / "sweep2" / "b")).path
 
 
-def test_every_host_keeps_a_complete_copy_in_an_entry_of_its_own(folder, tmp_path, root,
-                                                                 monkeypatch, caplog):
+def test_every_host_keeps_its_copy_in_an_entry_of_its_own(folder, tmp_path, root,
+                                                          monkeypatch, caplog):
     """Host 1 of 2: its own entry (cache_dir may be shared by the hosts), and the log says
-    why the whole cache is on each host's disk."""
+    when the whole cache is on each host's disk, and why."""
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(hosts, "all_agree", bool)  # no other host to ask
