@@ -35,7 +35,9 @@ leaves the backbone frozen (VQT, linear probing, Head2Toe) and the cache fits th
 batch of cached keys/values read once for all runs, one backbone pass per evaluation split,
 and the same per-run outputs and numbers as the runs one by one (`program='sequential'`).
 
-Under the sweep's directory it writes ``<task>/val/lr=<lr>,wd=<wd>/`` and
+Under the sweep's directory (local, or a ``gs://`` URL: every path is an `etils.epath.Path`
+joined as `vqt_jax.training.workdir.as_path` does, never a `pathlib` one, which would turn
+gs://b/s into the local gs:/b/s) it writes ``<task>/val/lr=<lr>,wd=<wd>/`` and
 ``<task>/test/seed=<s>/`` (one training run each, as `train_and_evaluate` writes it),
 ``<task>/selection.json`` (every grid point's val top-1 and the selection), ``<task>/sweep.json``
 (the method and overrides the task was swept with) and ``results.md`` / ``results.csv``
@@ -50,10 +52,12 @@ its ``results.json`` records them), and a task directory refuses a different met
 overrides than it was swept with, except for `NEUTRAL_KEYS` (where data and caches live, ...).
 
 On several hosts (`jax.distributed`, `experiments/vtab_sweep.py --distributed`) every host
-runs the same sweep over a shared workdir: every run and program trains on all of them, the
-chief (process 0) alone writes the sweep's files (markers, selections, tables), and every host
-waits for the others (`vqt_jax.hosts.barrier`) after each run before reading what the chief
-wrote, so all of them take the same decisions (what to train, what to read, what to select).
+runs the same sweep over a shared workdir (a shared file system or a gs:// bucket): every run
+and program trains on all of them, the chief (process 0) alone writes the sweep's files
+(markers, selections, tables), and every host waits for the others (`vqt_jax.hosts.barrier`)
+after each run before reading what the chief wrote, so all of them take the same decisions
+(what to train, what to read, what to select). A re-run resumes on every host from what the
+workdir holds: a host reads the chief's results, never a copy of its own.
 """
 
 from __future__ import annotations
@@ -65,12 +69,14 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from vqt_jax import hosts, methods
 from vqt_jax.progress import format_duration
@@ -204,7 +210,7 @@ ConfigFn = Callable[[str], ml_collections.ConfigDict]
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]
 # stage_fn(configs, run_dirs, may_diverge) -> per run its results or the FloatingPointError that
 # excluded it; None when the runs cannot be one program (it says why).
-StageFn = Callable[[Sequence[ml_collections.ConfigDict], Sequence[Path], bool],
+StageFn = Callable[[Sequence[ml_collections.ConfigDict], Sequence[epath.Path], bool],
                    "list[Mapping[str, Any] | FloatingPointError] | None"]
 
 # How a sweep trains a stage's runs: 'auto' as one program where the method and the cache
@@ -230,6 +236,8 @@ NEUTRAL_KEYS = workdir_lib.NEUTRAL - {"prepare"}
 
 # Written into a run's workdir when its training diverged, so a re-run does not retrain it.
 FAILED_MARKER = "sweep_failed.json"
+# A task directory's record of the method and overrides it was swept with, and its selection.
+SWEEP_FILE, SELECTION_FILE = "sweep.json", "selection.json"
 
 # An image folder (`--tasks=folder --set data_dir=ROOT`, or a config that prepares one, such as
 # configs/demo.py) is swept like a task of its own group; `--tasks=all` means VTAB-1k's 19.
@@ -336,8 +344,17 @@ def apply_overrides(
     return config
 
 
-def load_config_fn(path: str | Path) -> ConfigFn:
-    """Returns the ``get_config`` of the config file at `path` (e.g. configs/vtab.py)."""
+def load_config_fn(path: str | os.PathLike) -> ConfigFn:
+    """Returns the ``get_config`` of the config file at `path` (e.g. configs/vtab.py).
+
+    Raises:
+        ValueError: `path` is remote (gs://...): a config file is imported as Python, from
+            the local file system.
+        FileNotFoundError: No such file.
+    """
+    if not workdir_lib.is_local(path):
+        raise ValueError(f"Config file {os.fspath(path)}: a config is imported as Python and "
+                         "must be a local file; copy it here first.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
@@ -377,18 +394,18 @@ def resolve_tasks(text: str, task_groups: Mapping[str, str]) -> list[str]:
 # Runs.
 
 
-def val_run_dir(workdir: str | Path, task: str, lr: float, wd: float) -> Path:
+def val_run_dir(workdir: str | os.PathLike, task: str, lr: float, wd: float) -> epath.Path:
     """Workdir of the selection run of `task` at (lr, wd)."""
-    return Path(workdir) / task / "val" / f"lr={lr!r},wd={wd!r}"
+    return workdir_lib.as_path(workdir) / task / "val" / f"lr={lr!r},wd={wd!r}"
 
 
-def test_run_dir(workdir: str | Path, task: str, seed: int) -> Path:
+def test_run_dir(workdir: str | os.PathLike, task: str, seed: int) -> epath.Path:
     """Workdir of the test run of `task` with `seed`."""
-    return Path(workdir) / task / "test" / f"seed={seed}"
+    return workdir_lib.as_path(workdir) / task / "test" / f"seed={seed}"
 
 
-def task_run_dirs(workdir: str | Path, task: str, grid: Grid, batch_size: int,
-                  num_seeds: int) -> list[Path]:
+def task_run_dirs(workdir: str | os.PathLike, task: str, grid: Grid, batch_size: int,
+                  num_seeds: int) -> list[epath.Path]:
     """The workdirs of every run of `task`, in the order the sweep runs them.
 
     The test runs' directories depend on the seed only, so they are known before the
@@ -398,7 +415,7 @@ def task_run_dirs(workdir: str | Path, task: str, grid: Grid, batch_size: int,
             + [test_run_dir(workdir, task, seed) for seed in range(num_seeds)])
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: epath.Path) -> bool:
     """Whether a run needs no training: its results are on disk, or it diverged earlier."""
     return (run_dir / "results.json").is_file() or (run_dir / FAILED_MARKER).is_file()
 
@@ -422,9 +439,9 @@ class SweepProgress:
         clock: The time source, in seconds (tests pass a fake one).
     """
 
-    def __init__(self, run_dirs: Sequence[Path], log: LogFn | None = None,
+    def __init__(self, run_dirs: Sequence[str | os.PathLike], log: LogFn | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.run_dirs = [Path(d) for d in run_dirs]
+        self.run_dirs = [workdir_lib.as_path(d) for d in run_dirs]
         self.total = len(self.run_dirs)
         self.number = 0  # of the current run, 1-based
         self.trained = 0
@@ -433,7 +450,7 @@ class SweepProgress:
         self._clock = clock
         self._start = clock()
         self._run_start = self._start
-        self._in_program: set[Path] = set()  # runs trained together by `program_*`
+        self._in_program: set[epath.Path] = set()  # runs trained together by `program_*`
 
     def left_to_train(self) -> int:
         """Runs after the current one that have neither results nor a divergence marker."""
@@ -447,12 +464,13 @@ class SweepProgress:
         self.log(f"{what}: {self.total} runs, {self.total - left} finished earlier, "
                  f"{left} to train")
 
-    def begin(self, config: ml_collections.ConfigDict, run_dir: Path) -> None:
+    def begin(self, config: ml_collections.ConfigDict, run_dir: epath.Path) -> None:
         """Logs ``run k of N: ...`` for the run of `config` in `run_dir`."""
         self.number += 1
         line = (f"run {self.number} of {self.total}: {config.task} lr={config.lr!r} "
                 f"wd={config.wd!r} seed={config.seed} ({config.split})")
-        if Path(run_dir) in self._in_program:
+        run_dir = workdir_lib.as_path(run_dir)
+        if run_dir in self._in_program:
             line += ": trained in the program above, its results.json is read"
         elif (run_dir / "results.json").is_file():
             line += ": finished earlier, its results.json is read"
@@ -461,17 +479,17 @@ class SweepProgress:
         self.log(line)
         self._run_start = self._clock()
 
-    def program_begin(self, what: str, run_dirs: Sequence[Path]) -> None:
+    def program_begin(self, what: str, run_dirs: Sequence[epath.Path]) -> None:
         """Logs the start of `run_dirs`' runs trained together as one program."""
         self.log(f"{what}: {len(run_dirs)} runs as one program")
         self._run_start = self._clock()
 
-    def program_end(self, run_dirs: Sequence[Path]) -> None:
+    def program_end(self, run_dirs: Sequence[epath.Path]) -> None:
         """Logs how long the program took; its runs count as trained (for the rate)."""
         seconds = self._clock() - self._run_start
         self.trained += len(run_dirs)
         self.train_seconds += seconds
-        self._in_program.update(Path(d) for d in run_dirs)
+        self._in_program.update(workdir_lib.as_path(d) for d in run_dirs)
         self.log(f"{len(run_dirs)} runs as one program took {format_duration(seconds)}; "
                  f"{format_duration(self._clock() - self._start)} elapsed")
 
@@ -513,7 +531,7 @@ def recorded_settings(results: Mapping[str, Any]) -> dict[str, Any]:
     return {k: source[k] for k in sorted(RESERVED_KEYS) if k in source}
 
 
-def run_protocol(run_dir: str | Path, results: Mapping[str, Any] | None = None) -> str:
+def run_protocol(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = None) -> str:
     """The protocol/preprocessing line (`describe`) of the config a run recorded.
 
     Args:
@@ -526,16 +544,16 @@ def run_protocol(run_dir: str | Path, results: Mapping[str, Any] | None = None) 
     """
     recorded = (results or {}).get("config")
     if not isinstance(recorded, Mapping):
-        path = Path(run_dir) / "config.json"
+        path = workdir_lib.as_path(run_dir) / workdir_lib.CONFIG_FILE
         try:
-            recorded = json.loads(path.read_text()) if path.is_file() else None
+            recorded = workdir_lib.read_json(path) if path.is_file() else None
         except (OSError, ValueError):
             recorded = None  # unreadable: the table says so rather than failing the sweep
     return describe(recorded) if isinstance(recorded, Mapping) else NOT_RECORDED
 
 
 def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDict,
-                    path: Path) -> None:
+                    path: epath.Path) -> None:
     """Refuses a finished run that was not trained with the settings of its directory."""
     wrong = {k: v for k, v in recorded_settings(results).items() if v != config.get(k)}
     if wrong:
@@ -548,7 +566,7 @@ def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDic
             "retrain it, or use another --workdir.")
 
 
-def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: TrainFn, *,
+def _run_or_read(config: ml_collections.ConfigDict, run_dir: epath.Path, train_fn: TrainFn, *,
                  may_diverge: bool, progress: SweepProgress) -> dict[str, Any] | None:
     """Returns the results of one run, training only if they are not on disk yet.
 
@@ -559,9 +577,9 @@ def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: Tra
         ValueError: results on disk record other task/split/lr/wd/seed/method than `config`.
     """
     progress.begin(config, run_dir)
-    results_path = run_dir / "results.json"
+    results_path = run_dir / workdir_lib.RESULTS_FILE
     if results_path.is_file():
-        results = json.loads(results_path.read_text())
+        results = workdir_lib.read_json(results_path)
         _check_recorded(results, config, results_path)
         return results
     if (run_dir / FAILED_MARKER).is_file():
@@ -580,12 +598,12 @@ def _run_or_read(config: ml_collections.ConfigDict, run_dir: Path, train_fn: Tra
     return results
 
 
-def _mark_failed(run_dir: Path, error: FloatingPointError) -> None:
+def _mark_failed(run_dir: epath.Path, error: FloatingPointError) -> None:
     """Records a diverged run (`FAILED_MARKER`; by the chief alone) so re-runs skip it."""
     logging.warning("Diverged, excluded from the selection: %s (%s)", run_dir, error)
     if hosts.is_chief():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED_MARKER).write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
+        workdir_lib.write_json(run_dir / FAILED_MARKER, {"error": str(error)})
 
 
 def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tuple[float, float]:
@@ -605,13 +623,12 @@ def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tupl
     return min(usable, key=lambda k: (-round(usable[k], 6), k[0], k[1]))
 
 
-def _check_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+def _check_fingerprint(task_dir: epath.Path, fingerprint: dict[str, Any]) -> None:
     """Refuses to mix finished runs of a different method or overrides into this sweep."""
-    path = task_dir / "sweep.json"
-    # JSON round trip so that e.g. tuples and lists compare equal to what was stored.
-    fingerprint = json.loads(json.dumps(fingerprint, default=repr))
+    path = task_dir / SWEEP_FILE
     if path.is_file():
-        stored = json.loads(path.read_text())
+        stored = workdir_lib.read_json(path)
+        fingerprint = _as_json(fingerprint)
         if stored != fingerprint:
             raise ValueError(
                 f"{task_dir} was swept with {stored}, not {fingerprint}; its finished runs "
@@ -619,11 +636,16 @@ def _check_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
             )
 
 
-def _write_fingerprint(task_dir: Path, fingerprint: dict[str, Any]) -> None:
+def _as_json(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples as lists, other objects as their repr), so that
+    it compares equal to what a JSON file stored."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _write_fingerprint(task_dir: epath.Path, fingerprint: dict[str, Any]) -> None:
     if hosts.is_chief():
         task_dir.mkdir(parents=True, exist_ok=True)
-        (task_dir / "sweep.json").write_text(
-            json.dumps(fingerprint, indent=2, default=repr) + "\n")
+        workdir_lib.write_json(task_dir / SWEEP_FILE, _as_json(fingerprint), sort_keys=False)
 
 
 def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> StageFn:
@@ -652,7 +674,8 @@ def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> Stage
     return stage_fn
 
 
-def _program(stage_fn: StageFn | None, runs: Sequence[tuple[ml_collections.ConfigDict, Path]],
+def _program(stage_fn: StageFn | None,
+             runs: Sequence[tuple[ml_collections.ConfigDict, epath.Path]],
              *, may_diverge: bool, progress: SweepProgress, what: str) -> None:
     """Trains the unfinished runs of a stage as one program, if `stage_fn` can (it returns None
     when it cannot, after saying why); the sweep's loop then reads their results."""
@@ -670,7 +693,8 @@ def _program(stage_fn: StageFn | None, runs: Sequence[tuple[ml_collections.Confi
     progress.program_end([d for _, d in todo])
 
 
-def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | Path, *,
+def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
+               workdir: str | os.PathLike, *,
                grid: Grid, num_seeds: int, train_fn: TrainFn,
                progress: SweepProgress | None = None,
                stage_fn: StageFn | None = None) -> TaskResult:
@@ -680,7 +704,7 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         task: Task name.
         group: Its VTAB group, carried into the result.
         base: The task's config with the overrides applied; split, lr, wd, seed are set per run.
-        workdir: The sweep's root directory.
+        workdir: The sweep's root directory, local or remote (gs://).
         grid: The (lr, wd) grid; its lrs are scaled to ``base.batch_size``.
         num_seeds: Number of test seeds (0..num_seeds-1).
         train_fn: ``train_fn(config, run_workdir) -> results`` with a ``'top1'`` entry.
@@ -721,8 +745,8 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
         "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
     }
     if hosts.is_chief():
-        (Path(workdir) / task / "selection.json").write_text(
-            json.dumps(selection, indent=2) + "\n")
+        workdir_lib.write_json(workdir_lib.as_path(workdir) / task / SELECTION_FILE, selection,
+                               sort_keys=False)
 
     test_top1 = []
     _program(stage_fn, [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
@@ -740,7 +764,7 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
 
 def run_sweep(
     tasks: Sequence[str],
-    workdir: str | Path,
+    workdir: str | os.PathLike,
     *,
     base_config_fn: ConfigFn | None = None,
     train_fn: TrainFn | None = None,
@@ -760,7 +784,8 @@ def run_sweep(
 
     Args:
         tasks: Task names.
-        workdir: Root directory of the sweep; see the module docstring for its layout.
+        workdir: Root directory of the sweep, local or remote (gs://); see the module
+            docstring for its layout.
         base_config_fn: ``get_config(task)``; default: `DEFAULT_CONFIG`'s.
         train_fn: ``train_fn(config, run_workdir) -> results``; default:
             `vqt_jax.training.train.train_and_evaluate`. Tests pass a fake.
@@ -800,7 +825,7 @@ def run_sweep(
     fingerprint = {"method": method,
                    "overrides": {k: v for k, v in overrides.items() if k not in NEUTRAL_KEYS}}
 
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)  # a gs:// URL mangled to gs:/ is refused here
     bases = {}
     for task in tasks:
         base = apply_overrides(base_config_fn(task), overrides)

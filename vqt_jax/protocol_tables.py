@@ -21,9 +21,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
+
+from vqt_jax.training import workdir as workdir_lib
 
 # VTAB-1k reporting groups, in the order of the task table.
 GROUPS = ("natural", "specialized", "structured")
@@ -223,19 +225,23 @@ def to_csv(results: Sequence[TaskResult]) -> str:
     return out.getvalue()
 
 
-def write_reports(results: Sequence[TaskResult], workdir: str | Path, *,
+def write_reports(results: Sequence[TaskResult], workdir: str | os.PathLike, *,
                   method: str | None = None) -> str:
     """Writes results.md and results.csv into `workdir`.
 
     Args:
         results: One result per task, in table order.
-        workdir: The sweep's root directory (created if missing).
+        workdir: The sweep's root directory (created if missing), local or remote (gs://:
+            `etils.epath` joins it, where `pathlib` would make gs://b/s the local gs:/b/s).
         method: The method swept, for the markdown's title.
 
     Returns:
         The markdown.
+
+    Raises:
+        ValueError: `workdir` is a gs:// URL that lost a slash (`workdir_lib.is_local`).
     """
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(results, method=method)
     (workdir / "results.md").write_text(markdown)
