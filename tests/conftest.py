@@ -21,13 +21,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="vqt_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Runs cache the frozen backbone in $VQT_JAX_CACHE/features by default (train.default_cache_dir):
+# one directory per session keeps the tests' caches out of the user's ~/.cache/vqt_jax. Tests
+# that need their own set $VQT_JAX_CACHE themselves (monkeypatch).
+_OWN_VQT_JAX_CACHE = None
+if "VQT_JAX_CACHE" not in os.environ:
+    _OWN_VQT_JAX_CACHE = tempfile.mkdtemp(prefix="vqt_jax_test_cache_")
+    os.environ["VQT_JAX_CACHE"] = _OWN_VQT_JAX_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
-    if _OWN_CACHE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        for own in (_OWN_CACHE, _OWN_VQT_JAX_CACHE):
+            if own is not None:
+                shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

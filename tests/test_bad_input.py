@@ -268,7 +268,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(name, base_folder, fini
         assert not os.path.exists(os.path.join(workdir, "results.json"))
         assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not [
             s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-        cache_dir = os.path.join(workdir, "cache")
+        # No cache either (caches go to $VQT_JAX_CACHE/features, train.default_cache_dir).
+        cache_dir = os.path.join(case.cache, "features")
         assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
 
 
@@ -281,9 +282,10 @@ def test_a_full_disk_with_cache_auto_trains_without_the_cache(base_folder, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
+    monkeypatch.setenv("VQT_JAX_CACHE", str(tmp_path / "vqt_jax_cache"))
     config = train_utils.tiny_config(data_dir=base_folder, epochs=1, cache="auto")
     results, _ = train.run(config, str(tmp_path / "wd"))
     assert results["cached"] is False and results["num_eval_examples"] == 15
     assert any("Training without a cache: not enough disk space" in r.getMessage()
                for r in caplog.records)
-    assert os.listdir(tmp_path / "wd" / "cache") == []
+    assert os.listdir(tmp_path / "vqt_jax_cache" / train.FEATURES_SUBDIR) == []

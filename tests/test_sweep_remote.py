@@ -207,18 +207,12 @@ def _launch(root: Path, data: str, mode: str) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT, text=True, timeout=600)
 
 
-def _stage_dir_keeps_urls() -> bool:
-    """Whether `stacked.stage_dir` keeps a gs:// run directory's parent a gs:// URL."""
+def test_a_stage_directory_of_a_bucket_stays_in_the_bucket():
     member = stacked.Member(ml_collections.ConfigDict({"lr": 0.1, "wd": 0.0, "seed": 0}),
                             "gs://b/s/task/val/lr=0.1,wd=0.0")
-    return stacked.stage_dir([member]).startswith("gs://b/s/task/val/")
+    assert stacked.stage_dir([member]).startswith("gs://b/s/task/val/" + stacked.STAGE_PREFIX)
 
 
-# Until stacked.stage_dir keeps gs:// URLs the grid's program writes under CWD/gs:/ (the
-# fake bucket's guards stop it): not run then, and run as soon as that is fixed.
-@pytest.mark.xfail(not _stage_dir_keeps_urls(), run=False, strict=True,
-                   reason="vqt_jax/training/stacked.py: stage_dir takes os.path.normpath of the "
-                          "run directory, which turns gs://b into the local gs:/b")
 def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_equals_uninterrupted(tmp_path):
     """`vtab_sweep.py --distributed` on 2 processes x 2 CPU devices with a gs:// workdir: the
     grid trains as one program, the test run on its own. Both hosts are stopped right after

@@ -132,10 +132,11 @@ def _shared(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def stage_dir(members: Sequence[Member]) -> str:
     """The stage's directory: beside its members' directories, named by what they are."""
-    key = json.dumps([[m.config.lr, m.config.wd, m.config.seed, os.path.basename(m.run_dir)]
+    key = json.dumps([[m.config.lr, m.config.wd, m.config.seed, epath.Path(m.run_dir).name]
                       for m in members])
-    parent = os.path.dirname(os.path.normpath(members[0].run_dir))
-    return os.path.join(parent, STAGE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12])
+    # epath, not os.path: normpath would make a gs:// run directory the local 'gs:/...'.
+    parent = epath.Path(members[0].run_dir).parent
+    return str(parent / (STAGE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]))
 
 
 @dataclasses.dataclass
@@ -575,7 +576,7 @@ def _run_group(members: list[Member], may_diverge: bool,
                                                  setup.cache, setup.plan.num_classes,
                                                  evals=evals[j]))
             results["program"] = {"runs": s, "directory": directory}
-            results["config"] = workdir_lib.as_dict(c)
+            train.record_run(c, results)
             if is_chief:
                 train.write_evaluation(m.run_dir, c, metrics[j], report)
                 train.write_export(setup.plan, c, m.run_dir, variables, results,
