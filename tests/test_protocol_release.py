@@ -185,3 +185,143 @@ def test_partial_batch_padding_does_not_enter_the_loss():
                    "mask": jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])})
     assert padded == pytest.approx(real, rel=1e-6)
     assert loss({"image": images, "label": labels}) != pytest.approx(real, rel=1e-3)
+
+
+# run_demo_exp.sh, transcribed: (script, data name, T) per line, in its order. A
+# run_vqt_vtab_sparsity.sh line (keep frac 0.7) follows the run_vqt_vtab.sh line of every task
+# it compresses.
+_RUN_DEMO_EXP = [
+    ("run_vqt_vtab", "vtab-caltech101", 1), ("run_vqt_vtab_sparsity", "vtab-caltech101", 1),
+    ("run_vqt_vtab", "vtab-dtd", 1), ("run_vqt_vtab_sparsity", "vtab-dtd", 1),
+    ("run_vqt_vtab", "vtab-oxford_flowers102", 1),
+    ("run_vqt_vtab_sparsity", "vtab-oxford_flowers102", 1),
+    ("run_vqt_vtab", "vtab-oxford_iiit_pet", 1),
+    ("run_vqt_vtab_sparsity", "vtab-oxford_iiit_pet", 1),
+    ("run_vqt_vtab", "vtab-cifar(num_classes=100)", 1),
+    ("run_vqt_vtab_sparsity", "vtab-cifar(num_classes=100)", 1),
+    ("run_vqt_vtab", "vtab-patch_camelyon", 1),
+    ("run_vqt_vtab_sparsity", "vtab-patch_camelyon", 1),
+    ("run_vqt_vtab", "vtab-resisc45", 1), ("run_vqt_vtab_sparsity", "vtab-resisc45", 1),
+    ("run_vqt_vtab", 'vtab-diabetic_retinopathy(config="btgraham-300")', 1),
+    ("run_vqt_vtab_sparsity", 'vtab-diabetic_retinopathy(config="btgraham-300")', 1),
+    ("run_vqt_vtab", "vtab-eurosat", 1), ("run_vqt_vtab_sparsity", "vtab-eurosat", 1),
+    ("run_vqt_vtab", 'vtab-clevr(task="count_all")', 1),
+    ("run_vqt_vtab_sparsity", 'vtab-clevr(task="count_all")', 1),
+    ("run_vqt_vtab", 'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 1),
+    ("run_vqt_vtab_sparsity",
+     'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 1),
+    ("run_vqt_vtab", "vtab-sun397", 1), ("run_vqt_vtab_sparsity", "vtab-sun397", 1),
+    ("run_vqt_vtab", 'vtab-smallnorb(predicted_attribute="label_elevation")', 10),
+    ("run_vqt_vtab", 'vtab-clevr(task="closest_object_distance")', 10),
+    ("run_vqt_vtab", "vtab-svhn", 20),
+    ("run_vqt_vtab", "vtab-dmlab", 20),
+    ("run_vqt_vtab", 'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 20),
+    ("run_vqt_vtab", 'vtab-smallnorb(predicted_attribute="label_azimuth")', 20),
+    ("run_vqt_vtab", 'vtab-kitti(task="closest_vehicle_distance")', 20),
+]
+# The release's data names (collect_demo_exp_results.py's `data_names`) -> ours.
+_RELEASE_NAMES = {
+    "vtab-caltech101": "caltech101", "vtab-dtd": "dtd",
+    "vtab-cifar(num_classes=100)": "cifar100", "vtab-oxford_flowers102": "oxford_flowers102",
+    "vtab-oxford_iiit_pet": "oxford_iiit_pet", "vtab-svhn": "svhn",
+    "vtab-patch_camelyon": "patch_camelyon", "vtab-resisc45": "resisc45",
+    "vtab-eurosat": "eurosat",
+    'vtab-diabetic_retinopathy(config="btgraham-300")': "diabetic_retinopathy",
+    "vtab-dmlab": "dmlab", 'vtab-clevr(task="closest_object_distance")': "clevr_distance",
+    'vtab-clevr(task="count_all")': "clevr_count",
+    'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)':
+        "dsprites_orientation",
+    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)': "dsprites_location",
+    'vtab-smallnorb(predicted_attribute="label_azimuth")': "smallnorb_azimuth",
+    'vtab-smallnorb(predicted_attribute="label_elevation")': "smallnorb_elevation",
+    'vtab-kitti(task="closest_vehicle_distance")': "kitti_distance",
+    "vtab-sun397": "sun397",
+}
+
+
+def _release_collect(run_dirs: dict[str, set[str]]) -> dict[str, str]:
+    """collect_demo_exp_results.py's choice of runs, transcribed: per data name, the
+    `keep_frac_0.7/runN` results if the hyper-parameter directory holds `keep_frac_0.7`, else
+    `runN`. `run_dirs`: data name -> the entries of its hyper-parameter directory."""
+    return {name: "keep_frac_0.7/" if "keep_frac_0.7" in entries else ""
+            for name, entries in run_dirs.items()}
+
+
+def _release_outputs() -> dict[str, set[str]]:
+    """What run_demo_exp.sh leaves in each task's final hyper-parameter directory: `runN` from
+    run_vqt_vtab.sh, and `keep_frac_0.7` from run_vqt_vtab_sparsity.sh (the `featselect`
+    output of head2toe_sparsity_train.py's setup)."""
+    out: dict[str, set[str]] = {}
+    for script, name, _ in _RUN_DEMO_EXP:
+        entries = out.setdefault(name, set())
+        entries.update({"run1", "run2", "run3", "run4", "run5"} if script == "run_vqt_vtab"
+                       else {"keep_frac_0.7"})
+    return out
+
+
+def test_the_reported_number_is_the_releases_for_every_task():
+    prefixes = _release_collect(_release_outputs())
+    assert set(_RELEASE_NAMES) == set(prefixes) and set(_RELEASE_NAMES.values()) == set(
+        tasks.TASKS)
+    for release_name, prefix in prefixes.items():
+        name = _RELEASE_NAMES[release_name]
+        config = vtab.get_config(name)
+        # A final run's results as the trainer writes them: a compression entry where the
+        # compression stage ran.
+        results = {"top1": 0.5}
+        if config.compression.enabled:
+            results["compression"] = {"top1": 0.25}
+        number = protocol.reported(config, results)
+        if prefix:  # keep_frac_0.7/runN: the compressed model's test top-1
+            assert number == {"metric": "compression.top1", "top1": 0.25}, name
+        else:
+            assert number == {"metric": "top1", "top1": 0.5}, name
+        # The T of the task's runs, too.
+        (t,) = {t for _, n, t in _RUN_DEMO_EXP if n == release_name}
+        assert config.model.num_queries == t, name
+    # big_vision reports the trained model's number.
+    bv = vtab.get_config("dtd,big_vision")
+    assert protocol.reported(bv, {"top1": 0.5, "compression": {"top1": 0.25}})["metric"] == "top1"
+
+
+def _erf_gelu(x: np.ndarray) -> np.ndarray:
+    # torch.nn.functional.gelu's default (approximate='none'): x * Phi(x), with math.erf.
+    return np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))(x)
+
+
+def test_release_runs_exact_gelu():
+    # h2t_vit.py: `self.act_fn = ACT2FN["gelu"]`, ACT2FN["gelu"] = torch.nn.functional.gelu.
+    for name in tasks.TASKS:
+        assert vtab.get_config(name).model.mlp_act == "gelu", name
+    assert vtab.get_config("dtd,big_vision").model.mlp_act == "gelu_tanh"
+    # The model built from the config runs that activation in its MLPs: a tiny model's MLP
+    # block on inputs where the two GELUs differ.
+    from vqt_jax.models import vit
+
+    config = vtab.get_config("dtd")
+    assert train.build_model(config, num_classes=47).mlp_act == "gelu"
+    block = vit.MlpBlock(mlp_dim=4, act=config.model.mlp_act)
+    x = jnp.linspace(-3.0, 3.0, 24, dtype=jnp.float32).reshape(2, 3, 4)
+    params = block.init(jax.random.key(0), x)
+    d0, d1 = params["params"]["Dense_0"], params["params"]["Dense_1"]
+    hidden = np.asarray(x) @ np.asarray(d0["kernel"]) + np.asarray(d0["bias"])
+    expected = _erf_gelu(hidden.astype(np.float64)) @ np.asarray(d1["kernel"]) + np.asarray(
+        d1["bias"])
+    np.testing.assert_allclose(np.asarray(block.apply(params, x)), expected, atol=1e-5)
+    tanh = vit.MlpBlock(mlp_dim=4, act="gelu_tanh").apply(params, x)
+    assert np.max(np.abs(np.asarray(tanh) - expected)) > 1e-4  # the test tells them apart
+
+
+def test_kept_features_are_truncated_as_the_release_counts_them():
+    from vqt_jax import compression
+
+    # src/models/build_h2t_model.py: int((768 + 768*12*num_q) * KEEP_FRAC) for ViT-B/16.
+    for num_q in (1, 10, 20):
+        total = 768 + 768 * 12 * num_q
+        assert compression.num_to_keep(total, 0.7) == int(total * 0.7)
+    assert compression.num_to_keep(9984, 0.7) == 6988
+    # The head the compression stage keeps: the top int(F * keep_frac) columns.
+    norms = np.arange(9984, dtype=np.float32)[::-1].copy()
+    kernel = np.zeros((9984, 2), np.float32)
+    kernel[:, 0] = norms
+    assert len(compression.select_features(kernel, 0.7)) == 6988

@@ -8,6 +8,7 @@ and top-1, the selection and the test numbers must agree. The grid holds a point
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -23,7 +24,7 @@ import pytest
 
 from tests import absl_verbosity, multihost, train_utils, xla_env
 from vqt_jax import export, methods, protocol
-from vqt_jax.training import checkpointing, stacked
+from vqt_jax.training import checkpointing, compression_train, stacked
 from vqt_jax.training.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,14 @@ def base_config(data_dir: str, method: str):
 
 
 def sweep(base, workdir: Path, program: bool) -> tuple[protocol.TaskResult, list[str]]:
-    """The protocol on the tiny task: each stage as one program, or every run on its own."""
+    """The protocol on the tiny task: each stage as one program, or every run on its own.
+
+    Each sweep builds a cache of its own (in `workdir`), as a first sweep of the task would:
+    the default directory is shared by contents, and what a stage does depends on whether
+    it builds the cache or finds it."""
+    if not base.cache_dir:
+        base = copy.deepcopy(base)
+        base.cache_dir = str(workdir / "cache")
     lines: list[str] = []
     stage_fn = protocol.program_stage_fn(strict=True, log=lines.append) if program else None
     dirs = protocol.task_run_dirs(workdir, "folder", GRID, base.batch_size, NUM_SEEDS)
@@ -93,14 +101,23 @@ def sweeps(request, tmp_path_factory):
         loggers = [logging.getLogger(name) for name in ("jax", "absl")]
         for logger in loggers:
             logger.addHandler(handler)
+        compressed: list[tuple[str, int]] = []  # (split, seed) of every compression stage run
+        real_compress = compression_train.compress
+
+        def counted(config, *args, _log=compressed, _real=real_compress, **kwargs):
+            _log.append((config.split, config.seed))
+            return _real(config, *args, **kwargs)
+
         try:
             # A module-scoped fixture runs before conftest's function-scoped `_absl_info`.
-            with absl_verbosity.info(), jax.log_compiles(True):
+            with (absl_verbosity.info(), jax.log_compiles(True),
+                  pytest.MonkeyPatch.context() as patch):
+                patch.setattr(compression_train, "compress", counted)
                 result, lines = sweep(base, root / mode, mode == "one")
         finally:
             for logger in loggers:
                 logger.removeHandler(handler)
-        out[mode] = (result, lines, handler.names, handler.evaluations)
+        out[mode] = (result, lines, handler.names, handler.evaluations, compressed)
     return root, request.param, out
 
 
@@ -132,7 +149,7 @@ def test_every_run_equals_its_sequential_run(sweeps):
         assert a["top1"] == b["top1"], one_dir
         assert a.get("baselines") == b.get("baselines"), one_dir
         assert a.get("compression") == b.get("compression"), one_dir
-        assert ("compression" in b) == (b["method"] == "vqt"), one_dir
+        assert ("compression" in b) == (b["method"] == "vqt" and b["split"] == "test"), one_dir
         assert b["program"]["runs"] in (len(GRID.points(8)), NUM_SEEDS)
         # Each run records its own whole config (the sweeps' workdirs, and so caches, differ).
         same = {k: v for k, v in a["config"].items() if k != "cache_dir"}
@@ -150,6 +167,24 @@ def test_every_run_equals_its_sequential_run(sweeps):
         compared += 1
     failed = [d for d in run_dirs(root, "sequential") if (d / protocol.FAILED_MARKER).is_file()]
     assert compared == 2 + NUM_SEEDS and len(failed) == 2  # lr 1e38 diverges at both wds
+
+
+def test_compression_runs_on_the_test_runs_only(sweeps):
+    # Both stages of compression train after the final (test) runs only, as in the release;
+    # none after the 4 grid points on val. Counted as the stages ran, in both modes.
+    root, method, out = sweeps
+    expected = [("test", s) for s in range(NUM_SEEDS)] if method == "vqt" else []
+    for mode in ("sequential", "one"):
+        assert sorted(out[mode][4]) == expected, mode
+        for d in run_dirs(root, mode):
+            path = d / "results.json"
+            if path.is_file():
+                results = json.loads(path.read_text())
+                assert ("compression" in results) == (
+                    method == "vqt" and results["split"] == "test"), d
+                if "compression" in results:  # the reported number is the compressed one
+                    assert results["reported"] == {"metric": "compression.top1",
+                                                   "top1": results["compression"]["top1"]}
 
 
 def test_selection_and_test_numbers_are_identical(sweeps):
@@ -390,7 +425,7 @@ def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
         compared += 1
     assert compared == 2 + NUM_SEEDS
     assert out["one"][0].test_top1 == tuple(
-        json.loads((d / "results.json").read_text())["top1"]
+        json.loads((d / "results.json").read_text())["reported"]["top1"]
         for d in protocol.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)[-NUM_SEEDS:])
 
 

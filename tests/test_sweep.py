@@ -72,6 +72,10 @@ def default_val_top1(task: str, lr: float, wd: float) -> float:
     return 0.9 - 0.05 * abs(math.log2(lr / 0.125)) - 0.02 * abs(WDS.index(wd) - 1)
 
 
+# How far below the trained model's top-1 the fake trainer puts a compressed model's.
+COMPRESSION_DROP = 0.03
+
+
 def default_test_top1(task: str, lr: float, wd: float, seed: int) -> float:
     rank = list(TASK_GROUPS).index(task) if task in TASK_GROUPS else 0
     return 0.5 + 0.1 * rank + 0.01 * seed + lr / 10 + wd
@@ -116,7 +120,12 @@ class FakeTrainer:
             top1 = self.test_top1(config.task, config.lr, config.wd, config.seed)
         results = {"task": config.task, "split": config.split, "seed": config.seed,
                    "lr": config.lr, "wd": config.wd, "top1": top1}
+        if "compression" in config and config.compression.enabled:
+            # A compressed model's top-1 apart from the trained model's, as the heads give it.
+            results["compression"] = {"top1": top1 - COMPRESSION_DROP}
         if self.with_config:
+            # What train.record_run adds (an older results.json has neither).
+            results["reported"] = protocol.reported(config, results)
             results["config"] = workdir_lib.as_dict(config)
         Path(workdir).mkdir(parents=True, exist_ok=True)
         (Path(workdir) / "results.json").write_text(json.dumps(results))
@@ -246,8 +255,12 @@ def test_test_runs_use_selection_and_seeds(tmp_path):
     test = trainer.runs("test")
     assert [c.seed for c in test] == [0, 1, 2, 3]
     assert {(c.lr, c.wd) for c in test} == {(0.125, 0.001)}
-    expected = [default_test_top1("dtd", 0.125, 0.001, s) for s in range(4)]
+    plain = [default_test_top1("dtd", 0.125, 0.001, s) for s in range(4)]
+    # dtd compresses under the release: its compressed model's number is the reported one.
+    expected = [p - COMPRESSION_DROP for p in plain]
+    assert results[0].metric == protocol.COMPRESSED_TOP1
     assert results[0].test_top1 == pytest.approx(expected)
+    assert results[0].plain_top1 == pytest.approx(plain)
     assert results[0].mean == pytest.approx(statistics.mean(expected))
     assert results[0].std == pytest.approx(statistics.stdev(expected))
     assert [Path(w).name for c, w in trainer.calls if c.split == "test"] == [
@@ -302,8 +315,9 @@ def test_reports_group_means(tmp_path):
     results, _ = run(tmp_path, tasks=tasks, num_seeds=2)
     assert [r.task for r in results] == list(TASK_GROUPS)  # table order
 
-    def task_mean(task):
-        return 100 * statistics.mean(default_test_top1(task, 0.125, 0.001, s) for s in (0, 1))
+    def task_mean(task, drop=COMPRESSION_DROP):  # every task here compresses (T=1)
+        return 100 * statistics.mean(default_test_top1(task, 0.125, 0.001, s) - drop
+                                     for s in (0, 1))
 
     natural = (task_mean("cifar100") + task_mean("dtd")) / 2
     overall = statistics.mean(task_mean(t) for t in tasks)
@@ -319,19 +333,52 @@ def test_reports_group_means(tmp_path):
     assert rows["natural"]["num_tasks"] == "2" and rows["mean_over_tasks"]["num_tasks"] == "4"
     assert rows["mean_of_group_means"]["num_groups"] == "3"
     assert float(rows["dtd"]["lr"]) == 0.125 and float(rows["dtd"]["wd"]) == 0.001
+    # The reported number is named, and the trained model's kept in its own column.
+    assert rows["dtd"]["reported"] == "compression.top1"
+    assert float(rows["dtd"]["plain_test_top1_mean_pct"]) == pytest.approx(
+        task_mean("dtd", drop=0))
 
     md = (tmp_path / "results.md").read_text()
     lines = md.splitlines()
     assert lines[0] == "## VTAB-1k sweep: vqt"
     assert lines[2].startswith("Protocol and preprocessing of every run: protocol ")
-    assert lines[4].startswith("| task |")
+    assert lines[4].startswith("Test top-1: the compressed model's (the compression stage")
+    assert lines[6].startswith("| task |")
     dtd_std = 100 * statistics.stdev(default_test_top1("dtd", 0.125, 0.001, s) for s in (0, 1))
-    assert f"| dtd | natural | 0.125 | 0.001 | 90.00 | {task_mean('dtd'):.2f} ± {dtd_std:.2f} |" \
+    assert (f"| dtd | natural | 0.125 | 0.001 | 90.00 | {task_mean('dtd'):.2f} ± {dtd_std:.2f} "
+            f"| compressed model | {task_mean('dtd', drop=0):.2f} | 2 |") in md
+    assert f"| **Natural** (2 tasks) | | | | | **{natural:.2f}** | | | |" in lines
+    assert f"| **Specialized** (1 task) | | | | | **{task_mean('eurosat'):.2f}** | | | |" in lines
+    assert f"| **Mean of group means** (3 groups) | | | | | **{of_groups:.2f}** | | | |" in lines
+    assert f"| **Mean over tasks** (4 tasks) | | | | | **{overall:.2f}** | | | |" in lines
+
+
+def test_compression_runs_on_the_final_runs_only_and_is_reported(tmp_path):
+    # The release compresses its final (train800val200 -> test) runs of the T=1 tasks only,
+    # and reports the compressed model's test top-1 for them.
+    groups = {**TASK_GROUPS, "svhn": "natural"}
+    results, trainer = run(tmp_path, tasks=("dtd", "svhn"), num_seeds=2, task_groups=groups)
+    assert len(trainer.runs("val")) == 40
+    assert not any(c.compression.enabled for c in trainer.runs("val"))
+    assert [(c.task, c.compression.enabled) for c in trainer.runs("test")] == [
+        ("dtd", True), ("dtd", True), ("svhn", False), ("svhn", False)]
+    dtd, svhn = results
+    assert (dtd.metric, svhn.metric) == ("compression.top1", "top1")
+    assert svhn.plain_top1 == () and len(dtd.plain_top1) == 2
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(
+        (tmp_path / "results.csv").read_text()))}
+    assert (rows["svhn"]["reported"], rows["svhn"]["plain_test_top1_mean_pct"]) == ("top1", "")
+    assert float(rows["dtd"]["test_top1_mean_pct"]) == pytest.approx(100 * dtd.mean)
+    md = (tmp_path / "results.md").read_text()
+    assert "Test top-1: the compressed model's (the compression stage after training) for dtd," \
         in md
-    assert f"| **Natural** (2 tasks) | | | | | **{natural:.2f}** | |" in lines
-    assert f"| **Specialized** (1 task) | | | | | **{task_mean('eurosat'):.2f}** | |" in lines
-    assert f"| **Mean of group means** (3 groups) | | | | | **{of_groups:.2f}** | |" in lines
-    assert f"| **Mean over tasks** (4 tasks) | | | | | **{overall:.2f}** | |" in lines
+    # A results.json without a 'reported' entry (written before runs recorded it): the number
+    # follows from the config it recorded.
+    path = protocol.test_run_dir(tmp_path, "dtd", 0) / "results.json"
+    recorded = json.loads(path.read_text())
+    del recorded["reported"]
+    assert protocol.reported_of_run(recorded) == {
+        "metric": "compression.top1", "top1": recorded["compression"]["top1"]}
 
 
 def _hand_results() -> list:
@@ -362,12 +409,12 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
     assert rows["mean_over_tasks"].mean == pytest.approx(0.65)
 
     lines = protocol.to_markdown(results).splitlines()
-    assert "| **Natural** (3 tasks) | | | | | **70.00** | |" in lines
-    assert "| **Mean of group means** (3 groups) | | | | | **68.33** | |" in lines
-    assert "| **Mean over tasks** (6 tasks) | | | | | **65.00** | |" in lines
+    assert "| **Natural** (3 tasks) | | | | | **70.00** | | | |" in lines
+    assert "| **Mean of group means** (3 groups) | | | | | **68.33** | | | |" in lines
+    assert "| **Mean over tasks** (6 tasks) | | | | | **65.00** | | | |" in lines
     table = [line for line in lines if line.startswith("|")]
-    assert table[-2:] == ["| **Mean of group means** (3 groups) | | | | | **68.33** | |",
-                          "| **Mean over tasks** (6 tasks) | | | | | **65.00** | |"]
+    assert table[-2:] == ["| **Mean of group means** (3 groups) | | | | | **68.33** | | | |",
+                          "| **Mean over tasks** (6 tasks) | | | | | **65.00** | | | |"]
 
     csv_rows = list(csv.DictReader(io.StringIO(protocol.to_csv(results))))
     assert [(r["name"], r["kind"]) for r in csv_rows[-2:]] == [
@@ -380,7 +427,7 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
 def test_mean_of_group_means_says_when_groups_are_missing():
     results = [r for r in _hand_results() if r.group != "specialized"]
     lines = protocol.to_markdown(results).splitlines()
-    assert "| **Mean of group means** (2 of 3 groups) | | | | | **57.50** | |" in lines
+    assert "| **Mean of group means** (2 of 3 groups) | | | | | **57.50** | | | |" in lines
     # An image folder is no VTAB group: only the mean over tasks.
     folder = [protocol.TaskResult("folder", "custom", 0.1, 0.0, 0.5, (0.5,))]
     assert [r.name for r in protocol.summarize(folder)] == ["mean_over_tasks"]
@@ -556,11 +603,12 @@ def test_real_config_accepts_overrides():
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
 
 
-def test_every_run_of_a_task_shares_one_cache_dir(tmp_path):
+def test_no_run_of_a_sweep_puts_its_cache_in_the_workdir(tmp_path):
+    # The default cache directory (train.default_cache_dir) is on each host's own disk and
+    # named by contents, so the runs of a task share one cache without a cache_dir of their
+    # own (tests/test_cache_location.py tests the location itself).
     _, trainer = run(tmp_path, tasks=("dtd", "eurosat"), num_seeds=2)
-    for task in ("dtd", "eurosat"):
-        dirs = {c.cache_dir for c, _ in trainer.calls if c.task == task}
-        assert dirs == {str(tmp_path / task / "cache")}, task
+    assert trainer.calls and all(not c.cache_dir for c, _ in trainer.calls)
 
 
 def test_an_image_folder_is_swept_like_a_task_but_not_part_of_all(tmp_path, capsys):

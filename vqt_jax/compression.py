@@ -41,12 +41,15 @@ Head = dict[str, jax.Array]  # {'kernel': [F, C], 'bias': [C]}
 _KERNEL, _BIAS = "head/kernel", "head/bias"
 
 
-def num_to_keep(num_features: int, keep_frac: float) -> int:
+def num_to_keep(num_features: int, keep_frac: float, *, nearest: bool = False) -> int:
     """How many of `num_features` features a fraction `keep_frac` keeps: at least one.
 
-    `round` is Python's (halves to even), e.g. 0.5 of 5 features keeps 2.
+    Truncated, as the VQT release counts them (`int(F * KEEP_FRAC)` in its
+    src/models/build_h2t_model.py: 0.7 of 9,984 keeps 6,988); `nearest` rounds instead
+    (Python's `round`, halves to even), Head2Toe's rule here.
     """
-    return max(1, round(keep_frac * num_features))
+    count = round(keep_frac * num_features) if nearest else int(keep_frac * num_features)
+    return max(1, count)
 
 
 def group_norms(kernel: Any) -> np.ndarray:

@@ -660,10 +660,11 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     """Head2Toe: group-lasso feature order, then an L2 probe on the top features.
 
     On the training part: `group_lasso` orders the features; for each keep fraction f (the
-    top `num_to_keep(F, f)` features) every C of `cs` is fitted (as in `tune`) and scored on
-    the validation part. The best (f, C) by validation top-1 wins, ties going to the smaller f
-    and then the smaller C. Then on training + validation: the group lasso orders the features
-    again, the top `num_to_keep(F, f)` are kept and the L2 probe with C is refitted on them.
+    top `num_to_keep(F, f, nearest=True)` features) every C of `cs` is fitted (as in `tune`)
+    and scored on the validation part. The best (f, C) by validation top-1 wins, ties going to
+    the smaller f and then the smaller C. Then on training + validation: the group lasso orders
+    the features again, the top `num_to_keep(F, f, nearest=True)` are kept and the L2 probe
+    with C is refitted on them.
 
     Args:
       train_features: [N, F] training part (e.g. every block's pooled tokens, L2-normalised).
@@ -696,7 +697,7 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     val_top1: dict[float, tuple[float, ...]] = {}
     best = (-1, 0.0, 0.0)  # (correct, keep_frac, C)
     for frac in keep_fracs:
-        kept = np.sort(order[:num_to_keep(f, frac)])
+        kept = np.sort(order[:num_to_keep(f, frac, nearest=True)])
         problem = _Problem(x[:, kept], y, classes, width)
         correct = _sweep(problem, weights, slice(n, None), cs, tol, max_iter)
         val_top1[frac] = tuple(k / len(val_y) for k in correct)
@@ -706,7 +707,7 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     _, frac, c = best
 
     final = group_lasso(x, y, lasso_ratio=lasso_ratio)
-    kept = np.sort(final.order[:num_to_keep(f, frac)])
+    kept = np.sort(final.order[:num_to_keep(f, frac, nearest=True)])
     problem = _Problem(x[:, kept], y, classes, width)
     probe, _ = problem.fit(np.ones(len(x)), c, None, tol, max_iter)
     return Head2Toe(probe=probe, kept=kept, keep_frac=frac, C=c, lasso=final.lam,

@@ -34,6 +34,11 @@ GROUPS = ("natural", "specialized", "structured")
 MEAN_OF_GROUP_MEANS = "mean_of_group_means"
 MEAN_OVER_TASKS = "mean_over_tasks"
 
+# The numbers a run can report (`config.report_metric`, `vqt_jax.protocol.reported`): the
+# trained model's test top-1, or the compressed model's where the compression stage ran.
+PLAIN_TOP1, COMPRESSED_TOP1 = "top1", "compression.top1"
+METRIC_NAMES = {PLAIN_TOP1: "trained model", COMPRESSED_TOP1: "compressed model"}
+
 # What a run without a recorded config stands for in `TaskResult.protocols`.
 NOT_RECORDED = "not recorded (no config in results.json, no config.json)"
 
@@ -52,6 +57,10 @@ class TaskResult:
         protocols: The distinct protocol/preprocessing lines (`vqt_jax.protocol.describe`) of
             the configs the task's runs recorded, sorted; `NOT_RECORDED` for runs without
             one. Empty when unknown (a result built by hand).
+        metric: Which number `test_top1` holds: `PLAIN_TOP1` (the trained model's) or
+            `COMPRESSED_TOP1` (the compressed model's), as the runs' protocol reports it.
+        plain_top1: With `COMPRESSED_TOP1`, the trained (uncompressed) model's test top-1 of
+            each seed, kept beside it; else empty.
     """
 
     task: str
@@ -61,11 +70,18 @@ class TaskResult:
     val_top1: float
     test_top1: tuple[float, ...]
     protocols: tuple[str, ...] = ()
+    metric: str = "top1"
+    plain_top1: tuple[float, ...] = ()
 
     @property
     def mean(self) -> float:
         """Mean test top-1 over the seeds."""
         return statistics.fmean(self.test_top1)
+
+    @property
+    def plain_mean(self) -> float | None:
+        """Mean of `plain_top1`, or None where the reported number is the plain one."""
+        return statistics.fmean(self.plain_top1) if self.plain_top1 else None
 
     @property
     def std(self) -> float:
@@ -147,6 +163,21 @@ def protocol_header(results: Sequence[TaskResult]) -> list[str]:
     return lines
 
 
+def _metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
+
+
+def metric_header(results: Sequence[TaskResult]) -> list[str]:
+    """The markdown line that says which test top-1 the table reports, per task."""
+    compressed = [r.task for r in results if r.metric == COMPRESSED_TOP1]
+    if not compressed:
+        return ["Test top-1: the trained model's, every task."]
+    return [f"Test top-1: the compressed model's (the compression stage after training) for "
+            f"{', '.join(compressed)}, as the protocol reports it; the trained model's for "
+            "the others. Where the compressed one is reported, the trained model's is in its "
+            "own column; the averages are of the reported column."]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -179,15 +210,18 @@ def to_markdown(results: Sequence[TaskResult], *, method: str | None = None) -> 
     # A sweep of image folders only (group 'custom') is not VTAB-1k: do not call it that.
     suite = "VTAB-1k sweep" if any(r.group in GROUPS for r in results) else "Sweep"
     title = suite + (f": {method}" if method else "")
-    lines = [f"## {title}", "", *protocol_header(results), "",
-             "| task | group | lr | wd | val top-1 (%) | test top-1 (%) | seeds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"## {title}", "", *protocol_header(results), "", *metric_header(results), "",
+             "| task | group | lr | wd | val top-1 (%) | test top-1 (%) | reported | "
+             "trained model's test top-1 (%) | seeds |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
+        plain = "" if r.plain_mean is None else _pct(r.plain_mean)
         lines.append(f"| {r.task} | {r.group} | {r.lr:g} | {r.wd:g} | {_pct(r.val_top1)} | "
-                     f"{_pct(r.mean)} ± {_pct(r.std)} | {len(r.test_top1)} |")
+                     f"{_pct(r.mean)} ± {_pct(r.std)} | {_metric_name(r.metric)} | {plain} | "
+                     f"{len(r.test_top1)} |")
     rows = summarize(results)
     for row in rows:
-        lines.append(f"| {_summary_label(row)} | | | | | **{_pct(row.mean)}** | |")
+        lines.append(f"| {_summary_label(row)} | | | | | **{_pct(row.mean)}** | | | |")
     if any(row.name == MEAN_OF_GROUP_MEANS for row in rows):
         lines += ["", "Test top-1: mean ± sample std over seeds. Mean of group means: the "
                       "average of the group rows (each group weighs the same); mean over "
@@ -198,14 +232,17 @@ def to_markdown(results: Sequence[TaskResult], *, method: str | None = None) -> 
 
 
 CSV_FIELDS = ("name", "kind", "group", "lr", "wd", "val_top1_pct", "test_top1_mean_pct",
-              "test_top1_std_pct", "num_seeds", "num_tasks", "num_groups", "protocol")
+              "test_top1_std_pct", "reported", "plain_test_top1_mean_pct", "num_seeds",
+              "num_tasks", "num_groups", "protocol")
 
 
 def to_csv(results: Sequence[TaskResult]) -> str:
     """The rows of `to_markdown` as CSV (`CSV_FIELDS`), accuracies in % and unrounded.
 
     `kind` is 'task', 'group' or 'all' (the two overall averages, named `MEAN_OF_GROUP_MEANS`
-    and `MEAN_OVER_TASKS`); `protocol` is a task's protocol lines joined by '; '.
+    and `MEAN_OVER_TASKS`); `protocol` is a task's protocol lines joined by '; '; `reported`
+    is the results key of the test top-1 (`PLAIN_TOP1` or `COMPRESSED_TOP1`), and
+    `plain_test_top1_mean_pct` the trained model's where the compressed one is reported.
     """
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -214,7 +251,9 @@ def to_csv(results: Sequence[TaskResult]) -> str:
         writer.writerow(dict(
             name=r.task, kind="task", group=r.group, lr=r.lr, wd=r.wd,
             val_top1_pct=100 * r.val_top1, test_top1_mean_pct=100 * r.mean,
-            test_top1_std_pct=100 * r.std, num_seeds=len(r.test_top1), num_tasks=1,
+            test_top1_std_pct=100 * r.std, reported=r.metric,
+            plain_test_top1_mean_pct="" if r.plain_mean is None else 100 * r.plain_mean,
+            num_seeds=len(r.test_top1), num_tasks=1,
             protocol="; ".join(r.protocols),
         ))
     for row in summarize(results):

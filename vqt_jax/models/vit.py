@@ -319,8 +319,8 @@ class Attention(nn.Module):
         default, `implementation=None`, is XLA's unfused attention) and falls back to XLA's
         where cuDNN does not support the shapes (it says so while tracing, before anything
         runs). On CPU it is `_sdpa_heads_major`: XLA:CPU runs the per-(image, head) matmuls
-        of `dot_product_attention`'s [B, N, H, Dh] einsums at a fraction of its matmul speed
-        (measured at ViT-B/16, batch 32: 250-300 ms per layer, 110-150 ms heads-major).
+        of `dot_product_attention`'s [B, N, H, Dh] einsums at a fraction of its matmul speed,
+        and heads-major ones faster.
         Logits and softmax are float32 for any input dtype, like `attend`'s. The query path
         keeps `attend`: it needs the heads-major cache layout and the narrow key/value stash.
         """
@@ -718,8 +718,8 @@ class ViT(nn.Module):
       remat: rematerialise each block's ordinary-token computation in the backward (memory
         for backbone-training methods on ViT-L/H; see `Encoder1DBlock`); results the same.
         Pair it with `scan_blocks`: in the unrolled loop XLA is free to schedule the
-        recomputation early, and on CPU it does (a full fine-tuning gradient of a 12-layer
-        ViT needed 230 MiB of temporaries, 242 with remat, 51 with remat and scan_blocks).
+        recomputation early, and on CPU it does (remat alone then saves no temporaries;
+        experiments/memory.py measures them).
     """
 
     num_classes: int | None = None

@@ -46,7 +46,7 @@ from vqt_jax import (
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
-from vqt_jax.protocol import batching, order_seed, round_resized
+from vqt_jax.protocol import batching, order_seed, reported, round_resized
 from vqt_jax.training import (
     batches,
     checkpointing,
@@ -137,8 +137,7 @@ def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDic
 
     One batch is computed while the host reads the next one, and `progress` counts a batch
     only once the devices have finished it: JAX dispatches asynchronously, so counting at
-    dispatch would report the time to queue the work, not to do it (a ViT-B/16 test pass on
-    a CPU, 5 minutes of compute, was logged as 3 s).
+    dispatch would report the time to queue the work, not to do it.
     """
     sharding = NamedSharding(mesh, P("data"))
     outs: list[Any] = []
@@ -326,7 +325,6 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     location are logged before it is built. A disk cache goes to `config.cache_dir`, else to
     `default_cache_dir()`; `workdir` (the run's) does not place it and is only named in the
     log line.
-
 
     Raises:
       ValueError: with `config.cache='on'`, naming why the run cannot be cached.
@@ -564,9 +562,9 @@ def init_variables(plan: RunPlan, seed: int) -> tuple[dict, jax.Array]:
         fresh = [i for i, leaf in enumerate(loaded) if isinstance(leaf, jax.ShapeDtypeStruct)]
 
         def init_fresh(rng: jax.Array, images: jax.Array) -> list[jax.Array]:
-            # Only the leaves the checkpoint does not provide: XLA drops the rest of the init
-            # (for ViT-B/16 on a 2-core CPU, a process's first initialisation took 6.2 s with
-            # all 86M weights drawn, 2.0 s without). The kept leaves are the whole init's.
+            # Only the leaves the checkpoint does not provide: XLA drops the rest of the init,
+            # so no time goes to drawing weights the checkpoint replaces. The kept leaves are
+            # the whole init's.
             leaves = jax.tree.leaves(plan.model.init(rng, images))
             return [leaves[i] for i in fresh]
 
@@ -786,8 +784,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         results["train_loss"] = previous.get("train_loss")
         results["cached"] = previous.get("cached", False)
         results["cache_on_device"] = previous.get("cache_on_device", False)
-    # What was trained, in full: the workdir's guard makes it the config of every step.
-    results["config"] = workdir_lib.as_dict(config)
+    record_run(config, results)
     history_of_changes = workdir_lib.changes(workdir)
     if history_of_changes:
         results["config_changes"] = history_of_changes
@@ -809,6 +806,14 @@ def write_export(plan: RunPlan, config: ml_collections.ConfigDict, workdir: str,
                  results={k: v for k, v in results.items() if k != "config"})
     results["export"] = export.EXPORT_FILE
     results["evaluation"] = workdir_lib.EVALUATION_FILE
+
+
+def record_run(config: ml_collections.ConfigDict, results: dict[str, Any]) -> None:
+    """Adds to a run's `results` (its heads' results included) the number its protocol
+    reports (`vqt_jax.protocol.reported`) and the config it trained with, in full (the
+    workdir's guard makes it the config of every step)."""
+    results["reported"] = reported(config, results)
+    results["config"] = workdir_lib.as_dict(config)
 
 
 def count_params(trainable: dict) -> int:
