@@ -220,7 +220,7 @@ def restore_run(config: ml_collections.ConfigDict,
     # The checkpoint is a whole TrainState, so restoring needs one of the same structure; the
     # optimiser state's structure does not depend on the schedule's values.
     tx = optim.make_optimizer(lambda step: jnp.zeros(()), config.wd, trainable,
-                              train.optimizer_name(config))
+                              methods.optimizer_name(config))
     template = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
     try:

@@ -35,12 +35,13 @@ def write_exports(root: str, tasks: int, image_size: int, model: dict) -> list[s
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from vqt_jax import checkpoints, export, protocol  # noqa: PLC0415
+    from vqt_jax import checkpoints, export  # noqa: PLC0415
+    from vqt_jax import sweep as sweep_lib  # noqa: PLC0415
     from vqt_jax.checkpoints import synthetic  # noqa: PLC0415
     from vqt_jax.training import train  # noqa: PLC0415
 
     init = synthetic.write_random_npz(os.path.join(root, "backbone.npz"), image_size, **model)
-    config = protocol.load_config_fn(CONFIGS / "vtab.py")("folder")
+    config = sweep_lib.load_config_fn(CONFIGS / "vtab.py")("folder")
     config.model.update(model)
     config.model.num_queries = 1
     config.update(method="vqt", init=init, image_size=image_size, data_dir=root)

@@ -4,7 +4,7 @@
         [--b16_epochs 2] [--modes sequential,one,shared] [--workdir DIR]
     python experiments/sweep_speed.py --add_floor experiments/results/sweep_speed_demo.json
 
-For each setup it runs `vqt_jax.protocol.run_sweep` (VQT, the release's 20-point (lr, wd) grid on
+For each setup it runs `vqt_jax.sweep.run_sweep` (VQT, the release's 20-point (lr, wd) grid on
 train -> val, the selected point retrained with 5 seeds on train+val -> test) twice or three times,
 each in a process of its own and a fresh workdir whose caches it removes when done (each protocol
 starts alone on the machine): first every run on its own (`program='sequential'`, how the protocol
@@ -57,6 +57,7 @@ from typing import Any
 import ml_collections
 
 from vqt_jax import protocol
+from vqt_jax import sweep as sweep_lib
 from vqt_jax.checkpoints import synthetic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -72,7 +73,7 @@ def demo_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
     """configs/demo.py, with its baselines off, `epochs` epochs and a tenth of them warm-up
     (`root` is unused: the demo's data and weights live in its own cache)."""
     del root
-    return protocol.load_config_fn(CONFIGS / "demo.py"), {
+    return sweep_lib.load_config_fn(CONFIGS / "demo.py"), {
         "epochs": epochs, "warmup_epochs": epochs // 10, "baselines": ()}
 
 
@@ -86,7 +87,7 @@ def b16_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.C
         fashion_mnist.write_vtab_style_subset(data_dir, num_train=1000, num_val=200,
                                               num_test=1000)
     init = synthetic.write_random_npz(os.path.join(root, "b16_random.npz"), 224, variant="B/16")
-    return protocol.load_config_fn(CONFIGS / "vtab.py"), {
+    return sweep_lib.load_config_fn(CONFIGS / "vtab.py"), {
         "epochs": epochs, "warmup_epochs": epochs // 10, "data_dir": data_dir, "init": init,
         "cache_dtype": "bfloat16",
         "normalization": "imagenet"}
@@ -111,7 +112,7 @@ def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
                 img[..., c] = 240
                 Image.fromarray(img).save(os.path.join(data_dir, split, f"c{c}", f"{i}.png"))
     init = synthetic.write_random_npz(os.path.join(root, "tiny.npz"), 16, **TINY_MODEL)
-    vtab = protocol.load_config_fn(CONFIGS / "vtab.py")
+    vtab = sweep_lib.load_config_fn(CONFIGS / "vtab.py")
 
     def config_fn(task: str) -> ml_collections.ConfigDict:
         c = vtab(task)
@@ -140,7 +141,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     from vqt_jax import data  # noqa: PLC0415
     from vqt_jax.training import steppers, train  # noqa: PLC0415
 
-    config = protocol.apply_overrides(config_fn(TASK), overrides)
+    config = sweep_lib.apply_overrides(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
     config = plan.config
     variables, _ = train.init_variables(plan, 0)
@@ -178,10 +179,10 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
     that pass reached. What any protocol that looks at every image once and trains every run
     must pay, unless its training runs faster per FLOP than the backbone's forward."""
     from vqt_jax import cache as cache_lib  # noqa: PLC0415
-    from vqt_jax import costs, data  # noqa: PLC0415
+    from vqt_jax import costs, data, methods  # noqa: PLC0415
     from vqt_jax.training import train  # noqa: PLC0415
 
-    config = protocol.apply_overrides(config_fn(TASK), overrides)
+    config = sweep_lib.apply_overrides(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
     config, model = plan.config, plan.model
     variables = train.abstract_variables(model, config)
@@ -190,8 +191,8 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
     per_image = costs.forward_flops(model, variables, config.image_size)
     per_step = costs.cached_step_flops(model, variables, spec, config.batch_size,
                                        method=config.method,
-                                       optimizer=train.optimizer_name(config))
-    grid = protocol.grid_for(config.method)
+                                       optimizer=methods.optimizer_name(config))
+    grid = sweep_lib.grid_for(config.method)
 
     def steps(split: str) -> int:  # one run's steps on the split's training set
         return train.run_schedule(
@@ -249,8 +250,8 @@ def timed_matmuls(name: str, epochs: int, root: str) -> float:
     from vqt_jax.training import train  # noqa: PLC0415
 
     config_fn, overrides = _setup(name, epochs, root)
-    plan = train.plan_run(protocol.apply_overrides(config_fn(TASK), overrides), None)
-    grid = protocol.grid_for(plan.config.method)
+    plan = train.plan_run(sweep_lib.apply_overrides(config_fn(TASK), overrides), None)
+    grid = sweep_lib.grid_for(plan.config.method)
     members = len(grid.base_lrs) * len(grid.wds)
     model = plan.model
     return round(matmul_gflop_s(model.width, model.mlp_dim or 4 * model.width,
@@ -275,7 +276,7 @@ def measure(name: str, epochs: int, workdir: str,
     forward_s = min(first, last)
     out["matmul_gflop_s"] = _in_fresh_process(timed_matmuls, name, epochs, workdir)
     seq, one = results["sequential"], results["one"]
-    grid = protocol.grid_for("vqt")
+    grid = sweep_lib.grid_for("vqt")
     out.update(
         runs=len(grid.base_lrs) * len(grid.wds) + SEEDS,
         ratio=round(out["sequential_s"] / out["one_s"], 2),
@@ -312,7 +313,7 @@ def timed_forward(name: str, epochs: int, root: str) -> tuple[float, int]:
     return forward_pass_seconds(*_setup(name, epochs, root))
 
 
-def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, protocol.TaskResult]:
+def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, sweep_lib.TaskResult]:
     """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`; its
     caches are removed afterwards (their pages would crowd the next protocol's out of the
     host's memory)."""
@@ -323,10 +324,10 @@ def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, pr
     # so the next protocol would reuse this one's cache instead of paying its own build.
     cache_dir = os.path.join(directory, TASK, "cache")
     start = time.perf_counter()
-    result = protocol.run_sweep(
+    result = sweep_lib.run_sweep(
         [TASK], directory, base_config_fn=config_fn, method="vqt", num_seeds=SEEDS,
         overrides={**overrides, **extra, "cache_dir": cache_dir},
-        task_groups={TASK: protocol.FOLDER_GROUP}, program=program)[0]
+        task_groups={TASK: sweep_lib.FOLDER_GROUP}, program=program)[0]
     seconds = round(time.perf_counter() - start, 1)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return seconds, result
@@ -342,7 +343,7 @@ def _in_fresh_process(fn: Callable, *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def _selection(result: protocol.TaskResult) -> tuple:
+def _selection(result: sweep_lib.TaskResult) -> tuple:
     return result.lr, result.wd, result.val_top1
 
 

@@ -12,7 +12,7 @@ DIR gets one directory per run (``<task>/val/lr=..,wd=..``, ``<task>/test/seed=.
 task's ``selection.json`` and ``sweep.json``, and ``results.md`` / ``results.csv``: per task,
 per group, the mean of the group means and the mean over tasks, under a header naming the
 runs' protocol and preprocessing. The markdown is also printed. The protocol itself (grids,
-selection, what a re-run reuses, what it refuses) is `vqt_jax.protocol`'s, documented there.
+selection, what a re-run reuses, what it refuses) is `vqt_jax.sweep`'s, documented there.
 
 ``--program``: ``auto`` (default) trains each stage's runs (the grid, then the seeds) as one
 program when the method leaves the backbone frozen (VQT, linear, Head2Toe) and the cache fits
@@ -51,7 +51,7 @@ import ml_collections
 
 from vqt_jax import hosts, methods  # the method table and hosts: no jax, no TensorFlow
 
-# The same file as vqt_jax.protocol.DEFAULT_CONFIG, named here so that `--help` need not import
+# The same file as vqt_jax.sweep.DEFAULT_CONFIG, named here so that `--help` need not import
 # the package module (its task table pulls in TensorFlow).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vtab.py"
 
@@ -64,10 +64,10 @@ def __getattr__(name: str) -> Any:
     """
     if name.startswith("__"):
         raise AttributeError(name)
-    from vqt_jax import protocol
+    from vqt_jax import sweep as sweep_lib
 
     try:
-        return getattr(protocol, name)
+        return getattr(sweep_lib, name)
     except AttributeError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
@@ -126,18 +126,18 @@ def main(
     level = logging.INFO if hosts.is_chief() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger().setLevel(level)
-    from vqt_jax import protocol  # after parsing: `--help` and usage errors stay fast
+    from vqt_jax import sweep as sweep_lib  # after parsing: `--help` and usage errors stay fast
 
-    overrides = protocol.parse_overrides(args.overrides)
-    task_groups = protocol.vtab_task_groups() if task_groups is None else task_groups
-    results = protocol.run_sweep(
-        protocol.resolve_tasks(args.tasks, task_groups), args.workdir,
-        base_config_fn=base_config_fn or protocol.load_config_fn(args.config),
+    overrides = sweep_lib.parse_overrides(args.overrides)
+    task_groups = sweep_lib.vtab_task_groups() if task_groups is None else task_groups
+    results = sweep_lib.run_sweep(
+        sweep_lib.resolve_tasks(args.tasks, task_groups), args.workdir,
+        base_config_fn=base_config_fn or sweep_lib.load_config_fn(args.config),
         train_fn=train_fn, method=args.method, num_seeds=args.seeds, overrides=overrides,
         task_groups=task_groups, program=args.program,
     )
     if hosts.is_chief():
-        print(protocol.to_markdown(results, method=args.method), end="")
+        print(sweep_lib.to_markdown(results, method=args.method), end="")
     return 0
 
 

@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 
 from tests import absl_verbosity, multihost, train_utils, xla_env
-from vqt_jax import export, methods, protocol
+from vqt_jax import export, methods
+from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, compression_train, stacked
 from vqt_jax.training.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = protocol.Grid(base_lrs=(1e38, 0.02), wds=(0.01, 0.0), reference_batch_size=8)
+GRID = sweep_lib.Grid(base_lrs=(1e38, 0.02), wds=(0.01, 0.0), reference_batch_size=8)
 NUM_SEEDS = 2
 # One xdist worker runs the whole module (pyproject: --dist=loadgroup): its tests build on
 # the `sweeps` fixture (two sweeps per method, mostly compilation) and rerun its programs,
@@ -51,7 +52,7 @@ def base_config(data_dir: str, method: str):
     return c
 
 
-def sweep(base, workdir: Path, program: bool) -> tuple[protocol.TaskResult, list[str]]:
+def sweep(base, workdir: Path, program: bool) -> tuple[sweep_lib.TaskResult, list[str]]:
     """The protocol on the tiny task: each stage as one program, or every run on its own.
 
     Each sweep builds a cache of its own (in `workdir`), as a first sweep of the task would:
@@ -61,10 +62,10 @@ def sweep(base, workdir: Path, program: bool) -> tuple[protocol.TaskResult, list
         base = copy.deepcopy(base)
         base.cache_dir = str(workdir / "cache")
     lines: list[str] = []
-    stage_fn = protocol.program_stage_fn(strict=True, log=lines.append) if program else None
-    dirs = protocol.task_run_dirs(workdir, "folder", GRID, base.batch_size, NUM_SEEDS)
-    progress = protocol.SweepProgress(dirs, log=lines.append)
-    result = protocol.sweep_task("folder", "custom", base, workdir, grid=GRID,
+    stage_fn = sweep_lib.program_stage_fn(strict=True, log=lines.append) if program else None
+    dirs = sweep_lib.task_run_dirs(workdir, "folder", GRID, base.batch_size, NUM_SEEDS)
+    progress = sweep_lib.SweepProgress(dirs, log=lines.append)
+    result = sweep_lib.sweep_task("folder", "custom", base, workdir, grid=GRID,
                                  num_seeds=NUM_SEEDS, train_fn=train_and_evaluate,
                                  progress=progress, stage_fn=stage_fn)
     return result, lines
@@ -122,15 +123,15 @@ def sweeps(request, tmp_path_factory):
 
 
 def run_dirs(root: Path, mode: str) -> list[Path]:
-    return protocol.task_run_dirs(root / mode, "folder", GRID, 8, NUM_SEEDS)
+    return sweep_lib.task_run_dirs(root / mode, "folder", GRID, 8, NUM_SEEDS)
 
 
 def paired_results(dirs: list[Path], reference: list[Path]):
     """(dir, its results.json, the reference's) for each pair of run directories whose
     reference finished; a reference that diverged must have diverged in `dirs` too."""
     for mine, ref in zip(dirs, reference, strict=True):
-        if (ref / protocol.FAILED_MARKER).is_file():
-            assert (mine / protocol.FAILED_MARKER).is_file(), mine
+        if (ref / sweep_lib.FAILED_MARKER).is_file():
+            assert (mine / sweep_lib.FAILED_MARKER).is_file(), mine
             assert not (mine / "results.json").exists(), mine
             continue
         yield mine, *(json.loads((d / "results.json").read_text()) for d in (mine, ref))
@@ -165,7 +166,7 @@ def test_every_run_equals_its_sequential_run(sweeps):
         for k, v in exports[0].arrays.items():
             np.testing.assert_allclose(v, exports[1].arrays[k], rtol=1e-4, atol=1e-6)
         compared += 1
-    failed = [d for d in run_dirs(root, "sequential") if (d / protocol.FAILED_MARKER).is_file()]
+    failed = [d for d in run_dirs(root, "sequential") if (d / sweep_lib.FAILED_MARKER).is_file()]
     assert compared == 2 + NUM_SEEDS and len(failed) == 2  # lr 1e38 diverges at both wds
 
 
@@ -284,9 +285,9 @@ def test_program_one_refuses_and_auto_falls_back(tmp_path):
     configs = tiny_configs("vpt_deep")
     dirs = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(ValueError, match="program='one' but .*adapts the backbone"):
-        protocol.program_stage_fn(strict=True)(configs, dirs, True)
+        sweep_lib.program_stage_fn(strict=True)(configs, dirs, True)
     lines: list[str] = []
-    assert protocol.program_stage_fn(log=lines.append)(configs, dirs, True) is None
+    assert sweep_lib.program_stage_fn(log=lines.append)(configs, dirs, True) is None
     assert lines == ["Training these runs one by one: method 'vpt_deep' adapts the backbone, so "
                      "every run needs its own backbone passes"]
     assert not any(d.exists() for d in dirs)
@@ -383,14 +384,14 @@ def _two_host_worker(process_id: int, port: int, workdir: str, data: str) -> Non
                                                   "vtab_sweep.py")
     vtab_sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vtab_sweep)
-    protocol.grid_for = lambda method: GRID  # the tests' 2 x 2 grid, not the release's 20
+    sweep_lib.grid_for = lambda method: GRID  # the tests' 2 x 2 grid, not the release's 20
     vtab_sweep.main(
         ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
          f"--process_id={process_id}", "--tasks=folder", f"--workdir={workdir}",
          f"--seeds={NUM_SEEDS}", "--program=one",
          "--set", f"cache_dir={workdir}-cache{process_id}"],
         base_config_fn=lambda task: base_config(data, "vqt"),
-        task_groups={"folder": protocol.FOLDER_GROUP})
+        task_groups={"folder": sweep_lib.FOLDER_GROUP})
 
 
 @pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
@@ -415,7 +416,7 @@ def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
     assert json.loads((two / "folder" / "sweep.json").read_text())["method"] == "vqt"
     assert (two / "results.md").is_file() and proc.stdout.count("| folder |") == 1
     compared = 0
-    for two_dir, b, a in paired_results(protocol.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS),
+    for two_dir, b, a in paired_results(sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS),
                                         run_dirs(root, "one")):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, two_dir
         assert a["top1"] == b["top1"] and b["program"]["runs"] == a["program"]["runs"], two_dir
@@ -426,7 +427,7 @@ def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
     assert compared == 2 + NUM_SEEDS
     assert out["one"][0].test_top1 == tuple(
         json.loads((d / "results.json").read_text())["reported"]["top1"]
-        for d in protocol.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)[-NUM_SEEDS:])
+        for d in sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)[-NUM_SEEDS:])
 
 
 if __name__ == "__main__":  # one host of test_two_hosts_sweep_as_one_program_like_one_host

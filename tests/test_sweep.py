@@ -20,6 +20,7 @@ import pytest
 
 from tests.scripts import load_script
 from vqt_jax import methods, protocol, protocol_tables
+from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def standin_config(task: str) -> ml_collections.ConfigDict:
 def base_config_fn():
     """The real configs/vtab.py when it exists (the lead is writing it), else the stand-in."""
     if REAL_CONFIG.is_file():
-        return protocol.load_config_fn(REAL_CONFIG)
+        return sweep_lib.load_config_fn(REAL_CONFIG)
     return standin_config
 
 
@@ -140,12 +141,12 @@ def run(tmp_path, tasks=("dtd",), trainer=None, **kwargs):
     kwargs.setdefault("base_config_fn", base_config_fn())
     kwargs.setdefault("task_groups", TASK_GROUPS)
     kwargs.setdefault("num_seeds", 3)
-    results = protocol.run_sweep(list(tasks), tmp_path, train_fn=trainer, **kwargs)
+    results = sweep_lib.run_sweep(list(tasks), tmp_path, train_fn=trainer, **kwargs)
     return results, trainer
 
 
 def test_vqt_grid_has_20_points_scaled_by_batch_size():
-    grid = protocol.grid_for("vqt")
+    grid = sweep_lib.grid_for("vqt")
     points = grid.points(128)
     assert len(points) == len(set(points)) == 20
     assert sorted({lr for lr, _ in points}, reverse=True) == SCALED_LRS
@@ -158,9 +159,9 @@ VPT_SGD_LRS = [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05]
 
 def test_every_method_has_its_release_grid():
     # From the method's lr_grid / wd_grid (vqt_jax/methods.py).
-    base = {m: sorted(protocol.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
+    base = {m: sorted(sweep_lib.grid_for(m).lrs(256), reverse=True) for m in methods.METHODS}
     for m in methods.METHODS:
-        assert sorted(protocol.grid_for(m).wds, reverse=True) == WDS, m
+        assert sorted(sweep_lib.grid_for(m).wds, reverse=True) == WDS, m
     # VPT's tune_vtab.py: 'linear' and 'prompt' (SGD), 'finetune' (AdamW).
     for m in ("linear", "vpt_shallow", "vpt_deep"):
         assert base[m] == VPT_SGD_LRS, m
@@ -173,17 +174,17 @@ def test_every_method_has_its_release_grid():
               "head2toe"):
         assert base[m] == [1.0, 0.5, 0.25, 0.1, 0.05], m
         assert methods.METHODS[m].optimizer == "adam"
-    assert len(protocol.grid_for("vpt_deep").points(128)) == 40
-    assert sorted(protocol.grid_for("vpt_deep").lrs(128), reverse=True)[:2] == [25.0, 12.5]
-    assert len(protocol.grid_for("full").points(128)) == 16
-    assert sorted(protocol.grid_for("full").lrs(128)) == [0.00005, 0.00025, 0.0005, 0.0025]
+    assert len(sweep_lib.grid_for("vpt_deep").points(128)) == 40
+    assert sorted(sweep_lib.grid_for("vpt_deep").lrs(128), reverse=True)[:2] == [25.0, 12.5]
+    assert len(sweep_lib.grid_for("full").points(128)) == 16
+    assert sorted(sweep_lib.grid_for("full").lrs(128)) == [0.00005, 0.00025, 0.0005, 0.0025]
 
 
 def test_a_methods_grid_comes_from_its_method(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "lora", SimpleNamespace(lr_grid=(0.3, 0.03),
                                                                  wd_grid=(0.1,)))
-    assert protocol.grid_for("lora") == protocol.Grid((0.3, 0.03), (0.1,))
-    assert protocol.grid_for("lora").lrs(128) == [0.15, 0.015]
+    assert sweep_lib.grid_for("lora") == sweep_lib.Grid((0.3, 0.03), (0.1,))
+    assert sweep_lib.grid_for("lora").lrs(128) == [0.15, 0.015]
 
 
 def test_unknown_method_fails_before_training(tmp_path):
@@ -241,13 +242,13 @@ def test_ties_go_to_smaller_lr_then_smaller_wd(tmp_path):
     assert (results[0].lr, results[0].wd) == (0.05, 0.001)
 
     # Direct: float noise below 1e-6 is a tie, a real difference (one val image) is not.
-    assert protocol.select_hparams({(0.5, 0.0): 0.7, (0.25, 0.0): 0.7 - 1e-9}) == (0.25, 0.0)
-    assert protocol.select_hparams({(0.5, 0.0): 0.705, (0.25, 0.0): 0.7}) == (0.5, 0.0)
+    assert sweep_lib.select_hparams({(0.5, 0.0): 0.7, (0.25, 0.0): 0.7 - 1e-9}) == (0.25, 0.0)
+    assert sweep_lib.select_hparams({(0.5, 0.0): 0.705, (0.25, 0.0): 0.7}) == (0.5, 0.0)
     # Diverged (None) and NaN points are never selected.
-    assert protocol.select_hparams({(0.5, 0.0): None, (0.25, 0.0): float("nan"),
+    assert sweep_lib.select_hparams({(0.5, 0.0): None, (0.25, 0.0): float("nan"),
                                     (0.1, 0.0): 0.1}) == (0.1, 0.0)
     with pytest.raises(ValueError, match="diverged"):
-        protocol.select_hparams({(0.5, 0.0): None})
+        sweep_lib.select_hparams({(0.5, 0.0): None})
 
 
 def test_test_runs_use_selection_and_seeds(tmp_path):
@@ -258,7 +259,7 @@ def test_test_runs_use_selection_and_seeds(tmp_path):
     plain = [default_test_top1("dtd", 0.125, 0.001, s) for s in range(4)]
     # dtd compresses under the release: its compressed model's number is the reported one.
     expected = [p - COMPRESSION_DROP for p in plain]
-    assert results[0].metric == protocol.COMPRESSED_TOP1
+    assert results[0].metric == sweep_lib.COMPRESSED_TOP1
     assert results[0].test_top1 == pytest.approx(expected)
     assert results[0].plain_top1 == pytest.approx(plain)
     assert results[0].mean == pytest.approx(statistics.mean(expected))
@@ -301,13 +302,13 @@ def test_diverged_val_run_is_excluded_and_not_retried(tmp_path):
 
     results, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1))
     assert (results[0].lr, results[0].wd) == (0.125, 0.001)
-    assert len(list(tmp_path.glob(f"dtd/val/*/{protocol.FAILED_MARKER}"))) == 4
+    assert len(list(tmp_path.glob(f"dtd/val/*/{sweep_lib.FAILED_MARKER}"))) == 4
     lines = []
     _, trainer = run(tmp_path, trainer=FakeTrainer(val_top1=val_top1), log=lines.append)
     assert trainer.calls == []
     assert lines[0].endswith(": 23 runs, 23 finished earlier, 0 to train")
     assert "run 1 of 23: dtd lr=0.5 wd=0.01 seed=0 (val): diverged earlier " \
-        f"({protocol.FAILED_MARKER}), not retried" in lines
+        f"({sweep_lib.FAILED_MARKER}), not retried" in lines
 
 
 def test_reports_group_means(tmp_path):
@@ -374,22 +375,22 @@ def test_compression_runs_on_the_final_runs_only_and_is_reported(tmp_path):
         in md
     # A results.json without a 'reported' entry (written before runs recorded it): the number
     # follows from the config it recorded.
-    path = protocol.test_run_dir(tmp_path, "dtd", 0) / "results.json"
+    path = sweep_lib.test_run_dir(tmp_path, "dtd", 0) / "results.json"
     recorded = json.loads(path.read_text())
     del recorded["reported"]
-    assert protocol.reported_of_run(recorded) == {
+    assert sweep_lib.reported_of_run(recorded) == {
         "metric": "compression.top1", "top1": recorded["compression"]["top1"]}
 
 
 def _hand_results() -> list:
     """Three natural tasks, one specialized, two structured: unequal groups."""
     return [
-        protocol.TaskResult("cifar100", "natural", 0.1, 0.0, 0.6, (0.59, 0.61)),  # 0.60
-        protocol.TaskResult("dtd", "natural", 0.1, 0.0, 0.7, (0.70,)),
-        protocol.TaskResult("flowers102", "natural", 0.1, 0.0, 0.8, (0.80,)),
-        protocol.TaskResult("eurosat", "specialized", 0.1, 0.0, 0.9, (0.90,)),
-        protocol.TaskResult("clevr_count", "structured", 0.1, 0.0, 0.4, (0.40,)),
-        protocol.TaskResult("kitti", "structured", 0.1, 0.0, 0.5, (0.50,)),
+        sweep_lib.TaskResult("cifar100", "natural", 0.1, 0.0, 0.6, (0.59, 0.61)),  # 0.60
+        sweep_lib.TaskResult("dtd", "natural", 0.1, 0.0, 0.7, (0.70,)),
+        sweep_lib.TaskResult("flowers102", "natural", 0.1, 0.0, 0.8, (0.80,)),
+        sweep_lib.TaskResult("eurosat", "specialized", 0.1, 0.0, 0.9, (0.90,)),
+        sweep_lib.TaskResult("clevr_count", "structured", 0.1, 0.0, 0.4, (0.40,)),
+        sweep_lib.TaskResult("kitti", "structured", 0.1, 0.0, 0.5, (0.50,)),
     ]
 
 
@@ -398,8 +399,8 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
     # Mean of group means: (0.70 + 0.90 + 0.45) / 3 = 0.68333...
     # Mean over tasks: (0.60 + 0.70 + 0.80 + 0.90 + 0.40 + 0.50) / 6 = 0.65
     results = _hand_results()
-    rows = {r.name: r for r in protocol.summarize(results)}
-    assert [r.name for r in protocol.summarize(results)] == [
+    rows = {r.name: r for r in sweep_lib.summarize(results)}
+    assert [r.name for r in sweep_lib.summarize(results)] == [
         "natural", "specialized", "structured", "mean_of_group_means", "mean_over_tasks"]
     assert rows["natural"].mean == pytest.approx(0.70)
     assert rows["structured"].mean == pytest.approx(0.45)
@@ -408,7 +409,7 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
         3, 6)
     assert rows["mean_over_tasks"].mean == pytest.approx(0.65)
 
-    lines = protocol.to_markdown(results).splitlines()
+    lines = sweep_lib.to_markdown(results).splitlines()
     assert "| **Natural** (3 tasks) | | | | | **70.00** | | | |" in lines
     assert "| **Mean of group means** (3 groups) | | | | | **68.33** | | | |" in lines
     assert "| **Mean over tasks** (6 tasks) | | | | | **65.00** | | | |" in lines
@@ -416,7 +417,7 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
     assert table[-2:] == ["| **Mean of group means** (3 groups) | | | | | **68.33** | | | |",
                           "| **Mean over tasks** (6 tasks) | | | | | **65.00** | | | |"]
 
-    csv_rows = list(csv.DictReader(io.StringIO(protocol.to_csv(results))))
+    csv_rows = list(csv.DictReader(io.StringIO(sweep_lib.to_csv(results))))
     assert [(r["name"], r["kind"]) for r in csv_rows[-2:]] == [
         ("mean_of_group_means", "all"), ("mean_over_tasks", "all")]
     assert float(csv_rows[-2]["test_top1_mean_pct"]) == pytest.approx(68.3333333)
@@ -426,13 +427,13 @@ def test_the_two_averages_differ_when_groups_differ_in_size():
 
 def test_mean_of_group_means_says_when_groups_are_missing():
     results = [r for r in _hand_results() if r.group != "specialized"]
-    lines = protocol.to_markdown(results).splitlines()
+    lines = sweep_lib.to_markdown(results).splitlines()
     assert "| **Mean of group means** (2 of 3 groups) | | | | | **57.50** | | | |" in lines
     # An image folder is no VTAB group: only the mean over tasks.
-    folder = [protocol.TaskResult("folder", "custom", 0.1, 0.0, 0.5, (0.5,))]
-    assert [r.name for r in protocol.summarize(folder)] == ["mean_over_tasks"]
-    assert "Mean of group means" not in protocol.to_markdown(folder)
-    assert protocol.to_markdown(folder, method="vqt").startswith("## Sweep: vqt\n")
+    folder = [sweep_lib.TaskResult("folder", "custom", 0.1, 0.0, 0.5, (0.5,))]
+    assert [r.name for r in sweep_lib.summarize(folder)] == ["mean_over_tasks"]
+    assert "Mean of group means" not in sweep_lib.to_markdown(folder)
+    assert sweep_lib.to_markdown(folder, method="vqt").startswith("## Sweep: vqt\n")
 
 
 def release_config(task: str) -> ml_collections.ConfigDict:
@@ -463,8 +464,8 @@ def test_header_names_the_protocol_and_preprocessing_of_the_runs(tmp_path):
 
     # Without a recorded config (older results.json, no config.json) the header says so.
     results, _ = run(tmp_path / "older", num_seeds=1, trainer=FakeTrainer(with_config=False))
-    assert results[0].protocols == (protocol.NOT_RECORDED,)
-    assert (f"Protocol and preprocessing of every run: {protocol.NOT_RECORDED}."
+    assert results[0].protocols == (sweep_lib.NOT_RECORDED,)
+    assert (f"Protocol and preprocessing of every run: {sweep_lib.NOT_RECORDED}."
             in (tmp_path / "older" / "results.md").read_text())
 
 
@@ -486,7 +487,7 @@ def test_header_says_when_runs_disagree_on_protocol(tmp_path):
     # Within one task: a reused run trained under another protocol (its sweep settings match,
     # so it is read, not retrained) is named too.
     run(tmp_path / "runs", num_seeds=2, base_config_fn=release_config)
-    path = protocol.test_run_dir(tmp_path / "runs", "dtd", 1) / "results.json"
+    path = sweep_lib.test_run_dir(tmp_path / "runs", "dtd", 1) / "results.json"
     results = json.loads(path.read_text())
     results["config"] = workdir_lib.as_dict(big_vision_config("dtd")) | {
         k: results["config"][k] for k in ("split", "lr", "wd", "seed")}
@@ -508,9 +509,9 @@ def test_tables_need_no_tensorflow():
 
 def test_script_keeps_the_protocols_names():
     # experiments/plot.py's tests and notebooks load the script for these.
-    assert cli.TaskResult is protocol.TaskResult
-    assert cli.write_reports is protocol.write_reports
-    assert protocol.TaskResult is protocol_tables.TaskResult  # one class, re-exported
+    assert cli.TaskResult is sweep_lib.TaskResult
+    assert cli.write_reports is sweep_lib.write_reports
+    assert sweep_lib.TaskResult is protocol_tables.TaskResult  # one class, re-exported
     with pytest.raises(AttributeError):
         cli.no_such_name  # noqa: B018
 
@@ -525,35 +526,35 @@ def test_group_rows_only_for_groups_present(tmp_path):
 def test_unknown_task_fails_fast(tmp_path):
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"nope.*Valid tasks: cifar100, dtd, eurosat"):
-        protocol.run_sweep(["dtd", "nope"], tmp_path, base_config_fn=standin_config,
+        sweep_lib.run_sweep(["dtd", "nope"], tmp_path, base_config_fn=standin_config,
                            train_fn=trainer, task_groups=TASK_GROUPS)
     assert trainer.calls == []
     assert not any(tmp_path.iterdir())
 
 
 def test_real_task_table_has_groups():
-    groups = protocol.vtab_task_groups()
+    groups = sweep_lib.vtab_task_groups()
     assert len(groups) == 20 and list(groups)[-1] == "folder"  # the 19, then an image folder
     assert list(groups)[:3] == ["caltech101", "cifar100", "dtd"]
-    assert {g: list(groups.values()).count(g) for g in protocol.GROUPS} == {
+    assert {g: list(groups.values()).count(g) for g in sweep_lib.GROUPS} == {
         "natural": 7, "specialized": 4, "structured": 8}
     with pytest.raises(ValueError, match="Valid tasks: caltech101"):
-        protocol.check_tasks(["dtd", "imagenet"], groups)
+        sweep_lib.check_tasks(["dtd", "imagenet"], groups)
 
 
 def test_parse_overrides():
-    assert protocol.parse_overrides(["epochs=10", "model.num_queries=20", "data_dir=/tmp/tfds",
+    assert sweep_lib.parse_overrides(["epochs=10", "model.num_queries=20", "data_dir=/tmp/tfds",
                                   "model.kv_dtype=bfloat16", "x=None", "y=1e-3", "z=a=b"]) == {
         "epochs": 10, "model.num_queries": 20, "data_dir": "/tmp/tfds",
         "model.kv_dtype": "bfloat16", "x": None, "y": 0.001, "z": "a=b"}
     for bad in ["epochs", "=3", "lr=0.1", "seed=1", "split=val"]:
         with pytest.raises(ValueError):
-            protocol.parse_overrides([bad])
+            sweep_lib.parse_overrides([bad])
 
 
 def test_apply_overrides_copies_nested_fields():
     config = standin_config("dtd")
-    out = protocol.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
+    out = sweep_lib.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
     assert (out.model.num_queries, out.data_dir) == (10, "/tmp/tfds")
     assert (config.model.num_queries, config.data_dir) == (1, None)
 
@@ -595,10 +596,10 @@ def test_changed_overrides_are_refused(tmp_path):
 
 @pytest.mark.skipif(not REAL_CONFIG.is_file(), reason="configs/vtab.py not written yet")
 def test_real_config_accepts_overrides():
-    config = protocol.load_config_fn(REAL_CONFIG)("dtd")
+    config = sweep_lib.load_config_fn(REAL_CONFIG)("dtd")
     assert config.batch_size is None and config.method == "vqt"  # the method's, when run
     assert methods.with_recipe(config).batch_size == 128
-    out = protocol.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
+    out = sweep_lib.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
     assert (out.epochs, out.model.num_queries) == (10, 10)
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
 
@@ -612,7 +613,7 @@ def test_no_run_of_a_sweep_puts_its_cache_in_the_workdir(tmp_path):
 
 
 def test_an_image_folder_is_swept_like_a_task_but_not_part_of_all(tmp_path, capsys):
-    groups = protocol.vtab_task_groups()
+    groups = sweep_lib.vtab_task_groups()
     assert len(groups) == 20 and groups["folder"] == "custom"
     trainer = FakeTrainer()
     cli.main([f"--workdir={tmp_path / 'all'}", "--tasks=all", "--seeds=1"],
@@ -683,7 +684,7 @@ def test_progress_goes_to_the_log_by_default(tmp_path, caplog, capsys):
 
 def test_reused_results_must_be_of_their_run_as_recorded(tmp_path):
     run(tmp_path, num_seeds=1)
-    path = protocol.val_run_dir(tmp_path, "dtd", 0.25, 0.0) / "results.json"
+    path = sweep_lib.val_run_dir(tmp_path, "dtd", 0.25, 0.0) / "results.json"
     results = json.loads(path.read_text())
     assert results["config"]["lr"] == results["lr"] == 0.25
     refused = re.escape(f"{path} records lr=0.125, but the sweep runs lr=0.25 there") + \

@@ -32,13 +32,14 @@ from etils import epath
 
 from tests import multihost, train_utils, xla_env
 from tests.test_multihost_io import fake_gcs
-from vqt_jax import export, methods, protocol
+from vqt_jax import export, methods
+from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, metrics_io, stacked
 from vqt_jax.training import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP, REFERENCE = "gs://bucket/sweep", "gs://bucket/reference"
-TASK_GROUPS = {"folder": protocol.FOLDER_GROUP}
+TASK_GROUPS = {"folder": sweep_lib.FOLDER_GROUP}
 # The test stage's run is stopped right after its checkpoint of this step is written.
 KILL_STEP = 4
 
@@ -89,7 +90,7 @@ def test_sweep_files_land_in_the_bucket_and_a_rerun_reads_them(tmp_path, monkeyp
     monkeypatch.chdir(cwd)
     calls: list[str] = []
 
-    grid = protocol.grid_for("vqt").points(8)
+    grid = sweep_lib.grid_for("vqt").points(8)
     top_lr = max(lr for lr, _ in grid)
 
     def train_fn(config: ml_collections.ConfigDict, workdir: str) -> Mapping[str, Any]:
@@ -104,7 +105,7 @@ def test_sweep_files_land_in_the_bucket_and_a_rerun_reads_them(tmp_path, monkeyp
 
     bucket = tmp_path / "gcs" / "bucket" / "sweep"
     with remote(tmp_path / "gcs"):
-        first = protocol.run_sweep(["folder"], SWEEP, base_config_fn=_standin, num_seeds=2,
+        first = sweep_lib.run_sweep(["folder"], SWEEP, base_config_fn=_standin, num_seeds=2,
                                    task_groups=TASK_GROUPS, train_fn=train_fn)
         assert len(calls) == len(grid) + 2
         assert all(c.startswith(f"{SWEEP}/folder/") for c in calls), calls
@@ -112,7 +113,7 @@ def test_sweep_files_land_in_the_bucket_and_a_rerun_reads_them(tmp_path, monkeyp
         expected = ["folder/selection.json", "folder/sweep.json", "results.csv", "results.md"]
         for lr, wd in grid:
             run_dir = f"folder/val/lr={lr!r},wd={wd!r}/"
-            outcome = protocol.FAILED_MARKER if (lr, wd) in diverged else "results.json"
+            outcome = sweep_lib.FAILED_MARKER if (lr, wd) in diverged else "results.json"
             expected += [run_dir + "config.json", run_dir + outcome]
         expected += [f"folder/test/seed={s}/{name}" for s in range(2)
                      for name in ("config.json", "results.json")]
@@ -121,13 +122,13 @@ def test_sweep_files_land_in_the_bucket_and_a_rerun_reads_them(tmp_path, monkeyp
         assert selection["lr"] == max(lr for lr, _ in grid if lr != top_lr)
         calls.clear()
         lines: list[str] = []
-        again = protocol.run_sweep(["folder"], SWEEP, base_config_fn=_standin, num_seeds=2,
+        again = sweep_lib.run_sweep(["folder"], SWEEP, base_config_fn=_standin, num_seeds=2,
                                    task_groups=TASK_GROUPS, train_fn=train_fn, log=lines.append)
         assert calls == [] and again == first
         runs = len(grid) + 2
         assert f"{runs} runs, {runs} finished earlier, 0 to train" in lines[0], lines[0]
         # A diverged run's protocol line comes from its config.json, in the bucket.
-        line = protocol.run_protocol(protocol.val_run_dir(SWEEP, "folder", *diverged[0]))
+        line = sweep_lib.run_protocol(sweep_lib.val_run_dir(SWEEP, "folder", *diverged[0]))
         assert line.startswith("protocol release: 32 px"), line
     assert not os.listdir(cwd)
 
@@ -136,10 +137,10 @@ def test_a_gs_url_that_lost_a_slash_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for mangled in ("gs:/bucket/sweep", os.path.abspath("gs:/bucket/sweep")):
         with pytest.raises(ValueError, match=f"{mangled}: a remote URL that lost a slash"):
-            protocol.run_sweep(["folder"], mangled, base_config_fn=_standin,
+            sweep_lib.run_sweep(["folder"], mangled, base_config_fn=_standin,
                                task_groups=TASK_GROUPS, train_fn=lambda c, w: {})
     with pytest.raises(ValueError, match="Config file gs://b/c.py: .* must be a local file"):
-        protocol.load_config_fn("gs://b/c.py")
+        sweep_lib.load_config_fn("gs://b/c.py")
     assert not os.listdir(tmp_path)
 
 
@@ -232,7 +233,7 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_equals_uninterrupted(tmp
     assert sorted(os.listdir(sweep / test_run / "checkpoints")) == [str(KILL_STEP)]
     resumed = _launch(tmp_path, data, "resume")
     assert resumed.returncode == 0, resumed.stdout[-5000:]
-    grid = protocol.grid_for("vqt").points(8)
+    grid = sweep_lib.grid_for("vqt").points(8)
     assert f"the grid on val: {len(grid)} runs as one program" in first.stdout
     assert "runs as one program" not in resumed.stdout  # the grid's results were read
     assert resumed.stdout.count("finished earlier, its results.json is read") == len(grid)
@@ -252,10 +253,10 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_equals_uninterrupted(tmp
     assert not os.listdir(cwd)
     files = files_under(sweep)
     run_dirs = [str(d).removeprefix(f"{SWEEP}/")
-                for d in protocol.task_run_dirs(SWEEP, "folder", protocol.grid_for("vqt"), 8, 1)]
+                for d in sweep_lib.task_run_dirs(SWEEP, "folder", sweep_lib.grid_for("vqt"), 8, 1)]
     finished = ["results.json", "evaluation.json", export.EXPORT_FILE]
     for run_dir in run_dirs:
-        diverged = f"{run_dir}/{protocol.FAILED_MARKER}" in files
+        diverged = f"{run_dir}/{sweep_lib.FAILED_MARKER}" in files
         for name in ["config.json", "metrics.jsonl", *([] if diverged else finished)]:
             assert f"{run_dir}/{name}" in files, (run_dir, name)
     assert any(f.startswith(f"{test_run}/events.out.tfevents") for f in files)

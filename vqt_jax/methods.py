@@ -33,6 +33,7 @@ and biases 0), dropout 0.1 after the ReLU (models/adapter.py, models/custom_modu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 HEAD = r"params/head/.*"
@@ -181,3 +182,8 @@ def with_recipe(config: Any) -> Any:
         if out.get(field) is None:
             out[field] = getattr(method, field)
     return out
+
+
+def optimizer_name(config: Mapping[str, Any]) -> str:
+    """config.optimizer, or by default the optimiser of the method's release."""
+    return config.get("optimizer") or get(config["method"]).optimizer

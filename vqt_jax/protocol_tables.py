@@ -1,6 +1,6 @@
 """The VTAB-1k sweep's reports: per-task results, group means, both overall averages, tables.
 
-`vqt_jax.protocol` runs the sweep and hands one `TaskResult` per task to `write_reports`, which
+`vqt_jax.sweep` runs the sweep and hands one `TaskResult` per task to `write_reports`, which
 writes ``results.md`` (`to_markdown`) and ``results.csv`` (`to_csv`) with the same rows:
 
 * one row per task: group, selected lr and wd, val top-1, test top-1 mean +- sample std;

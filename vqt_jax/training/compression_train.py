@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, compression, protocol
+from vqt_jax import checkpoints, compression, methods, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.progress import Progress
@@ -93,7 +93,6 @@ def train_head(
     Returns:
       The head {'head/kernel': [F', C], 'head/bias': [C]}.
     """
-    from vqt_jax.training.train import optimizer_name  # noqa: PLC0415 (train imports us)
 
     c = config.compression
     schedule, total_steps = optim.training_schedule(
@@ -104,7 +103,7 @@ def train_head(
     width = num_features if kept is None else len(kept)
     key = jax.random.key(config.seed)
     head = _fresh_head(config, width, num_classes, jax.random.fold_in(key, 1))
-    tx = optim.make_optimizer(schedule, config.wd, head, optimizer_name(config))
+    tx = optim.make_optimizer(schedule, config.wd, head, methods.optimizer_name(config))
     columns = None if kept is None else jnp.asarray(kept)
 
     def step(head, opt_state, batch, step_rng):

@@ -1,6 +1,6 @@
 """Many runs of one frozen backbone trained and evaluated as one program (a protocol *stage*).
 
-The VTAB-1k protocol (`vqt_jax.protocol`) trains one method on one task 25 times: 20 (lr, wd)
+The VTAB-1k protocol (`vqt_jax.sweep`) trains one method on one task 25 times: 20 (lr, wd)
 grid points on train800 -> val200, then 5 seeds of the selected point on train800val200 ->
 test. When the method leaves the backbone frozen (`methods.Method.cache`: VQT, linear probing,
 Head2Toe) all of them read the same backbone outputs, so each stage's runs (its *members*)
@@ -204,7 +204,7 @@ def _plan(members: Sequence[Member]) -> _Setup:
     frozen = parts[seeds[0]][1]
     unit, total_steps = train.run_schedule(config, plan.num_train, 1.0)
     template = parts[seeds[0]][0]
-    tx = steppers.member_optimizer(train.optimizer_name(config), template, unit, 1.0, 0.0)
+    tx = steppers.member_optimizer(methods.optimizer_name(config), template, unit, 1.0, 0.0)
     states = [train_step.TrainState(jnp.zeros((), jnp.int32), parts[s][0],
                                     tx.init(parts[s][0])) for s in seeds]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -478,7 +478,7 @@ def _run_group(members: list[Member], may_diverge: bool,
     total = setup.total_steps
     orders = [order_seed(m.config) for m in members]
     stepper = steppers.StackedStepper(
-        steppers.member_step(setup.plan.model, train.optimizer_name(config), setup.template,
+        steppers.member_step(setup.plan.model, methods.optimizer_name(config), setup.template,
                              setup.unit_schedule),
         dcache, setup.frozen, setup.rngs, setup.state,
         hp={"lr": [c.lr for c in setup.configs], "wd": [c.wd for c in setup.configs]},

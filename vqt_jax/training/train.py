@@ -76,11 +76,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return create_model(variant, num_classes=num_classes, **kwargs)
 
 
-def optimizer_name(config: ml_collections.ConfigDict) -> str:
-    """config.optimizer, or by default the optimiser of the method's release."""
-    return config.get("optimizer") or methods.get(config.method).optimizer
-
-
 def dont_load(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Parameters kept at their fresh initialisation when `config.init` is loaded: the head,
     and, for a model that normalises its pooled feature (`model.fc_norm`, MAE) with
@@ -683,7 +678,7 @@ def _run_locked(plan: RunPlan, workdir: str,
     rule = trainable_lib.rule_for(config.method)
     trainable, frozen = trainable_lib.partition(variables, rule)
     schedule, total_steps = run_schedule(config, num_train, config.lr)
-    tx = optim.make_optimizer(schedule, config.wd, trainable, optimizer_name(config))
+    tx = optim.make_optimizer(schedule, config.wd, trainable, methods.optimizer_name(config))
     state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     state = checkpoints.place(state, replicated)
 
