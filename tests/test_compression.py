@@ -45,8 +45,9 @@ SEPARABLE_KWARGS = dict(lr=0.05, wd=0.0, epochs=30, batch_size=32, warmup_epochs
 
 
 @pytest.mark.parametrize("num_features,keep_frac,expected", [
-    (13, 0.7, 9),     # 9.1 rounds down
-    (13, 0.5, 6),     # 6.5: Python's round goes to the even 6
+    (13, 0.7, 9),     # 9.1 -> 9: truncated, as the release counts
+    (13, 0.75, 9),    # 9.75 -> 9, not rounded to 10
+    (13, 0.5, 6),     # 6.5 -> 6
     (10, 0.25, 2),    # 2.5 -> 2
     (13, 1.0, 13),
     (13, 0.01, 1),    # at least one feature

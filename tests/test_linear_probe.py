@@ -283,7 +283,7 @@ def test_head2toe_chooses_the_best_validation_point():
     best_score, neg_frac = max(scores)
     assert r.keep_frac == -neg_frac
     assert r.C == (0.01, 1.0)[r.val_top1[r.keep_frac].index(best_score)]
-    assert len(r.kept) == compression.num_to_keep(63, r.keep_frac)
+    assert len(r.kept) == compression.num_to_keep(63, r.keep_frac, nearest=True)
 
 
 @pytest.mark.parametrize("fn", [linear_probe.tune, linear_probe.head2toe])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -388,50 +389,30 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
     host's devices in `mesh` (`cache.DeviceRows`, for the device-resident cache alone).
     """
     if device_rows:
-        return _get_device_rows(plan, config, model, variables, mesh)
-    cache = None if plan.path is None else cache_lib.open_cache(plan.path, plan.spec)
+        # Beside the complete copy's place, named by the mesh columns the rows are.
+        columns, d = cache_lib.local_columns(mesh), mesh.shape["data"]
+        path = None if plan.path is None else (
+            f"{plan.path}-devices{columns[0]}-{columns[-1]}of{d}")
+        found = None if path is None else cache_lib.open_device_rows(path, plan.spec, mesh)
+        what = "this host's devices' rows of the cache"
+        build = functools.partial(cache_lib.build_device_rows, path=path)
+    else:
+        path = plan.path
+        found = None if path is None else cache_lib.open_cache(path, plan.spec)
+        what = "the cache"
+        build = functools.partial(cache_lib.build, path=path, keep_float32=keep_float32)
     # The build is collective: if any host lacks its copy, every host runs the pass (a host
     # that has a complete copy keeps it).
-    if hosts.all_agree(cache is not None):
-        logging.info("Reusing the cache in %s.", plan.path)
-        return cache
+    if hosts.all_agree(found is not None):
+        logging.info("Reusing %s in %s.", what, path)
+        return found
     images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
                                               config.image_size, round_resized(config))
     norm = data.as_normalization(config.normalization)
     try:
-        return cache_lib.build(
-            plan.spec, model, variables, images, labels, mesh=mesh,
-            batch_size=config.eval_batch_size or config.batch_size,
-            normalize=lambda x: data.normalize_array(x, norm), path=plan.path,
-            keep_float32=keep_float32,
-        )
-    except cache_lib.DiskSpaceError as e:
-        if config.get("cache", "off") == "on":
-            raise
-        logging.warning("Training without a cache: %s.", e)
-        return None
-
-
-def _get_device_rows(plan: CachePlan, config: ml_collections.ConfigDict, model, variables,
-                     mesh: Mesh) -> cache_lib.DeviceRows | None:
-    """`get_cache(device_rows=True)`: this host's devices' rows, opened or built
-    (`cache.build_device_rows`), beside the complete copy's place and named by the columns
-    of the mesh they are."""
-    columns, d = cache_lib.local_columns(mesh), mesh.shape["data"]
-    path = None if plan.path is None else (
-        f"{plan.path}-devices{columns[0]}-{columns[-1]}of{d}")
-    rows = None if path is None else cache_lib.open_device_rows(path, plan.spec, mesh)
-    if hosts.all_agree(rows is not None):
-        logging.info("Reusing this host's devices' rows of the cache in %s.", path)
-        return rows
-    images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
-                                              config.image_size, round_resized(config))
-    norm = data.as_normalization(config.normalization)
-    try:
-        return cache_lib.build_device_rows(
-            plan.spec, model, variables, images, labels, mesh=mesh,
-            batch_size=config.eval_batch_size or config.batch_size,
-            normalize=lambda x: data.normalize_array(x, norm), path=path)
+        return build(plan.spec, model, variables, images, labels, mesh=mesh,
+                     batch_size=config.eval_batch_size or config.batch_size,
+                     normalize=lambda x: data.normalize_array(x, norm))
     except cache_lib.DiskSpaceError as e:
         if config.get("cache", "off") == "on":
             raise
