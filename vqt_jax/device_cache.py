@@ -171,8 +171,8 @@ def upload(cache: cache_lib.Cache | cache_lib.DeviceRows, mesh: Mesh,
             # One device holds every row in order: the layout is the host array's own. On a
             # CPU the device array then aliases the host cache's memory (a disk cache's memory
             # map is page-aligned, which XLA accepts), so the "device" copy costs no memory at
-            # all (a copy, staged through a second one, was twice ViT-B/16's 6.8 GiB cache of
-            # 1000 images). Elsewhere it is one copy to the device.
+            # all (a copy is staged through a second one: twice the cache). Elsewhere it is
+            # one copy to the device.
             return DeviceCache({name: jax.device_put(
                 src.view(stored_dtype(src.dtype)).reshape(n, 1, *src.shape[1:]), sharding,
                 may_alias=True) for name, src in sources.items()}, n, mesh, dtypes)
