@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vqt_jax import timing
 from vqt_jax.models import create_model  # noqa: E402
 
 # The timm side: reads "STEPS\n" lines, answers each with the seconds of every forward.
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
               "image_size": args.image_size, "dtype": "float32", "model": "ViT-B/16",
               "rounds": args.rounds, "steps_per_round": args.steps, "img_s": img_s,
               "ratio_vqt_jax_over_timm": img_s["vqt_jax"] / img_s["timm"],
-              "round_seconds": rounds, "jax": jax.__version__, **timm_info}
+              "round_seconds": rounds, "machine": timing.machine(), **timm_info}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -24,7 +24,9 @@ it to an earlier run's figures without timing them again). With it, the *matmul 
 arithmetic at the best rate this machine's XLA reaches on a bare float32 matmul (`matmul_gflop_s`,
 timed in a process of its own), and the most any protocol could gain over the runs one by one
 (`max_ratio`): nothing of a real program (elementwise work, attention, gathers, compilation,
-input, writing) runs that fast, so it bounds every ratio from above.
+input, writing) runs that fast, so it bounds every ratio from above. Each setup's figures
+record the machine (`machine`: CPU model, ISA flags, cores, jax; `vqt_jax.timing.machine`), so
+figures from different CPUs can be told apart.
 
 Setups:
   * demo: configs/demo.py's task (Fashion-MNIST train800/val200/test1000 and DINOv2 ViT-S/14 at
@@ -397,6 +399,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
     from absl import logging  # noqa: PLC0415
 
+    from vqt_jax import timing  # noqa: PLC0415
+
     logging.set_verbosity(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="sweep_speed_") as tmp:
         workdir = args.workdir or tmp
@@ -414,7 +418,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "shared")
         rows = []
         for name in names:
-            rows.append(measure(name, epochs[name], workdir, modes))
+            rows.append({**measure(name, epochs[name], workdir, modes),
+                         "machine": timing.machine()})
             print(report(rows), flush=True)
             if args.json:
                 with open(args.json, "w") as f:

@@ -27,3 +27,27 @@ def test_median_seconds_waits_for_what_fn_returns():
             return self
 
     assert timing.median_seconds(Pending, 2) >= 0.05
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 avx512_vnni
+processor\t: 1
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 avx512_vnni
+"""
+
+
+def test_machine_names_the_cpu_and_its_isa():
+    info = timing.machine(CPUINFO)
+    assert info["cpu_model"] == "AMD EPYC 9B14"
+    assert info["isa_flags"] == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni",
+                                 "avx512_bf16"]
+    assert info["cpu_count"] >= 1 and info["jax"]
+    # An ARM CPU lists 'Features'; a machine without /proc/cpuinfo still records something.
+    arm = timing.machine("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert arm["isa_flags"] == ["asimd", "sve"] and arm["cpu_model"]
+    assert timing.machine("")["isa_flags"] == []
+    # This machine's own.
+    assert isinstance(timing.machine()["cpu_model"], str)
