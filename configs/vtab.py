@@ -45,8 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     task, _, protocol_name = (arg or "dtd").partition(",")
     c = ml_collections.ConfigDict()
     c.task = task
-    # The protocol's values (vqt_jax/protocol.py) are written in below; each stays overridable.
-    c.protocol = ""
+    # The values the protocol decides (vqt_jax/protocol.py, one table), each set once below.
+    p = protocol.settings(protocol_name or "release", task)
+    c.protocol = p["protocol"]
     # TFDS data dir, or the image-folder root when task='folder'.
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.split = "test"  # 'val': train800 -> val200 (selection); 'test': train800val200 -> test.
@@ -59,10 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"
-    c.model.num_queries = 1  # T; 10 or 20 help structured tasks (SVHN, dSprites, KITTI, ...).
+    # T; 10 or 20 help structured tasks (SVHN, dSprites, KITTI, ...): the release's per task.
+    c.model.num_queries = p["model.num_queries"]
     c.model.query_dropout = 0.1
     # The Google checkpoints were trained with tanh GELU; the release runs exact 'gelu'.
-    c.model.mlp_act = "gelu_tanh"
+    c.model.mlp_act = p["model.mlp_act"]
     c.model.ln_eps = 1e-6
     c.model.layerscale = False
     c.model.pre_norm = False
@@ -78,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # in the backward (pair it with scan_blocks). The params tree stays big_vision's.
     c.model.scan_blocks = False
     c.model.remat = False
-    c.model.head_init = "zeros"  # or 'kaiming_fan_out' (the release)
-    c.model.head_bias_init = 0.0  # the release: -log(99)
+    c.model.head_init = p["model.head_init"]  # 'zeros' or 'kaiming_fan_out' (the release)
+    c.model.head_bias_init = p["model.head_bias_init"]  # the release: -log(99)
     # Sizes of the other methods' parts; a method switches off the parts it does not use.
     c.model.num_prompts = 10  # VPT's prompt length
     c.model.prompt_dropout = 0.1
@@ -105,8 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'epoch': every epoch a fresh permutation cut into batches, the last one partial (the
     # release's drop_last=False; padded and masked so the step keeps one shape);
     # 'stream': full batches read across epoch boundaries.
-    c.batching = "stream"
-    c.schedule_per_epoch = True  # the release steps its schedule once per epoch
+    c.batching = p["batching"]
+    c.schedule_per_epoch = p["schedule_per_epoch"]  # the release steps it once per epoch
     c.seed = 0
     # The seed of the example order (unset: `seed`). The protocol's seeds share one order when
     # it is set (each keeps its own init and dropout), so their programs read each batch of the
@@ -117,13 +119,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_loss = float("inf")
     # 'inception' = [-1, 1], what the Google checkpoints expect; the VQT/VPT release used
     # 'imagenet' mean/std instead. Or an explicit ((m, m, m), (s, s, s)).
-    c.normalization = "inception"
+    c.normalization = p["normalization"]
     c.image_size = 224
     # 'float': tf.image.resize's float result as is (the release); 'uint8': rounded to uint8.
-    c.resize = "uint8"
+    c.resize = p["resize"]
     # MAE-style models (model.fc_norm): 'fresh' starts fc_norm as a new LayerNorm (the release
     # drops the pretrained `norm`); 'checkpoint' loads the checkpoint's final norm into it.
-    c.fc_norm_init = "checkpoint"
+    c.fc_norm_init = p["fc_norm_init"]
 
     # Train from a one-time cache of the frozen backbone's outputs ('auto': when the method
     # allows it; 'on': fail if it cannot; 'off'). See vqt_jax/cache.py.
@@ -140,14 +142,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The release's feature-compression stage after VQT (group-lasso head, keep the top
     # keep_frac features by column norm, retrain the head), on cached query outputs.
     c.compression = ml_collections.ConfigDict()
-    c.compression.enabled = False
+    c.compression.enabled = p["compression.enabled"]
     c.compression.keep_frac = 0.7
     c.compression.lasso = 1e-4
     c.compression.epochs = 100
     c.compression.lr_scale = 0.5
     # True: both stages recompute the query outputs with query dropout on (the release trains
     # them in train mode); False: on fixed eval-mode features (seconds).
-    c.compression.train_mode = False
+    c.compression.train_mode = p["compression.train_mode"]
     # Other heads fitted on the same fixed features after training, reported beside the
     # method's top-1, each tuned as its authors would (vqt_jax/linear_probe.py): 'linear'
     # (L2 logistic regression on the final CLS, C chosen on the val rows, refit on train+val),
@@ -157,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The test top-1 a run reports (results.json 'reported', the sweep's tables): 'top1' (the
     # trained model's) or 'compression.top1' (the compressed model's where the compression
     # stage ran, else the trained model's: the release's collect_demo_exp_results.py).
-    c.report_metric = "top1"
+    c.report_metric = p["report_metric"]
 
     c.num_devices = 0  # 0: every device
     # experiments/vtab_sweep.py trains each stage's runs (the grid, the seeds) as one program
@@ -173,5 +175,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2
-    protocol.apply(c, protocol_name or "release", task)
     return c

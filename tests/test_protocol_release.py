@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,27 @@ def test_vtab_config_resolves_the_task_settings():
         "stream", "inception", "uint8", "zeros")
     with pytest.raises(ValueError, match="Unknown protocol 'nope'"):
         vtab.get_config("dtd,nope")
+
+
+def _field(config, path: str):
+    node = config
+    for key in path.split("."):
+        node = node[key]
+    return node
+
+
+@pytest.mark.parametrize("name", list(protocol.PROTOCOLS))
+def test_the_config_sets_every_value_the_protocol_decides(name):
+    # configs/vtab.py writes each value from `protocol.settings` once, for every task; a field
+    # of the table the config forgot would keep a default of its own.
+    for task in [*tasks.TASKS, "folder"]:
+        config = vtab.get_config(f"{task},{name}")
+        expected = protocol.settings(name, task)
+        assert {path: _field(config, path) for path in expected} == expected, task
+    source = Path(vtab.__file__).read_text()
+    for path in protocol.settings(name, "dtd"):
+        # Set from the table, not written twice (once as a default, once by the protocol).
+        assert source.count(f'p["{path}"]') == 1, path
 
 
 def test_head_init_is_kaiming_normal_fan_out_with_the_prior_bias():

@@ -1,8 +1,8 @@
-"""Training protocols by name, and the paper's VTAB-1k protocol (grid, selection, seeds, tables).
+"""Training protocols by name: the config values that make a run the release's, or big_vision's.
 
 A *protocol* is a set of config values that together reproduce one way of training, looked up
-by name in `PROTOCOLS` and written into a config by `apply` (`configs/vtab.py:TASK,PROTOCOL`;
-every field stays overridable on the command line afterwards):
+by name in `PROTOCOLS`; `settings` gives them for a task, and configs/vtab.py:TASK,PROTOCOL sets
+each field from it once (every field stays overridable on the command line):
 
 * `release` (the default): the official VQT release (github andytu28/VQT), which the paper's
   numbers need, setting for setting as its code does them: per-epoch batches with the last
@@ -34,8 +34,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
-
-import ml_collections
 
 from vqt_jax.protocol_tables import COMPRESSED_TOP1, PLAIN_TOP1
 
@@ -103,24 +101,19 @@ def get(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def apply(config: ml_collections.ConfigDict, name: str, task: str | None = None) -> None:
-    """Writes protocol `name`'s values (and, for `release`, the task's T and compression)
-    into `config` in place; records the name in `config.protocol`."""
+def settings(name: str, task: str | None = None) -> dict[str, Any]:
+    """Every config value protocol `name` decides for `task`: config field ('a.b' path) ->
+    value, `protocol` (its name), the protocol's `fields` and the query count T and
+    compression stage (the release's per task, `data/tasks.py: RELEASE_SETTINGS`; T = 1
+    without compression for other tasks and protocols). configs/vtab.py sets each once."""
     protocol = get(name)
-    config.protocol = name
-    for path, value in protocol.fields.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    # Imported here: the task table loads TensorFlow, which reading a config should not need.
+    # Imported here: the task table loads TensorFlow, which importing this module should not.
     from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415
 
     setting = tasks_lib.RELEASE_SETTINGS.get(task) if protocol.per_task else None
-    if setting is not None:
-        config.model.num_queries = setting.num_queries
-        config.compression.enabled = setting.compression
+    return {"protocol": name, **protocol.fields,
+            "model.num_queries": setting.num_queries if setting else 1,
+            "compression.enabled": setting.compression if setting else False}
 
 
 def reported(config: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
