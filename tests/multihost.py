@@ -10,17 +10,31 @@ started with ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (D devices p
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from tests import xla_env
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``python -m tests.MODULE ARGS`` (a script that calls `run_two`) from the repository
+    root with 2 simulated CPU devices per process; its stdout and stderr together, as text."""
+    return subprocess.run([sys.executable, "-m", f"tests.{module}", *args], cwd=REPO,
+                          env=xla_env.env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
 
 
 def initialize(process_id: int, port: int, num_processes: int = 2) -> None:

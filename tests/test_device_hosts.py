@@ -8,8 +8,6 @@ the 2-process test runs this module as a script in 2 processes x 2 CPU devices.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 
 import jax
@@ -17,13 +15,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from tests import multihost, xla_env
+from tests import multihost
 from vqt_jax import cache as cache_lib
 from vqt_jax import device_cache
 from vqt_jax.training import mesh as mesh_lib
 from vqt_jax.training import stacked
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
 
 
@@ -152,11 +149,7 @@ def _worker(process_id: int, port: int) -> None:
 
 
 def test_two_hosts_take_one_device_each_and_gather_across_them():
-    env = xla_env.env(2)
-    proc = subprocess.run([sys.executable, "-m", "tests.test_device_hosts",
-                           str(multihost.free_port())], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=240)
+    proc = multihost.launch("test_device_hosts", str(multihost.free_port()), timeout=240)
     assert proc.returncode == 0, proc.stdout[-5000:]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -18,13 +17,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from tests import multihost, train_utils, xla_env
+from tests import multihost, train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, device_cache
 from vqt_jax.models import ViT
 from vqt_jax.training import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=(8, 8), width=32, depth=2, mlp_dim=64, num_heads=4, num_classes=5)
 
 
@@ -142,11 +140,7 @@ def _worker(process_id: int, port: int) -> None:
 
 
 def test_two_hosts_build_only_their_devices_rows():
-    env = xla_env.env(2)
-    proc = subprocess.run([sys.executable, "-m", "tests.test_device_rows",
-                           str(multihost.free_port())], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
+    proc = multihost.launch("test_device_rows", str(multihost.free_port()), timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:]
 
 
@@ -171,11 +165,8 @@ def test_two_hosts_train_from_their_devices_rows_like_one_host(tmp_path):
     folder = train_utils.make_image_folder(tmp_path / "folder")
     one, _ = train.run(_train_config(folder, str(tmp_path / "one_cache")),
                        str(tmp_path / "one"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_device_rows", "train", str(multihost.free_port()),
-         str(tmp_path / "two"), folder, str(tmp_path / "local")], cwd=REPO,
-        env=xla_env.env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=600)
+    proc = multihost.launch("test_device_rows", "train", str(multihost.free_port()),
+                            str(tmp_path / "two"), folder, str(tmp_path / "local"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["cache_on_device"] and two["cache_on_device"]

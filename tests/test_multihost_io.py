@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,12 +24,11 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from tests import multihost, xla_env
+from tests import multihost
 from vqt_jax import export
 from vqt_jax.training import checkpointing, metrics_io
 from vqt_jax.training import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://bucket/run"
 
 
@@ -307,14 +304,9 @@ def _worker(process_id: int, port: int, out: str) -> None:
 def test_collect_and_place_in_two_processes(tmp_path):
     """jax.distributed on localhost, 2 processes x 2 CPU devices: feature_heads._collect and
     checkpoints.place."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = xla_env.env(2)
     outs = [str(tmp_path / f"process{i}.npz") for i in range(2)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_multihost_io", str(port), *outs], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    proc = multihost.launch("test_multihost_io", str(multihost.free_port()), *outs,
+                            timeout=240)
     assert proc.returncode == 0, proc.stdout[-5000:]
     rows = _rows()
     for i, out in enumerate(outs):

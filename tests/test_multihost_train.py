@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests import multihost, train_utils, xla_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import multihost, train_utils
 
 
 class _Kill(Exception):
@@ -54,12 +51,9 @@ def _worker(process_id: int, port: int, workdir: str, folder: str, cache_root: s
 
 
 def _launch(tmp_path, folder, cache, kill_at):
-    env = xla_env.env(2)
-    args = [str(multihost.free_port()), str(tmp_path / "two"), folder, str(tmp_path / "local"),
-            cache, str(kill_at)]
-    return subprocess.run([sys.executable, "-m", "tests.test_multihost_train", *args],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=600)
+    return multihost.launch("test_multihost_train", str(multihost.free_port()),
+                            str(tmp_path / "two"), folder, str(tmp_path / "local"), cache,
+                            str(kill_at), timeout=600)
 
 
 @pytest.fixture(scope="module")

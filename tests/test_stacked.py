@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import absl_verbosity, multihost, train_utils, xla_env
+from tests import absl_verbosity, multihost, train_utils
 from vqt_jax import export, methods
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, compression_train, stacked
@@ -400,12 +400,9 @@ def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
     program over both hosts, the diverged grid points are marked, and the selection, the test
     numbers and every run's results are those of the one-process sweep (8 devices)."""
     root, _, out = sweeps
-    env = xla_env.env(2)
     two = tmp_path / "two"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_stacked", str(multihost.free_port()), str(two),
-         str(root / "data")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = multihost.launch("test_stacked", str(multihost.free_port()), str(two),
+                            str(root / "data"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert f"the grid on val: {len(GRID.points(8))} runs as one program" in proc.stdout
     assert f"the seeds on test: {NUM_SEEDS} runs as one program" in proc.stdout

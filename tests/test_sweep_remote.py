@@ -30,14 +30,13 @@ import ml_collections
 import pytest
 from etils import epath
 
-from tests import multihost, train_utils, xla_env
+from tests import multihost, train_utils
 from tests.test_multihost_io import fake_gcs
 from vqt_jax import export, methods
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, metrics_io, stacked
 from vqt_jax.training import workdir as workdir_lib
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEP, REFERENCE = "gs://bucket/sweep", "gs://bucket/reference"
 TASK_GROUPS = {"folder": sweep_lib.FOLDER_GROUP}
 # The test stage's run is stopped right after its checkpoint of this step is written.
@@ -202,10 +201,8 @@ def _worker(process_id: int, port: int, root: str, data: str, mode: str) -> None
 
 
 def _launch(root: Path, data: str, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tests.test_sweep_remote", str(multihost.free_port()), str(root),
-         data, mode], cwd=REPO, env=xla_env.env(2), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=600)
+    return multihost.launch("test_sweep_remote", str(multihost.free_port()), str(root), data,
+                            mode, timeout=600)
 
 
 def test_a_stage_directory_of_a_bucket_stays_in_the_bucket():
