@@ -510,9 +510,7 @@ def build(
       DiskSpaceError: the disk under `path` cannot hold the cache (nothing is left behind).
     """
     n = spec.num_examples
-    if len(images) != n or len(labels) != n:
-        raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
-                         f"{len(labels)} labels")
+    _check_examples(spec, images, labels)
     kept = None
     if keep_float32 is not None:
         start, stop, _ = keep_float32.indices(n)
@@ -527,6 +525,13 @@ def build(
     cache = _store(spec, path, fill, np.asarray(labels, np.int32))
     cache.float32 = kept
     return cache
+
+
+def _check_examples(spec: Spec, images: np.ndarray, labels: np.ndarray) -> None:
+    n = spec.num_examples
+    if len(images) != n or len(labels) != n:
+        raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
+                         f"{len(labels)} labels")
 
 
 def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]], None],
@@ -729,9 +734,7 @@ def build_device_rows(
       DiskSpaceError: as `build`.
     """
     n, d = spec.num_examples, mesh.shape["data"]
-    if len(images) != n or len(labels) != n:
-        raise ValueError(f"Expected {n} examples to cache, got {len(images)} images and "
-                         f"{len(labels)} labels")
+    _check_examples(spec, images, labels)
     columns = local_columns(mesh)
     rows_spec = device_rows_spec(spec, d, len(columns))
     # Row k L + j of this host's rows is example k D + columns[j] (-1: padding).

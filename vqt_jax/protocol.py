@@ -107,10 +107,12 @@ def settings(name: str, task: str | None = None) -> dict[str, Any]:
     compression stage (the release's per task, `data/tasks.py: RELEASE_SETTINGS`; T = 1
     without compression for other tasks and protocols). configs/vtab.py sets each once."""
     protocol = get(name)
-    # Imported here: the task table loads TensorFlow, which importing this module should not.
-    from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415
+    setting = None
+    if protocol.per_task:
+        # Imported here, and only here: the task table loads TensorFlow.
+        from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415
 
-    setting = tasks_lib.RELEASE_SETTINGS.get(task) if protocol.per_task else None
+        setting = tasks_lib.RELEASE_SETTINGS.get(task)
     return {"protocol": name, **protocol.fields,
             "model.num_queries": setting.num_queries if setting else 1,
             "compression.enabled": setting.compression if setting else False}

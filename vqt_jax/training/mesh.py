@@ -33,16 +33,13 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                              f"{hosts} hosts (each host takes the same number of its devices; "
                              f"0: use all)")
         per_host = num_devices // hosts
-        taken: dict[int, int] = {}
-        picked = []
+        by_host: dict[int, list] = {p: [] for p in range(hosts)}
         for device in devices:
-            if taken.get(device.process_index, 0) < per_host:
-                taken[device.process_index] = taken.get(device.process_index, 0) + 1
-                picked.append(device)
-        short = {p: n for p, n in taken.items() if n < per_host}
-        if len(taken) < hosts or short:
-            counts = {p: sum(d.process_index == p for d in devices) for p in range(hosts)}
+            by_host[device.process_index].append(device)
+        if any(len(own) < per_host for own in by_host.values()):
+            counts = {p: len(own) for p, own in by_host.items()}
             raise ValueError(f"config.num_devices={num_devices} takes {per_host} devices of "
                              f"each of the {hosts} hosts, but they have {counts}")
-        devices = picked
+        picked = {id(d) for own in by_host.values() for d in own[:per_host]}
+        devices = [d for d in devices if id(d) in picked]  # in jax.devices() order
     return Mesh(np.asarray(devices), ("data",))
