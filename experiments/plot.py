@@ -45,7 +45,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vqt_jax import data, methods, preparations
+from vqt_jax import data, methods, resolve
 from vqt_jax.training import checkpointing, optim, train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
@@ -197,7 +197,7 @@ def restore_run(config: ml_collections.ConfigDict,
       workdir: the run's workdir.
 
     Returns:
-      (model, variables, config after `config.prepare`, the checkpoint's step).
+      (model, variables, the resolved config (`vqt_jax.resolve`), the checkpoint's step).
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint.
@@ -206,7 +206,7 @@ def restore_run(config: ml_collections.ConfigDict,
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"No checkpoints in {workdir}: train first (main.py).")
-    config = preparations.apply(config)
+    config = resolve.resolve(config)
     _check_method(config, workdir)
     num_classes = data.get_num_classes(config.task, config.data_dir)
     model = train.build_model(config, num_classes)
@@ -295,10 +295,10 @@ def run_config(workdir: str,
         recorded = recorded_config(workdir)
     except FileNotFoundError:
         return config  # a run from before config.json: the caller's word is all there is
-    # The run recorded its config after `config.prepare` filled in its paths (e.g. the demo's
-    # init) and its method's recipe the unset optimiser, batch and warm-up, so the explicit
-    # config is compared in the same state.
-    config = methods.with_recipe(preparations.apply(config))
+    # The run recorded its resolved config (`vqt_jax.resolve`: `config.prepare`'s paths, e.g.
+    # the demo's init, and its method's recipe in the unset optimiser, batch and warm-up), so
+    # the explicit config is compared in the same state.
+    config = resolve.resolve(config)
     diff = workdir_lib.differences(recorded, config)
     if diff:
         fields = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (--config)"

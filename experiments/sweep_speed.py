@@ -59,6 +59,7 @@ from typing import Any
 import ml_collections
 
 from vqt_jax import protocol
+from vqt_jax import resolve as resolve_lib
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.checkpoints import synthetic
 
@@ -143,7 +144,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     from vqt_jax import data  # noqa: PLC0415
     from vqt_jax.training import steppers, train  # noqa: PLC0415
 
-    config = sweep_lib.apply_overrides(config_fn(TASK), overrides)
+    config = resolve_lib.resolve(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
     config = plan.config
     variables, _ = train.init_variables(plan, 0)
@@ -184,7 +185,7 @@ def flop_floor(config_fn, overrides: dict, forward_s: float, images: int) -> dic
     from vqt_jax import costs, data, methods  # noqa: PLC0415
     from vqt_jax.training import train  # noqa: PLC0415
 
-    config = sweep_lib.apply_overrides(config_fn(TASK), overrides)
+    config = resolve_lib.resolve(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
     config, model = plan.config, plan.model
     variables = train.abstract_variables(model, config)
@@ -252,7 +253,7 @@ def timed_matmuls(name: str, epochs: int, root: str) -> float:
     from vqt_jax.training import train  # noqa: PLC0415
 
     config_fn, overrides = _setup(name, epochs, root)
-    plan = train.plan_run(sweep_lib.apply_overrides(config_fn(TASK), overrides), None)
+    plan = train.plan_run(resolve_lib.resolve(config_fn(TASK), overrides), None)
     grid = sweep_lib.grid_for(plan.config.method)
     members = len(grid.base_lrs) * len(grid.wds)
     model = plan.model

@@ -35,7 +35,9 @@ do not change results (data_dir, num_devices, ...).
 dotted for nested fields (``--set model.num_queries=10 epochs=10``); values are parsed with
 `ast.literal_eval` and kept as strings if that fails. The sweep owns task, split, lr, wd, seed
 and method, so these cannot be set; a ``batch_size`` override rescales the lr grid. Unknown
-tasks or config keys fail before anything is trained.
+tasks or config keys fail before anything is trained. Every run trains, and its config.json
+records, `vqt_jax.resolve.resolve` of the task's config with these overrides and then with
+the run's split, lr, wd and seed (`vqt_jax.sweep.run_overrides`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tests import test_downloads as downloads
 from tests import test_images as images
 from tests import train_utils
 from tests.test_workdir import snapshot
-from vqt_jax import cli, methods
+from vqt_jax import cli, resolve
 from vqt_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def finished(base_folder, tmp_path_factory):
     options = cli.parse(["main.py", f"--config=tests/tiny_config.py:{base_folder}",
                          f"--workdir={workdir}", "--config.epochs=1"])
     # As a run records it: with the method's release recipe filled in (train.plan_run).
-    workdir_lib.record(str(workdir), methods.with_recipe(options.config), None, 0)
+    workdir_lib.record(str(workdir), resolve.resolve(options.config), None, 0)
     (workdir / "results.json").write_text('{"top1": 0.5}\n')
     (workdir / "checkpoints" / "5").mkdir(parents=True)
     (workdir / "checkpoints" / "5" / "_METADATA").write_text("{}\n")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests import train_utils
 from tests.scripts import load_script
-from vqt_jax import data, methods
+from vqt_jax import data, resolve
 from vqt_jax.models import create_model
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
@@ -302,7 +302,7 @@ def test_recorded_config_turns_json_lists_back_into_tuples(tmp_path):
     })
     # As a run records it: with the method's release recipe filled in.
     workdir_lib.write_json(str(tmp_path / "config.json"),
-                           workdir_lib.as_dict(methods.with_recipe(config)))
+                           workdir_lib.as_dict(resolve.resolve(config)))
     assert json.loads((tmp_path / "config.json").read_text())["baselines"] == [
         "linear", "head2toe"]
     loaded = plot.recorded_config(str(tmp_path))

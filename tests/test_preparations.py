@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from configs import demo
-from vqt_jax import preparations
+from vqt_jax import preparations, resolve
 from vqt_jax.checkpoints import onnx_dinov2
 from vqt_jax.data import fashion_mnist
 from vqt_jax.training import train
@@ -13,7 +13,7 @@ from vqt_jax.training import train
 
 def test_demo_preparation_points_the_config_at_its_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("VQT_JAX_CACHE", str(tmp_path))
-    config = preparations.apply(demo.get_config())
+    config = resolve.resolve(demo.get_config())
     assert config.data_dir == str(tmp_path / preparations.FASHION_MNIST_DIR)
     assert config.init == str(tmp_path / preparations.DINOV2_S14_FILE)
     assert sorted(p.name for p in (tmp_path / preparations.FASHION_MNIST_DIR).iterdir()
@@ -44,4 +44,4 @@ def test_unknown_preparation():
     config = demo.get_config()
     config.prepare = "download_everything"
     with pytest.raises(ValueError, match="config.prepare='download_everything'"):
-        preparations.apply(config)
+        resolve.resolve(config)

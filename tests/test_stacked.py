@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests import absl_verbosity, multihost, train_utils
-from vqt_jax import export, methods
+from vqt_jax import export, resolve
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, compression_train, stacked
 from vqt_jax.training.train import train_and_evaluate
@@ -47,7 +47,7 @@ def base_config(data_dir: str, method: str):
         c.compression.enabled = True
         c.compression.keep_frac = 0.5
         c.compression.epochs = 3
-    c = methods.with_recipe(c)
+    c = resolve.resolve(c)
     c.batch_size = 8  # the grid's reference batch: lrs as written
     return c
 

@@ -19,7 +19,7 @@ import ml_collections
 import pytest
 
 from tests.scripts import load_script
-from vqt_jax import methods, protocol, protocol_tables
+from vqt_jax import methods, protocol, protocol_tables, resolve
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import workdir as workdir_lib
 
@@ -554,7 +554,7 @@ def test_parse_overrides():
 
 def test_apply_overrides_copies_nested_fields():
     config = standin_config("dtd")
-    out = sweep_lib.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
+    out = resolve.apply_overrides(config, {"model.num_queries": 10, "data_dir": "/tmp/tfds"})
     assert (out.model.num_queries, out.data_dir) == (10, "/tmp/tfds")
     assert (config.model.num_queries, config.data_dir) == (1, None)
 
@@ -598,8 +598,8 @@ def test_changed_overrides_are_refused(tmp_path):
 def test_real_config_accepts_overrides():
     config = sweep_lib.load_config_fn(REAL_CONFIG)("dtd")
     assert config.batch_size is None and config.method == "vqt"  # the method's, when run
-    assert methods.with_recipe(config).batch_size == 128
-    out = sweep_lib.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
+    assert resolve.resolve(config).batch_size == 128
+    out = resolve.apply_overrides(config, {"epochs": 10, "model.num_queries": 10})
     assert (out.epochs, out.model.num_queries) == (10, 10)
     assert (config.epochs, config.model.num_queries) == (100, 1)  # the original is untouched
 

@@ -32,7 +32,7 @@ from etils import epath
 
 from tests import multihost, train_utils
 from tests.test_multihost_io import fake_gcs
-from vqt_jax import export, methods
+from vqt_jax import export, resolve
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, metrics_io, stacked
 from vqt_jax.training import workdir as workdir_lib
@@ -154,7 +154,7 @@ class _Killed(Exception):
 def base_config(data: str) -> ml_collections.ConfigDict:
     c = train_utils.tiny_config(data_dir=data, batching="epoch", epochs=2, warmup_epochs=1)
     c.task, c.method = "folder", "vqt"
-    c = methods.with_recipe(c)
+    c = resolve.resolve(c)
     c.batch_size = 8
     return c
 

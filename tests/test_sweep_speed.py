@@ -21,7 +21,7 @@ def test_the_flop_floor_is_the_forward_pass_plus_every_runs_steps_at_its_rate(tm
     row = sweep_speed.with_floor({"forward_pass_s": forward_s, "images": 27, "sequential_s": 100.0,
                                   "one_s": 40.0, "matmul_gflop_s": 0.01}, config_fn, overrides)
     assert row["training_run_steps"] == 20 * 2 * 2 + 5 * 2 * 3
-    plan = train.plan_run(sweep_speed.sweep_lib.apply_overrides(config_fn("folder"), overrides),
+    plan = train.plan_run(sweep_speed.resolve_lib.resolve(config_fn("folder"), overrides),
                           None)
     variables = train.abstract_variables(plan.model, plan.config)
     per_image = costs.forward_flops(plan.model, variables, 16)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests import train_utils, xla_env
-from vqt_jax import cli, methods
+from vqt_jax import cli, resolve
 from vqt_jax.training import checkpointing, train
 from vqt_jax.training import workdir as workdir_lib
 
@@ -60,7 +60,7 @@ def test_workdir_records_the_whole_config(finished):
     config, workdir, results = finished
     recorded = json.loads(open(os.path.join(workdir, "config.json")).read())
     # The whole config as trained: with the method's release recipe filled in.
-    assert recorded == workdir_lib.as_dict(methods.with_recipe(config))
+    assert recorded == workdir_lib.as_dict(resolve.resolve(config))
     assert recorded["optimizer"] == "adam"
     assert results["config"] == recorded
     assert results["config"]["model"]["num_queries"] == config.model.num_queries

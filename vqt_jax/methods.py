@@ -167,21 +167,10 @@ def model_kwargs(name: str, model: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Config fields that, left unset (None), take the method's release value.
+# Config fields that, left unset (None), take the method's release value (`vqt_jax.resolve`
+# fills them: configs/vtab.py leaves them unset, so `--config.method=full` trains with VPT's
+# AdamW, batch 384 and 5 warm-up epochs; a value set in the config or on the command line wins).
 RECIPE_FIELDS = ("optimizer", "batch_size", "warmup_epochs")
-
-
-def with_recipe(config: Any) -> Any:
-    """A copy of a run config whose unset (None) `optimizer`, `batch_size` and
-    `warmup_epochs` are filled in from its method's release recipe (configs/vtab.py leaves
-    them unset, so `--config.method=full` trains with VPT's AdamW, batch 384 and 5 warm-up
-    epochs; a value set in the config or on the command line wins)."""
-    method = get(config.method)
-    out = config.copy_and_resolve_references()
-    for field in RECIPE_FIELDS:
-        if out.get(field) is None:
-            out[field] = getattr(method, field)
-    return out
 
 
 def optimizer_name(config: Mapping[str, Any]) -> str:

@@ -47,7 +47,6 @@ workdir holds: a host reads the chief's results, never a copy of its own.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -63,6 +62,7 @@ import ml_collections
 from etils import epath
 
 from vqt_jax import hosts, methods, protocol
+from vqt_jax import resolve as resolve_lib
 from vqt_jax.progress import format_duration
 from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's results)
     COMPRESSED_TOP1,
@@ -187,36 +187,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             value = text
         overrides[key] = value
     return overrides
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with the dotted-key `overrides` set.
-
-    Only existing fields can be set, so a typo fails instead of being silently ignored;
-    ConfigDict itself rejects a value of the wrong type.
-
-    Raises:
-        KeyError: If a key (or one of its parents) is not a field of the config.
-        TypeError: If ConfigDict refuses the value's type.
-    """
-    # Deep copy: ConfigDict(config) would share the nested ConfigDicts (e.g. `model`).
-    config = copy.deepcopy(config)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for depth, name in enumerate(parents):
-            child = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
-            if not isinstance(child, ml_collections.ConfigDict):
-                raise KeyError(f"--set {key}: {'.'.join(parents[:depth + 1])!r} is not a "
-                               "nested config.")
-            node = child
-        if leaf not in node:
-            raise KeyError(f"--set {key}: no such config field; fields here: "
-                           f"{', '.join(sorted(node.keys()))}.")
-        node[leaf] = value
-    return config
 
 
 def load_config_fn(path: str | os.PathLike) -> ConfigFn:
@@ -387,15 +357,22 @@ class SweepProgress:
         self.log(line)
 
 
+def run_overrides(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
+                  seed: int) -> dict[str, Any]:
+    """What the sweep sets in one run's config: its split, lr, wd and seed (and, for a
+    selection run, compression off: the release compresses its final runs only, its
+    head2toe_sparsity_train.py refuses `final_runs=False`, so the selection reads the trained
+    model's val top-1)."""
+    overrides: dict[str, Any] = {"split": split, "lr": lr, "wd": wd, "seed": seed}
+    if split == "val" and "compression" in base:
+        overrides["compression.enabled"] = False
+    return overrides
+
+
 def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
                 seed: int) -> ml_collections.ConfigDict:
-    config = copy.deepcopy(base)  # every run gets its own config, nested fields included
-    config.split, config.lr, config.wd, config.seed = split, lr, wd, seed
-    if split == "val" and "compression" in config:
-        # The release compresses its final runs only (head2toe_sparsity_train.py refuses
-        # `final_runs=False`): the selection reads the trained model's val top-1.
-        config.compression.enabled = False
-    return config
+    """One run's config: `resolve(base, run_overrides(...))`, a copy of its own."""
+    return resolve_lib.resolve(base, run_overrides(base, split=split, lr=lr, wd=wd, seed=seed))
 
 
 def recorded_settings(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -592,7 +569,8 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
     Args:
         task: Task name.
         group: Its VTAB group, carried into the result.
-        base: The task's config with the overrides applied; split, lr, wd, seed are set per run.
+        base: The task's resolved config (`vqt_jax.resolve`); each run's is
+            `resolve(base, run_overrides(...))`.
         workdir: The sweep's root directory, local or remote (gs://).
         grid: The (lr, wd) grid; its lrs are scaled to ``base.batch_size``.
         num_seeds: Number of test seeds (0..num_seeds-1).
@@ -688,7 +666,8 @@ def run_sweep(
             `vqt_jax.training.train.train_and_evaluate`. Tests pass a fake.
         method: Written into every config's ``method`` and selects the grid (`grid_for`).
         num_seeds: Number of test seeds.
-        overrides: Dotted config keys to values, applied to every task's config.
+        overrides: Dotted config keys to values: every task's base config is
+            `resolve(get_config(task), {**overrides, 'task': task, 'method': method})`.
         task_groups: Task name -> group, in report order; default: the VTAB-1k task table.
         log: Where the progress lines go (see `SweepProgress`); default: `logging.info`.
         clock: The time source of the progress lines, in seconds (tests pass a fake one).
@@ -725,11 +704,11 @@ def run_sweep(
     workdir = workdir_lib.as_path(workdir)  # a gs:// URL mangled to gs:/ is refused here
     bases = {}
     for task in tasks:
-        base = apply_overrides(base_config_fn(task), overrides)
-        base.task, base.method = task, method
-        # The method's release batch size scales its lr grid (and its optimiser and warm-up
-        # train every run), unless the config or an override sets them.
-        bases[task] = methods.with_recipe(base)
+        # Resolved (vqt_jax.resolve): the method's release batch size scales its lr grid (and
+        # its optimiser and warm-up train every run), unless the config or an override sets
+        # them; a preparation (`config.prepare`) runs once here, before any training.
+        bases[task] = resolve_lib.resolve(base_config_fn(task),
+                                          {**overrides, "task": task, "method": method})
         _check_fingerprint(workdir / task, fingerprint)
 
     real = train_fn is None

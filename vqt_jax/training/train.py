@@ -41,7 +41,7 @@ from vqt_jax import (
     export,
     hosts,
     methods,
-    preparations,
+    resolve,
     sampling,
 )
 from vqt_jax import device_cache as device_cache_lib
@@ -482,7 +482,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
     Raises:
       ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
     """
-    config = methods.with_recipe(preparations.apply(config))
+    config = resolve.resolve(config)
     compilation_cache.enable(config.get("compilation_cache_dir"))
     mesh = make_mesh(config.get("num_devices", 0))
     config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
