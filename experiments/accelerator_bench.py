@@ -10,14 +10,14 @@ largest batch of `--batches` whose VQT train step fits the device (by the compil
   * vqt_step_uncached_img_s: a VQT train step from images (backbone forward, query path
     forward and backward, optimiser);
   * vqt_step_cached_img_s: a VQT train step from the device-resident cache, inside the
-    training loop's compiled chunk (`training.steppers.DeviceStepper`: indices drawn and rows
+    training loop's compiled chunk (`training.engine.Engine`: indices drawn and rows
     gathered on the device);
   * epoch_s: a whole epoch of `--epoch_images` (1000: VTAB-1k's train800val200) both ways,
     uncached (that many steps of the uncached step) and cached (one chunk), and their ratio;
   * stage_training: a protocol stage's training at the protocol's batch (`--stage_batch`,
     128) over a `--epoch_images` cache: one run as the protocol trains each run on its own
-    (`DeviceStepper`), against the release's 20-point grid as one program (one shared example
-    order) and its 5 seeds as one program (each its own order; `StackedStepper`, as
+    (a stack of one), against the release's 20-point grid as one program (one shared example
+    order) and its 5 seeds as one program (each its own order; `engine.Engine`, as
     `training.stacked` runs them): each one's first epoch (compilation included) and the median
     epoch after it, how much faster the program trains its runs than they train one by one,
     and the FLOPs of one run's step (counted as for the forward) and the FLOP/s achieved;
@@ -34,6 +34,7 @@ result). Everything needs only jax, flax, optax and numpy (no TensorFlow).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from vqt_jax import cache as cache_lib  # noqa: E402
 from vqt_jax import costs, device_cache  # noqa: E402
 from vqt_jax.models import create_model  # noqa: E402
 from vqt_jax.timing import median_seconds  # noqa: E402
-from vqt_jax.training import optim, steppers, train_step  # noqa: E402
+from vqt_jax.training import engine, optim, train_step  # noqa: E402
 from vqt_jax.training import trainable as trainable_lib  # noqa: E402
 from vqt_jax.training.mesh import make_mesh  # noqa: E402
 
@@ -125,7 +126,8 @@ class Bench:
         schedule = optax.constant_schedule(1e-3)
         tx = optim.make_optimizer(schedule, 1e-4, trainable, "adam")  # VQT release
         step = train_step.make_state_step(
-            train_step.make_train_step(self.model, tx, from_cache=from_cache), schedule)
+            train_step.make_train_step(train_step.make_loss_fn(self.model, from_cache), tx),
+            schedule)
         # One compiled init; its copies of the leaves are the state's (the step donates it).
         state = jax.jit(lambda t: train_step.TrainState(
             jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, t), tx.init(t)),
@@ -256,22 +258,30 @@ def chunk_timer(advance: Callable, state: Any) -> Callable[[int], Callable[[], A
     return run
 
 
-def one_run(bench: Bench, cache: device_cache.DeviceCache, fields: list[str], batch: int,
-            max_steps: int) -> Callable[[int], Callable[[], Any]]:
-    """`chunk_timer` of one VQT run trained from `cache` as the training loop trains it
-    (`DeviceStepper`)."""
-    step, state, frozen = bench.state_step("vqt", from_cache=True)
-    stepper = steppers.DeviceStepper(step, cache, frozen, jax.random.key(0), fields=fields,
-                                     batch_size=batch, seed=0, batching="epoch",
-                                     max_steps=max_steps)
-    return chunk_timer(stepper.advance, state)
+def program(bench: Bench, cache: device_cache.DeviceCache, fields: list[str], batch: int,
+            max_steps: int, members: int = 1, own_orders: bool = False,
+            unit: Callable[[Any], Any] = lambda s: 1.0) -> Callable[[int], Callable[[], Any]]:
+    """`chunk_timer` of `members` VQT runs trained from `cache` as the training engine trains
+    them (`engine.Engine` over a `DeviceSource`: one run is a stack of one), each with its own
+    example order (`own_orders`) or one shared order."""
+    trainable, frozen = trainable_lib.partition(bench.variables, trainable_lib.rule_for("vqt"))
+    state = engine.init_state("adam", trainable, [trainable] * members, cache.mesh)
+    loss = train_step.make_loss_fn(bench.model, from_cache=True)
+    run = engine.Engine(
+        engine.member_step(lambda t, m, f, b, r: loss(t, f, b, r), "adam", trainable, unit),
+        engine.DeviceSource(cache, fields, batch, "epoch",
+                            list(range(members)) if own_orders else [0] * members),
+        frozen, {"lr": np.geomspace(1e-3, 1.0, members).astype(np.float32),
+                 "wd": np.full(members, 1e-4, np.float32)},
+        jax.random.split(jax.random.key(0), members), state, max_steps=max_steps)
+    return chunk_timer(run.advance, state)
 
 
 def cached(bench: Bench, repeats: int, num_examples: int, epoch_steps: int,
            cache_dtype: str) -> dict[str, Any]:
-    """A cached epoch as the training loop runs it: one DeviceStepper chunk."""
+    """A cached epoch as the training loop runs it: one engine chunk of one run."""
     cache, fields, spec = random_cache(bench, num_examples, cache_dtype)
-    run = one_run(bench, cache, fields, bench.batch, epoch_steps)
+    run = program(bench, cache, fields, bench.batch, epoch_steps)
     step_s = median_seconds(run(1), repeats)
     epoch_s = median_seconds(run(epoch_steps), max(1, repeats // 4))
     return {"step_img_s": bench.batch / step_s, "step_s": step_s, "epoch_s": epoch_s,
@@ -300,34 +310,18 @@ def stage_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     unit, _ = optim.training_schedule(1.0, num_examples=n, batch_size=batch, epochs=epochs,
                                       warmup_epochs=epochs // 10, batching="epoch")
 
-    def program(members: int, own_orders: bool):
-        def build():
-            trainable, frozen = trainable_lib.partition(bench.variables,
-                                                        trainable_lib.rule_for("vqt"))
-            tx = steppers.member_optimizer("adam", trainable, unit, 1.0, 0.0)
-            one = train_step.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-            state = jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * members), one),
-                                   bench.replicated)
-            stepper = steppers.StackedStepper(
-                steppers.member_step(bench.model, "adam", trainable, unit), cache, frozen,
-                jax.random.split(jax.random.key(0), members), state,
-                hp={"lr": np.geomspace(1e-3, 1.0, members), "wd": np.full(members, 1e-4)},
-                orders=list(range(members)) if own_orders else [0] * members, fields=fields,
-                batch_size=batch, batching="epoch", max_steps=steps)
-            return chunk_timer(stepper.advance, state)
-        return build
-
     # One run's step: a program's step does the arithmetic of its runs' steps.
     flops = costs.cached_step_flops(bench.model, bench.variables, spec, batch, method="vqt",
                                     optimizer="adam")
-    single = first_and_median("one run", lambda: one_run(bench, cache, fields, batch, steps),
-                              steps, repeats)
+    single = first_and_median("one run", lambda: program(bench, cache, fields, batch, steps,
+                                                         unit=unit), steps, repeats)
     single["achieved_tflop_s"] = flops * steps / single["epoch_s"] / 1e12
     out: dict[str, Any] = {"batch": batch, "epoch_images": n, "steps_per_epoch": steps,
                            "epochs": epochs, "gflops_per_run_step": flops / 1e9,
                            "one_run": single}
     for name, members, own in (("grid", 20, False), ("seeds", 5, True)):
-        r = first_and_median(name, program(members, own), steps, repeats)
+        r = first_and_median(name, functools.partial(program, bench, cache, fields, batch, steps,
+                                                     members, own, unit), steps, repeats)
         # A stage's training one by one: each run compiles and trains on its own.
         by_one = members * (single["first_epoch_s"] + (epochs - 1) * single["epoch_s"])
         together = r["first_epoch_s"] + (epochs - 1) * r["epoch_s"]

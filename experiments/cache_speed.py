@@ -75,7 +75,7 @@ def measure(variant: str = "B/16", image_size: int = 224, num_images: int = 256,
     steps_per_epoch = num_images // batch
 
     def jitted(from_cache: bool):
-        step = train_step.make_train_step(model, tx, from_cache=from_cache)
+        step = train_step.make_train_step(train_step.make_loss_fn(model, from_cache), tx)
         return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded,
                                            replicated), donate_argnums=(0, 1))
 

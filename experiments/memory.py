@@ -137,7 +137,8 @@ def _step(setting: Setting, model, variables):
         opt_state = jax.eval_shape(tx.init, trainable)
     else:
         opt_state = tx.init(trainable)
-    fn = jax.jit(train_step.make_train_step(model, tx), donate_argnums=(0, 1))
+    fn = jax.jit(train_step.make_train_step(train_step.make_loss_fn(model), tx),
+                 donate_argnums=(0, 1))
     num_trainable = int(sum(np.prod(v.shape) for v in trainable.values()))
     return fn, (trainable, opt_state, frozen), num_trainable
 

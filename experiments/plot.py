@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from vqt_jax import data, methods, resolve
-from vqt_jax.training import checkpointing, optim, train
+from vqt_jax.training import checkpointing, engine, train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
 
@@ -217,17 +217,17 @@ def restore_run(config: ml_collections.ConfigDict,
     if config.init:
         variables = train.load_pretrained(config, variables)
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
-    # The checkpoint is a whole TrainState, so restoring needs one of the same structure; the
-    # optimiser state's structure does not depend on the schedule's values.
-    tx = optim.make_optimizer(lambda step: jnp.zeros(()), config.wd, trainable,
-                              methods.optimizer_name(config))
-    template = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    # The checkpoint is the training engine's (a stack of one run), so restoring needs one of
+    # the same structure; the optimiser state's structure does not depend on its values.
+    mesh = train.make_mesh(config.get("num_devices", 0))
+    template = engine.saved(engine.init_state(methods.optimizer_name(config), trainable,
+                                              [trainable], mesh), [0], [0.0], mesh)
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
     try:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"No checkpoints in {ckpt_dir}: train first (main.py).")
         try:
-            state = checkpointing.restore_latest(manager, template)
+            state = checkpointing.restore_latest(manager, template)["state"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"The checkpoint in {ckpt_dir} does not fit the model of this config "
@@ -236,7 +236,8 @@ def restore_run(config: ml_collections.ConfigDict,
             ) from e
     finally:
         manager.close()
-    return model, trainable_lib.merge(state.trainable, frozen), config, int(state.step)
+    trained = jax.tree.map(lambda x: np.asarray(x)[0], state.trainable)
+    return model, trainable_lib.merge(trained, frozen), config, int(np.asarray(state.step)[0])
 
 
 def _check_method(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -142,7 +142,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
 
     from vqt_jax import cache as cache_lib  # noqa: PLC0415
     from vqt_jax import data  # noqa: PLC0415
-    from vqt_jax.training import steppers, train  # noqa: PLC0415
+    from vqt_jax.training import engine, train  # noqa: PLC0415
 
     config = resolve_lib.resolve(config_fn(TASK), overrides)
     plan = train.plan_run(config, None)
@@ -159,7 +159,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
                    "image": train_val[sl]}, sharding=sharding,
                    last_multiple=plan.mesh.shape["data"])]
     batches += [{"image": b["image"]} for b in train.eval_batches(config, plan.mesh)]
-    batches = [steppers.global_batch(b, sharding)["image"] for b in batches]
+    batches = [engine.global_batch(b, sharding)["image"] for b in batches]
     fn = cache_lib.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
 
     def run_pass() -> None:

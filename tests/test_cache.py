@@ -61,8 +61,8 @@ def test_cached_step_equals_uncached_step(dropout):
     tx = optax.adam(1e-2)
     rng = jax.random.key(5)
 
-    uncached = jax.jit(train_step.make_train_step(model, tx))
-    cached = jax.jit(train_step.make_train_step(model, tx, from_cache=True))
+    uncached = jax.jit(train_step.make_train_step(train_step.make_loss_fn(model), tx))
+    cached = jax.jit(train_step.make_train_step(train_step.make_loss_fn(model, True), tx))
     batch = {"image": images, "label": labels}
     cbatch = {**_cached_batch(model, variables, images), "label": labels}
     loss_fn = train_step.make_loss_fn(model)

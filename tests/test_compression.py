@@ -1,16 +1,17 @@
-"""Linear heads on fixed features and the release's feature compression (vqt_jax/compression)."""
+"""The release's feature compression: selection (vqt_jax/compression) and its two stages on
+fixed features (vqt_jax/training/compression_stage)."""
 
 from __future__ import annotations
 
-import fractions
-import math
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqt_jax import compression
+from tests import train_utils
+from vqt_jax import cache as cache_lib
+from vqt_jax import compression, device_cache
+from vqt_jax.models import create_model
+from vqt_jax.training import compression_stage, engine, train
 
 NUM_CLASSES = 10
 NUM_INFORMATIVE, NUM_NOISE = 16, 48
@@ -40,10 +41,6 @@ def _separable(n: int = 100, f: int = 12, c: int = 4, seed: int = 0):
     return x.astype(np.float32), labels
 
 
-# Shared by the fit_head tests, so they share one compilation.
-SEPARABLE_KWARGS = dict(lr=0.05, wd=0.0, epochs=30, batch_size=32, warmup_epochs=3)
-
-
 @pytest.mark.parametrize("num_features,keep_frac,expected", [
     (13, 0.7, 9),     # 9.1 -> 9: truncated, as the release counts
     (13, 0.75, 9),    # 9.75 -> 9, not rounded to 10
@@ -70,140 +67,63 @@ def test_select_features_breaks_ties_by_lower_index():
     np.testing.assert_array_equal(compression.select_features(kernel, 0.5), [1, 3, 5])
 
 
-def test_batches_are_full_and_cover_every_epoch():
-    # 10 examples, batches of 4, 3 epochs -> 8 steps over 3.2 epochs of the shuffled stream.
-    idx = np.asarray(compression._batch_indices(jax.random.key(0), 10, 4, 8))
-    assert idx.shape == (8, 4)
-    stream = idx.reshape(-1)
-    for epoch in range(3):
-        np.testing.assert_array_equal(np.sort(stream[10 * epoch:10 * (epoch + 1)]), range(10))
-    assert not np.array_equal(stream[:10], stream[10:20])  # reshuffled each epoch
+def _stage_heads(x, y, num_classes, *, seeds=(0,), lasso=0.0, keep_frac=1.0, epochs=30,
+                 lr=0.1, batch_size=32, train_mode=False):
+    """`compression_stage.train` of len(seeds) members on fixed features `x` (a 'features'
+    cache on the devices: the model's head input is the cached `pre_logits` itself)."""
+    mesh = train.make_mesh()
+    n, f = x.shape
+    model = create_model(None, num_classes=num_classes, patch_size=(8, 8), width=8, depth=1,
+                         mlp_dim=8, num_heads=1, num_queries=0)
+    spec = cache_lib.Spec("features", n, {"pre_logits": ((f,), "float32")})
+    cache = cache_lib.Cache(spec, {"pre_logits": np.asarray(x, np.float32)},
+                            np.asarray(y, np.int32))
+    dev = device_cache.upload(cache, mesh, ["pre_logits"])
+    configs = []
+    for seed in seeds:
+        c = train_utils.tiny_config(lr=lr, wd=0.0, batch_size=batch_size, warmup_epochs=3,
+                                    seed=seed, optimizer="adam")
+        c.compression.update(enabled=True, lasso=lasso, keep_frac=keep_frac, epochs=epochs,
+                             lr_scale=1.0, train_mode=train_mode)
+        configs.append(c)
+    return compression_stage.train(
+        configs, model, {}, {},
+        lambda orders: engine.DeviceSource(dev, ["pre_logits"], batch_size, "stream", orders),
+        n, f, num_classes)
 
 
-def test_fit_head_runs_the_main_loops_number_of_steps(monkeypatch):
-    seen = {}
-    real = compression._fit
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compression, "_fit", spy)
-    x, y = _separable()  # 100 examples: 3.125 batches of 32 per epoch
-    compression.fit_head(x, y, 4, **SEPARABLE_KWARGS)
-    assert seen["total_steps"] == math.ceil(30 * 100 / 32) == 94
-    assert seen["steps_per_epoch"] == fractions.Fraction(100, 32)  # exact: no float drift
-    assert (seen["epochs"], seen["warmup_epochs"]) == (30, 3)
-
-
-def test_fit_head_separable_and_deterministic():
+def test_stage_separable_and_deterministic():
     x, y = _separable()
-    kwargs = SEPARABLE_KWARGS
-    head = compression.fit_head(x, y, 4, **kwargs, seed=3)
-    assert head["kernel"].shape == (12, 4) and head["bias"].shape == (4,)
-    assert compression.accuracy(head, x, y) == 1.0
-    again = compression.fit_head(x, y, 4, **kwargs, seed=3)
-    np.testing.assert_array_equal(np.asarray(head["kernel"]), np.asarray(again["kernel"]))
-    np.testing.assert_array_equal(np.asarray(head["bias"]), np.asarray(again["bias"]))
-    other = compression.fit_head(x, y, 4, **kwargs, seed=4)
-    assert not np.array_equal(np.asarray(head["kernel"]), np.asarray(other["kernel"]))
-
-
-def test_bias_init_and_zero_kernel_before_training():
-    # With lr 0 throughout (one warm-up epoch only), the head stays at its initial values.
-    x, y = _separable(n=32)
-    head = compression.fit_head(x, y, 4, lr=1.0, wd=0.0, epochs=1, batch_size=32,
-                                warmup_epochs=1, bias_init=-2.0)
-    np.testing.assert_array_equal(np.asarray(head["kernel"]), 0.0)
-    np.testing.assert_array_equal(np.asarray(head["bias"]), -2.0)
-
-
-def test_group_lasso_enters_the_loss():
-    x, y = _separable()
-    kwargs = SEPARABLE_KWARGS
-    plain = compression.group_norms(compression.fit_head(x, y, 4, **kwargs)["kernel"])
-    lassoed = compression.group_norms(compression.fit_head(x, y, 4, **kwargs, lasso=0.3)
-                                      ["kernel"])
-    assert np.all(np.isfinite(lassoed))
-    assert lassoed.sum() < 0.5 * plain.sum()
+    heads = _stage_heads(x, y, 4, seeds=(3, 3, 4))
+    final = heads.final
+    assert final["head/kernel"].shape == (3, 12, 4) and final["head/bias"].shape == (3, 4)
+    scores = heads.scores([x, x, x], y)
+    assert [sc["top1"] for sc in scores] == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(final["head/kernel"][0], final["head/kernel"][1])
+    assert not np.array_equal(final["head/kernel"][0], final["head/kernel"][2])
 
 
 def test_compress_mocked_task():
+    """The stage's group lasso scores the informative features above noise, so the selection
+    keeps them, and the lasso shrinks the head (members: without and with the lasso)."""
     x_train, y_train, informative = _clusters(400, seed=0)
     x_eval, y_eval, _ = _clusters(400, seed=1)
-    out = compression.compress(x_train, y_train, x_eval, y_eval, NUM_CLASSES, lr=0.05, wd=0.0,
-                               keep_frac=0.25, lasso=1e-2, epochs=50)
-    assert out["num_features"] == 64 and out["num_kept"] == 16 == len(out["kept"])
-    assert out["head"]["kernel"].shape == (16, NUM_CLASSES)
+    heads = _stage_heads(x_train, y_train, NUM_CLASSES, lasso=1e-2, keep_frac=0.25, epochs=50,
+                         lr=0.05)
+    (out,) = heads.scores([x_eval], y_eval)
+    assert out["num_features"] == 64 and out["num_kept"] == 16 == heads.kept.shape[1]
     assert out["top1"] > 0.7 and out["top1_all"] > 0.5  # chance is 0.1
-    # The lasso stage scores informative features above noise, so selection keeps them.
-    assert informative[out["kept"]].sum() >= 14
-    lasso_head = compression.fit_head(x_train, y_train, NUM_CLASSES, lr=0.025, wd=0.0,
-                                      lasso=1e-2, epochs=50)
-    norms = compression.group_norms(lasso_head["kernel"])
+    assert informative[heads.kept[0]].sum() >= 14
+    norms = compression.group_norms(heads.lasso["head/kernel"][0])
     assert np.median(norms[informative]) > 2 * np.median(norms[~informative])
+    plain = _stage_heads(x_train, y_train, NUM_CLASSES, epochs=50, lr=0.05)
+    assert norms.sum() < 0.5 * compression.group_norms(plain.lasso["head/kernel"][0]).sum()
     # The reported top-1 is the final head's on the kept eval features.
-    assert out["top1"] == compression.accuracy(out["head"], x_eval[:, out["kept"]], y_eval)
+    final = {"kernel": heads.final["head/kernel"][0], "bias": heads.final["head/bias"][0]}
+    assert out["top1"] == compression.accuracy(final, x_eval[:, heads.kept[0]], y_eval)
 
 
-@pytest.mark.parametrize("keep_frac,expected", [(0.25, 7), (0.05, 1)])
-def test_compress_keeps_the_requested_number(keep_frac, expected):
-    # 30 features: 0.25 -> 7.5 truncates to 7, 0.05 -> 1.5 -> 1 (the release's int()).
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(40, 30)).astype(np.float32), rng.integers(0, 3, 40)
-    out = compression.compress(x, y, x[:10], y[:10], 3, lr=0.01, wd=1e-4, keep_frac=keep_frac,
-                               epochs=2, batch_size=16, warmup_epochs=1)
-    assert out["num_kept"] == expected == len(out["kept"])
-    assert out["head"]["kernel"].shape == (expected, 3)
-    assert 0.0 <= out["top1"] <= 1.0
-
-
-def _no_compile(*args, **kwargs):
-    raise AssertionError("validation must fail before training compiles")
-
-
-X_OK, Y_OK = np.zeros((8, 5), np.float32), np.arange(8) % 3
-
-
-@pytest.mark.parametrize("features,labels,match", [
-    (np.zeros((8, 5), np.float32), np.arange(7) % 3, "8 feature rows but 7 labels"),
-    (X_OK, np.full(8, 3), r"labels must be in \[0, 3\)"),
-    (X_OK, np.full(8, -1), r"labels must be in \[0, 3\)"),
-    (X_OK, Y_OK.astype(np.float32), "must be integers"),
-    (np.zeros((0, 5), np.float32), np.zeros(0, np.int64), "empty"),
-    (np.zeros((8, 0), np.float32), Y_OK, "empty"),
-    (np.zeros(8, np.float32), Y_OK, "2-D"),
-    (np.full((8, 5), np.nan, np.float32), Y_OK, "NaN"),
-])
-def test_bad_data_raises_before_compiling(monkeypatch, features, labels, match):
-    monkeypatch.setattr(compression, "_fit", _no_compile)
-    with pytest.raises(ValueError, match=match):
-        compression.fit_head(features, labels, 3, lr=0.1, wd=0.0)
-    with pytest.raises(ValueError, match=match):
-        compression.compress(features, labels, X_OK, Y_OK, 3, lr=0.1, wd=0.0)
-    with pytest.raises(ValueError, match=match):  # bad evaluation data is caught up front too
-        compression.compress(X_OK, Y_OK, features, labels, 3, lr=0.1, wd=0.0)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(keep_frac=0.0), "keep_frac"),
-    (dict(keep_frac=1.5), "keep_frac"),
-    (dict(lr=0.0), "lr must be"),
-    (dict(lr_scale=0.0), "lr_scale"),
-    (dict(lasso=-1.0), "lasso"),
-    (dict(optimizer="lion"), "Unknown optimizer"),
-])
-def test_bad_hyperparameters_raise_before_compiling(monkeypatch, kwargs, match):
-    monkeypatch.setattr(compression, "_fit", _no_compile)
-    kwargs = dict(dict(lr=0.1, wd=0.0), **kwargs)
-    with pytest.raises(ValueError, match=match):
-        compression.compress(X_OK, Y_OK, X_OK, Y_OK, 3, **kwargs)
-
-
-def test_mismatched_eval_columns_and_predict_shapes(monkeypatch):
-    monkeypatch.setattr(compression, "_fit", _no_compile)
-    with pytest.raises(ValueError, match="columns"):
-        compression.compress(X_OK, Y_OK, np.zeros((8, 4), np.float32), Y_OK, 3, lr=0.1, wd=0.0)
+def test_predict_shapes_and_accuracy():
     head = {"kernel": jnp.eye(5, 3), "bias": jnp.zeros(3)}
     with pytest.raises(ValueError, match=r"\[N, 5\]"):
         compression.predict(head, np.zeros((2, 4), np.float32))

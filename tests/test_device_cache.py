@@ -21,7 +21,7 @@ from tests import train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import device_cache, sampling
 from vqt_jax.models import ViT, create_model
-from vqt_jax.training import steppers, train
+from vqt_jax.training import engine, train, train_step
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,9 @@ def test_gather_on_device_equals_the_host_cache(devices):
 def test_a_bfloat16_cache_is_never_upcast_whole_in_the_training_loop(tmp_path, devices):
     """XLA:CPU gathers bfloat16 in float32 and hoists the conversion of the whole cache out of
     a compiled loop (a float32 copy: twice the cache's bytes of temporaries). The loop that
-    training compiles (`steppers.compiled_chunks`, gathering with `DeviceCache.gather`) must
-    keep its temporaries far below one copy of the cache, and on one CPU device the device
-    cache is the disk cache's memory map itself."""
+    training compiles (`engine.Engine` over a `DeviceSource`, gathering with
+    `DeviceCache.gather`) must keep its temporaries far below one copy of the cache, and on
+    one CPU device the device cache is the disk cache's memory map itself."""
     mesh = train.make_mesh() if devices == 8 else _one_device_mesh()
     n, shape = 4096, (2, 17, 16)  # 2 MiB of bfloat16 per device and field at 8 devices
     path = tmp_path / "k.bin"
@@ -103,21 +103,20 @@ def test_a_bfloat16_cache_is_never_upcast_whole_in_the_training_loop(tmp_path, d
         pointer = dev.arrays["k"].addressable_shards[0].data.unsafe_buffer_pointer()
         assert pointer == k.ctypes.data
 
-    def one(state, frozen, arrays, rng):
-        index, _ = sampling.batch_indices(state, 0, num_examples=n, batch_size=8,
-                                          batching="epoch")
-        rows = dev.gather({"k": arrays["k"]}, index)["k"]
-        return state + 1, {"sum": rows.astype(jnp.float32).sum()}
+    def step(member, state, shared, batch, rng):
+        return train_step.TrainState(state.step + 1, {}, ()), {
+            "sum": batch["k"].astype(jnp.float32).sum()}
 
-    chunk = steppers.compiled_chunks(one, 4, mesh)
-    state, metrics = chunk(jnp.asarray(0), None, {"k": dev.arrays["k"]}, None,
-                           jnp.asarray(4, jnp.int32))
+    state = train_step.TrainState(jnp.zeros((1,), jnp.int32), {}, ())
+    run = engine.Engine(step, engine.DeviceSource(dev, ["k"], 8, "epoch", [0]), None,
+                        {"lr": np.float32([0.0])}, jax.random.split(jax.random.key(0), 1),
+                        state, max_steps=4)
+    state, metrics = run.advance(state, 4)
     want = [k[sampling.host_batch_indices(s, n, global_batch_size=8, seed=0,
                                           batching="epoch")[0]].astype(np.float32).sum()
             for s in range(4)]
-    np.testing.assert_allclose(np.asarray(metrics["sum"]), want, rtol=1e-5)
-    compiled = chunk.lower(jnp.asarray(0), None, {"k": dev.arrays["k"]}, None,
-                           jnp.asarray(4, jnp.int32)).compile()
+    np.testing.assert_allclose(np.asarray(metrics["sum"])[:, 0], want, rtol=1e-5)
+    compiled = run.compiled
     share = int(np.prod(shape)) * 2 * -(-n // devices)  # bytes of the cache per device
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < share / 4, (temp, share)
@@ -167,17 +166,16 @@ def test_the_training_loop_never_waits_on_a_step(folder, tmp_path, monkeypatch, 
 
     original_get = jax.device_get
     monkeypatch.setattr(jax, "device_get", device_get)
-    for cls in (steppers.HostStepper, steppers.DeviceStepper):
-        def advance(self, state, count, original=cls.advance):
-            inside.append(count)
-            try:
-                return original(self, state, count)
-            finally:
-                inside.pop()
-        monkeypatch.setattr(cls, "advance", advance)
+    def advance(self, state, count, original=engine.Engine.advance):
+        inside.append(count)
+        try:
+            return original(self, state, count)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(engine.Engine, "advance", advance)
     fetched = []
-    original_fetch = steppers.fetch
-    monkeypatch.setattr(steppers, "fetch",
+    original_fetch = engine.fetch
+    monkeypatch.setattr(engine, "fetch",
                         lambda m, count: fetched.append(count) or original_fetch(m, count))
     # 3 epochs of 36 examples in batches of 8: 15 steps; chunks end at 5, 6, 10, 12, 15.
     config = train_utils.tiny_config(data_dir=folder, epochs=3, cache="on", log_every_steps=5,
@@ -247,7 +245,7 @@ def test_the_gather_holds_b_over_d_rows_per_device_and_equals_numpy_indexing():
     O(B / D) rows, at most 1/4 of the reduce-scatter gather's for the same batch, and its
     batches are bit for bit the full cache indexed with numpy: random batches with repeats,
     a batch whose rows all live on one device (owners as unbalanced as they get), and the
-    B x S gather of members with their own orders (`StackedStepper`)."""
+    B x S gather of members with their own orders (`engine.Engine`)."""
     mesh = train.make_mesh()
     assert mesh.size == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     n, shape, b = 1000, (2, 17, 16), 256

@@ -160,7 +160,7 @@ def test_vqt_train_step_changes_only_queries_and_head():
     tx = optax.adam(1e-2)
     opt_state = tx.init(trainable)
     before = jax.tree.map(np.asarray, frozen)
-    step = jax.jit(train_step.make_train_step(model, tx))
+    step = jax.jit(train_step.make_train_step(train_step.make_loss_fn(model), tx))
     batch = {"image": jax.random.normal(jax.random.key(5), (4, 16, 16, 3)),
              "label": jnp.array([0, 1, 2, 3])}
     new_trainable, _, metrics = step(trainable, opt_state, frozen, batch, jax.random.key(6))

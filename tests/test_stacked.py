@@ -25,7 +25,7 @@ import pytest
 from tests import absl_verbosity, multihost, train_utils
 from vqt_jax import export, resolve
 from vqt_jax import sweep as sweep_lib
-from vqt_jax.training import checkpointing, compression_train, stacked
+from vqt_jax.training import checkpointing, compression_stage, stacked
 from vqt_jax.training.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,17 +103,17 @@ def sweeps(request, tmp_path_factory):
         for logger in loggers:
             logger.addHandler(handler)
         compressed: list[tuple[str, int]] = []  # (split, seed) of every compression stage run
-        real_compress = compression_train.compress
+        real_compress = compression_stage.train
 
-        def counted(config, *args, _log=compressed, _real=real_compress, **kwargs):
-            _log.append((config.split, config.seed))
-            return _real(config, *args, **kwargs)
+        def counted(configs, *args, _log=compressed, _real=real_compress, **kwargs):
+            _log.extend((c.split, c.seed) for c in configs)
+            return _real(configs, *args, **kwargs)
 
         try:
             # A module-scoped fixture runs before conftest's function-scoped `_absl_info`.
             with (absl_verbosity.info(), jax.log_compiles(True),
                   pytest.MonkeyPatch.context() as patch):
-                patch.setattr(compression_train, "compress", counted)
+                patch.setattr(compression_stage, "train", counted)
                 result, lines = sweep(base, root / mode, mode == "one")
         finally:
             for logger in loggers:
@@ -208,11 +208,15 @@ def test_each_stage_is_one_program_compiled_once(sweeps):
     assert f"folder: the seeds on test: {NUM_SEEDS} runs as one program" in lines
     assert any(line.startswith("run 1 of 6: folder") and "trained in the program above" in line
                for line in lines)
-    # One training loop and one evaluation per stage, against one per run one by one.
+    # One training loop and one evaluation per stage, against one per run one by one; the
+    # compression stages (on the final runs, where the protocol compresses) are two more
+    # loops of the engine: per stage, or per run one by one.
     one, seq = out["one"][2], out["sequential"][2]
-    assert one.count("chunk") == 2, one
+    compressing = 2 if out["one"][4] else 0
+    assert one.count("chunk") == 2 + compressing, one
     assert one.count("fn") == 2, one
-    assert seq.count("chunk") == len(GRID.points(8)) + NUM_SEEDS
+    assert seq.count("chunk") == (len(GRID.points(8)) + NUM_SEEDS
+                                  + compressing * len(out["sequential"][4]))
     # The grid's stage built the train+val cache, and evaluated on val from the float32
     # outputs it kept of val's rows; the seeds' stage runs the backbone over test.
     assert out["one"][3][0] == (

@@ -17,7 +17,7 @@ from tests import xla_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.costs", "vqt_jax.device_cache",
         "vqt_jax.sampling", "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
-        "vqt_jax.training.optim", "vqt_jax.training.steppers", "vqt_jax.training.mesh")
+        "vqt_jax.training.optim", "vqt_jax.training.engine", "vqt_jax.training.mesh")
 BLOCK_TF = """
 import sys
 class _NoTensorFlow:
@@ -65,7 +65,7 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     # Full fine-tuning keeps gradients and Adam moments for every parameter: more memory.
     assert (r["memory"]["full_finetune_step"]["total_bytes"]
             > r["memory"]["vqt_step"]["total_bytes"] > 0)
-    # A protocol stage's training: one run (DeviceStepper) against the stacked programs.
+    # A protocol stage's training: one run (a stack of one) against the stacked programs.
     stage = r["stage_training"]
     assert stage["batch"] == 8 and stage["steps_per_epoch"] == 8 and "partial" not in r
     assert stage["one_run"]["epoch_s"] > 0

@@ -40,12 +40,12 @@ def cached_step_flops(model: ViT, variables: Any, spec: cache_lib.Spec, batch: i
                       method: str, optimizer: str) -> float:
     """FLOPs of one training step of `method` from a cache of `spec` at `batch` rows: loss,
     gradients of the trainable part, and the optimiser's update. A protocol stage's program
-    does this arithmetic once per member and step (`training.steppers.StackedStepper`)."""
+    does this arithmetic once per member and step (`training.engine.Engine`)."""
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(method))
     schedule = optax.constant_schedule(1e-3)
     tx = optim.make_optimizer(schedule, 1e-4, trainable, optimizer)
     step = train_step.make_state_step(
-        train_step.make_train_step(model, tx, from_cache=True), schedule)
+        train_step.make_train_step(train_step.make_loss_fn(model, True), tx), schedule)
     state = jax.eval_shape(lambda t: train_step.TrainState(jnp.zeros((), jnp.int32), t,
                                                            tx.init(t)), trainable)
     rows = {k: jax.ShapeDtypeStruct((batch, *shape), cache_lib._np_dtype(dtype))

@@ -1,5 +1,5 @@
 """The cache held in the devices' memory: rows sharded over the data axis, batches gathered
-on the device, so a compiled loop trains from it without the host (`training/steppers.py`).
+on the device, so a compiled loop trains from it without the host (`training/engine.py`).
 
 A host cache (`cache.py`, memory or disk) gathers every batch's rows in Python and copies
 them to the device each step: on an accelerator that traffic, not the query path, sets the

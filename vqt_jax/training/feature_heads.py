@@ -1,12 +1,8 @@
-"""Heads trained after the main run on fixed features: compression and baselines.
+"""Baseline heads fitted after the main run on the backbone's fixed features.
 
-Once the method is trained, everything before its head is fixed, and so are the backbone's
-own features. Two things then cost one pass over the data plus seconds of head training:
-
-* compression (`config.compression.enabled`): the release's feature-compression stage on the
-  method's head input (VQT: [CLS ; query outputs]); see `vqt_jax/compression.py`;
-* baselines (`config.baselines`, names from `BASELINES`): other heads on the same features, a
-  linear probe on the final CLS and Head2Toe on every block's pooled tokens, each a convex
+Once the method is trained, the backbone's own features are fixed, so the baselines
+(`config.baselines`, names from `BASELINES`) cost one pass over the data plus seconds of
+fitting: a linear probe on the final CLS and Head2Toe on every block's pooled tokens, each a convex
   problem solved to convergence with its regularisation (and Head2Toe's keep fraction) chosen
   on a validation part of the training rows, then refitted on all of them
   (`vqt_jax/linear_probe.py`). The validation part (`validation_rows`): with
@@ -15,9 +11,9 @@ own features. Two things then cost one pass over the data plus seconds of head t
   has; with `'val'` (train800 only) it is the last `HOLDOUT` of each class's rows (per class,
   since an image folder lists its rows class by class).
 
-Training features come from the run's cache when there is one (for VQT: the query path over
-the cached keys/values with the trained queries), else from a forward pass over the training
-images; evaluation features from one forward pass over the evaluation split.
+Training features come from the run's cache when it holds them, else from a forward pass
+over the training images; evaluation features from one forward pass over the evaluation
+split.
 """
 
 from __future__ import annotations
@@ -34,11 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import compression, data, linear_probe, protocol
+from vqt_jax import data, linear_probe, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import l2_normalize
 from vqt_jax.progress import Progress, format_duration
-from vqt_jax.training import compression_train
 
 Features = dict[str, np.ndarray]  # pre_logits [N, F], cls [N, D], pooled [N, G, D], label [N]
 FIELDS = ("pre_logits", "cls", "pooled")
@@ -108,16 +103,6 @@ BASELINES: dict[str, Callable[[Features, Features, np.ndarray], dict]] = {
     "linear": _linear, "head2toe": _head2toe}
 
 
-def _compress(train_x, train_y, eval_x, eval_y, config, num_classes) -> dict:
-    c = config.compression
-    r = compression.compress(
-        train_x, train_y, eval_x, eval_y, num_classes, lr=config.lr, wd=config.wd,
-        keep_frac=c.keep_frac, lasso=c.lasso, epochs=c.epochs, lr_scale=c.lr_scale,
-        batch_size=config.batch_size, warmup_epochs=config.warmup_epochs, seed=config.seed)
-    return {k: (float(v) if k.startswith("top1") else int(v))
-            for k, v in r.items() if k in ("top1", "top1_all", "num_features", "num_kept")}
-
-
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for an unknown baseline name (before anything runs)."""
     for name in config.get("baselines", ()) or ():
@@ -127,8 +112,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def wanted(config: ml_collections.ConfigDict) -> bool:
-    c = config.get("compression")
-    return bool((c is not None and c.enabled) or config.get("baselines"))
+    return bool(config.get("baselines"))
 
 
 def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
@@ -156,58 +140,47 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def compute(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
-            cache: cache_lib.Cache | None,
-            evals: Features | None = None) -> tuple[Features, Features]:
-    """(training features, evaluation features) of the trained model; `evals`, if given, are
-    the evaluation features already computed (by a pass that served several runs)."""
-    sharding = NamedSharding(mesh, P("data"))
-    batch_size = config.eval_batch_size or config.batch_size
-    norm = data.as_normalization(config.normalization)
-
+def _images_fn(model: ViT, mesh: Mesh):
     def from_images(v, batch):
-        f = model.apply(v, batch["image"], method=ViT.features, keep_blocks=False)
+        f = model.apply(v, batch["image"], method=ViT.features_without_blocks)
         return {k: f[k] for k in FIELDS} | {"label": batch["label"]}
 
     # Outputs stay sharded over the batch (each device holds its own rows; `_collect` gathers
     # them), so the per-device output does not grow with the device count.
-    images_fn = cache_lib.forward_fn(from_images, mesh)
+    return cache_lib.forward_fn(from_images, mesh)
+
+
+def eval_features(config: ml_collections.ConfigDict, model: ViT, variables,
+                  mesh: Mesh) -> Features:
+    """`FIELDS` and 'label' of the evaluation split, from one forward pass (eval mode)."""
+    fn = _images_fn(model, mesh)
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
-    evals = evals if evals is not None else _collect(data.make_eval_iterator(
-        config.task, config.data_dir, config.split, global_batch_size=batch_size,
-        image_size=config.image_size, normalization=norm,
+    return _collect(data.make_eval_iterator(
+        config.task, config.data_dir, config.split,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
         local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config)),
-        lambda b: images_fn(variables, b), sharding,
-        Progress("Feature heads: evaluation features", num_eval, "images"))
+        lambda b: fn(variables, b), NamedSharding(mesh, P("data")),
+        Progress("Evaluation features", num_eval, "images"))
 
-    if cache is None:
-        images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
-                                                  config.image_size, protocol.round_resized(config))
-        batches = _host_batches(len(labels), batch_size, sharding, lambda sl: {
-            "image": data.normalize_array(images[sl], norm), "label": labels[sl]})
-        return _collect(batches, lambda b: images_fn(variables, b), sharding,
-                        Progress("Feature heads: training features", len(labels),
-                                 "images")), evals
 
-    # From the cache: the fixed fields as stored; VQT's head input through the query path.
-    def from_cache(v, batch):
-        return {"pre_logits": model.apply(v, batch, method=ViT.features_from_cache)[
-            "pre_logits"]}
-
-    cache_fn = cache_lib.forward_fn(from_cache, mesh)
-    n = cache.spec.num_examples
-    train = {k: np.asarray(cache.arrays[k]) for k in ("cls", "pooled", "pre_logits")
-             if k in cache.arrays}
-    train["label"] = np.asarray(cache.labels)
-    if "pre_logits" not in train:
-        inputs = ("k", "v", "cls")
-        batches = _host_batches(n, batch_size, sharding, lambda sl: {
-            k: np.asarray(cache.arrays[k][sl]) for k in inputs})
-        train["pre_logits"] = _collect(
-            batches, lambda b: cache_fn(variables, b), sharding,
-            Progress("Feature heads: training features from the cache", n, "images"),
-        )["pre_logits"]
-    return train, evals
+def train_features(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
+                   cache: cache_lib.Cache | None) -> Features:
+    """The backbone's features of the training rows ('cls', 'pooled', 'label'): from the
+    run's cache where it holds them, else from a forward pass over the images."""
+    if cache is not None and {"cls", "pooled"} <= set(cache.arrays):
+        return {"cls": np.asarray(cache.arrays["cls"]),
+                "pooled": np.asarray(cache.arrays["pooled"]), "label": np.asarray(cache.labels)}
+    sharding = NamedSharding(mesh, P("data"))
+    norm = data.as_normalization(config.normalization)
+    images, labels = data.load_train_examples(config.task, config.data_dir, config.split,
+                                              config.image_size, protocol.round_resized(config))
+    batches = _host_batches(len(labels), config.eval_batch_size or config.batch_size, sharding,
+                            lambda sl: {"image": data.normalize_array(images[sl], norm),
+                                        "label": labels[sl]})
+    fn = _images_fn(model, mesh)
+    return _collect(batches, lambda b: fn(variables, b), sharding,
+                    Progress("Baselines: training features", len(labels), "images"))
 
 
 def _host_batches(n: int, batch_size: int, sharding: NamedSharding,
@@ -217,39 +190,25 @@ def _host_batches(n: int, batch_size: int, sharding: NamedSharding,
 
 
 def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
-        cache: cache_lib.Cache | None, num_classes: int, evals: Features | None = None) -> dict:
-    """Trains the compression and baseline heads the config asks for; returns their metrics.
+        cache: cache_lib.Cache | None, evals: Features | None = None) -> dict:
+    """Fits the baseline heads the config asks for; returns their metrics.
 
     `evals`: the evaluation features (`FIELDS` and 'label'), if computed already; default: one
     forward pass over the evaluation split here.
 
     Returns:
-      {'compression': {...}} and/or {'baselines': {name: {...}}}, each with the evaluation
-      'top1'; empty if nothing is asked for. A baseline's entry also holds its chosen 'C', its
-      best 'val_top1' on the validation part, 'num_features', 'num_val' (validation rows),
+      {'baselines': {name: {...}}}, each with the evaluation 'top1', its chosen 'C', its best
+      'val_top1' on the validation part, 'num_features', 'num_val' (validation rows),
       'converged' (the final fits reached their tolerances: L-BFGS, and Head2Toe's group
-      lasso) and, for Head2Toe, the chosen 'keep_frac' and 'num_kept'.
+      lasso) and, for Head2Toe, the chosen 'keep_frac' and 'num_kept'; empty if none is asked.
     """
     if not wanted(config):
         return {}
-    train, evals = compute(config, model, variables, mesh, cache, evals)
-    out: dict = {}
-    if config.compression.enabled and config.compression.get("train_mode", False):
-        # The release's: both stages see the queries through their dropout (see
-        # compression_train.py); progress lines come from its loop.
-        out["compression"] = compression_train.compress(
-            config, model, variables, mesh, cache, len(train["label"]), evals["pre_logits"],
-            evals["label"], num_classes)
-    elif config.compression.enabled:
-        out["compression"] = _timed("compression", lambda: _compress(
-            train["pre_logits"], train["label"], evals["pre_logits"], evals["label"], config,
-            num_classes))
-    names = config.get("baselines") or ()
-    if names:
-        is_val = validation_rows(config, train["label"])
-        out["baselines"] = {name: _timed(name, lambda name=name: BASELINES[name](
-            train, evals, is_val)) for name in names}
-    return out
+    evals = evals if evals is not None else eval_features(config, model, variables, mesh)
+    train = train_features(config, model, variables, mesh, cache)
+    is_val = validation_rows(config, train["label"])
+    return {"baselines": {name: _timed(name, lambda name=name: BASELINES[name](
+        train, evals, is_val)) for name in config.baselines}}
 
 
 def _timed(name: str, fit: Callable[[], dict]) -> dict:

@@ -10,15 +10,15 @@ run here together:
   rates and weight decays are inputs of the program (traced, not constants), so one
   compilation serves every member and every chunk length. Each step `vmap`s the method's own
   step (`train_step`, the same optimiser and schedule) over the members, in compiled chunks
-  over the device-resident cache (`device_cache`, `steppers.StackedStepper`). The batch is
+  over the device-resident cache (`device_cache`, `engine.Engine`). The batch is
   gathered once for all members when they share an example order (the grid; the seeds too when
   `config.order_seed` is set), else once per member (the seeds: each keeps its own init,
   dropout stream and example order, as its own run would).
 * Evaluation: each batch of the evaluation split goes through the backbone once; every
   member's query path and head read that pass's keys/values (or features).
 * One cache for both stages: train800val200's. Its first rows are train800 (TFDS and image
-  folders list train800 first), so the grid trains from them (`cache.first_rows`) and no
-  train800 cache is built. Its last rows are val200: while the grid's stage builds the
+  folders list train800 first), so the grid trains on them (the device source's first rows)
+  and no train800 cache is built. Its last rows are val200: while the grid's stage builds the
   cache it keeps their backbone outputs in float32 (`_val_rows`), and evaluates the grid on
   val200 from them (`_exact_batches`, after checking that val200's images are those rows).
   The backbone then runs once over train800val200 and once over test per task (and once
@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -55,16 +56,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, data, hosts, methods
+from vqt_jax import data, hosts, methods
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
 from vqt_jax.training import (
     checkpointing,
+    compression_stage,
+    engine,
     feature_heads,
     metrics_io,
-    steppers,
     train,
     train_step,
 )
@@ -145,7 +147,9 @@ class _Setup:
 
     plan: train.RunPlan
     configs: list[ml_collections.ConfigDict]  # each member's, as its run would record it
-    cache: cache_lib.Cache  # the training rows
+    # train800val200's cache (on several hosts only this host's devices' rows); the stage
+    # trains on its first `plan.num_train` rows.
+    cache: cache_lib.Cache | cache_lib.DeviceRows
     variables0: dict  # the first member's full variables (the backbone pass's)
     frozen: dict
     state: train_step.TrainState  # stacked
@@ -155,6 +159,13 @@ class _Setup:
     template: dict
     # val200's rows of the cache in float32, when this stage built the cache (`_val_rows`).
     float32: cache_lib.Float32Rows | None = None
+
+    @property
+    def train_rows(self) -> cache_lib.Cache | None:
+        """The training rows on the host (what the baselines read), or None (device rows)."""
+        if isinstance(self.cache, cache_lib.DeviceRows):
+            return None
+        return cache_lib.first_rows(self.cache, self.plan.num_train)
 
 
 def _plan(members: Sequence[Member]) -> _Setup:
@@ -187,34 +198,32 @@ def _plan(members: Sequence[Member]) -> _Setup:
     rule = trainable_lib.rule_for(config.method)
     parts = {s: trainable_lib.partition(v, rule) for s, (v, _) in inits.items()}
     variables0 = inits[seeds[0]][0]
-    keep = _val_rows(cache_plan.spec, plan, num_rows) if config.split == "val" else None
-    full = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh,
-                           keep_float32=keep)
-    if full is None:
-        raise Unstackable("the cache could not be built (see the line above)")
-    cache = cache_lib.first_rows(full, plan.num_train)
-    fields = _fields(cache)
+    fields = _fields(cache_plan.spec)
     orders = {order_seed(m.config) for m in members}
     rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
-    why = device_cache_lib.why_not(cache.spec, fields, plan.mesh, rows)
+    why = device_cache_lib.why_not(cache_plan.spec, fields, plan.mesh, rows)
     if not hosts.all_agree(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
                           f"{why or 'another host cannot hold it'}")
+    keep = _val_rows(cache_plan.spec, plan, num_rows) if config.split == "val" else None
+    # On several hosts each builds only its devices' rows, unless a baseline reads them all.
+    cache = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh,
+                            keep_float32=keep, device_rows=jax.process_count() > 1
+                            and not feature_heads.wanted(config))
+    if cache is None:
+        raise Unstackable("the cache could not be built (see the line above)")
 
     frozen = parts[seeds[0]][1]
     unit, total_steps = train.run_schedule(config, plan.num_train, 1.0)
     template = parts[seeds[0]][0]
-    tx = steppers.member_optimizer(methods.optimizer_name(config), template, unit, 1.0, 0.0)
-    states = [train_step.TrainState(jnp.zeros((), jnp.int32), parts[s][0],
-                                    tx.init(parts[s][0])) for s in seeds]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    replicated = NamedSharding(plan.mesh, P())
-    state = checkpoints.place(jax.device_get(stacked), replicated)
+    state = engine.init_state(methods.optimizer_name(config), template,
+                              [parts[s][0] for s in seeds], plan.mesh)
     # Local, as `train` keeps its key: the compiled loop takes it replicated (a device_put
     # onto the global mesh would be refused on several hosts).
     rngs = jnp.stack([inits[s][1] for s in seeds])
     return _Setup(plan, [_member_config(config, m.config) for m in members], cache, variables0,
-                  frozen, state, rngs, total_steps, unit, template, full.float32)
+                  frozen, state, rngs, total_steps, unit, template,
+                  getattr(cache, "float32", None))
 
 
 def _val_rows(spec: cache_lib.Spec, plan: train.RunPlan, num_rows: int) -> slice | None:
@@ -245,8 +254,8 @@ def _member_config(config: ml_collections.ConfigDict,
     return out
 
 
-def _fields(cache: cache_lib.Cache) -> list[str]:
-    return [k for k in train_step.CACHE_INPUTS if k in cache.arrays]
+def _fields(spec: cache_lib.Spec) -> list[str]:
+    return [k for k in train_step.CACHE_INPUTS if k in spec.fields]
 
 
 def fits(compiled: Any, mesh) -> str | None:
@@ -310,8 +319,8 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
                 out = joint.apply(variables, {k: batch[k] for k in ("k", "v", "cls")},
                                   method=ViT.features_from_cache)
             else:
-                feats = out = joint.apply(variables, batch["image"], method=ViT.features,
-                                          keep_blocks=False)
+                feats = out = joint.apply(variables, batch["image"],
+                                          method=ViT.features_without_blocks)
             q = out["queries"]  # [B, M, S*T, D], member-major
             per_member = jnp.moveaxis(q.reshape(q.shape[0], m, s, t, d), 2, 0)
             outs = heads(trainables, frozen, {"cls": feats["cls"]}, per_member)
@@ -340,7 +349,7 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     """Every member's eval metrics (and features for the feature heads) in one pass."""
     config, mesh = setup.plan.config, setup.plan.mesh
     batches = _exact_batches(setup)
-    fn = _eval_fn(setup, _fields(setup.cache), keep_features, batches is not None)
+    fn = _eval_fn(setup, _fields(setup.cache.spec), keep_features, batches is not None)
     what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
     logging.info("%s: %s.", what, "one backbone pass" if batches is None else
                  "the backbone's float32 outputs kept by the cache build, no backbone pass")
@@ -405,21 +414,6 @@ def _float32_batches(kept: cache_lib.Float32Rows,
         yield batch
 
 
-def _unstack(tree: Any, j: int) -> Any:
-    return jax.tree.map(lambda x: x[j], tree)
-
-
-def _problem(metrics: dict[str, float], max_loss: float) -> str | None:
-    loss = metrics["loss"]
-    if not math.isfinite(loss):
-        return f"Training loss is {loss}"
-    if loss > max_loss:
-        return f"Training loss is {loss:.4g}, over config.max_loss={max_loss:g} (diverged)"
-    if not metrics["state_finite"]:
-        return "The trained parameters or optimiser state became non-finite"
-    return None
-
-
 def run_stage(members: Sequence[Member], *, may_diverge: bool = True,
               log: Callable[[str], None] = logging.info) -> list[dict | FloatingPointError]:
     """Trains and evaluates `members` as one program; writes each member's run directory.
@@ -467,24 +461,29 @@ def _run_group(members: list[Member], may_diverge: bool,
                log: Callable[[str], None]) -> list[dict | FloatingPointError]:
     """`run_stage` for one group of members, as one program."""
     setup = _plan(members)
-    config, mesh = setup.plan.config, setup.plan.mesh
+    config, mesh, model = setup.plan.config, setup.plan.mesh, setup.plan.model
     s = len(members)
     directory = stage_dir(members)
     is_chief = hosts.is_chief()
-    fields = _fields(setup.cache)
+    fields = _fields(setup.cache.spec)
     dcache = device_cache_lib.upload(setup.cache, mesh, fields)
+
+    # source(orders): the members' batches, gathered on the devices.
+    source = functools.partial(engine.DeviceSource, dcache, fields, config.batch_size,
+                               batching(config), num_examples=setup.plan.num_train)
     log_every = config.get("log_every_steps", 10)
     ckpt_every = config.get("checkpoint_every_steps", 100)
     total = setup.total_steps
     orders = [order_seed(m.config) for m in members]
-    stepper = steppers.StackedStepper(
-        steppers.member_step(setup.plan.model, methods.optimizer_name(config), setup.template,
-                             setup.unit_schedule),
-        dcache, setup.frozen, setup.rngs, setup.state,
-        hp={"lr": [c.lr for c in setup.configs], "wd": [c.wd for c in setup.configs]},
-        orders=orders, fields=fields, batch_size=config.batch_size, batching=batching(config),
-        max_steps=steppers.max_chunk(total, log_every, ckpt_every))
-    why = fits(stepper.compiled, mesh)
+    loss = train_step.make_loss_fn(model, from_cache=True)
+    run = engine.Engine(
+        engine.member_step(lambda t, m, f, b, r: loss(t, f, b, r),
+                           methods.optimizer_name(config), setup.template, setup.unit_schedule),
+        source(orders), setup.frozen,
+        {"lr": np.float32([c.lr for c in setup.configs]),
+         "wd": np.float32([c.wd for c in setup.configs])},
+        setup.rngs, setup.state, max_steps=engine.max_chunk(total, log_every, ckpt_every))
+    why = fits(run.compiled, mesh)
     if not hosts.all_agree(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
 
@@ -497,65 +496,45 @@ def _run_group(members: list[Member], may_diverge: bool,
             for c, m in zip(setup.configs, members, strict=True):
                 epath.Path(m.run_dir).mkdir(parents=True, exist_ok=True)
                 workdir_lib.record(m.run_dir, c, None, 0)
-        # Beside the state: the step each member went bad at (0: never) and its last loss.
-        template = _saved(setup, setup.state, np.zeros(s), np.zeros(s))
         manager = checkpointing.manager(directory, config.get("keep_checkpoints", 2))
-        restored = checkpointing.restore_latest(manager, template)
-        state, failed = restored["state"], np.array(restored["failed"])
-        last_loss = np.array(restored["loss"])
-        start = int(state.step[0])
+        restored = checkpointing.restore_latest(
+            manager, engine.saved(setup.state, np.zeros(s), np.zeros(s), mesh))
+        state = restored["state"]
+        start = int(np.asarray(jax.device_get(state.step))[0])
         log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
             f"{total} steps each, {len(set(orders))} example order(s)"
             + (f", resuming from step {start}" if start else ""))
         errors: dict[int, FloatingPointError] = {}
-        _check_failed(failed, members, setup, errors, may_diverge)
+        _check_failed(np.array(restored["failed"]), members, errors, may_diverge)
         writers = [metrics_io.create_writer(m.run_dir, is_chief) for m in members]
-        history: list[dict[str, np.ndarray]] = []
-        pending = None
-        progress = Progress("Training", total - start, "steps", every_s=30)
-        max_loss = config.get("max_loss", math.inf)
         try:
-            done = start
-            for end in steppers.chunk_ends(start, total, log_every, ckpt_every):
-                state, chunk = stepper.advance(state, end - done)
-                host = jax.device_get(chunk)
-                for i in range(end - done):
-                    done += 1
-                    last = {k: v[i] for k, v in host.items()}  # [S] each
-                    for j in np.flatnonzero(failed == 0):
-                        why = _problem({k: float(v[j]) for k, v in last.items()}, max_loss)
-                        if why:
-                            failed[j] = done
-                            errors[j] = _failure(why, done, float(last["lr"][j]), members[j], s)
-                            if not may_diverge:
-                                raise errors[j]
-                    if pending is not None:  # its next step proved it sound
-                        checkpointing.save(manager, pending[0],
-                                           _saved(setup, pending[1], failed, pending[2]))
-                        pending = None
-                    last_loss = np.asarray(last["loss"], np.float32)
-                    history.append(last)
-                    progress.update()
-                    if done % log_every == 0 or done == total:
-                        for j, w in enumerate(writers):
-                            w.write_scalars(done, {
-                                f"train/{k}": float(np.mean([h[k][j] for h in history]))
-                                for k in history[0] if k != "state_finite"})
-                        history = []
-                if done == total:
-                    checkpointing.save(manager, done, _saved(setup, state, failed, last_loss))
-                elif done % ckpt_every == 0:
-                    pending = (done, jax.tree.map(jnp.copy, state), last_loss)
+            outcome = engine.train(
+                run, state, total=total, log_every=log_every, ckpt_every=ckpt_every,
+                save=lambda *a: checkpointing.save(manager, a[0], engine.saved(*a[1:], mesh)),
+                last_saved=manager.latest_step() or 0, failed=restored["failed"],
+                loss=restored["loss"], writers=writers,
+                max_loss=config.get("max_loss", math.inf),
+                bad=lambda j, why, step, lr, _: _failure(why, step, lr, members[j], s),
+                may_diverge=may_diverge)
         finally:
             manager.wait_until_finished()
-        progress.done()
         manager.close()
+        errors.update(outcome.errors)
+        state = outcome.state
+        heads = None
+        if train.compression_wanted(config):
+            width = setup.variables0["params"]["head"]["kernel"].shape[0]
+            heads = compression_stage.train(setup.configs, model, state.trainable,
+                                            setup.frozen, source, setup.plan.num_train, width,
+                                            setup.plan.num_classes)
 
         # The device-resident cache (host memory on a CPU) is not read again: freed before the
         # evaluation's backbone pass needs the memory.
-        del stepper, dcache
-        wanted = feature_heads.wanted(config)
+        del run, source, dcache
+        wanted = feature_heads.wanted(config) or heads is not None
         metrics, evals = _evaluate(setup, state.trainable, wanted)
+        compressed = None if heads is None else heads.scores(
+            [e["pre_logits"] for e in evals], evals[0]["label"])
         out: list[dict | FloatingPointError] = []
         for j, (c, m) in enumerate(zip(setup.configs, members, strict=True)):
             if j in errors:
@@ -564,17 +543,18 @@ def _run_group(members: list[Member], may_diverge: bool,
             report = metrics[j].pop("report")
             results = train.run_results(
                 c, steps=total, eval_metrics=metrics[j],
-                train_loss=float(last_loss[j]),
+                train_loss=float(outcome.loss[j]),
                 num_trainable=train.count_params(setup.template),
                 cached=True, cache_on_device=True)
             writers[j].write_scalars(total, {f"{train.split_name(c)}/{k}": v
                                              for k, v in metrics[j].items()})
             writers[j].flush()
-            variables = trainable_lib.merge(_unstack(state.trainable, j), setup.frozen)
-            if wanted:
-                results.update(feature_heads.run(c, setup.plan.model, variables, mesh,
-                                                 setup.cache, setup.plan.num_classes,
-                                                 evals=evals[j]))
+            variables = trainable_lib.merge(jax.tree.map(lambda x, j=j: x[j], state.trainable),
+                                            setup.frozen)
+            results.update(feature_heads.run(c, model, variables, mesh, setup.train_rows,
+                                             evals=evals[j] if evals else None))
+            if compressed is not None:
+                results["compression"] = compressed[j]
             results["program"] = {"runs": s, "directory": directory}
             train.record_run(c, results)
             if is_chief:
@@ -586,16 +566,6 @@ def _run_group(members: list[Member], may_diverge: bool,
     return out
 
 
-def _saved(setup: _Setup, state: train_step.TrainState, failed: np.ndarray,
-           loss: np.ndarray) -> dict:
-    """What a stage checkpoints: the stacked state, and per member the step it went bad at
-    (0: never) and its last loss, as global arrays (orbax writes no host-local array from
-    several hosts)."""
-    extras = {"failed": np.asarray(failed, np.int32), "loss": np.asarray(loss, np.float32)}
-    return {"state": state,
-            **checkpoints.place(extras, NamedSharding(setup.plan.mesh, P()))}
-
-
 def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> FloatingPointError:
     return FloatingPointError(
         f"{why} at step {step} (lr {lr_now:.3g}) of {member.run_dir} (lr={member.config.lr!r}, "
@@ -603,7 +573,7 @@ def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> Floa
         f"{s - 1} other run{'s' if s != 2 else ''}.")
 
 
-def _check_failed(failed: np.ndarray, members: Sequence[Member], setup: _Setup,
+def _check_failed(failed: np.ndarray, members: Sequence[Member],
                   errors: dict[int, FloatingPointError], may_diverge: bool) -> None:
     """Members a resumed stage had already excluded."""
     for j in np.flatnonzero(failed):

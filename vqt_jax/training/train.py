@@ -51,17 +51,17 @@ from vqt_jax.protocol import batching, order_seed, reported, round_resized
 from vqt_jax.training import (
     batches,
     checkpointing,
+    compression_stage,
     config_checks,
+    engine,
     feature_heads,
     metrics_io,
     optim,
-    steppers,
     train_step,
 )
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
 from vqt_jax.training.mesh import make_mesh
-from vqt_jax.training.train_step import TrainState
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -139,7 +139,7 @@ def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDic
     outs: list[Any] = []
     uncounted = 0  # examples in outs[-1], which may still be computing
     for batch in eval_batches(config, mesh) if batches is None else batches:
-        out = fn(steppers.global_batch(batch, sharding))
+        out = fn(engine.global_batch(batch, sharding))
         if outs:  # the previous batch: wait for it only now that this one is queued
             jax.block_until_ready(outs[-1])
             progress.update(uncounted)
@@ -568,39 +568,31 @@ class NonFiniteError(FloatingPointError):
         self.step, self.lr, self.resume_step = step, lr, resume_step
 
 
-def _healthy(metrics: dict[str, float], max_loss: float) -> bool:
-    loss = metrics["loss"]
-    return math.isfinite(loss) and loss <= max_loss and bool(metrics["state_finite"])
-
-
-def make_stepper(config: ml_collections.ConfigDict, step: steppers.StepFn,
-                 cache: cache_lib.Cache | cache_lib.DeviceRows | None, mesh: Mesh,
-                 frozen: dict, rng: jax.Array, start: int,
-                 max_steps: int) -> steppers.HostStepper | steppers.DeviceStepper:
-    """The run's stepper: a compiled loop over the device-resident cache when the run has a
-    cache that fits the devices (`config.cache_on_device`: 'auto' when it fits, 'on' an
-    error when it does not, 'off' never), else one step per host batch."""
-    batch_size = config.batch_size
+def source_fn(config: ml_collections.ConfigDict,
+              cache: cache_lib.Cache | cache_lib.DeviceRows | None, mesh: Mesh,
+              ) -> Callable[..., engine.DeviceSource | engine.HostSource]:
+    """source(orders, start=0): the run's data source for members of the given example
+    orders, from step `start`: the cache on the devices when the run has one that fits them
+    (`config.cache_on_device`: 'auto' when it fits, 'on' an error when it does not, 'off'
+    never), else host batches (the host cache's rows, or the images; a new iterator per
+    call). The cache is uploaded once, here."""
     if cache is not None:
         fields = [k for k in train_step.CACHE_INPUTS if k in cache.spec.fields]
-        mode = config.get("cache_on_device", "auto")
         # Rows built for the devices alone were built once the devices were found to hold
         # them (`device_rows_only`).
         why = None if isinstance(cache, cache_lib.DeviceRows) else why_not_on_device(
             config, cache.spec, mesh)
         if why is None:
             logging.info("Training from the cache on the devices (a compiled loop per chunk).")
-            return steppers.DeviceStepper(
-                step, device_cache_lib.upload(cache, mesh, fields), frozen, rng, fields=fields,
-                batch_size=batch_size, seed=order_seed(config), batching=batching(config),
-                max_steps=max_steps)
-        if mode == "on":
+            dcache = device_cache_lib.upload(cache, mesh, fields)
+            return lambda orders, start=0: engine.DeviceSource(dcache, fields, config.batch_size,
+                                                      batching(config), orders)
+        if config.get("cache_on_device", "auto") == "on":
             raise ValueError(f"config.cache_on_device='on' but {why}")
         logging.info("Training from the host cache: %s.", why)
-    rows = sampling.host_rows(NamedSharding(mesh, P("data")), batch_size)
-    return steppers.HostStepper(step, mesh, frozen, rng,
-                                batches.train_batches(config, cache, start_step=start,
-                                                      rows=rows))
+    rows = sampling.host_rows(NamedSharding(mesh, P("data")), config.batch_size)
+    return lambda orders, start=0: engine.HostSource(
+        batches.train_batches(config, cache, start_step=start, rows=rows), mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -653,19 +645,15 @@ def _run_locked(plan: RunPlan, workdir: str,
     is_chief = hosts.is_chief()
 
     cache_plan = plan_cache(config, model, num_train, workdir)
-    replicated = NamedSharding(mesh, P())
     variables, train_rng = init_variables(plan, config.seed)
-
-    rule = trainable_lib.rule_for(config.method)
-    trainable, frozen = trainable_lib.partition(variables, rule)
-    schedule, total_steps = run_schedule(config, num_train, config.lr)
-    tx = optim.make_optimizer(schedule, config.wd, trainable, methods.optimizer_name(config))
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-    state = checkpoints.place(state, replicated)
-
+    trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
+    unit, total_steps = run_schedule(config, num_train, 1.0)
+    name = methods.optimizer_name(config)
+    state = engine.init_state(name, trainable, [trainable], mesh)
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
-    state = checkpointing.restore_latest(manager, state)
-    start = int(state.step)
+    restored = checkpointing.restore_latest(manager, engine.saved(state, [0], [0.0], mesh))
+    state = restored["state"]
+    start = int(np.asarray(jax.device_get(state.step))[0])
     if start:
         logging.info("Resuming from step %d in %s", start, workdir)
     if is_chief:
@@ -673,72 +661,44 @@ def _run_locked(plan: RunPlan, workdir: str,
         workdir_lib.record(workdir, config, plan.change, start)
     writer = metrics_io.create_writer(workdir, is_chief)
     if is_chief and start == 0:
-        parameter_overview.log_parameter_overview(state.trainable)
+        parameter_overview.log_parameter_overview(trainable)
         writer.write_hparams(workdir_lib.flatten(workdir_lib.as_dict(config)))
 
     cache = None
-    if cache_plan is not None and start < total_steps:
+    if cache_plan is not None and (start < total_steps or compression_wanted(config)):
         cache = get_cache(cache_plan, config, model, variables, mesh,
                           device_rows=device_rows_only(config, cache_plan.spec, mesh))
-    step_fn = train_step.make_train_step(model, tx, from_cache=cache is not None)
-
-    sharded_step = train_step.make_state_step(step_fn, schedule)
-    log_every = config.get("log_every_steps", 10)
-    ckpt_every = config.get("checkpoint_every_steps", 100)
-    stepper = None
-    if start < total_steps:
-        stepper = make_stepper(config, sharded_step, cache, mesh, frozen, train_rng, start,
-                               steppers.max_chunk(total_steps, log_every, ckpt_every))
-    max_loss = config.get("max_loss", math.inf)
-    history: list[dict[str, float]] = []
-    train_metrics: dict[str, float] = {}
-    progress = Progress("Training", total_steps - start, "steps", every_s=30)
-    # A checkpoint-step state is saved only once the next step, computed from it, proved it
-    # sound (finite, not diverged): a state that merely looks finite (weights of 1e30) must not
-    # become the "last good checkpoint" that a re-run with a lower lr resumes from. Metrics
-    # are fetched once per chunk (ending at every logging and checkpoint step), so the checks
-    # run there, step by step, before anything from the chunk is saved or reported.
-    pending: tuple[int, TrainState] | None = None
+    source = source_fn(config, cache, mesh) if start < total_steps or compression_wanted(
+        config) else None
+    outcome = None
     last_saved = manager.latest_step() or 0
-
-    def save(step: int, st: TrainState) -> None:
-        nonlocal last_saved
-        checkpointing.save(manager, step, st)
-        last_saved = step
-
     try:
-        done = start
-        for end in steppers.chunk_ends(start, total_steps, log_every, ckpt_every):
-            state, chunk_metrics = stepper.advance(state, end - done)
-            for train_metrics in steppers.fetch(chunk_metrics, end - done):
-                done += 1
-                if not _healthy(train_metrics, max_loss):
-                    pending = None
-                    raise _nonfinite(train_metrics, done, start, config, workdir, last_saved,
-                                     max_loss)
-                if pending is not None:
-                    save(*pending)
-                    pending = None
-                history.append(train_metrics)
-                progress.update()
-                if done % log_every == 0 or done == total_steps:
-                    avg = {f"train/{k}": float(np.mean([h[k] for h in history]))
-                           for k in history[0] if k != "state_finite"}
-                    writer.write_scalars(done, avg)
-                    history = []
-                for cb in callbacks:
-                    cb(done, train_metrics)
-            if done == total_steps:
-                save(done, state)  # its own loss was checked; there is no next step
-            elif done % ckpt_every == 0:
-                pending = (done, jax.tree.map(jnp.copy, state))  # state is donated next
+        if start < total_steps:
+            log_every = config.get("log_every_steps", 10)
+            ckpt_every = config.get("checkpoint_every_steps", 100)
+            loss = train_step.make_loss_fn(model, from_cache=cache is not None)
+            step = engine.member_step(
+                lambda t, member, f, b, r: loss(t, f, b, r), name, trainable, unit)
+            run = engine.Engine(step, source([order_seed(config)], start), frozen,
+                                {"lr": np.float32([config.lr]), "wd": np.float32([config.wd])},
+                                train_rng[None], state,
+                                max_steps=engine.max_chunk(total_steps, log_every, ckpt_every))
+
+            def bad(j, why, step, lr_now, saved):
+                return _nonfinite(why, step, lr_now, start, config, workdir, saved)
+
+            outcome = engine.train(
+                run, state, total=total_steps, log_every=log_every, ckpt_every=ckpt_every,
+                save=lambda *a: checkpointing.save(manager, a[0], engine.saved(*a[1:], mesh)),
+                last_saved=last_saved, writers=[writer], callbacks=callbacks,
+                max_loss=config.get("max_loss", math.inf), bad=bad, may_diverge=False)
+            state = outcome.state
     finally:
         # Whatever stops the loop, a save in flight completes (orbax commits atomically).
         manager.wait_until_finished()
-    progress.done()
-    train_metrics.pop("state_finite", None)
 
-    variables = trainable_lib.merge(state.trainable, frozen)
+    trained = state.trainable
+    variables = trainable_lib.merge(jax.tree.map(lambda x: x[0], trained), frozen)
     class_names = data.get_class_names(config.task, config.data_dir)
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=class_names)
@@ -748,12 +708,20 @@ def _run_locked(plan: RunPlan, workdir: str,
     writer.flush()
     results = run_results(
         config, steps=total_steps, eval_metrics=eval_metrics,
-        train_loss=train_metrics.get("loss"), num_trainable=count_params(state.trainable),
-        cached=cache is not None, cache_on_device=isinstance(stepper, steppers.DeviceStepper))
+        train_loss=None if outcome is None else float(outcome.loss[0]),
+        num_trainable=count_params(trainable), cached=cache is not None,
+        cache_on_device=outcome is not None and isinstance(run.source, engine.DeviceSource))
+    evals = None
+    if feature_heads.wanted(config) or compression_wanted(config):
+        evals = feature_heads.eval_features(config, model, variables, mesh)
     if feature_heads.wanted(config):
         if cache is None and cache_plan is not None:
             cache = get_cache(cache_plan, config, model, variables, mesh)
-        results.update(feature_heads.run(config, model, variables, mesh, cache, num_classes))
+        results.update(feature_heads.run(config, model, variables, mesh, cache, evals))
+    if compression_wanted(config):
+        heads = compression_stage.train([config], model, trained, frozen, source, num_train,
+                                        evals["pre_logits"].shape[1], num_classes)
+        results["compression"] = heads.scores([evals["pre_logits"]], evals["label"])[0]
     previous = workdir_lib.read_results(workdir) if results["train_loss"] is None else None
     if previous is not None:
         # Nothing left to train (a re-run of a finished run): keep the recorded train loss.
@@ -770,6 +738,12 @@ def _run_locked(plan: RunPlan, workdir: str,
         workdir_lib.write_results(workdir, results)
     manager.close()
     return results, variables
+
+
+def compression_wanted(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run ends with the compression stages (`compression_stage`)."""
+    c = config.get("compression")
+    return bool(c is not None and c.enabled)
 
 
 def write_export(plan: RunPlan, config: ml_collections.ConfigDict, workdir: str,
@@ -810,17 +784,10 @@ def run_results(config: ml_collections.ConfigDict, *, steps: int, eval_metrics: 
     }
 
 
-def _nonfinite(metrics: dict[str, float], step: int, start: int,
-               config: ml_collections.ConfigDict, workdir: str, last_saved: int,
-               max_loss: float) -> NonFiniteError:
+def _nonfinite(what: str, step: int, lr_now: float, start: int,
+               config: ml_collections.ConfigDict, workdir: str,
+               last_saved: int) -> NonFiniteError:
     """The error for a bad step, recorded in the workdir so that a lower lr may resume."""
-    loss, lr_now = metrics["loss"], metrics["lr"]
-    if not math.isfinite(loss):
-        what = f"Training loss is {loss}"
-    elif loss > max_loss:
-        what = f"Training loss is {loss:.4g}, over config.max_loss={max_loss:g} (diverged)"
-    else:
-        what = "The trained parameters or optimiser state became non-finite"
     resume_step: int | None = last_saved
     if step == 1 and start == 0 and lr_now == 0:
         # The lr was 0: the update cannot be the cause; the weights or the inputs are.

@@ -53,14 +53,14 @@ def make_loss_fn(
     return loss_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    from_cache: bool = False):
+def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]],
+                    tx: optax.GradientTransformation):
     """Returns step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
 
-    Only `trainable` is differentiated and updated; `frozen` goes in as a constant. With
-    `from_cache`, batches hold cached features instead of images (see `make_loss_fn`).
+    `loss_fn(trainable, frozen, batch, rng) -> (loss, logits)` (e.g. `make_loss_fn`); only
+    `trainable` is differentiated and updated, `frozen` goes in as a constant.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(model, from_cache), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable: dict, opt_state: Any, frozen: dict, batch: Batch, rng: jax.Array):
         (loss, logits), grads = grad_fn(trainable, frozen, batch, rng)
