@@ -237,6 +237,11 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_equals_uninterrupted(tmp
     assert f"Resuming from step {KILL_STEP} in {SWEEP}/{test_run}" in resumed.stdout
 
     assert (sweep / "results.md").read_text() == (reference / "results.md").read_text()
+    # Each host built only its devices' rows of the train+val cache, for the grid's program
+    # and the test run alike: no complete copy on any host.
+    for host in ("host0", "host1"):
+        entries = os.listdir(tmp_path / "local" / host)
+        assert entries and all("-devices" in e for e in entries), entries
     for name in ("selection.json", "sweep.json"):
         assert (json.loads((sweep / "folder" / name).read_text())
                 == json.loads((reference / "folder" / name).read_text())), name
