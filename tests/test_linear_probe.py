@@ -81,8 +81,8 @@ def dinov2_cls(tmp_path_factory):
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
     variables = checkpoints.load(path, shapes, image_size=IMAGE_SIZE)
-    cls = jax.jit(lambda v, x: l2_normalize(model.apply(v, x, method=model.features,
-                                                        keep_blocks=False)["cls"]))
+    cls = jax.jit(lambda v, x: l2_normalize(model.apply(
+        v, x, method=model.features_without_blocks)["cls"]))
     train_images, train_labels = fashion_mnist.load_fashion_mnist("train")
     test_images, test_labels = fashion_mnist.load_fashion_mnist("test")
     rows = {"train": _balanced(train_labels, PER_CLASS["train"]),

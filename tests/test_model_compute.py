@@ -137,6 +137,24 @@ def test_bfloat16_compute_float32_params_and_logits():
         np.testing.assert_allclose(cached16[key], cached32[key], atol=tol, err_msg=key)
 
 
+def test_one_path_per_use_gives_the_same_features():
+    """The query path over cached keys/values gives the backbone pass's query outputs, and
+    `features_without_blocks` is `features` less `blocks`."""
+    model = ViT(**TINY, **PARTS)
+    variables, images = _variables(), _images()
+
+    def paths(v, x):
+        cached = model.apply(v, x, method="cache_features")
+        return (model.apply(v, x, method="features"),
+                model.apply(v, x, method="features_without_blocks"),
+                model.apply(v, cached["k"], cached["v"], method="queries_from_kv"))
+
+    full, without, queries = _run(paths, variables, images)
+    assert set(full) - set(without) == {"blocks"}
+    _assert_trees_close({k: full[k] for k in without}, without)
+    np.testing.assert_allclose(queries, full["queries"], atol=1e-5, rtol=1e-5)
+
+
 def test_dtype_by_name_or_dtype_and_bad_dtypes():
     images = _images()
     variables = _variables()
@@ -185,12 +203,11 @@ def _reference_blocks(params, images, patch, eps=1e-6):
     return jnp.stack(outs, axis=1)
 
 
-@pytest.mark.parametrize("platform", ["gpu", "cpu"])
-def test_self_attention_is_dot_product_attention_equal_to_einsums(monkeypatch, platform):
-    """Off CPU the ordinary tokens' attention is jax.nn.dot_product_attention (float32 here:
-    XLA's); on CPU the heads-major einsums; both equal the reference."""
-    monkeypatch.setattr(vit, "_platform", lambda: platform)
-    model = ViT(**dict(TINY, num_classes=None))
+@pytest.mark.parametrize("attention", ["xla", "heads_major", "auto"])
+def test_each_self_attention_equals_the_einsums(monkeypatch, attention):
+    """'xla' is jax.nn.dot_product_attention's, 'heads_major' our einsums, and 'auto' on CPU
+    the einsums; all equal the reference."""
+    model = ViT(**dict(TINY, num_classes=None), attention=attention)
     variables = {"params": {k: v for k, v in _variables()["params"].items() if k != "head"}}
     images = _images(3)
     calls = []
@@ -202,13 +219,64 @@ def test_self_attention_is_dot_product_attention_equal_to_einsums(monkeypatch, p
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", counting)
     blocks = _run(functools.partial(model.apply, method="features"), variables, images)["blocks"]
-    if platform == "gpu":
+    if attention == "xla":
         assert len(calls) == TINY["depth"]  # one per block, traced once under jit
-        assert all(c.get("implementation") == "xla" for c in calls)  # float32: no cuDNN
+        assert all(c.get("implementation") == "xla" for c in calls)
     else:
         assert not calls
     reference = _run(functools.partial(_reference_blocks, patch=8), variables["params"], images)
     np.testing.assert_allclose(blocks, reference, atol=1e-5, rtol=1e-5)
+
+
+# (backend, CUDA compute capability), compute dtype, head dim -> what 'auto' runs.
+AUTO_ATTENTION = [
+    (("cpu", (0, 0)), "bfloat16", 64, "heads_major"),
+    (("cpu", (0, 0)), "float32", 64, "heads_major"),
+    (("gpu", (8, 0)), "bfloat16", 64, "cudnn"),
+    (("gpu", (9, 0)), "float16", 256, "cudnn"),  # up to 256 from Hopper
+    (("gpu", (8, 6)), "bfloat16", 256, "xla"),  # up to 128 before it
+    (("gpu", (9, 0)), "bfloat16", 60, "xla"),  # not a multiple of 8
+    (("gpu", (9, 0)), "float32", 64, "xla"),
+    (("gpu", (7, 5)), "bfloat16", 64, "xla"),  # before Ampere
+    (("gpu", (10, 3)), "bfloat16", 64, "xla"),  # needs a cuDNN version 'auto' does not check
+    (("gpu", (0, 0)), "bfloat16", 64, "xla"),  # not CUDA
+    (("tpu", (0, 0)), "bfloat16", 64, "xla"),
+]
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,want", AUTO_ATTENTION)
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch, platform, dtype,
+                                                          head_dim, want):
+    monkeypatch.setattr(vit, "_platform", lambda: platform)
+    assert vit.attention_implementation("auto", dtype, head_dim) == want
+    for explicit in ("xla", "cudnn", "heads_major"):  # an explicit choice is kept as is
+        assert vit.attention_implementation(explicit, dtype, head_dim) == explicit
+
+
+def test_the_model_runs_the_resolved_attention_and_an_explicit_cudnn_has_no_fallback(
+        monkeypatch):
+    images = _images()
+    variables = _variables()
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kwargs):  # records, computes with XLA's
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(vit, "_platform", lambda: ("gpu", (9, 0)))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    for dtype, want in (("bfloat16", "cudnn"), ("float32", "xla")):
+        calls.clear()
+        jax.eval_shape(ViT(**TINY, **PARTS, dtype=dtype).apply, variables, images)
+        assert calls == [want] * TINY["depth"], dtype
+    monkeypatch.undo()
+    if jax.default_backend() == "cpu":  # where cuDNN cannot run, 'cudnn' fails with JAX's error
+        with pytest.raises(RuntimeError, match="cuDNN"):
+            jax.eval_shape(ViT(**TINY, attention="cudnn", dtype="bfloat16").apply, variables,
+                           images)
+    with pytest.raises(ValueError, match="Unknown attention 'flash'; choose from auto, xla"):
+        jax.eval_shape(ViT(**TINY, attention="flash").apply, variables, images)
 
 
 def _results(model, variables, images):

@@ -114,7 +114,7 @@ def model():
 @pytest.fixture(scope="module")
 def features(model):
     """Our model's blocks [B, M, N, D], final-norm tokens [B, N, D] and cls [B, D]."""
-    run = jax.jit(lambda v, x: model.apply(v, x, method=model.features, keep_blocks=True))
+    run = jax.jit(lambda v, x: model.apply(v, x, method=model.features))
 
     def fn(variables, x):
         out = run(variables, jnp.asarray(x))

@@ -1,30 +1,28 @@
 """Vision Transformer with Visual Query Tuning (VQT), in flax.linen.
 
-The `params` tree is big_vision's ViT, name for name and shape for shape (non-scanned), so
-big_vision and original ViT checkpoints map onto it directly. VQT adds a separate variable
-collection, `queries`, holding T learnable tokens per layer (`queries/tokens`: [M, T, D]).
+The `params` tree is big_vision's ViT (non-scanned), name for name and shape for shape, so
+big_vision and original ViT checkpoints map onto it directly. VQT adds the `queries`
+collection: T learnable tokens per layer (`queries/tokens`: [M, T, D]).
 
-How the query path is computed, and why it is memory-efficient:
-  Each layer m runs the frozen block on the ordinary tokens exactly as a plain ViT does. The
-  layer's T query tokens then take a separate, small path through the same frozen weights:
-  LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual -> LN2 ->
-  MLP -> residual. The ordinary tokens never see the queries, so the backbone's features are
-  unchanged. When only `queries` and `head` are differentiated, nothing in the ordinary stream
-  depends on a differentiated input, so JAX's autodiff never linearises it: the backward pass
-  only runs through the query paths and keeps each layer's keys and values as residuals. No
-  `stop_gradient` is needed for that (and none is used, so methods that also train the backbone
-  still get correct gradients).
+Each layer runs its frozen block on the ordinary tokens as a plain ViT does; the layer's query
+tokens then take a small path through the same weights (LN1 -> W_q -> attention over the
+ordinary tokens' keys/values -> W_o -> residual -> LN2 -> MLP -> residual). The ordinary tokens
+never see the queries, so the backbone's features are unchanged, and when only `queries` and
+`head` are differentiated, JAX never linearises the ordinary stream: the backward runs through
+the query paths alone and keeps each layer's keys and values. No `stop_gradient` is used, so
+methods that also train the backbone get correct gradients.
 
-Compute options (`ViT` attributes): `dtype` is the compute dtype of the backbone and the query
-path (parameters stay float32, logits are float32); `scan_blocks` runs the blocks under
-`jax.lax.scan` and `remat` rematerialises each block's ordinary stream. None of them changes
-the variables or, in float32, the results.
+`ViT` has one path per use: the backbone over images (`__call__`, `features`,
+`cache_features`), the query path over given keys/values (`queries_from_kv`, `from_cache`)
+and the head (`head_input`). Its compute options (`dtype`, `attention`, `scan_blocks`,
+`remat`) change how it computes, not its variables nor, in float32, its results.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +34,8 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 KV = tuple[Array, Array]
+# What to keep of each block: (its ordinary tokens' output, its (k, v)) -> {name: array}.
+Collect = Callable[[Array, KV], dict[str, Array]]
 
 # Widths, depths, MLP sizes and heads of the standard ViT variants (big_vision naming).
 VARIANTS: dict[str, dict[str, int]] = {
@@ -62,19 +62,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "quick_gelu": _quick_gelu,
 }
 
+# The ordinary tokens' self-attention (`ViT.attention`): jax.nn.dot_product_attention's 'xla'
+# or 'cudnn' (cuDNN's fused flash attention), or 'heads_major' (einsums on [B, H, N, Dh]
+# copies, which XLA:CPU runs faster); 'auto' picks one (`attention_implementation`).
+ATTENTION = ("auto", "xla", "cudnn", "heads_major")
+
 
 def decode_variant(variant: str) -> dict[str, Any]:
-    """Turns a variant name such as 'B/16' or 'S/14' into ViT keyword arguments.
-
-    Args:
-      variant: `<size>/<patch>` with size in VARIANTS, or just `<size>`.
-
-    Returns:
-      A dict with width, depth, mlp_dim, num_heads and (if given) patch_size.
-
-    Raises:
-      ValueError: if the size is unknown or the patch is not a positive integer.
-    """
+    """ViT keyword arguments (width, depth, mlp_dim, num_heads, patch_size if given) of a
+    variant name `<size>/<patch>` or `<size>`, e.g. 'B/16'; ValueError if it is not one."""
     size, _, patch = variant.partition("/")
     if size not in VARIANTS:
         raise ValueError(f"Unknown ViT variant {variant!r}; sizes: {sorted(VARIANTS)}")
@@ -106,6 +102,34 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
+def _platform() -> tuple[str, tuple[int, int]]:
+    """The backend the model is traced for, and its first device's CUDA compute capability
+    ((0, 0) if it has none): the one place tests patch to choose them."""
+    cc = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(jax.devices()[0], "compute_capability", "")))
+    return jax.default_backend(), (int(cc[1]), int(cc[2])) if cc else (0, 0)
+
+
+def attention_implementation(option: str, dtype: Dtype, head_dim: int) -> str:
+    """The self-attention that `ViT.attention=option` runs (see ATTENTION).
+
+    'auto' is 'heads_major' on CPU, and 'cudnn' where cuDNN's flash attention applies: a CUDA
+    GPU of compute capability 8.0 or newer (10.3 needs a cuDNN version 'auto' does not check),
+    float16 or bfloat16, and a head dim that is a multiple of 8 and at most 128 (256 from
+    9.0), as JAX's cuDNN attention checks; 'xla' everywhere else. An explicit 'cudnn' where
+    cuDNN cannot run fails with JAX's error.
+    """
+    if option != "auto":
+        return option
+    backend, capability = _platform()
+    if backend == "cpu":
+        return "heads_major"
+    head_dim_fits = head_dim % 8 == 0 and head_dim <= (256 if capability >= (9, 0) else 128)
+    if (backend == "gpu" and capability >= (8, 0) and capability != (10, 3) and head_dim_fits
+            and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)):
+        return "cudnn"
+    return "xla"
+
+
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (CaiT / DINOv2), `scale` param of shape [D]."""
 
@@ -126,12 +150,9 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = functools.partial(nn.Dense, dtype=self.dtype,
+                                  kernel_init=nn.initializers.xavier_uniform(),
+                                  bias_init=nn.initializers.normal(stddev=1e-6))
         h = ACTIVATIONS[self.act](dense(self.mlp_dim, name="Dense_0")(x))
         return dense(x.shape[-1], name="Dense_1")(h)
 
@@ -169,16 +190,9 @@ def _kaiming_uniform_linear(key: Array, shape: Sequence[int]) -> Array:
 
 
 class LoRA(nn.Module):
-    """A low-rank update x -> (alpha / r) * (x A) B of a projection, B zero-initialised.
-
-    Its variables live in the `lora` collection (not `params`), so checkpoints never see them
-    and a method's trainable rule can name them as a whole.
-
-    Attributes:
-      rank: r.
-      features: output shape of the projection it updates, e.g. (H, Dh).
-      alpha: scale numerator; default r (scale 1).
-    """
+    """A low-rank update x -> (alpha / r) * (x A) B of a projection to `features` (e.g.
+    (H, Dh)), B zero-initialised; alpha defaults to r. Its variables live in the `lora`
+    collection, so checkpoints never see them and a trainable rule can name them as a whole."""
 
     rank: int
     features: Sequence[int]
@@ -196,17 +210,12 @@ class LoRA(nn.Module):
 
 
 class Adapter(nn.Module):
-    """AdaptFormer's parallel adapter: scale * up(relu(down(x))), up zero-initialised.
+    """AdaptFormer's parallel adapter: scale * up(dropout(relu(down(x)))), up zero-initialised.
 
     As in AdaptFormer's VTAB setting (no adapter LayerNorm), it reads the block's residual
-    stream before LN2, and its output is added beside the MLP branch. Variables live in the
-    `adapter` collection.
-
-    Attributes:
-      bottleneck: the hidden size (64 in AdaptFormer's VTAB runs).
-      scale: the output scale (0.1 there).
-      dropout: dropout on the bottleneck after the ReLU, in training (AdaptFormer's
-        `models/adapter.py`: 0.1).
+    stream before LN2 and its output is added beside the MLP branch. Variables live in the
+    `adapter` collection; `bottleneck`, `scale` and `dropout` are AdaptFormer's (64, 0.1 and
+    0.1 in its VTAB runs).
     """
 
     bottleneck: int
@@ -228,12 +237,10 @@ class Adapter(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with big_vision's parameter layout.
-
-    query/key/value kernels are [D, H, Dh], out is [H, Dh, D]. The projections and the attention
-    itself are separate methods so that the query tokens of VQT can reuse the ordinary tokens'
-    keys and values instead of projecting their own.
-    """
+    """Multi-head attention with big_vision's parameter layout (query/key/value kernels
+    [D, H, Dh], out [H, Dh, D]). Projections and attention are separate methods, so VQT's query
+    tokens reuse the ordinary tokens' keys and values. `implementation` is the ordinary tokens'
+    self-attention, resolved (see ATTENTION)."""
 
     width: int
     num_heads: int
@@ -241,34 +248,20 @@ class Attention(nn.Module):
     lora_rank: int = 0
     lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     def setup(self):
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         head_dim = self.width // self.num_heads
-        proj = functools.partial(
-            nn.DenseGeneral,
-            features=(self.num_heads, head_dim),
-            use_bias=self.qkv_bias,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-        )
-        self.query = proj()
-        self.key = proj()
-        self.value = proj()
-        self.out = nn.DenseGeneral(
-            features=self.width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-        )
+        proj = functools.partial(nn.DenseGeneral, dtype=self.dtype,
+                                 kernel_init=nn.initializers.xavier_uniform())
+        self.query, self.key, self.value = (
+            proj((self.num_heads, head_dim), use_bias=self.qkv_bias) for _ in range(3))
+        self.out = proj(self.width, axis=(-2, -1))
         if self.lora_rank:
             self.lora_query = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
             self.lora_value = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
-
-    def qkv(self, y: Array) -> tuple[Array, Array, Array]:
-        """Projects normalised tokens [B, N, D] to q, k, v, each [B, N, H, Dh]."""
-        return self.project_query(y), *self.key_value(y)
 
     def key_value(self, y: Array) -> KV:
         """The keys and values [B, N, H, Dh] of normalised tokens y [B, N, D]."""
@@ -294,53 +287,24 @@ class Attention(nn.Module):
 
     def attend(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
                heads_major: bool = False) -> Array:
-        """Scaled dot-product attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] -> [B, Nq, D].
-
-        Args:
-          q, k, v: projected queries, keys and values.
-          stash_dtype: if set, the forward is computed exactly but the backward keeps k and v
-            in this (narrower) dtype, e.g. bfloat16 for VQT's per-layer key/value stash.
-          heads_major: k and v are laid out [B, H, Nk, Dh] (a cache's layout: each head's
-            keys contiguous, so the batched matmuls read them without a transpose).
-        """
-        if heads_major:
-            o = _sdpa(q, k, v, heads_major=True)
-        elif stash_dtype is None:
-            o = _sdpa(q, k, v)
+        """Attention of q [B, Nq, H, Dh] over k, v [B, Nk, H, Dh] (or [B, H, Nk, Dh], a cache's
+        layout, with `heads_major`) -> [B, Nq, D], float32 logits and softmax. With
+        `stash_dtype` (e.g. bfloat16) the forward is exact but the backward keeps k and v in
+        that dtype (VQT's per-layer key/value stash)."""
+        if heads_major or stash_dtype is None:
+            o = _sdpa(q, k, v, heads_major)
         else:
             o = _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype))
         return self.out(o.astype(self.dtype))
 
     def self_attend(self, q: Array, k: Array, v: Array) -> Array:
-        """The ordinary tokens' self-attention, q, k, v [B, N, H, Dh] -> [B, N, D].
-
-        On GPU and TPU it is `jax.nn.dot_product_attention`, which reads this layout as is.
-        On a GPU with a 16-bit compute dtype it asks for cuDNN's fused flash attention (JAX's
-        default, `implementation=None`, is XLA's unfused attention) and falls back to XLA's
-        where cuDNN does not support the shapes (it says so while tracing, before anything
-        runs). On CPU it is `_sdpa_heads_major`: XLA:CPU runs the per-(image, head) matmuls
-        of `dot_product_attention`'s [B, N, H, Dh] einsums at a fraction of its matmul speed,
-        and heads-major ones faster.
-        Logits and softmax are float32 for any input dtype, like `attend`'s. The query path
-        keeps `attend`: it needs the heads-major cache layout and the narrow key/value stash.
-        """
-        platform = _platform()
-        o = None
-        if platform == "cpu":
+        """The ordinary tokens' self-attention by `implementation`, q, k, v [B, N, H, Dh] ->
+        [B, N, D]; float32 logits and softmax whatever the dtype."""
+        if self.implementation == "heads_major":
             o = _sdpa_heads_major(q, k, v)
-        elif platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                o = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            except Exception:  # noqa: BLE001 - unsupported shape/dtype/cuDNN: use XLA's
-                o = None
-        if o is None:
-            o = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.out(o.astype(self.dtype))
-
-
-def _platform() -> str:
-    """The backend the attention is traced for (one place, so tests can choose it)."""
-    return jax.default_backend()
 
 
 def _sdpa_heads_major(q: Array, k: Array, v: Array) -> Array:
@@ -384,7 +348,8 @@ _sdpa_narrow_stash.defvjp(_sdpa_narrow_stash_fwd, _sdpa_narrow_stash_bwd)
 
 
 class BlockOptions(nn.Module):
-    """The options of a transformer block, shared by Encoder1DBlock and Encoder."""
+    """The options of a transformer block, shared by Encoder1DBlock and Encoder (`attention`
+    resolved, see ATTENTION)."""
 
     width: int
     mlp_dim: int
@@ -401,24 +366,18 @@ class BlockOptions(nn.Module):
     lora_alpha: float | None = None
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"
 
 
 class Encoder1DBlock(BlockOptions):
     """Pre-LN transformer block that also carries VQT's query tokens through its frozen weights.
 
-    With `adapter_dim` it has AdaptFormer's parallel adapter, with `lora_rank` LoRA updates of
-    W_q and W_v; both act on the ordinary tokens and on the query tokens alike.
-
-    With `remat`, the ordinary tokens' part of the block (`ordinary`) is rematerialised: a
-    backward through it keeps only its inputs and recomputes the rest. The query path stays
-    outside the checkpoint: it is small (T tokens), and when only the queries are
-    differentiated nothing in the checkpoint is, so VQT's backward neither recomputes nor
-    runs through the backbone and still keeps each layer's keys and values (in `kv_dtype`).
-
-    Attributes:
-      in_scan: set by `Encoder` on the block it applies inside `jax.lax.scan`; the scan
-        already keeps XLA from merging the recomputation into the forward, so remat needs no
-        CSE barriers of its own there.
+    AdaptFormer's adapter (`adapter_dim`) and LoRA on W_q and W_v (`lora_rank`) act on the
+    ordinary and the query tokens alike. With `remat`, the ordinary tokens' part (`ordinary`)
+    is rematerialised; the small query path stays outside the checkpoint, so VQT's backward
+    neither recomputes nor runs through the backbone. `in_scan` is set by `Encoder` on the
+    block it scans: the scan already keeps XLA from merging the recomputation into the
+    forward, so remat needs no CSE barriers there.
     """
 
     in_scan: bool = False
@@ -429,6 +388,7 @@ class Encoder1DBlock(BlockOptions):
         self.MultiHeadDotProductAttention_0 = Attention(
             width=self.width, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
+            implementation=self.attention,
         )
         self.LayerNorm_1 = ln()
         self.MlpBlock_0 = MlpBlock(mlp_dim=self.mlp_dim, act=self.mlp_act, dtype=self.dtype)
@@ -449,13 +409,8 @@ class Encoder1DBlock(BlockOptions):
 
     def __call__(self, x: Array, q: Array | None = None,
                  train: bool = False) -> tuple[Array, Array | None, KV]:
-        """Runs the block on ordinary tokens x [B, N, D] and query tokens q [B, T, D] (or None).
-
-        Returns:
-          The block's outputs for the ordinary tokens and for the query tokens, and the
-          ordinary tokens' keys and values (each [B, N, H, Dh]), which are all the query path
-          reads from the ordinary stream.
-        """
+        """Ordinary tokens x [B, N, D] and query tokens q [B, T, D] (or None) -> their outputs,
+        and the ordinary tokens' keys and values [B, N, H, Dh] (all the query path reads)."""
         ordinary = Encoder1DBlock.ordinary
         if self.remat:
             # Argument 2 is `train` (0 is the module): a Python bool that picks the dropout.
@@ -467,20 +422,18 @@ class Encoder1DBlock(BlockOptions):
     def ordinary(self, x: Array, train: bool = False) -> tuple[Array, KV]:
         """The block on the ordinary tokens x [B, N, D] alone: (output [B, N, D], (k, v))."""
         attn = self.MultiHeadDotProductAttention_0
-        qx, k, v = attn.qkv(self.LayerNorm_0(x))
+        y = self.LayerNorm_0(x)
+        qx = attn.project_query(y)  # before k, v: the backward sums their cotangents in order
+        k, v = attn.key_value(y)
         x_out = self._mlp_residual(x + self._scale(0, attn.self_attend(qx, k, v)), train)
         return x_out, (k, v)
 
     def query_path(self, q: Array, k: Array, v: Array, stash_dtype: Dtype | None = None,
                    heads_major: bool = False, train: bool = False) -> Array:
-        """VQT's query tokens q [B, T, D] through the block, attending only to k and v.
-
-        LN1 -> W_q -> attention over the ordinary tokens' keys/values -> W_o -> residual ->
-        LN2 -> MLP -> residual. k, v are [B, N, H, Dh], or [B, H, N, Dh] with `heads_major`.
-        `stash_dtype` (the model's `kv_dtype`) keeps k and v for the backward in a narrower
-        dtype; the forward stays exact. With the `intermediates` collection mutable, the
-        attention probabilities [B, H, T, N] are sown as `query_attention` (attention maps).
-        """
+        """VQT's query tokens q [B, T, D] through the block, attending only to k and v
+        ([B, N, H, Dh], or [B, H, N, Dh] with `heads_major`); `stash_dtype` as in `attend`.
+        With `intermediates` mutable, the attention probabilities [B, H, T, N] are sown as
+        `query_attention`."""
         attn = self.MultiHeadDotProductAttention_0
         qq = attn.project_query(self.LayerNorm_0(q))
         if self.is_mutable_collection("intermediates"):
@@ -514,15 +467,10 @@ def _layers_second(a: Array | None) -> Array | None:
 class Encoder(BlockOptions):
     """The stack of blocks plus the final LayerNorm (`Transformer/...` in big_vision).
 
-    The parameters are always per block (`encoderblock_{i}`, big_vision's non-scanned layout),
-    whatever `scan_blocks` says, so checkpoints, trainable rules and optimiser states see one
-    tree. With `scan_blocks`, `apply` stacks the blocks' variables along a new leading axis and
-    runs one block's program under `jax.lax.scan`: XLA compiles the block once instead of
-    `depth` times (the program, and its compile time, no longer grow with the depth), at the
-    cost of one copy of the blocks' variables per step (their gradients are sliced back per
-    block). `init`, and forwards that sow `intermediates` (per-block names), run the loop.
-
-    Attributes: `depth`, `scan_blocks`, and the BlockOptions of every block.
+    The parameters are always per block (`encoderblock_{i}`), so checkpoints, trainable rules
+    and optimiser states see one tree. With `scan_blocks`, `apply` stacks the blocks' variables
+    along a new leading axis and runs one block's program under `jax.lax.scan` (compiled once
+    instead of `depth` times); `init`, and forwards that sow `intermediates`, run the loop.
     """
 
     depth: int = 12
@@ -535,32 +483,16 @@ class Encoder(BlockOptions):
         ]
         self.encoder_norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
 
-    def __call__(
-        self,
-        x: Array,
-        queries: Array | None = None,
-        *,
-        prompts: Array | None = None,
-        prompt_start: int = 1,
-        collect: Callable[[Array, KV], dict[str, Array]] | None = None,
-        train: bool = False,
-    ) -> tuple[Array, Array | None, dict[str, Array]]:
-        """Runs every block.
+    def __call__(self, x: Array, queries: Array | None = None, *, prompts: Array | None = None,
+                 prompt_start: int = 1, collect: Collect | None = None,
+                 train: bool = False) -> tuple[Array, Array | None, dict[str, Array]]:
+        """Runs every block on ordinary tokens x [B, N, D] (VPT prompts already inserted) and
+        query tokens [B, M, T, D] (or None). VPT-deep `prompts` [B, M, P, D]: layer m > 0
+        replaces the P tokens at `prompt_start` with its own. `collect`, a pure function of a
+        block's (ordinary output, (k, v)), names per-layer arrays [B, ...] to keep.
 
-        Args:
-          x: ordinary tokens [B, N, D] (VPT prompts, if any, already inserted).
-          queries: per-layer query tokens [B, M, T, D], or None for a plain ViT.
-          prompts: VPT-deep prompts [B, M, P, D]: layer m > 0 replaces the P tokens at
-            `prompt_start` with its own before running (layer 0's are already in x).
-          prompt_start: index of the first prompt token.
-          collect: a pure function of (block m's ordinary output, block m's (k, v)) to a dict
-            of per-layer arrays [B, ...] to keep (it may run inside `jax.lax.scan`).
-          train: training mode (the adapters' dropout).
-
-        Returns:
-          (last block's ordinary tokens [B, N, D] before the final norm,
-           query outputs [B, M, T, D] or None,
-           `collect`'s arrays stacked per layer, each [B, M, ...]).
+        Returns: (the last block's ordinary tokens [B, N, D] before the final norm, query
+        outputs [B, M, T, D] or None, `collect`'s arrays stacked per layer, each [B, M, ...]).
         """
         if self._scanning():
             return self._scan(x, queries, prompts, prompt_start, collect, train)
@@ -593,8 +525,7 @@ class Encoder(BlockOptions):
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
 
     def _scan(self, x: Array, queries: Array | None, prompts: Array | None, prompt_start: int,
-              collect: Callable[[Array, KV], dict[str, Array]] | None,
-              train: bool) -> tuple[Array, Array | None, dict[str, Array]]:
+              collect: Collect | None, train: bool) -> tuple[Array, Array | None, dict[str, Array]]:
         block = self._scanned_block()
         rngs = None
         if train and self.adapter_dim and self.has_rng("dropout"):
@@ -617,16 +548,9 @@ class Encoder(BlockOptions):
         return x, _layers_second(q_out), jax.tree.map(_layers_second, kept)
 
     def queries_from_kv(self, queries: Array, k: Array, v: Array) -> Array:
-        """The query path alone, over given per-layer keys and values.
-
-        Args:
-          queries: [B, M, T, D] query tokens.
-          k, v: [B, M, H, N, Dh] every layer's keys and values of the ordinary tokens, heads
-            major (the cache's layout, see `ViT.cache_features`); not differentiated.
-
-        Returns:
-          Query outputs [B, M, T, D], the same as `__call__` gives for the same images.
-        """
+        """The query path alone: query tokens [B, M, T, D] over every layer's keys and values
+        k, v [B, M, H, N, Dh] (heads major, the cache's layout; not differentiated) -> query
+        outputs [B, M, T, D], the same as the backbone pass gives for the same images."""
         if not self._scanning():
             outs = [block.query_path(queries[:, i], k[:, i].astype(self.dtype),
                                      v[:, i].astype(self.dtype), heads_major=True)
@@ -670,13 +594,11 @@ class ViT(nn.Module):
       patch_size: (ph, pw).
       width, depth, mlp_dim, num_heads: the transformer's shape (see `decode_variant`).
       pool_type: 'tok' (class token), 'gap' (mean of the patch tokens) or 'map' (big_vision's
-        `MAPHead`, SigLIP's: a learned probe attends over the final tokens; VPT's prompts are
-        left out, as from 'gap').
+        `MAPHead`, SigLIP's; VPT's prompts are left out, as from 'gap').
       class_token: whether there is a class token; default: only for pool_type 'tok'.
       num_registers: register tokens (DINOv2 with registers, `registers` [1, R, D]): after the
-        class token, without position embedding; they take part in attention like the other
-        tokens (VQT's queries read their keys and values too) and are left out of patch
-        pooling ('gap', Head2Toe's mean patch token).
+        class token, without position embedding; they take part in attention (VQT's queries
+        read their keys and values too) and are left out of patch pooling.
       fc_norm: apply the final LayerNorm after pooling (timm/MAE) instead of to every token.
       layerscale: per-channel scales on both residual branches (DINOv2).
       mlp_act: 'gelu_tanh' (big_vision), 'gelu' (exact, timm), 'quick_gelu' (OpenAI CLIP).
@@ -690,36 +612,29 @@ class ViT(nn.Module):
       deep_prompts: VPT-deep (each layer replaces the prompts with its own) instead of
         VPT-shallow (one set, inserted before the first layer).
       prompt_dropout: dropout on the prompts during training (0.1 in VPT's VTAB runs).
-      adapter_dim: AdaptFormer's bottleneck (`adapter` collection); 0: no adapters.
-      adapter_scale: AdaptFormer's output scale.
-      adapter_dropout: dropout in the adapter's bottleneck during training (0.1, AdaptFormer).
-      lora_rank: rank of LoRA's updates of W_q and W_v (`lora` collection); 0: none.
-      lora_alpha: LoRA's scale numerator (scale alpha / rank); default: the rank.
+      adapter_dim, adapter_scale, adapter_dropout: AdaptFormer's adapters (`adapter`
+        collection; see `Adapter`); adapter_dim 0: none.
+      lora_rank, lora_alpha: LoRA's updates of W_q and W_v (`lora` collection; see `LoRA`);
+        rank 0: none.
       head2toe: the head reads Head2Toe's features (each block's class token and mean patch
-        token, 2 groups per layer) instead of the final CLS (+ VQT's query outputs).
+        token) instead of the final CLS (+ VQT's query outputs).
       l2_normalize: L2-normalise each feature group before the head; default: on for VQT's
         and Head2Toe's head inputs, off for a plain CLS (linear probing).
-      head_init: the head kernel's initialisation: 'zeros' (big_vision) or
-        'kaiming_fan_out' (the VQT/VPT releases: torch's `kaiming_normal_(mode='fan_out')`, an
-        untruncated normal of variance 2 / num_classes).
+      head_init: the head kernel's initialisation (HEAD_INITS): 'zeros' (big_vision) or
+        'kaiming_fan_out' (the VQT/VPT releases).
       head_bias_init: constant initial head bias (the release uses -log(99) as a prior).
-      kv_dtype: dtype in which the query path's backward keeps each layer's keys and values,
-        e.g. jnp.bfloat16 to halve VQT's stash; the forward is unchanged (exact). None keeps
-        them in the compute dtype.
-      dtype: the compute dtype, a name ('float32', 'bfloat16') or a dtype: the backbone's
-        and the query path's activations, matmul operands and attention inputs are in it;
-        parameters stay float32 (each layer casts them), LayerNorm statistics and attention
-        logits/softmax are float32. The head runs in float32 on a float32 input (see
-        `head_input`), so logits are float32 whatever the compute dtype. Outputs per token
-        (`tokens`, `blocks`, `k`, `v`) are in the compute dtype, per image (`cls`, `queries`,
-        `pooled`, `pre_logits`, `logits`) in float32.
-      scan_blocks: run the blocks under `jax.lax.scan` (one compiled block instead of
-        `depth`; see `Encoder`); the `params` tree stays per block, the results the same.
-      remat: rematerialise each block's ordinary-token computation in the backward (memory
-        for backbone-training methods on ViT-L/H; see `Encoder1DBlock`); results the same.
-        Pair it with `scan_blocks`: in the unrolled loop XLA is free to schedule the
-        recomputation early, and on CPU it does (remat alone then saves no temporaries;
-        experiments/memory.py measures them).
+      kv_dtype: dtype in which the query path's backward keeps each layer's keys and values
+        (e.g. bfloat16); the forward stays exact. None: the compute dtype.
+      dtype: the compute dtype, a name ('bfloat16') or a dtype, of activations, matmul operands
+        and attention inputs; parameters, LayerNorm statistics, attention logits/softmax, the
+        head and per-image outputs (`cls`, `queries`, `pooled`, `pre_logits`, `logits`) stay
+        float32; per-token outputs (`tokens`, `blocks`, `k`, `v`) are in the compute dtype.
+      attention: the ordinary tokens' self-attention, one of ATTENTION (default 'auto', see
+        `attention_implementation`).
+      scan_blocks: run the blocks under `jax.lax.scan` (see `Encoder`).
+      remat: rematerialise each block's ordinary-token computation in the backward (see
+        `Encoder1DBlock`); pair it with `scan_blocks`, since in the unrolled loop XLA may
+        schedule the recomputation early.
     """
 
     num_classes: int | None = None
@@ -753,16 +668,13 @@ class ViT(nn.Module):
     head_bias_init: float = 0.0
     kv_dtype: Dtype | None = None
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
     scan_blocks: bool = False
     remat: bool = False
 
     @property
     def compute_dtype(self) -> jnp.dtype:
-        """`dtype` as a numpy dtype (it may be given by name).
-
-        Raises:
-          ValueError: if it names no dtype or not a floating-point one.
-        """
+        """`dtype` as a numpy dtype; ValueError if it names no floating-point dtype."""
         try:
             dtype = jnp.dtype(self.dtype)
         except TypeError:
@@ -787,21 +699,17 @@ class ViT(nn.Module):
         """Raises ValueError if an image size is not a positive multiple of the patch size."""
         ph, pw = self.patch_size
         if height <= 0 or width <= 0 or height % ph or width % pw:
-            raise ValueError(
-                f"Image size {height}x{width} is not a multiple of the patch size {ph}x{pw}"
-            )
+            raise ValueError(f"Image size {height}x{width} is not a multiple of the patch "
+                             f"size {ph}x{pw}")
 
     def _validate(self) -> None:
-        if self.pool_type not in POOL_TYPES:
-            raise ValueError(f"pool_type must be one of {', '.join(POOL_TYPES)}, got "
-                             f"{self.pool_type!r}")
+        for name, choices in (("pool_type", POOL_TYPES), ("head_init", HEAD_INITS),
+                              ("mlp_act", ACTIVATIONS), ("attention", ATTENTION)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; choose from "
+                                 f"{', '.join(choices)}")
         if self.pool_type == "tok" and not self.has_class_token:
             raise ValueError("pool_type 'tok' needs a class token")
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"Unknown head_init {self.head_init!r}; choose from "
-                             f"{', '.join(HEAD_INITS)}")
-        if self.mlp_act not in ACTIVATIONS:
-            raise ValueError(f"Unknown mlp_act {self.mlp_act!r}; choose from {sorted(ACTIVATIONS)}")
         _ = self.compute_dtype  # raises on a bad dtype, before any layer uses it
         if self.pool_type == "map" and self.fc_norm:
             raise ValueError("pool_type 'map' pools the normed tokens; fc_norm is for 'gap'")
@@ -812,81 +720,130 @@ class ViT(nn.Module):
             raise ValueError("head2toe and num_queries > 0 are two different head inputs; "
                              "choose one")
 
-    def _tokens(self, collection: str, shape: Sequence[int], rate: float, batch: int,
-                train: bool) -> Array:
-        """Learnable tokens [L, K, D] with VPT's uniform init, broadcast to [B, L, K, D]."""
-        bound = query_init_scale(self.patch_size, self.width)
-        tokens = self.variable(
-            collection, "tokens",
-            lambda: jax.random.uniform(self.make_rng("params"), tuple(shape), jnp.float32,
-                                       -bound, bound),
-        ).value
-        t = jnp.broadcast_to(tokens.astype(self.compute_dtype)[None], (batch, *tokens.shape))
-        return nn.Dropout(rate, name=f"{collection}_dropout")(t, deterministic=not train)
+    # Public methods: each runs one path through `_scope`.
+
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        """Returns logits [B, num_classes] (or the head's input if there is no head)."""
+        return self._scope(lambda: self._prediction(self._backbone(images, train)))
+
+    def features(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """Everything the model computes, for analysis: `cls` [B, D] (the final pooled
+        feature), `tokens` [B, N, D] (the final tokens, prompts included; after the final norm
+        unless fc_norm), `blocks` [B, M, N, D] (every block's ordinary-token output), `queries`
+        [B, M, T, D] (if T > 0), `pooled` [B, G, D] (Head2Toe's: each block's class token and
+        mean patch token), `pre_logits` [B, F] and `logits` (if there is a head)."""
+        return self._scope(lambda: self._head(self._backbone(images, train, ("blocks", "pooled"))))
+
+    def features_without_blocks(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """`features` without `blocks`."""
+        return self._scope(lambda: self._head(self._backbone(images, train, ("pooled",))))
+
+    def cache_features(self, images: Array) -> dict[str, Array]:
+        """What a cache keeps per image, in eval mode: `k`, `v` [B, M, H, N, Dh] (every layer's
+        keys and values, heads major: the layout `from_cache` reads fastest), `cls`, `pooled`
+        and `pre_logits` (see `features`; constant only without query tokens)."""
+        out = self._scope(lambda: self._backbone(images, False, ("kv", "pooled")))
+        return {"k": jnp.swapaxes(out["k"], 2, 3), "v": jnp.swapaxes(out["v"], 2, 3),
+                **{n: out[n] for n in ("cls", "pooled", "pre_logits")}}
+
+    def from_cache(self, cached: dict[str, Array], train: bool = False) -> Array:
+        """Logits (or the head's input without a head) from cached features, equal to
+        `__call__` on the same images: {'k', 'v', 'cls'} (see `cache_features`; k/v may be
+        narrower) runs VQT's query path over the cached keys and values, {'pre_logits'} only
+        the head. `train`: query dropout."""
+        return self._scope(lambda: self._prediction(self._from_cached(cached, train)))
+
+    def features_from_cache(self, cached: dict[str, Array]) -> dict[str, Array]:
+        """`pre_logits` (and `queries`, `logits` where there are) from cached features, eval
+        mode. `cached` may also be {'cls', 'queries'}: query outputs [B, M, T, D] computed
+        elsewhere (e.g. by one model holding several query sets), which the head then reads."""
+        return self._scope(lambda: self._head(self._from_cached(cached, False)))
+
+    def queries_from_kv(self, k: Array, v: Array, train: bool = False) -> Array:
+        """VQT's query outputs [B, M, T, D] (float32) over every layer's keys and values
+        k, v [B, M, H, N, Dh] (`cache_features`' layout)."""
+        return self._scope(lambda: self._queries_from_kv(k, v, train).astype(jnp.float32))
+
+    def head_input(self, cls: Array, queries: Array | None, pooled: Array | None = None) -> Array:
+        """The head's input [B, feature_dim], float32: [CLS [B, D] ; layer 1..M query outputs
+        [B, M, T, D]], or Head2Toe's pooled groups [B, G, D] with `head2toe`; L2-normalised per
+        group (one CLS, each layer's T*D query vector, each pooled token) when `l2_normalize`
+        resolves on."""
+        normalize = self.l2_normalize
+        if normalize is None:
+            normalize = self.num_queries > 0 or self.head2toe
+        groups = [pooled] if self.head2toe else [cls[:, None, :]]
+        if queries is not None and not self.head2toe:  # [B, M, T * D]: one group per layer
+            groups.append(queries.reshape(*queries.shape[:2], -1))
+        groups = [g.astype(jnp.float32) for g in groups]
+        if normalize:
+            groups = [l2_normalize(g) for g in groups]
+        return jnp.concatenate([g.reshape(g.shape[0], -1) for g in groups], axis=-1)
+
+    # The paths. flax lets one method per module declare layers and variables (`_scope`); the
+    # paths run inside it, each declaring what it uses.
 
     @nn.compact
-    def _forward(self, images: Array | None, train: bool, *, cached: dict | None = None,
-                 keep_blocks: bool = False, keep_kv: bool = False,
-                 keep_pooled: bool = False) -> dict[str, Array]:
+    def _scope(self, path: Callable[[], Any]) -> Any:
         self._validate()
-        d = self.width
-        options = {**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d,
-                   "dtype": self.compute_dtype}
-        encoder = Encoder(depth=self.depth, scan_blocks=self.scan_blocks, **options,
-                          name="Transformer")
-        b = (images if cached is None else cached["cls"]).shape[0]
-        q = None
-        if self.num_queries:
-            q = self._tokens("queries", (self.depth, self.num_queries, d), self.query_dropout,
-                             b, train)
-        if cached is not None:
-            out = self._from_cache(encoder, cached, q)
-        else:
-            out = self._from_images(encoder, images, q, train, keep_blocks, keep_kv,
-                                    keep_pooled or self.head2toe)
-        if self.num_classes:
-            # float32 whatever the compute dtype: pre_logits are float32 (`head_input`), and
-            # the head is one small matmul, so its logits (and the loss) cost nothing to keep
-            # exact.
-            out["logits"] = nn.Dense(
-                self.num_classes,
-                dtype=jnp.float32,
-                kernel_init=HEAD_INITS[self.head_init],
-                bias_init=nn.initializers.constant(self.head_bias_init),
-                name="head",
-            )(out["pre_logits"])
-        return out
+        return path()
 
-    def _from_cache(self, encoder: Encoder, cached: dict, q: Array | None) -> dict[str, Array]:
-        if "pre_logits" in cached:
-            return {"pre_logits": cached["pre_logits"]}
-        if "queries" in cached:  # the query path ran elsewhere (several query sets as one)
-            return {"queries": cached["queries"],
-                    "pre_logits": self.head_input(cached["cls"], cached["queries"])}
-        if q is None:
-            raise ValueError("A key/value cache is only useful with query tokens "
-                             "(num_queries > 0)")
-        q_out = encoder.queries_from_kv(q, cached["k"], cached["v"])
-        return {"queries": q_out.astype(jnp.float32),
-                "pre_logits": self.head_input(cached["cls"], q_out)}
+    def _backbone(self, images: Array, train: bool,
+                  per_layer: Sequence[str] = ()) -> dict[str, Array]:
+        """The backbone pass over images [B, H, W, C], VQT's query path beside it.
 
-    def _from_images(self, encoder: Encoder, images: Array, q: Array | None, train: bool,
-                     keep_blocks: bool, keep_kv: bool, keep_pooled: bool) -> dict[str, Array]:
+        Returns `cls`, `tokens`, `queries` (if T > 0) and `pre_logits` (see `features`), and
+        what `per_layer` names of each block: 'blocks', 'pooled' (kept for Head2Toe's head
+        anyway), 'kv' (`k`, `v` [B, M, N, H, Dh]).
+        """
         b, h, w, _ = images.shape
         self.check_image_size(h, w)
-        d = self.width
-        dtype = self.compute_dtype
-        x = nn.Conv(
-            d, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
-            dtype=dtype, name="embedding",
-        )(images.astype(dtype))
+        queries = self._query_tokens(b, train)  # first: the init draws its variables in order
+        x, prompts, prompt_start = self._embed(images, train)
+        num_prefix = prompt_start + self.num_prompts
+        per_layer = set(per_layer) | ({"pooled"} if self.head2toe else set())
+
+        def collect(x_i: Array, kv: KV) -> dict[str, Array]:
+            # Pure (it may run inside the encoder's scan): what to keep of one block.
+            kept = {}
+            if "blocks" in per_layer:
+                kept["blocks"] = x_i
+            if "pooled" in per_layer:
+                groups = [x_i[:, 0]] if self.has_class_token else []
+                groups.append(x_i[:, num_prefix:].astype(jnp.float32).mean(axis=1))
+                kept["pooled"] = jnp.stack(groups, axis=1).astype(jnp.float32)
+            if "kv" in per_layer:
+                kept["k"], kept["v"] = kv
+            return kept
+
+        encoder = self._encoder()
+        x, q_out, out = encoder(x, queries, prompts=prompts if self.deep_prompts else None,
+                                prompt_start=prompt_start, collect=collect if per_layer else None,
+                                train=train)
+        if "pooled" in out:  # [B, M, G, D] -> [B, M * G, D]: layer-major groups
+            out["pooled"] = out["pooled"].reshape(b, -1, self.width)
+        if self.fc_norm:  # timm's MAE layout: the norm acts on the pooled feature only
+            tokens, cls = x, encoder.norm(self._pool(x, prompt_start, num_prefix))
+        else:
+            tokens = encoder.norm(x)
+            cls = self._pool(tokens, prompt_start, num_prefix)
+        out.update(cls=cls.astype(jnp.float32), tokens=tokens)
+        if q_out is not None:
+            out["queries"] = q_out.astype(jnp.float32)
+        out["pre_logits"] = self.head_input(cls, q_out, out.get("pooled"))
+        return out
+
+    def _embed(self, images: Array, train: bool) -> tuple[Array, Array | None, int]:
+        """Patch and position embeddings, class and register tokens, `norm_pre` and VPT's
+        prompts: (tokens [B, N, D], prompts [B, L, P, D] or None, the first prompt's index)."""
+        b, d, dtype = images.shape[0], self.width, self.compute_dtype
+        x = nn.Conv(d, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
+                    dtype=dtype, name="embedding")(images.astype(dtype))
         x = x.reshape(b, -1, d)
-        # big_vision's layout: the position embedding covers the patches only and is added
-        # before the class token is prepended (a checkpoint's cls position entry is folded into
-        # `cls` at load time, which is equivalent).
-        pos = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=1.0 / np.sqrt(d)), (1, x.shape[1], d)
-        )
+        # big_vision's layout: the position embedding covers the patches only (a checkpoint's
+        # cls position entry is folded into `cls` at load time, which is equivalent).
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=1.0 / np.sqrt(d)),
+                         (1, x.shape[1], d))
         x = x + pos.astype(x.dtype)
         prefix = []
         if self.has_class_token:
@@ -899,141 +856,81 @@ class ViT(nn.Module):
                                 axis=1)
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
+        start = int(self.has_class_token) + self.num_registers
+        if not self.num_prompts:
+            return x, None, start
+        layers = self.depth if self.deep_prompts else 1
+        prompts = self._tokens("prompts", (layers, self.num_prompts, d), self.prompt_dropout,
+                               b, train)
+        return jnp.concatenate([x[:, :start], prompts[:, 0], x[:, start:]], axis=1), prompts, start
 
-        num_prefix = int(self.has_class_token) + self.num_registers
-        prompts = None
-        if self.num_prompts:
-            layers = self.depth if self.deep_prompts else 1
-            prompts = self._tokens("prompts", (layers, self.num_prompts, d),
-                                   self.prompt_dropout, b, train)
-            x = jnp.concatenate([x[:, :num_prefix], prompts[:, 0], x[:, num_prefix:]], axis=1)
-        prompt_start = num_prefix
-        num_prefix += self.num_prompts
+    def _pool(self, tokens: Array, prompt_start: int, num_prefix: int) -> Array:
+        """The final feature [B, D] of the final tokens, by `pool_type`."""
+        if self.pool_type == "tok":
+            return tokens[:, 0]
+        if self.pool_type == "map":
+            without_prompts = jnp.concatenate([tokens[:, :prompt_start], tokens[:, num_prefix:]],
+                                              axis=1)
+            return MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.mlp_act,
+                           self.ln_eps, self.compute_dtype, name="MAPHead_0")(without_prompts)
+        return tokens[:, num_prefix:].mean(axis=1)
 
-        def pool(t: Array) -> Array:
-            if self.pool_type == "tok":
-                return t[:, 0]
-            if self.pool_type == "map":
-                without_prompts = jnp.concatenate([t[:, :prompt_start], t[:, num_prefix:]], 1)
-                return MAPHead(self.num_heads, self.mlp_dim or 4 * d, self.mlp_act,
-                               self.ln_eps, dtype, name="MAPHead_0")(without_prompts)
-            return t[:, num_prefix:].mean(axis=1)
+    def _from_cached(self, cached: dict[str, Array], train: bool) -> dict[str, Array]:
+        """`pre_logits` (and `queries`) from a cache: see `from_cache`, `features_from_cache`."""
+        if "pre_logits" in cached:
+            return {"pre_logits": cached["pre_logits"]}
+        if "queries" in cached:  # the query path ran elsewhere
+            return {"queries": cached["queries"],
+                    "pre_logits": self.head_input(cached["cls"], cached["queries"])}
+        q_out = self._queries_from_kv(cached["k"], cached["v"], train)
+        return {"queries": q_out.astype(jnp.float32),
+                "pre_logits": self.head_input(cached["cls"], q_out)}
 
-        def collect(x_i: Array, kv: KV) -> dict[str, Array]:
-            # Pure (it may run inside the encoder's scan): what to keep of one block.
-            kept = {}
-            if keep_blocks:
-                kept["blocks"] = x_i
-            if keep_pooled:
-                groups = [x_i[:, 0]] if self.has_class_token else []
-                groups.append(x_i[:, num_prefix:].astype(jnp.float32).mean(axis=1))
-                kept["pooled"] = jnp.stack(groups, axis=1).astype(jnp.float32)
-            if keep_kv:
-                kept["k"], kept["v"] = kv
-            return kept
+    def _queries_from_kv(self, k: Array, v: Array, train: bool) -> Array:
+        if not self.num_queries:
+            raise ValueError("A key/value cache is only useful with query tokens "
+                             "(num_queries > 0)")
+        queries = self._query_tokens(k.shape[0], train)
+        return self._encoder().queries_from_kv(queries, k, v)
 
-        keep = keep_blocks or keep_pooled or keep_kv
-        x, q_out, out = encoder(x, q, prompts=prompts if self.deep_prompts else None,
-                                prompt_start=prompt_start, collect=collect if keep else None,
-                                train=train)
-        if "pooled" in out:  # [B, M, G, D] -> [B, M * G, D]: layer-major groups
-            out["pooled"] = out["pooled"].reshape(b, -1, d)
-        if self.fc_norm:
-            # timm's MAE layout: no norm on the tokens, the norm acts on the pooled feature.
-            tokens_out, cls_out = x, encoder.norm(pool(x))
-        else:
-            tokens_out = encoder.norm(x)
-            cls_out = pool(tokens_out)
-        out.update(cls=cls_out.astype(jnp.float32), tokens=tokens_out)
-        if q_out is not None:
-            out["queries"] = q_out.astype(jnp.float32)
-        out["pre_logits"] = self.head_input(cls_out, q_out, out.get("pooled"))
+    def _head(self, out: dict[str, Array]) -> dict[str, Array]:
+        """`out` with `logits` [B, num_classes] of its `pre_logits`, if there is a head. The head
+        is float32 whatever the compute dtype: one small matmul on a float32 input."""
+        if self.num_classes:
+            out["logits"] = nn.Dense(
+                self.num_classes, dtype=jnp.float32, kernel_init=HEAD_INITS[self.head_init],
+                bias_init=nn.initializers.constant(self.head_bias_init), name="head",
+            )(out["pre_logits"])
         return out
 
-    def head_input(self, cls: Array, queries: Array | None, pooled: Array | None = None) -> Array:
-        """The head's input: [CLS ; layer 1..M query outputs] or Head2Toe's groups.
+    def _prediction(self, out: dict[str, Array]) -> Array:
+        return self._head(out)["logits"] if self.num_classes else out["pre_logits"]
 
-        Args:
-          cls: the final pooled feature [B, D].
-          queries: VQT's query outputs [B, M, T, D], or None.
-          pooled: Head2Toe's per-layer pooled tokens [B, G, D] (used when `head2toe`).
+    def _encoder(self) -> Encoder:
+        d, dtype = self.width, self.compute_dtype
+        attention = attention_implementation(self.attention, dtype, d // self.num_heads)
+        return Encoder(depth=self.depth, scan_blocks=self.scan_blocks, name="Transformer",
+                       **{**_block_options(self), "mlp_dim": self.mlp_dim or 4 * d,
+                          "dtype": dtype, "attention": attention})
 
-        Returns:
-          [B, feature_dim] float32 features, L2-normalised per group when `l2_normalize`
-          resolves on (each layer's T*D query vector is one group, each Head2Toe pooled token
-          one group). float32 whatever the compute dtype: the norms, the head and the
-          feature caches read them, and they are small.
-        """
-        normalize = self.l2_normalize
-        if normalize is None:
-            normalize = self.num_queries > 0 or self.head2toe
-        if self.head2toe:
-            groups = [pooled]
-        else:
-            groups = [cls[:, None, :]]
-            if queries is not None:
-                b, m, t, d = queries.shape
-                groups.append(queries.reshape(b, m, t * d))
-        groups = [g.astype(jnp.float32) for g in groups]
-        if normalize:
-            groups = [l2_normalize(g) for g in groups]
-        return jnp.concatenate([g.reshape(g.shape[0], -1) for g in groups], axis=-1)
+    def _query_tokens(self, batch: int, train: bool) -> Array | None:
+        """VQT's query tokens [B, M, T, D] (None without them)."""
+        if not self.num_queries:
+            return None
+        return self._tokens("queries", (self.depth, self.num_queries, self.width),
+                            self.query_dropout, batch, train)
 
-    def features(self, images: Array, train: bool = False, *,
-                 keep_blocks: bool = True) -> dict[str, Array]:
-        """Everything the model computes, for analysis.
-
-        Returns:
-          A dict with `cls` [B, D] (the final pooled feature), `tokens` [B, N, D] (the final
-          tokens, prompts included; after the final norm unless fc_norm), `blocks`
-          [B, M, N, D] (every block's ordinary-token output), `queries` [B, M, T, D] (VQT's
-          query outputs, if T > 0), `pooled` [B, G, D] (Head2Toe's pooled tokens: each
-          block's class token and mean patch token), `pre_logits` [B, F] (the head's input)
-          and `logits` (if there is a head). `keep_blocks=False` leaves out `blocks`.
-        """
-        return self._forward(images, train, keep_blocks=keep_blocks, keep_pooled=True)
-
-    def cache_features(self, images: Array) -> dict[str, Array]:
-        """What a cache keeps per image: everything the trainable part reads.
-
-        Returns:
-          `k`, `v` [B, M, H, N, Dh] (every layer's keys and values of the ordinary tokens,
-          heads major: the layout `from_cache` reads fastest),
-          `cls` [B, D], `pooled` [B, G, D] (see `features`) and `pre_logits` [B, F] (the
-          head's input; constant only when there are no query tokens), in eval mode.
-        """
-        out = self._forward(images, False, keep_kv=True, keep_pooled=True)
-        out["k"], out["v"] = (jnp.swapaxes(out[n], 2, 3) for n in ("k", "v"))
-        return {k: out[k] for k in ("k", "v", "cls", "pooled", "pre_logits")}
-
-    def from_cache(self, cached: dict[str, Array], train: bool = False) -> Array:
-        """Logits from cached features, without the backbone.
-
-        Args:
-          cached: {'k', 'v', 'cls'} (see `cache_features`; k/v may be narrower, e.g.
-            bfloat16) to run VQT's query path over the cached keys and values, or
-            {'pre_logits'} for a head on fixed features.
-          train: training mode (query dropout).
-
-        Returns:
-          Logits (or the head's input without a head), equal to `__call__` on the same images.
-        """
-        out = self._forward(None, train, cached=cached)
-        return out["logits"] if self.num_classes else out["pre_logits"]
-
-    def features_from_cache(self, cached: dict[str, Array]) -> dict[str, Array]:
-        """`pre_logits` (and `queries` for a key/value cache) from cached features, eval mode.
-
-        `cached` may also be {'cls', 'queries'}: the final feature and the query outputs
-        [B, M, T, D], computed elsewhere (e.g. by one model whose query tokens are several
-        query sets' together); the head then reads them.
-        """
-        return self._forward(None, False, cached=cached)
-
-    def __call__(self, images: Array, train: bool = False) -> Array:
-        """Returns logits [B, num_classes] (or the head's input if there is no head)."""
-        out = self._forward(images, train)
-        return out["logits"] if self.num_classes else out["pre_logits"]
+    def _tokens(self, collection: str, shape: Sequence[int], rate: float, batch: int,
+                train: bool) -> Array:
+        """Learnable tokens [L, K, D] with VPT's uniform init, broadcast to [B, L, K, D]."""
+        bound = query_init_scale(self.patch_size, self.width)
+        tokens = self.variable(
+            collection, "tokens",
+            lambda: jax.random.uniform(self.make_rng("params"), tuple(shape), jnp.float32,
+                                       -bound, bound),
+        ).value
+        t = jnp.broadcast_to(tokens.astype(self.compute_dtype)[None], (batch, *tokens.shape))
+        return nn.Dropout(rate, name=f"{collection}_dropout")(t, deterministic=not train)
 
 
 def create_model(variant: str | None = None, **kwargs: Any) -> ViT:
