@@ -332,7 +332,7 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
             loss = np.asarray(last["loss"], np.float32)
             history.append(last)
             progress.update()
-            if done % log_every == 0 or done == total:
+            if (log_every > 0 and done % log_every == 0) or done == total:
                 for j, w in enumerate(writers):
                     w.write_scalars(done, {f"train/{k}": float(np.mean([h[k][j] for h in history]))
                                            for k in history[0] if k != "state_finite"})
@@ -342,7 +342,7 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
         if save is not None and done == total:
             save(done, state, failed.copy(), loss)  # its own loss was checked
             last_saved = done
-        elif save is not None and done % ckpt_every == 0:
+        elif save is not None and ckpt_every > 0 and done % ckpt_every == 0:
             pending = (done, jax.tree.map(jnp.copy, state), failed.copy(), loss)
     progress.done()
     return Outcome(state, failed, loss, errors)
