@@ -546,9 +546,6 @@ def _run_group(members: list[Member], may_diverge: bool,
                 train_loss=float(outcome.loss[j]),
                 num_trainable=train.count_params(setup.template),
                 cached=True, cache_on_device=True)
-            writers[j].write_scalars(total, {f"{train.split_name(c)}/{k}": v
-                                             for k, v in metrics[j].items()})
-            writers[j].flush()
             variables = trainable_lib.merge(jax.tree.map(lambda x, j=j: x[j], state.trainable),
                                             setup.frozen)
             results.update(feature_heads.run(c, model, variables, mesh, setup.train_rows,
@@ -556,12 +553,8 @@ def _run_group(members: list[Member], may_diverge: bool,
             if compressed is not None:
                 results["compression"] = compressed[j]
             results["program"] = {"runs": s, "directory": directory}
-            train.record_run(c, results)
-            if is_chief:
-                train.write_evaluation(m.run_dir, c, metrics[j], report)
-                train.write_export(setup.plan, c, m.run_dir, variables, results,
-                                   report["class_names"])
-                workdir_lib.write_results(m.run_dir, results)
+            train.finish(setup.plan, c, m.run_dir, writers[j], variables, metrics[j], report,
+                         results)
             out.append(results)
     return out
 

@@ -703,9 +703,6 @@ def _run_locked(plan: RunPlan, workdir: str,
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=class_names)
     report = eval_metrics.pop("report")
-    writer.write_scalars(total_steps, {f"{split_name(config)}/{k}": v
-                                       for k, v in eval_metrics.items()})
-    writer.flush()
     results = run_results(
         config, steps=total_steps, eval_metrics=eval_metrics,
         train_loss=None if outcome is None else float(outcome.loss[0]),
@@ -728,16 +725,28 @@ def _run_locked(plan: RunPlan, workdir: str,
         results["train_loss"] = previous.get("train_loss")
         results["cached"] = previous.get("cached", False)
         results["cache_on_device"] = previous.get("cache_on_device", False)
-    record_run(config, results)
     history_of_changes = workdir_lib.changes(workdir)
     if history_of_changes:
         results["config_changes"] = history_of_changes
-    if is_chief:
-        write_evaluation(workdir, config, eval_metrics, report)
-        write_export(plan, config, workdir, variables, results, class_names)
-        workdir_lib.write_results(workdir, results)
+    finish(plan, config, workdir, writer, variables, eval_metrics, report, results)
     manager.close()
     return results, variables
+
+
+def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, writer: Any,
+           variables: dict, metrics: dict[str, Any], report: dict[str, Any],
+           results: dict[str, Any]) -> None:
+    """Completes a trained and evaluated run's `results` (`record_run`) and writes its
+    directory: the evaluation's scalars, and on the chief evaluation.json, model.vqt and
+    results.json (last, so a results.json always has the others)."""
+    writer.write_scalars(results["steps"], {f"{split_name(config)}/{k}": v
+                                            for k, v in metrics.items()})
+    writer.flush()
+    record_run(config, results)
+    if hosts.is_chief():
+        write_evaluation(run_dir, config, metrics, report)
+        write_export(plan, config, run_dir, variables, results, report["class_names"])
+        workdir_lib.write_results(run_dir, results)
 
 
 def compression_wanted(config: ml_collections.ConfigDict) -> bool:
