@@ -1,18 +1,18 @@
 """Tests of vqt_jax.data: the VTAB-1k task table, conversions, streams and image folders.
 
-No test touches the network. TFDS reads go through `tfds.testing.mock_data` over a data dir
-where the datasets look prepared (metadata only, written by `_fake_prepare`); the "not
-prepared" tests use a real, empty data dir.
+No test touches the network. TFDS reads (`as_data_source`, ArrayRecord) go through
+`tfds.testing.mock_data` over a data dir where the datasets look prepared (metadata only, written
+by `_fake_prepare`); the "not prepared" tests use a real, empty data dir.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
+import io
+import itertools
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 import textwrap
@@ -21,12 +21,11 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 from tensorflow_datasets.testing import mocking
 
 from vqt_jax import data
-from vqt_jax.data import pipeline
 
 # The VTAB-1k table of /work/shared/reference/vtab-1k.md, written out independently of the
 # code: task -> (TFDS name, classes, group, train800, val200, test).
@@ -155,22 +154,23 @@ def test_unknown_task_and_split_names():
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_examples(self, split, decoders=None, read_config=None, shuffle_files=False, num=3):
-    """mock_data's random examples, but with every variable length set to 10.
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def _fake_source(self, split, decoders=None, num=3, **kwargs):
+    """mock_data's random examples as a data source (images encoded, as SkipDecoding leaves
+    them), but with every variable length set to 10.
 
     By default the mock draws each variable length on its own, so e.g. kitti's objects/type
     and objects/location would disagree in length, which real data never does.
     """
-    del split, decoders, read_config, shuffle_files
-    features = self.info.features
-    signature = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape, t.tf_dtype), features.get_tensor_info()
-    )
-    make = functools.partial(
-        mocking.RandomFakeGenerator, features, num, constant_dynamic_shape=True
-    )
-    ds = tf.data.Dataset.from_generator(make, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(num))
+    del split, kwargs
+    assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
+    fake = mocking.RandomFakeGenerator(self.info.features, num, constant_dynamic_shape=True)
+    return [{**fake[i], "image": _png(fake[i]["image"])} for i in range(num)]
 
 
 @pytest.fixture
@@ -183,20 +183,12 @@ def tfds_requests(tfds_dir):
         requests.append(("builder", name, kwargs.get("data_dir"), kwargs.get("try_gcs")))
         return real_builder(name, **kwargs)
 
-    with tfds.testing.mock_data(data_dir=tfds_dir, as_dataset_fn=_fake_examples):
-        mocked_as_dataset = tfds.core.DatasetBuilder.as_dataset
+    def as_data_source(self, split=None, **kwargs):
+        requests.append(("as_data_source", self.name, str(self.version), split))
+        return _fake_source(self, split, **kwargs)
 
-        def as_dataset(self, split=None, **kwargs):
-            # Examples must come in split order: no file shuffling, no interleaving.
-            assert kwargs["shuffle_files"] is False
-            assert kwargs["read_config"].interleave_cycle_length == 1
-            requests.append(("as_dataset", self.name, str(self.version), split))
-            return mocked_as_dataset(self, split=split, **kwargs)
-
-        with (
-            mock.patch.object(tfds, "builder", builder),
-            mock.patch.object(tfds.core.DatasetBuilder, "as_dataset", as_dataset),
-        ):
+    with tfds.testing.mock_data(data_dir=tfds_dir, as_data_source_fn=as_data_source):
+        with mock.patch.object(tfds, "builder", builder):
             yield requests
 
 
@@ -232,7 +224,7 @@ def test_pipeline_requests_vtab_splits(tfds_requests, tfds_dir, split):
         assert sum(b["mask"].sum() for b in evals) == 3
 
         builders = [r for r in tfds_requests if r[0] == "builder"]
-        reads = [r for r in tfds_requests if r[0] == "as_dataset"]
+        reads = [r for r in tfds_requests if r[0] == "as_data_source"]
         assert builders == [("builder", tfds_name, tfds_dir, False)] * 2, name
         assert [r[3] for r in reads] == [train_split, eval_split], name
         base, _, version = tfds_name.partition(":")
@@ -316,8 +308,9 @@ def test_unprepared_dataset_message(tmp_path, task, expected):
 
 
 def _convert(task_name, example):
-    out = data.get_task(task_name).convert(tf.nest.map_structure(tf.convert_to_tensor, example))
-    return out["image"].numpy(), int(out["label"])
+    out = data.get_task(task_name).convert(example)
+    assert out["label"].dtype == np.int32 and out["image"].dtype == np.uint8
+    return out["image"], int(out["label"])
 
 
 def _image(h=4, w=5, c=3):
@@ -427,13 +420,13 @@ def test_plain_label_tasks_pass_label_through():
 
 
 def test_normalization_ranges():
-    pixels = tf.constant([[0, 0, 0], [255, 255, 255]], tf.uint8)
-    inception = data.normalize(pixels, "inception").numpy()
+    pixels = np.array([[0, 0, 0], [255, 255, 255]], np.uint8)
+    inception = data.normalize(pixels, "inception")
     np.testing.assert_allclose(inception, [[-1, -1, -1], [1, 1, 1]], atol=1e-6)
-    imagenet = data.normalize(pixels, "imagenet").numpy()
+    imagenet = data.normalize(pixels, "imagenet")
     mean, std = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
     np.testing.assert_allclose(imagenet, [-mean / std, (1 - mean) / std], rtol=1e-5)
-    custom = data.normalize(pixels, ((0.5, 0.25, 0.0), (0.25, 0.25, 0.5))).numpy()
+    custom = data.normalize(pixels, ((0.5, 0.25, 0.0), (0.25, 0.25, 0.5)))
     np.testing.assert_allclose(custom, [[-2, -1, 0], [2, 3, 2]], rtol=1e-5)
     assert inception.dtype == np.float32
     for bad in ["imagenet21k", ((0.5, 0.5), (0.5, 0.5)), ((0.5,) * 3, (0.0, 1.0, 1.0))]:
@@ -445,12 +438,12 @@ def test_resize_is_bilinear_without_crop():
     # A horizontal ramp, 10 * x: bilinear sampling of the full width (half-pixel centres) gives
     # 10 * ((i + 0.5) * 20 / 6 - 0.5) in output column i; nearest or a crop would not.
     ramp = np.broadcast_to((10 * np.arange(20, dtype=np.uint8))[None, :, None], (10, 20, 3))
-    out = data.resize(tf.constant(ramp), 6).numpy()
+    out = data.resize(ramp, 6)
     assert out.shape == (6, 6, 3) and out.dtype == np.uint8
     expected = np.round(10 * ((np.arange(6) + 0.5) * 20 / 6 - 0.5))
     np.testing.assert_array_equal(out, np.broadcast_to(expected[None, :, None], (6, 6, 3)))
     flat = np.full((7, 3, 3), 77, np.uint8)
-    assert (data.resize(tf.constant(flat), 5).numpy() == 77).all()
+    assert (data.resize(flat, 5) == 77).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +462,7 @@ def _id_arrays(n, size=2):
 def _train_labels(n, steps, **kwargs):
     images, labels = _id_arrays(n)
     ds = data.train_dataset(images, labels, normalization=((0, 0, 0), (1 / 255,) * 3), **kwargs)
-    batches = list(ds.take(steps).as_numpy_iterator())
+    batches = list(itertools.islice(ds, steps))
     for b in batches:  # Images travel with their labels.
         np.testing.assert_array_equal(b["image"][:, 0, 0, 0], b["label"])
     return np.stack([b["label"] for b in batches])
@@ -553,7 +546,7 @@ def test_make_train_iterator_deterministic_and_resumable(tfds_dir):
 
 def _id_examples(n):
     images, labels = _id_arrays(n, size=3)
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+    return [{"image": x, "label": y} for x, y in zip(images, labels, strict=True)]
 
 
 def _eval_hosts(n, local_batch, process_count, **kwargs):
@@ -570,7 +563,7 @@ def _eval_hosts(n, local_batch, process_count, **kwargs):
             normalization=((0, 0, 0), (1 / 255,) * 3),
             **kwargs,
         )
-        hosts.append(list(ds.as_numpy_iterator()))
+        hosts.append(list(ds))
     assert len({len(batches) for batches in hosts}) == 1
     for batches in hosts:
         for b in batches:
@@ -617,20 +610,14 @@ def test_eval_local_batch_must_split_over_local_devices():
 def test_make_eval_iterator_shards_tfds_examples(tfds_dir, process_count):
     n = 23
 
-    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
-        del self, split, decoders, read_config, shuffle_files
+    def as_data_source(self, split, decoders=None, **kwargs):
+        del self, split, decoders, kwargs
         images, labels = _id_arrays(n, size=5)
-        return tf.data.Dataset.from_tensor_slices(
-            {
-                "image": images,
-                "label": labels.astype(np.int64),
-                "id": labels.astype(str),
-                "coarse_label": labels.astype(np.int64) % 20,
-            }
-        )
+        return [{"image": _png(x), "label": np.int64(y), "id": str(y),
+                 "coarse_label": np.int64(y % 20)} for x, y in zip(images, labels, strict=True)]
 
     seen = []
-    with tfds.testing.mock_data(data_dir=tfds_dir, as_dataset_fn=as_dataset):
+    with tfds.testing.mock_data(data_dir=tfds_dir, as_data_source_fn=as_data_source):
         for h in range(process_count):
             batches = list(
                 data.make_eval_iterator(
@@ -656,9 +643,9 @@ def test_make_eval_iterator_shards_tfds_examples(tfds_dir, process_count):
 
 def _write_image(path, value, size=(6, 9), channels=3, fmt="png"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pixels = tf.fill([*size, channels], tf.constant(value, tf.uint8))
-    encoded = tf.io.encode_png(pixels) if fmt == "png" else tf.io.encode_jpeg(pixels, quality=100)
-    tf.io.write_file(path, encoded)
+    pixels = np.full([*size, channels], value, np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+    image.save(path, format="PNG" if fmt == "png" else "JPEG", quality=100)
 
 
 def _make_tree(root, layout):
@@ -758,11 +745,3 @@ def test_folder_errors(tmp_path, layout, split, side, message):
 def test_folder_needs_a_root():
     with pytest.raises(ValueError, match="data_dir"):
         data.validate("folder", None, "val")
-
-
-def test_pipeline_module_hides_gpus_from_tf():
-    # TF must never take accelerator memory from JAX. tensorflow-cpu has no GPU to hide, so
-    # check the call itself, running the module's code in a throwaway namespace.
-    with mock.patch.object(tf.config, "set_visible_devices") as hide:
-        runpy.run_path(pipeline.__file__)
-    hide.assert_called_once_with([], "GPU")

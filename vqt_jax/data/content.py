@@ -8,7 +8,10 @@ covers the contents as cheaply as can be done without reading the images:
 * an image folder: every training file's path (relative to the root), size, modification
   time (ns) and label, hashed;
 * a TFDS task: the prepared dataset's full name, version (read from its ``dataset_info.json``,
-  never downloaded) and the training split string.
+  never downloaded) and the training split string;
+
+and, for both, the image decoder and resize (`imaging.IMPLEMENTATION`), so a cache made by the
+earlier TensorFlow pipeline (whose keys lack it) or by another implementation is not reused.
 """
 
 from __future__ import annotations
@@ -16,31 +19,15 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 from typing import Any
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
 from vqt_jax.data import folder as folder_lib
+from vqt_jax.data import imaging
 from vqt_jax.data import pipeline as pipeline_lib
 from vqt_jax.data import tasks as tasks_lib
 
 # Remote (gs://, s3://) stats are one request each: overlap them.
 _REMOTE_STAT_THREADS = 32
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _stat(path: str) -> tuple[int, int]:
-    """(size in bytes, modification time in ns) of a local or remote file."""
-    if _is_remote(path):
-        st = tf.io.gfile.stat(path)
-        return int(st.length), int(st.mtime_nsec)
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 def _relative(path: str, root: str) -> str:
@@ -52,37 +39,27 @@ def _relative(path: str, root: str) -> str:
 
 def _folder_key(data_dir: str, split: str) -> dict[str, Any]:
     files = folder_lib.listing(data_dir, split, "train")
-    if files.paths and _is_remote(files.paths[0]):
+    if files.paths and "://" in files.paths[0]:
         with concurrent.futures.ThreadPoolExecutor(_REMOTE_STAT_THREADS) as pool:
-            stats = list(pool.map(_stat, files.paths))
+            stats = list(pool.map(folder_lib.stat, files.paths))
     else:
-        stats = [_stat(p) for p in files.paths]
+        stats = [folder_lib.stat(p) for p in files.paths]
     digest = hashlib.sha256()
     for path, (size, mtime_ns), label in zip(files.paths, stats, files.labels, strict=True):
         # One JSON line per file: unambiguous whatever characters the names hold.
         line = json.dumps([_relative(path, data_dir), size, mtime_ns, label])
         digest.update(line.encode() + b"\n")
     return {"task": pipeline_lib.FOLDER, "split": split, "num_files": len(files.paths),
-            "files_sha256": digest.hexdigest()}
+            "files_sha256": digest.hexdigest(), "pipeline": imaging.IMPLEMENTATION}
 
 
 def _tfds_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
     spec = tasks_lib.get_task(task)
     tfds_split = spec.tfds_split(pipeline_lib.SPLITS[split][0])
-    # try_gcs=False: never look for the data on GCS (hangs for minutes without network); the
-    # builder only reads the prepared dataset_info.json here, it downloads nothing.
-    not_prepared = (
-        f"TFDS dataset {spec.tfds_name!r} (VTAB-1k task {task!r}) is not prepared in "
-        f"{data_dir or 'the default TFDS data dir'}; data.validate says how to prepare it.")
-    try:
-        builder = tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
-    except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
-        # E.g. no prepared version matches and this TFDS cannot build one either.
-        raise pipeline_lib.DatasetNotPreparedError(f"{not_prepared} ({e})") from e
-    if not builder.is_prepared():
-        raise pipeline_lib.DatasetNotPreparedError(not_prepared)
+    builder = pipeline_lib._builder(spec, data_dir)  # noqa: SLF001 - same package.
     return {"task": task, "dataset": builder.info.full_name,
-            "version": str(builder.info.version), "split": tfds_split}
+            "version": str(builder.info.version), "split": tfds_split,
+            "pipeline": imaging.IMPLEMENTATION}
 
 
 def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
@@ -96,7 +73,8 @@ def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
     Returns:
       A JSON-serialisable dict. For 'folder': the task, split, number of training files and a
       SHA-256 over each file's relative path, size, mtime_ns and label. For a TFDS task: the
-      task, the prepared dataset's full name and version, and the TFDS training split.
+      task, the prepared dataset's full name and version, and the TFDS training split. Both
+      name the decoder and resize (``'pipeline'``).
 
     Raises:
       ValueError: for an unknown task or split, a missing folder, or a TFDS dataset that is

@@ -169,15 +169,13 @@ def _balanced_picks(
 
 
 def _write_split(out_dir: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
-    import tensorflow as tf  # Lazy: reading the dataset needs numpy only.
+    from PIL import Image  # noqa: PLC0415 - lazy: reading the dataset needs numpy only.
 
     for name in CLASS_NAMES:
         os.makedirs(os.path.join(out_dir, name))
     for i in indices:
         rgb = np.repeat(images[i][:, :, None], 3, axis=2)
-        png = tf.io.encode_png(rgb).numpy()
-        with open(os.path.join(out_dir, CLASS_NAMES[labels[i]], f"{i}.png"), "wb") as f:
-            f.write(png)
+        Image.fromarray(rgb).save(os.path.join(out_dir, CLASS_NAMES[labels[i]], f"{i}.png"))
 
 
 def _existing(out_root: str, settings: dict) -> dict[str, int] | None:

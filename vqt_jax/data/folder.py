@@ -6,41 +6,36 @@ must also exist in ``train/``. The config-level split chooses which folders are 
 * ``'val'``: train on ``train/``, evaluate on ``val/``.
 * ``'test'``: train on ``train/`` + ``val/``, evaluate on ``test/``.
 
-Every format `tf.io.decode_image` reads is used (GIFs: the first frame). Other files in a class
+Every format of `imaging.IMAGE_EXTENSIONS` is used (GIFs: the first frame). Other files in a class
 folder (``.txt``, ``.tiff``, ``.heic``, subfolders, ...) are skipped with one warning per side
 (training or evaluation) that counts them by extension; a class folder that holds files but
 none of them readable is an error, since its class would silently drop out of that side.
 Hidden files (``.DS_Store``, macOS's ``._name``) are ignored.
 
 `validate` decodes every image of both sides with the pipeline's own decoder before training,
-so a truncated file fails the run at once with its path. Files are listed and read with
-`tf.io.gfile`, so ``gs://`` roots work like local ones.
+so a truncated file fails the run at once with its path. Remote roots (``gs://``) are listed
+and read through `etils.epath`, local ones with `os`.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import os
-import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
+from etils import epath
 
+from vqt_jax.data import imaging
 from vqt_jax.progress import Progress
 
-# The extensions `tf.io.decode_image` reads. WebP came to TF together with `tf.io.decode_webp`;
-# test for that function rather than decode a sample, since running an op at import would
-# initialise TF before pipeline.py can hide the GPUs from it. (decode_image also detects JPEG XL,
-# but nothing here can write one to test it, so .jxl files are reported as skipped.)
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif") + (
-    (".webp",) if hasattr(tf.io, "decode_webp") else ()
-)
+IMAGE_EXTENSIONS = imaging.IMAGE_EXTENSIONS
+# Decoding threads: PIL and numpy release the GIL while they work.
+THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 # Config-level split -> (training folders, evaluation folders).
 FOLDER_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -67,20 +62,44 @@ class FolderListing:
     labels: tuple[int, ...]
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _isdir(path: str) -> bool:
+    return epath.Path(path).is_dir() if _remote(path) else os.path.isdir(path)
+
+
+def _listdir(path: str) -> list[str]:
+    return [p.name for p in epath.Path(path).iterdir()] if _remote(path) else os.listdir(path)
+
+
+def read_bytes(path: str) -> bytes:
+    """The contents of a local or remote file."""
+    if _remote(path):
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def stat(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a local or remote file."""
+    if _remote(path):
+        st = epath.Path(path).stat()
+        return int(st.length), int(st.mtime * 1_000_000_000)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def _subdirs(path: str) -> list[str]:
-    # gs:// listings end directory names with '/'; hidden folders (.ipynb_checkpoints, ...) are
-    # never classes.
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
-    return sorted(
-        name
-        for name in names
-        if not name.startswith(".") and tf.io.gfile.isdir(os.path.join(path, name))
-    )
+    # Hidden folders (.ipynb_checkpoints, ...) are never classes.
+    return sorted(name for name in _listdir(path)
+                  if not name.startswith(".") and _isdir(os.path.join(path, name)))
 
 
 def _kind(path: str) -> str:
     """What a skipped entry is, for the counts in messages: its extension, or a subfolder."""
-    if tf.io.gfile.isdir(path):
+    if _isdir(path):
         return _SUBFOLDER
     return os.path.splitext(path)[1].lower() or _NO_EXTENSION
 
@@ -88,7 +107,7 @@ def _kind(path: str) -> str:
 def _entries(class_dir: str) -> tuple[list[str], list[str]]:
     """(sorted image paths, sorted skipped paths) of a class folder; hidden names are left out."""
     images, skipped = [], []
-    for name in tf.io.gfile.listdir(class_dir):
+    for name in _listdir(class_dir):
         if name.startswith("."):
             continue
         path = os.path.join(class_dir, name.rstrip("/"))
@@ -108,7 +127,7 @@ def _readable() -> str:
 
 def _require_dir(root: str, name: str, why: str) -> str:
     path = os.path.join(root, name)
-    if not tf.io.gfile.isdir(path):
+    if not _isdir(path):
         raise ValueError(
             f"Image folder {root!r} has no {name}/ subfolder ({path}), which {why}. Expected "
             f"ROOT/{{train,val,test}}/CLASS/*{{{','.join(IMAGE_EXTENSIONS)}}}."
@@ -220,16 +239,17 @@ def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """
     files, skipped = [], []
     for path in inputs:
-        if tf.io.gfile.isdir(path):
+        if _isdir(path):
             found = []
-            for root, _, names in tf.io.gfile.walk(path):
+            for root, _, names in (epath.Path(path).walk() if _remote(path) else os.walk(path)):
+                root = str(root)
                 relative = os.path.relpath(root.rstrip("/"), path.rstrip("/"))
                 if any(part.startswith(".") for part in relative.split(os.sep) if part != "."):
                     continue
                 found += [os.path.join(root, n) for n in names if not n.startswith(".")]
             for full in sorted(found):
                 (files if full.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(full)
-        elif tf.io.gfile.exists(path):
+        elif epath.Path(path).exists():
             files.append(path)
         else:
             raise FileNotFoundError(f"No such image or folder: {path}")
@@ -271,26 +291,33 @@ def validate(root: str, split: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_image(path: tf.Tensor) -> tf.Tensor:
-    # The one decoder of this module: `dataset` reads with it and `check_decodable` tests with
-    # it, so a file that passes the check is one the pipeline can read.
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+def read_image(path: str) -> np.ndarray:
+    """Reads and decodes one image file to uint8 ``[H, W, 3]`` (`imaging.decode`).
+
+    The one decoder of this module: `dataset` reads with it and `check_decodable` tests with it,
+    so a file that passes the check is one the pipeline can read.
+
+    Raises:
+        imaging.DecodeError: The file does not decode (or cannot be read).
+    """
+    try:
+        encoded = read_bytes(path)
+    except OSError as e:
+        raise imaging.DecodeError(f"cannot read it: {e.strerror or e}") from e
+    return imaging.decode(encoded)
 
 
-def _reason(error: tf.errors.OpError) -> str:
-    """The decoder's own words, without TF's '{{function_node ...}}' and '[Op:...]' wrapping."""
-    message = re.sub(r"\{\{[^}]*\}\}", "", error.message)
-    message = re.sub(r"\s*\[Op:\w+\].*$", "", message, flags=re.S)
-    return message.strip().rstrip(".") or type(error).__name__
+def _failure(path: str) -> str | None:
+    """Why `path` does not decode, or None if it does."""
+    try:
+        read_image(path)
+    except imaging.DecodeError as e:
+        return str(e)
+    return None
 
 
 def find_undecodable(paths: Sequence[str], what: str = "images") -> list[tuple[str, str]]:
     """Decodes every file as `dataset` does; returns (path, reason) of those that fail.
-
-    A parallel tf.data pass finds the failures (a failing element is dropped, so the indices
-    that come out are the good files); only those are decoded again, eagerly, for the reason.
 
     Args:
         paths: Image files.
@@ -298,27 +325,13 @@ def find_undecodable(paths: Sequence[str], what: str = "images") -> list[tuple[s
     """
     if not paths:
         return []
-    indices = tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(paths), dtype=tf.int64), tf.constant(list(paths)))
-    )
-    # The shape depends on the decoded pixels, so the decode cannot be pruned from the graph.
-    decoded = indices.map(
-        lambda i, path: (i, tf.shape(_read_image(path))),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=False,
-    )
     progress = Progress(f"Checking that the {what} decode", len(paths), "images")
-    ok = np.zeros(len(paths), bool)
-    for batch, _ in decoded.ignore_errors().batch(256).as_numpy_iterator():
-        ok[batch] = True
-        progress.update(len(batch))
     bad = []
-    for i in np.flatnonzero(~ok):
-        try:
-            _read_image(tf.constant(paths[i]))
-        except tf.errors.OpError as e:
-            bad.append((paths[i], _reason(e)))
-        progress.update(1)
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        for path, reason in zip(paths, pool.map(_failure, paths), strict=True):
+            if reason is not None:
+                bad.append((path, reason))
+            progress.update(1)
     progress.done()
     return bad
 
@@ -344,12 +357,12 @@ def _fingerprint(paths: Sequence[str]) -> str | None:
     try:
         # Threads, since a gs:// stat is a request; os.stat-like calls release the GIL.
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            stats = list(pool.map(tf.io.gfile.stat, paths))
-    except tf.errors.OpError:
+            stats = list(pool.map(stat, paths))
+    except OSError:
         return None
     digest = hashlib.sha256()
-    for path, stat in zip(paths, stats, strict=True):
-        digest.update(f"{path}\0{stat.length}\0{stat.mtime_nsec}\n".encode())
+    for path, (size, mtime_ns) in zip(paths, stats, strict=True):
+        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -376,39 +389,28 @@ def check_decodable(root: str, paths: Sequence[str], remember: bool = True) -> N
         _DECODED.add(key)
 
 
-@contextlib.contextmanager
-def naming_undecodable(root: str, files: FolderListing) -> Iterator[None]:
-    """Turns a read or decode failure inside a `dataset` of `files` into an error naming files.
+def load(root: str, path: str) -> np.ndarray:
+    """`read_image`, with a failure raised as `undecodable_error` naming the file.
 
-    tf.data reports a failed decode as TF's bare "Invalid PNG data, size 536". On such an error
-    (only then: the happy path pays nothing) every file is checked again and a ValueError names
-    the bad ones; if all decode now, the original error stands. `validate` normally catches bad
-    files first; this covers a file that changed after it.
+    `validate` normally catches bad files first; this covers a file that changed after it.
     """
     try:
-        yield
-    except tf.errors.OpError as e:
-        bad = find_undecodable(files.paths, f"images in {root} after a read error")
-        if bad:
-            raise undecodable_error(root, bad) from e
-        raise
+        return read_image(path)
+    except imaging.DecodeError as e:
+        raise undecodable_error(root, [(path, str(e))]) from e
 
 
-def dataset(files: FolderListing, shard_index: int = 0, shard_count: int = 1) -> tf.data.Dataset:
-    """A dataset of ``{'image': uint8 [H, W, 3], 'label': int32}`` in listing order.
+def dataset(files: FolderListing, shard_index: int = 0,
+            shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Examples ``{'image': uint8 [H, W, 3], 'label': int32}`` in listing order.
 
     Args:
         files: The images to read.
         shard_index: Keep only examples ``shard_index, shard_index + shard_count, ...``.
         shard_count: Number of shards.
     """
-    ds = tf.data.Dataset.from_tensor_slices(
-        {"path": list(files.paths), "label": tf.constant(files.labels, tf.int32)}
-    )
-    # Shard the file names, not the images, so a host never reads files it drops.
-    ds = ds.shard(shard_count, shard_index)
-    return ds.map(
-        lambda ex: {"image": _read_image(ex["path"]), "label": ex["label"]},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    paths = files.paths[shard_index::shard_count]
+    labels = files.labels[shard_index::shard_count]
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        for image, label in zip(pool.map(read_image, paths), labels, strict=True):
+            yield {"image": image, "label": np.int32(label)}

@@ -1,4 +1,4 @@
-"""tf.data input pipelines for the VTAB-1k tasks and for image folders.
+"""Input pipelines for the VTAB-1k tasks and for image folders: numpy and PIL, no TensorFlow.
 
 Typical use in a training script::
 
@@ -11,12 +11,14 @@ Typical use in a training script::
 
 `split` is the config-level split: ``'val'`` trains on train800 and evaluates on val200,
 ``'test'`` trains on train800val200 and evaluates on test. `task` is a VTAB-1k task name (see
-`tasks.py`) read from TFDS in `data_dir`, or ``'folder'`` for an image-folder tree rooted at
-`data_dir` (see `folder.py`).
+`tasks.py`) read from a TFDS dataset prepared as ArrayRecord files in `data_dir`
+(`tfds.data_source`, random access without TensorFlow), or ``'folder'`` for an image-folder tree
+rooted at `data_dir` (see `folder.py`). Both decode their images with `imaging.decode`.
 
-Images are resized to ``image_size x image_size`` (bilinear, no crop, no augmentation), kept as
-`tf.image.resize`'s float result (``round_resized=False``, the VQT release) or rounded to uint8,
-and normalized to float32 NHWC. Batches are dicts of numpy arrays.
+Images are resized to ``image_size x image_size`` (`imaging.resize`: TF2's bilinear
+`tf.image.resize`, no crop, no augmentation), kept as its float result (``round_resized=False``,
+the VQT release) or rounded to uint8, and normalized to float32 NHWC. Batches are dicts of
+numpy arrays; examples are read and preprocessed on a pool of threads, a little ahead, in order.
 
 Training batches come in one of two `Batching` modes: ``'epoch'`` (the release's
 ``drop_last=False`` loader: every epoch is a fresh permutation cut into ``ceil(N / B)`` batches,
@@ -24,36 +26,31 @@ the last one partial, padded to B and masked) or ``'stream'`` (every batch full,
 epoch boundaries). Every training batch carries a ``'mask'`` (1 real, 0 padding).
 
 Multi-host: every host calls the same functions with its own `process_index`. The training
-stream gives each host its slice of every global batch; the evaluation stream gives each host a
-disjoint part of the split, padded so that all hosts run the same number of steps.
+stream gives each host its slice of every global batch; the evaluation stream gives each host
+examples ``h, h + P, ...`` of the split, padded so that all hosts run the same number of steps.
 
-TFDS datasets are never downloaded here: a dataset that is not prepared in `data_dir` raises
-`DatasetNotPreparedError` at once, saying what to run.
+TFDS datasets are never downloaded here: a dataset that is not prepared in `data_dir` (or only
+in the TFRecord format, which has no random access) raises `DatasetNotPreparedError` at once,
+saying what to run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import concurrent.futures
+import itertools
 import math
 import shlex
-from collections.abc import Iterator, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from vqt_jax import sampling
 from vqt_jax.data import folder as folder_lib
+from vqt_jax.data import imaging
 from vqt_jax.data import tasks as tasks_lib
-
-# The input pipeline runs on the host CPU; keep TensorFlow away from accelerator memory that
-# JAX needs. (A no-op with tensorflow-cpu; too late if TF already initialised its devices.)
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    pass
 
 FOLDER = "folder"
 # Config-level split -> (VTAB split to train on, VTAB split to evaluate on).
@@ -63,20 +60,24 @@ SPLITS: dict[str, tuple[str, str]] = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The extra that installs what preparing a TFDS dataset needs (TensorFlow included).
+PREPARE_EXTRA = "vqt_jax[prepare]"
 
 Subset = Literal["train", "eval"]
 Batching = Literal["epoch", "stream"]
 BATCHINGS = sampling.BATCHINGS
 Normalization = str | tuple[Sequence[float], Sequence[float]]
 Batch = dict[str, np.ndarray]
+Example = tuple[np.ndarray, int]  # uint8 [H, W, 3] image, label
 
 
 class DatasetNotPreparedError(ValueError):
-    """A TFDS dataset is not prepared in the data dir (this code never downloads)."""
+    """A TFDS dataset is not prepared (as ArrayRecord) in the data dir (this code never
+    downloads)."""
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: raw examples {'image': uint8 [H, W, 3], 'label': int32} in a fixed order.
+# Sources: `(N, read)` where read(i) is example i, in a fixed order.
 # --------------------------------------------------------------------------------------------
 
 
@@ -85,35 +86,17 @@ def _check_split(split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLITS)}.")
 
 
-def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "") -> str:
-    where = data_dir or "the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-    head = (
-        f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is not prepared in "
-        f"{where}; this code never downloads."
-    )
-    if cause:
-        # The builder itself could not be made, e.g. this TFDS only has other versions.
-        return (
-            f"{head} The installed tensorflow-datasets {tfds.__version__} cannot build it "
-            f"either: {cause}\nPrepare it with a tensorflow-datasets release that can, or copy "
-            "an already prepared copy (NAME[/CONFIG]/VERSION folder) into the data dir."
-        )
-    dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
-    lines = [
-        f"{head} Prepare it once, on a machine with internet access:",
-        f"  {prepare_command(task.tfds_name, data_dir)}",
-        # The CLI is the usual advice, but its tensorflow-datasets entry point imports
-        # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.
-        f"(The CLI `tfds build '{task.tfds_name}'{dir_flag}` does the same, but needs "
-        f"apache-beam installed in tensorflow-datasets {tfds.__version__}.)",
-    ]
-    if task.prepare_note:
-        lines.append(task.prepare_note)
-    return "\n".join(lines)
+def _tfds():  # noqa: ANN202 - the module.
+    """tensorflow_datasets, imported only for TFDS tasks (it does not need TensorFlow here)."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    return tfds
 
 
 def prepare_command(tfds_name: str, data_dir: str | None) -> str:
-    """A shell command that downloads and prepares a TFDS dataset with only tensorflow-datasets.
+    """A shell command that downloads and prepares a TFDS dataset as ArrayRecord files.
+
+    It needs tensorflow-datasets and TensorFlow: ``pip install 'vqt_jax[prepare]'``.
 
     Args:
         tfds_name: TFDS name with config and version pattern, e.g. ``'dtd:3.*.*'``.
@@ -122,7 +105,7 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
     code = (
         "import tensorflow_datasets as tfds; "
-        f"tfds.builder({tfds_name!r}{dir_arg}).download_and_prepare()"
+        f"tfds.builder({tfds_name!r}{dir_arg}, file_format='array_record').download_and_prepare()"
     )
     # Double quotes read best around Python's single-quoted strings; fall back to full shell
     # quoting when a path holds a character the shell would expand inside them.
@@ -131,8 +114,50 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     return f"python -c {shlex.quote(code)}"
 
 
-def _builder(task: tasks_lib.Task, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
+                  tfrecord_dir: str = "") -> str:
+    tfds = _tfds()
+    where = data_dir or "the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    head = (f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is not prepared in "
+            f"{where}; this code never downloads.")
+    if cause:
+        # The builder itself could not be made, e.g. this TFDS only has other versions.
+        return (
+            f"{head} The installed tensorflow-datasets {tfds.__version__} cannot build it "
+            f"either: {cause}\nPrepare it with a tensorflow-datasets release that can, as "
+            "ArrayRecord (file_format='array_record'), or copy an already prepared copy "
+            "(NAME[/CONFIG]/VERSION folder) into the data dir.")
+    dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
+    if tfrecord_dir:
+        head = (f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is prepared in "
+                f"{tfrecord_dir} as TFRecord files only, which cannot be read without "
+                "TensorFlow; this code reads ArrayRecord files (tfds.data_source).")
+        return "\n".join([
+            f"{head} Convert it once, with tensorflow-datasets and TensorFlow installed "
+            f"(pip install '{PREPARE_EXTRA}'):",
+            "  python -c \"from tensorflow_datasets.scripts.cli import convert_format_utils as c;"
+            f" c.convert_dataset(out_dir=None, out_file_format='array_record', "
+            f"dataset_version_dir=[{tfrecord_dir!r}])\"",
+            f"(or `tfds convert_format --dataset_version_dir={shlex.quote(tfrecord_dir)} "
+            "--out_file_format=array_record`), or delete that folder and prepare it again:",
+            f"  {prepare_command(task.tfds_name, data_dir)}"])
+    lines = [
+        f"{head} Prepare it once, as ArrayRecord files, on a machine with internet access and "
+        f"tensorflow-datasets with TensorFlow (pip install '{PREPARE_EXTRA}'):",
+        f"  {prepare_command(task.tfds_name, data_dir)}",
+        # The CLI is the usual advice, but its tensorflow-datasets entry point imports
+        # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.
+        f"(The CLI `tfds build '{task.tfds_name}'{dir_flag} --file_format=array_record` does "
+        f"the same, but needs apache-beam installed in tensorflow-datasets {tfds.__version__}.)",
+    ]
+    if task.prepare_note:
+        lines.append(task.prepare_note)
+    return "\n".join(lines)
+
+
+def _builder(task: tasks_lib.Task, data_dir: str | None) -> Any:
     """Opens a prepared TFDS dataset, or raises DatasetNotPreparedError without waiting."""
+    tfds = _tfds()
     try:
         # try_gcs=False: never look for the data on GCS (hangs for minutes without network).
         builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
@@ -150,71 +175,57 @@ def _tfds_split(task: tasks_lib.Task, split: str, subset: Subset) -> str:
     return task.tfds_split(train_split if subset == "train" else eval_split)
 
 
-def _source(
-    task: str,
-    data_dir: str | None,
-    split: str,
-    subset: Subset,
-    shard_index: int = 0,
-    shard_count: int = 1,
-) -> tuple[tf.data.Dataset, int, folder_lib.FolderListing | None]:
-    """Returns (examples of this shard, number of examples in all shards, the image files of a
-    folder task or None)."""
+def _data_source(builder: Any, task: tasks_lib.Task, data_dir: str | None,
+                 tfds_split: str) -> Sequence[dict[str, Any]]:
+    """Random access to a split's examples, images still encoded."""
+    try:
+        return builder.as_data_source(tfds_split,
+                                      decoders={"image": _tfds().decode.SkipDecoding()})
+    except NotImplementedError as e:  # Prepared as TFRecord only: no random access.
+        raise DatasetNotPreparedError(
+            _not_prepared(task, data_dir, tfrecord_dir=str(builder.data_dir))) from e
+
+
+def _source(task: str, data_dir: str | None, split: str,
+            subset: Subset) -> tuple[int, Callable[[int], Example]]:
+    """(number of examples, read) of one side of a split: read(i) is example i, decoded."""
     _check_split(split)
     if task == FOLDER:
         if not data_dir:
             raise ValueError("task='folder' needs data_dir: the root of the image folders.")
         files = folder_lib.listing(data_dir, split, subset)
-        return folder_lib.dataset(files, shard_index, shard_count), len(files.paths), files
-
+        return len(files.paths), lambda i: (folder_lib.load(data_dir, files.paths[i]),
+                                            files.labels[i])
     spec = tasks_lib.get_task(task)
     tfds_split = _tfds_split(spec, split, subset)
     builder = _builder(spec, data_dir)
-    ds = builder.as_dataset(
-        split=tfds_split,
-        shuffle_files=False,
-        # Read the files one after the other, so examples come in split order (train800 then
-        # val200) whatever TFDS's default interleaving is.
-        read_config=tfds.ReadConfig(interleave_cycle_length=1),
-    )
-    num_examples = _count(ds)
-    # Sharding after TFDS decodes means every host decodes the whole split; VTAB evaluation
-    # sets are small enough that this simplicity is worth it.
-    ds = ds.shard(shard_count, shard_index)
-    ds = ds.map(spec.convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds, num_examples, None
+    source = _data_source(builder, spec, data_dir, tfds_split)
+    channels = builder.info.features["image"].shape[-1]
+
+    def read(i: int) -> Example:
+        example = dict(source[i])
+        example["image"] = imaging.decode(example["image"], channels)
+        out = spec.convert(example)
+        return out["image"], int(out["label"])
+
+    return len(source), read
 
 
-def _naming_bad_files(
-    data_dir: str | None, files: folder_lib.FolderListing | None
-) -> contextlib.AbstractContextManager[None]:
-    """For a folder task, turns a decode failure while reading into an error naming the file."""
-    if files is None or data_dir is None:
-        return contextlib.nullcontext()
-    return folder_lib.naming_undecodable(data_dir, files)
-
-
-def _named_errors(
-    batches: Iterator[Batch], data_dir: str | None, files: folder_lib.FolderListing | None
-) -> Iterator[Batch]:
-    """`batches`, with a folder file that fails to decode named in the error (see above)."""
-    with _naming_bad_files(data_dir, files):
-        yield from batches
-
-
-def _count(ds: tf.data.Dataset) -> int:
-    cardinality = int(ds.cardinality())
-    if cardinality >= 0:
-        return cardinality
-    # TFDS normally knows the size of a split; count by reading only if it does not.
-    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+def _ordered(fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """fn(item) for each item, in order, computed on threads up to `ahead` items in advance."""
+    with concurrent.futures.ThreadPoolExecutor(folder_lib.THREADS) as pool:
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # --------------------------------------------------------------------------------------------
 # Preprocessing.
 # --------------------------------------------------------------------------------------------
-
-
 def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in uint8 pixel units (0..255)."""
     if isinstance(normalization, str):
@@ -241,19 +252,19 @@ def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255
 
 
-def normalize(images: tf.Tensor, normalization: Normalization = "inception") -> tf.Tensor:
+def normalize(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
     """Maps images in pixel units to float32: ``(x / 255 - mean) / std`` per channel.
 
     Args:
-        images: uint8 (or float, in [0, 255]) tensor ``[..., 3]``.
+        images: uint8 (or float, in [0, 255]) array ``[..., 3]``.
         normalization: ``'inception'`` (to [-1, 1]), ``'imagenet'`` (ImageNet mean/std), or
             a ``(mean, std)`` pair of 3-tuples in [0, 1] units.
 
     Returns:
-        float32 tensor of the same shape.
+        float32 array of the same shape.
     """
     mean, std = _mean_std(normalization)
-    return (tf.cast(images, tf.float32) - mean) / std
+    return (np.asarray(images, np.float32) - mean) / std
 
 
 def as_normalization(value: str | Sequence[Sequence[float]]) -> Normalization:
@@ -266,26 +277,18 @@ def as_normalization(value: str | Sequence[Sequence[float]]) -> Normalization:
 
 
 def normalize_array(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
-    """`normalize` on a numpy batch (the same computation, for the same floats)."""
-    return normalize(tf.convert_to_tensor(images), normalization).numpy()
+    """`normalize` (kept for its callers: the same function)."""
+    return normalize(images, normalization)
 
 
-def resize(image: tf.Tensor, image_size: int, round_resized: bool = True) -> tf.Tensor:
-    """Bilinear resize of one uint8 image to ``[image_size, image_size, 3]``, no crop.
-
-    With `round_resized` the result is rounded back to uint8 (a quarter of the memory for
-    the in-memory training set); otherwise it is `tf.image.resize`'s float32 result as is, as
-    the VQT release feeds it (`src/data/datasets/tf_dataset.py`). Training, caching and
-    evaluation all go through the same function, so they see identical pixels.
-    """
-    resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    if not round_resized:
-        return resized
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np.ndarray:
+    """Bilinear resize of one image to ``[image_size, image_size, 3]``, no crop: see
+    `imaging.resize` (``tf.image.resize``'s float result, or rounded to uint8)."""
+    return imaging.resize(image, image_size, round_resized)
 
 
-def eval_image(image: tf.Tensor, image_size: int, normalization: Normalization,
-               round_resized: bool) -> tf.Tensor:
+def eval_image(image: np.ndarray, image_size: int, normalization: Normalization,
+               round_resized: bool) -> np.ndarray:
     """One decoded uint8 image as evaluation (and prediction) feeds it: resized, normalised."""
     return normalize(resize(image, image_size, round_resized), normalization)
 
@@ -296,15 +299,17 @@ def file_batches(paths: Sequence[str], *, batch_size: int, image_size: int,
     """(paths, float32 images [n <= batch_size, S, S, 3]) of image files, in order, decoded as
     an image folder's are and preprocessed as evaluation does (`eval_image`). Every file must
     decode (`folder.find_undecodable` names those that do not)."""
-    _mean_std(normalization)  # Fail here, not inside tf.data.
-    listing = folder_lib.FolderListing(tuple(paths), (0,) * len(paths))
-    ds = folder_lib.dataset(listing).map(
-        lambda ex: eval_image(ex["image"], image_size, normalization, round_resized),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    start = 0
-    for images in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-        yield list(paths[start:start + len(images)]), images
-        start += len(images)
+    _mean_std(normalization)  # Fail here, not in a worker.
+    paths = list(paths)
+
+    def prepare(path: str) -> np.ndarray:
+        image = folder_lib.load(path.rpartition("/")[0] or ".", path)
+        return eval_image(image, image_size, normalization, round_resized)
+
+    images = _ordered(prepare, paths, 2 * batch_size)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        yield chunk, np.stack(list(itertools.islice(images, len(chunk))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,26 +337,18 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     return global_batch_size // process_count
 
 
-def _resized(ds: tf.data.Dataset, image_size: int, round_resized: bool) -> tf.data.Dataset:
-    return ds.map(
-        lambda ex: {"image": resize(ex["image"], image_size, round_resized),
-                    "label": ex["label"]},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+def _load_arrays(num_examples: int, read: Callable[[int], Example], image_size: int,
+                 round_resized: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Reads examples 0..N-1, resized, into memory: images (uint8 or float32), int32 labels."""
+    def prepare(i: int) -> Example:
+        image, label = read(i)
+        return resize(image, image_size, round_resized), label
 
-
-def _load_arrays(ds: tf.data.Dataset, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a (resized) dataset into memory as images (uint8 or float32) and int32 labels."""
-    images, labels = [], []
-    for batch in ds.batch(256).as_numpy_iterator():
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
-    labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
-    if len(labels) != num_examples:
-        raise ValueError(f"Expected {num_examples} training examples, read {len(labels)}.")
-    return images, labels
+    examples = list(_ordered(prepare, range(num_examples), 4 * folder_lib.THREADS))
+    dtype = np.uint8 if round_resized else np.float32
+    images = (np.stack([x for x, _ in examples]) if examples
+              else np.zeros((0, image_size, image_size, 3), dtype))
+    return images, np.asarray([y for _, y in examples], np.int32)
 
 
 def _check_batching(batching: str) -> None:
@@ -399,7 +396,7 @@ def train_dataset(
     process_count: int = 1,
     normalization: Normalization = "inception",
     batching: Batching = "stream",
-) -> tf.data.Dataset:
+) -> Iterator[Batch]:
     """The infinite, shuffled training stream over in-memory examples, for one host.
 
     Every epoch is a fresh permutation of all examples chosen by ``(seed, epoch)``, as
@@ -408,6 +405,7 @@ def train_dataset(
     slices make up exactly the single-host batch. With 'stream' batching every batch is full
     and may straddle an epoch boundary; with 'epoch' batching each epoch is ``ceil(N / B)``
     batches, its last one padded (``mask`` 0). Starting at `start_step` costs one permutation.
+    Arguments are checked at the call; batches are made on threads, two ahead.
 
     Args:
         images: uint8 (or float32 pixel values) ``[N, H, W, 3]``, already resized.
@@ -421,7 +419,7 @@ def train_dataset(
         batching: 'epoch' or 'stream' (see above).
 
     Returns:
-        A dataset of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P],
+        An endless iterator of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P],
         'mask': float32 [B / P]}``.
     """
     _check_batching(batching)
@@ -432,33 +430,21 @@ def train_dataset(
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    # Captured eager tensors are handed to the tf.data function by reference (a numpy array
-    # would be embedded in the graph as a constant).
-    images_t = tf.convert_to_tensor(images)
-    labels_t = tf.convert_to_tensor(labels, tf.int32)
-    _mean_std(normalization)  # Fail here, not inside tf.data.
+    labels = np.asarray(labels, np.int32)
+    _mean_std(normalization)  # Fail here, not in a worker.
 
-    def indices() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        step = start_step
-        while True:
-            yield sampling.host_batch_indices(step, num_examples,
-                                              global_batch_size=global_batch_size, seed=seed,
-                                              rows=rows, batching=batching)
-            step += 1
+    def batch(step: int) -> Batch:
+        index, mask = sampling.host_batch_indices(
+            step, num_examples, global_batch_size=global_batch_size, seed=seed, rows=rows,
+            batching=batching)
+        return {"image": normalize(images[index], normalization), "label": labels[index],
+                "mask": np.asarray(mask, np.float32)}
 
-    ds = tf.data.Dataset.from_generator(indices, output_signature=(
-        tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch], tf.float32)))
-    ds = ds.map(
-        lambda index, mask: {"image": normalize(tf.gather(images_t, index), normalization),
-                             "label": tf.gather(labels_t, index), "mask": mask},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return ds.prefetch(2)
+    return _ordered(batch, itertools.count(start_step), 2)
 
 
 def eval_dataset(
-    examples: tf.data.Dataset,
+    examples: Iterable[dict[str, Any]],
     num_examples: int,
     *,
     global_batch_size: int,
@@ -468,16 +454,17 @@ def eval_dataset(
     local_device_count: int | None = None,
     normalization: Normalization = "inception",
     round_resized: bool = True,
-) -> tf.data.Dataset:
+) -> Iterator[Batch]:
     """The finite, padded evaluation stream of one host.
 
-    Host ``h`` gets examples ``h, h + P, h + 2P, ...`` of `examples` (pass the unsharded
-    dataset), then padding, so that every host yields the same number of full batches:
+    Host ``h`` gets examples ``h, h + P, h + 2P, ...`` of `examples` (pass them all), then
+    padding, so that every host yields the same number of full batches:
     ``ceil(ceil(N / P) / (B / P))``. Padding examples have ``mask == 0``, real ones 1, so the
     masked sum over all batches of all hosts counts every example exactly once.
 
     Args:
-        examples: All examples ``{'image': uint8 [H, W, 3], 'label': int}`` in a fixed order.
+        examples: All examples ``{'image': uint8 [H, W, 3], 'label': int}`` in a fixed order
+            (a sequence, e.g. a data source, or any iterable).
         num_examples: Number of examples in `examples` (N).
         global_batch_size: Batch size over all hosts (B); divisible by `process_count` (P).
         image_size: Output height and width.
@@ -489,25 +476,20 @@ def eval_dataset(
         round_resized: See `resize`.
 
     Returns:
-        A dataset of ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P],
+        An iterator of ``{'image': float32 [B / P, S, S, 3], 'label': int32 [B / P],
         'mask': float32 [B / P]}``.
     """
-    _local_batch_size(global_batch_size, process_index, process_count)  # Before shard().
-    return _eval_batches(
-        examples.shard(process_count, process_index),
-        num_examples,
-        global_batch_size=global_batch_size,
-        image_size=image_size,
-        process_index=process_index,
-        process_count=process_count,
-        local_device_count=local_device_count,
-        normalization=normalization,
-        round_resized=round_resized,
-    )
+    local = itertools.islice(examples, process_index, None, process_count)
+    return _eval_batches(local, lambda ex: (ex["image"], ex["label"]), num_examples,
+                         global_batch_size=global_batch_size, image_size=image_size,
+                         process_index=process_index, process_count=process_count,
+                         local_device_count=local_device_count, normalization=normalization,
+                         round_resized=round_resized)
 
 
 def _eval_batches(
-    local_examples: tf.data.Dataset,
+    local_items: Iterable[Any],
+    read: Callable[[Any], Example],
     num_examples: int,
     *,
     global_batch_size: int,
@@ -517,8 +499,8 @@ def _eval_batches(
     local_device_count: int | None,
     normalization: Normalization,
     round_resized: bool,
-) -> tf.data.Dataset:
-    """`eval_dataset` for examples already sharded to this host (strided, as `Dataset.shard`)."""
+) -> Iterator[Batch]:
+    """`eval_dataset` over this host's items (examples h, h + P, ...), each read by `read`."""
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     if local_device_count is not None and local_batch % local_device_count:
         raise ValueError(
@@ -529,22 +511,24 @@ def _eval_batches(
     # Host h holds examples h, h + P, ...: one more than N // P for the first N % P hosts.
     local_count = num_examples // process_count + int(process_index < num_examples % process_count)
     num_steps = math.ceil(math.ceil(num_examples / process_count) / local_batch)
-    _mean_std(normalization)  # Fail here, not inside tf.data.
+    _mean_std(normalization)  # Fail here, not in a worker.
 
-    def prepare(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = eval_image(ex["image"], image_size, normalization, round_resized)
-        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": 1.0}
+    def prepare(item: Any) -> Example:
+        image, label = read(item)
+        return eval_image(image, image_size, normalization, round_resized), label
 
-    ds = local_examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([image_size, image_size, 3], tf.float32),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(0.0, tf.float32),
-        }
-    ).repeat(num_steps * local_batch - local_count)
-    ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-    return ds.prefetch(2)
+    def batches() -> Iterator[Batch]:
+        examples = _ordered(prepare, itertools.islice(local_items, local_count), 2 * local_batch)
+        zero = np.zeros((image_size, image_size, 3), np.float32)
+        for _ in range(num_steps):
+            real = list(itertools.islice(examples, local_batch))
+            pad = local_batch - len(real)
+            images = [x for x, _ in real] + [zero] * pad
+            yield {"image": np.stack(images).astype(np.float32, copy=False),
+                   "label": np.asarray([y for _, y in real] + [0] * pad, np.int32),
+                   "mask": np.asarray([1.0] * len(real) + [0.0] * pad, np.float32)}
+
+    return batches()
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,11 +540,11 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
     """Checks, before any compilation, that the data of a run can be read.
 
     Checks that the task is known and the split is ``'val'`` or ``'test'``; for a VTAB task,
-    that its TFDS dataset is prepared in `data_dir` and has the VTAB-1k splits (reads no
-    images); for ``task='folder'``, that the folders the split needs exist, hold images, and
-    have no class that ``train/`` lacks, and that every image of both the training and the
-    evaluation side decodes (so a broken test image fails now, not after training; a set of
-    files that passed is not checked again in the same process).
+    that its TFDS dataset is prepared in `data_dir` as ArrayRecord files and has the VTAB-1k
+    splits (reads no images); for ``task='folder'``, that the folders the split needs exist,
+    hold images, and have no class that ``train/`` lacks, and that every image of both the
+    training and the evaluation side decodes (so a broken test image fails now, not after
+    training; a set of files that passed is not checked again in the same process).
 
     Args:
         task: VTAB-1k task name, or ``'folder'``.
@@ -580,8 +564,8 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
         return
     spec = tasks_lib.get_task(task)
     builder = _builder(spec, data_dir)
-    for subset in ("train", "eval"):
-        tfds_split = _tfds_split(spec, split, subset)
+    tfds_splits = [_tfds_split(spec, split, subset) for subset in ("train", "eval")]
+    for tfds_split in tfds_splits:
         try:
             builder.info.splits[tfds_split]
         except (KeyError, ValueError) as e:
@@ -589,6 +573,8 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
                 f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} cannot provide split "
                 f"{tfds_split!r} of VTAB-1k task {task!r}: {e}"
             ) from e
+    for tfds_split in tfds_splits:
+        _data_source(builder, spec, data_dir, tfds_split)  # ArrayRecord files, not TFRecord.
 
 
 def get_num_classes(task: str, data_dir: str | None = None) -> int:
@@ -630,7 +616,7 @@ def get_num_examples(
     """Number of training (`subset='train'`) or evaluation (`'eval'`) examples of a split."""
     if subset not in ("train", "eval"):
         raise ValueError(f"subset must be 'train' or 'eval', got {subset!r}.")
-    return _source(task, data_dir, split, subset)[1]
+    return _source(task, data_dir, split, subset)[0]
 
 
 def load_train_examples(
@@ -642,9 +628,8 @@ def load_train_examples(
 
     Example i here is example i of `make_train_iterator`'s shuffle (see `train_indices`).
     """
-    examples, num_examples, files = _source(task, data_dir, split, "train")
-    with _naming_bad_files(data_dir, files):
-        return _load_arrays(_resized(examples, image_size, round_resized), num_examples)
+    num_examples, read = _source(task, data_dir, split, "train")
+    return _load_arrays(num_examples, read, image_size, round_resized)
 
 
 def make_train_iterator(
@@ -694,7 +679,7 @@ def make_train_iterator(
         global_batch_size, process_index, process_count
     )  # Fail before reading any data.
     images, labels = load_train_examples(task, data_dir, split, image_size, round_resized)
-    ds = train_dataset(
+    return train_dataset(
         images,
         labels,
         global_batch_size=global_batch_size,
@@ -705,7 +690,6 @@ def make_train_iterator(
         normalization=normalization,
         batching=batching,
     )
-    return ds.as_numpy_iterator()
 
 
 def make_eval_iterator(
@@ -744,11 +728,10 @@ def make_eval_iterator(
     """
     process_index, process_count = _processes(process_index, process_count)
     _local_batch_size(global_batch_size, process_index, process_count)
-    local_examples, num_examples, files = _source(
-        task, data_dir, split, "eval", shard_index=process_index, shard_count=process_count
-    )
-    ds = _eval_batches(
-        local_examples,
+    num_examples, read = _source(task, data_dir, split, "eval")
+    return _eval_batches(
+        range(process_index, num_examples, process_count),
+        read,
         num_examples,
         global_batch_size=global_batch_size,
         image_size=image_size,
@@ -758,4 +741,3 @@ def make_eval_iterator(
         normalization=normalization,
         round_resized=round_resized,
     )
-    return _named_errors(ds.as_numpy_iterator(), data_dir, files)

@@ -5,8 +5,8 @@ follow the standard VTAB-1k definitions of google-research/task_adaptation (also
 and VQT): train800 is the first 800 training examples, val200 a fixed 200-example slice, and
 train800val200 the two together, train800 first.
 
-A conversion maps one raw TFDS example to ``{'image': uint8 [H, W, 3], 'label': int32 []}`` with
-TensorFlow ops, so it can run inside `tf.data.Dataset.map`.
+A conversion maps one raw TFDS example (numpy, image decoded) to ``{'image': uint8 [H, W, 3],
+'label': int32 []}``.
 """
 
 from __future__ import annotations
@@ -15,46 +15,47 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-import tensorflow as tf
+import numpy as np
 
-Example = Mapping[str, tf.Tensor]
-Converter = Callable[[Example], dict[str, tf.Tensor]]
+Example = Mapping[str, np.ndarray]
+Converter = Callable[[Example], dict[str, np.ndarray]]
 Group = Literal["natural", "specialized", "structured"]
 
 # The four VTAB-1k split names every task defines.
 SPLIT_NAMES = ("train800", "val200", "train800val200", "test")
 
 
-def image_and_label(example: Example) -> dict[str, tf.Tensor]:
+def _out(image: np.ndarray, label: float) -> dict[str, np.ndarray]:
+    return {"image": np.asarray(image), "label": np.int32(label)}
+
+
+def image_and_label(example: Example) -> dict[str, np.ndarray]:
     """Conversion for the tasks whose TFDS `label` is already the class."""
-    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+    return _out(example["image"], example["label"])
 
 
-def _bin_index(value: tf.Tensor, edges: Sequence[float]) -> tf.Tensor:
+def _bin_index(value: float, edges: Sequence[float]) -> int:
     """Index of the bin ``(edges[i], edges[i + 1]]`` that holds `value`.
 
     Same as task_adaptation's ``max(where(edges - value < 0))``: the last edge strictly below the
     value. Values at or below the first edge give -1 (task_adaptation's edges are chosen so that
     real data never does).
     """
-    edges = tf.constant(edges, tf.float32)
-    below = tf.cast(edges < tf.cast(value, tf.float32), tf.int32)
-    return tf.reduce_sum(below) - 1
+    return int(np.sum(np.asarray(edges, np.float32) < np.float32(value))) - 1
 
 
-def _clevr_count(example: Example) -> dict[str, tf.Tensor]:
+def _clevr_count(example: Example) -> dict[str, np.ndarray]:
     # CLEVR scenes hold 3 to 10 objects: 8 classes.
-    num_objects = tf.size(example["objects"]["size"])
-    return {"image": example["image"], "label": tf.cast(num_objects - 3, tf.int32)}
+    return _out(example["image"], np.size(example["objects"]["size"]) - 3)
 
 
 # Depth (pixel_coords[:, 2]) of the closest object; the edges give roughly balanced classes.
 _CLEVR_DISTANCE_EDGES = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
 
 
-def _clevr_distance(example: Example) -> dict[str, tf.Tensor]:
-    depth = tf.reduce_min(example["objects"]["pixel_coords"][:, 2])
-    return {"image": example["image"], "label": _bin_index(depth, _CLEVR_DISTANCE_EDGES)}
+def _clevr_distance(example: Example) -> dict[str, np.ndarray]:
+    depth = np.min(np.asarray(example["objects"]["pixel_coords"])[:, 2])
+    return _out(example["image"], _bin_index(depth, _CLEVR_DISTANCE_EDGES))
 
 
 # KITTI object types 0, 1, 2 are Car, Van, Truck: the "vehicles" of closest_vehicle_distance.
@@ -64,35 +65,31 @@ _KITTI_NO_VEHICLE_DISTANCE = 1000.0
 _KITTI_DISTANCE_EDGES = (-100.0, 8.0, 20.0, 999.0)
 
 
-def _kitti_distance(example: Example) -> dict[str, tf.Tensor]:
+def _kitti_distance(example: Example) -> dict[str, np.ndarray]:
     objects = example["objects"]
-    is_vehicle = objects["type"] < _KITTI_NUM_VEHICLE_TYPES
+    is_vehicle = np.asarray(objects["type"]) < _KITTI_NUM_VEHICLE_TYPES
     # location is (x, y, z) in camera coordinates, meters; z is the distance ahead.
-    vehicle_z = tf.boolean_mask(objects["location"][:, 2], is_vehicle)
-    vehicle_z = tf.concat([vehicle_z, [_KITTI_NO_VEHICLE_DISTANCE]], axis=0)
-    distance = tf.reduce_min(vehicle_z)
-    return {"image": example["image"], "label": _bin_index(distance, _KITTI_DISTANCE_EDGES)}
+    vehicle_z = np.asarray(objects["location"], np.float32).reshape(-1, 3)[is_vehicle, 2]
+    distance = np.min(np.append(vehicle_z, np.float32(_KITTI_NO_VEHICLE_DISTANCE)))
+    return _out(example["image"], _bin_index(distance, _KITTI_DISTANCE_EDGES))
 
 
 def _dsprites(attribute: str, num_values: int, num_classes: int) -> Converter:
     """dSprites: group `num_values` neighbouring attribute values into `num_classes` classes."""
-    factor = num_values / num_classes
+    factor = np.float32(num_values / num_classes)
 
-    def convert(example: Example) -> dict[str, tf.Tensor]:
+    def convert(example: Example) -> dict[str, np.ndarray]:
         # The images are single-channel 0/1 masks; make them RGB in [0, 255] like every other task.
-        image = tf.tile(example["image"], [1, 1, 3]) * 255
-        value = tf.cast(example[attribute], tf.float32)
-        label = tf.cast(tf.math.floordiv(value, factor), tf.int32)
-        return {"image": image, "label": label}
+        image = np.tile(np.asarray(example["image"], np.uint8), (1, 1, 3)) * np.uint8(255)
+        return _out(image, np.floor_divide(np.float32(example[attribute]), factor))
 
     return convert
 
 
 def _smallnorb(attribute: str) -> Converter:
-    def convert(example: Example) -> dict[str, tf.Tensor]:
+    def convert(example: Example) -> dict[str, np.ndarray]:
         # Grayscale 96x96; tile to RGB so the model input has 3 channels.
-        image = tf.tile(example["image"], [1, 1, 3])
-        return {"image": image, "label": tf.cast(example[attribute], tf.int32)}
+        return _out(np.tile(example["image"], (1, 1, 3)), example[attribute])
 
     return convert
 

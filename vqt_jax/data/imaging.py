@@ -1,0 +1,90 @@
+"""Image decoding (PIL) and bilinear resizing (numpy), without TensorFlow.
+
+`decode` reads every format of an image folder (PNG, JPEG, BMP, GIF: its first frame, WebP)
+to uint8 RGB as TensorFlow's ``tf.io.decode_image(..., channels=3, expand_animations=False)``
+did. JPEG: TensorFlow decodes with libjpeg's fast integer IDCT and smooth ("fancy") chroma
+upsampling. PIL offers the fast IDCT only together with plain upsampling, so a JPEG without
+chroma subsampling (gray or 4:4:4) decodes with it, to TensorFlow's pixels exactly, and a
+subsampled one (4:2:0, 4:2:2) with PIL's accurate IDCT and smooth upsampling: TensorFlow's
+upsampling, and an IDCT that rounds a few levels differently on some pixels.
+
+`resize` is ``tf.image.resize(method='bilinear')`` of TF2 (half-pixel centres, no antialias)
+in float32, with TensorFlow's operation order, and its uint8 rounding (half to even).
+
+`IMPLEMENTATION` names this decoder and resize; caches of preprocessed images carry it in their
+key (`content.py`), so a cache made by another implementation is never reused silently.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from PIL import Image, JpegImagePlugin
+
+IMPLEMENTATION = "pil-decode+numpy-bilinear-1"
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class DecodeError(ValueError):
+    """An image that does not decode; the message is the decoder's reason."""
+
+
+def _reason(error: Exception, fmt: str | None) -> str:
+    """'Invalid PNG data: image file is truncated': the format and PIL's words, without its
+    parenthesised details (byte counts, object reprs)."""
+    message = re.sub(r"\s*(\([^)]*\)|<[^>]*>|'<[^>]*>')", "", str(error)).strip().rstrip(".")
+    return f"Invalid {fmt or 'image'} data: {message or type(error).__name__}"
+
+
+def decode(encoded: bytes, channels: int = 3) -> np.ndarray:
+    """Decodes an encoded image to uint8 ``[H, W, channels]`` (`channels` 3: RGB, 1: gray).
+
+    Alpha is dropped, palettes expanded, gray replicated to RGB; 16-bit images keep their
+    high byte. An animated GIF or WebP gives its first frame.
+
+    Raises:
+        DecodeError: The data is not a complete image of a format PIL reads.
+    """
+    fmt = None
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            fmt = image.format
+            if fmt == "JPEG" and (image.mode == "L" or JpegImagePlugin.get_sampling(image) == 0):
+                image.decoderconfig = (1, 1)  # (scale, draft): libjpeg's fast integer IDCT.
+            if image.mode.startswith("I;16"):
+                gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)[..., None]
+                return np.repeat(gray, channels, axis=-1)
+            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file does not decode.
+        raise DecodeError(_reason(e, fmt)) from e
+    return pixels.reshape(*pixels.shape[:2], channels)
+
+
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TensorFlow's bilinear taps: lower and upper source index and the float32 weight."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(source)
+    lower = np.maximum(floor.astype(np.int64), 0)
+    upper = np.minimum(np.ceil(source).astype(np.int64), in_size - 1)
+    return lower, upper, (source - floor).astype(np.float32)
+
+
+def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np.ndarray:
+    """Bilinear resize of one image ``[H, W, C]`` to ``[image_size, image_size, C]``, no crop.
+
+    With `round_resized` the result is rounded (half to even) and clipped back to uint8 (a
+    quarter of the memory for the in-memory training set); otherwise it is the float32 result
+    as is, as the VQT release feeds it. Training, caching and evaluation all go through this
+    function, so they see identical pixels.
+    """
+    pixels = np.asarray(image, np.float32)
+    lower, upper, weight = _taps(pixels.shape[1], image_size)
+    rows = pixels[:, lower] + (pixels[:, upper] - pixels[:, lower]) * weight[:, None]
+    lower, upper, weight = _taps(pixels.shape[0], image_size)
+    out = rows[lower] + (rows[upper] - rows[lower]) * weight[:, None, None]
+    if not round_resized:
+        return out
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
