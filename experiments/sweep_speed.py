@@ -273,7 +273,7 @@ def measure(name: str, epochs: int, workdir: str,
     first, images = _in_fresh_process(timed_forward, name, epochs, workdir)
     results = {}
     for mode in modes:
-        out[f"{mode}_s"], results[mode] = _in_fresh_process(
+        out[f"{mode}_s"], results[mode], out[f"{mode}_profile"] = _in_fresh_process(
             timed_sweep, name, epochs, workdir, mode)
     last, _ = _in_fresh_process(timed_forward, name, epochs, workdir)
     forward_s = min(first, last)
@@ -316,16 +316,55 @@ def timed_forward(name: str, epochs: int, root: str) -> tuple[float, int]:
     return forward_pass_seconds(*_setup(name, epochs, root))
 
 
-def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, sweep_lib.TaskResult]:
-    """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`; its
-    caches are removed afterwards (their pages would crowd the next protocol's out of the
-    host's memory)."""
+# Where a protocol's time goes: its phases by the first words of their progress lines.
+PHASES = (("Caching", "cache_build"), ("Training", "training"), ("Compression", "compression"),
+          ("Evaluat", "evaluation"))
+# JAX's events for tracing, lowering and compiling a program.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def _profiling() -> dict[str, float]:
+    """Starts collecting this process's profile: seconds per phase (`PHASES`: the phases'
+    progress spans, `vqt_jax.progress.Progress`), and `compile` (JAX's compile events;
+    a program compiled inside a phase's span counts in both)."""
+    import jax  # noqa: PLC0415
+
+    from vqt_jax import progress  # noqa: PLC0415
+
+    profile = dict.fromkeys([name for _, name in PHASES] + ["compile"], 0.0)
+
+    def on_event(event: str, seconds: float, **_) -> None:
+        if event in COMPILE_EVENTS:
+            profile["compile"] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    done = progress.Progress.done
+
+    def timed_done(self) -> float:
+        seconds = done(self)
+        for prefix, name in PHASES:
+            if self.what.startswith(prefix):
+                profile[name] += seconds
+        return seconds
+
+    progress.Progress.done = timed_done
+    return profile
+
+
+def timed_sweep(name: str, epochs: int, root: str,
+                mode: str) -> tuple[float, sweep_lib.TaskResult, dict[str, float]]:
+    """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`, and its
+    profile (`_profiling`; `other`: the rest of the time); its caches are removed afterwards
+    (their pages would crowd the next protocol's out of the host's memory)."""
     config_fn, overrides = _setup(name, epochs, root)
     program, extra = MODES[mode]
     directory = os.path.join(root, name, mode)
     # Its own cache directory: the default ($VQT_JAX_CACHE/features) is shared by contents,
     # so the next protocol would reuse this one's cache instead of paying its own build.
     cache_dir = os.path.join(directory, TASK, "cache")
+    profile = _profiling()
     start = time.perf_counter()
     result = sweep_lib.run_sweep(
         [TASK], directory, base_config_fn=config_fn, method="vqt", num_seeds=SEEDS,
@@ -333,7 +372,8 @@ def timed_sweep(name: str, epochs: int, root: str, mode: str) -> tuple[float, sw
         task_groups={TASK: sweep_lib.FOLDER_GROUP}, program=program)[0]
     seconds = round(time.perf_counter() - start, 1)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    return seconds, result
+    profile["other"] = seconds - sum(v for k, v in profile.items() if k != "compile")
+    return seconds, result, {k: round(v, 1) for k, v in profile.items()}
 
 
 def _in_fresh_process(fn: Callable, *args: Any) -> Any:

@@ -55,7 +55,7 @@ def test_the_faster_of_the_forward_passes_before_and_after_the_protocols_counts(
             return forwards.pop(0), 27
         if fn is sweep_speed.timed_matmuls:
             return 150.0
-        return {"sequential": 40.0, "one": 8.0}[args[-1]], result
+        return {"sequential": 40.0, "one": 8.0}[args[-1]], result, {"training": 1.0}
 
     monkeypatch.setattr(sweep_speed, "_in_fresh_process", in_fresh_process)
     monkeypatch.setattr(sweep_speed, "with_floor", lambda row, *a: row)
@@ -65,6 +65,25 @@ def test_the_faster_of_the_forward_passes_before_and_after_the_protocols_counts(
     assert row["forward_pass_s"] == 8.0
     assert row["matmul_gflop_s"] == 150.0
     assert (row["sequential_forward_equivalents"], row["one_forward_equivalents"]) == (5.0, 1.0)
+    assert row["one_profile"] == {"training": 1.0}
+
+
+def test_the_profile_counts_phases_and_compilation(monkeypatch):
+    """A protocol's profile: each phase's progress span by its name, and JAX's compile time."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vqt_jax import progress  # noqa: PLC0415
+
+    clock = iter([0.0, 2.5, 10.0, 14.0])  # each span: its start, then its end
+    monkeypatch.setattr(progress.Progress, "done", progress.Progress.done)  # restored after
+    profile = sweep_speed._profiling()
+    for what in ("Training", "Compression (stage 1, group lasso)"):
+        p = progress.Progress(what, 10, clock=lambda: next(clock), log=lambda _: None)
+        p.done()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.125)(jnp.ones(7)).block_until_ready()
+    assert (profile["training"], profile["compression"], profile["cache_build"]) == (2.5, 4.0, 0)
+    assert profile["compile"] > 0
 
 
 def test_the_matmul_rate_is_a_positive_rate():
