@@ -117,7 +117,7 @@ def test_rules_differ_and_identity_is_kept():
                                        ("timm_pth", "bicubic_antialias"),
                                        ("dinov2_safetensors", "bicubic_antialias")])
 def test_auto_rule_is_the_families(case, rule):
-    assert checkpoints.read_backbone(str(GOLDEN / CASES[case]["file"]), 3)[3] == rule
+    assert checkpoints.read_backbone(str(GOLDEN / CASES[case]["file"]), 3)[1] == rule
 
 
 def _meta_dinov2_reg(tmp_path):
@@ -138,7 +138,7 @@ def _meta_dinov2_reg(tmp_path):
 
 def test_meta_dinov2_registers_load_as_timm_does(tmp_path, golden):
     path = _meta_dinov2_reg(tmp_path)
-    assert checkpoints.read_backbone(str(path), 3)[3] == "bicubic"
+    assert checkpoints.read_backbone(str(path), 3)[1] == "bicubic"
     spec = CASES["dinov2_reg_safetensors"]
     model = _model("dinov2_reg_safetensors")
     variables = _init(model, spec["image_size"])
@@ -153,7 +153,7 @@ def test_loading_resamples_by_the_rule(golden):
     model = _model("bv_npz")
     variables = _init(model, 48)
     path = str(GOLDEN / "bv_vit.npz")
-    stored = checkpoints.read_backbone(path, 4)[1]["pos_embedding"].reshape(4, 4, -1)
+    stored = checkpoints.read_backbone(path, 4)[0]["pos_embedding"].reshape(4, 4, -1)
     for rule, requested in (("bilinear_corners", "auto"), ("bicubic", "bicubic")):
         loaded = checkpoints.load(path, variables, image_size=48, resample_rule=requested)
         np.testing.assert_allclose(

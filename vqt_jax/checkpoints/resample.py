@@ -14,7 +14,7 @@ percent between the rules, so a checkpoint is best resampled the way its authors
   ``interpolate(mode='bicubic', align_corners=False)`` without antialiasing (a = -0.75, edge
   indices clamped), sized by the target grid.
 
-Each rule is a matrix per axis (`weights`), so a grid [h, w, D] becomes ``Wh @ grid @ Ww^T``
+Each rule gives a matrix per axis, so a grid [h, w, D] becomes ``Wh @ grid @ Ww^T``
 in float64. `RULES` is the table (name -> its weights function); ``auto`` resolves per
 checkpoint layout (`checkpoints.layouts`).
 """
@@ -97,19 +97,14 @@ def check_rule(rule: str) -> None:
         raise ValueError(f"posemb_resample={rule!r}: choose from {AUTO}, {', '.join(RULES)}")
 
 
-def weights(rule: str, n_in: int, n_out: int) -> np.ndarray:
-    """The [n_out, n_in] matrix that resamples one axis of length n_in to n_out by `rule`."""
-    check_rule(rule)
-    if rule == AUTO:
-        raise ValueError("'auto' is resolved per checkpoint layout before resampling")
-    return RULES[rule](n_in, n_out)
-
-
 def resample_grid(grid: np.ndarray, size: tuple[int, int], rule: str) -> np.ndarray:
     """A grid [h, w, D] resampled to `size` by `rule` (computed in float64, dtype kept)."""
     h, w = grid.shape[:2]
     if (h, w) == tuple(size):
         return grid
-    wh, ww = weights(rule, h, size[0]), weights(rule, w, size[1])
+    check_rule(rule)
+    if rule == AUTO:
+        raise ValueError("'auto' is resolved per checkpoint layout before resampling")
+    wh, ww = RULES[rule](h, size[0]), RULES[rule](w, size[1])
     out = np.einsum("ih,hwd,jw->ijd", wh, grid.astype(np.float64), ww)
     return out.astype(grid.dtype)
