@@ -11,13 +11,20 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+
+import numpy as np
+import pytest
 
 from tests import xla_env
+from tests.test_data import _fake_prepare
+from tests.train_utils import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("vqt_jax.models", "vqt_jax.cache", "vqt_jax.costs", "vqt_jax.device_cache",
         "vqt_jax.sampling", "vqt_jax.methods", "vqt_jax.checkpoints", "vqt_jax.training.train_step",
-        "vqt_jax.training.optim", "vqt_jax.training.engine", "vqt_jax.training.mesh")
+        "vqt_jax.training.optim", "vqt_jax.training.engine", "vqt_jax.training.mesh",
+        "vqt_jax.data", "vqt_jax.data.content", "vqt_jax.data.fashion_mnist")
 BLOCK_TF = """
 import sys
 class _NoTensorFlow:
@@ -28,8 +35,9 @@ sys.meta_path.insert(0, _NoTensorFlow())
 """
 
 
-def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TF + code], cwd=REPO, env=env,
+def _python(code: str, env: dict | None = None,
+            block: str = BLOCK_TF) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", block + code], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600)
 
@@ -42,10 +50,91 @@ def test_core_modules_import_without_tensorflow():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_pipeline_does_need_tensorflow():
-    """The blocker works: the input pipeline, which does need TensorFlow, fails under it."""
-    proc = _python("import vqt_jax.data\n")
+def test_the_blocker_blocks():
+    """The blocker works: importing TensorFlow fails under it."""
+    proc = _python("import tensorflow\n")
     assert proc.returncode != 0 and "blocked" in proc.stdout
+
+
+# TensorFlow as if not installed (no module; importlib.util.find_spec, which etils.epath asks,
+# gives None); tensorflow_datasets loads: it reads ArrayRecord files without TensorFlow.
+BLOCK_ONLY_TF = """
+import sys
+from importlib.machinery import PathFinder
+_find = PathFinder.find_spec
+PathFinder.find_spec = classmethod(
+    lambda cls, name, path=None, target=None:
+    None if name.split(".")[0] == "tensorflow" else _find(name, path, target))
+"""
+
+
+def test_data_pipelines_run_without_tensorflow(tmp_path):
+    """An image folder's training, evaluation (host 1 of 2), cache-build and predict batches,
+    its cache key, and a TFDS task's training and evaluation, in a process that cannot import
+    TensorFlow; the folder's evaluation images equal TensorFlow's decode, `tf.image.resize` and
+    normalization. The TFDS task reads `tfds.testing.mock_data`'s `as_data_source`, given the
+    examples (PNG-encoded by PIL): the mock's own fake examples encode images with TensorFlow."""
+    tf = pytest.importorskip("tensorflow")
+    root = make_image_folder(tmp_path / "images", size=13)
+    tfds_dir = str(tmp_path / "tfds")
+    _fake_prepare(tfds_dir, "dtd:3.*.*")
+    out = tmp_path / "out.npz"
+    code = textwrap.dedent(f"""
+        import numpy as np
+        import tensorflow_datasets as tfds
+        from vqt_jax import data
+        from tests.test_data import _png
+        from vqt_jax.data import content, folder
+        root, tfds_dir = {root!r}, {tfds_dir!r}
+
+        def source(builder, split, decoders=None, **kwargs):
+            assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
+            pixels = np.random.default_rng(0).integers(0, 256, (5, 9, 7, 3), np.uint8)
+            return [dict(image=_png(x), label=np.int64(i), file_name=str(i))
+                    for i, x in enumerate(pixels)]
+
+        hosts = dict(process_index=0, process_count=1)
+        data.validate("folder", root, "val")
+        train = data.make_train_iterator("folder", root, "val", global_batch_size=4,
+                                         image_size=16, **hosts)
+        train = [next(train) for _ in range(3)]
+        evals = list(data.make_eval_iterator("folder", root, "val", global_batch_size=4,
+                                             image_size=16, process_index=1, process_count=2))
+        images, labels = data.load_train_examples("folder", root, "val", image_size=16)
+        paths = list(folder.listing(root, "val", "eval").paths)
+        predict = np.concatenate([x for _, x in data.file_batches(paths, batch_size=5,
+                                                                  image_size=16)])
+        assert content.content_key("folder", root, "val")["num_files"] == 24
+        with tfds.testing.mock_data(data_dir=tfds_dir, as_data_source_fn=source):
+            data.validate("dtd", tfds_dir, "val")
+            tfds_train = next(data.make_train_iterator("dtd", tfds_dir, "val",
+                                                       global_batch_size=2, image_size=8, **hosts))
+            tfds_eval = list(data.make_eval_iterator("dtd", tfds_dir, "test", global_batch_size=2,
+                                                     image_size=8, **hosts))
+        assert tfds_train["image"].shape == (2, 8, 8, 3)
+        assert sum(b["mask"].sum() for b in tfds_eval) == 5
+        np.savez({str(out)!r}, train=np.stack([b["image"] for b in train]),
+                 evals=np.stack([b["image"] for b in evals]),
+                 eval_mask=np.stack([b["mask"] for b in evals]), images=images, predict=predict)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+    """)
+    proc = _python(code, block=BLOCK_ONLY_TF)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    got = np.load(out)
+    assert got["train"].shape == (3, 4, 16, 16, 3) and got["images"].shape == (24, 16, 16, 3)
+
+    def reference(path):  # The TensorFlow pipeline's evaluation image.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        resized = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, [16, 16])), 0, 255),
+                          tf.uint8)
+        return ((tf.cast(resized, tf.float32) - 127.5) / 127.5).numpy()
+
+    paths = sorted(str(p) for p in (tmp_path / "images" / "val").glob("*/*.png"))
+    expected = np.stack([reference(p) for p in paths])
+    np.testing.assert_array_equal(got["predict"], expected)
+    host1 = got["evals"].reshape(-1, 16, 16, 3)[got["eval_mask"].ravel() == 1]
+    np.testing.assert_array_equal(host1, expected[1::2])
 
 
 def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
