@@ -36,17 +36,19 @@ its own rows, nothing is gathered; `<fingerprint>-host<i>-devices<a>-<b>of<D>`).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import errno
+import functools
 import hashlib
+import itertools
 import json
 import os
-import queue
 import re
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -120,14 +122,16 @@ class Spec:
     fields: dict[str, tuple[tuple[int, ...], str]]
 
     @property
+    def row_bytes(self) -> dict[str, int]:
+        """Bytes of one example of each field."""
+        return {name: int(np.prod(shape)) * np.dtype(_np_dtype(dtype)).itemsize
+                for name, (shape, dtype) in self.fields.items()}
+
+    @property
     def file_sizes(self) -> dict[str, int]:
         """The cache's array files (<field>.bin, label.bin) and their sizes in bytes."""
-        sizes = {}
-        for name, (shape, dtype) in self.fields.items():
-            itemsize = np.dtype(_np_dtype(dtype)).itemsize
-            sizes[name + ".bin"] = self.num_examples * int(np.prod(shape)) * itemsize
-        sizes["label.bin"] = self.num_examples * 4  # int32
-        return sizes
+        sizes = {name + ".bin": self.num_examples * b for name, b in self.row_bytes.items()}
+        return sizes | {"label.bin": self.num_examples * 4}  # int32
 
     @property
     def nbytes(self) -> int:
@@ -366,19 +370,13 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
 
 
-def _tmp_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}.tmp-{_host()}-{os.getpid()}-"
-
-
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # EPERM: alive, someone else's; otherwise: do not guess
-        return True
+        pass
     return True
 
 
@@ -469,20 +467,10 @@ def _reserve(path: str, size: int) -> None:
         os.close(fd)
 
 
-def build(
-    spec: Spec,
-    model: ViT,
-    variables: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    mesh: Mesh,
-    batch_size: int,
-    normalize: Callable[[np.ndarray], np.ndarray],
-    path: str | None = None,
-    progress_every_s: float = 10.0,
-    keep_float32: slice | None = None,
-) -> Cache:
+def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np.ndarray, *,
+          mesh: Mesh, batch_size: int, normalize: Callable[[np.ndarray], np.ndarray],
+          path: str | None = None, progress_every_s: float = 10.0,
+          keep_float32: slice | None = None) -> Cache:
     """Runs the frozen backbone once over `images` and stores what `spec` names.
 
     On disk, every file is first reserved at its full size, so a disk that cannot hold the
@@ -518,10 +506,9 @@ def build(
             name: np.empty((stop - start, *shape), np.float32)
             for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
 
-    def fill(arrays: dict[str, np.ndarray]) -> None:
-        _run_backbone(spec, model, variables, images, arrays, mesh=mesh, batch_size=batch_size,
-                      normalize=normalize, every_s=progress_every_s, kept=kept)
-
+    fill = functools.partial(_run_backbone, spec, model, variables, images, mesh=mesh,
+                             batch_size=batch_size, normalize=normalize,
+                             every_s=progress_every_s, kept=kept)
     cache = _store(spec, path, fill, np.asarray(labels, np.int32))
     cache.float32 = kept
     return cache
@@ -543,37 +530,34 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
       DiskSpaceError: the disk under `path` cannot hold the cache (nothing is left behind).
     """
     n = spec.num_examples
-    tmp = parent = None
-    if path is not None:
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        remove_orphaned_builds(parent)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path))
+    if path is None:
+        arrays = {name: np.empty((n, *shape), _np_dtype(dtype))
+                  for name, (shape, dtype) in spec.fields.items()}
+        fill(arrays)
+        return Cache(spec, arrays, labels, None)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    remove_orphaned_builds(parent)
+    tmp = tempfile.mkdtemp(dir=parent,
+                           prefix=f".{os.path.basename(path)}.tmp-{_host()}-{os.getpid()}-")
     no_space: OSError | None = None
     start_time = time.time()
     try:
-        arrays = {}
-        if tmp is None:
-            for name, (shape, dtype) in spec.fields.items():
-                arrays[name] = np.empty((n, *shape), _np_dtype(dtype))
-        else:
-            try:
-                for file, size in spec.file_sizes.items():
-                    _reserve(os.path.join(tmp, file), size)
-            except OSError as e:
-                if e.errno not in _NO_SPACE:
-                    raise
-                no_space = e
-            # The pass is collective: every host must have its files, or none runs it.
-            if not hosts.all_agree(no_space is None):
-                raise no_space or OSError(errno.ENOSPC, "another host's disk cannot hold its "
-                                          "copy of the cache (see that host's log)")
-            for name, (shape, dtype) in spec.fields.items():
-                # r+: "w+" would truncate the file and give back the reserved blocks.
-                arrays[name] = _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
+        try:
+            for file, size in spec.file_sizes.items():
+                _reserve(os.path.join(tmp, file), size)
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            no_space = e
+        # The pass is collective: every host must have its files, or none runs it.
+        if not hosts.all_agree(no_space is None):
+            raise no_space or OSError(errno.ENOSPC, "another host's disk cannot hold its "
+                                      "copy of the cache (see that host's log)")
+        # r+: "w+" would truncate the file and give back the reserved blocks.
+        arrays = {name: _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
+                  for name, (shape, dtype) in spec.fields.items()}
         fill(arrays)
-        if tmp is None:
-            return Cache(spec, arrays, labels, None)
         for a in arrays.values():
             a.flush()
         label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "r+")
@@ -592,7 +576,7 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
             # fails): use theirs, which has the same contents.
             logging.info("Cache %s was built concurrently by another run; using it.", path)
     except OSError as e:
-        if tmp is None or e.errno not in _NO_SPACE:
+        if e.errno not in _NO_SPACE:
             raise
         no_space = e
     finally:
@@ -613,6 +597,11 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
     return cache
 
 
+def _narrow(spec: Spec, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The fields of `spec` in `out`, each in its cache dtype."""
+    return {k: out[k].astype(_np_dtype(dtype)) for k, (_, dtype) in spec.fields.items()}
+
+
 def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
                   arrays: dict[str, np.ndarray], *, mesh: Mesh, batch_size: int,
                   normalize: Callable[[np.ndarray], np.ndarray], every_s: float,
@@ -623,21 +612,19 @@ def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
     batch_sharding = NamedSharding(mesh, P("data"))
     names = list(spec.fields)
 
-    def narrow(out):
-        return {k: out[k].astype(_np_dtype(spec.fields[k][1])) for k in names}
-
-    def forward(v, x):
+    def forward(v: Any, x: jax.Array) -> dict[str, jax.Array]:
         out = model.apply(v, x, method=ViT.cache_features)
         return {k: out[k] for k in names}
 
-    fn = forward_fn(lambda v, x: narrow(forward(v, x)), mesh)
+    fn = forward_fn(lambda v, x: _narrow(spec, forward(v, x)), mesh)
     if kept:
         # A batch that holds kept rows gets the float32 outputs, and its narrowing is a program
         # of its own (the same XLA convert on the same values), so both widths come from one
         # backbone pass. Every other batch takes the narrow program: its float32 outputs (twice
         # the bytes) would only be written to be cast.
         wide_fn = forward_fn(forward, mesh)
-        cast = jax.jit(narrow, in_shardings=batch_sharding, out_shardings=batch_sharding)
+        cast = jax.jit(functools.partial(_narrow, spec), in_shardings=batch_sharding,
+                       out_shardings=batch_sharding)
     progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
     for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
                                     sharding=batch_sharding, last_multiple=mesh.shape["data"]):
@@ -704,19 +691,10 @@ def open_device_rows(path: str, spec: Spec, mesh: Mesh) -> DeviceRows | None:
     return None if rows is None else DeviceRows(spec, d, columns, rows)
 
 
-def build_device_rows(
-    spec: Spec,
-    model: ViT,
-    variables: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    mesh: Mesh,
-    batch_size: int,
-    normalize: Callable[[np.ndarray], np.ndarray],
-    path: str | None = None,
-    progress_every_s: float = 10.0,
-) -> DeviceRows:
+def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
+                      labels: np.ndarray, *, mesh: Mesh, batch_size: int,
+                      normalize: Callable[[np.ndarray], np.ndarray], path: str | None = None,
+                      progress_every_s: float = 10.0) -> DeviceRows:
     """`build`, keeping only the rows of this host's devices (`DeviceRows`).
 
     The pass gives each device its own rows: device column c of a global batch computes
@@ -737,22 +715,19 @@ def build_device_rows(
     _check_examples(spec, images, labels)
     columns = local_columns(mesh)
     rows_spec = device_rows_spec(spec, d, len(columns))
-    # Row k L + j of this host's rows is example k D + columns[j] (-1: padding).
-    example = (np.arange(rows_spec.num_examples) // len(columns) * d
-               + np.tile(np.asarray(columns), rows_spec.num_examples // len(columns)))
-    example[example >= n] = -1
-    local_labels = np.where(example >= 0, np.asarray(labels, np.int32)[example], 0)
+    # Row k L + j of this host's rows is example k D + columns[j] (from N on: padding).
+    example = (np.arange(rows_spec.num_examples // len(columns))[:, None] * d + columns).ravel()
+    local_labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0)
 
-    def fill(arrays: dict[str, np.ndarray]) -> None:
-        _run_device_rows(spec, model, variables, images, arrays, columns, mesh=mesh,
-                         batch_size=batch_size, normalize=normalize, every_s=progress_every_s)
-
+    fill = functools.partial(_run_device_rows, spec, model, variables, images, columns=columns,
+                             mesh=mesh, batch_size=batch_size, normalize=normalize,
+                             every_s=progress_every_s)
     rows = _store(rows_spec, path, fill, local_labels.astype(np.int32))
     return DeviceRows(spec, d, columns, rows)
 
 
 def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
-                     arrays: dict[str, np.ndarray], columns: tuple[int, ...], *, mesh: Mesh,
+                     arrays: dict[str, np.ndarray], *, columns: tuple[int, ...], mesh: Mesh,
                      batch_size: int, normalize: Callable[[np.ndarray], np.ndarray],
                      every_s: float) -> None:
     """The pass of `build_device_rows`: fills `arrays` (this host's rows, block major)."""
@@ -762,8 +737,8 @@ def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         raise ValueError(f"A pass of batch {batch_size} does not split over {d} devices")
     names = list(spec.fields)
     batch_sharding = NamedSharding(mesh, P("data"))
-    fn = forward_fn(lambda v, x: {k: model.apply(v, x, method=ViT.cache_features)[k].astype(
-        _np_dtype(spec.fields[k][1])) for k in names}, mesh)
+    fn = forward_fn(lambda v, x: _narrow(spec, model.apply(v, x, method=ViT.cache_features)),
+                    mesh)
     progress = Progress("Caching the frozen backbone's outputs (this host's devices' rows)",
                         n, "examples", every_s)
     for first in range(0, blocks, batch_size // d):
@@ -783,12 +758,10 @@ def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
         for name in names:
             for shard in out[name].addressable_shards:
                 c = (shard.index[0].start or 0) // m
-                values = np.asarray(shard.data)
-                pad = (k * d + c >= n).reshape(-1, *([1] * (values.ndim - 1)))
+                values = np.array(shard.data)
+                values[k * d + c >= n] = 0  # the layout's padding holds zeros
                 j = columns.index(c)
-                # The layout's padding holds zeros.
-                arrays[name][first * width + j:(first + m) * width:width] = np.where(
-                    pad, np.zeros((), values.dtype), values)
+                arrays[name][first * width + j:(first + m) * width:width] = values
         progress.update(min(n, (first + m) * d) - first * d)
     progress.done()
 
@@ -818,10 +791,9 @@ def fetch_rows(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def host_batches(
-    num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,
-    sharding: jax.sharding.Sharding | None = None, last_multiple: int | None = None,
-) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+def host_batches(num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,
+                 sharding: jax.sharding.Sharding, last_multiple: int | None = None
+                 ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
     """One pass over rows [0, num_rows) in global batches, for every host alike.
 
     Args:
@@ -829,7 +801,7 @@ def host_batches(
       batch_size: global batch size (divisible by the number of hosts).
       get: rows -> {name: array whose first axis is those rows}.
       sharding: the batches' sharding: this host's slice is the slots its devices hold
-        (`sampling.host_rows`); default: host i takes the i-th of equal slices.
+        (`sampling.host_rows`).
       last_multiple: pad the last batch only to a multiple of this (a divisor of
         `batch_size` that the batch's devices divide), not to `batch_size`: a pass whose
         program may compile once more for that shape, rather than compute up to
@@ -845,25 +817,17 @@ def host_batches(
         count = rows.stop - rows.start
         size = batch_size if not last_multiple else min(
             batch_size, -(-count // last_multiple) * last_multiple)
-        mine = (sampling.host_rows(sharding, size) if sharding is not None
-                else sampling.process_rows(size))
+        mine = sampling.host_rows(sharding, size)
         batch = {k: np.concatenate([v, np.zeros((size - count, *v.shape[1:]), v.dtype)])
                  for k, v in get(rows).items()}
         batch["mask"] = (np.arange(size) < count).astype(np.float32)
         yield rows, {k: v[mine] for k, v in batch.items()}
 
 
-def train_batches(
-    cache: Cache,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    rows: slice | None = None,
-    prefetch: int = 2,
-    fields: Sequence[str] | None = None,
-    batching: str = "stream",
-) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(cache: Cache, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  rows: slice | None = None, prefetch: int = 2,
+                  fields: Sequence[str] | None = None,
+                  batching: str = "stream") -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from a cache: the same examples, in the same order, as the
     image pipeline (`data.make_train_iterator`) gives for the same seed, step and batching
     (`vqt_jax.sampling`).
@@ -880,33 +844,13 @@ def train_batches(
                                                 seed=seed, rows=rows, batching=batching)
         return {**cache.gather(idx, fields), "mask": mask}
 
-    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        while not stop.is_set():  # a consumer that stopped reading must not block the thread
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def worker():
-        step = start_step
-        try:
-            while not stop.is_set():
-                put(produce(step))
-                step += 1
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        ahead = collections.deque(pool.submit(produce, start_step + i)
+                                  for i in range(max(1, prefetch)))
+        for step in itertools.count(start_step + len(ahead)):
+            batch = ahead.popleft().result()  # raises what `produce` raised
+            ahead.append(pool.submit(produce, step))
+            yield batch
     finally:
-        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)

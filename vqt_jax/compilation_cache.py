@@ -15,33 +15,24 @@ import os
 import jax
 from absl import logging
 
-# The subdirectory of the vqt_jax cache directory ($VQT_JAX_CACHE, ~/.cache/vqt_jax) used
-# when a config leaves `compilation_cache_dir` unset.
-SUBDIR = "xla"
-
-
-def default_dir() -> str:
-    """$VQT_JAX_CACHE/xla (default ~/.cache/vqt_jax/xla)."""
-    from vqt_jax.checkpoints import files  # noqa: PLC0415 (the cache dir's one definition)
-
-    return os.path.join(files.cache_dir(), SUBDIR)
-
 
 def enable(directory: str | None) -> str | None:
     """Turns on JAX's persistent compilation cache; returns the directory in use (None: off).
 
     Args:
       directory: where compiled programs are kept. None: the directory JAX already uses (set
-        by $JAX_COMPILATION_CACHE_DIR or an earlier call), else `default_dir()`. '': leave the
-        cache as it is (off unless something else turned it on).
+        by $JAX_COMPILATION_CACHE_DIR or an earlier call), else $VQT_JAX_CACHE/xla (default
+        ~/.cache/vqt_jax/xla). '': leave the cache as it is (off unless something else turned
+        it on).
     """
+    from vqt_jax.checkpoints import files  # noqa: PLC0415 (the cache dir's one definition)
+
     current = jax.config.jax_compilation_cache_dir
     if directory == "":
         return current
-    if directory is None:
-        directory = current or default_dir()
-    directory = os.path.abspath(os.path.expanduser(directory)) if "://" not in directory else (
-        directory)
+    directory = directory or current or os.path.join(files.cache_dir(), "xla")
+    if "://" not in directory:
+        directory = os.path.abspath(os.path.expanduser(directory))
     if current and current != directory:
         logging.info("JAX's compilation cache stays in %s (this process set it first; %s is "
                      "not used).", current, directory)

@@ -89,19 +89,13 @@ def stored_dtype(dtype: np.dtype) -> np.dtype:
     return BIT_PATTERNS.get(np.dtype(dtype), np.dtype(dtype))
 
 
-def _row_bytes(spec: cache_lib.Spec, fields: list[str]) -> int:
-    row = sum(int(np.prod(spec.fields[f][0])) * np.dtype(cache_lib._np_dtype(spec.fields[f][1]))
-              .itemsize for f in fields)
-    return row + 4  # the int32 label
-
-
 def per_device_bytes(spec: cache_lib.Spec, fields: list[str], num_devices: int,
                      batch_size: int) -> int:
     """What a device holds: its share of the rows plus a batch's gather, which at any time
     holds three blocks of B / D rows (the rows a pass reads, the partial batch it fills and
     the one it receives; see `_gather`)."""
     rows = math.ceil(spec.num_examples / num_devices) + 3 * math.ceil(batch_size / num_devices)
-    return rows * _row_bytes(spec, fields)
+    return rows * (sum(spec.row_bytes[f] for f in fields) + 4)  # + the int32 label
 
 
 def local_memory_limit(mesh: Mesh) -> int | None:
@@ -153,34 +147,28 @@ def upload(cache: cache_lib.Cache | cache_lib.DeviceRows, mesh: Mesh,
     n, d = cache.spec.num_examples, mesh.shape[AXIS]
     blocks = math.ceil(n / d)
     sharding = NamedSharding(mesh, P(None, AXIS))
-    if isinstance(cache, cache_lib.DeviceRows):
-        if (cache.num_devices, cache.columns) != (d, cache_lib.local_columns(mesh)):
-            raise ValueError(f"Rows of columns {cache.columns} of {cache.num_devices} devices "
-                             f"cannot be placed on this host's columns "
-                             f"{cache_lib.local_columns(mesh)} of {d}")
-        sources = {name: cache.rows.arrays[name] for name in fields} | {
-            "label": cache.rows.labels}
-        dtypes = {name: src.dtype for name, src in sources.items()}
+    rows_only = isinstance(cache, cache_lib.DeviceRows)
+    host = cache.rows if rows_only else cache
+    sources = {name: host.arrays[name] for name in fields} | {"label": host.labels}
+    dtypes = {name: src.dtype for name, src in sources.items()}
+    if rows_only and (cache.num_devices, cache.columns) != (d, cache_lib.local_columns(mesh)):
+        raise ValueError(f"Rows of columns {cache.columns} of {cache.num_devices} devices "
+                         f"cannot be placed on this host's columns "
+                         f"{cache_lib.local_columns(mesh)} of {d}")
+    if not rows_only and d == 1:
+        # One device holds every row in order: the layout is the host array's own. On a
+        # CPU the device array then aliases the host cache's memory (a disk cache's memory
+        # map is page-aligned, which XLA accepts), so the "device" copy costs no memory at
+        # all (a copy is staged through a second one: twice the cache). Elsewhere it is
+        # one copy to the device.
+        return DeviceCache({name: jax.device_put(
+            src.view(stored_dtype(src.dtype)).reshape(n, 1, *src.shape[1:]), sharding,
+            may_alias=True) for name, src in sources.items()}, n, mesh, dtypes)
 
-        def column(name: str, c: int) -> np.ndarray:
-            return cache.column(name, c)
-    else:
-        sources = {name: cache.arrays[name] for name in fields} | {"label": cache.labels}
-        dtypes = {name: src.dtype for name, src in sources.items()}
-        if d == 1:
-            # One device holds every row in order: the layout is the host array's own. On a
-            # CPU the device array then aliases the host cache's memory (a disk cache's memory
-            # map is page-aligned, which XLA accepts), so the "device" copy costs no memory at
-            # all (a copy is staged through a second one: twice the cache). Elsewhere it is
-            # one copy to the device.
-            return DeviceCache({name: jax.device_put(
-                src.view(stored_dtype(src.dtype)).reshape(n, 1, *src.shape[1:]), sharding,
-                may_alias=True) for name, src in sources.items()}, n, mesh, dtypes)
-
-        def column(name: str, c: int) -> np.ndarray:
-            # Device column c holds examples c, c + D, ...: a strided view, copied once
-            # (fancy indexing would stage a second copy of the whole column first).
-            return sources[name][c::d]
+    def column(name: str, c: int) -> np.ndarray:
+        # Device column c holds examples c, c + D, ...: a strided view, copied once
+        # (fancy indexing would stage a second copy of the whole column first).
+        return cache.column(name, c) if rows_only else sources[name][c::d]
 
     def shard(name: str, index: tuple[slice, ...]) -> np.ndarray:
         cols = range(*index[1].indices(d))

@@ -22,6 +22,7 @@ to a temporary name and renamed, so a killed write never leaves a partial file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -57,26 +58,21 @@ def checkpoint_sha256(path: str | None) -> str | None:
     if not path:
         return None
     file_path = checkpoints.split_subtree(path)[0]
-    key = (file_path, *_stat(file_path))
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with checkpoints.files.open_file(file_path) as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
+    if "://" in file_path:
+        return _sha256(file_path)
+    st = os.stat(file_path)
+    return _sha256(file_path, st.st_size, st.st_mtime_ns)
 
 
-# Hashes already taken in this process, by (path, size, mtime): the protocol's 25 runs share
-# one backbone file, which is hashed once.
-_HASHES: dict[tuple, str] = {}
-
-
-def _stat(path: str) -> tuple:
-    if "://" in path:
-        return ()
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+@functools.cache
+def _sha256(path: str, *stat: int) -> str:
+    """The file's SHA-256, kept by (path, size, mtime): a protocol's runs share one backbone
+    file, hashed once."""
+    digest = hashlib.sha256()
+    with checkpoints.files.open_file(path) as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def provided_keys(pretrained: Mapping[str, Any] | None) -> frozenset[str]:
@@ -122,9 +118,10 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
       results: the run's results (only JSON-able scalars and lists are kept).
     """
     arrays = exported_leaves(variables, config.method, provided)
-    if len(class_names) != _num_classes(arrays):
-        raise ValueError(f"{len(class_names)} class names for a head of "
-                         f"{_num_classes(arrays)} classes")
+    bias = arrays.get("params/head/bias")
+    num_classes = 0 if bias is None else int(bias.shape[0])
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a head of {num_classes} classes")
     meta = {
         "format": FORMAT, "version": VERSION, "method": config.method, "task": config.task,
         "class_names": list(class_names), "config": workdir_lib.as_dict(config),
@@ -147,11 +144,6 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def _num_classes(arrays: Mapping[str, np.ndarray]) -> int:
-    bias = arrays.get("params/head/bias")
-    return 0 if bias is None else int(bias.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)

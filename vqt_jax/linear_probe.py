@@ -212,8 +212,8 @@ def _check_features(features: Any, labels: Any, what: str) -> tuple[np.ndarray, 
 
 
 def _check_pair(train_x: Any, train_y: Any, val_x: Any, val_y: Any
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Checked (train x, train y, val x, val y, classes seen in training)."""
+                ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Checked (x, y of training then validation rows, training rows, classes in training)."""
     train_x, train_y = _check_features(train_x, train_y, "training")
     val_x, val_y = _check_features(val_x, val_y, "validation")
     if val_x.shape[1] != train_x.shape[1]:
@@ -225,7 +225,8 @@ def _check_pair(train_x: Any, train_y: Any, val_x: Any, val_y: Any
         raise ValueError(f"the validation part has classes never seen in training: "
                          f"{unseen.tolist()[:10]}; a probe cannot predict them, so choosing C "
                          f"on it would be biased")
-    return train_x, train_y, val_x, val_y, classes
+    x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    return x, y, len(train_x), classes
 
 
 def _classes(labels: np.ndarray) -> np.ndarray:
@@ -251,12 +252,16 @@ def _check_grid(values: Sequence[float], name: str, upper: float = np.inf) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
+def _mean_ce(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
+    """The weighted mean cross-entropy of the head on x."""
+    logits = jnp.matmul(x, params["kernel"], precision=_HIGHEST) + params["bias"]
+    return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y)) / jnp.sum(w)
+
+
 def _mean_loss(params: dict, z: jax.Array, y: jax.Array, w: jax.Array,
                inv_c_n: jax.Array) -> jax.Array:
     """The L2 objective divided by the weighted number of examples (same minimiser)."""
-    logits = jnp.matmul(z, params["kernel"], precision=_HIGHEST) + params["bias"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return jnp.sum(w * ce) / jnp.sum(w) + 0.5 * inv_c_n * jnp.sum(params["kernel"] ** 2)
+    return _mean_ce(params, z, y, w) + 0.5 * inv_c_n * jnp.sum(params["kernel"] ** 2)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
@@ -362,19 +367,15 @@ class _Problem:
         b = np.asarray(params["kernel"], np.float64)
         kernel = self.basis @ b
         bias = np.asarray(params["bias"], np.float64) - self.mean @ b
-        probe = Probe(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
-                      classes=self.classes, C=float(c),
-                      objective=self._objective(weights, b, params["bias"], kernel, c),
-                      grad_norm=grad_norm, iterations=int(count), stop=stop)
-        return probe, params
-
-    def _objective(self, weights: np.ndarray, b: np.ndarray, bias: Any, kernel: np.ndarray,
-                   c: float) -> float:
-        """scikit-learn's objective in float64 (float32 would round away a CE near 0)."""
-        logits = self.z64 @ b + np.asarray(bias, np.float64)
+        # scikit-learn's objective in float64 (float32 would round away a CE near 0).
+        logits = self.z64 @ b + np.asarray(params["bias"], np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         ce = np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(self.n), self.y_idx]
-        return float(weights @ ce + 0.5 / c * np.sum(kernel * kernel))
+        probe = Probe(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
+                      classes=self.classes, C=float(c),
+                      objective=float(weights @ ce + 0.5 / c * np.sum(kernel * kernel)),
+                      grad_norm=grad_norm, iterations=int(count), stop=stop)
+        return probe, params
 
 
 def _width(n: int, f: int) -> int:
@@ -424,10 +425,12 @@ def select_c(val_correct: Sequence[int], cs: Sequence[float]) -> int:
     return int(np.argmax(np.asarray(val_correct)))  # argmax returns the first maximum
 
 
-def _sweep(problem: _Problem, weights: np.ndarray, val_rows: slice, cs: Sequence[float],
-           tol: float, max_iter: int) -> list[int]:
-    """Validation correct counts of every C fitted on the weighted rows (warm-started)."""
-    x_val, y_val = problem.x[val_rows], problem.classes[problem.y_idx[val_rows]]
+def _sweep(problem: _Problem, n_train: int, cs: Sequence[float], tol: float,
+           max_iter: int) -> list[int]:
+    """Validation correct counts of every C fitted on the first `n_train` rows (warm-started;
+    the other rows are the validation part)."""
+    weights = (np.arange(problem.n) < n_train).astype(np.float32)
+    x_val, y_val = problem.x[n_train:], problem.classes[problem.y_idx[n_train:]]
     correct, init = [], None
     for c in cs:
         probe, init = problem.fit(weights, c, init, tol, max_iter)
@@ -457,20 +460,13 @@ def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: 
         than two training classes, a bad grid.
     """
     cs = _check_grid(cs, "cs")
-    train_x, train_y, val_x, val_y, classes = _check_pair(train_features, train_labels,
-                                                          val_features, val_labels)
-    x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
     problem = _Problem(x, y, classes, _width(len(x), x.shape[1]))
-    n = len(train_x)
-    correct = _sweep(problem, _train_weights(n, len(x)), slice(n, None), cs, tol, max_iter)
+    correct = _sweep(problem, n, cs, tol, max_iter)
     best = select_c(correct, cs)
     probe, _ = problem.fit(np.ones(len(x)), cs[best], None, tol, max_iter)
     return Tuned(probe=probe, C=cs[best], cs=cs,
-                 val_top1=tuple(k / len(val_y) for k in correct))
-
-
-def _train_weights(n_train: int, n: int) -> np.ndarray:
-    return (np.arange(n) < n_train).astype(np.float32)
+                 val_top1=tuple(k / (len(x) - n) for k in correct))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,18 +480,9 @@ def _group_shrink(kernel: jax.Array, threshold: jax.Array) -> jax.Array:
     return kernel * jnp.maximum(0.0, 1.0 - threshold / jnp.maximum(norms, 1e-30))
 
 
-def _ce_grad(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> dict:
-    """Gradient of the weighted mean cross-entropy of the head on x."""
-    def ce(p):
-        logits = jnp.matmul(x, p["kernel"], precision=_HIGHEST) + p["bias"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(w * ce) / jnp.sum(w)
-    return jax.grad(ce)(params)
-
-
 @jax.jit
 def _row_grad_norms(x: jax.Array, y: jax.Array, w: jax.Array, params: dict) -> jax.Array:
-    return jnp.linalg.norm(_ce_grad(params, x, y, w)["kernel"], axis=1)
+    return jnp.linalg.norm(jax.grad(_mean_ce)(params, x, y, w)["kernel"], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
@@ -514,7 +501,7 @@ def _fista(x: jax.Array, y: jax.Array, w: jax.Array, columns: jax.Array, init: d
 
     def body(carry):
         params, point, t, count, _ = carry
-        grad = _ce_grad(point, x, y, w)
+        grad = jax.grad(_mean_ce)(point, x, y, w)
         new = {"kernel": _group_shrink(point["kernel"] - step * grad["kernel"], step * lam),
                "bias": point["bias"] - step * grad["bias"]}
         mapping = otu.tree_norm(otu.tree_sub(point, new)) * lipschitz
@@ -603,10 +590,9 @@ def group_lasso(features: Any, labels: Any, *, lasso_ratio: float = DEFAULT_LASS
     # At W = 0 the best bias gives the class frequencies; its W-gradient row norms are the
     # smallest penalties that keep each row at zero.
     bias0 = np.log(freq).astype(np.float32)
-    padded = _bucket(len(x))  # zero-weight padding rows: sizes alike share a compilation
-    xd = jnp.asarray(_pad_rows(x, padded))
-    yd = jnp.asarray(_pad_rows(y_idx, padded), jnp.int32)
-    wd = jnp.asarray(_pad_rows(w, padded))
+    # Zero-weight padding rows: sizes alike share a compilation.
+    xd, yd, wd = (jnp.asarray(_pad_rows(a, _bucket(len(x))))
+                  for a in (x, y_idx.astype(np.int32), w))
     zero = {"kernel": jnp.zeros((f, k), jnp.float32), "bias": jnp.asarray(bias0)}
     grad_rows = np.asarray(_row_grad_norms(xd, yd, wd, zero))
     lam_max = float(grad_rows.max())
@@ -684,22 +670,16 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     """
     keep_fracs = _check_grid(keep_fracs, "keep_fracs", upper=1.0)
     cs = _check_grid(cs, "cs")
-    train_x, train_y, val_x, val_y, classes = _check_pair(train_features, train_labels,
-                                                          val_features, val_labels)
-    x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    n, f = len(train_x), x.shape[1]
-    weights = _train_weights(n, len(x))
+    x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
+    f = x.shape[1]
     width = _width(len(x), f)  # every kept subset fits in this width: one compilation
-
-    selection = group_lasso(x, y, lasso_ratio=lasso_ratio, weights=weights)
-    order = selection.order
+    selection = group_lasso(x, y, lasso_ratio=lasso_ratio, weights=np.arange(len(x)) < n)
     val_top1: dict[float, tuple[float, ...]] = {}
     best = (-1, 0.0, 0.0)  # (correct, keep_frac, C)
     for frac in keep_fracs:
-        kept = np.sort(order[:num_to_keep(f, frac, nearest=True)])
-        problem = _Problem(x[:, kept], y, classes, width)
-        correct = _sweep(problem, weights, slice(n, None), cs, tol, max_iter)
-        val_top1[frac] = tuple(k / len(val_y) for k in correct)
+        kept = np.sort(selection.order[:num_to_keep(f, frac, nearest=True)])
+        correct = _sweep(_Problem(x[:, kept], y, classes, width), n, cs, tol, max_iter)
+        val_top1[frac] = tuple(k / (len(x) - n) for k in correct)
         i = select_c(correct, cs)
         if correct[i] > best[0]:  # strict: a tie keeps the smaller fraction
             best = (correct[i], frac, cs[i])

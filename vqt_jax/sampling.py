@@ -18,7 +18,6 @@ same on every backend, so a run's batches do not depend on where they are comput
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -76,10 +75,8 @@ def batch_indices(step: int | jax.Array, seed: int | jax.Array, *, num_examples:
     return index.astype(jnp.int32), jnp.ones((b,), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_examples", "batch_size", "batching"))
-def _batch_indices_jit(step, seed, *, num_examples, batch_size, batching):
-    return batch_indices(step, seed, num_examples=num_examples, batch_size=batch_size,
-                         batching=batching)
+_batch_indices_jit = jax.jit(batch_indices,
+                             static_argnames=("num_examples", "batch_size", "batching"))
 
 
 def host_batch_indices(step: int, num_examples: int, *, global_batch_size: int, seed: int = 0,
@@ -104,8 +101,7 @@ def host_batch_indices(step: int, num_examples: int, *, global_batch_size: int, 
         index, mask = _batch_indices_jit(step, seed, num_examples=num_examples,
                                          batch_size=global_batch_size, batching=batching)
         index, mask = np.asarray(index, np.int64), np.asarray(mask)
-    rows = slice(None) if rows is None else rows
-    return index[rows], mask[rows]
+    return index[rows or slice(None)], mask[rows or slice(None)]
 
 
 def process_rows(global_batch_size: int) -> slice:

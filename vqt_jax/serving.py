@@ -116,10 +116,11 @@ def check_compatible(exports: Sequence[tuple[str, export.Exported]]) -> None:
                     f"{value!r}); serve them in separate calls")
 
 
-def _load_backbone(exported: export.Exported, abstract: dict[str, Any], path: str | None,
-                   sha256: str | None) -> dict[str, Any]:
+def _load_backbone(exported: export.Exported, abstract: dict[str, Any],
+                   path: str | None) -> dict[str, Any]:
     """The checkpoint's variables for a model of variables `abstract` (flat), after checking
     that the file is the one the export was trained on."""
+    sha256 = exported.meta["backbone"]["sha256"]
     if sha256 is None:
         return {}
     if not path:
@@ -131,10 +132,9 @@ def _load_backbone(exported: export.Exported, abstract: dict[str, Any], path: st
             f"The backbone {path} (sha256 {found[:12]}...) is not the checkpoint "
             f"{exported.path} was trained on ({exported.meta['backbone']['init']}, sha256 "
             f"{sha256[:12]}...): its queries and head read that backbone's features")
-    config = exported.config
     from vqt_jax.training import train  # noqa: PLC0415 (imports the data pipeline)
 
-    loaded = train.load_pretrained(config, abstract, path)
+    loaded = train.load_pretrained(exported.config, abstract, path)
     provided = export.provided_keys(loaded)
     return {k: v for k, v in trainable_lib.flatten(loaded).items() if k in provided}
 
@@ -158,9 +158,8 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
 
     if not models:
         raise ValueError("No model given: pass at least one exported model.vqt")
-    pairs = [parse_model_arg(m) if isinstance(m, str) else m for m in models]
     exports = []
-    for name, path in pairs:
+    for name, path in (parse_model_arg(m) if isinstance(m, str) else m for m in models):
         e = export.read(path)
         exports.append((name or _default_name(e), e))
     names = [n for n, _ in exports]
@@ -170,12 +169,10 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
                          f"NAME=PATH")
     check_compatible(exports)
     first = exports[0][1]
-    sha256 = first.meta["backbone"]["sha256"]
-    path = backbone or first.meta["backbone"]["init"]
     models_ = [train.build_model(e.config, len(e.class_names)) for _, e in exports]
     abstracts = [train.abstract_variables(m, e.config)
                  for m, (_, e) in zip(models_, exports, strict=True)]
-    shared = _load_backbone(first, abstracts[0], path, sha256)
+    shared = _load_backbone(first, abstracts[0], backbone or first.meta["backbone"]["init"])
     tasks = []
     for (name, e), model, abstract in zip(exports, models_, abstracts, strict=True):
         flat = {}
@@ -212,10 +209,7 @@ class Predictor:
         self.mesh = make_mesh(num_devices)
         n = self.mesh.size
         self.batch_size = max(n, -(-batch_size // n) * n)  # a multiple of the device count
-        config = self.tasks[0].exported.config
-        self.image_size = config.image_size
-        self.normalization = config.normalization
-        self.round_resized = protocol.round_resized(config)
+        self.config = self.tasks[0].exported.config  # the input every task reads
         replicated = NamedSharding(self.mesh, P())
         self._rows = NamedSharding(self.mesh, P("data"))
         # The backbone's arrays are one set on the devices, whatever the number of tasks.
@@ -227,23 +221,14 @@ class Predictor:
             return placed[id(value)]
 
         self._variables = [jax.tree.map(put, t.variables) for t in self.tasks]
-        self._fn = jax.jit(self._logits_fn(), in_shardings=(replicated, self._rows),
-                           out_shardings=replicated)
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    def _logits_fn(self):
         tasks = self.tasks
         shared = [i for i, t in enumerate(tasks) if t.shares_backbone_pass]
 
-        def fn(variables, images):
+        def fn(variables: list[dict[str, Any]], images: jax.Array) -> list[jax.Array]:
             out = [None] * len(tasks)
             if shared:
-                first = tasks[shared[0]]
-                feats = first.model.apply(variables[shared[0]], images,
-                                          method=ViT.cache_features)
+                feats = tasks[shared[0]].model.apply(variables[shared[0]], images,
+                                                     method=ViT.cache_features)
                 inputs = {k: feats[k] for k in ("k", "v", "cls")}
                 for i in shared:
                     out[i] = tasks[i].model.apply(variables[i], inputs,
@@ -253,7 +238,11 @@ class Predictor:
                     out[i] = t.model.apply(variables[i], images)
             return [o.astype(jnp.float32) for o in out]
 
-        return fn
+        self._fn = jax.jit(fn, in_shardings=(replicated, self._rows), out_shardings=replicated)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
 
     def logits(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every task's float32 logits [N, classes] for normalised images [N, S, S, 3] (as the
@@ -261,11 +250,9 @@ class Predictor:
         n = len(images)
         chunks: list[list[np.ndarray]] = [[] for _ in self.tasks]
         for start in range(0, n, self.batch_size):
-            batch = np.asarray(images[start:start + self.batch_size], np.float32)
-            m = len(batch)
-            if m < self.batch_size:
-                batch = np.concatenate([batch, np.zeros((self.batch_size - m, *batch.shape[1:]),
-                                                        batch.dtype)])
+            m = min(self.batch_size, n - start)
+            batch = np.zeros((self.batch_size, *np.shape(images)[1:]), np.float32)
+            batch[:m] = images[start:start + m]
             outs = jax.device_get(self._fn(self._variables, jax.device_put(batch, self._rows)))
             for c, o in zip(chunks, outs, strict=True):
                 c.append(np.asarray(o)[:m])
@@ -282,9 +269,9 @@ class Predictor:
         from vqt_jax import data  # noqa: PLC0415 (TensorFlow)
 
         for batch_paths, images in data.file_batches(
-                paths, batch_size=self.batch_size, image_size=self.image_size,
-                normalization=data.as_normalization(self.normalization),
-                round_resized=self.round_resized):
+                paths, batch_size=self.batch_size, image_size=self.config.image_size,
+                normalization=data.as_normalization(self.config.normalization),
+                round_resized=protocol.round_resized(self.config)):
             logits = self.logits(images)
             for i, path in enumerate(batch_paths):
                 for t in self.tasks:
