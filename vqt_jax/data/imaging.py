@@ -25,6 +25,8 @@ from PIL import Image, JpegImagePlugin
 
 IMPLEMENTATION = "pil-decode+numpy-bilinear-1"
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# Signatures, to name the format of a file that PIL cannot even open.
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
 
 
 class DecodeError(ValueError):
@@ -47,11 +49,11 @@ def decode(encoded: bytes, channels: int = 3) -> np.ndarray:
     Raises:
         DecodeError: The data is not a complete image of a format PIL reads.
     """
-    fmt = None
+    fmt = next((name for magic, name in _MAGIC.items() if encoded.startswith(magic)), None)
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            fmt = image.format
-            if fmt == "JPEG" and (image.mode == "L" or JpegImagePlugin.get_sampling(image) == 0):
+            if image.format == "JPEG" and (
+                    image.mode == "L" or JpegImagePlugin.get_sampling(image) == 0):
                 image.decoderconfig = (1, 1)  # (scale, draft): libjpeg's fast integer IDCT.
             if image.mode.startswith("I;16"):
                 gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)[..., None]

@@ -1,0 +1,173 @@
+"""vqt_jax.data.imaging against TensorFlow: the decoder and resize of the TF-free pipelines.
+
+`resize` must equal ``tf.image.resize(method='bilinear')`` (TF2: half-pixel centres, no
+antialias) in float32 to 1e-5 and, rounded to uint8 (the big_vision protocol), bit for bit;
+`decode` must give ``tf.io.decode_image(channels=3, expand_animations=False)``'s pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqt_jax.data import content, folder, imaging
+from vqt_jax.data import pipeline as pipeline_lib
+
+tf = pytest.importorskip("tensorflow")
+
+SIZES = [  # (in height, in width, out size): odd sizes, up and down, wide and tall.
+    (37, 53, 224), (224, 224, 224), (500, 375, 224), (7, 3, 5), (1, 1, 4), (300, 17, 8),
+    (13, 13, 224), (9, 900, 17), (2, 2, 3), (225, 223, 224), (640, 480, 33),
+]  # fmt: skip
+
+
+def _tf_uint8(resized) -> np.ndarray:
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("h, w, size", SIZES)
+def test_resize_equals_tf_image_resize(h, w, size, dtype):
+    rng = np.random.default_rng(h * 1000 + w)
+    image = (rng.integers(0, 256, (h, w, 3)) if dtype in (np.uint8, np.uint16)
+             else rng.uniform(0, 255, (h, w, 3))).astype(dtype)
+    expected = tf.image.resize(image, [size, size], method="bilinear")
+    got = imaging.resize(image, size, round_resized=False)
+    assert got.dtype == np.float32 and got.shape == (size, size, 3)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
+    rounded = imaging.resize(image, size)
+    assert rounded.dtype == np.uint8
+    np.testing.assert_array_equal(rounded, _tf_uint8(expected))
+
+
+def test_rounding_is_half_to_even_like_tf():
+    # 2 -> 4 upsampling of [1, 2] gives 1.25, 1.75 and 2 -> 1 of [1, 2] gives 1.5; [2, 3] 2.5.
+    image = np.array([[[1, 2, 0], [2, 3, 0]]], np.uint8).transpose(1, 0, 2)  # [2, 1, 3]
+    for size in (1, 3, 4, 5):
+        expected = _tf_uint8(tf.image.resize(image, [size, size]))
+        np.testing.assert_array_equal(imaging.resize(image, size), expected)
+    np.testing.assert_array_equal(imaging.resize(image, 1)[0, 0], [2, 2, 0])  # 1.5, 2.5 -> 2, 2
+
+
+def _encode(pixels: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image = Image.fromarray(pixels)
+    (image.convert(mode) if mode else image).save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def _tf_decode(encoded: bytes) -> np.ndarray:
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
+
+
+_RGB = np.random.default_rng(0).integers(0, 256, (21, 34, 3), np.uint8)
+_GRAY16 = np.random.default_rng(1).integers(0, 65536, (21, 34)).astype(np.uint16)
+EXACT = {
+    "png": _encode(_RGB, "PNG"),
+    "png_gray": _encode(_RGB[..., 0], "PNG"),
+    "png_rgba": _encode(np.dstack([_RGB, _RGB[..., :1]]), "PNG"),
+    "png_palette": _encode(_RGB, "PNG", mode="P"),
+    "png_16bit_gray": _encode(_GRAY16, "PNG"),
+    "bmp": _encode(_RGB, "BMP"),
+    "gif": _encode(_RGB, "GIF"),
+    "webp_lossless": _encode(_RGB, "WEBP", lossless=True),
+    "webp_lossy": _encode(_RGB, "WEBP", quality=80),
+    "jpeg_444": _encode(_RGB, "JPEG", quality=90, subsampling=0),
+    "jpeg_gray": _encode(_RGB[..., 0], "JPEG", quality=90),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_decode_equals_tf_decode_image(name):
+    got = imaging.decode(EXACT[name])
+    assert got.dtype == np.uint8 and got.shape == (21, 34, 3)
+    np.testing.assert_array_equal(got, _tf_decode(EXACT[name]))
+
+
+def _jpegs_420() -> dict[str, bytes]:
+    """Chroma-subsampled JPEGs: photographs shipped with matplotlib/scikit-learn (when found)
+    and smooth synthetic images, as most VTAB JPEGs are."""
+    out = {}
+    for module, rel in (("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                        ("sklearn", "datasets/images/china.jpg")):
+        try:
+            path = os.path.join(os.path.dirname(__import__(module).__file__), rel)
+            with open(path, "rb") as f:
+                out[os.path.basename(path)] = f.read()
+        except (ImportError, OSError):
+            pass
+    base = np.random.default_rng(2).integers(0, 256, (30, 40, 3), np.uint8)
+    smooth = _tf_uint8(tf.image.resize(base, [237, 311]))
+    for quality in (75, 95):
+        out[f"smooth_q{quality}"] = _encode(smooth, "JPEG", quality=quality, subsampling=2)
+    return out
+
+
+@pytest.mark.parametrize("name", list(_jpegs_420()))
+def test_subsampled_jpeg_is_close_to_tf(name):
+    # TF: fast integer IDCT + smooth upsampling; PIL has no such pair, so these decode with
+    # its accurate IDCT: the same upsampling, a slightly different rounding.
+    encoded = _jpegs_420()[name]
+    diff = np.abs(imaging.decode(encoded).astype(int) - _tf_decode(encoded).astype(int))
+    assert diff.max() <= 16 and diff.mean() <= 2.0, (diff.max(), diff.mean())
+
+
+def test_animated_gif_and_webp_give_the_first_frame():
+    frames = [Image.fromarray(np.full((6, 5, 3), v, np.uint8)) for v in (40, 200)]
+    for fmt, kwargs in (("GIF", {}), ("WEBP", {"lossless": True})):
+        out = io.BytesIO()
+        frames[0].save(out, fmt, save_all=True, append_images=frames[1:], **kwargs)
+        np.testing.assert_array_equal(imaging.decode(out.getvalue()), frames[0])
+
+
+def test_channels_one_keeps_gray():
+    gray = _RGB[..., 0]
+    np.testing.assert_array_equal(imaging.decode(_encode(gray, "PNG"), 1), gray[..., None])
+
+
+@pytest.mark.parametrize("fmt, says", [("PNG", "Invalid PNG data"), ("JPEG", "Invalid JPEG data")])
+def test_truncated_image_reason(fmt, says):
+    encoded = _encode(_RGB, fmt)
+    with pytest.raises(imaging.DecodeError, match=says) as info:
+        imaging.decode(encoded[: len(encoded) // 2])
+    assert ")" not in str(info.value)  # Messages quote it inside parentheses.
+    with pytest.raises(imaging.DecodeError, match="Invalid image data"):
+        imaging.decode(b"not an image")
+
+
+def test_cache_key_names_the_implementation(tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        os.makedirs(root / split / "a")
+        Image.fromarray(_RGB).save(root / split / "a" / "0.png")
+    key = content.content_key("folder", str(root), "val")
+    assert key["pipeline"] == imaging.IMPLEMENTATION
+    assert list(folder.dataset(folder.listing(str(root), "val", "train")))[0]["image"].shape == (
+        21, 34, 3)
+
+
+def test_tfrecord_only_dataset_says_how_to_convert(tmp_path):
+    from tests.test_data import _fake_prepare  # noqa: PLC0415 - metadata only, as TFRecord.
+
+    data_dir = str(tmp_path / "tfds")
+    _fake_prepare(data_dir, "dtd:3.*.*")
+    with pytest.raises(pipeline_lib.DatasetNotPreparedError) as info:
+        pipeline_lib.validate("dtd", data_dir, "val")
+    message = str(info.value)
+    assert "TFRecord" in message and "out_file_format='array_record'" in message
+    assert "--out_file_format=array_record" in message and "vqt_jax[prepare]" in message
+    assert "file_format='array_record').download_and_prepare()" in message
+
+
+def test_unprepared_message_asks_for_array_record(tmp_path):
+    with pytest.raises(pipeline_lib.DatasetNotPreparedError) as info:
+        pipeline_lib.validate("dtd", str(tmp_path), "val")
+    message = str(info.value)
+    assert "pip install 'vqt_jax[prepare]'" in message
+    assert (f"tfds.builder('dtd:3.*.*', data_dir='{tmp_path}', file_format='array_record')"
+            ".download_and_prepare()") in message
+    assert f"--data_dir={tmp_path} --file_format=array_record" in message
