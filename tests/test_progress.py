@@ -11,7 +11,7 @@ from absl import logging as absl_logging
 
 from tests import train_utils
 from vqt_jax import cli, progress
-from vqt_jax.training import feature_heads, train
+from vqt_jax.training import engine, feature_heads, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,8 +76,8 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
     def every_update(*args, **kwargs):
         return progress.Progress(*args, **{**kwargs, "every_s": 0})
 
-    monkeypatch.setattr(train, "Progress", every_update)
-    monkeypatch.setattr(feature_heads, "Progress", every_update)
+    for module in (train, engine, feature_heads):
+        monkeypatch.setattr(module, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data")
     caplog.set_level(logging.INFO)
     code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
@@ -89,7 +89,7 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
                for m in messages), messages
     assert any(re.match(r"Evaluating on test: \d+/15 images \(\d+%\), .*ETA", m)
                for m in messages), messages
-    assert any(re.match(r"Feature heads: evaluation features: \d+/15 images .*ETA", m)
+    assert any(re.match(r"Evaluation features: \d+/15 images .*ETA", m)
                for m in messages), messages
     assert any(re.match(r"Feature heads: linear fitted in \d+s, top-1 ", m)
                for m in messages), messages
