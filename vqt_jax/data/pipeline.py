@@ -360,16 +360,9 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, batching: Batchin
     return sampling.steps_per_epoch(num_examples, global_batch_size, batching)
 
 
-def train_indices(
-    step: int,
-    num_examples: int,
-    *,
-    global_batch_size: int,
-    seed: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    batching: Batching = "stream",
-) -> tuple[np.ndarray, np.ndarray]:
+def train_indices(step: int, num_examples: int, *, global_batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  batching: Batching = "stream") -> tuple[np.ndarray, np.ndarray]:
     """The example indices of this host's slice of global training batch `step`, and its mask.
 
     The same stream as `train_dataset` yields (`sampling.batch_indices` computes both), for
@@ -385,18 +378,10 @@ def train_indices(
                                        seed=seed, rows=rows, batching=batching)
 
 
-def train_dataset(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    global_batch_size: int,
-    seed: int = 0,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    normalization: Normalization = "inception",
-    batching: Batching = "stream",
-) -> Iterator[Batch]:
+def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int,
+                  seed: int = 0, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1, normalization: Normalization = "inception",
+                  batching: Batching = "stream") -> Iterator[Batch]:
     """The infinite, shuffled training stream over in-memory examples, for one host.
 
     Every epoch is a fresh permutation of all examples chosen by ``(seed, epoch)``, as
@@ -443,18 +428,11 @@ def train_dataset(
     return _ordered(batch, itertools.count(start_step), 2)
 
 
-def eval_dataset(
-    examples: Iterable[dict[str, Any]],
-    num_examples: int,
-    *,
-    global_batch_size: int,
-    image_size: int = 224,
-    process_index: int = 0,
-    process_count: int = 1,
-    local_device_count: int | None = None,
-    normalization: Normalization = "inception",
-    round_resized: bool = True,
-) -> Iterator[Batch]:
+def eval_dataset(examples: Iterable[dict[str, Any]], num_examples: int, *,
+                 global_batch_size: int, image_size: int = 224, process_index: int = 0,
+                 process_count: int = 1, local_device_count: int | None = None,
+                 normalization: Normalization = "inception",
+                 round_resized: bool = True) -> Iterator[Batch]:
     """The finite, padded evaluation stream of one host.
 
     Host ``h`` gets examples ``h, h + P, h + 2P, ...`` of `examples` (pass them all), then
@@ -487,19 +465,10 @@ def eval_dataset(
                          round_resized=round_resized)
 
 
-def _eval_batches(
-    local_items: Iterable[Any],
-    read: Callable[[Any], Example],
-    num_examples: int,
-    *,
-    global_batch_size: int,
-    image_size: int,
-    process_index: int,
-    process_count: int,
-    local_device_count: int | None,
-    normalization: Normalization,
-    round_resized: bool,
-) -> Iterator[Batch]:
+def _eval_batches(local_items: Iterable[Any], read: Callable[[Any], Example], num_examples: int,
+                  *, global_batch_size: int, image_size: int, process_index: int,
+                  process_count: int, local_device_count: int | None,
+                  normalization: Normalization, round_resized: bool) -> Iterator[Batch]:
     """`eval_dataset` over this host's items (examples h, h + P, ...), each read by `read`."""
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     if local_device_count is not None and local_batch % local_device_count:
@@ -632,28 +601,19 @@ def load_train_examples(
     return _load_arrays(num_examples, read, image_size, round_resized)
 
 
-def make_train_iterator(
-    task: str,
-    data_dir: str | None = None,
-    split: str = "val",
-    *,
-    global_batch_size: int,
-    image_size: int = 224,
-    normalization: Normalization = "inception",
-    seed: int = 0,
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    batching: Batching = "stream",
-    round_resized: bool = True,
-) -> Iterator[Batch]:
+def make_train_iterator(task: str, data_dir: str | None = None, split: str = "val", *,
+                        global_batch_size: int, image_size: int = 224,
+                        normalization: Normalization = "inception", seed: int = 0,
+                        start_step: int = 0, process_index: int | None = None,
+                        process_count: int | None = None, batching: Batching = "stream",
+                        round_resized: bool = True) -> Iterator[Batch]:
     """Endless training batches: this host's slice of each global batch.
 
     Reads and resizes the whole training set into memory first (uint8, ``image_size**2 * 3``
     bytes per example: 150 KB at 224, so 150 MB for VTAB-1k's 1000 examples; four times that
-    in float32 without `round_resized`), then streams
-    shuffled batches as described in `train_dataset`. Deterministic in `seed`; reshuffled every
-    epoch; `start_step` resumes exactly where a run with the same arguments was at that step.
+    in float32 without `round_resized`), then streams shuffled batches as `train_dataset`.
+    Deterministic in `seed`; reshuffled every epoch; `start_step` resumes exactly where a run
+    with the same arguments was at that step.
 
     Args:
         task: VTAB-1k task name, or ``'folder'``.
@@ -675,36 +635,20 @@ def make_train_iterator(
     """
     process_index, process_count = _processes(process_index, process_count)
     _check_batching(batching)
-    _local_batch_size(
-        global_batch_size, process_index, process_count
-    )  # Fail before reading any data.
+    _local_batch_size(global_batch_size, process_index, process_count)  # Before any reads.
     images, labels = load_train_examples(task, data_dir, split, image_size, round_resized)
-    return train_dataset(
-        images,
-        labels,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        start_step=start_step,
-        process_index=process_index,
-        process_count=process_count,
-        normalization=normalization,
-        batching=batching,
-    )
+    return train_dataset(images, labels, global_batch_size=global_batch_size, seed=seed,
+                         start_step=start_step, process_index=process_index,
+                         process_count=process_count, normalization=normalization,
+                         batching=batching)
 
 
-def make_eval_iterator(
-    task: str,
-    data_dir: str | None = None,
-    split: str = "val",
-    *,
-    global_batch_size: int,
-    image_size: int = 224,
-    normalization: Normalization = "inception",
-    process_index: int | None = None,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
-    round_resized: bool = True,
-) -> Iterator[Batch]:
+def make_eval_iterator(task: str, data_dir: str | None = None, split: str = "val", *,
+                       global_batch_size: int, image_size: int = 224,
+                       normalization: Normalization = "inception",
+                       process_index: int | None = None, process_count: int | None = None,
+                       local_device_count: int | None = None,
+                       round_resized: bool = True) -> Iterator[Batch]:
     """One pass over the evaluation set, padded so every host runs the same number of steps.
 
     Call it again for every evaluation. Sum metrics weighted by ``batch['mask']`` (1 for real
@@ -729,15 +673,8 @@ def make_eval_iterator(
     process_index, process_count = _processes(process_index, process_count)
     _local_batch_size(global_batch_size, process_index, process_count)
     num_examples, read = _source(task, data_dir, split, "eval")
-    return _eval_batches(
-        range(process_index, num_examples, process_count),
-        read,
-        num_examples,
-        global_batch_size=global_batch_size,
-        image_size=image_size,
-        process_index=process_index,
-        process_count=process_count,
-        local_device_count=local_device_count,
-        normalization=normalization,
-        round_resized=round_resized,
-    )
+    return _eval_batches(range(process_index, num_examples, process_count), read, num_examples,
+                         global_batch_size=global_batch_size, image_size=image_size,
+                         process_index=process_index, process_count=process_count,
+                         local_device_count=local_device_count, normalization=normalization,
+                         round_resized=round_resized)
