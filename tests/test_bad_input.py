@@ -212,6 +212,10 @@ CASES = {
         r"config\.lrr: the config has no such field \(Did you mean \"lr\"", True),
     "lr=inf": (lambda c: dict(argv=["--config.lr=inf"]),
                r"config\.lr must be a finite number, got inf", True),
+    "max_loss=0": (lambda c: dict(argv=["--config.max_loss=0"]),
+                   r"config\.max_loss must be > 0, got 0", True),
+    "scalar patch size": (lambda c: dict(argv=["--config.model.patch_size=5"]),
+                          r"config\.model\.patch_size=\(5,\): a \(height, width\) pair", True),
     "num_devices beyond the devices": (
         lambda c: dict(argv=["--config.num_devices=16"]),
         r"config\.num_devices=16 but only 8 CPU devices are available", True),

@@ -68,8 +68,8 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
         if not isinstance(value, (int, float)) or math.isnan(value) or (
                 math.isinf(value) and name != "max_loss"):
             raise ValueError(f"config.{name} must be a finite number, got {value}")
-    for name in ("lr", "batch_size", "epochs", "image_size"):
-        if not config[name] > 0:
+    for name in ("lr", "batch_size", "epochs", "image_size", "max_loss"):
+        if not config.get(name, math.inf) > 0:
             raise ValueError(f"config.{name} must be > 0, got {config[name]}")
     if config.wd < 0:
         raise ValueError(f"config.wd must be >= 0, got {config.wd}")
@@ -107,6 +107,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     patch = model.get("patch_size") or decode_variant(model.get("variant") or "B/16").get(
         "patch_size", (16, 16)
     )
+    if (not isinstance(patch, (tuple, list)) or len(patch) != 2
+            or not all(isinstance(p, int) and p > 0 for p in patch)):
+        raise ValueError(f"config.model.patch_size={patch!r}: a (height, width) pair of "
+                         "positive integers, e.g. --config.model.patch_size='(16, 16)'")
     if config.image_size % patch[0] or config.image_size % patch[1]:
         raise ValueError(
             f"config.image_size={config.image_size} is not a multiple of the patch size "
