@@ -140,6 +140,12 @@ def _init_served(make_handler):
     return lambda c: dict(argv=[f"--config.init={c.serve(make_handler())}/v.npz"])
 
 
+def _config_json_a_list(case: Case) -> str:
+    (case.tmp / "listed").mkdir()
+    (case.tmp / "listed" / "config.json").write_text("[1, 2]\n")
+    return str(case.tmp / "listed")
+
+
 def _finished_workdir(case: Case) -> str:
     return case.finished
 
@@ -158,6 +164,9 @@ CASES = {
         lambda c: dict(workdir=_finished_workdir(c),
                        argv=["--config.epochs=1", "--config.model.num_queries=5"]),
         r"model\.num_queries: 2 \(recorded\) vs 5 \(now\)", True),
+    "config.json not an object": (
+        lambda c: dict(workdir=_config_json_a_list(c), argv=[]),
+        r"listed/config\.json cannot be read \(it holds a JSON list, not an object\)", True),
     "download shorter than Content-Length": (
         _init_served(lambda: downloads.short_body(downloads.NPZ)),
         r"Could not download http://127\.0\.0\.1:\d+/v\.npz: the server announced \d+ "

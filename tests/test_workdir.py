@@ -302,3 +302,24 @@ def test_nonfinite_stop_then_the_printed_command_resumes_and_finishes(folder, tm
     with pytest.raises(workdir_lib.WorkdirError, match="lr: 1e"):
         train.run(train_utils.tiny_config(data_dir=folder, lr=1e18, warmup_epochs=1, epochs=4),
                   str(workdir))
+
+
+def test_writes_remove_the_temporary_files_of_dead_processes(tmp_path):
+    """A write killed before its rename leaves NAME.tmp-PID; the next write of NAME removes it
+    (a live process's is kept: its write may be under way)."""
+    import ml_collections
+
+    from vqt_jax import export
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name in ("config.json", export.EXPORT_FILE):
+        for pid in (dead, os.getppid()):
+            (tmp_path / f"{name}.tmp-{pid}").write_text("partial")
+    workdir_lib.write_json(tmp_path / "config.json", {"a": 1})
+    export.write(str(tmp_path / export.EXPORT_FILE), variables={}, provided=frozenset(),
+                 class_names=[], config=ml_collections.ConfigDict(
+                     dict(method="vqt", task="folder", init="")))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["config.json", export.EXPORT_FILE, f"config.json.tmp-{os.getppid()}",
+         f"{export.EXPORT_FILE}.tmp-{os.getppid()}"])

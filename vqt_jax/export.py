@@ -135,6 +135,7 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
     if not workdir_lib.is_local(path):  # an object store publishes it whole, or not at all
         epath.Path(path).write_bytes(buf.getvalue())
         return path
+    workdir_lib.remove_stale_temps(path)  # of a write killed before its rename
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

@@ -154,6 +154,7 @@ def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Non
     if not is_local(path):
         path.write_text(text)
         return
+    remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -161,6 +162,28 @@ def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Non
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Deletes the temporary files `NAME.tmp-PID` beside the local file `path` whose process
+    is no longer running (a write killed before its rename)."""
+    directory, name = os.path.split(os.fspath(path))
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory or "."):
+            pid = entry[len(name) + 5:] if entry.startswith(f"{name}.tmp-") else ""
+            if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, entry))
 
 
 def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -180,7 +203,10 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return read_json(path)
+        recorded = read_json(path)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"it holds a JSON {type(recorded).__name__}, not an object")
+        return recorded
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} cannot be read ({e}); it records the config of the run "
                            "in this workdir: restore it or use a new --workdir") from None
