@@ -45,6 +45,12 @@ EXPORT_FILE = "model.vqt"
 FORMAT = "vqt_jax.export"
 VERSION = 1
 META = "meta.json"
+# meta.json's fields (dotted) that reading needs, and the JSON types each may hold.
+META_FIELDS = (("method", str), ("task", str), ("class_names", list), ("config", dict),
+               ("config.method", str), ("config.model", dict), ("config.image_size", int),
+               ("config.normalization", (str, list)), ("backbone", dict),
+               ("backbone.init", (str, type(None))), ("backbone.sha256", (str, type(None))),
+               ("backbone.provided", list))
 
 
 class ExportError(ValueError):
@@ -191,9 +197,35 @@ def read(path: str | os.PathLike) -> Exported:
         if isinstance(e, ExportError):
             raise
         raise ExportError(f"{path} is not a readable vqt_jax export: {e}") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: its {META} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path} is not a vqt_jax export (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise ExportError(f"{path} is an export of version {meta.get('version')!r}; this "
                           f"vqt_jax reads version {VERSION}")
+    check_meta(path, meta)
+    bad = sorted(k for k, a in arrays.items()
+                 if a.dtype.kind in "fc" and not np.isfinite(a).all())
+    if bad:
+        raise ExportError(f"{path}: {len(bad)} array(s) hold NaN or inf values, e.g. {bad[0]}; "
+                          "the run that wrote it diverged or the file was altered")
     return Exported(path, meta, arrays)
+
+
+def check_meta(path: str, meta: Any) -> None:
+    """Raises ExportError naming `path` and the first of `META_FIELDS` missing from `meta` or of
+    another type (or a non-positive image size)."""
+    for name, types in META_FIELDS:
+        value = meta
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ExportError(f"{path}: its {META} has no field {name!r}")
+            value = value[part]
+        if not isinstance(value, types) or isinstance(value, bool):
+            kinds = types if isinstance(types, tuple) else (types,)
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in kinds)
+            raise ExportError(f"{path}: its {META} field {name!r} is {value!r}, not {wanted}")
+    if meta["config"]["image_size"] <= 0:
+        raise ExportError(f"{path}: its {META} field 'config.image_size' is "
+                          f"{meta['config']['image_size']}, not > 0")

@@ -169,9 +169,14 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
                          f"NAME=PATH")
     check_compatible(exports)
     first = exports[0][1]
-    models_ = [train.build_model(e.config, len(e.class_names)) for _, e in exports]
-    abstracts = [train.abstract_variables(m, e.config)
-                 for m, (_, e) in zip(models_, exports, strict=True)]
+    models_, abstracts = [], []
+    for _, e in exports:
+        try:
+            models_.append(train.build_model(e.config, len(e.class_names)))
+            abstracts.append(train.abstract_variables(models_[-1], e.config))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise export.ExportError(f"{e.path}: the config in its {export.META} cannot rebuild "
+                                     f"the model ({type(err).__name__}: {err})") from None
     shared = _load_backbone(first, abstracts[0], backbone or first.meta["backbone"]["init"])
     tasks = []
     for (name, e), model, abstract in zip(exports, models_, abstracts, strict=True):
