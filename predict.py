@@ -16,6 +16,7 @@ and skipped, with a count at the end. Bad input ends with one `error:` line and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -38,6 +39,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: str) -> None:
+    """Raises ValueError unless `path` can take the output: a .csv or .jsonl name, not a
+    directory, in an existing writable directory."""
+    if not path.endswith((".csv", ".jsonl")):
+        raise ValueError(f"--output {path}: the name must end in .csv or .jsonl")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a directory: name a .csv or .jsonl file")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: cannot write in {parent}; choose a writable --output")
+
+
 def _writer(path: str | None):
     """(write(prediction), close(complete)) for the output format. The file is written under a
     temporary name and renamed once complete, so a failed run leaves no partial output."""
@@ -46,36 +61,55 @@ def _writer(path: str | None):
             top = ", ".join(f"{c} {prob:.3f}" for c, prob in p.top)
             print(f"{p.path}\t{p.task}\t{top}")
         return show, lambda complete: None
+    from vqt_jax.training import workdir as workdir_lib  # noqa: PLC0415
+
+    workdir_lib.remove_stale_temps(path)  # of runs killed before their rename
     tmp = f"{path}.tmp-{os.getpid()}"
-    f = open(tmp, "w", newline="")
+
+    @contextlib.contextmanager
+    def named():  # an OSError names the user's --output, never the temporary file
+        try:
+            yield
+        except OSError as e:
+            raise ValueError(f"cannot write --output {path}: {e.strerror}") from None
+    with named():
+        f = open(tmp, "w", newline="")
+    w = csv.writer(f)
 
     def close(complete: bool) -> None:
-        f.close()
-        if complete:
-            os.replace(tmp, path)
-        else:
-            os.remove(tmp)
-    if path.endswith(".csv"):
-        w = csv.writer(f)
-        w.writerow(["path", "task", "rank", "class", "probability"])
+        try:
+            with named():
+                f.close()
+                if complete:
+                    os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
-        def row(p):
-            for rank, (c, prob) in enumerate(p.top, 1):
-                w.writerow([p.path, p.task, rank, c, f"{prob:.6g}"])
-        return row, close
-
-    def line(p):
-        f.write(json.dumps({"path": p.path, "task": p.task, "top": [
-            {"class": c, "probability": prob} for c, prob in p.top]}) + "\n")
-    return line, close
+    def write(p):
+        with named():
+            if path.endswith(".jsonl"):
+                f.write(json.dumps({"path": p.path, "task": p.task, "top": [
+                    {"class": c, "probability": prob} for c, prob in p.top]}) + "\n")
+            else:
+                w.writerows([p.path, p.task, rank, c, f"{prob:.6g}"]
+                            for rank, (c, prob) in enumerate(p.top, 1))
+    try:
+        if path.endswith(".csv"):
+            with named():
+                w.writerow(["path", "task", "rank", "class", "probability"])
+    except ValueError:
+        close(False)
+        raise
+    return write, close
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status (2 for bad input, with one `error:` line)."""
     args = parser().parse_args(argv)
     try:
-        if args.output and not args.output.endswith((".csv", ".jsonl")):
-            raise ValueError(f"--output {args.output}: the name must end in .csv or .jsonl")
+        if args.output:
+            check_output(args.output)
         if args.top_k < 1 or args.batch_size < 1:
             raise ValueError("--top_k and --batch_size must be at least 1")
         return _predict(args)
