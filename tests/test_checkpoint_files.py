@@ -301,6 +301,12 @@ BAD_SAFETENSORS: dict[str, tuple[dict, bytes, str]] = {
     "negative_shape": ({"w": _entry("F32", (-2, -3))}, _BODY, "tensor 'w': invalid shape"),
     "missing_field": ({"w": {"shape": [6], "data_offsets": [0, 24]}}, _BODY,
                       "tensor 'w': the header entry needs dtype, shape and data_offsets"),
+    "overlapping_offsets": ({"w": _entry("F32", (4,), (0, 16)), "v": _entry("F32", (4,), (8, 24))},
+                            _BODY, "tensor 'v' \\(data_offsets \\[8, 24\\]\\) overlaps tensor 'w', "
+                            "which ends at byte 16"),
+    "gap_in_offsets": ({"w": _entry("F32", (2,), (0, 8)), "v": _entry("F32", (2,), (16, 24))},
+                       _BODY, "tensor 'v' \\(data_offsets \\[16, 24\\]\\) leaves bytes 8-16 "
+                       "unused after tensor 'w'"),
 }
 
 

@@ -606,6 +606,16 @@ def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
     header, body_start = _safetensors_header(f, size)
     entries = {name: _safetensors_entry(name, info, size - body_start)
                for name, info in header.items() if name != "__metadata__"}
+    # The tensors tile the data section: each starts where the one before it ends.
+    last, pos = None, 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda e: e[1][2:]):
+        if begin != pos:
+            before = f"tensor {last!r}" if last else "the data section's start"
+            raise CheckpointError(
+                f"tensor {name!r} (data_offsets [{begin}, {end}]) "
+                + (f"overlaps {before}, which ends at byte {pos}" if begin < pos else
+                   f"leaves bytes {pos}-{begin} unused after {before}"))
+        last, pos = name, end
     arrays = {}
     # In file order: one sequential pass, each tensor read straight into its own buffer (no
     # second copy of the whole file in memory).
