@@ -103,6 +103,16 @@ def _ro_dir(case: Case) -> str:
     return str(target / "wd")
 
 
+def _ro_mount(target, stack) -> str:
+    """`target` as a read-only tmpfs (skips where mounting is not allowed)."""
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64m", "tmpfs", str(target)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    stack.callback(subprocess.run, ["umount", str(target)], check=False)
+    return str(target)
+
+
 def _full_disk(case: Case) -> None:
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -245,6 +255,11 @@ CASES = {
     "disk full for the cache": (
         lambda c: dict(argv=["--config.cache=on"], _=_full_disk(c)),
         r"not enough disk space for the cache in .*: it needs [\d.]+ KiB", False),
+    "read-only cache_dir": (
+        lambda c: dict(argv=["--config.cache=on",
+                             f"--config.cache_dir={_ro_mount(c.tmp / 'ro_cache', c.stack)}"]),
+        r"config\.cache='on' but the cache directory .*/ro_cache cannot be written \(.*\): "
+        r"set config\.cache_dir or \$VQT_JAX_CACHE to a writable directory", True),
     "read-only workdir": (
         lambda c: dict(workdir=_ro_dir(c), argv=[]),
         r"cannot write .*/readonly/wd: Read-only file system; use a writable --workdir",
@@ -302,3 +317,18 @@ def test_a_full_disk_with_cache_auto_trains_without_the_cache(base_folder, tmp_p
     assert any("Training without a cache: not enough disk space" in r.getMessage()
                for r in caplog.records)
     assert os.listdir(tmp_path / "vqt_jax_cache" / train.FEATURES_SUBDIR) == []
+
+
+def test_a_read_only_cache_dir_with_cache_auto_trains_without_the_cache(base_folder, tmp_path,
+                                                                         caplog):
+    """'auto' with a cache directory it cannot write: a warning naming it, and an uncached run."""
+    from vqt_jax.training import train
+
+    with contextlib.ExitStack() as stack:
+        ro = _ro_mount(tmp_path / "ro_cache", stack)
+        config = train_utils.tiny_config(data_dir=base_folder, epochs=1, cache="auto",
+                                         cache_dir=ro)
+        results, _ = train.run(config, str(tmp_path / "wd"))
+    assert results["cached"] is False
+    assert any(f"Training without a cache: the cache directory {ro} cannot be written"
+               in r.getMessage() for r in caplog.records)

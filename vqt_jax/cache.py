@@ -301,7 +301,8 @@ def _existing_ancestor(path: str) -> str:
 
 
 def check_budget(spec: Spec, directory: str | None, max_gb: float) -> str | None:
-    """Why a cache cannot be held (over the budget, or not enough free disk), or None."""
+    """Why a cache cannot be held (over the budget, an unwritable directory, or not enough free
+    disk), or None."""
     size = spec.nbytes
     if size > max_gb * 2**30:
         # The budget is in GiB, so the size is given in GiB too, next to its readable form.
@@ -309,6 +310,10 @@ def check_budget(spec: Spec, directory: str | None, max_gb: float) -> str | None
                 f"config.cache_max_gb={max_gb:g}")
     if directory is not None:
         probe = _existing_ancestor(directory)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return (f"the cache directory {os.path.dirname(directory)} cannot be written "
+                    f"({probe} is read-only or not writable): set config.cache_dir or "
+                    "$VQT_JAX_CACHE to a writable directory")
         free = shutil.disk_usage(probe).free
         if size * 1.02 > free:
             return (f"the cache would take {format_size(size)} but {probe} has "
