@@ -113,6 +113,20 @@ def _ro_mount(target, stack) -> str:
     return str(target)
 
 
+def _full_disk_at_save(case: Case) -> None:
+    """A checkpoint save that fails as tensorstore's does on a full disk, leaving its temporary
+    directory; after the run, no `*.orbax-checkpoint-tmp*` may remain."""
+    import orbax.checkpoint as ocp
+
+    def no_space(self, step, *args, **kwargs):
+        (self.directory / f"{step}.orbax-checkpoint-tmp-7").mkdir(parents=True)
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.count/0" in OCDBT database')
+
+    case.monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+    left = lambda: [p for p in (case.tmp / "wd" / "checkpoints").glob("*") if "tmp" in p.name]
+    case.stack.callback(lambda: [] == left() or pytest.fail(f"left behind: {left()}"))
+
+
 def _full_disk(case: Case) -> None:
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -260,6 +274,9 @@ CASES = {
                              f"--config.cache_dir={_ro_mount(c.tmp / 'ro_cache', c.stack)}"]),
         r"config\.cache='on' but the cache directory .*/ro_cache cannot be written \(.*\): "
         r"set config\.cache_dir or \$VQT_JAX_CACHE to a writable directory", True),
+    "disk full during a checkpoint save": (
+        lambda c: dict(argv=["--config.cache=off"], _=_full_disk_at_save(c)),
+        r"no space left on device writing .*/wd/checkpoints: free space and re-run", False),
     "read-only workdir": (
         lambda c: dict(workdir=_ro_dir(c), argv=[]),
         r"cannot write .*/readonly/wd: Read-only file system; use a writable --workdir",

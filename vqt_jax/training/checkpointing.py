@@ -9,6 +9,7 @@ through `etils.epath`, and in a multi-host run every host writes and reads its o
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -38,7 +39,20 @@ def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-    mngr.save(step, args=ocp.args.StandardSave(state))
+    """Saves `state` as checkpoint `step`.
+
+    Raises:
+      OSError: ENOSPC naming the checkpoint directory, when the disk is full; the save's
+        temporary directories (`*.orbax-checkpoint-tmp*`) are removed first.
+    """
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+    except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as ValueError
+        if not any(s in str(e) for s in ("RESOURCE_EXHAUSTED", "No space left")):
+            raise
+        for tmp in mngr.directory.glob("*.orbax-checkpoint-tmp*"):
+            tmp.rmtree() if tmp.is_dir() else tmp.unlink()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mngr.directory)) from None
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
