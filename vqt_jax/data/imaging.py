@@ -82,11 +82,25 @@ def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np
     as is, as the VQT release feeds it. Training, caching and evaluation all go through this
     function, so they see identical pixels.
     """
-    pixels = np.asarray(image, np.float32)
-    lower, upper, weight = _taps(pixels.shape[1], image_size)
-    rows = pixels[:, lower] + (pixels[:, upper] - pixels[:, lower]) * weight[:, None]
-    lower, upper, weight = _taps(pixels.shape[0], image_size)
-    out = rows[lower] + (rows[upper] - rows[lower]) * weight[:, None, None]
+    image = np.asarray(image)
+    (height, width, channels), size = image.shape, image_size
+    top, bottom, y_weight = _taps(height, size)
+    left, right, x_weight = _taps(width, size)
+    x_weight = np.repeat(x_weight, channels)
+
+    def lerp(lo: np.ndarray, hi: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        hi -= lo  # lo + (hi - lo) * weight, in place: TF's float32 operations.
+        hi *= weight
+        hi += lo
+        return hi
+
+    def row(y: np.ndarray) -> np.ndarray:  # Rows y, interpolated along x as TF does.
+        rows = image[y].reshape(size, width * channels)
+        lo, hi = (np.take(rows, (x[:, None] * channels + np.arange(channels)).ravel(), axis=1)
+                  .astype(np.float32) for x in (left, right))
+        return lerp(lo, hi, x_weight)
+
+    out = lerp(row(top), row(bottom), y_weight[:, None]).reshape(size, size, channels)
     if not round_resized:
         return out
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
