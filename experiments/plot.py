@@ -221,7 +221,8 @@ def restore_run(config: ml_collections.ConfigDict,
     # the same structure; the optimiser state's structure does not depend on its values.
     mesh = train.make_mesh(config.get("num_devices", 0))
     template = engine.saved(engine.init_state(methods.optimizer_name(config), trainable,
-                                              [trainable], mesh), [0], [0.0], mesh)
+                                              [trainable], mesh), [0], [0.0], mesh,
+                            train.config_digest([config]))
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
     try:
         if manager.latest_step() is None:

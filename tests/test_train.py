@@ -14,6 +14,7 @@ from tests import train_utils, xla_env
 from vqt_jax import checkpoints
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
+from vqt_jax.training import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,47 @@ def test_two_processes_match_one_process(folder, tmp_path):
     np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-4)
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
     assert two["top1"] == one["top1"]
+
+
+def test_a_kill_during_evaluation_keeps_how_the_run_trained(folder, tmp_path, monkeypatch):
+    """A re-run after a kill between training and results.json reports the finished
+    training as it ran (its last loss from the checkpoint, from the device cache)."""
+    config = train_utils.tiny_config(data_dir=folder, cache="on", cache_storage="memory")
+    full, _ = train.run(config, str(tmp_path / "full"))
+    evaluate = train.evaluate
+
+    def killed(*args, **kwargs):
+        raise _Kill()
+
+    monkeypatch.setattr(train, "evaluate", killed)
+    with pytest.raises(_Kill):
+        train.run(config, str(tmp_path / "wd"))
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    again, _ = train.run(config, str(tmp_path / "wd"))
+    keys = ("train_loss", "cached", "cache_on_device", "top1", "steps")
+    assert {k: again[k] for k in keys} == {k: full[k] for k in keys}
+    assert again["cached"] and again["cache_on_device"]
+
+
+@pytest.mark.parametrize("by_hand", ["edited", "deleted"])
+def test_checkpoints_of_another_config_are_not_resumed(folder, tmp_path, by_hand):
+    """config.json edited or deleted by hand: the checkpoints' own record of their config
+    refuses the resume (it would continue them under another lr and say so for all steps)."""
+    config = train_utils.tiny_config(data_dir=folder)
+
+    def kill_at_6(step, _):
+        if step == 6:
+            raise _Kill()
+
+    workdir = tmp_path / "wd"
+    with pytest.raises(_Kill):
+        train.run(config, str(workdir), callbacks=[kill_at_6])
+    recorded = workdir / "config.json"
+    if by_hand == "edited":
+        recorded.write_text(json.dumps({**json.loads(recorded.read_text()), "lr": 0.02}))
+    else:
+        recorded.unlink()
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r"checkpoints in .*wd/checkpoints were written under another "
+                             r"config than .*wd/config.json"):
+        train.run(train_utils.tiny_config(data_dir=folder, lr=0.02), str(workdir))

@@ -248,11 +248,13 @@ def problem(metrics: dict[str, float], max_loss: float) -> str | None:
     return None
 
 
-def saved(state: Any, failed: np.ndarray, loss: np.ndarray, mesh: Mesh) -> dict:
-    """What a checkpoint holds: the stacked state, and per member the step it went bad at
-    (0: never) and its last loss, as global arrays (orbax writes no host-local array from
-    several hosts)."""
-    extras = {"failed": np.asarray(failed, np.int32), "loss": np.asarray(loss, np.float32)}
+def saved(state: Any, failed: np.ndarray, loss: np.ndarray, mesh: Mesh,
+          config: np.ndarray) -> dict:
+    """What a checkpoint holds: the stacked state, per member the step it went bad at (0:
+    never) and its last loss, and `config` (the digest of the configs that wrote it), as global
+    arrays (orbax writes no host-local array from several hosts)."""
+    extras = {"failed": np.asarray(failed, np.int32), "loss": np.asarray(loss, np.float32),
+              "config": np.asarray(config, np.uint32)}
     return {"state": state, **checkpoints.place(extras, NamedSharding(mesh, P()))}
 
 

@@ -497,9 +497,12 @@ def _run_group(members: list[Member], may_diverge: bool,
                 epath.Path(m.run_dir).mkdir(parents=True, exist_ok=True)
                 workdir_lib.record(m.run_dir, c, None, 0)
         manager = checkpointing.manager(directory, config.get("keep_checkpoints", 2))
+        digest = train.config_digest(setup.configs)
         restored = checkpointing.restore_latest(
-            manager, engine.saved(setup.state, np.zeros(s), np.zeros(s), mesh))
+            manager, engine.saved(setup.state, np.zeros(s), np.zeros(s), mesh, digest))
         state = restored["state"]
+        train.check_digest(restored, digest, directory, "the config.json of the runs in "
+                           f"{epath.Path(directory) / 'members.json'}")
         start = int(np.asarray(jax.device_get(state.step))[0])
         log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
             f"{total} steps each, {len(set(orders))} example order(s)"
@@ -510,7 +513,8 @@ def _run_group(members: list[Member], may_diverge: bool,
         try:
             outcome = engine.train(
                 run, state, total=total, log_every=log_every, ckpt_every=ckpt_every,
-                save=lambda *a: checkpointing.save(manager, a[0], engine.saved(*a[1:], mesh)),
+                save=lambda *a: checkpointing.save(manager, a[0],
+                                                   engine.saved(*a[1:], mesh, digest)),
                 last_saved=manager.latest_step() or 0, failed=restored["failed"],
                 loss=restored["loss"], writers=writers,
                 max_loss=config.get("max_loss", math.inf),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import re
@@ -651,9 +653,13 @@ def _run_locked(plan: RunPlan, workdir: str,
     name = methods.optimizer_name(config)
     state = engine.init_state(name, trainable, [trainable], mesh)
     manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
-    restored = checkpointing.restore_latest(manager, engine.saved(state, [0], [0.0], mesh))
+    digest = config_digest([config])
+    restored = checkpointing.restore_latest(manager, engine.saved(state, [0], [0.0], mesh,
+                                                                  digest))
     state = restored["state"]
     start = int(np.asarray(jax.device_get(state.step))[0])
+    check_digest(restored, digest, workdir,
+                 os.path.join(workdir, workdir_lib.CONFIG_FILE), plan.change)
     if start:
         logging.info("Resuming from step %d in %s", start, workdir)
     if is_chief:
@@ -689,7 +695,8 @@ def _run_locked(plan: RunPlan, workdir: str,
 
             outcome = engine.train(
                 run, state, total=total_steps, log_every=log_every, ckpt_every=ckpt_every,
-                save=lambda *a: checkpointing.save(manager, a[0], engine.saved(*a[1:], mesh)),
+                save=lambda *a: checkpointing.save(manager, a[0],
+                                                   engine.saved(*a[1:], mesh, digest)),
                 last_saved=last_saved, writers=[writer], callbacks=callbacks,
                 max_loss=config.get("max_loss", math.inf), bad=bad, may_diverge=False)
             state = outcome.state
@@ -703,11 +710,18 @@ def _run_locked(plan: RunPlan, workdir: str,
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=class_names)
     report = eval_metrics.pop("report")
+    if outcome is not None:
+        on_device = isinstance(run.source, engine.DeviceSource)
+    else:  # trained earlier: how it trained, as the plan says; its loss, as saved
+        on_device = cache_plan is not None and (
+            device_rows_only(config, cache_plan.spec, mesh)
+            or why_not_on_device(config, cache_plan.spec, mesh) is None)
     results = run_results(
         config, steps=total_steps, eval_metrics=eval_metrics,
-        train_loss=None if outcome is None else float(outcome.loss[0]),
-        num_trainable=count_params(trainable), cached=cache is not None,
-        cache_on_device=outcome is not None and isinstance(run.source, engine.DeviceSource))
+        train_loss=float((restored["loss"] if outcome is None else outcome.loss)[0]),
+        num_trainable=count_params(trainable),
+        cached=cache is not None if outcome is not None else cache_plan is not None,
+        cache_on_device=on_device)
     evals = None
     if feature_heads.wanted(config) or compression_wanted(config):
         evals = feature_heads.eval_features(config, model, variables, mesh)
@@ -719,12 +733,6 @@ def _run_locked(plan: RunPlan, workdir: str,
         heads = compression_stage.train([config], model, trained, frozen, source, num_train,
                                         evals["pre_logits"].shape[1], num_classes)
         results["compression"] = heads.scores([evals["pre_logits"]], evals["label"])[0]
-    previous = workdir_lib.read_results(workdir) if results["train_loss"] is None else None
-    if previous is not None:
-        # Nothing left to train (a re-run of a finished run): keep the recorded train loss.
-        results["train_loss"] = previous.get("train_loss")
-        results["cached"] = previous.get("cached", False)
-        results["cache_on_device"] = previous.get("cache_on_device", False)
     history_of_changes = workdir_lib.changes(workdir)
     if history_of_changes:
         results["config_changes"] = history_of_changes
@@ -747,6 +755,34 @@ def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, write
         write_evaluation(run_dir, config, metrics, report)
         write_export(plan, config, run_dir, variables, results, report["class_names"])
         workdir_lib.write_results(run_dir, results)
+
+
+def config_digest(configs: Sequence[ml_collections.ConfigDict]) -> np.ndarray:
+    """[8] uint32: the SHA-256 of the configs' fields that matter to a run's results (not
+    `workdir.NEUTRAL`, which may change between resumes and differ between hosts), which each
+    checkpoint holds."""
+    text = json.dumps([{k: v for k, v in workdir_lib.flatten(workdir_lib.as_dict(c)).items()
+                        if k.split(".")[0] not in workdir_lib.NEUTRAL} for c in configs],
+                      sort_keys=True, default=str)
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32).copy()
+
+
+def check_digest(restored: dict, digest: np.ndarray, directory: str, recorded: str,
+                 change: dict | None = None) -> None:
+    """Refuses to resume from a checkpoint written under another config than the one
+    `recorded` names (config.json edited, replaced or deleted by hand), unless the workdir
+    allowed the change (`change`, from `workdir.check`).
+
+    Raises:
+      WorkdirError: naming the checkpoints and config.json.
+    """
+    if change or not np.asarray(restored["state"].step).any():
+        return
+    if not np.array_equal(np.asarray(restored["config"]), digest):
+        raise workdir_lib.WorkdirError(
+            f"the checkpoints in {checkpointing.checkpoint_dir(directory)} were written under "
+            f"another config than {recorded} now says (edited, replaced or deleted by hand?): "
+            "re-run with the config they were trained with, or use a new --workdir")
 
 
 def compression_wanted(config: ml_collections.ConfigDict) -> bool:
