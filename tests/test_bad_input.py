@@ -349,3 +349,18 @@ def test_a_read_only_cache_dir_with_cache_auto_trains_without_the_cache(base_fol
     assert results["cached"] is False
     assert any(f"Training without a cache: the cache directory {ro} cannot be written"
                in r.getMessage() for r in caplog.records)
+
+
+def test_dry_run_checks_the_cache_directory(base_folder, tmp_path, capsys):
+    """--dry_run plans the cache as the run would: an unwritable cache directory is the run's
+    error with cache='on', and a note that it trains uncached with 'auto'."""
+    with contextlib.ExitStack() as stack:
+        ro = _ro_mount(tmp_path / "ro_cache", stack)
+        args = ["main.py", f"--config=tests/tiny_config.py:{base_folder}",
+                f"--workdir={tmp_path / 'wd'}", f"--config.cache_dir={ro}", "--dry_run"]
+        assert cli.run([*args, "--config.cache=on"]) == 2
+        err = capsys.readouterr().err
+        assert f"the cache directory {ro} cannot be written" in err, err
+        assert cli.run([*args, "--config.cache=auto"]) == 0
+        out = capsys.readouterr()
+        assert "would train without a cache" in out.out + out.err

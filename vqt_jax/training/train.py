@@ -504,6 +504,9 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
         abstract = abstract_variables(model, config)
         pretrained = load_pretrained(config, abstract)
     change = None if workdir is None else workdir_lib.check(workdir, config)
+    if dry_run and config.get("cache", "off") != "off" and plan_cache(
+            config, model, num_train, workdir) is None:
+        notes.append("the run would train without a cache (see the line above)")
     return RunPlan(config, mesh, model, num_classes, num_train, num_eval, pretrained, change,
                    notes)
 
