@@ -96,6 +96,67 @@ def _fake_prepare(data_dir: str, tfds_name: str, sizes: dict[str, int] = FAKE_SP
     info_file.write_text(json.dumps(info))
 
 
+class TinyVtab(tfds.core.GeneratorBasedBuilder):
+    """A real TFDS dataset, prepared as ArrayRecord files: image i of a split is one colour,
+    its pixel value equal to its label (start + i) and of height 5 + i % 3."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLITS = {"train": (0, 30), "validation": (100, 10), "test": (200, 7)}
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=256)}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {name: self._generate_examples(*args) for name, args in self.SPLITS.items()}
+
+    def _generate_examples(self, start, n):
+        for i in range(n):
+            yield i, {"image": np.full((5 + i % 3, 6, 3), start + i, np.uint8), "label": start + i}
+
+
+def prepare_tiny_vtab(data_dir: str, monkeypatch=None) -> str:
+    """Prepares `TinyVtab` (needs TensorFlow) in data_dir; returns the task that reads it: dtd,
+    pointed at it (train800 = train[:4], val200 = validation[:3]) when `monkeypatch` is given."""
+    TinyVtab(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    if monkeypatch is not None:
+        monkeypatch.setitem(data.TASKS, "dtd", tiny_task())
+    return "dtd"
+
+
+def tiny_task():
+    """dtd's row, pointed at `TinyVtab`."""
+    import dataclasses  # noqa: PLC0415
+
+    return dataclasses.replace(data.TASKS["dtd"], tfds_name="tiny_vtab:1.*.*",
+                               train800="train[:4]", val200="validation[:3]", test="test")
+
+
+def test_array_record_dataset_is_read_in_split_order(tmp_path, monkeypatch):
+    data_dir = str(tmp_path / "tfds")
+    task = prepare_tiny_vtab(data_dir, monkeypatch)
+    # The order in which the TF pipeline read the same dataset, prepared as TFRecord files.
+    TinyVtab(data_dir=str(tmp_path / "tfrecord")).download_and_prepare()
+    reference = tfds.builder("tiny_vtab", data_dir=str(tmp_path / "tfrecord")).as_dataset(
+        split="train[:4]+validation[:3]", shuffle_files=False,
+        read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    order = [int(ex["label"]) for ex in reference.as_numpy_iterator()]
+    data.validate(task, data_dir, "test")
+    images, labels = data.load_train_examples(task, data_dir, "test", image_size=4)
+    assert labels.tolist() == order  # train[:4], then validation[:3]
+    assert max(order[:4]) < 30 and min(order[4:]) >= 100
+    np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
+    hosts = [list(data.make_eval_iterator(task, data_dir, "val", global_batch_size=4,
+                                          image_size=4, process_index=h, process_count=2))
+             for h in range(2)]
+    real = [[int(y) for b in batches for y, m in zip(b["label"], b["mask"], strict=True) if m]
+            for batches in hosts]
+    assert real[0] + real[1] != order[4:] and sorted(real[0] + real[1]) == sorted(order[4:])
+    assert real[0] == order[4::2] and real[1] == order[5::2]
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> str:
     """A TFDS data dir where all 16 VTAB-1k source datasets look prepared."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import xla_env
-from tests.test_data import _fake_prepare
+from tests.test_data import _fake_prepare, prepare_tiny_vtab
 from tests.train_utils import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,22 +70,25 @@ PathFinder.find_spec = classmethod(
 
 def test_data_pipelines_run_without_tensorflow(tmp_path):
     """An image folder's training, evaluation (host 1 of 2), cache-build and predict batches,
-    its cache key, and a TFDS task's training and evaluation, in a process that cannot import
+    its cache key, and TFDS tasks' training and evaluation, in a process that cannot import
     TensorFlow; the folder's evaluation images equal TensorFlow's decode, `tf.image.resize` and
-    normalization. The TFDS task reads `tfds.testing.mock_data`'s `as_data_source`, given the
-    examples (PNG-encoded by PIL): the mock's own fake examples encode images with TensorFlow."""
+    normalization. One TFDS task reads `tfds.testing.mock_data`'s `as_data_source`, given the
+    examples (PNG-encoded by PIL): the mock's own fake examples encode images with TensorFlow;
+    another reads real ArrayRecord files (prepared here, with TensorFlow)."""
     tf = pytest.importorskip("tensorflow")
     root = make_image_folder(tmp_path / "images", size=13)
     tfds_dir = str(tmp_path / "tfds")
     _fake_prepare(tfds_dir, "dtd:3.*.*")
+    tiny_dir = str(tmp_path / "tiny")
+    prepare_tiny_vtab(tiny_dir)
     out = tmp_path / "out.npz"
     code = textwrap.dedent(f"""
         import numpy as np
         import tensorflow_datasets as tfds
         from vqt_jax import data
-        from tests.test_data import _png
+        from tests.test_data import _png, tiny_task
         from vqt_jax.data import content, folder
-        root, tfds_dir = {root!r}, {tfds_dir!r}
+        root, tfds_dir, tiny_dir = {root!r}, {tfds_dir!r}, {tiny_dir!r}
 
         def source(builder, split, decoders=None, **kwargs):
             assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
@@ -111,6 +114,12 @@ def test_data_pipelines_run_without_tensorflow(tmp_path):
                                                        global_batch_size=2, image_size=8, **hosts))
             tfds_eval = list(data.make_eval_iterator("dtd", tfds_dir, "test", global_batch_size=2,
                                                      image_size=8, **hosts))
+        data.TASKS["dtd"] = tiny_task()  # Real ArrayRecord files.
+        data.validate("dtd", tiny_dir, "test")
+        tiny_images, tiny_labels = data.load_train_examples("dtd", tiny_dir, "test", image_size=4)
+        assert len(tiny_labels) == 7 and (tiny_images[:, 0, 0, 0] == tiny_labels).all()
+        assert sum(b["mask"].sum() for b in data.make_eval_iterator(
+            "dtd", tiny_dir, "test", global_batch_size=4, image_size=4, **hosts)) == 7
         assert tfds_train["image"].shape == (2, 8, 8, 3)
         assert sum(b["mask"].sum() for b in tfds_eval) == 5
         np.savez({str(out)!r}, train=np.stack([b["image"] for b in train]),
