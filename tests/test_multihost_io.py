@@ -55,8 +55,7 @@ def fake_gcs(root: str | os.PathLike) -> Iterator[Callable[[str], str]]:
     """gs://B/... paths land in ROOT/B/...; any local-only call on a gs: path raises.
 
     Yields `local`, the map from a gs:// path to its file under ROOT, for what does not go
-    through epath (orbax's arrays, which TensorStore writes; TensorBoard's writer) and a test
-    maps on its own. Usable in a test (`fake_bucket`) and in a worker process alike.
+    through epath (orbax's arrays, which TensorStore writes) and a test maps on its own. Usable in a test (`fake_bucket`) and in a worker process alike.
     """
     root = os.fspath(root)
 
@@ -144,36 +143,41 @@ def _workdir_round_trip(workdir: str) -> None:
         pass
 
 
-def _jsonl_round_trip(workdir: str, monkeypatch) -> None:
-    # TensorBoard's writer is clu's business (and would reach for a real bucket): a stand-in.
-    monkeypatch.setattr(metrics_io.metric_writers, "create_default_writer",
-                        lambda *a, **kw: metrics_io.metric_writers.MultiWriter([]))
+def _metrics_round_trip(workdir: str) -> None:
+    """metrics.jsonl, and a TensorBoard event file, both through epath."""
     writer = metrics_io.create_writer(workdir, is_chief=True)
     writer.write_hparams({"lr": 0.1})
     writer.write_scalars(2, {"train/loss": np.float32(1.5)})
     writer.close()
+    writer = metrics_io.create_writer(workdir, is_chief=True)  # a resumed run appends
+    writer.write_scalars(3, {"train/loss": 1.25})
     lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [{"hparams": {"lr": 0.1}},
-                                              {"step": 2, "train/loss": 1.5}]
+                                              {"step": 2, "train/loss": 1.5},
+                                              {"step": 3, "train/loss": 1.25}]
+    events = sorted(epath.Path(workdir).glob("events.out.tfevents.*"))
+    assert len(events) == 2 and all(b"train/loss" in p.read_bytes() for p in events)
 
 
-def test_workdir_files_of_a_remote_workdir_go_through_epath(fake_bucket, monkeypatch, caplog):
+def test_workdir_files_of_a_remote_workdir_go_through_epath(fake_bucket, caplog):
     _workdir_round_trip(BUCKET)
     assert f"workdir {BUCKET} is not local: it is not locked" in caplog.text
-    _jsonl_round_trip(BUCKET, monkeypatch)
+    _metrics_round_trip(BUCKET)
     # Everything landed in the (fake) bucket, and only the workdir's own files.
-    assert sorted(os.listdir(fake_bucket)) == [
+    files = sorted(os.listdir(fake_bucket))
+    assert [f for f in files if not f.startswith("events.out.tfevents.")] == [
         "config.json", "config_changes.json", "metrics.jsonl", "results.json"]
     assert json.loads((fake_bucket / "results.json").read_text()) == {"top1": 0.75}
 
 
-def test_workdir_files_of_a_local_workdir(tmp_path, monkeypatch):
+def test_workdir_files_of_a_local_workdir(tmp_path):
     workdir = tmp_path / "wd"
     workdir.mkdir()
     _workdir_round_trip(str(workdir))
-    _jsonl_round_trip(str(workdir), monkeypatch)
+    _metrics_round_trip(str(workdir))
     # The lock's empty file stays (see workdir.lock); a bucket has no lock, so none there.
-    assert sorted(os.listdir(workdir)) == [
+    files = sorted(os.listdir(workdir))
+    assert [f for f in files if not f.startswith("events.out.tfevents.")] == [
         workdir_lib.LOCK_FILE, "config.json", "config_changes.json", "metrics.jsonl",
         "results.json"]
 

@@ -30,7 +30,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -670,7 +669,7 @@ def _run_locked(plan: RunPlan, workdir: str,
         workdir_lib.record(workdir, config, plan.change, start)
     writer = metrics_io.create_writer(workdir, is_chief)
     if is_chief and start == 0:
-        parameter_overview.log_parameter_overview(trainable)
+        metrics_io.log_parameter_overview(trainable)
         writer.write_hparams(workdir_lib.flatten(workdir_lib.as_dict(config)))
 
     cache = None
