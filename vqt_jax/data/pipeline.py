@@ -276,15 +276,9 @@ def as_normalization(value: str | Sequence[Sequence[float]]) -> Normalization:
     return (tuple(mean), tuple(std))
 
 
-def normalize_array(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
-    """`normalize` (kept for its callers: the same function)."""
-    return normalize(images, normalization)
-
-
-def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np.ndarray:
-    """Bilinear resize of one image to ``[image_size, image_size, 3]``, no crop: see
-    `imaging.resize` (``tf.image.resize``'s float result, or rounded to uint8)."""
-    return imaging.resize(image, image_size, round_resized)
+normalize_array = normalize  # The name its callers know: `normalize` takes numpy arrays.
+# Bilinear resize of one image to ``[image_size, image_size, 3]``, no crop (see `imaging.resize`).
+resize = imaging.resize
 
 
 def eval_image(image: np.ndarray, image_size: int, normalization: Normalization,
