@@ -55,7 +55,8 @@ def fake_gcs(root: str | os.PathLike) -> Iterator[Callable[[str], str]]:
     """gs://B/... paths land in ROOT/B/...; any local-only call on a gs: path raises.
 
     Yields `local`, the map from a gs:// path to its file under ROOT, for what does not go
-    through epath (orbax's arrays, which TensorStore writes) and a test maps on its own. Usable in a test (`fake_bucket`) and in a worker process alike.
+    through epath (orbax's arrays, which TensorStore writes) and a test maps on its own.
+    Usable in a test (`fake_bucket`) and in a worker process alike.
     """
     root = os.fspath(root)
 
