@@ -171,7 +171,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, (ValueError, FileNotFoundError, train.NonFiniteError)):
         return str(e)
     if type(e).__module__.startswith("tensorflow") and hasattr(e, "message"):
-        # tf.errors.OpError from a data or gs:// read: its message names the file.
+        # tf.errors.OpError (told by its module, TensorFlow not imported here) from a gs:// read
+        # through tf.io.gfile, where TensorFlow is installed: its message names the file.
         return str(e.message)
     return None
 

@@ -9,7 +9,8 @@ often have none):
     byte is read, so a crafted file cannot make the reader touch memory outside the storage;
   * `.safetensors`.
 
-Paths may be local, `gs://...` (and anything else etils.epath / tf.io.gfile opens), or
+Paths may be local, `gs://...` (and anything else etils.epath opens: through tf.io.gfile where
+TensorFlow is installed, else fsspec's gcsfs, the `vqt_jax[gcs]` extra), or
 `http(s)://...` (downloaded once into a cache directory, atomically: a download that is cut
 short, stalls, or is not a complete checkpoint never enters the cache).
 
@@ -310,14 +311,14 @@ class _Guarded:
 
 
 def _open_remote(path: str) -> _Guarded:
-    from etils import epath  # Remote file systems only; gs:// goes through tf.io.gfile.
+    from etils import epath  # Remote file systems only (tf.io.gfile where installed, else gcsfs).
 
     try:
         p = epath.Path(path)
         exists = p.exists()
     except Exception as e:
-        # TF raises tensorflow.errors.OpError subclasses, etils/gcsfs others; none is a
-        # ValueError, so main.py would print a traceback without this.
+        # tf.io.gfile raises tensorflow.errors.OpError subclasses, gcsfs its own (HttpError) or
+        # OSErrors; a ValueError names the path, where main.py would print a traceback.
         raise CheckpointError(f"{path}: cannot reach the remote file ({_one_line(e)})") from None
     if not exists:
         raise FileNotFoundError(f"Checkpoint file not found: {path}")

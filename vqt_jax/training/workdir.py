@@ -13,13 +13,14 @@ A workdir is locked while a run uses it (`lock`, through the empty file ``.lock`
 run on it stops at once.
 
 Every file of a workdir is read and written through `etils.epath` (`as_path`), so a workdir may
-be a local directory or a `gs://` URL (epath's backends for remote file systems need tensorflow
-or the fsspec/gcsfs packages); a gs:// URL that lost a slash to a pathlib join ('gs:/b/x') is
-refused, never taken for a local directory (`is_local`). Locally, JSON files are written
-atomically (a temporary file renamed into place); on an object store (GCS), where a rename is a
-copy then a delete, they are written directly: an object becomes visible only once its upload
-completes, so readers never see a partial file there either. The lock needs a POSIX file
-system (a local disk or NFS): a `gs://` workdir is not locked (see `lock`).
+be a local directory or a `gs://` URL (epath serves it through tf.io.gfile where TensorFlow is
+installed, else through fsspec's gcsfs: the `vqt_jax[gcs]` extra); a gs:// URL that lost a
+slash to a pathlib join ('gs:/b/x') is refused, never taken for a local directory
+(`is_local`). Locally, JSON files are written atomically (a temporary file renamed into
+place); on an object store (GCS), where a rename is a copy then a delete, they are written
+directly: an object becomes visible only once its upload completes, so readers never see a
+partial file there either. The lock needs a POSIX file system (a local disk or NFS): a `gs://`
+workdir is not locked (see `lock`).
 """
 
 from __future__ import annotations
