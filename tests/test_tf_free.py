@@ -173,3 +173,72 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
     for name in ("grid", "seeds"):
         assert stage[name]["epoch_s"] > 0 and stage[name]["stage_one_program_s"] > 0
         assert stage[name]["achieved_tflop_s"] > 0
+
+
+# gs:// through epath's fsspec backend (what it uses without TensorFlow), gcsfs replaced by a
+# local file system rooted at GCS_ROOT: nothing reaches the network.
+FAKE_GCS = """
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+class FakeGCS(LocalFileSystem):
+    protocol = ("gs", "gcs")
+
+    def __init__(self, finalize_on_close=True, **kwargs):
+        super().__init__(auto_mkdir=True, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith(("gs://", "gcs://")):
+            path = GCS_ROOT + "/" + path.split("://", 1)[1]
+        return LocalFileSystem._strip_protocol(path)
+
+fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+fsspec.register_implementation("gs", FakeGCS, clobber=True)
+"""
+
+
+def test_a_run_predict_and_gs_files_without_tensorflow(tmp_path):
+    """Without TensorFlow: main.py's entry trains and evaluates a tiny image-folder run (cache
+    on, a linear baseline) and writes results.json, metrics.jsonl and a TensorBoard event file;
+    predict.py classifies with its model.vqt; a gs:// checkpoint is read and a gs:// workdir's
+    metrics are written through epath's fsspec backend (gcsfs faked)."""
+    folder = make_image_folder(tmp_path / "data")
+    wd, gcs, out = tmp_path / "wd", tmp_path / "gcs", tmp_path / "predictions.csv"
+    (gcs / "bucket").mkdir(parents=True)
+    np.savez(gcs / "bucket" / "ckpt.npz", w=np.arange(6.0).reshape(2, 3))
+    code = f"GCS_ROOT = {str(gcs)!r}\n" + FAKE_GCS + textwrap.dedent(f"""
+        from etils import epath
+        import predict
+        from vqt_jax import cli
+        from vqt_jax.checkpoints import files
+        from vqt_jax.training import metrics_io
+
+        assert cli.run(["main.py", "--config=tests/tiny_config.py:{folder}", "--workdir={wd}",
+                        "--config.epochs=1", "--config.cache=on",
+                        "--config.baselines=('linear',)"]) == 0
+        assert predict.run(["--model", "{wd}/model.vqt", "--output", "{out}", "{folder}/test"]) == 0
+        assert type(epath.Path("gs://bucket")._backend).__name__ == "_FileSystemSpecBackend"
+        kind, arrays = files.read("gs://bucket/ckpt.npz")
+        assert kind == "npz" and arrays["w"].shape == (2, 3)
+        epath.Path("gs://bucket/run").mkdir(parents=True)
+        writer = metrics_io.create_writer("gs://bucket/run", is_chief=True)
+        writer.write_scalars(1, {{"train/loss": 0.5}})
+        writer.close()
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+    """)
+    env = {**xla_env.env(None), "VQT_JAX_CACHE": str(tmp_path / "cache")}
+    proc = _python(code, env, block=BLOCK_ONLY_TF)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    results = json.loads((wd / "results.json").read_text())
+    assert results["cached"] and 0 <= results["baselines"]["linear"]["top1"] <= 1
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert "hparams" in rows[0] and "test/top1" in rows[-1]
+    assert len(list(wd.glob("events.out.tfevents.*"))) == 1
+    rows = out.read_text().splitlines()
+    assert rows[0] == "path,task,rank,class,probability" and len(rows) > 15
+    run = gcs / "bucket" / "run"
+    assert json.loads((run / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 0.5}
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
