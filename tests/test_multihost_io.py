@@ -221,7 +221,8 @@ def test_a_gs_url_that_lost_a_slash_is_never_local(tmp_path, monkeypatch):
 def _export_to(path: str) -> str:
     """Writes a tiny VQT export (queries and head of 3 classes) to `path`."""
     config = ml_collections.ConfigDict({"method": "vqt", "task": "folder", "init": "",
-                                        "image_size": 32})
+                                        "image_size": 32, "model": {"num_queries": 2},
+                                        "normalization": "imagenet"})
     variables = {"params": {"head": {"kernel": np.arange(12, dtype=np.float32).reshape(4, 3),
                                      "bias": np.ones(3, np.float32)}},
                  "queries": {"tokens": np.full((2, 1, 4), 0.5, np.float32)}}
