@@ -238,7 +238,8 @@ CASES = {
         lambda c: dict(argv=["--config.task=dtd", f"--config.data_dir={c.tmp}/tfds"]),
         r"TFDS dataset 'dtd:3\.\*\.\*' \(VTAB-1k task 'dtd'\) is not prepared in .*/tfds; "
         r"this code never downloads\. .* python -c \"import tensorflow_datasets as tfds; "
-        r"tfds\.builder\('dtd:3\.\*\.\*', data_dir='.*/tfds'\)\.download_and_prepare\(\)\"",
+        r"tfds\.builder\('dtd:3\.\*\.\*', data_dir='.*/tfds', file_format='array_record'\)"
+        r"\.download_and_prepare\(\)\"",
         True),
     "misspelled config field": (
         lambda c: dict(argv=["--config.lrr=0.1"]),

@@ -216,7 +216,7 @@ def test_train_indices_follow_the_image_pipeline(batching):
     n, labels = 13, np.arange(13, dtype=np.int32)
     ds = data.train_dataset(np.zeros((n, 2, 2, 3), np.uint8), labels, global_batch_size=6,
                             seed=3, process_index=1, process_count=2, batching=batching)
-    it = ds.as_numpy_iterator()
+    it = ds
     for step in range(9):  # 3 epochs' worth (with 'stream', batches straddle epochs)
         idx, mask = data.train_indices(step, n, global_batch_size=6, seed=3, process_index=1,
                                        process_count=2, batching=batching)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from tests import train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, methods
-from vqt_jax.data import content
+from vqt_jax.data import content, imaging
 from vqt_jax.models import ViT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,7 +267,8 @@ def test_tfds_key_is_the_prepared_version_and_split(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
     key = content.content_key("oxford_iiit_pet", data_dir, "val")
     assert key == {"task": "oxford_iiit_pet", "dataset": "oxford_iiit_pet/3.2.0",
-                   "version": "3.2.0", "split": "train[:800]"}
+                   "version": "3.2.0", "split": "train[:800]",
+                   "pipeline": imaging.IMPLEMENTATION}
     assert requests == [("oxford_iiit_pet:3.*.*", False)]
     assert content.content_key("oxford_iiit_pet", data_dir, "test")["split"] == (
         "train[:800]+train[2944:3144]")

@@ -171,3 +171,20 @@ def test_unprepared_message_asks_for_array_record(tmp_path):
     assert (f"tfds.builder('dtd:3.*.*', data_dir='{tmp_path}', file_format='array_record')"
             ".download_and_prepare()") in message
     assert f"--data_dir={tmp_path} --file_format=array_record" in message
+
+
+def test_a_folder_walk_follows_links_each_real_folder_once(tmp_path):
+    """predict's listing of a folder: a link to a folder elsewhere is searched, a link loop
+    does not list an image once per trip around it."""
+    from vqt_jax.data import folder as folder_lib
+
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (root / "a.png", root / "sub" / "b.png", elsewhere / "c.png"):
+        path.write_bytes(b"")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    files, skipped = folder_lib.image_files([str(root)])
+    assert sorted(os.path.basename(f) for f in files) == ["a.png", "b.png", "c.png"]
+    assert skipped == []

@@ -196,7 +196,7 @@ def test_bmp_gif_webp_are_read_like_pil_reads_them(tmp_path):
     assert set(lossless + only_new) <= set(files.paths)
     assert data.get_num_examples("folder", root, "test", "eval") == 3 + len(lossless + only_new)
     decoded = {
-        path: (example["image"].numpy(), int(example["label"]))
+        path: (example["image"], int(example["label"]))
         for path, example in zip(files.paths, folder_lib.dataset(files), strict=True)
     }
     for path in lossless + only_new:
@@ -297,7 +297,8 @@ def test_unprepared_message_suggests_python_first(tmp_path, subdir):
     if subdir == "data":
         assert command == (
             'python -c "import tensorflow_datasets as tfds; '
-            f"tfds.builder('dtd:3.*.*', data_dir='{data_dir}').download_and_prepare()\""
+            f"tfds.builder('dtd:3.*.*', data_dir='{data_dir}', file_format='array_record')"
+            ".download_and_prepare()\""
         )
     code = _prepare_code(message)
     ast.parse(code)

@@ -93,7 +93,7 @@ def dinov2_cls(tmp_path_factory):
     labels = np.concatenate([(test_labels if part == "test" else train_labels)[index]
                              for part, index in rows.items()]).astype(np.int32)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
-    x = data.normalize_array(data.resize(rgb, IMAGE_SIZE).numpy(), "imagenet")
+    x = data.normalize_array(data.resize(rgb, IMAGE_SIZE), "imagenet")
     batch = 225  # divides the total, so the forward pass compiles once
     features = np.concatenate([np.asarray(cls(variables, x[i:i + batch]))
                                for i in range(0, len(x), batch)])

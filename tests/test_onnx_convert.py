@@ -102,7 +102,7 @@ def gray_images():
 def _inputs(gray, size):
     """Grayscale -> RGB, bilinear resize, ImageNet mean/std: float32 [B, S, S, 3]."""
     rgb = np.repeat(gray[..., None], 3, axis=-1)
-    resized = np.stack([data.resize(x, size).numpy() for x in rgb])
+    resized = np.stack([data.resize(x, size) for x in rgb])
     return data.normalize_array(resized, "imagenet")
 
 

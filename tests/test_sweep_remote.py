@@ -2,10 +2,10 @@
 
 The bucket is fake (`tests.test_multihost_io.fake_gcs`): epath's backends are redirected to a
 local directory and every local-only call on a gs: path raises, so nothing reaches the network.
-Two writers do not go through epath and are mapped to the same directory by the test, after
-checking that they were handed a gs:// path: orbax's checkpoints (TensorStore writes their
-arrays; `checkpointing.checkpoint_dir` of a gs:// workdir must be gs://..., and its files then
-go to the fake bucket's directory) and TensorBoard's writer (clu's, through tf.io.gfile). The
+One writer does not go through epath and is mapped to the same directory by the test, after
+checking that it was handed a gs:// path: orbax's checkpoints (TensorStore writes their arrays;
+`checkpointing.checkpoint_dir` of a gs:// workdir must be gs://..., and its files then go to
+the fake bucket's directory); TensorBoard's event files go through epath (`metrics_io`). The
 backbone cache stays on each host's own disk (`cache_dir`), as a memory-mapped cache must.
 
 Every test runs in an empty current directory and checks that it stays empty: a gs:// path
@@ -34,7 +34,7 @@ from tests import multihost, train_utils
 from tests.test_multihost_io import fake_gcs
 from vqt_jax import export, resolve
 from vqt_jax import sweep as sweep_lib
-from vqt_jax.training import checkpointing, metrics_io, stacked
+from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training import workdir as workdir_lib
 
 SWEEP, REFERENCE = "gs://bucket/sweep", "gs://bucket/reference"
@@ -45,24 +45,16 @@ KILL_STEP = 4
 
 @contextlib.contextmanager
 def remote(root: str | os.PathLike) -> Iterator[None]:
-    """The fake bucket under ROOT, with checkpoints and TensorBoard events mapped into it."""
+    """The fake bucket under ROOT, with orbax's checkpoints mapped into it."""
     with fake_gcs(root) as local:
         checkpoint_dir = checkpointing.checkpoint_dir
-        default_writer = metrics_io.metric_writers.create_default_writer
 
         def mapped_checkpoint_dir(workdir):
             path = checkpoint_dir(workdir)
             assert str(path).startswith("gs://bucket/"), f"checkpoints outside the bucket: {path}"
             return epath.Path(local(path))
 
-        def mapped_writer(logdir, **kwargs):
-            # Off the chief it only logs (no files); on the chief its events go to the bucket.
-            assert kwargs.get("just_logging") or logdir.startswith("gs://bucket/"), logdir
-            return default_writer(local(logdir), **kwargs)
-
-        with mock.patch.object(checkpointing, "checkpoint_dir", mapped_checkpoint_dir), \
-                mock.patch.object(metrics_io.metric_writers, "create_default_writer",
-                                  mapped_writer):
+        with mock.patch.object(checkpointing, "checkpoint_dir", mapped_checkpoint_dir):
             epath.Path("gs://bucket").mkdir(parents=True, exist_ok=True)
             yield
 

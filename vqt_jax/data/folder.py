@@ -227,11 +227,25 @@ def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> Fo
     return FolderListing(tuple(paths), tuple(labels))
 
 
+def _walk(path: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk` that follows symbolic links to folders, each real folder once (a link loop
+    ends where it comes back)."""
+    seen = set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield root, dirs, names
+
+
 def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """(image files, skipped entries) of files and folders to classify.
 
     A folder is searched recursively for files with an image extension (sorted, hidden names
-    left out; other files are returned as skipped); a file given by name is kept whatever its
+    left out; other files are returned as skipped), following links to folders, each real
+    folder once; a file given by name is kept whatever its
     extension (decoding decides). gs:// paths work as local ones.
 
     Raises:
@@ -241,7 +255,7 @@ def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     for path in inputs:
         if _isdir(path):
             found = []
-            for root, _, names in (epath.Path(path).walk() if _remote(path) else os.walk(path)):
+            for root, _, names in (epath.Path(path).walk() if _remote(path) else _walk(path)):
                 root = str(root)
                 relative = os.path.relpath(root.rstrip("/"), path.rstrip("/"))
                 if any(part.startswith(".") for part in relative.split(os.sep) if part != "."):

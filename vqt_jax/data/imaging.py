@@ -75,7 +75,8 @@ def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np.ndarray:
-    """Bilinear resize of one image ``[H, W, C]`` to ``[image_size, image_size, C]``, no crop.
+    """Bilinear resize of an image ``[H, W, C]`` (or a batch ``[N, H, W, C]``, each image
+    alike, as `tf.image.resize` takes both) to ``[image_size, image_size, C]``, no crop.
 
     With `round_resized` the result is rounded (half to even) and clipped back to uint8 (a
     quarter of the memory for the in-memory training set); otherwise it is the float32 result
@@ -83,6 +84,8 @@ def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np
     function, so they see identical pixels.
     """
     image = np.asarray(image)
+    if image.ndim == 4:
+        return np.stack([resize(x, image_size, round_resized) for x in image])
     (height, width, channels), size = image.shape, image_size
     top, bottom, y_weight = _taps(height, size)
     left, right, x_weight = _taps(width, size)

@@ -1,14 +1,15 @@
-"""The training loop: VQT (and the other methods) on VTAB-1k or an image folder.
+"""A run: the training of one method on VTAB-1k or an image folder, evaluated and written.
 
 `train_and_evaluate(config, workdir)` first checks everything it can without compiling or
 writing (`plan_run`: config, devices, every image, the checkpoint, the workdir's recorded
 config), then locks the workdir, records the config (`workdir/config.json`), loads the
-pretrained backbone and trains the method's trainable set with one jitted, data-parallel step
-over a `jax.sharding.Mesh` of every device (batch sharded, parameters replicated, buffers
-donated). It logs through clu (TensorBoard, console, a JSON-lines file), checkpoints with orbax
-(re-running on the same workdir with the same config resumes; a state is checkpointed only once
-it proved finite and sound), evaluates at the end with padded, masked batches, and writes
-`workdir/results.json` (with the whole config).
+pretrained backbone and trains the method's trainable set as a stack of one on the training
+engine (`engine.py`: data-parallel over a `jax.sharding.Mesh` of every device, from the device
+cache, the host cache or the images). It logs through `metrics_io` (console, a JSON-lines
+file, TensorBoard), checkpoints with orbax (a re-run with the same config resumes; a state is
+checkpointed only once it proved finite and sound), evaluates at the end with padded, masked
+batches, runs the compression stages and baselines the config asks for, and writes
+`workdir/results.json` (with the whole config) and `workdir/model.vqt`.
 """
 
 from __future__ import annotations
