@@ -20,7 +20,7 @@ the devices (`vqt_jax.training.stacked`: one compilation, one backbone pass per 
 split, the same numbers), else one by one; ``one`` makes the first an error where it cannot
 be; ``sequential`` always trains one run at a time.
 
-``--distributed``: run the same command on every host (as main.py's, README "Multi-host"), with
+``--distributed``: run the same command on every host (as main.py's, docs/multihost.md), with
 a workdir every host sees (a shared file system, or a ``gs://`` URL: then every file of the
 sweep goes to the bucket, and a host's disk holds its caches only: the backbone's features and
 compiled programs); every run trains on all hosts together, process 0 writes the sweep's files,
