@@ -136,6 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # never in the workdir (train.default_cache_dir); entries are named by their contents.
     c.cache_dir = ml_collections.config_dict.placeholder(str)
     c.cache_max_gb = 32.0  # budget; a larger cache falls back to the uncached path
+    # The cache directory's cap: before a build, its least recently used entries that no
+    # running process uses are removed to make room (0: no cap).
+    c.cache_dir_max_gb = 200.0
     # Keep the cache on the devices and train in compiled loops ('auto': when it fits half of
     # each device's memory; 'on': fail if it does not; 'off': gather batches on the host).
     c.cache_on_device = "auto"

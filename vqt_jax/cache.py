@@ -40,6 +40,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -410,6 +411,60 @@ def remove_orphaned_builds(directory: str) -> list[str]:
         logging.info("Removed %s: an interrupted cache build (process %s on this host is "
                      "gone).", path, match["pid"])
         removed.append(path)
+    return removed
+
+
+# Every process that uses an entry holds a shared lock on its directory until it exits, and
+# sets the directory's modification time when it starts using it (the entry's last use).
+_HELD: dict[str, int] = {}  # entry path -> the descriptor holding its shared lock
+
+
+def claim(path: str) -> None:
+    """Marks the entry at `path` as in use by this process until it exits (`make_room` never
+    removes it) and as used now; where the file system cannot lock, only the time is kept."""
+    try:
+        if path not in _HELD:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                _HELD[path] = fd
+            except OSError:
+                os.close(fd)
+        os.utime(path)
+    except OSError as e:  # a read-only cache directory: the entry is used all the same
+        logging.info("Could not mark the cache %s as in use: %s", path, e)
+
+
+def make_room(directory: str, need: int, max_gb: float) -> list[str]:
+    """Removes the least recently used entries of the cache directory until they and `need`
+    more bytes take at most `max_gb`; an entry in use (locked by any process, this one
+    included) is never removed. Returns the paths removed (each one is logged)."""
+    if not max_gb or not os.path.isdir(directory):
+        return []
+    entries = []
+    for entry in os.scandir(directory):
+        files = [f for f in os.scandir(entry.path) if f.is_file()] if (
+            entry.is_dir() and not entry.name.startswith(".")) else []
+        if any(f.name == "meta.json" for f in files):  # a complete entry
+            entries.append((entry.stat().st_mtime, sum(f.stat().st_size for f in files),
+                            entry.path))
+    total, removed = sum(size for _, size, _ in entries) + need, []
+    for _, size, path in sorted(entries):
+        if total <= max_gb * 2**30:
+            break
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # in use
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        total -= size
+        removed.append(path)
+        logging.info("Removed the cache %s (%s, the least recently used) to keep %s under "
+                     "config.cache_dir_max_gb=%g.", path, format_size(size), directory, max_gb)
     return removed
 
 

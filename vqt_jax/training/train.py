@@ -403,6 +403,11 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
         found = None if path is None else cache_lib.open_cache(path, plan.spec)
         what = "the cache"
         build = functools.partial(cache_lib.build, path=path, keep_float32=keep_float32)
+    if found is not None:
+        cache_lib.claim(path)
+    elif path is not None:
+        cache_lib.make_room(os.path.dirname(path), plan.spec.nbytes,
+                            config.get("cache_dir_max_gb", 0))
     # The build is collective: if any host lacks its copy, every host runs the pass (a host
     # that has a complete copy keeps it).
     if hosts.all_agree(found is not None):
@@ -412,9 +417,12 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
                                               config.image_size, round_resized(config))
     norm = data.as_normalization(config.normalization)
     try:
-        return build(plan.spec, model, variables, images, labels, mesh=mesh,
-                     batch_size=config.eval_batch_size or config.batch_size,
-                     normalize=lambda x: data.normalize_array(x, norm))
+        built = build(plan.spec, model, variables, images, labels, mesh=mesh,
+                      batch_size=config.eval_batch_size or config.batch_size,
+                      normalize=lambda x: data.normalize_array(x, norm))
+        if path is not None:
+            cache_lib.claim(path)
+        return built
     except cache_lib.DiskSpaceError as e:
         if config.get("cache", "off") == "on":
             raise

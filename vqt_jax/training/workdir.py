@@ -46,7 +46,8 @@ EVALUATION_FILE = "evaluation.json"  # per-class top-1, confusion matrix (train.
 LOCK_FILE = ".lock"  # empty; locked while a run uses the workdir (see `lock`)
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
-    "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_on_device",
+    "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_dir_max_gb",
+    "cache_on_device",
     "num_devices", "compilation_cache_dir", "program_max_runs",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
     "prepare", "save_predictions",
