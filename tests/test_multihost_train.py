@@ -1,10 +1,10 @@
 """Multi-host training end to end: 2 processes x 2 CPU devices, killed, resumed, equal to 1.
 
 Each process has its own local cache directory and both share the workdir (a shared file
-system, as docs/multihost.md's pod recipe asks). The run trains VQT, then fits the linear baseline and
-compression on the trained model's features; a first launch is killed at step 6 (the last
-checkpoint is step 4), a second resumes it, and its results must equal one process's
-uninterrupted run. This module is also the worker script (`python -m
+system, as docs/multihost.md's pod recipe asks). The run trains VQT, then fits the linear
+baseline and compression on the trained model's features; a first launch is killed at step 6
+(the last checkpoint is step 4), a second resumes it, and its results must equal one
+process's uninterrupted run. This module is also the worker script (`python -m
 tests.test_multihost_train ...`).
 """
 
