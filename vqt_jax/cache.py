@@ -376,16 +376,6 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # EPERM: alive, someone else's; otherwise: do not guess
-        pass
-    return True
-
-
 def remove_orphaned_builds(directory: str) -> list[str]:
     """Removes the temporary builds in `directory` left by processes gone from this host.
 
@@ -404,7 +394,7 @@ def remove_orphaned_builds(directory: str) -> list[str]:
     for name in sorted(names):
         match = _TMP_RE.match(name)
         path = os.path.join(directory, name)
-        if (match is None or match["host"] != host or _process_alive(int(match["pid"]))
+        if (match is None or match["host"] != host or hosts.process_alive(int(match["pid"]))
                 or not os.path.isdir(path)):
             continue
         shutil.rmtree(path, ignore_errors=True)  # another run may be removing it too

@@ -75,3 +75,15 @@ def all_agree(flag: bool) -> bool:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` on this host is running (True where that cannot be told, e.g.
+    another user's process), for removing what dead processes left behind."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; otherwise: do not guess
+        pass
+    return True

@@ -682,11 +682,11 @@ def _run_locked(plan: RunPlan, workdir: str,
         writer.write_hparams(workdir_lib.flatten(workdir_lib.as_dict(config)))
 
     cache = None
-    if cache_plan is not None and (start < total_steps or compression_wanted(config)):
+    needs_data = start < total_steps or compression_wanted(config)
+    if cache_plan is not None and needs_data:
         cache = get_cache(cache_plan, config, model, variables, mesh,
                           device_rows=device_rows_only(config, cache_plan.spec, mesh))
-    source = source_fn(config, cache, mesh) if start < total_steps or compression_wanted(
-        config) else None
+    source = source_fn(config, cache, mesh) if needs_data else None
     outcome = None
     last_saved = manager.latest_step() or 0
     try:
@@ -724,9 +724,8 @@ def _run_locked(plan: RunPlan, workdir: str,
     if outcome is not None:
         on_device = isinstance(run.source, engine.DeviceSource)
     else:  # trained earlier: how it trained, as the plan says; its loss, as saved
-        on_device = cache_plan is not None and (
-            device_rows_only(config, cache_plan.spec, mesh)
-            or why_not_on_device(config, cache_plan.spec, mesh) is None)
+        on_device = (cache_plan is not None
+                     and why_not_on_device(config, cache_plan.spec, mesh) is None)
     results = run_results(
         config, steps=total_steps, eval_metrics=eval_metrics,
         train_loss=float((restored["loss"] if outcome is None else outcome.loss)[0]),

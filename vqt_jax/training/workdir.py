@@ -38,6 +38,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from vqt_jax import hosts
+
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
 NONFINITE_FILE = "stopped_nonfinite.json"
@@ -166,16 +168,6 @@ def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Non
             tmp.unlink()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by another user
-        return True
-    return True
-
-
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Deletes the temporary files `NAME.tmp-PID` beside the local file `path` whose process
     is no longer running (a write killed before its rename)."""
@@ -183,7 +175,7 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for entry in os.listdir(directory or "."):
             pid = entry[len(name) + 5:] if entry.startswith(f"{name}.tmp-") else ""
-            if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) > 0 and not hosts.process_alive(int(pid)):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(directory, entry))
 
