@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -64,8 +67,28 @@ def _tf_decode(encoded: bytes) -> np.ndarray:
     return tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
 
 
+def _png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 ``[H, W, C]`` (PIL writes 16 bits for gray only)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    h, w, channels = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)  # color type
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
 _RGB = np.random.default_rng(0).integers(0, 256, (21, 34, 3), np.uint8)
 _GRAY16 = np.random.default_rng(1).integers(0, 65536, (21, 34)).astype(np.uint16)
+_RGBA16 = np.random.default_rng(3).integers(0, 65536, (21, 34, 4)).astype(np.uint16)
+_RGBA = np.dstack([_RGB, _RGB[..., 1:2]])
+_CMYK = io.BytesIO()  # Random ink, black included (PIL's RGB to CMYK would leave K at 0).
+Image.merge("CMYK", [Image.fromarray(x) for x in (_RGBA16 >> 8).astype(np.uint8).transpose(
+    2, 0, 1)]).save(_CMYK, "JPEG", quality=90)
+_ROTATED = Image.Exif()
+_ROTATED[0x0112] = 6  # EXIF Orientation: rotate 90 degrees clockwise to display.
 EXACT = {
     "png": _encode(_RGB, "PNG"),
     "png_gray": _encode(_RGB[..., 0], "PNG"),
@@ -78,12 +101,28 @@ EXACT = {
     "webp_lossy": _encode(_RGB, "WEBP", quality=80),
     "jpeg_444": _encode(_RGB, "JPEG", quality=90, subsampling=0),
     "jpeg_gray": _encode(_RGB[..., 0], "JPEG", quality=90),
+    # Edge cases (docs/caching.md, "Decoding"): alpha and transparency dropped, 16 bits to
+    # their high byte (TF: uint16 // 256), CMYK by TF's formula.
+    "png_16bit_rgb": _png16(_RGBA16[..., :3]),
+    "png_16bit_rgba": _png16(_RGBA16),
+    "png_16bit_gray_alpha": _png16(_RGBA16[..., :2]),
+    "png_palette_trns_index": _encode(_RGB, "PNG", mode="P", transparency=3),
+    "png_palette_trns_alpha": _encode(_RGBA, "PNG", mode="P"),  # tRNS of per-entry alphas.
+    "png_gray_alpha": _encode(_RGBA[..., 2:], "PNG"),  # 'LA'
+    "png_gray_trns": _encode(_RGB[..., 0], "PNG", transparency=5),
+    "png_rgb_trns": _encode(_RGB, "PNG", transparency=(1, 2, 3)),
+    "png_1bit": _encode(_RGB[..., 0], "PNG", mode="1"),
+    "jpeg_cmyk": _CMYK.getvalue(),
+    # TF ignores EXIF orientation and so do we: the stored 21 x 34, not the displayed 34 x 21.
+    "jpeg_exif_rotated": _encode(_RGB, "JPEG", quality=90, subsampling=0, exif=_ROTATED),
 }
 
 
 @pytest.mark.parametrize("name", list(EXACT))
 def test_decode_equals_tf_decode_image(name):
-    got = imaging.decode(EXACT[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns of dropped palette alphas: not per image.
+        got = imaging.decode(EXACT[name])
     assert got.dtype == np.uint8 and got.shape == (21, 34, 3)
     np.testing.assert_array_equal(got, _tf_decode(EXACT[name]))
 

@@ -4,9 +4,11 @@
 to uint8 RGB as TensorFlow's ``tf.io.decode_image(..., channels=3, expand_animations=False)``
 did. JPEG: TensorFlow decodes with libjpeg's fast integer IDCT and smooth ("fancy") chroma
 upsampling. PIL offers the fast IDCT only together with plain upsampling, so a JPEG without
-chroma subsampling (gray or 4:4:4) decodes with it, to TensorFlow's pixels exactly, and a
+chroma subsampling (gray, 4:4:4, CMYK) decodes with it, to TensorFlow's pixels exactly, and a
 subsampled one (4:2:0, 4:2:2) with PIL's accurate IDCT and smooth upsampling: TensorFlow's
-upsampling, and an IDCT that rounds a few levels differently on some pixels.
+upsampling, and an IDCT that rounds a few levels differently on some pixels. CMYK becomes RGB
+by TensorFlow's formula, and an EXIF orientation is ignored, as TensorFlow does
+(docs/caching.md, "Decoding", lists the edge cases).
 
 `resize` is ``tf.image.resize(method='bilinear')`` of TF2 (half-pixel centres, no antialias)
 in float32, with TensorFlow's operation order, and its uint8 rounding (half to even).
@@ -21,9 +23,9 @@ import io
 import re
 
 import numpy as np
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
-IMPLEMENTATION = "pil-decode+numpy-bilinear-1"
+IMPLEMENTATION = "pil-decode+numpy-bilinear-2"  # -2: CMYK JPEGs as TF decodes them.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Signatures, to name the format of a file that PIL cannot even open.
 _MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
@@ -43,8 +45,9 @@ def _reason(error: Exception, fmt: str | None) -> str:
 def decode(encoded: bytes, channels: int = 3) -> np.ndarray:
     """Decodes an encoded image to uint8 ``[H, W, channels]`` (`channels` 3: RGB, 1: gray).
 
-    Alpha is dropped, palettes expanded, gray replicated to RGB; 16-bit images keep their
-    high byte. An animated GIF or WebP gives its first frame.
+    Alpha and transparency are dropped, palettes expanded, gray replicated to RGB; 16-bit
+    images keep their high byte; EXIF orientation is ignored. An animated GIF or WebP gives
+    its first frame.
 
     Raises:
         DecodeError: The data is not a complete image of a format PIL reads.
@@ -52,12 +55,16 @@ def decode(encoded: bytes, channels: int = 3) -> np.ndarray:
     fmt = next((name for magic, name in _MAGIC.items() if encoded.startswith(magic)), None)
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            if image.format == "JPEG" and (
-                    image.mode == "L" or JpegImagePlugin.get_sampling(image) == 0):
-                image.decoderconfig = (1, 1)  # (scale, draft): libjpeg's fast integer IDCT.
+            if image.format == "JPEG" and len({layer[1:3] for layer in image.layer}) == 1:
+                # No chroma subsampling: libjpeg's fast integer IDCT, as TF; (scale, draft).
+                image.decoderconfig = (1, 1)
             if image.mode.startswith("I;16"):
                 gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)[..., None]
                 return np.repeat(gray, channels, axis=-1)
+            if image.mode == "CMYK":  # TF's conversion: it floors, PIL's rounds.
+                ink = 255 - np.asarray(image).astype(np.uint16)
+                image = Image.fromarray((ink[..., :3] * ink[..., 3:] // 255).astype(np.uint8))
+            image.info.pop("transparency", None)  # Alpha is dropped: no PIL warning about it.
             pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
     except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file does not decode.
         raise DecodeError(_reason(e, fmt)) from e
