@@ -14,6 +14,10 @@ images: time does not depend on the values), it measures:
   * cached epoch: the jitted VQT train step on cached keys/values, fed by the same batch
     reader training uses (shuffled gather from the memory map, prefetched); median of
     `--cached_epochs` epochs after a warm-up step;
+  * loader: the input pipeline alone (a folder of `--images` JPEGs at 500x375, decoded and
+    resized to `--image_size`, normalised, batched: the evaluation iterator, as a cache build
+    and an uncached run read images), images/s against the backbone forward of the cache
+    build and the uncached train step, so it shows whether the loader keeps up;
 and prints the cache's size, the per-image times, the ratio uncached/cached epoch, and the
 projected end-to-end training time of a VTAB-1k sweep (`--grid_points` (lr, wd) points x
 `--epochs` epochs on 800 training images) both ways, from the measured per-image times. With
@@ -37,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import data
+from vqt_jax import data, timing
 from vqt_jax.models import create_model
 from vqt_jax.training import train, train_step
 from vqt_jax.training import trainable as trainable_lib
@@ -53,6 +57,24 @@ def _timed_epochs(run_epoch, epochs: int) -> list[float]:
         run_epoch()
         times.append(time.perf_counter() - t)
     return times
+
+
+def loader_images_s(num_images: int, image_size: int, batch: int, root: str) -> float:
+    """Images/s of the folder pipeline alone over `num_images` 500x375 JPEGs under `root`."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # smooth, photo-like content
+    for split, n in (("train", 2), ("val", 2), ("test", num_images)):
+        for i in range(n):
+            d = os.path.join(root, split, f"c{i % 2}")
+            os.makedirs(d, exist_ok=True)
+            img = Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375), Image.BILINEAR)
+            img.save(os.path.join(d, f"{i}.jpg"), quality=90)
+    t = time.perf_counter()
+    count = sum(int(b["mask"].sum()) for b in data.make_eval_iterator(
+        "folder", root, "test", global_batch_size=batch, image_size=image_size))
+    return count / (time.perf_counter() - t)
 
 
 def measure(variant: str = "B/16", image_size: int = 224, num_images: int = 256,
@@ -137,6 +159,7 @@ def measure(variant: str = "B/16", image_size: int = 224, num_images: int = 256,
         cached_warmup = time.perf_counter() - t
         cached_times = _timed_epochs(cached_epoch, cached_epochs)
         batches.close()
+        loader = loader_images_s(num_images, image_size, batch, os.path.join(tmp, "folder"))
 
     uncached = statistics.median(uncached_times)
     cached = statistics.median(cached_times)
@@ -155,6 +178,8 @@ def measure(variant: str = "B/16", image_size: int = 224, num_images: int = 256,
         "cached_epoch_s": cached, "cached_epochs_s": cached_times,
         "cached_first_step_s": cached_warmup,
         "speedup_per_epoch": uncached / cached,
+        "loader_images_s": loader, "cache_build_images_s": num_images / build_time,
+        "uncached_images_s": num_images / uncached, "machine": timing.machine(),
         "grid": {"points": grid_points, "epochs": epochs, "train_images": VTAB_TRAIN_IMAGES,
                  "uncached_s": grid_uncached, "cached_s": grid_cached,
                  "cached_build_s": VTAB_TRAIN_IMAGES * build_time / num_images},
@@ -178,6 +203,8 @@ def _report(r: dict) -> str:
         f"{1e3 * r['cached_epoch_s'] / r['images']:.3f} |",
         "",
         f"cached epoch is {r['speedup_per_epoch']:.1f}x faster (target >= 20x)",
+        f"images/s: loader alone {r['loader_images_s']:.1f}, cache build's forward "
+        f"{r['cache_build_images_s']:.1f}, uncached train step {r['uncached_images_s']:.1f}",
         f"VTAB-1k sweep, {g['points']} points x {g['epochs']} epochs x {g['train_images']} "
         f"images: uncached {g['uncached_s'] / 3600:.1f} h, cached "
         f"{g['cached_s'] / 3600:.2f} h (incl. the {g['cached_build_s']:.0f} s cache build)",
