@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--output", help="write predictions here: .csv or .jsonl")
+    p.add_argument("--log_libraries", action="store_true",
+                   help="keep the INFO logs of libraries (jax) and XLA's native start-up lines")
     return p
 
 
@@ -122,14 +124,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from absl import logging  # noqa: PLC0415
-
+    cli.setup_logging(args.log_libraries)  # main.py's format; before jax starts a backend
     from vqt_jax import serving  # noqa: PLC0415
     from vqt_jax.data import folder  # noqa: PLC0415
     from vqt_jax.progress import Progress  # noqa: PLC0415
 
-    logging.set_verbosity(logging.INFO)
-    cli.quiet_libraries()
     files, skipped = folder.image_files(args.inputs)
     predictor = serving.Predictor(args.model, backbone=args.backbone,
                                   batch_size=args.batch_size)

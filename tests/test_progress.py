@@ -39,6 +39,26 @@ def test_progress_lines_have_rate_and_eta():
     assert lines[-1] == "Evaluating on test: 1000 images in 50.0 s (20.0 images/s)"
 
 
+def test_the_eta_waits_for_the_steady_rate_and_the_end_for_done():
+    """The first update (compilation included) gives no ETA and no rate for the ETAs after it;
+    the count reaching the total logs nothing: `done()` says when the work is over."""
+    clock, lines = FakeClock(), []
+    p = progress.Progress("Training", 1000, "steps", every_s=10, log=lines.append, clock=clock)
+    clock.now = 60  # the first chunk: 10 s of compiling per step
+    p.update(100)
+    assert lines == ["Training: 100/1000 steps (10%), 1.7 steps/s"]
+    for _ in range(9):
+        clock.now += 5
+        p.update(100)
+    assert lines[1:] == ["Training: 300/1000 steps (30%), 20.0 steps/s, ETA 35s",
+                         "Training: 500/1000 steps (50%), 20.0 steps/s, ETA 25s",
+                         "Training: 700/1000 steps (70%), 20.0 steps/s, ETA 15s",
+                         "Training: 900/1000 steps (90%), 20.0 steps/s, ETA 5s"]
+    clock.now += 30  # the work after the last step
+    p.done()
+    assert lines[5:] == ["Training: 1000 steps in 135.0 s (7.4 steps/s)"]
+
+
 def test_a_short_phase_stays_quiet():
     clock, lines = FakeClock(), []
     p = progress.Progress("Quick", 10, log=lines.append, clock=clock)
@@ -53,7 +73,10 @@ def test_slow_units_and_long_etas_read_well():
     p = progress.Progress("Sweep", 22, "runs", every_s=1, log=lines.append, clock=clock)
     clock.now = 300
     p.update()
-    assert lines == ["Sweep: 1/22 runs (5%), 300.0 s per run, ETA 1h45m"]
+    clock.now = 600
+    p.update()
+    assert lines == ["Sweep: 1/22 runs (5%), 300.0 s per run",
+                     "Sweep: 2/22 runs (9%), 300.0 s per run, ETA 1h40m"]
     assert progress.format_duration(125) == "2m05s"
 
 
@@ -66,11 +89,14 @@ def test_library_info_lines_are_dropped_warnings_kept():
     orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
     assert not f.filter(_record(orbax, logging.INFO))
     assert f.filter(_record(orbax, logging.WARNING))
+    assert not f.filter(_record("/site-packages/jax/_src/xla_bridge.py", logging.INFO))
     assert f.filter(_record("/work/vqt_jax/training/train.py", logging.INFO))
 
 
 def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatch, capsys):
-    """Through main.py's entry: training, evaluation and feature-head progress; orbax quiet."""
+    """Through main.py's entry: training, evaluation and feature-head progress, each with an
+    ETA (at least three updates: the first gives none); orbax quiet; the hyperparameters in
+    short lines."""
     monkeypatch.chdir(REPO)
     # Every update logs, so a tiny run shows what a long one shows every few seconds.
     def every_update(*args, **kwargs):
@@ -78,7 +104,8 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
 
     for module in (train, engine, feature_heads):
         monkeypatch.setattr(module, "Progress", every_update)
-    folder = train_utils.make_image_folder(tmp_path / "data")
+    folder = train_utils.make_image_folder(tmp_path / "data",
+                                           counts=(("train", 8), ("val", 4), ("test", 10)))
     caplog.set_level(logging.INFO)
     code = cli.run(["main.py", f"--config=tests/tiny_config.py:{folder}",
                     f"--workdir={tmp_path / 'wd'}", "--config.epochs=1",
@@ -87,10 +114,15 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
     messages = [r.getMessage() for r in caplog.records]
     assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
                for m in messages), messages
-    assert any(re.match(r"Evaluating on test: \d+/15 images \(\d+%\), .*ETA", m)
+    assert any(re.match(r"Evaluating on test: \d+/30 images \(\d+%\), .*ETA", m)
                for m in messages), messages
-    assert any(re.match(r"Evaluation features: \d+/15 images .*ETA", m)
+    assert any(re.match(r"Evaluation features: \d+/30 images .*ETA", m)
                for m in messages), messages
+    assert any(re.match(r"Feature heads: fitting linear: \d+/14 fits \(\d+%\), .*ETA", m)
+               for m in messages), messages
+    assert not any(re.search(r"\(100%\)", m) for m in messages), messages
+    (hparams,) = [m for m in messages if m.startswith("Hyperparameters:")]
+    assert len(hparams.splitlines()) > 5 and max(map(len, hparams.splitlines())) <= 200
     assert any(re.match(r"Feature heads: linear fitted in \d+s, top-1 ", m)
                for m in messages), messages
     orbax = [r for r in caplog.records if "/orbax/" in r.pathname and r.levelno < logging.WARNING]

@@ -31,8 +31,9 @@ from ml_collections import config_flags
 from vqt_jax import hosts
 
 ENV_DISTRIBUTED = hosts.ENV_DISTRIBUTED
-# Libraries whose INFO lines drown the run's own (orbax logs every save step by step).
-QUIET_LIBRARIES = ("orbax",)
+# Libraries whose INFO lines drown the run's own: orbax logs every save step by step, jax its
+# backend probing ("Unable to initialize backend 'tpu'"), etils and grain their set-up.
+QUIET_LIBRARIES = ("orbax", "jax", "jaxlib", "etils", "grain")
 
 
 class UsageError(ValueError):
@@ -76,8 +77,8 @@ def define_flags(fv: flags.FlagValues,
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host off Cloud TPU).",
                          flag_values=fv)
-    flags.DEFINE_bool("log_libraries", False, "Keep the INFO logs of libraries (orbax).",
-                      flag_values=fv)
+    flags.DEFINE_bool("log_libraries", False, "Keep the INFO logs of libraries (orbax, jax) and "
+                      "XLA's native start-up lines.", flag_values=fv)
     return fv
 
 
@@ -145,8 +146,25 @@ class _QuietLibraries(py_logging.Filter):
         return not any(f"/{name}/" in path for name in QUIET_LIBRARIES)
 
 
+def setup_logging(libraries: bool = False) -> None:
+    """One log format for every command line (absl's), at INFO, libraries quiet (see
+    `quiet_libraries`). It starts no JAX backend: a multi-host run initialises after it.
+
+    Args:
+      libraries: keep the libraries' INFO lines and XLA's native (C++) log lines.
+    """
+    if not libraries:
+        # XLA's C++ logging reads it at its first line, after this (no backend is up yet).
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        quiet_libraries()
+    logging.use_absl_handler()  # outside app.run (predict.py), absl's format all the same
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # else absl's handler warns of "logging before flag parsing"
+    logging.set_verbosity(logging.INFO)
+
+
 def quiet_libraries() -> None:
-    """Keeps library logs (orbax) at warning level: they are most of a run's lines otherwise."""
+    """Keeps library logs at warning level: they are most of a run's lines otherwise."""
     absl_logger = logging.get_absl_logger()
     if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
         absl_logger.addFilter(_QuietLibraries())
@@ -222,14 +240,13 @@ def run(argv: Sequence[str], fv: flags.FlagValues | None = None) -> int:
 
 def run_options(options: Options) -> int:
     """Runs parsed options (see `run`)."""
-    if not options.log_libraries:
-        quiet_libraries()
+    setup_logging(options.log_libraries)
     if options.distributed:
         hosts.initialize(options.coordinator, options.num_processes, options.process_id)
     from vqt_jax.training import train
 
     if not hosts.is_chief():
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.WARNING)  # the other hosts' lines repeat the chief's
     try:
         if options.dry_run:
             plan = train.plan_run(options.config, options.workdir, dry_run=True)

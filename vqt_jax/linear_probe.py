@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -71,6 +71,7 @@ import optax
 import optax.tree_utils as otu
 
 from vqt_jax.compression import num_to_keep
+from vqt_jax.progress import Progress
 
 # C grid of scikit-learn's convention: 1e-3 ... 1e3, half a decade apart.
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
@@ -425,22 +426,31 @@ def select_c(val_correct: Sequence[int], cs: Sequence[float]) -> int:
     return int(np.argmax(np.asarray(val_correct)))  # argmax returns the first maximum
 
 
+def _counter(progress: Progress | None, fits: int) -> Callable[[], None]:
+    """Counts one fit on `progress` per call (its total set to `fits`); a no-op without one."""
+    if progress is None:
+        return lambda: None
+    progress.total = fits
+    return progress.update
+
+
 def _sweep(problem: _Problem, n_train: int, cs: Sequence[float], tol: float,
-           max_iter: int) -> list[int]:
+           max_iter: int, fitted: Callable[[], None]) -> list[int]:
     """Validation correct counts of every C fitted on the first `n_train` rows (warm-started;
-    the other rows are the validation part)."""
+    the other rows are the validation part); `fitted()` after each fit."""
     weights = (np.arange(problem.n) < n_train).astype(np.float32)
     x_val, y_val = problem.x[n_train:], problem.classes[problem.y_idx[n_train:]]
     correct, init = [], None
     for c in cs:
         probe, init = problem.fit(weights, c, init, tol, max_iter)
         correct.append(int(np.sum(probe.predict(x_val) == y_val)))
+        fitted()
     return correct
 
 
 def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: Any, *,
          cs: Sequence[float] = DEFAULT_CS, tol: float = TOL,
-         max_iter: int = MAX_ITER) -> Tuned:
+         max_iter: int = MAX_ITER, progress: Progress | None = None) -> Tuned:
     """C chosen on the validation part (see `select_c`), then refitted on train + val.
 
     Args:
@@ -451,6 +461,7 @@ def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: 
       cs: the C grid (sorted here).
       tol: gradient-norm tolerance of each fit.
       max_iter: iteration cap of each fit.
+      progress: counts the fits (one per C, then the refit), its total set here.
 
     Returns:
       `Tuned`: the refitted probe, the chosen C and every C's validation top-1.
@@ -462,9 +473,11 @@ def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: 
     cs = _check_grid(cs, "cs")
     x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
     problem = _Problem(x, y, classes, _width(len(x), x.shape[1]))
-    correct = _sweep(problem, n, cs, tol, max_iter)
+    fitted = _counter(progress, len(cs) + 1)
+    correct = _sweep(problem, n, cs, tol, max_iter, fitted)
     best = select_c(correct, cs)
     probe, _ = problem.fit(np.ones(len(x)), cs[best], None, tol, max_iter)
+    fitted()
     return Tuned(probe=probe, C=cs[best], cs=cs,
                  val_top1=tuple(k / (len(x) - n) for k in correct))
 
@@ -641,7 +654,7 @@ def group_lasso(features: Any, labels: Any, *, lasso_ratio: float = DEFAULT_LASS
 def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labels: Any, *,
              keep_fracs: Sequence[float] = DEFAULT_KEEP_FRACS, cs: Sequence[float] = DEFAULT_CS,
              lasso_ratio: float = DEFAULT_LASSO_RATIO, tol: float = TOL,
-             max_iter: int = MAX_ITER) -> Head2Toe:
+             max_iter: int = MAX_ITER, progress: Progress | None = None) -> Head2Toe:
     """Head2Toe: group-lasso feature order, then an L2 probe on the top features.
 
     On the training part: `group_lasso` orders the features; for each keep fraction f (the
@@ -661,6 +674,8 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
       lasso_ratio: group-lasso strength relative to its lam_max (see `group_lasso`).
       tol: gradient-norm tolerance of each L2 fit.
       max_iter: iteration cap of each L2 fit.
+      progress: counts the fits (both group lassos, every (f, C), the refit), its total set
+        here.
 
     Returns:
       `Head2Toe`.
@@ -673,12 +688,14 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
     f = x.shape[1]
     width = _width(len(x), f)  # every kept subset fits in this width: one compilation
+    fitted = _counter(progress, len(keep_fracs) * len(cs) + 3)
     selection = group_lasso(x, y, lasso_ratio=lasso_ratio, weights=np.arange(len(x)) < n)
+    fitted()
     val_top1: dict[float, tuple[float, ...]] = {}
     best = (-1, 0.0, 0.0)  # (correct, keep_frac, C)
     for frac in keep_fracs:
         kept = np.sort(selection.order[:num_to_keep(f, frac, nearest=True)])
-        correct = _sweep(_Problem(x[:, kept], y, classes, width), n, cs, tol, max_iter)
+        correct = _sweep(_Problem(x[:, kept], y, classes, width), n, cs, tol, max_iter, fitted)
         val_top1[frac] = tuple(k / (len(x) - n) for k in correct)
         i = select_c(correct, cs)
         if correct[i] > best[0]:  # strict: a tie keeps the smaller fraction
@@ -686,8 +703,10 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     _, frac, c = best
 
     final = group_lasso(x, y, lasso_ratio=lasso_ratio)
+    fitted()
     kept = np.sort(final.order[:num_to_keep(f, frac, nearest=True)])
     problem = _Problem(x[:, kept], y, classes, width)
     probe, _ = problem.fit(np.ones(len(x)), c, None, tol, max_iter)
+    fitted()
     return Head2Toe(probe=probe, kept=kept, keep_frac=frac, C=c, lasso=final.lam,
                     lasso_converged=selection.converged and final.converged, val_top1=val_top1)

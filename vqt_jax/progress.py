@@ -2,13 +2,18 @@
 
     progress = Progress("Evaluating on test", total=1000, unit="images")
     for batch in batches:
-        ...
+        ...  # the batch's work, finished (not only queued) before it is counted
         progress.update(len(batch))
     progress.done()
 
 logs, at most every `every_s` seconds (and not at all for a phase that ends sooner):
 ``Evaluating on test: 384/1000 images (38%), 41.2 images/s, ETA 15s``, and at the end
 ``Evaluating on test: 1000 images in 24.3 s (41.2 images/s)``.
+
+The rate behind an ETA is the steady one, measured from the first update on: the first step,
+batch or chunk of a phase usually includes compiling its program, and an ETA from it would be
+far too long. Until a second update gives a steady rate, a line shows the rate so far and no
+ETA. A count that reached the total logs nothing until `done()`: the work is over only then.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class Progress:
 
     Args:
       what: the phase, e.g. "Caching train800val200".
-      total: units in the phase (None: unknown, no ETA).
+      total: units in the phase (None: unknown, no ETA); may be set later (before updates).
       unit: what is counted, e.g. "images", "steps", "runs".
       every_s: seconds between two progress lines.
       log: where the lines go (absl INFO by default).
@@ -51,29 +56,31 @@ class Progress:
         self._clock = clock
         self.start = clock()
         self._last = self.start
+        self._first: tuple[float, int] | None = None  # (time, count) at the first update
         self.count = 0
 
-    def line(self) -> str:
+    def line(self, now: float | None = None) -> str:
         """The current progress line."""
-        elapsed = max(self._clock() - self.start, 1e-9)
-        rate = self.count / elapsed
+        now = self._clock() if now is None else now
         head = f"{self.what}: {self.count}"
         if self.total:
             head += f"/{self.total} {self.unit} ({100 * self.count / self.total:.0f}%)"
         else:
             head += f" {self.unit}"
-        head += f", {_rate(rate, self.unit)}"
-        if self.total and rate > 0:
-            head += f", ETA {format_duration((self.total - self.count) / rate)}"
-        return head
+        if self._first is not None and self.count > self._first[1] and now > self._first[0]:
+            rate = (self.count - self._first[1]) / (now - self._first[0])
+            eta = f", ETA {format_duration((self.total - self.count) / rate)}" if self.total else ""
+            return f"{head}, {_rate(rate, self.unit)}{eta}"
+        return f"{head}, {_rate(self.count / max(now - self.start, 1e-9), self.unit)}"
 
     def update(self, n: int = 1) -> None:
-        """Adds `n` units; logs a line if `every_s` seconds passed since the last one."""
+        """Adds `n` finished units; logs a line if `every_s` seconds passed since the last one."""
         self.count += n
         now = self._clock()
-        if now - self._last >= self.every_s:
+        self._first = self._first or (now, self.count)
+        if now - self._last >= self.every_s and not (self.total and self.count >= self.total):
             self._last = now
-            self._log(self.line())
+            self._log(self.line(now))
 
     def done(self) -> float:
         """Logs the phase's total time and rate (if it took over a second); returns seconds."""

@@ -319,6 +319,7 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
     done = start
     for end in chunk_ends(start, total, log_every, ckpt_every):
         state, chunk = engine.advance(state, end - done)
+        begun = done
         for last in fetch(chunk, end - done):
             done += 1
             for j in np.flatnonzero(failed == 0):
@@ -333,7 +334,6 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
                 last_saved, pending = pending[0], None
             loss = np.asarray(last["loss"], np.float32)
             history.append(last)
-            progress.update()
             if (log_every > 0 and done % log_every == 0) or done == total:
                 for j, w in enumerate(writers):
                     w.write_scalars(done, {f"train/{k}": float(np.mean([h[k][j] for h in history]))
@@ -341,6 +341,7 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
                 history = []
             for cb in callbacks:
                 cb(done, {k: float(v[0]) for k, v in last.items()})
+        progress.update(done - begun)  # a chunk's steps arrive together: one update, one rate
         if save is not None and done == total:
             save(done, state, failed.copy(), loss)  # its own loss was checked
             last_saved = done

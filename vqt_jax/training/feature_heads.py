@@ -77,20 +77,22 @@ def validation_rows(config: ml_collections.ConfigDict, labels: np.ndarray) -> np
     return mask
 
 
-def _linear(train: Features, evals: Features, is_val: np.ndarray) -> dict:
+def _linear(train: Features, evals: Features, is_val: np.ndarray,
+            progress: Progress | None = None) -> dict:
     # The CLS L2-normalised, as it enters VQT's head.
     x, x_eval = (np.asarray(l2_normalize(jnp.asarray(f["cls"]))) for f in (train, evals))
     y = train["label"]
-    tuned = linear_probe.tune(x[~is_val], y[~is_val], x[is_val], y[is_val])
+    tuned = linear_probe.tune(x[~is_val], y[~is_val], x[is_val], y[is_val], progress=progress)
     return {"top1": tuned.probe.accuracy(x_eval, evals["label"]), "C": tuned.C,
             "val_top1": max(tuned.val_top1), "num_features": int(x.shape[1]),
             "num_val": int(is_val.sum()), "converged": tuned.probe.converged}
 
 
-def _head2toe(train: Features, evals: Features, is_val: np.ndarray) -> dict:
+def _head2toe(train: Features, evals: Features, is_val: np.ndarray,
+              progress: Progress | None = None) -> dict:
     x, x_eval = head2toe_features(train["pooled"]), head2toe_features(evals["pooled"])
     y = train["label"]
-    r = linear_probe.head2toe(x[~is_val], y[~is_val], x[is_val], y[is_val])
+    r = linear_probe.head2toe(x[~is_val], y[~is_val], x[is_val], y[is_val], progress=progress)
     return {"top1": r.probe.accuracy(x_eval[:, r.kept], evals["label"]), "C": r.C,
             "keep_frac": r.keep_frac, "val_top1": max(max(v) for v in r.val_top1.values()),
             "num_features": int(x.shape[1]), "num_kept": len(r.kept),
@@ -98,8 +100,9 @@ def _head2toe(train: Features, evals: Features, is_val: np.ndarray) -> dict:
             "converged": r.probe.converged and r.lasso_converged}
 
 
-# Baseline heads by name: (train features, eval features, validation-row mask) -> metrics.
-BASELINES: dict[str, Callable[[Features, Features, np.ndarray], dict]] = {
+# Baseline heads by name: (train features, eval features, validation-row mask, progress=None)
+# -> metrics; the progress counts the head's fits.
+BASELINES: dict[str, Callable[..., dict]] = {
     "linear": _linear, "head2toe": _head2toe}
 
 
@@ -207,15 +210,15 @@ def run(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,
     evals = evals if evals is not None else eval_features(config, model, variables, mesh)
     train = train_features(config, model, variables, mesh, cache)
     is_val = validation_rows(config, train["label"])
-    return {"baselines": {name: _timed(name, lambda name=name: BASELINES[name](
-        train, evals, is_val)) for name in config.baselines}}
+    return {"baselines": {name: _timed(name, lambda p, name=name: BASELINES[name](
+        train, evals, is_val, progress=p)) for name in config.baselines}}
 
 
-def _timed(name: str, fit: Callable[[], dict]) -> dict:
-    """Runs one head's fit (a single compiled loop, so no finer progress) between two lines."""
-    logging.info("Feature heads: fitting %s ...", name)
+def _timed(name: str, fit: Callable[[Progress], dict]) -> dict:
+    """Runs one head's fit, its progress counted in fits (the head sets their number), then
+    logs its time and top-1."""
     start = time.monotonic()
-    result = fit()
+    result = fit(Progress(f"Feature heads: fitting {name}", None, "fits"))
     logging.info("Feature heads: %s fitted in %s, top-1 %.4f", name,
                  format_duration(time.monotonic() - start), result["top1"])
     if result.get("converged") is False:

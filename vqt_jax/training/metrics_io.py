@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import socket
+import textwrap
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -117,7 +118,10 @@ class Writer:
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Logs the run's hyperparameters; the chief also stores them (TensorBoard's HPARAMS)."""
-        logging.info("[Hyperparameters] %s", dict(hparams))
+        # Wrapped: the flattened config is a few thousand characters on one line otherwise.
+        text = ", ".join(f"{k}={v}" for k, v in sorted(hparams.items()))
+        logging.info("Hyperparameters:\n  %s", "\n  ".join(textwrap.wrap(
+            text, 100, break_long_words=False, break_on_hyphens=False)))
         if self._jsonl is None:
             return
         self._jsonl.write((json.dumps({"hparams": dict(hparams)}, default=str) + "\n").encode())
