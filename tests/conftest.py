@@ -6,8 +6,10 @@ and the subprocesses tests start): many tests compile the same tiny programs, an
 most of their time on a 2-core machine. The session's controller removes the cache at the end.
 """
 
+import gc
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -33,7 +35,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
-    if "PYTEST_XDIST_WORKER" not in os.environ:
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # A worker still busy 5 s after the controller ends the session gets a SIGINT from
+        # execnet; here that is pytest's final garbage collections (a large JAX heap on a busy
+        # machine), where the KeyboardInterrupt lands in jax's gc callback and is reported as
+        # a PytestUnraisableExceptionWarning. Collect now, while the controller still waits
+        # for this worker, and let execnet's later os._exit end a worker that is still slow.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gc.collect()
+    else:
         for own in (_OWN_CACHE, _OWN_VQT_JAX_CACHE):
             if own is not None:
                 shutil.rmtree(own, ignore_errors=True)
