@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 # `*.orbax-checkpoint-tmp-*` directories, `.part` downloads, `tempfile`'s `tmp*` names.
 TEMPORARY = re.compile(r"\.tmp|orbax-checkpoint-tmp|\.part$|^tmp")
 # Start-up lines of libraries, not of the run (jax's backend probing, absl's C++ logging,
-# TensorFlow's oneDNN notice).
-NOISE = re.compile(r"Unable to initialize backend|absl::InitializeLog|oneDNN|Logging before flag")
+# TensorFlow's oneDNN notice), and log lines in Python's default format instead of absl's.
+NOISE = re.compile(r"Unable to initialize backend|absl::InitializeLog|oneDNN|Logging before flag"
+                   r"|^(INFO|WARNING|ERROR):", re.M)
 
 
 def tree(root: Path) -> dict[str, bool]:
