@@ -1,7 +1,9 @@
 """orbax checkpointing of the train state: periodic saves, resume from the latest step.
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so an
-interrupted save never leaves a partial checkpoint that a resume would pick up.
+interrupted save never leaves a partial checkpoint that a resume would pick up. Saves are
+synchronous: a save that fails (a full disk) fails in `save`, which cleans up and raises one
+error, instead of in a later save or at exit from orbax's background threads.
 
 Checkpoints live in `checkpoint_dir(workdir)`, local or remote (gs://): orbax reads and writes
 through `etils.epath`, and in a multi-host run every host writes and reads its own shards.
@@ -10,10 +12,12 @@ through `etils.epath`, and in a multi-host run every host writes and reads its o
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 from vqt_jax.training import workdir as workdir_lib
@@ -30,11 +34,32 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(workdir) / "checkpoints"
 
 
+def _disk_full(text: str) -> bool:
+    # tensorstore reports a full disk as RESOURCE_EXHAUSTED (a ValueError), Python as ENOSPC.
+    return "RESOURCE_EXHAUSTED" in text or os.strerror(errno.ENOSPC) in text
+
+
+class _OrbaxDiskFull(logging.Filter):
+    """Drops orbax's own error records (with tracebacks, one per writer thread) about a full
+    disk: `save` raises that error itself, once, naming the checkpoint directory."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_disk_full(record.getMessage()) or (exc is not None and _disk_full(str(exc))))
+
+
+_FILTER = _OrbaxDiskFull()
+
+
 def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the last `keep` checkpoints in `checkpoint_dir`."""
+    absl_logging.get_absl_logger().addFilter(_FILTER)  # once: the same filter object
     return ocp.CheckpointManager(
         checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False),
     )
 
 
@@ -48,7 +73,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     try:
         mngr.save(step, args=ocp.args.StandardSave(state))
     except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as ValueError
-        if not any(s in str(e) for s in ("RESOURCE_EXHAUSTED", "No space left")):
+        if not _disk_full(str(e)):
             raise
         for tmp in mngr.directory.glob("*.orbax-checkpoint-tmp*"):
             tmp.rmtree() if tmp.is_dir() else tmp.unlink()
