@@ -37,10 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = ml_collections.config_dict.placeholder(str)
     c.split = "test"
 
-    # DINOv2 ViT-S/14 in timm's layout: LayerScale, exact GELU, ImageNet mean/std.
-    c.model.variant = "S/14"
-    c.model.layerscale = True
-    c.model.mlp_act = "gelu"
+    # DINOv2 ViT-S/14 in timm's layout: its variant and LayerScale are read from the file
+    # ('auto'); the release's exact GELU is DINOv2's; ImageNet mean/std.
     c.model.ln_eps = 1e-6
     c.normalization = "imagenet"
     # Resized as DINOv2 / Hugging Face (and the ONNX graph the backbone comes from) do.

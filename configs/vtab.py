@@ -58,20 +58,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Meta's DINOv2 files 'bicubic'), or one of those names (vqt_jax/checkpoints/resample.py).
     c.posemb_resample = "auto"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.variant = "B/16"
+    # Not type-safe: an option left 'auto' becomes the bool or int the resolve step reads.
+    c.model = ml_collections.ConfigDict(type_safe=False)
+    # 'auto' (here: variant, layerscale, pool_type, num_registers): read from `init`'s file
+    # before the model is built (vqt_jax/resolve.py, docs/checkpoints.md); a value set here or on
+    # the command line wins, and one the file contradicts is an error naming the flag.
+    c.model.variant = "auto"  # e.g. 'B/16'; 'auto' without a file: B/16
     # T; 10 or 20 help structured tasks (SVHN, dSprites, KITTI, ...): the release's per task.
     c.model.num_queries = p["model.num_queries"]
     c.model.query_dropout = 0.1
-    # The Google checkpoints were trained with tanh GELU; the release runs exact 'gelu'.
+    # The Google checkpoints were trained with tanh GELU; the release runs exact 'gelu'. 'auto':
+    # the protocol's, else the file's family's (DINOv2: 'gelu'), else 'gelu_tanh'.
     c.model.mlp_act = p["model.mlp_act"]
     c.model.ln_eps = 1e-6
-    c.model.layerscale = False
+    c.model.layerscale = "auto"  # DINOv2: True
     c.model.pre_norm = False
     c.model.qkv_bias = True
     # 'tok' (class token), 'gap' (mean patch token) or 'map' (SigLIP's MAP head).
-    c.model.pool_type = "tok"
-    c.model.num_registers = 0  # DINOv2 with registers: 4
+    c.model.pool_type = "auto"
+    c.model.num_registers = "auto"  # DINOv2 with registers: 4
     c.model.kv_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16'
     # Compute dtype of the backbone and the query path ('bfloat16' on accelerators; the
     # parameters, LayerNorm statistics, softmax and the head stay float32).

@@ -13,6 +13,7 @@ from configs import vtab
 from tests import tiny_config, train_utils
 from vqt_jax import cli, methods, preparations, resolve
 from vqt_jax import sweep as sweep_lib
+from vqt_jax.checkpoints import introspect
 from vqt_jax.training import train
 from vqt_jax.training import workdir as workdir_lib
 
@@ -30,6 +31,12 @@ def read_config_json(workdir) -> dict:
     return json.loads(open(os.path.join(workdir, workdir_lib.CONFIG_FILE)).read())
 
 
+@pytest.fixture(autouse=True)
+def _empty_download_cache(monkeypatch, tmp_path):
+    # configs/vtab.py's default init is a URL: not downloaded, its 'auto' options are defaults.
+    monkeypatch.setenv("VQT_JAX_CACHE", str(tmp_path / "downloads"))
+
+
 @pytest.mark.parametrize("overrides", OVERRIDES, ids=str)
 @pytest.mark.parametrize("arg", ARGS)
 def test_resolve_keeps_every_set_field_and_fills_unset_ones_from_the_recipe(arg, overrides):
@@ -42,12 +49,14 @@ def test_resolve_keeps_every_set_field_and_fills_unset_ones_from_the_recipe(arg,
     recipe = methods.get(given["method"])
     filled = {}
     for key, value in given.items():
-        if value is not None:
+        if value == resolve.AUTO and key.startswith("model."):  # no file here: the defaults
+            assert out[key] == introspect.DEFAULTS[key.removeprefix("model.")], key
+        elif value is not None:
             assert out[key] == value, key
         elif out[key] is not None:
             filled[key] = out[key]
-    # Only the method's recipe fills anything here (configs/vtab.py prepares nothing), and it
-    # fills every recipe field left unset.
+    # Only the method's recipe fills anything unset here (configs/vtab.py prepares nothing),
+    # and it fills every recipe field left unset.
     assert filled == {k: getattr(recipe, k) for k in methods.RECIPE_FIELDS if given[k] is None}
     assert set(filled) == {k for k in methods.RECIPE_FIELDS if given[k] is None}
 

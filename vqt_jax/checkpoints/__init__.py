@@ -42,7 +42,10 @@ DEFAULT_DONT_LOAD = ("head/.*",)
 _HINTS = [
     (r"norm_pre/", "any", "the checkpoint has a LayerNorm before the blocks (CLIP): "
                           "pre_norm=True"),
-    (r".*LayerScale_", "any", "the checkpoint has LayerScale (DINOv2): layerscale=True"),
+    (r".*LayerScale_", "unknown", "the checkpoint has LayerScale (DINOv2): "
+                                  "--config.model.layerscale=True (or 'auto')"),
+    (r".*LayerScale_", "missing", "the checkpoint has no LayerScale: "
+                                  "--config.model.layerscale=False (or 'auto')"),
     (r".*/(query|key|value)/bias", "any", "qkv_bias differs between the checkpoint and the model"),
     (r"cls$", "any", "class_token differs between the checkpoint and the model"),
     (r"MAPHead_0/", "unknown", "the checkpoint pools with a MAP head (SigLIP): "
@@ -187,8 +190,11 @@ def load(path: str, variables: Mapping[str, Any], *, image_size: int | Sequence[
         c_desc = _describe(c_kernel, list(canon))
         m_desc = _describe(params["embedding/kernel"].shape, list(params))
         if c_desc != m_desc or tuple(c_kernel[:2]) != patch:
+            name = c_desc.split(" ")[0].removeprefix("ViT-")
+            fix = (f"set --config.model.variant={name} (or 'auto')" if "/" in name else
+                   "build the model with the checkpoint's sizes")
             raise CheckpointError(f"{path}: the checkpoint is {c_desc} but the model is {m_desc}; "
-                                  f"build the model with the checkpoint's variant")
+                                  f"{fix}")
 
     cls_pos = canon.pop("cls_pos", None)
     if cls_pos is not None and "cls" in canon:
@@ -199,14 +205,16 @@ def load(path: str, variables: Mapping[str, Any], *, image_size: int | Sequence[
     unknown = sorted(set(canon) - set(params))
     missing = sorted(k for k in params if k not in canon and not skipped(k))
     if unknown or missing:
-        lines = [f"{path}: the checkpoint does not match the model's parameters."]
-        if unknown:
-            lines.append(f"Keys in the checkpoint that the model does not have: {unknown}")
-        if missing:
-            lines.append(f"Model parameters missing from the checkpoint: {missing}")
+        # The likely cause first, and a few keys of each list: a model option that differs
+        # from the file leaves every block's keys unmatched.
         hints = _hints(unknown, missing, canon)
-        if hints:
-            lines.append("Likely cause: " + "; ".join(hints) + ".")
+        few = lambda keys: f"{keys[:3]}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        lines = [f"{path}: the checkpoint does not match the model's parameters"
+                 + (f"; likely cause: {'; '.join(hints)}." if hints else ".")]
+        if unknown:
+            lines.append(f"Keys in the checkpoint that the model does not have: {few(unknown)}")
+        if missing:
+            lines.append(f"Model parameters missing from the checkpoint: {few(missing)}")
         raise CheckpointError("\n".join(lines))
 
     pos = canon.get("pos_embedding")

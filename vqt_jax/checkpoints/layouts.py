@@ -35,6 +35,9 @@ class Layout:
       convert: (flat contents, prefix, num_heads) -> the canonical dict.
       resample_rule: (flat contents, prefix) -> how the family's authors resample the position
         embedding to another grid (a name in `resample.RULES`).
+      options: {key below the prefix: shape} -> the model options the file determines (width,
+        depth, patch, layerscale, num_registers, pool_type; mlp_act, or None where the file does
+        not tell it), read from the key names and shapes alone (`introspect`).
     """
 
     name: str
@@ -42,6 +45,7 @@ class Layout:
     prefixes: Callable[[str | None], list[str]]
     convert: Callable[[Mapping[str, Any], str, int], Flat]
     resample_rule: Callable[[Mapping[str, Any], str], str]
+    options: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]]
 
     def find_prefix(self, flat: Mapping[str, Any], sub: str | None) -> str | None:
         """The prefix under which this layout's ViT lives in `flat`, or None."""
@@ -109,6 +113,22 @@ def _from_npz(flat: Mapping[str, Any], prefix: str, num_heads: int,
     return out
 
 
+def _pool_type(map_head: bool, class_token: bool) -> str:
+    return "map" if map_head else "tok" if class_token else "gap"
+
+
+def _npz_options(keys: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    # Not the activation: these files do not record it (big_vision trains with tanh GELU, the
+    # release runs them with exact GELU: a protocol's choice).
+    p, _, _, width = keys["embedding/kernel"]
+    scanned = next((s[0] for k, s in keys.items() if k.startswith(_SCANNED)), 0)
+    blocks = scanned or depth(keys, r"Transformer/encoderblock_(\d+)/")
+    return dict(width=width, patch=p, depth=blocks,
+                layerscale=any("/LayerScale_" in k for k in keys),
+                num_registers=keys["registers"][1] if "registers" in keys else 0, mlp_act=None,
+                pool_type=_pool_type(any(k.startswith("MAPHead_0/") for k in keys), "cls" in keys))
+
+
 # big_vision's and vision_transformer's `resample_posemb`: scipy.ndimage.zoom, order 1.
 _bilinear_corners = lambda flat, prefix: "bilinear_corners"
 
@@ -163,6 +183,18 @@ def _timm_resample_rule(flat: Mapping[str, Any], prefix: str) -> str:
     if any(prefix + k in flat for k in ("mask_token", "register_tokens")):
         return "bicubic"
     return "bicubic_antialias"
+
+
+def _timm_options(keys: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    # LayerScale marks DINOv2 (exact GELU); other timm-layout families share no activation
+    # (CLIP's quick GELU or not, SigLIP's tanh GELU), so the file does not tell theirs.
+    width, _, p, _ = keys[_TIMM_MARKER]
+    layerscale = "blocks.0.ls1.gamma" in keys
+    return dict(width=width, patch=p, depth=depth(keys, r"blocks\.(\d+)\."), layerscale=layerscale,
+                num_registers=next((keys[k][1] for k in ("reg_token", "register_tokens")
+                                    if k in keys), 0),
+                pool_type=_pool_type("attn_pool.latent" in keys, "cls_token" in keys),
+                mlp_act="gelu" if layerscale else None)
 
 
 def _attention(out: Flat, dst: str, q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -256,13 +288,16 @@ LAYOUTS: dict[str, Layout] = {
     for layout in [
         # The original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k).
         Layout("vision_transformer", _ORIG_POS, _npz_prefixes,
-               functools.partial(_from_npz, renames=_ORIG_RENAMES), _bilinear_corners),
+               functools.partial(_from_npz, renames=_ORIG_RENAMES), _bilinear_corners,
+               _npz_options),
         # big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), plain
         # or scanned blocks.
-        Layout("big_vision", "embedding/kernel", _npz_prefixes, _from_npz, _bilinear_corners),
+        Layout("big_vision", "embedding/kernel", _npz_prefixes, _from_npz, _bilinear_corners,
+               _npz_options),
         # timm-layout PyTorch state dicts (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or
         # without registers, CLIP, SigLIP).
-        Layout("timm", _TIMM_MARKER, _timm_prefixes, _from_timm, _timm_resample_rule),
+        Layout("timm", _TIMM_MARKER, _timm_prefixes, _from_timm, _timm_resample_rule,
+               _timm_options),
     ]
 }
 

@@ -116,7 +116,14 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
             f"config.image_size={config.image_size} is not a multiple of the patch size "
             f"{patch[0]}x{patch[1]}"
         )
-    for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank"):
+    # The command line sets these as strings (their default is 'auto'); resolve parses the
+    # ones it can, and a model must not build LayerScale from a truthy 'yes'.
+    for name, kind, values in (("layerscale", bool, "True or False"),
+                               ("num_registers", int, "an integer >= 0")):
+        if not isinstance(model.get(name, kind()), kind):
+            raise ValueError(f"config.model.{name}={model[name]!r}: {values}, or 'auto' (read "
+                             "from config.init's file)")
+    for name in ("num_queries", "num_prompts", "adapter_dim", "lora_rank", "num_registers"):
         if model.get(name, 0) < 0:
             raise ValueError(f"config.model.{name} must be >= 0, got {model[name]}")
     methods.model_kwargs(config.method, model)  # the sizes of the parts it needs are > 0
