@@ -40,4 +40,5 @@ def main(options: cli.Options) -> None:
 
 
 if __name__ == "__main__":
+    cli.quiet_native_logs(sys.argv)  # before the config file (or anything) imports jax
     app.run(main, flags_parser=_parse)

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--output", help="write predictions here: .csv or .jsonl")
     p.add_argument("--log_libraries", action="store_true",
-                   help="keep the INFO logs of libraries (jax) and XLA's native start-up lines")
+                   help="keep the INFO logs of libraries (jax) and XLA's native log lines")
     return p
 
 
@@ -124,7 +124,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    cli.setup_logging(args.log_libraries)  # main.py's format; before jax starts a backend
+    cli.setup_logging(args.log_libraries)  # main.py's format
     from vqt_jax import serving  # noqa: PLC0415
     from vqt_jax.data import folder  # noqa: PLC0415
     from vqt_jax.progress import Progress  # noqa: PLC0415
@@ -158,4 +158,5 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    cli.quiet_native_logs(sys.argv)  # before anything imports jax
     sys.exit(run())

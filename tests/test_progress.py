@@ -80,6 +80,21 @@ def test_slow_units_and_long_etas_read_well():
     assert progress.format_duration(125) == "2m05s"
 
 
+def test_native_logs_are_off_unless_asked_for(monkeypatch):
+    """XLA's C++ lines (absl's InitializeLog notice with them) stay off by default; the user's
+    own level and --log_libraries win."""
+    for argv, preset, level in ((["main.py", "--config=c.py"], None, "2"),
+                                (["main.py", "--log_libraries"], None, None),
+                                (["predict.py", "--log_libraries=false"], None, "2"),
+                                (["main.py"], "0", "0")):
+        if preset is None:
+            monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+        else:
+            monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", preset)
+        cli.quiet_native_logs(argv)
+        assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == level, argv
+
+
 def _record(path: str, level: int) -> logging.LogRecord:
     return logging.LogRecord("absl", level, path, 1, "msg", None, None)
 

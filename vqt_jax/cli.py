@@ -78,7 +78,7 @@ def define_flags(fv: flags.FlagValues,
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host off Cloud TPU).",
                          flag_values=fv)
     flags.DEFINE_bool("log_libraries", False, "Keep the INFO logs of libraries (orbax, jax) and "
-                      "XLA's native start-up lines.", flag_values=fv)
+                      "XLA's native log lines.", flag_values=fv)
     return fv
 
 
@@ -151,16 +151,24 @@ def setup_logging(libraries: bool = False) -> None:
     `quiet_libraries`). It starts no JAX backend: a multi-host run initialises after it.
 
     Args:
-      libraries: keep the libraries' INFO lines and XLA's native (C++) log lines.
+      libraries: keep the libraries' INFO lines.
     """
     if not libraries:
-        # XLA's C++ logging reads it at its first line, after this (no backend is up yet).
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         quiet_libraries()
     logging.use_absl_handler()  # outside app.run (predict.py), absl's format all the same
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # else absl's handler warns of "logging before flag parsing"
     logging.set_verbosity(logging.INFO)
+
+
+def quiet_native_logs(argv: Sequence[str]) -> None:
+    """Keeps XLA's native (C++) info and warning lines off, and with them absl's "All log
+    messages before absl::InitializeLog()" notice, unless the command line has
+    `--log_libraries` or $TF_CPP_MIN_LOG_LEVEL is set. XLA reads the level as jax is imported:
+    call this before anything imports jax (jax's own default shows warnings)."""
+    if not any(a.split("=")[0] == "--log_libraries"
+               and a.split("=", 1)[-1].lower() not in ("false", "0") for a in argv[1:]):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def quiet_libraries() -> None:
