@@ -113,6 +113,8 @@ EXACT = {
     "png_rgb_trns": _encode(_RGB, "PNG", transparency=(1, 2, 3)),
     "png_1bit": _encode(_RGB[..., 0], "PNG", mode="1"),
     "jpeg_cmyk": _CMYK.getvalue(),
+    "jpeg_mpo": _encode(_RGB, "MPO", quality=90, subsampling=0, save_all=True,  # TF: 1st image
+                        append_images=[Image.fromarray(_RGB[::-1])]),
     # TF ignores EXIF orientation and so do we: the stored 21 x 34, not the displayed 34 x 21.
     "jpeg_exif_rotated": _encode(_RGB, "JPEG", quality=90, subsampling=0, exif=_ROTATED),
 }

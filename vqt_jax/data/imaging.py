@@ -25,7 +25,7 @@ import re
 import numpy as np
 from PIL import Image
 
-IMPLEMENTATION = "pil-decode+numpy-bilinear-2"  # -2: CMYK JPEGs as TF decodes them.
+IMPLEMENTATION = "pil-decode+numpy-bilinear-2"  # -2: CMYK and MPO JPEGs as TF decodes them.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Signatures, to name the format of a file that PIL cannot even open.
 _MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
@@ -55,7 +55,8 @@ def decode(encoded: bytes, channels: int = 3) -> np.ndarray:
     fmt = next((name for magic, name in _MAGIC.items() if encoded.startswith(magic)), None)
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            if image.format == "JPEG" and len({layer[1:3] for layer in image.layer}) == 1:
+            if (image.format in ("JPEG", "MPO")  # MPO: a camera's JPEG holding more images.
+                    and len({layer[1:3] for layer in image.layer}) == 1):
                 # No chroma subsampling: libjpeg's fast integer IDCT, as TF; (scale, draft).
                 image.decoderconfig = (1, 1)
             if image.mode.startswith("I;16"):
