@@ -5,7 +5,7 @@ Every host runs the same program over a shared workdir. Files that describe the 
 decides something from those files waits at a `barrier` first, so that every host reads the
 same state and takes the same branch (a host that took another branch would wait forever in
 the next collective). With one process each function is free and imports no jax until jax
-is in use.
+is in use. Every host reaches gs:// through fsspec (gcsfs), also where TensorFlow is installed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import os
 import sys
 
 import numpy as np
+
+# etils.epath serves gs:// through tf.io.gfile wherever TensorFlow is importable (the [prepare]
+# extra), importing TensorFlow at the first remote path; vqt_jax runs without it, so fsspec
+# serves them. epath reads this at the process's first file operation, so it is set on import:
+# every entry point imports this module first (workdir.py and checkpoints/files.py too).
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # Set to 1 on every host instead of passing --distributed (main.py, vtab_sweep.py).
 ENV_DISTRIBUTED = "VQT_DISTRIBUTED"

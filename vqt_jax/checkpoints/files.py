@@ -9,8 +9,8 @@ often have none):
     byte is read, so a crafted file cannot make the reader touch memory outside the storage;
   * `.safetensors`.
 
-Paths may be local, `gs://...` (and anything else etils.epath opens: through tf.io.gfile where
-TensorFlow is installed, else fsspec's gcsfs, the `vqt_jax[gcs]` extra), or
+Paths may be local, `gs://...` (and anything else etils.epath opens, through fsspec: gcsfs,
+the `vqt_jax[gcs]` extra, also where TensorFlow is installed; see `hosts.py`), or
 `http(s)://...` (downloaded once into a cache directory, atomically: a download that is cut
 short, stalls, or is not a complete checkpoint never enters the cache).
 
@@ -311,21 +311,24 @@ class _Guarded:
 
 
 def _open_remote(path: str) -> _Guarded:
-    from etils import epath  # Remote file systems only (tf.io.gfile where installed, else gcsfs).
+    # Remote paths only: workdir's epath, with gs:// through fsspec (gcsfs), not tf.io.gfile.
+    from vqt_jax.training import workdir
 
     try:
-        p = epath.Path(path)
+        p = workdir.as_path(path)
         exists = p.exists()
     except Exception as e:
-        # tf.io.gfile raises tensorflow.errors.OpError subclasses, gcsfs its own (HttpError) or
-        # OSErrors; a ValueError names the path, where main.py would print a traceback.
-        raise CheckpointError(f"{path}: cannot reach the remote file ({_one_line(e)})") from None
+        # gcsfs raises its own HttpError, OSErrors or google-auth's errors; a ValueError names
+        # the path, where main.py would print a traceback.
+        raise CheckpointError(f"{path}: cannot reach the remote file "
+                              f"({workdir.remote_reason(e)})") from None
     if not exists:
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
     try:
         return _Guarded(p.open("rb"))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot open the remote file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot open the remote file "
+                              f"({workdir.remote_reason(e)})") from None
 
 
 def open_file(path: str) -> BinaryIO:

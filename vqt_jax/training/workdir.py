@@ -13,14 +13,14 @@ A workdir is locked while a run uses it (`lock`, through the empty file ``.lock`
 run on it stops at once.
 
 Every file of a workdir is read and written through `etils.epath` (`as_path`), so a workdir may
-be a local directory or a `gs://` URL (epath serves it through tf.io.gfile where TensorFlow is
-installed, else through fsspec's gcsfs: the `vqt_jax[gcs]` extra); a gs:// URL that lost a
-slash to a pathlib join ('gs:/b/x') is refused, never taken for a local directory
-(`is_local`). Locally, JSON files are written atomically (a temporary file renamed into
-place); on an object store (GCS), where a rename is a copy then a delete, they are written
-directly: an object becomes visible only once its upload completes, so readers never see a
-partial file there either. The lock needs a POSIX file system (a local disk or NFS): a `gs://`
-workdir is not locked (see `lock`).
+be a local directory or a `gs://` URL (served by fsspec's gcsfs, the `vqt_jax[gcs]` extra, also
+where TensorFlow is installed; a remote failure is one `WorkdirError` naming the path, see
+`remote_errors`); a gs:// URL that lost a slash to a pathlib join ('gs:/b/x') is refused,
+never taken for a local directory (`is_local`). Locally, JSON files are written atomically
+(a temporary file renamed into place); on an object store (GCS), where a rename is a copy then
+a delete, they are written directly: an object becomes visible only once its upload
+completes, so readers never see a partial file there either. The lock needs a POSIX file
+system (a local disk or NFS): a `gs://` workdir is not locked (see `lock`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vqt_jax import hosts
+from vqt_jax import hosts  # (its import makes epath serve gs:// without TensorFlow)
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
@@ -137,9 +137,41 @@ def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
     return as_path(workdir) / name
 
 
+def remote_reason(e: BaseException) -> str:
+    """A remote file system's error on one line, saying what to install if gcsfs is missing."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return text + (" (gs:// needs gcsfs: pip install 'vqt_jax[gcs]')"
+                   if isinstance(e, ImportError) else "")
+
+
+@contextlib.contextmanager
+def remote_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
+    """Turns a remote file system's failure on `path` into a `WorkdirError` that names it.
+
+    gcsfs raises its own HttpError, OSErrors without an errno and its paths without the
+    scheme, and google-auth's errors; the command line would show them with a traceback, not
+    as an ``error:`` line. A local path's errors pass unchanged.
+    """
+    try:
+        yield
+    except Exception as e:
+        if is_local(path):
+            raise
+        raise WorkdirError(f"{os.fspath(path)}: cannot {doing} the remote file "
+                           f"({remote_reason(e)})") from e
+
+
+def _exists(path: epath.Path) -> bool:
+    with remote_errors(path, "reach"):
+        return path.exists()
+
+
 def read_json(p: str | os.PathLike) -> Any:
     """The JSON value stored at `p` (local or remote)."""
-    return json.loads(as_path(p).read_text())
+    path = as_path(p)
+    with remote_errors(path, "read"):
+        text = path.read_text()
+    return json.loads(text)
 
 
 def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> None:
@@ -156,7 +188,8 @@ def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Non
     path = as_path(p)
     text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
     if not is_local(path):
-        path.write_text(text)
+        with remote_errors(path, "write"):
+            path.write_text(text)
         return
     remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -183,7 +216,7 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
 def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The workdir's results.json (a finished run's metrics), or None if it has none."""
     path = _path(workdir, RESULTS_FILE)
-    return read_json(path) if path.exists() else None
+    return read_json(path) if _exists(path) else None
 
 
 def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> None:
@@ -194,7 +227,7 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Non
 def recorded_config(workdir: str) -> dict[str, Any] | None:
     """The config recorded in `workdir`, or None for a new workdir."""
     path = _path(workdir, CONFIG_FILE)
-    if not path.exists():
+    if not _exists(path):
         return None
     try:
         recorded = read_json(path)
@@ -240,7 +273,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def changes(workdir: str) -> list[dict[str, Any]]:
     """The recorded config changes of the workdir (see the module docstring), oldest first."""
     path = _path(workdir, CHANGES_FILE)
-    return read_json(path) if path.exists() else []
+    return read_json(path) if _exists(path) else []
 
 
 def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
@@ -260,7 +293,7 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] |
     if not diff:
         return None
     stop_path = _path(workdir, NONFINITE_FILE)
-    stopped = stop_path.exists()
+    stopped = _exists(stop_path)
     if stopped and set(diff) == {"lr"}:
         old, new = diff["lr"]
         if isinstance(new, (int, float)) and isinstance(old, (int, float)) and new < old:
@@ -290,8 +323,9 @@ def record(workdir: str, config: ml_collections.ConfigDict, change: dict[str, tu
                         **{k: {"from": a, "to": b} for k, (a, b) in change.items()}})
         write_json(_path(workdir, CHANGES_FILE), history)
         stop_path = _path(workdir, NONFINITE_FILE)
-        if stop_path.exists():
-            stop_path.unlink()
+        if _exists(stop_path):
+            with remote_errors(stop_path, "remove"):
+                stop_path.unlink()
 
 
 def record_nonfinite_stop(workdir: str, step: int, lr: float, message: str) -> None:
