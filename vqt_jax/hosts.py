@@ -15,12 +15,6 @@ import sys
 
 import numpy as np
 
-# etils.epath serves gs:// through tf.io.gfile wherever TensorFlow is importable (the [prepare]
-# extra), importing TensorFlow at the first remote path; vqt_jax runs without it, so fsspec
-# serves them. epath reads this at the process's first file operation, so it is set on import:
-# every entry point imports this module first (workdir.py and checkpoints/files.py too).
-os.environ.setdefault("EPATH_USE_TF", "false")
-
 # Set to 1 on every host instead of passing --distributed (main.py, vtab_sweep.py).
 ENV_DISTRIBUTED = "VQT_DISTRIBUTED"
 

@@ -641,7 +641,8 @@ def run(
     plan = plan_run(config, workdir)
     is_chief = hosts.is_chief()
     try:
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        with workdir_lib.remote_errors(workdir, "create"):
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, e.strerror, workdir) from None  # name the workdir, not a parent
     # Only the chief locks: with a shared file system the other hosts use the same workdir.
