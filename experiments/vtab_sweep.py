@@ -43,13 +43,14 @@ the run's split, lr, wd and seed (`vqt_jax.sweep.run_overrides`).
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import logging as absl_logging
 
 from vqt_jax import hosts, methods  # the method table and hosts: no jax, no TensorFlow
 
@@ -122,13 +123,12 @@ def main(
     args = parser().parse_args(argv)
     if args.distributed:
         hosts.initialize(args.coordinator, args.num_processes, args.process_id)
-    # Every host prints the same lines: only the chief's are worth reading. The level is set
-    # even where an import already gave the root logger a handler (basicConfig does nothing
-    # then).
-    level = logging.INFO if hosts.is_chief() else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger().setLevel(level)
-    from vqt_jax import sweep as sweep_lib  # after parsing: `--help` and usage errors stay fast
+    from vqt_jax import cli  # noqa: PLC0415 (after parsing: `--help` and usage errors stay fast)
+    from vqt_jax import sweep as sweep_lib  # noqa: PLC0415
+
+    cli.setup_logging()  # main.py's format and quiet libraries
+    if not hosts.is_chief():  # every host prints the same lines: only the chief's are read
+        absl_logging.set_verbosity(absl_logging.WARNING)
 
     overrides = sweep_lib.parse_overrides(args.overrides)
     task_groups = sweep_lib.vtab_task_groups() if task_groups is None else task_groups
@@ -144,4 +144,6 @@ def main(
 
 
 if __name__ == "__main__":
+    # XLA's native start-up lines off, as main.py does (read when jax is imported).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())
