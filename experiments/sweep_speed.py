@@ -3,6 +3,8 @@
     python experiments/sweep_speed.py --json PATH [--setups demo,b16] [--epochs 20]
         [--b16_epochs 2] [--modes sequential,one,shared] [--workdir DIR]
     python experiments/sweep_speed.py --add_floor experiments/results/sweep_speed_demo.json
+    python experiments/sweep_speed.py --setups gpu [--folder DIR] [--ts 1,10,20] [--tiny]
+        [--gpu_epochs 100] [--dtype float32] [--one_by_one K] [--json PATH]
 
 For each setup it runs `vqt_jax.sweep.run_sweep` (VQT, the release's 20-point (lr, wd) grid on
 train -> val, the selected point retrained with 5 seeds on train+val -> test) twice or three times,
@@ -34,10 +36,20 @@ Setups:
   * b16: ViT-B/16 at 224 px (random weights written as a big_vision .npz: time does not
     depend on the values) on a Fashion-MNIST folder of 1000 train, 200 val and 1000 test images,
     for `--b16_epochs` epochs.
+  * gpu: b16's model and folder (`--folder DIR`, e.g. one carried to a GPU machine;
+    default: written from Debian's Fashion-MNIST) at the release's per-task settings of T = 1
+    (with its compression stage), 10 and 20 (`--ts`), `--dtype` compute (float32 default)
+    and a bfloat16 cache, each stage as one program, each T in a process of its own, for
+    `--gpu_epochs` epochs (the release's 100). It reports each T's whole protocol, its compile
+    time apart, and the time of its test evaluation per image, and estimates the 19 tasks of
+    VTAB-1k from them (`estimate_vtab`: each task at its release T, its evaluation scaled to
+    its test split's size, `TEST_SIZES`). `--one_by_one K` also times the first K grid runs
+    one by one (each compiles alone). `experiments/gpu_carry.sh` writes the folder and the
+    wheels a GPU machine with only jax, flax, optax, orbax, numpy and pillow lacks.
 
 Persistent compilation caching is off for both runs (each pays its own compilations); the
 machine should be otherwise idle. `--tiny` runs a 2-layer model on a small folder (a check that
-the script works, no figures).
+the script works, no figures; with `--setups gpu`, that setup's protocol).
 """
 
 from __future__ import annotations
@@ -80,12 +92,14 @@ def demo_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
         "epochs": epochs, "warmup_epochs": epochs // 10, "baselines": ()}
 
 
-def b16_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
-    """configs/vtab.py's folder task at ViT-B/16 224 px on a 1000/200/1000 Fashion-MNIST folder,
-    from random weights written once as a big_vision .npz under `root`."""
+def b16_config(epochs: int, root: str, data_dir: str | None = None
+               ) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
+    """configs/vtab.py's folder task at ViT-B/16 224 px on a 1000/200/1000 Fashion-MNIST folder
+    (`data_dir`, or one written under `root`), from random weights written once as a big_vision
+    .npz under `root`."""
     from vqt_jax.data import fashion_mnist  # noqa: PLC0415
 
-    data_dir = os.path.join(root, "fashion_mnist_1000_200_1000")
+    data_dir = data_dir or os.path.join(root, "fashion_mnist_1000_200_1000")
     if not os.path.isdir(data_dir):
         fashion_mnist.write_vtab_style_subset(data_dir, num_train=1000, num_val=200,
                                               num_test=1000)
@@ -126,8 +140,46 @@ def tiny_config(epochs: int, root: str) -> tuple[Callable[[str], ml_collections.
                        "init": init, "image_size": 16, "batch_size": 8, "eval_batch_size": 8}
 
 
-# name -> fn(epochs, root) -> (config_fn, overrides): the setups `--setups` names.
-SETUPS = {"demo": demo_config, "b16": b16_config, "tiny": tiny_config}
+def gpu_config(epochs: int, root: str, *, num_queries: int = 1, folder: str | None = None,
+               dtype: str = "float32", tiny: bool = False
+               ) -> tuple[Callable[[str], ml_collections.ConfigDict], dict]:
+    """The gpu setup: b16's model and folder with the release's settings of a task of T.
+
+    Args:
+      epochs: epochs of every run.
+      root: where the weights (and, without `folder`, the folder) are written.
+      num_queries: T; the compression stage runs where the release runs it (T = 1).
+      folder: a 1000/200/1000 image folder (default: b16's, written under `root`).
+      dtype: the compute dtype (`model.dtype`); the cache is bfloat16.
+      tiny: `tiny_config`'s model and folder instead (any CPU, in seconds).
+
+    Returns:
+      (config_fn, overrides), as every setup.
+    """
+    config_fn, overrides = (tiny_config(epochs, root) if tiny else
+                            b16_config(epochs, root, folder))
+    return config_fn, {**overrides, "model.num_queries": num_queries,
+                       "compression.enabled": num_queries == 1, "model.dtype": dtype,
+                       "cache_dtype": "bfloat16"}
+
+
+# name -> fn(epochs, root, **options) -> (config_fn, overrides): the setups `--setups` names.
+SETUPS = {"demo": demo_config, "b16": b16_config, "tiny": tiny_config, "gpu": gpu_config}
+# The gpu setup's T: those of the release's tasks (`vqt_jax.data.tasks.RELEASE_SETTINGS`).
+GPU_TS = (1, 10, 20)
+# The size of each VTAB-1k task's test split (`vqt_jax.data.tasks.TASKS`' `test`, as TFDS
+# counts it; the VPT paper's dataset table lists the same): `estimate_vtab` scales each task's
+# test evaluation to it.
+TEST_SIZES = {
+    "caltech101": 6084, "cifar100": 10000, "dtd": 1880, "oxford_flowers102": 6149,
+    "oxford_iiit_pet": 3669, "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768,
+    "eurosat": 5400, "resisc45": 6300, "diabetic_retinopathy": 42670, "clevr_count": 15000,
+    "clevr_distance": 15000, "dmlab": 22735, "kitti_distance": 711, "dsprites_location": 73728,
+    "dsprites_orientation": 73728, "smallnorb_azimuth": 12150, "smallnorb_elevation": 12150,
+}  # fmt: skip
+# The issue's targets: the 19 tasks in under 40 minutes on one H100-class GPU, a T = 1 task in
+# at most 120 s.
+TARGETS = {"vtab_19_s": 2400, "t1_task_s": 120}
 
 
 def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
@@ -303,11 +355,12 @@ def measure(name: str, epochs: int, workdir: str,
     return with_floor(out, config_fn, overrides, forward_s)
 
 
-def _setup(name: str, epochs: int, root: str) -> tuple[Callable, dict]:
-    """`SETUPS[name]` with persistent compilation caching off (each protocol pays its own
-    compilations). Each process calls it (a spawned one cannot be sent the config function);
-    its files are written once."""
-    config_fn, overrides = SETUPS[name](epochs, root)
+def _setup(name: str, epochs: int, root: str, options: dict | None = None
+           ) -> tuple[Callable, dict]:
+    """`SETUPS[name]` (given `options`) with persistent compilation caching off (each protocol
+    pays its own compilations). Each process calls it (a spawned one cannot be sent the config
+    function); its files are written once."""
+    config_fn, overrides = SETUPS[name](epochs, root, **(options or {}))
     return config_fn, {**overrides, "compilation_cache_dir": ""}
 
 
@@ -327,17 +380,21 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
 
 def _profiling() -> dict[str, float]:
     """Starts collecting this process's profile: seconds per phase (`PHASES`: the phases'
-    progress spans, `vqt_jax.progress.Progress`), and `compile` (JAX's compile events;
-    a program compiled inside a phase's span counts in both)."""
+    progress spans, `vqt_jax.progress.Progress`), `compile` (JAX's compile events; a program
+    compiled inside a phase's span counts in both), and the evaluations on test: their images
+    (`test_images`) and seconds less the compilations inside them (`test_evaluation`)."""
     import jax  # noqa: PLC0415
 
     from vqt_jax import progress  # noqa: PLC0415
 
-    profile = dict.fromkeys([name for _, name in PHASES] + ["compile"], 0.0)
+    profile = dict.fromkeys([name for _, name in PHASES] + ["compile", "test_evaluation",
+                                                           "test_images"], 0.0)
+    compiles: list[tuple[float, float]] = []  # (when it ended, seconds), on Progress's clock
 
     def on_event(event: str, seconds: float, **_) -> None:
         if event in COMPILE_EVENTS:
             profile["compile"] += seconds
+            compiles.append((time.monotonic(), seconds))
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     done = progress.Progress.done
@@ -347,18 +404,23 @@ def _profiling() -> dict[str, float]:
         for prefix, name in PHASES:
             if self.what.startswith(prefix):
                 profile[name] += seconds
+        if self.what.startswith("Evaluat") and self.what.endswith(" on test"):
+            profile["test_images"] += self.count
+            profile["test_evaluation"] += seconds - sum(s for t, s in compiles
+                                                        if t >= self.start)
         return seconds
 
     progress.Progress.done = timed_done
     return profile
 
 
-def timed_sweep(name: str, epochs: int, root: str,
-                mode: str) -> tuple[float, sweep_lib.TaskResult, dict[str, float]]:
-    """(seconds, result) of the protocol `mode` on setup `name`, in `root/name/mode`, and its
-    profile (`_profiling`; `other`: the rest of the time); its caches are removed afterwards
-    (their pages would crowd the next protocol's out of the host's memory)."""
-    config_fn, overrides = _setup(name, epochs, root)
+def timed_sweep(name: str, epochs: int, root: str, mode: str, options: dict | None = None
+                ) -> tuple[float, sweep_lib.TaskResult, dict[str, float]]:
+    """(seconds, result) of the protocol `mode` on setup `name` (given `options`), in
+    `root/name/mode`, and its profile (`_profiling`; `other`: the rest of the time); its caches
+    are removed afterwards (their pages would crowd the next protocol's out of the host's
+    memory)."""
+    config_fn, overrides = _setup(name, epochs, root, options)
     program, extra = MODES[mode]
     directory = os.path.join(root, name, mode)
     # Its own cache directory: the default ($VQT_JAX_CACHE/features) is shared by contents,
@@ -372,8 +434,170 @@ def timed_sweep(name: str, epochs: int, root: str,
         task_groups={TASK: sweep_lib.FOLDER_GROUP}, program=program)[0]
     seconds = round(time.perf_counter() - start, 1)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    profile["other"] = seconds - sum(v for k, v in profile.items() if k != "compile")
-    return seconds, result, {k: round(v, 1) for k, v in profile.items()}
+    profile["other"] = seconds - sum(profile[name] for _, name in PHASES)
+    return seconds, result, {k: v if k.startswith("test_") else round(v, 1)
+                             for k, v in profile.items()}
+
+
+def timed_task(epochs: int, root: str, options: dict) -> dict:
+    """The gpu setup's protocol at `options` (`gpu_config`'s), each stage as one program, in
+    a fresh workdir: its seconds, compile seconds apart, profile, test evaluation per image,
+    results, and the device and JAX it ran on."""
+    import jax  # noqa: PLC0415
+    from absl import logging  # noqa: PLC0415
+
+    logging.set_verbosity(logging.INFO)  # the phases' progress lines, in the log that comes back
+    seconds, result, profile = timed_sweep("gpu", epochs, root, "one", options)
+    shutil.rmtree(os.path.join(root, "gpu"), ignore_errors=True)
+    test_images = profile.pop("test_images")
+    per_image = profile.pop("test_evaluation") / max(test_images, 1)
+    return {"T": options["num_queries"], "compression": options["num_queries"] == 1,
+            "seconds": seconds, "compile_s": profile["compile"],
+            "seconds_less_compile": round(seconds - profile["compile"], 1),
+            "profile": profile, "test_images": int(test_images),
+            "test_evaluation_ms_per_image": round(1e3 * per_image, 4),
+            "selected": {"lr": result.lr, "wd": result.wd, "val_top1": result.val_top1},
+            "test_top1": list(result.test_top1),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+class _Enough(Exception):
+    """Raised by `timed_one_by_one`'s trainer once it has timed the runs asked for."""
+
+
+def timed_one_by_one(epochs: int, root: str, options: dict, runs: int) -> list[float]:
+    """Seconds of each of the protocol's first `runs` runs (grid points), each trained and
+    evaluated on its own as the one by one protocol runs it (its own compilations; the first
+    also builds the cache)."""
+    from absl import logging  # noqa: PLC0415
+
+    from vqt_jax.training import train  # noqa: PLC0415
+
+    logging.set_verbosity(logging.INFO)
+    config_fn, overrides = _setup("gpu", epochs, root, options)
+    directory = os.path.join(root, "gpu_one_by_one")
+    shutil.rmtree(directory, ignore_errors=True)
+    times: list[float] = []
+
+    def train_fn(config, workdir):
+        if len(times) == runs:
+            raise _Enough
+        start = time.perf_counter()
+        out = train.train_and_evaluate(config, workdir)
+        times.append(round(time.perf_counter() - start, 1))
+        return out
+
+    try:
+        sweep_lib.run_sweep([TASK], directory, base_config_fn=config_fn, method="vqt",
+                            num_seeds=SEEDS, train_fn=train_fn, program="sequential",
+                            overrides={**overrides,
+                                       "cache_dir": os.path.join(directory, "cache")},
+                            task_groups={TASK: sweep_lib.FOLDER_GROUP})
+    except _Enough:
+        pass
+    shutil.rmtree(directory, ignore_errors=True)
+    return times
+
+
+def estimate_vtab(tasks: list[dict]) -> dict:
+    """The 19 tasks of VTAB-1k, each at its release T (`RELEASE_SETTINGS`), from measured ones.
+
+    Each task's time is its T's protocol, with the test evaluation scaled from the measured
+    test images to the task's `TEST_SIZES` at the measured time per image. The measured folder
+    trains on 1000 images and the tasks on 800: the training part is an upper bound.
+
+    Args:
+      tasks: `timed_task`'s figures, one per T.
+
+    Returns:
+      {'per_task_s', 'targets'} and, where every T was measured, 'total_s', 'total_min',
+      'slowest_t1_task_s' and 'meets' (each target: whether the estimate meets it); else
+      'not_measured_T'.
+    """
+    from vqt_jax.data import tasks as tasks_lib  # noqa: PLC0415
+
+    by_t = {row["T"]: row for row in tasks}
+    per_task, missing = {}, set()
+    for name, setting in tasks_lib.RELEASE_SETTINGS.items():
+        row = by_t.get(setting.num_queries)
+        if row is None:
+            missing.add(setting.num_queries)
+            continue
+        extra = (TEST_SIZES[name] - row["test_images"]) * row["test_evaluation_ms_per_image"]
+        per_task[name] = round(row["seconds"] + extra / 1e3, 1)
+    out: dict = {"per_task_s": per_task, "targets": TARGETS}
+    if missing:
+        out["not_measured_T"] = sorted(missing)
+        return out
+    total = sum(per_task.values())
+    t1 = max(s for n, s in per_task.items() if tasks_lib.RELEASE_SETTINGS[n].num_queries == 1)
+    out.update(total_s=round(total, 1), total_min=round(total / 60, 1),
+               slowest_t1_task_s=t1, meets={"vtab_19": total < TARGETS["vtab_19_s"],
+                                            "t1_task": t1 <= TARGETS["t1_task_s"]})
+    return out
+
+
+def measure_gpu(epochs: int, workdir: str, ts: tuple[int, ...], options: dict,
+                one_by_one: int = 0, write: Callable[[dict], None] | None = None) -> dict:
+    """The gpu setup's figures, each part timed in a process of its own.
+
+    Args:
+      epochs: epochs of every run.
+      workdir: where the runs, weights and folder go.
+      ts: the T to time (`timed_task` for each).
+      options: `gpu_config`'s options but T.
+      one_by_one: if positive, that many runs one by one at the first T (`timed_one_by_one`).
+      write: called with the figures so far after each part (a run cut short keeps what it
+        measured).
+
+    Returns:
+      {'tasks': one `timed_task` row per T, 'estimate': `estimate_vtab`'s, 'one_by_one'
+      where asked, the options and the machine}.
+    """
+    from vqt_jax import timing  # noqa: PLC0415
+
+    out: dict = {"setup": "gpu", "epochs": epochs, "seeds": SEEDS, **options,
+                 "machine": timing.machine(), "tasks": []}
+    for t in ts:
+        out["tasks"].append(_in_fresh_process(timed_task, epochs, workdir,
+                                              {**options, "num_queries": t}))
+        out["estimate"] = estimate_vtab(out["tasks"])
+        if write:
+            write(out)
+    if one_by_one:
+        times = _in_fresh_process(timed_one_by_one, epochs, workdir,
+                                  {**options, "num_queries": ts[0]}, one_by_one)
+        grid = sweep_lib.grid_for("vqt")
+        runs = len(grid.base_lrs) * len(grid.wds) + SEEDS
+        later = times[1:] or times
+        out["one_by_one"] = {"T": ts[0], "run_s": times, "runs": runs,
+                             # The first run builds the cache; the others at their mean.
+                             "protocol_estimate_s": round(times[0] + (runs - 1) * sum(later)
+                                                          / len(later), 1)}
+        if write:
+            write(out)
+    return out
+
+
+def report_gpu(out: dict) -> str:
+    """The gpu setup's figures as a table, and its estimate of the 19 tasks."""
+    lines = ["| T | compression | whole protocol | of it compiling | test evaluation per image "
+             "| selected lr / wd | device |", "|---|---|---|---|---|---|---|"]
+    for r in out["tasks"]:
+        lines.append(f"| {r['T']} | {r['compression']} | {r['seconds']:.1f} s | "
+                     f"{r['compile_s']:.1f} s | {r['test_evaluation_ms_per_image']:.3f} ms | "
+                     f"{r['selected']['lr']} / {r['selected']['wd']} | {r['device']} |")
+    est = out.get("estimate", {})
+    if "total_s" in est:
+        lines.append(f"\nVTAB-1k's 19 tasks at their release T: {est['total_min']:.1f} min "
+                     f"(target < {TARGETS['vtab_19_s'] // 60} min: {est['meets']['vtab_19']}); "
+                     f"slowest T=1 task {est['slowest_t1_task_s']:.0f} s (target <= "
+                     f"{TARGETS['t1_task_s']} s: {est['meets']['t1_task']})")
+    if "one_by_one" in out:
+        o = out["one_by_one"]
+        lines.append(f"One by one (T={o['T']}): runs {o['run_s']} s; the {o['runs']} runs "
+                     f"about {o['protocol_estimate_s']:.0f} s")
+    return "\n".join(lines)
 
 
 def _in_fresh_process(fn: Callable, *args: Any) -> Any:
@@ -421,11 +645,22 @@ def report(rows: list[dict]) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line (README's `python experiments/sweep_speed.py --json PATH`)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setups", default="demo,b16", help="comma-separated: demo, b16")
+    p.add_argument("--setups", default="demo,b16", help="comma-separated: demo, b16, gpu")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the demo setup")
     p.add_argument("--b16_epochs", type=int, default=2, help="epochs of the b16 setup")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated protocols: sequential and one, optionally shared")
+    p.add_argument("--gpu_epochs", type=int, default=100, help="epochs of the gpu setup")
+    p.add_argument("--ts", default=",".join(map(str, GPU_TS)),
+                   help="comma-separated T (query tokens) of the gpu setup")
+    p.add_argument("--folder", help="the gpu setup's 1000/200/1000 image folder (default: "
+                   "written from Debian's Fashion-MNIST)")
+    # float32 (TF32 matmuls on GPU), the release's: bfloat16 training cannot be checked on a
+    # CPU, whose XLA has no bfloat16 x bfloat16 -> float32 dot for the stacked step.
+    p.add_argument("--dtype", default="float32", help="the gpu setup's compute dtype "
+                   "(model.dtype: float32 or bfloat16)")
+    p.add_argument("--one_by_one", type=int, default=0, metavar="K",
+                   help="the gpu setup also times its first K runs one by one")
     p.add_argument("--workdir", help="where the sweeps run (default: a temporary directory)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and folder (no figures)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -448,11 +683,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.makedirs(workdir, exist_ok=True)
         if args.add_floor:
             return add_floor(args.add_floor, workdir)
-        epochs = {"demo": args.epochs, "b16": args.b16_epochs, "tiny": 2}
-        names = ["tiny"] if args.tiny else [s.strip() for s in args.setups.split(",")]
+        names = [s.strip() for s in args.setups.split(",")]
         unknown = [n for n in names if n not in SETUPS]
         if unknown:
-            raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16")
+            raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16, gpu")
+        if "gpu" in names:  # --tiny: its protocol on the tiny model and folder
+            return [run_gpu(args, workdir)]
+        epochs = {"demo": args.epochs, "b16": args.b16_epochs, "tiny": 2}
+        names = ["tiny"] if args.tiny else names
         modes = tuple(m.strip() for m in args.modes.split(","))
         if not {"sequential", "one"} <= set(modes) or not set(modes) <= set(MODES):
             raise SystemExit(f"error: --modes={args.modes!r}: sequential and one, optionally "
@@ -466,6 +704,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=2)
     return rows
+
+
+def run_gpu(args: argparse.Namespace, workdir: str) -> dict:
+    """`--setups gpu`: `measure_gpu` with the command line's options, its JSON rewritten after
+    each T."""
+
+    def write(out: dict) -> None:
+        print(report_gpu(out), flush=True)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    folder = os.path.abspath(args.folder) if args.folder else None
+    options = {"folder": folder, "dtype": args.dtype, "tiny": args.tiny}
+    ts = tuple(int(t) for t in args.ts.split(","))
+    return measure_gpu(2 if args.tiny else args.gpu_epochs, workdir, ts, options,
+                       args.one_by_one, write)
 
 
 def add_floor(path: str, workdir: str) -> list[dict]:

@@ -81,12 +81,84 @@ def test_the_profile_counts_phases_and_compilation(monkeypatch):
     for what in ("Training", "Compression (stage 1, group lasso)"):
         p = progress.Progress(what, 10, clock=lambda: next(clock), log=lambda _: None)
         p.done()
+    # An evaluation on test that compiles: its time less the compilation, per image.
+    p = progress.Progress("Evaluating 5 runs on test", 9, log=lambda _: None)
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.125)(jnp.ones(7)).block_until_ready()
+    p.update(9)
+    seconds = p.done()
     assert (profile["training"], profile["compression"], profile["cache_build"]) == (2.5, 4.0, 0)
     assert profile["compile"] > 0
+    assert profile["evaluation"] == seconds and profile["test_images"] == 9
+    assert profile["test_evaluation"] == pytest.approx(seconds - profile["compile"])
+    assert profile["test_evaluation"] < seconds
 
 
 def test_the_matmul_rate_is_a_positive_rate():
     """matmul_gflop_s times real matmuls (here tiny ones) and gives a rate in GFLOP/s."""
     rate = sweep_speed.matmul_gflop_s(8, 32, 16, repeats=3, square=32)
     assert 0 < rate < 1e5
+
+
+@pytest.mark.parametrize("num_queries", [1, 20])
+def test_the_gpu_setup_runs_the_releases_T_and_compression(tmp_path, num_queries):
+    """Each T of the gpu setup runs as the release's tasks of that T: compression on T = 1
+    only; the cache is bfloat16, the compute the dtype asked for."""
+    config_fn, overrides = sweep_speed.gpu_config(2, str(tmp_path), num_queries=num_queries,
+                                                  dtype="bfloat16", tiny=True)
+    config = sweep_speed.resolve_lib.resolve(config_fn("folder"), overrides)
+    assert config.model.num_queries == num_queries
+    assert config.compression.enabled == (num_queries == 1)
+    assert (config.cache_dtype, config.model.dtype) == ("bfloat16", "bfloat16")
+
+
+def _task_row(t: int, seconds: float, ms_per_image: float) -> dict:
+    return {"T": t, "seconds": seconds, "test_images": 1000,
+            "test_evaluation_ms_per_image": ms_per_image}
+
+
+def test_the_vtab_estimate_takes_each_tasks_T_and_scales_its_test_evaluation():
+    from vqt_jax.data import tasks  # noqa: PLC0415
+
+    assert set(sweep_speed.TEST_SIZES) == set(tasks.TASKS) == set(tasks.RELEASE_SETTINGS)
+    rows = [_task_row(1, 60.0, 1.0), _task_row(10, 100.0, 2.0), _task_row(20, 200.0, 3.0)]
+    est = sweep_speed.estimate_vtab(rows)
+    per_task = est["per_task_s"]  # in seconds, to 0.1 s
+    assert per_task["dtd"] == pytest.approx(60.0 + (1880 - 1000) * 1e-3, abs=0.05)  # T = 1
+    assert per_task["clevr_distance"] == pytest.approx(100.0 + 14000 * 2e-3)  # T = 10
+    assert per_task["kitti_distance"] == pytest.approx(200.0 + (711 - 1000) * 3e-3,
+                                                       abs=0.05)  # T = 20
+    assert est["total_s"] == pytest.approx(sum(per_task.values()), abs=0.1) and len(per_task) == 19
+    # The slowest T = 1 task is a dSprites one: 73728 test images.
+    assert est["slowest_t1_task_s"] == pytest.approx(60.0 + 72728e-3, abs=0.05)
+    assert est["meets"] == {"vtab_19": est["total_s"] < 2400, "t1_task": False}
+    partial = sweep_speed.estimate_vtab(rows[:1])
+    assert partial["not_measured_T"] == [10, 20] and "total_s" not in partial
+
+
+def test_the_gpu_run_writes_its_figures_after_each_T_and_times_runs_one_by_one(monkeypatch,
+                                                                                tmp_path):
+    """`--setups gpu`: each T's protocol, then the runs one by one, each in a process of its
+    own (stand-ins here), the JSON rewritten after each."""
+    calls = []
+
+    def in_fresh_process(fn, epochs, root, options, *args):
+        calls.append((fn.__name__, options["num_queries"], options["tiny"], *args))
+        if fn is sweep_speed.timed_one_by_one:
+            return [30.0, 10.0, 12.0]
+        return {**_task_row(options["num_queries"], 50.0, 1.0), "compression": True,
+                "compile_s": 20.0, "selected": {"lr": 0.1, "wd": 0.0}, "device": "cpu"}
+
+    monkeypatch.setattr(sweep_speed, "_in_fresh_process", in_fresh_process)
+    written = []
+    monkeypatch.setattr(sweep_speed.json, "dump", lambda out, f, **_: written.append(
+        [r["T"] for r in out["tasks"]] + (["one_by_one"] if "one_by_one" in out else [])))
+    path = str(tmp_path / "gpu.json")
+    out = sweep_speed.main(["--setups", "gpu", "--tiny", "--ts", "1,20", "--one_by_one", "3",
+                            "--json", path])[0]
+    assert calls == [("timed_task", 1, True), ("timed_task", 20, True),
+                     ("timed_one_by_one", 1, True, 3)]
+    assert written == [[1], [1, 20], [1, 20, "one_by_one"]]
+    assert out["epochs"] == 2 and out["estimate"]["not_measured_T"] == [10]
+    # The first run also builds the cache; the other 24 at the mean of the later ones.
+    assert out["one_by_one"] == {"T": 1, "run_s": [30.0, 10.0, 12.0], "runs": 25,
+                                 "protocol_estimate_s": 30.0 + 24 * 11.0}

@@ -242,3 +242,56 @@ def test_a_run_predict_and_gs_files_without_tensorflow(tmp_path):
     run = gcs / "bucket" / "run"
     assert json.loads((run / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 0.5}
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
+
+
+def test_sweep_speed_tiny_and_the_demos_data_without_tensorflow(tmp_path):
+    """`sweep_speed.py --setups gpu --tiny` (the protocol at T = 1 with its compression stage,
+    each stage as one program, in a spawned process, and the 19-task estimate) and
+    configs/demo.py's data preparation, with TensorFlow and TFDS blocked in every process: a
+    sitecustomize on PYTHONPATH installs the blocker, so the spawned process has it too."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BLOCK_TF)
+    env = {**xla_env.env(None), "VQT_JAX_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(block), REPO])}
+    # The demo's preparation writes the Fashion-MNIST folder (`init=''`: random weights, no
+    # ONNX conversion); the blocker is in place in a fresh interpreter.
+    code = textwrap.dedent("""
+        import importlib.util
+        from configs import demo
+        from vqt_jax import preparations
+        from vqt_jax.data import fashion_mnist
+        try:
+            import tensorflow_datasets
+        except ImportError as e:
+            assert "blocked" in str(e)
+        else:
+            raise AssertionError("the blocker is not installed")
+        try:
+            fashion_mnist.find_fashion_mnist()
+        except FileNotFoundError:
+            print("no dataset")
+        else:
+            config = demo.get_config()
+            config.init = ""
+            preparations.fashion_mnist_dinov2(config)
+            print(sorted(os.listdir(config.data_dir)))
+    """)
+    proc = _python("import os\n" + code, env, block="")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    if proc.stdout.strip().splitlines()[-1] != "no dataset":
+        assert proc.stdout.strip().splitlines()[-1] == "['.fashion_mnist_subset.json', 'test', "\
+            "'train', 'val']"
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "experiments/sweep_speed.py", "--setups", "gpu",
+                           "--tiny", "--ts", "1", "--json", str(out)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    r = json.loads(out.read_text())
+    (task,) = r["tasks"]
+    assert (task["T"], task["compression"], task["test_images"]) == (1, True, 9)
+    assert 0 < task["compile_s"] < task["seconds"] and task["test_evaluation_ms_per_image"] > 0
+    assert len(task["test_top1"]) == 5 and task["profile"]["compression"] > 0
+    # The 12 tasks the release runs at T = 1.
+    assert len(r["estimate"]["per_task_s"]) == 12 and r["estimate"]["not_measured_T"] == [10, 20]
