@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"error: unknown setup(s) {unknown}; choose from demo, b16, gpu")
         if "gpu" in names:  # --tiny: its protocol on the tiny model and folder
             if len(names) > 1:
-                raise SystemExit("error: --setups gpu runs alone (its figures are others')")
+                raise SystemExit("error: --setups gpu runs alone (its JSON has another form)")
             return [run_gpu(args, workdir)]
         epochs = {"demo": args.epochs, "b16": args.b16_epochs, "tiny": 2}
         names = ["tiny"] if args.tiny else names
