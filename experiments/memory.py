@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqt_jax import methods
+from vqt_jax import methods, resolve
 from vqt_jax.models import ViT, create_model
 from vqt_jax.timing import median_seconds
 from vqt_jax.training import optim, train_step
@@ -90,7 +90,8 @@ def config_model_fields(path: Path = CONFIG_PATH) -> dict[str, Any]:
     spec = importlib.util.spec_from_file_location("_memory_vtab_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config().model.to_dict()
+    # The options a backbone file would tell ('auto') at their defaults: there is no file.
+    return resolve.resolve(module.get_config(), {"init": ""}).model.to_dict()
 
 
 def model_fields(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,8 @@ Callback = Callable[[int, dict[str, float]], None]
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The ViT of `config.model` (variant name plus keyword overrides), adjusted for
     `config.method` (see `methods.model_kwargs`), with a task head."""
+    if resolve.AUTO in dict(config.model).values():  # not resolved (tests, notebooks)
+        config = resolve.resolve(config)
     kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
     kwargs = methods.model_kwargs(config.method, kwargs)
     variant = kwargs.pop("variant", None)
@@ -487,12 +489,13 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
     Config fields, devices, the data (every image decodes), the checkpoint (readable, finite,
     matching the model) and the workdir (its recorded config) are checked in that order; the
     first problem raises one error that names it. With `dry_run`, an http(s) checkpoint that
-    is not in the download cache yet is not downloaded (a note says so).
+    is not in the download cache yet is not downloaded (a note says so; model options left
+    'auto' then take their defaults, and the log says so).
 
     Raises:
       ValueError (incl. CheckpointError, WorkdirError), FileNotFoundError: bad input.
     """
-    config = resolve.resolve(config)
+    config = resolve.resolve(config, download=not dry_run)
     compilation_cache.enable(config.get("compilation_cache_dir"))
     mesh = make_mesh(config.get("num_devices", 0))
     config_checks.check(config, num_devices=mesh.size, process_count=jax.process_count())
