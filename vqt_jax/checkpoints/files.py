@@ -10,7 +10,7 @@ often have none):
   * `.safetensors`.
 
 Paths may be local, `gs://...` (and anything else etils.epath opens, through fsspec: gcsfs,
-the `vqt_jax[gcs]` extra, also where TensorFlow is installed; see `hosts.py`), or
+the `gcs` extra, also where TensorFlow is installed; see `hosts.py`), or
 `http(s)://...` (downloaded once into a cache directory, atomically: a download that is cut
 short, stalls, or is not a complete checkpoint never enters the cache).
 

@@ -60,8 +60,9 @@ SPLITS: dict[str, tuple[str, str]] = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The extra that installs what preparing a TFDS dataset needs (TensorFlow included).
-PREPARE_EXTRA = "vqt_jax[prepare]"
+# Installs what preparing a TFDS dataset needs (TensorFlow included): the `prepare` extra, from
+# the vqt_jax checkout (the package is not on PyPI).
+PREPARE_INSTALL = "pip install -e '.[prepare]' in the vqt_jax checkout"
 
 Subset = Literal["train", "eval"]
 Batching = Literal["epoch", "stream"]
@@ -96,7 +97,7 @@ def _tfds():  # noqa: ANN202 - the module.
 def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     """A shell command that downloads and prepares a TFDS dataset as ArrayRecord files.
 
-    It needs tensorflow-datasets and TensorFlow: ``pip install 'vqt_jax[prepare]'``.
+    It needs tensorflow-datasets and TensorFlow: ``pip install -e '.[prepare]'``.
 
     Args:
         tfds_name: TFDS name with config and version pattern, e.g. ``'dtd:3.*.*'``.
@@ -134,7 +135,7 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
                 "TensorFlow; this code reads ArrayRecord files (tfds.data_source).")
         return "\n".join([
             f"{head} Convert it once, with tensorflow-datasets and TensorFlow installed "
-            f"(pip install '{PREPARE_EXTRA}'):",
+            f"({PREPARE_INSTALL}):",
             "  python -c \"from tensorflow_datasets.scripts.cli import convert_format_utils as c;"
             f" c.convert_dataset(out_dir=None, out_file_format='array_record', "
             f"dataset_version_dir=[{tfrecord_dir!r}])\"",
@@ -143,7 +144,7 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
             f"  {prepare_command(task.tfds_name, data_dir)}"])
     lines = [
         f"{head} Prepare it once, as ArrayRecord files, on a machine with internet access and "
-        f"tensorflow-datasets with TensorFlow (pip install '{PREPARE_EXTRA}'):",
+        f"tensorflow-datasets with TensorFlow ({PREPARE_INSTALL}):",
         f"  {prepare_command(task.tfds_name, data_dir)}",
         # The CLI is the usual advice, but its tensorflow-datasets entry point imports
         # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.

@@ -13,7 +13,7 @@ A workdir is locked while a run uses it (`lock`, through the empty file ``.lock`
 run on it stops at once.
 
 Every file of a workdir is read and written through `etils.epath` (`as_path`), so a workdir may
-be a local directory or a `gs://` URL (served by fsspec's gcsfs, the `vqt_jax[gcs]` extra, also
+be a local directory or a `gs://` URL (served by fsspec's gcsfs, the `gcs` extra, also
 where TensorFlow is installed; a remote failure is one `WorkdirError` naming the path, see
 `remote_errors`); a gs:// URL that lost a slash to a pathlib join ('gs:/b/x') is refused,
 never taken for a local directory (`is_local`). Locally, JSON files are written atomically
@@ -140,7 +140,8 @@ def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
 def remote_reason(e: BaseException) -> str:
     """A remote file system's error on one line, saying what to install if gcsfs is missing."""
     text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-    return text + (" (gs:// needs gcsfs: pip install 'vqt_jax[gcs]')"
+    return text + (" (gs:// needs gcsfs: pip install -e '.[gcs]' in the "
+                   "vqt_jax checkout)"
                    if isinstance(e, ImportError) else "")
 
 
