@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +52,7 @@ def test_other_hosts_only_log(tmp_path, caplog):
     writer.write_scalars(3, {"train/loss": 0.5})
     writer.close()
     assert not list(tmp_path.iterdir())
-    assert "[3] train/loss=0.5" in caplog.text and "[Hyperparameters]" in caplog.text
+    assert "[3] train/loss=0.5" in caplog.text and "Hyperparameters:\n  lr=0.1" in caplog.text
 
 
 def test_parameter_overview(caplog):
@@ -59,3 +62,24 @@ def test_parameter_overview(caplog):
     assert "head/kernel | (3, 4) | 12" in caplog.text
     assert "queries     | (2, 5) | 10" in caplog.text
     assert "Total: 26 parameters, 84 bytes" in caplog.text
+
+
+def test_without_tensorboard_the_chief_writes_jsonl_only(tmp_path):
+    """A machine without tensorboard (a bare accelerator host) trains and logs: metrics.jsonl
+    is written, no event file, one warning says why."""
+    code = f"""
+import sys
+sys.modules["tensorboard"] = None  # importing it raises ImportError
+from vqt_jax.training import metrics_io
+w = metrics_io.create_writer({str(tmp_path)!r}, True)
+w.write_hparams({{"lr": 0.1}})
+w.write_scalars(1, {{"loss": 2.0}})
+w.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tensorboard is not installed" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"hparams": {"lr": 0.1}}, {"step": 1, "loss": 2.0}]

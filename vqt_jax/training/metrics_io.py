@@ -2,7 +2,8 @@
 
 On the chief, `create_writer` writes ``metrics.jsonl`` (one JSON object per call) and a TensorBoard
 event file (``events.out.tfevents.*``: TFRecord-framed `Event` protos, built with tensorboard's
-pure-Python protos and summary helpers) into the workdir; every host logs its lines through absl.
+pure-Python protos and summary helpers; without tensorboard installed, metrics.jsonl only) into
+the workdir; every host logs its lines through absl.
 The workdir may be local or remote (gs://): both files go through `etils.epath` (`_Appended`).
 """
 
@@ -21,10 +22,14 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.hparams import summary_v2 as hparams_summary
-from tensorboard.plugins.scalar import summary_v2 as scalar_summary
-from tensorboard.summary.writer.record_writer import RecordWriter
+
+try:  # optional: a machine without it (a bare accelerator host) still trains and logs
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+    from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+except ImportError:
+    event_pb2 = None
 
 from vqt_jax.training import workdir as workdir_lib
 
@@ -95,13 +100,17 @@ class Writer:
         if is_chief:
             directory = epath.Path(workdir)
             self._jsonl = _Appended(directory / "metrics.jsonl")
+            if event_pb2 is None:
+                logging.warning("tensorboard is not installed: no TensorBoard event file in %s "
+                                "(metrics.jsonl holds the same values).", workdir)
+                return
             name = (f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}."
                     f"{os.getpid()}.{next(_FILE_IDS)}")
             self._events = RecordWriter(_Appended(directory / name))
             self._event(event_pb2.Event(file_version="brain.Event:2"))
             self.flush()
 
-    def _event(self, event: event_pb2.Event) -> None:
+    def _event(self, event: Any) -> None:
         event.wall_time = event.wall_time or time.time()
         self._events.write(event.SerializeToString())
 
@@ -112,7 +121,7 @@ class Writer:
         if self._jsonl is None:
             return
         self._jsonl.write((json.dumps({"step": int(step), **values}) + "\n").encode())
-        for k, v in values.items():
+        for k, v in values.items() if self._events is not None else ():
             self._event(event_pb2.Event(step=int(step), summary=scalar_summary.scalar_pb(k, v)))
         self.flush()
 
@@ -125,7 +134,9 @@ class Writer:
         if self._jsonl is None:
             return
         self._jsonl.write((json.dumps({"hparams": dict(hparams)}, default=str) + "\n").encode())
-        self._event(event_pb2.Event(summary=hparams_summary.hparams_pb(_hparam_values(hparams))))
+        if self._events is not None:
+            self._event(event_pb2.Event(
+                summary=hparams_summary.hparams_pb(_hparam_values(hparams))))
         self.flush()
 
     def flush(self) -> None:
