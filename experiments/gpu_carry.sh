@@ -12,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.gpu_carry}
 # What the run imports beyond those packages and their own requirements: found by running it
-# in a virtual environment of only them (docs/performance.md). TensorBoard's protos write the
-# event files (vqt_jax/training/metrics_io.py imports them unconditionally).
-names=(ml-collections tensorboard)
+# in a virtual environment of only them (docs/performance.md). TensorBoard is optional there
+# (metrics.jsonl only).
+names=(ml-collections)
 
 pins=()
 for name in "${names[@]}"; do

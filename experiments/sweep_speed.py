@@ -444,9 +444,10 @@ def timed_task(epochs: int, root: str, options: dict) -> dict:
     a fresh workdir: its seconds, compile seconds apart, profile, test evaluation per image,
     results, and the device and JAX it ran on."""
     import jax  # noqa: PLC0415
-    from absl import logging  # noqa: PLC0415
 
-    logging.set_verbosity(logging.INFO)  # the phases' progress lines, in the log that comes back
+    from vqt_jax import cli  # noqa: PLC0415
+
+    cli.setup_logging()  # the phases' progress lines, in the log that comes back
     seconds, result, profile = timed_sweep("gpu", epochs, root, "one", options)
     shutil.rmtree(os.path.join(root, "gpu"), ignore_errors=True)
     test_images = profile.pop("test_images")
@@ -469,11 +470,10 @@ def timed_one_by_one(epochs: int, root: str, options: dict, runs: int) -> list[f
     """Seconds of each of the protocol's first `runs` runs (grid points), each trained and
     evaluated on its own as the one by one protocol runs it (its own compilations; the first
     also builds the cache)."""
-    from absl import logging  # noqa: PLC0415
-
+    from vqt_jax import cli  # noqa: PLC0415
     from vqt_jax.training import train  # noqa: PLC0415
 
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()
     config_fn, overrides = _setup("gpu", epochs, root, options)
     directory = os.path.join(root, "gpu_one_by_one")
     shutil.rmtree(directory, ignore_errors=True)
@@ -673,11 +673,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
-    from absl import logging  # noqa: PLC0415
+    from vqt_jax import cli, timing  # noqa: PLC0415
 
-    from vqt_jax import timing  # noqa: PLC0415
-
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()  # main.py's log format, libraries quiet
     with tempfile.TemporaryDirectory(prefix="sweep_speed_") as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)

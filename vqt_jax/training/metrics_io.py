@@ -101,8 +101,9 @@ class Writer:
             directory = epath.Path(workdir)
             self._jsonl = _Appended(directory / "metrics.jsonl")
             if event_pb2 is None:
-                logging.warning("tensorboard is not installed: no TensorBoard event file in %s "
-                                "(metrics.jsonl holds the same values).", workdir)
+                logging.log_first_n(logging.WARNING, "tensorboard is not installed: no "
+                                    "TensorBoard event files (metrics.jsonl holds the same "
+                                    "values).", 1)
                 return
             name = (f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}."
                     f"{os.getpid()}.{next(_FILE_IDS)}")
