@@ -43,9 +43,9 @@ Setups:
     `--gpu_epochs` epochs (the release's 100). It reports each T's whole protocol, its compile
     time apart, and the time of its test evaluation per image, and estimates the 19 tasks of
     VTAB-1k from them (`estimate_vtab`: each task at its release T, its evaluation scaled to
-    its test split's size, `TEST_SIZES`). `--one_by_one K` also times the first K grid runs
-    one by one (each compiles alone). `experiments/gpu_carry.sh` writes the folder and the
-    wheels a GPU machine with only jax, flax, optax, orbax, numpy and pillow lacks.
+    its test split's size, `vqt_jax.data.tasks.TEST_SIZES`). `--one_by_one K` also times the
+    first K grid runs one by one (each compiles alone). `experiments/gpu_carry.sh` writes the
+    folder and the wheels a GPU machine with only jax, flax, optax, orbax, numpy and pillow lacks.
 
 Persistent compilation caching is off for both runs (each pays its own compilations); the
 machine should be otherwise idle. `--tiny` runs a 2-layer model on a small folder (a check that
@@ -167,17 +167,7 @@ def gpu_config(epochs: int, root: str, *, num_queries: int = 1, folder: str | No
 SETUPS = {"demo": demo_config, "b16": b16_config, "tiny": tiny_config, "gpu": gpu_config}
 # The gpu setup's T: those of the release's tasks (`vqt_jax.data.tasks.RELEASE_SETTINGS`).
 GPU_TS = (1, 10, 20)
-# The size of each VTAB-1k task's test split (`vqt_jax.data.tasks.TASKS`' `test`, as TFDS
-# counts it; the VPT paper's dataset table lists the same): `estimate_vtab` scales each task's
-# test evaluation to it.
-TEST_SIZES = {
-    "caltech101": 6084, "cifar100": 10000, "dtd": 1880, "oxford_flowers102": 6149,
-    "oxford_iiit_pet": 3669, "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768,
-    "eurosat": 5400, "resisc45": 6300, "diabetic_retinopathy": 42670, "clevr_count": 15000,
-    "clevr_distance": 15000, "dmlab": 22735, "kitti_distance": 711, "dsprites_location": 73728,
-    "dsprites_orientation": 73728, "smallnorb_azimuth": 12150, "smallnorb_elevation": 12150,
-}  # fmt: skip
-# The issue's targets: the 19 tasks in under 40 minutes on one H100-class GPU, a T = 1 task in
+# The targets: the 19 tasks in under 40 minutes on one H100-class GPU, a T = 1 task in
 # at most 120 s.
 TARGETS = {"vtab_19_s": 2400, "t1_task_s": 120}
 
@@ -503,8 +493,9 @@ def estimate_vtab(tasks: list[dict]) -> dict:
     """The 19 tasks of VTAB-1k, each at its release T (`RELEASE_SETTINGS`), from measured ones.
 
     Each task's time is its T's protocol, with the test evaluation scaled from the measured
-    test images to the task's `TEST_SIZES` at the measured time per image. The measured folder
-    trains on 1000 images and the tasks on 800: the training part is an upper bound.
+    test images to the task's size (`vqt_jax.data.tasks.TEST_SIZES`) at the measured time per
+    image. The measured folder trains on 1000 images and the tasks on 800: the training part
+    is an upper bound.
 
     Args:
       tasks: `timed_task`'s figures, one per T.
@@ -523,7 +514,8 @@ def estimate_vtab(tasks: list[dict]) -> dict:
         if row is None:
             missing.add(setting.num_queries)
             continue
-        extra = (TEST_SIZES[name] - row["test_images"]) * row["test_evaluation_ms_per_image"]
+        extra = ((tasks_lib.TEST_SIZES[name] - row["test_images"])
+                 * row["test_evaluation_ms_per_image"])
         per_task[name] = round(row["seconds"] + extra / 1e3, 1)
     out: dict = {"per_task_s": per_task, "targets": TARGETS}
     if missing:

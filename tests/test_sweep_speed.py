@@ -119,7 +119,7 @@ def _task_row(t: int, seconds: float, ms_per_image: float) -> dict:
 def test_the_vtab_estimate_takes_each_tasks_T_and_scales_its_test_evaluation():
     from vqt_jax.data import tasks  # noqa: PLC0415
 
-    assert set(sweep_speed.TEST_SIZES) == set(tasks.TASKS) == set(tasks.RELEASE_SETTINGS)
+    assert set(tasks.TEST_SIZES) == set(tasks.TASKS) == set(tasks.RELEASE_SETTINGS)
     rows = [_task_row(1, 60.0, 1.0), _task_row(10, 100.0, 2.0), _task_row(20, 200.0, 3.0)]
     est = sweep_speed.estimate_vtab(rows)
     per_task = est["per_task_s"]  # in seconds, to 0.1 s

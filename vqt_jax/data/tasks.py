@@ -223,6 +223,17 @@ RELEASE_SETTINGS: Mapping[str, ReleaseSetting] = {
 }  # fmt: skip
 
 
+# One row per task, in TASKS' order: the size of its test split (the `test` column), as the
+# VTAB benchmark lists them; time estimates scale evaluation by it (experiments/sweep_speed.py).
+TEST_SIZES: Mapping[str, int] = {
+    "caltech101": 6084, "cifar100": 10000, "dtd": 1880, "oxford_flowers102": 6149,
+    "oxford_iiit_pet": 3669, "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768,
+    "eurosat": 5400, "resisc45": 6300, "diabetic_retinopathy": 42670, "clevr_count": 15000,
+    "clevr_distance": 15000, "dmlab": 22735, "kitti_distance": 711, "dsprites_location": 73728,
+    "dsprites_orientation": 73728, "smallnorb_azimuth": 12150, "smallnorb_elevation": 12150,
+}  # fmt: skip
+
+
 def task_names() -> list[str]:
     """Returns the names of the 19 VTAB-1k tasks in table order."""
     return list(TASKS)
