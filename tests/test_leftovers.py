@@ -11,7 +11,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tests import train_utils
 
@@ -65,3 +68,16 @@ def test_a_run_and_a_prediction_leave_only_their_outputs(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cache", "cwd", "data", "home", "tmp", "wd"]
     assert os.listdir(dirs["cache"] / "features"), "the run's cache is where it was pointed"
     assert leftovers(workdir) + leftovers(dirs["cache"]) == []
+
+
+def test_an_unprepared_tfds_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """TFDS makes a `tmp*tfds` directory when it looks for an unprepared dataset's metadata;
+    the refusal leaves none behind."""
+    from vqt_jax.data import pipeline  # noqa: PLC0415
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(pipeline.DatasetNotPreparedError):
+        pipeline.validate("dtd", str(tmp_path / "tfds"), "val")
+    assert os.listdir(temp) == []

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import shlex
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -156,17 +158,31 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _private_tempdir() -> Iterator[None]:
+    """Points `tempfile` at a directory of its own, removed afterwards: TFDS makes a temporary
+    directory (`tmp*tfds`) when it looks for an unprepared dataset's metadata and leaves it."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="vqt_jax_tfds_") as own:
+        tempfile.tempdir = own
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def _builder(task: tasks_lib.Task, data_dir: str | None) -> Any:
     """Opens a prepared TFDS dataset, or raises DatasetNotPreparedError without waiting."""
     tfds = _tfds()
-    try:
-        # try_gcs=False: never look for the data on GCS (hangs for minutes without network).
-        builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
-    except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
-        # E.g. the version pattern matches nothing prepared and nothing this TFDS can build.
-        raise DatasetNotPreparedError(_not_prepared(task, data_dir, cause=str(e))) from e
-    if not builder.is_prepared():
-        raise DatasetNotPreparedError(_not_prepared(task, data_dir))
+    with _private_tempdir():
+        try:
+            # try_gcs=False: never look for the data on GCS (hangs for minutes without network).
+            builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
+        except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
+            # E.g. the version pattern matches nothing prepared and nothing this TFDS can build.
+            raise DatasetNotPreparedError(_not_prepared(task, data_dir, cause=str(e))) from e
+        if not builder.is_prepared():
+            raise DatasetNotPreparedError(_not_prepared(task, data_dir))
     return builder
 
 
