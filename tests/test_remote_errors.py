@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = textwrap.dedent("""
     import importlib.util, io, json, os, sys
     import fsspec, numpy as np
-    from fsspec.implementations.local import LocalFileSystem
+    from tests.fake_gcs import FakeGCS, register
     from vqt_jax import cli
     from vqt_jax.checkpoints import files
     from vqt_jax.training import workdir
@@ -71,18 +71,8 @@ PROGRAM = textwrap.dedent("""
     class DefaultCredentialsError(Exception):  # google.auth's: not an OSError either.
         pass
 
-    class Store(LocalFileSystem):  # gs://X lands in ROOT/X, or each call raises Store.error.
-        protocol, error = ("gs", "gcs"), None
-
-        def __init__(self, finalize_on_close=True, **kwargs):
-            super().__init__(auto_mkdir=True, **kwargs)
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            path = str(path)
-            if path.startswith(("gs://", "gcs://")):
-                path = ROOT + "/" + path.split("://", 1)[1]
-            return LocalFileSystem._strip_protocol(path)
+    class Store(FakeGCS):  # gs://X lands in ROOT/X, or each call raises Store.error.
+        error = None
 
         def info(self, path, **kwargs):
             if Store.error is not None:
@@ -107,8 +97,7 @@ PROGRAM = textwrap.dedent("""
                         raise Store.error
             return Upload()
 
-    fsspec.register_implementation("gs", Store, clobber=True)
-    fsspec.register_implementation("gcs", Store, clobber=True)
+    register(ROOT, Store)
     with open(os.path.join(ROOT, "bucket", "ckpt.npz"), "wb") as f:
         np.savez(f, w=np.arange(6.0))
     kind, arrays = files.read("gs://bucket/ckpt.npz")

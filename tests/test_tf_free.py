@@ -177,26 +177,7 @@ def test_accelerator_bench_tiny_runs_without_tensorflow(tmp_path):
 
 # gs:// through epath's fsspec backend (what it uses without TensorFlow), gcsfs replaced by a
 # local file system rooted at GCS_ROOT: nothing reaches the network.
-FAKE_GCS = """
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-class FakeGCS(LocalFileSystem):
-    protocol = ("gs", "gcs")
-
-    def __init__(self, finalize_on_close=True, **kwargs):
-        super().__init__(auto_mkdir=True, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        if path.startswith(("gs://", "gcs://")):
-            path = GCS_ROOT + "/" + path.split("://", 1)[1]
-        return LocalFileSystem._strip_protocol(path)
-
-fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-fsspec.register_implementation("gs", FakeGCS, clobber=True)
-"""
+FAKE_GCS = "from tests.fake_gcs import register\nregister(GCS_ROOT)\n"
 
 
 def test_a_run_predict_and_gs_files_without_tensorflow(tmp_path):
