@@ -10,7 +10,7 @@ often have none):
   * `.safetensors`.
 
 Paths may be local, `gs://...` (and anything else etils.epath opens, through fsspec: gcsfs,
-the `gcs` extra, also where TensorFlow is installed; see `hosts.py`), or
+the `gcs` extra, also where TensorFlow is installed; see `vqt_jax/__init__.py`), or
 `http(s)://...` (downloaded once into a cache directory, atomically: a download that is cut
 short, stalls, or is not a complete checkpoint never enters the cache).
 
@@ -310,25 +310,31 @@ class _Guarded:
                 raise
 
 
+def remote_reason(e: BaseException) -> str:
+    """A remote file system's error on one line (`_one_line`), saying what to install where
+    gcsfs is missing (epath serves gs:// through it)."""
+    hint = " (gs:// needs gcsfs: pip install -e '.[gcs]' in the vqt_jax checkout)"
+    return _one_line(e) + (hint if isinstance(e, ImportError) else "")
+
+
 def _open_remote(path: str) -> _Guarded:
-    # Remote paths only: workdir's epath, with gs:// through fsspec (gcsfs), not tf.io.gfile.
-    from vqt_jax.training import workdir
+    from etils import epath  # Remote file systems only (gs:// through fsspec's gcsfs).
 
     try:
-        p = workdir.as_path(path)
+        p = epath.Path(path)
         exists = p.exists()
     except Exception as e:
         # gcsfs raises its own HttpError, OSErrors or google-auth's errors; a ValueError names
         # the path, where main.py would print a traceback.
         raise CheckpointError(f"{path}: cannot reach the remote file "
-                              f"({workdir.remote_reason(e)})") from None
+                              f"({remote_reason(e)})") from None
     if not exists:
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
     try:
         return _Guarded(p.open("rb"))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot open the remote file "
-                              f"({workdir.remote_reason(e)})") from None
+                              f"({remote_reason(e)})") from None
 
 
 def open_file(path: str) -> BinaryIO:

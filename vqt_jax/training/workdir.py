@@ -38,7 +38,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vqt_jax import hosts  # (its import makes epath serve gs:// without TensorFlow)
+from vqt_jax import hosts
+from vqt_jax.checkpoints.files import remote_reason
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
@@ -135,14 +136,6 @@ def is_local(p: str | os.PathLike) -> bool:
 
 def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
     return as_path(workdir) / name
-
-
-def remote_reason(e: BaseException) -> str:
-    """A remote file system's error on one line, saying what to install if gcsfs is missing."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-    return text + (" (gs:// needs gcsfs: pip install -e '.[gcs]' in the "
-                   "vqt_jax checkout)"
-                   if isinstance(e, ImportError) else "")
 
 
 @contextlib.contextmanager
