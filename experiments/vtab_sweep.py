@@ -43,7 +43,6 @@ the run's split, lr, wd and seed (`vqt_jax.sweep.run_overrides`).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -144,6 +143,7 @@ def main(
 
 
 if __name__ == "__main__":
-    # XLA's native start-up lines off, as main.py does (read when jax is imported).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from vqt_jax import cli  # noqa: PLC0415 (no jax: XLA's native lines off before its import)
+
+    cli.quiet_native_logs(sys.argv)
     sys.exit(main())
