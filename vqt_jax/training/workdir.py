@@ -39,7 +39,6 @@ from absl import logging
 from etils import epath
 
 from vqt_jax import hosts
-from vqt_jax.checkpoints.files import remote_reason
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
@@ -151,6 +150,9 @@ def remote_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
     except Exception as e:
         if is_local(path):
             raise
+        # Only here: the checkpoints layer imports jax, which the sweep's tables must not.
+        from vqt_jax.checkpoints.files import remote_reason  # noqa: PLC0415
+
         raise WorkdirError(f"{os.fspath(path)}: cannot {doing} the remote file "
                            f"({remote_reason(e)})") from e
 
