@@ -9,7 +9,6 @@ and top-1, the selection and the test numbers must agree. The grid holds a point
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -381,56 +380,125 @@ def test_seeds_can_share_one_example_order(sweeps, tmp_path):
     assert shared[1][1]["eval_loss"] != pytest.approx(shared[0][1]["eval_loss"], rel=1e-3)
 
 
-def _two_host_worker(process_id: int, port: int, workdir: str, data: str) -> None:
+class _Killed(Exception):
+    """Raised on every host right after the same checkpoint, as a kill of both would leave
+    them (the checkpoint complete, nothing after it)."""
+
+
+def _two_host_worker(process_id: int, port: int, root: str, data: str, mode: str) -> None:
     """One host of `experiments/vtab_sweep.py --distributed --program=one` on the tiny task
-    (the test's grid), each host with its own local cache directory."""
-    spec = importlib.util.spec_from_file_location("vtab_sweep", REPO / "experiments" /
-                                                  "vtab_sweep.py")
-    vtab_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vtab_sweep)
+    (the test's grid) with a gs:// workdir (the fake bucket under ROOT/gcs) and its own local
+    cache directory. mode 'first': stopped right after the test stage's checkpoint of step
+    KILL_STEP; 'resume': the same command again."""
+    from tests.scripts import load_script  # noqa: PLC0415
+    from tests.test_sweep_remote import remote  # noqa: PLC0415
+
+    os.chdir(os.path.join(root, "cwd"))  # must stay empty: the test checks it
     sweep_lib.grid_for = lambda method: GRID  # the tests' 2 x 2 grid, not the release's 20
-    vtab_sweep.main(
-        ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={process_id}", "--tasks=folder", f"--workdir={workdir}",
-         f"--seeds={NUM_SEEDS}", "--program=one",
-         "--set", f"cache_dir={workdir}-cache{process_id}"],
-        base_config_fn=lambda task: base_config(data, "vqt"),
-        task_groups={"folder": sweep_lib.FOLDER_GROUP})
+    save = checkpointing.save
+
+    def save_then_stop(manager, step, state):
+        save(manager, step, state)
+        if mode == "first" and step == KILL_STEP and "/test/" in str(manager.directory):
+            manager.wait_until_finished()
+            raise _Killed()
+
+    with remote(os.path.join(root, "gcs")), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpointing, "save", save_then_stop)
+        try:
+            load_script("vtab_sweep").main(
+                ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={process_id}", "--tasks=folder", f"--workdir={BUCKET_SWEEP}",
+                 f"--seeds={NUM_SEEDS}", "--program=one",
+                 "--set", f"cache_dir={os.path.join(root, 'local', f'host{process_id}')}"],
+                base_config_fn=lambda task: base_config(data, "vqt"),
+                task_groups={"folder": sweep_lib.FOLDER_GROUP})
+        except _Killed:
+            open(os.path.join(root, "local", f"killed{process_id}"), "w").close()
+
+
+BUCKET_SWEEP = "gs://bucket/sweep"
+# The test stage's program is stopped right after its checkpoint of this step is written.
+KILL_STEP = 4
+
+
+def _launch_two(root: Path, data: Path, mode: str) -> subprocess.CompletedProcess:
+    return multihost.launch("test_stacked", str(multihost.free_port()), str(root), str(data),
+                            mode, timeout=600)
 
 
 @pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
-def test_two_hosts_sweep_as_one_program_like_one_host(sweeps, tmp_path):
-    """`vtab_sweep.py --distributed` on 2 processes x 2 CPU devices: every stage is one
-    program over both hosts, the diverged grid points are marked, and the selection, the test
-    numbers and every run's results are those of the one-process sweep (8 devices)."""
+def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_like_one_host(sweeps, tmp_path):
+    """`vtab_sweep.py --distributed --program=one` on 2 processes x 2 CPU devices with a
+    gs:// workdir (a fake bucket). Both hosts are stopped right after the test stage's
+    checkpoint of step KILL_STEP; the re-run reads the grid's results from the bucket on both
+    hosts and resumes the test stage from that checkpoint. Every stage is one program over
+    both hosts, the diverged grid points are marked, each host keeps its cache on its own
+    disk, every file is in the bucket (none in the current directory), and the
+    selection, the test numbers and every run's results are those of the one-process sweep
+    (8 devices)."""
     root, _, out = sweeps
-    two = tmp_path / "two"
-    proc = multihost.launch("test_stacked", str(multihost.free_port()), str(two),
-                            str(root / "data"), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert f"the grid on val: {len(GRID.points(8))} runs as one program" in proc.stdout
-    assert f"the seeds on test: {NUM_SEEDS} runs as one program" in proc.stdout
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "local").mkdir()
+    first = _launch_two(tmp_path, root / "data", "first")
+    assert first.returncode == 0, first.stdout[-5000:]
+    assert sorted(os.listdir(tmp_path / "local"))[-2:] == ["killed0", "killed1"]
+    two = tmp_path / "gcs" / "bucket" / "sweep"
+    (stage,) = (two / "folder" / "test").glob(f"{stacked.STAGE_PREFIX}*")
+    assert sorted(os.listdir(stage / "checkpoints")) == [str(KILL_STEP)]
+    assert not list((two / "folder" / "test").glob("*/results.json"))
+    grid = GRID.points(8)
+    assert f"the grid on val: {len(grid)} runs as one program" in first.stdout
+
+    resumed = _launch_two(tmp_path, root / "data", "resume")
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+    assert "the grid on val" not in resumed.stdout  # its results were read from the bucket
+    diverged = sum(lr == 1e38 for lr, _ in grid)
+    assert resumed.stdout.count("finished earlier, its results.json is read") == len(grid) - diverged
+    assert resumed.stdout.count(": diverged earlier (") == diverged
+    assert f"the seeds on test: {NUM_SEEDS} runs as one program" in resumed.stdout
+    assert f"resuming from step {KILL_STEP}" in resumed.stdout
     # Process 1 logs warnings only: the lines of the chief, once each.
-    assert proc.stdout.count("folder: selected lr=") == 1
+    assert resumed.stdout.count("folder: selected lr=") == 1
+    assert (two / "results.md").is_file() and resumed.stdout.count("| folder |") == 1
+    assert not os.listdir(tmp_path / "cwd")
+    # The feature heads read every row, so each host built a whole copy in its own directory
+    # (tests/test_device_rows.py covers the runs that keep only their devices' rows).
+    for host in ("host0", "host1"):
+        entries = os.listdir(tmp_path / "local" / host)
+        assert entries and all(e.endswith(f"-{host}") for e in entries), entries
+
     assert (json.loads((two / "folder" / "selection.json").read_text())
             == json.loads((root / "one" / "folder" / "selection.json").read_text()))
     assert json.loads((two / "folder" / "sweep.json").read_text())["method"] == "vqt"
-    assert (two / "results.md").is_file() and proc.stdout.count("| folder |") == 1
+    dirs = sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)
     compared = 0
-    for two_dir, b, a in paired_results(sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS),
-                                        run_dirs(root, "one")):
+    for two_dir, b, a in paired_results(dirs, run_dirs(root, "one")):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, two_dir
         assert a["top1"] == b["top1"] and b["program"]["runs"] == a["program"]["runs"], two_dir
         for k in ("train_loss", "eval_loss"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (two_dir, k, a[k], b[k])
         assert a["baselines"]["linear"]["top1"] == b["baselines"]["linear"]["top1"], two_dir
+        for name in ("config.json", "metrics.jsonl", "evaluation.json", export.EXPORT_FILE):
+            assert (two_dir / name).is_file(), (two_dir, name)
+        assert list(two_dir.glob("events.out.tfevents.*")), two_dir
         compared += 1
     assert compared == 2 + NUM_SEEDS
     assert out["one"][0].test_top1 == tuple(
         json.loads((d / "results.json").read_text())["reported"]["top1"]
-        for d in sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)[-NUM_SEEDS:])
+        for d in dirs[-NUM_SEEDS:])
+    assert list((two / "folder" / "val").glob(f"{stacked.STAGE_PREFIX}*/checkpoints/*"))
+    # The export of a run in the bucket reads back (export.read, through the same fake).
+    from tests.test_sweep_remote import remote  # noqa: PLC0415
+
+    with remote(tmp_path / "gcs"):
+        exported = export.read(f"{BUCKET_SWEEP}/folder/test/seed=0/{export.EXPORT_FILE}")
+    assert exported.class_names == ["class0", "class1", "class2"]
+    assert exported.meta["results"]["top1"] == json.loads(
+        (dirs[-NUM_SEEDS] / "results.json").read_text())["top1"]
 
 
-if __name__ == "__main__":  # one host of test_two_hosts_sweep_as_one_program_like_one_host
-    port_arg, workdir_arg, data_arg = sys.argv[1:4]
-    multihost.run_two(_two_host_worker, int(port_arg), workdir_arg, data_arg)
+if __name__ == "__main__":  # one host of test_two_hosts_sweep_on_a_bucket_killed_and_resumed...
+    port_arg, root_arg, data_arg, mode_arg = sys.argv[1:5]
+    multihost.run_two(_two_host_worker, int(port_arg), root_arg, data_arg, mode_arg)

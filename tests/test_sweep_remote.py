@@ -9,18 +9,15 @@ the fake bucket's directory); TensorBoard's event files go through epath (`metri
 backbone cache stays on each host's own disk (`cache_dir`), as a memory-mapped cache must.
 
 Every test runs in an empty current directory and checks that it stays empty: a gs:// path
-joined with pathlib ('gs:/bucket/...') would land there. The two-process test runs this module
-as a script (`python -m tests.test_sweep_remote ...`), 2 processes x 2 CPU devices.
+joined with pathlib ('gs:/bucket/...') would land there. The real trainer's sweep on a bucket,
+2 processes x 2 CPU devices, killed and resumed, is tests/test_stacked.py's two-host test.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +27,7 @@ import ml_collections
 import pytest
 from etils import epath
 
-from tests import multihost, train_utils
 from tests.test_multihost_io import fake_gcs
-from vqt_jax import export, resolve
 from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training import workdir as workdir_lib
@@ -135,138 +130,7 @@ def test_a_gs_url_that_lost_a_slash_is_refused(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)
 
 
-# --- 2 processes x 2 CPU devices, the real trainer: killed, resumed, equal to uninterrupted --
-
-
-class _Killed(Exception):
-    """Raised on every host right after the same checkpoint, as a kill of both would leave
-    them (the checkpoint complete, nothing after it)."""
-
-
-def base_config(data: str) -> ml_collections.ConfigDict:
-    c = train_utils.tiny_config(data_dir=data, batching="epoch", epochs=2, warmup_epochs=1)
-    c.task, c.method = "folder", "vqt"
-    c = resolve.resolve(c)
-    c.batch_size = 8
-    return c
-
-
-def _sweep(process_id: int, port: int, workdir: str, data: str, cache: str, *,
-           start: bool = True) -> None:
-    """One host's `experiments/vtab_sweep.py --distributed` on the tiny task, 1 seed;
-    `start=False` for a second sweep in the process (jax.distributed starts once)."""
-    from tests.scripts import load_script  # noqa: PLC0415
-
-    distributed = [] if not start else [
-        "--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-        f"--process_id={process_id}"]
-    load_script("vtab_sweep").main(
-        [*distributed, "--tasks=folder", f"--workdir={workdir}", "--seeds=1",
-         "--set", f"cache_dir={cache}"],
-        base_config_fn=lambda task: base_config(data), task_groups=TASK_GROUPS)
-
-
-def _worker(process_id: int, port: int, root: str, data: str, mode: str) -> None:
-    """mode 'first': the uninterrupted reference sweep, then the sweep stopped at KILL_STEP of
-    its test run; 'resume': that sweep again."""
-    cache = os.path.join(root, "local", f"host{process_id}")  # each host's own disk
-    save = checkpointing.save
-    stop = [False]  # armed for the sweep that is stopped
-
-    def save_then_stop(manager, step, state):
-        save(manager, step, state)
-        if stop[0] and step == KILL_STEP and "/test/" in str(manager.directory):
-            manager.wait_until_finished()
-            raise _Killed()
-
-    with remote(os.path.join(root, "gcs")), \
-            mock.patch.object(checkpointing, "save", save_then_stop):
-        if mode == "resume":
-            _sweep(process_id, port, SWEEP, data, cache)
-            return
-        _sweep(process_id, port, REFERENCE, data, cache)
-        stop[0] = True
-        try:
-            _sweep(process_id, port, SWEEP, data, cache, start=False)
-        except _Killed:
-            open(os.path.join(root, "local", f"killed{process_id}"), "w").close()
-
-
-def _launch(root: Path, data: str, mode: str) -> subprocess.CompletedProcess:
-    return multihost.launch("test_sweep_remote", str(multihost.free_port()), str(root), data,
-                            mode, timeout=600)
-
-
 def test_a_stage_directory_of_a_bucket_stays_in_the_bucket():
     member = stacked.Member(ml_collections.ConfigDict({"lr": 0.1, "wd": 0.0, "seed": 0}),
                             "gs://b/s/task/val/lr=0.1,wd=0.0")
     assert stacked.stage_dir([member]).startswith("gs://b/s/task/val/" + stacked.STAGE_PREFIX)
-
-
-def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_equals_uninterrupted(tmp_path):
-    """`vtab_sweep.py --distributed` on 2 processes x 2 CPU devices with a gs:// workdir: the
-    grid trains as one program, the test run on its own. Both hosts are stopped right after
-    the test run's checkpoint of step KILL_STEP; the re-run reads the grid's results from the
-    bucket on both hosts, resumes the test run from that checkpoint, and its table, selection
-    and results equal those of an uninterrupted sweep. Every file is in the bucket, none in
-    the current directory."""
-    data = train_utils.make_image_folder(tmp_path / "data")
-    gcs, cwd = tmp_path / "gcs", tmp_path / "cwd"
-    cwd.mkdir()
-    first = _launch(tmp_path, data, "first")
-    assert first.returncode == 0, first.stdout[-5000:]
-    assert sorted(os.listdir(tmp_path / "local"))[-2:] == ["killed0", "killed1"]
-    sweep, reference = gcs / "bucket" / "sweep", gcs / "bucket" / "reference"
-    test_run = Path("folder/test/seed=0")
-    assert not (sweep / test_run / "results.json").exists()
-    assert sorted(os.listdir(sweep / test_run / "checkpoints")) == [str(KILL_STEP)]
-    resumed = _launch(tmp_path, data, "resume")
-    assert resumed.returncode == 0, resumed.stdout[-5000:]
-    grid = sweep_lib.grid_for("vqt").points(8)
-    assert f"the grid on val: {len(grid)} runs as one program" in first.stdout
-    assert "runs as one program" not in resumed.stdout  # the grid's results were read
-    assert resumed.stdout.count("finished earlier, its results.json is read") == len(grid)
-    assert f"Resuming from step {KILL_STEP} in {SWEEP}/{test_run}" in resumed.stdout
-
-    assert (sweep / "results.md").read_text() == (reference / "results.md").read_text()
-    # Each host built only its devices' rows of the train+val cache, for the grid's program
-    # and the test run alike: no complete copy on any host.
-    for host in ("host0", "host1"):
-        entries = os.listdir(tmp_path / "local" / host)
-        assert entries and all("-devices" in e for e in entries), entries
-    for name in ("selection.json", "sweep.json"):
-        assert (json.loads((sweep / "folder" / name).read_text())
-                == json.loads((reference / "folder" / name).read_text())), name
-    a, b = (json.loads((d / test_run / "results.json").read_text()) for d in (sweep, reference))
-    assert a["top1"] == b["top1"] and a["steps"] == b["steps"]
-    for k in ("train_loss", "eval_loss"):
-        assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
-
-    # Every file of the sweep is in the bucket: the run directories whole, checkpoints
-    # (mapped) and TensorBoard events included; the two sweeps wrote the same files.
-    assert not os.listdir(cwd)
-    files = files_under(sweep)
-    run_dirs = [str(d).removeprefix(f"{SWEEP}/")
-                for d in sweep_lib.task_run_dirs(SWEEP, "folder", sweep_lib.grid_for("vqt"), 8, 1)]
-    finished = ["results.json", "evaluation.json", export.EXPORT_FILE]
-    for run_dir in run_dirs:
-        diverged = f"{run_dir}/{sweep_lib.FAILED_MARKER}" in files
-        for name in ["config.json", "metrics.jsonl", *([] if diverged else finished)]:
-            assert f"{run_dir}/{name}" in files, (run_dir, name)
-    assert any(f.startswith(f"{test_run}/events.out.tfevents") for f in files)
-    assert any(f.startswith(f"{test_run}/checkpoints/") for f in files)
-    assert any(f.startswith("folder/val/program-") and "/checkpoints/" in f for f in files)
-    assert {"results.md", "results.csv", "folder/selection.json", "folder/sweep.json"} <= set(files)
-    # The export of a run in the bucket reads back (export.read, through the same fake).
-    with remote(gcs):
-        exported = export.read(f"{SWEEP}/{test_run}/{export.EXPORT_FILE}")
-    assert exported.class_names == ["class0", "class1", "class2"]
-    assert exported.meta["results"]["top1"] == a["top1"]
-
-
-if __name__ == "__main__":
-    from vqt_jax.training import train  # noqa: F401  (imported once, for both processes)
-
-    port_arg, root_arg, data_arg, mode_arg = sys.argv[1:5]
-    os.chdir(os.path.join(root_arg, "cwd"))  # must stay empty: the test checks it
-    multihost.run_two(_worker, int(port_arg), root_arg, data_arg, mode_arg)
