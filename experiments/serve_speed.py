@@ -36,6 +36,7 @@ def write_exports(root: str, tasks: int, image_size: int, model: dict) -> list[s
     import jax.numpy as jnp  # noqa: PLC0415
 
     from vqt_jax import checkpoints, export  # noqa: PLC0415
+    from vqt_jax import resolve as resolve_lib  # noqa: PLC0415
     from vqt_jax import sweep as sweep_lib  # noqa: PLC0415
     from vqt_jax.checkpoints import synthetic  # noqa: PLC0415
     from vqt_jax.training import train  # noqa: PLC0415
@@ -45,6 +46,7 @@ def write_exports(root: str, tasks: int, image_size: int, model: dict) -> list[s
     config.model.update(model)
     config.model.num_queries = 1
     config.update(method="vqt", init=init, image_size=image_size, data_dir=root)
+    config = resolve_lib.resolve(config)  # as a run records it: the exports hold this config
     vit = train.build_model(config, NUM_CLASSES)
     loaded = checkpoints.load(init, train.abstract_variables(vit, config), image_size=image_size)
     provided = export.provided_keys(loaded)

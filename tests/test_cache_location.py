@@ -11,7 +11,7 @@ import pytest
 
 from tests import test_sweep, train_utils
 from vqt_jax import cache as cache_lib
-from vqt_jax import hosts, methods
+from vqt_jax import hosts, methods, resolve
 from vqt_jax.training import train
 
 NUM_TRAIN = 24  # the folder's train/ split: 3 classes x 8
@@ -30,6 +30,11 @@ def root(tmp_path, monkeypatch):
     return path
 
 
+def _config(folder, **overrides):
+    """The tiny cached run's config, resolved as a run resolves it (its model and cache key)."""
+    return resolve.resolve(train_utils.tiny_config(data_dir=folder, cache="on", **overrides))
+
+
 def _plan(config, workdir: str) -> train.CachePlan:
     return train.plan_cache(config, train.build_model(config, 3), NUM_TRAIN, workdir)
 
@@ -43,7 +48,7 @@ def _fingerprint(config) -> str:
 def test_the_default_cache_is_in_vqt_jax_cache_not_in_the_workdir(folder, tmp_path, root,
                                                                   caplog, where):
     workdir = str(tmp_path / "wd") if where == "local" else "gs://bucket/sweep/dtd"
-    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    config = _config(folder)
     plan = _plan(config, workdir)
     assert plan.path == str(root / "features" / _fingerprint(config))
     assert not plan.path.startswith(workdir)
@@ -61,7 +66,7 @@ def test_without_vqt_jax_cache_the_default_is_under_the_home_cache(tmp_path, mon
 
 def test_an_explicit_cache_dir_wins(folder, tmp_path, root, caplog):
     mine = tmp_path / "on_the_shared_disk_after_all"
-    config = train_utils.tiny_config(data_dir=folder, cache="on", cache_dir=str(mine))
+    config = _config(folder, cache_dir=str(mine))
     plan = _plan(config, str(tmp_path / "wd"))
     assert plan.path == str(mine / _fingerprint(config))
     assert not root.exists()
@@ -70,8 +75,8 @@ def test_an_explicit_cache_dir_wins(folder, tmp_path, root, caplog):
 
 def test_runs_in_other_workdirs_with_other_hyperparameters_share_one_entry(folder, tmp_path,
                                                                            root):
-    a = train_utils.tiny_config(data_dir=folder, cache="on")
-    b = train_utils.tiny_config(data_dir=folder, cache="on", lr=0.01, wd=0.0, seed=3)
+    a = _config(folder)
+    b = _config(folder, lr=0.01, wd=0.0, seed=3)
     b.model.num_queries = 3
     assert _plan(a, str(tmp_path / "sweep1" / "a")).path == \
         _plan(b, str(tmp_path / "sweep2" / "b")).path
@@ -84,7 +89,7 @@ def test_every_host_keeps_its_copy_in_an_entry_of_its_own(folder, tmp_path, root
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(hosts, "all_agree", bool)  # no other host to ask
-    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    config = _config(folder)
     plan = _plan(config, str(tmp_path / "wd"))
     assert plan.path == str(root / "features" / f"{_fingerprint(config)}-host1")
     assert re.search(r"Every host keeps its own copy of the cache on its own disk: a complete "
@@ -129,7 +134,7 @@ def test_a_cache_directory_on_a_network_file_system_is_warned_of(folder, tmp_pat
     """As where the default is under an NFS home: the run says so and how to move it."""
     monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, [
         "/dev/sda1 / ext4", f"server:/export {tmp_path} nfs"]))
-    config = train_utils.tiny_config(data_dir=folder, cache="on")
+    config = _config(folder)
     plan = _plan(config, str(tmp_path / "wd"))
     assert (f"The cache directory {root / 'features'} is on a network file system (nfs): the "
             "memory-mapped cache will be read over the network; set config.cache_dir or "

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests import train_utils
+from vqt_jax import resolve
 from vqt_jax.models import ViT
 from vqt_jax.training import compression_stage, engine, train
 from vqt_jax.training import trainable as trainable_lib
@@ -39,7 +40,7 @@ def _features(model, variables, batch, rng, train_mode=True):
 
 
 def test_train_mode_features_draw_query_dropout(folder, tmp_path):
-    config = _config(folder)
+    config = resolve.resolve(_config(folder))  # the run's config, which builds its model
     config.model.query_dropout = 0.5
     config.compression.enabled = False
     _, variables = train.run(config, str(tmp_path / "run"))

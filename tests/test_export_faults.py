@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import export
+from vqt_jax import export, resolve
 from vqt_jax.training import train, trainable
 
 
 def _write(path, change=None, nan=False) -> str:
     """A valid export of a tiny VQT model of zeros (its meta changed by `change(meta)`, its
     head NaN with `nan`) at `path`."""
-    config = train_utils.tiny_config(data_dir="/nowhere")
+    config = resolve.resolve(train_utils.tiny_config(data_dir="/nowhere"))  # as a run exports it
     abstract = train.abstract_variables(train.build_model(config, 3), config)
     arrays = {k: np.zeros(a.shape, a.dtype) for k, a in trainable.flatten(abstract).items()}
     if nan:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import compression, linear_probe
+from vqt_jax import compression, linear_probe, resolve
 from vqt_jax.data import folder as folder_lib
 from vqt_jax.training import feature_heads, train
 
@@ -52,7 +52,7 @@ def test_compression_and_baselines_from_the_cache(folder, tmp_path):
 
 
 def test_cached_and_computed_features_agree(folder, tmp_path):
-    config = _config(folder, cache="on")
+    config = resolve.resolve(_config(folder, cache="on"))  # the run's config, as it caches
     model = train.build_model(config, 3)
     results, variables = train.run(config, str(tmp_path / "run"))
     mesh = train.make_mesh()

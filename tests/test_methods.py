@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import checkpoints, methods
+from vqt_jax import checkpoints, methods, resolve
 from vqt_jax.models import create_model
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
@@ -214,7 +214,7 @@ def test_short_run_lowers_loss_and_trains_only_the_trainable_set(method, train_f
                                                                  tmp_path, monkeypatch):
     spy = _InitialVariables(trainable_lib.partition)
     monkeypatch.setattr(train.trainable_lib, "partition", spy)
-    config = _config(train_folder, method)
+    config = resolve.resolve(_config(train_folder, method))  # the run's, which builds its model
     results, variables = train.run(config, str(tmp_path))
     monkeypatch.undo()
     assert spy.variables is not None, "train.run no longer partitions its variables"

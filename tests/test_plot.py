@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     """A tiny VQT run: (config, workdir, the run's final variables)."""
     folder = train_utils.make_image_folder(tmp_path_factory.mktemp("folder"))
     workdir = tmp_path_factory.mktemp("run")
-    config = _config(folder)
+    config = resolve.resolve(_config(folder))  # the config the run trains and records
     _, variables = train.run(config, str(workdir))
     config_json = workdir / workdir_lib.CONFIG_FILE
     if not config_json.exists():

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from configs import vtab
-from vqt_jax import data, protocol
+from vqt_jax import data, protocol, resolve
 from vqt_jax.data import tasks
 from vqt_jax.models import create_model
 from vqt_jax.training import optim, train, train_step
@@ -100,7 +100,7 @@ def test_vtab_config_resolves_the_task_settings():
     assert (dtd.model.num_queries, dtd.compression.enabled) == (1, True)
     assert dtd.compression.keep_frac == 0.7
     # The model a run builds from them: svhn's queries are [12, 20, 768].
-    model = train.build_model(svhn, num_classes=10)
+    model = train.build_model(resolve.resolve(svhn), num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     assert shapes["queries"]["tokens"].shape == (12, 20, 768)
     # big_vision keeps T = 1 without compression, and today's conventions.
@@ -320,7 +320,7 @@ def test_release_runs_exact_gelu():
     # block on inputs where the two GELUs differ.
     from vqt_jax.models import vit
 
-    config = vtab.get_config("dtd")
+    config = resolve.resolve(vtab.get_config("dtd"))
     assert train.build_model(config, num_classes=47).mlp_act == "gelu"
     block = vit.MlpBlock(mlp_dim=4, act=config.model.mlp_act)
     x = jnp.linspace(-3.0, 3.0, 24, dtype=jnp.float32).reshape(2, 3, 4)

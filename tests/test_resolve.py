@@ -69,6 +69,25 @@ def test_resolve_is_idempotent(arg, overrides):
     assert flat(resolve.resolve(once, overrides)) == flat(once)
 
 
+def test_build_model_refuses_an_unresolved_config():
+    """A config is resolved once, by its caller; `train.build_model` does not resolve it again
+    but names the options still 'auto', so a skipped resolve step cannot pass silently."""
+    config = vtab.get_config("dtd")
+    auto = [k for k, v in config.model.items() if v == resolve.AUTO]
+    assert "variant" in auto
+    with pytest.raises(ValueError) as e:
+        train.build_model(config, num_classes=47)
+    assert str(e.value) == (f"{', '.join(f'config.model.{k}' for k in auto)} are 'auto': "
+                            "resolve the config first (vqt_jax.resolve.resolve)")
+    one = resolve.resolve(train_utils.tiny_config(data_dir="/nowhere"))
+    train.build_model(one, num_classes=3)
+    one.model.layerscale = resolve.AUTO  # e.g. set again after resolving
+    with pytest.raises(ValueError, match=r"^config\.model\.layerscale is 'auto': resolve the "
+                                         r"config first \(vqt_jax\.resolve\.resolve\)$"):
+        train.build_model(one, num_classes=3)
+    assert train.build_model(resolve.resolve(config), num_classes=47).num_classes == 47
+
+
 def test_unknown_override_names_the_key():
     config = vtab.get_config("dtd")
     with pytest.raises(KeyError, match="'model.nope'"):

@@ -70,9 +70,20 @@ Callback = Callable[[int, dict[str, float]], None]
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The ViT of `config.model` (variant name plus keyword overrides), adjusted for
-    `config.method` (see `methods.model_kwargs`), with a task head."""
-    if resolve.AUTO in dict(config.model).values():  # not resolved (tests, notebooks)
-        config = resolve.resolve(config)
+    `config.method` (see `methods.model_kwargs`), with a task head.
+
+    `config` must be resolved (`vqt_jax.resolve.resolve`, once, by the caller that turns a
+    user config into the config that runs: `plan_run`, the sweep, an export's recorded config):
+    this does not resolve it again.
+
+    Raises:
+      ValueError: `config.model` still holds options left 'auto' (named).
+    """
+    auto = [k for k, v in dict(config.model).items() if isinstance(v, str) and v == resolve.AUTO]
+    if auto:
+        fields = ", ".join(f"config.model.{k}" for k in auto)
+        raise ValueError(f"{fields} {'is' if len(auto) == 1 else 'are'} {resolve.AUTO!r}: "
+                         "resolve the config first (vqt_jax.resolve.resolve)")
     kwargs = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
     kwargs = methods.model_kwargs(config.method, kwargs)
     variant = kwargs.pop("variant", None)
