@@ -455,7 +455,8 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_like_one_host(sweeps, tm
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert "the grid on val" not in resumed.stdout  # its results were read from the bucket
     diverged = sum(lr == 1e38 for lr, _ in grid)
-    assert resumed.stdout.count("finished earlier, its results.json is read") == len(grid) - diverged
+    finished = len(grid) - diverged
+    assert resumed.stdout.count("finished earlier, its results.json is read") == finished
     assert resumed.stdout.count(": diverged earlier (") == diverged
     assert f"the seeds on test: {NUM_SEEDS} runs as one program" in resumed.stdout
     assert f"resuming from step {KILL_STEP}" in resumed.stdout

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import train_utils, xla_env
-from vqt_jax import checkpoints
+from tests import train_utils
+from vqt_jax import checkpoints, resolve
 from vqt_jax.training import train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
@@ -43,7 +43,7 @@ def test_folder_end_to_end_trains_only_queries_and_head(folder, tmp_path):
 
 def _assert_backbone_is_pretrained(config, variables, num_classes):
     """Every frozen leaf is bit-identical to the pretrained checkpoint (or its fresh init)."""
-    model = train.build_model(config, num_classes)
+    model = train.build_model(resolve.resolve(config), num_classes)
     fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
     pretrained = checkpoints.load(config.init, fresh)
     _, frozen_after = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
@@ -160,44 +160,6 @@ def test_mocked_vtab_task_end_to_end(tmp_path):
     losses = _losses(tmp_path / "wd")
     assert losses[-1] < losses[0]
     assert (tmp_path / "wd" / "results.json").exists()
-
-
-def _main(workdir, folder, env, *extra):
-    import subprocess
-    import sys
-
-    # One epoch (5 steps) is enough to compare the processes' arithmetic.
-    cmd = [sys.executable, "main.py", f"--config=tests/tiny_config.py:{folder}",
-           f"--workdir={workdir}", "--config.epochs=1", *extra]
-    return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_two_processes_match_one_process(folder, tmp_path):
-    """jax.distributed on localhost, 2 processes x 4 CPU devices vs 1 process x 8 devices."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    single = _main(tmp_path / "one", folder, xla_env.env(8))
-    out, _ = single.communicate(timeout=600)
-    assert single.returncode == 0, out
-    env = xla_env.env(4)
-    procs = [
-        _main(tmp_path / "two", folder, env, "--distributed", f"--coordinator=127.0.0.1:{port}",
-              "--num_processes=2", f"--process_id={i}")
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, o in zip(procs, outs, strict=True):
-        assert p.returncode == 0, o
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["num_eval_examples"] == one["num_eval_examples"] == 15
-    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-4)
-    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
-    assert two["top1"] == one["top1"]
 
 
 def test_a_kill_during_evaluation_keeps_how_the_run_trained(folder, tmp_path, monkeypatch):
