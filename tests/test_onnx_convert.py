@@ -124,7 +124,7 @@ def features(model):
 
 
 def _load(model, path, size, resample_rule="auto"):
-    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     return checkpoints.load(path, variables, image_size=size, resample_rule=resample_rule)
 
 
