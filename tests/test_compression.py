@@ -81,8 +81,10 @@ def _stage_heads(x, y, num_classes, *, seeds=(0,), lasso=0.0, keep_frac=1.0, epo
     dev = device_cache.upload(cache, mesh, ["pre_logits"])
     configs = []
     for seed in seeds:
+        # Logged every 100 steps: the chunks between two logs are compiled loops, and the
+        # tiny heads' hundreds of steps would otherwise be hundreds of dispatches.
         c = train_utils.tiny_config(lr=lr, wd=0.0, batch_size=batch_size, warmup_epochs=3,
-                                    seed=seed, optimizer="adam")
+                                    seed=seed, optimizer="adam", log_every_steps=100)
         c.compression.update(enabled=True, lasso=lasso, keep_frac=keep_frac, epochs=epochs,
                              lr_scale=1.0, train_mode=train_mode)
         configs.append(c)
@@ -108,15 +110,15 @@ def test_compress_mocked_task():
     keeps them, and the lasso shrinks the head (members: without and with the lasso)."""
     x_train, y_train, informative = _clusters(400, seed=0)
     x_eval, y_eval, _ = _clusters(400, seed=1)
-    heads = _stage_heads(x_train, y_train, NUM_CLASSES, lasso=1e-2, keep_frac=0.25, epochs=50,
-                         lr=0.05)
+    heads = _stage_heads(x_train, y_train, NUM_CLASSES, lasso=1e-2, keep_frac=0.25, epochs=25,
+                         lr=0.1, batch_size=64)
     (out,) = heads.scores([x_eval], y_eval)
     assert out["num_features"] == 64 and out["num_kept"] == 16 == heads.kept.shape[1]
     assert out["top1"] > 0.7 and out["top1_all"] > 0.5  # chance is 0.1
     assert informative[heads.kept[0]].sum() >= 14
     norms = compression.group_norms(heads.lasso["head/kernel"][0])
     assert np.median(norms[informative]) > 2 * np.median(norms[~informative])
-    plain = _stage_heads(x_train, y_train, NUM_CLASSES, epochs=50, lr=0.05)
+    plain = _stage_heads(x_train, y_train, NUM_CLASSES, epochs=25, lr=0.1, batch_size=64)
     assert norms.sum() < 0.5 * compression.group_norms(plain.lasso["head/kernel"][0]).sum()
     # The reported top-1 is the final head's on the kept eval features.
     final = {"kernel": heads.final["head/kernel"][0], "bias": heads.final["head/bias"][0]}
