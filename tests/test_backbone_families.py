@@ -49,7 +49,7 @@ def _loaded(case: str, **overrides) -> tuple[ViT, dict]:
     spec = CASES[case]
     model = ViT(**_kwargs(case, **overrides))
     size = spec["image_size"]
-    variables = model.init(jax.random.key(1), jnp.zeros((1, size, size, 3)))
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, size, size, 3)))
     loaded = checkpoints.load(str(GOLDEN / spec["file"]), variables, image_size=size)
     kernel = loaded["params"]["head"]["kernel"]
     head = {"kernel": jax.random.normal(jax.random.key(2), kernel.shape) * 0.3,
@@ -57,22 +57,27 @@ def _loaded(case: str, **overrides) -> tuple[ViT, dict]:
     return model, {**loaded, "params": {**loaded["params"], "head": head}}
 
 
+def _apply(model: ViT, *args, **kwargs):
+    """`model.apply`, compiled: eager dispatch runs (and compiles) the forward op by op."""
+    return jax.jit(model.apply, static_argnames=("method",))(*args, **kwargs)
+
+
 @pytest.mark.parametrize("case", FAMILIES)
 def test_vqt_leaves_the_backbone_as_timm_and_its_cache_gives_the_same_logits(case, golden):
     model, variables = _loaded(case, num_queries=2, query_dropout=0.0)
     images = golden[f"{case}/images"]
-    feats = model.apply(variables, images, method="features")
+    feats = _apply(model, variables, images, method="features")
     # The pooled feature (the MAP output for SigLIP) and every token are timm's, queries or not.
     np.testing.assert_allclose(feats["cls"], golden[f"{case}/pre_logits"], **TOL)
     np.testing.assert_allclose(feats["tokens"], golden[f"{case}/tokens"], **TOL)
     # The cache holds what the head needs: the pooled feature and every token's keys/values,
     # the registers' included.
-    cached = model.apply(variables, images, method=ViT.cache_features)
+    cached = _apply(model, variables, images, method=ViT.cache_features)
     kw = CASES[case]["model"]
     patches = (CASES[case]["image_size"] // kw["patch_size"][0]) ** 2
     assert cached["k"].shape[3] == int(kw["class_token"]) + kw["num_registers"] + patches
-    np.testing.assert_allclose(model.apply(variables, cached, method=ViT.from_cache),
-                               model.apply(variables, images), **TOL)
+    np.testing.assert_allclose(_apply(model, variables, cached, method=ViT.from_cache),
+                               _apply(model, variables, images), **TOL)
 
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
@@ -92,7 +97,7 @@ def test_map_head_and_registers_train_only_with_the_backbone(method):
 def test_map_pools_the_image_tokens_without_vpt_prompts(golden):
     case = "siglip_map_npz"
     model, variables = _loaded(case, num_prompts=3, prompt_dropout=0.0)
-    feats = model.apply(variables, golden[f"{case}/images"], method="features")
+    feats = _apply(model, variables, golden[f"{case}/images"], method="features")
     tokens = feats["tokens"]  # [B, P + N, D]: no class token, the prompts first
     head = MAPHead(num_heads=3, mlp_dim=96, mlp_act="gelu_tanh")
     pooled = head.apply({"params": variables["params"]["MAPHead_0"]}, tokens[:, 3:])
@@ -104,12 +109,12 @@ def test_map_pools_the_image_tokens_without_vpt_prompts(golden):
 def test_patch_pooling_leaves_out_the_registers(golden):
     case = "dinov2_reg_safetensors"
     model, variables = _loaded(case, head2toe=True)
-    feats = model.apply(variables, golden[f"{case}/images"], method="features")
+    feats = _apply(model, variables, golden[f"{case}/images"], method="features")
     blocks = feats["blocks"]  # [B, M, 1 + R + N, D]
     expected = np.stack([blocks[:, :, 0], blocks[:, :, 3:].mean(axis=2)], axis=2)
     np.testing.assert_allclose(feats["pooled"], expected.reshape(blocks.shape[0], -1, 48), **TOL)
     gap, gap_variables = _loaded(case, pool_type="gap")
-    out = gap.apply(gap_variables, golden[f"{case}/images"], method="features")
+    out = _apply(gap, gap_variables, golden[f"{case}/images"], method="features")
     np.testing.assert_allclose(out["cls"], out["tokens"][:, 3:].mean(axis=1), **TOL)
 
 

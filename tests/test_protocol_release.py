@@ -141,7 +141,7 @@ def test_head_init_is_kaiming_normal_fan_out_with_the_prior_bias():
                          mlp_dim=64, num_heads=4, num_queries=1,
                          head_init=config.model.head_init,
                          head_bias_init=config.model.head_bias_init)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     kernel = np.asarray(variables["params"]["head"]["kernel"])
     assert kernel.shape == (1024, 47)
     std = math.sqrt(2.0 / 47)
@@ -194,9 +194,9 @@ def test_partial_batch_padding_does_not_enter_the_loss():
                          head_init=config.model.head_init,
                          head_bias_init=config.model.head_bias_init)
     images = jax.random.normal(jax.random.key(1), (6, 16, 16, 3))
-    variables = model.init(jax.random.key(0), images[:1])
+    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
-    loss_fn = train_step.make_loss_fn(model)
+    loss_fn = jax.jit(train_step.make_loss_fn(model))  # eager dispatch is op by op: slower
 
     def loss(batch):
         return float(loss_fn(trainable, frozen, batch, jax.random.key(2))[0])
