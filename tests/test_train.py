@@ -44,7 +44,7 @@ def test_folder_end_to_end_trains_only_queries_and_head(folder, tmp_path):
 def _assert_backbone_is_pretrained(config, variables, num_classes):
     """Every frozen leaf is bit-identical to the pretrained checkpoint (or its fresh init)."""
     model = train.build_model(resolve.resolve(config), num_classes)
-    fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    fresh = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))  # eager: op by op
     pretrained = checkpoints.load(config.init, fresh)
     _, frozen_after = trainable_lib.partition(variables, trainable_lib.rule_for("vqt"))
     _, frozen_before = trainable_lib.partition(pretrained, trainable_lib.rule_for("vqt"))
