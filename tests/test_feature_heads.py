@@ -10,6 +10,8 @@ from vqt_jax import compression, linear_probe, resolve
 from vqt_jax.data import folder as folder_lib
 from vqt_jax.training import feature_heads, train
 
+# One xdist worker runs the module: two tests read the `cached_run` fixture's run.
+pytestmark = pytest.mark.xdist_group("feature_heads")
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -26,8 +28,18 @@ def _config(folder, **overrides):
     return c
 
 
-def test_compression_and_baselines_from_the_cache(folder, tmp_path):
-    results, _ = train.run(_config(folder, cache="on"), str(tmp_path))
+@pytest.fixture(scope="module")
+def cached_run(folder, tmp_path_factory):
+    """(resolved config, results, final variables, workdir) of one cached run, which both
+    tests below read."""
+    config = resolve.resolve(_config(folder, cache="on"))  # the run's config, as it caches
+    workdir = str(tmp_path_factory.mktemp("run"))
+    results, variables = train.run(config, workdir)
+    return config, results, variables, workdir
+
+
+def test_compression_and_baselines_from_the_cache(cached_run):
+    _, results, _, _ = cached_run
     assert results["cached"]
     comp = results["compression"]
     depth, width, queries = 2, 48, 2  # tests/train_utils.TINY_MODEL
@@ -51,12 +63,11 @@ def test_compression_and_baselines_from_the_cache(folder, tmp_path):
         assert 0 < r["val_top1"] <= 1
 
 
-def test_cached_and_computed_features_agree(folder, tmp_path):
-    config = resolve.resolve(_config(folder, cache="on"))  # the run's config, as it caches
+def test_cached_and_computed_features_agree(cached_run):
+    config, results, variables, workdir = cached_run
     model = train.build_model(config, 3)
-    results, variables = train.run(config, str(tmp_path / "run"))
     mesh = train.make_mesh()
-    plan = train.plan_cache(config, model, 60, str(tmp_path / "run"))
+    plan = train.plan_cache(config, model, 60, workdir)
     cache = train.get_cache(plan, config, model, variables, mesh)
     from_cache = feature_heads.train_features(config, model, variables, mesh, cache)
     from_images = feature_heads.train_features(config, model, variables, mesh, None)
