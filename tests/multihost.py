@@ -9,13 +9,14 @@ started with ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (D devices p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tests import xla_env
@@ -42,6 +43,33 @@ def initialize(process_id: int, port: int, num_processes: int = 2) -> None:
     from vqt_jax import hosts  # noqa: PLC0415
 
     hosts.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+
+
+class Killed(BaseException):
+    """Raised on every host right after the same checkpoint, as a kill of all of them would
+    leave them (the checkpoint complete, nothing after it). Not an Exception: main.py's error
+    handling (`except Exception`) lets it through, as it would a kill."""
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(step: int | None, where: str = "") -> Iterator[None]:
+    """Within it, a checkpoint save of `step` into a directory whose path holds `where`
+    completes, then raises `Killed` (None: saves run as they are)."""
+    from vqt_jax.training import checkpointing  # noqa: PLC0415
+
+    save = checkpointing.save
+
+    def save_then_stop(manager, at, state):
+        save(manager, at, state)
+        if at == step and where in str(manager.directory):
+            manager.wait_until_finished()
+            raise Killed()
+
+    checkpointing.save = save_then_stop
+    try:
+        yield
+    finally:
+        checkpointing.save = save
 
 
 def run_two(worker: Callable[..., Any], port: int, *args: Any) -> int:

@@ -25,10 +25,6 @@ CACHES = ("on", "off")
 KILL_STEP = 4
 
 
-class _Kill(BaseException):
-    """Past main.py's error handling (`except Exception`), as a kill is."""
-
-
 def _argv(folder: str, workdir: str, cache: str, cache_dir: str) -> list[str]:
     return ["main.py", f"--config=tests/tiny_config.py:{folder}", f"--workdir={workdir}",
             "--config.epochs=2", f"--config.cache={cache}", f"--config.cache_dir={cache_dir}",
@@ -40,25 +36,16 @@ def _worker(process_id: int, port: int, root: str, folder: str, mode: str) -> No
     """mode 'first': each run stops right after its checkpoint of step KILL_STEP; 'resume':
     the same commands again. The first command starts jax.distributed (main.py's flags)."""
     from vqt_jax import cli  # noqa: PLC0415
-    from vqt_jax.training import checkpointing  # noqa: PLC0415
 
-    save = checkpointing.save
-
-    def save_then_stop(manager, step, state):
-        save(manager, step, state)
-        if mode == "first" and step == KILL_STEP:
-            manager.wait_until_finished()
-            raise _Kill()
-
-    checkpointing.save = save_then_stop
     distributed = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
                    f"--process_id={process_id}"]
     for cache in CACHES:
         argv = _argv(folder, os.path.join(root, f"two_{cache}"), cache,
                      os.path.join(root, "local", cache, f"host{process_id}"))
         try:
-            assert cli.run([*argv, *distributed]) == 0, cache
-        except _Kill:
+            with multihost.killed_after_checkpoint(KILL_STEP if mode == "first" else None):
+                assert cli.run([*argv, *distributed]) == 0, cache
+        except multihost.Killed:
             open(os.path.join(root, "local", f"killed_{cache}{process_id}"), "w").close()
         distributed = []  # jax.distributed starts once per process
 

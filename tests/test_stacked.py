@@ -382,11 +382,6 @@ def test_seeds_can_share_one_example_order(sweeps, tmp_path):
     assert shared[1][1]["eval_loss"] != pytest.approx(shared[0][1]["eval_loss"], rel=1e-3)
 
 
-class _Killed(Exception):
-    """Raised on every host right after the same checkpoint, as a kill of both would leave
-    them (the checkpoint complete, nothing after it)."""
-
-
 def _two_host_worker(process_id: int, port: int, root: str, data: str, mode: str) -> None:
     """One host of `experiments/vtab_sweep.py --distributed --program=one` on the tiny task
     (the test's grid) with a gs:// workdir (the fake bucket under ROOT/gcs) and its own local
@@ -397,17 +392,8 @@ def _two_host_worker(process_id: int, port: int, root: str, data: str, mode: str
 
     os.chdir(os.path.join(root, "cwd"))  # must stay empty: the test checks it
     sweep_lib.grid_for = lambda method: GRID  # the tests' 2 x 2 grid, not the release's 20
-    save = checkpointing.save
-
-    def save_then_stop(manager, step, state):
-        save(manager, step, state)
-        if mode == "first" and step == KILL_STEP and "/test/" in str(manager.directory):
-            manager.wait_until_finished()
-            raise _Killed()
-
-    with remote(os.path.join(root, "gcs")), \
-            pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpointing, "save", save_then_stop)
+    kill_at = KILL_STEP if mode == "first" else None
+    with remote(os.path.join(root, "gcs")), multihost.killed_after_checkpoint(kill_at, "/test/"):
         try:
             load_script("vtab_sweep").main(
                 ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
@@ -416,7 +402,7 @@ def _two_host_worker(process_id: int, port: int, root: str, data: str, mode: str
                  "--set", f"cache_dir={os.path.join(root, 'local', f'host{process_id}')}"],
                 base_config_fn=lambda task: base_config(data, "vqt"),
                 task_groups={"folder": sweep_lib.FOLDER_GROUP})
-        except _Killed:
+        except multihost.Killed:
             open(os.path.join(root, "local", f"killed{process_id}"), "w").close()
 
 
@@ -465,6 +451,7 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_like_one_host(sweeps, tm
     # Process 1 logs warnings only: the lines of the chief, once each.
     assert resumed.stdout.count("folder: selected lr=") == 1
     assert (two / "results.md").is_file() and resumed.stdout.count("| folder |") == 1
+    assert (two / "results.csv").is_file()
     assert not os.listdir(tmp_path / "cwd")
     # The feature heads read every row, so each host built a whole copy in its own directory
     # (tests/test_device_rows.py covers the runs that keep only their devices' rows).
@@ -476,6 +463,9 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_like_one_host(sweeps, tm
             == json.loads((root / "one" / "folder" / "selection.json").read_text()))
     assert json.loads((two / "folder" / "sweep.json").read_text())["method"] == "vqt"
     dirs = sweep_lib.task_run_dirs(two, "folder", GRID, 8, NUM_SEEDS)
+    for run_dir in dirs:  # diverged or not, a run directory says what ran
+        for name in ("config.json", "metrics.jsonl"):
+            assert (run_dir / name).is_file(), (run_dir, name)
     compared = 0
     for two_dir, b, a in paired_results(dirs, run_dirs(root, "one")):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, two_dir
@@ -483,7 +473,7 @@ def test_two_hosts_sweep_on_a_bucket_killed_and_resumed_like_one_host(sweeps, tm
         for k in ("train_loss", "eval_loss"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (two_dir, k, a[k], b[k])
         assert a["baselines"]["linear"]["top1"] == b["baselines"]["linear"]["top1"], two_dir
-        for name in ("config.json", "metrics.jsonl", "evaluation.json", export.EXPORT_FILE):
+        for name in ("evaluation.json", export.EXPORT_FILE):
             assert (two_dir / name).is_file(), (two_dir, name)
         assert list(two_dir.glob("events.out.tfevents.*")), two_dir
         compared += 1

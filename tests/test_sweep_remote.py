@@ -32,10 +32,8 @@ from vqt_jax import sweep as sweep_lib
 from vqt_jax.training import checkpointing, stacked
 from vqt_jax.training import workdir as workdir_lib
 
-SWEEP, REFERENCE = "gs://bucket/sweep", "gs://bucket/reference"
+SWEEP = "gs://bucket/sweep"
 TASK_GROUPS = {"folder": sweep_lib.FOLDER_GROUP}
-# The test stage's run is stopped right after its checkpoint of this step is written.
-KILL_STEP = 4
 
 
 @contextlib.contextmanager
