@@ -122,8 +122,10 @@ class Writer:
         if self._jsonl is None:
             return
         self._jsonl.write((json.dumps({"step": int(step), **values}) + "\n").encode())
-        for k, v in values.items() if self._events is not None else ():
-            self._event(event_pb2.Event(step=int(step), summary=scalar_summary.scalar_pb(k, v)))
+        if self._events is not None:
+            for k, v in values.items():
+                self._event(event_pb2.Event(step=int(step),
+                                            summary=scalar_summary.scalar_pb(k, v)))
         self.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
