@@ -10,11 +10,16 @@ started with ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (D devices p
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
+import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,18 +29,77 @@ from tests import xla_env
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The coordinator binds its port on every address ("[::]:PORT"). A port from the kernel's
+# ephemeral range can be handed to another test's outgoing connection before the coordinator
+# binds it; ports are therefore drawn below that range, and a launch whose coordinator still
+# cannot bind is retried on another port instead of waiting out its timeout.
+_PORTS = (20000, 32000)
+_BIND_FAILED = "Failed to add port to server"
 
 
-def launch(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    """Runs ``python -m tests.MODULE ARGS`` (a script that calls `run_two`) from the repository
-    root with 2 simulated CPU devices per process; its stdout and stderr together, as text."""
-    return subprocess.run([sys.executable, "-m", f"tests.{module}", *args], cwd=REPO,
-                          env=xla_env.env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+def _in_use(family: int, host: str, port: int) -> bool:
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:  # a machine without IPv6 answers another errno: not in use
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def _free_port() -> int:
+    """A port below the ephemeral range that nothing holds now, on IPv4 or IPv6."""
+    while True:
+        port = random.randrange(*_PORTS)
+        if not any(_in_use(*address, port) for address in
+                   ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::"))):
+            return port
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+    """`cmd`'s completed process, or None when its coordinator could not bind its port (the
+    process group is then stopped at once)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=xla_env.env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    bind_failed = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if _BIND_FAILED in line:
+                bind_failed.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not bind_failed.is_set() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running = proc.poll() is None
+    # The whole group: process 1 outlives a process 0 that died (as it does when its
+    # coordinator cannot bind), and would keep the output open.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join()
+    if bind_failed.is_set():
+        return None
+    if running:
+        raise subprocess.TimeoutExpired(cmd, timeout, output="".join(lines))
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines))
+
+
+def launch(module: str, *args: str, timeout: float,
+           attempts: int = 3) -> subprocess.CompletedProcess:
+    """Runs ``python -m tests.MODULE PORT ARGS`` (a script that calls `run_two` with that
+    port) from the repository root with 2 simulated CPU devices per process; its stdout and
+    stderr together, as text. A launch whose coordinator cannot bind its port, before either
+    process did any work, is stopped and repeated on another port."""
+    for _ in range(attempts):
+        cmd = [sys.executable, "-m", f"tests.{module}", str(_free_port()), *args]
+        proc = _run(cmd, timeout)
+        if proc is not None:
+            return proc
+    raise AssertionError(f"{attempts} ports in a row could not be bound for {module}")
 
 
 def initialize(process_id: int, port: int, num_processes: int = 2) -> None:

@@ -149,7 +149,7 @@ def _worker(process_id: int, port: int) -> None:
 
 
 def test_two_hosts_take_one_device_each_and_gather_across_them():
-    proc = multihost.launch("test_device_hosts", str(multihost.free_port()), timeout=240)
+    proc = multihost.launch("test_device_hosts", timeout=240)
     assert proc.returncode == 0, proc.stdout[-5000:]
 
 

@@ -140,7 +140,7 @@ def _worker(process_id: int, port: int) -> None:
 
 
 def test_two_hosts_build_only_their_devices_rows():
-    proc = multihost.launch("test_device_rows", str(multihost.free_port()), timeout=300)
+    proc = multihost.launch("test_device_rows", timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:]
 
 
@@ -165,8 +165,8 @@ def test_two_hosts_train_from_their_devices_rows_like_one_host(tmp_path):
     folder = train_utils.make_image_folder(tmp_path / "folder")
     one, _ = train.run(_train_config(folder, str(tmp_path / "one_cache")),
                        str(tmp_path / "one"))
-    proc = multihost.launch("test_device_rows", "train", str(multihost.free_port()),
-                            str(tmp_path / "two"), folder, str(tmp_path / "local"), timeout=600)
+    proc = multihost.launch("test_device_rows", "train", str(tmp_path / "two"), folder,
+                            str(tmp_path / "local"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["cache_on_device"] and two["cache_on_device"]
@@ -184,7 +184,7 @@ def test_two_hosts_train_from_their_devices_rows_like_one_host(tmp_path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "train":
-        multihost.run_two(_train_worker, int(sys.argv[2]), *sys.argv[3:6])
+    if sys.argv[2:3] == ["train"]:
+        multihost.run_two(_train_worker, int(sys.argv[1]), *sys.argv[3:6])
     else:
         multihost.run_two(_worker, int(sys.argv[1]))

@@ -311,8 +311,7 @@ def test_collect_and_place_in_two_processes(tmp_path):
     """jax.distributed on localhost, 2 processes x 2 CPU devices: feature_heads._collect and
     checkpoints.place."""
     outs = [str(tmp_path / f"process{i}.npz") for i in range(2)]
-    proc = multihost.launch("test_multihost_io", str(multihost.free_port()), *outs,
-                            timeout=240)
+    proc = multihost.launch("test_multihost_io", *outs, timeout=240)
     assert proc.returncode == 0, proc.stdout[-5000:]
     rows = _rows()
     for i, out in enumerate(outs):

@@ -51,8 +51,7 @@ def _worker(process_id: int, port: int, root: str, folder: str, mode: str) -> No
 
 
 def _launch(root, folder, mode):
-    return multihost.launch("test_multihost_train", str(multihost.free_port()), str(root),
-                            folder, mode, timeout=600)
+    return multihost.launch("test_multihost_train", str(root), folder, mode, timeout=600)
 
 
 @pytest.fixture(scope="module")

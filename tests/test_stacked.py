@@ -412,8 +412,7 @@ KILL_STEP = 4
 
 
 def _launch_two(root: Path, data: Path, mode: str) -> subprocess.CompletedProcess:
-    return multihost.launch("test_stacked", str(multihost.free_port()), str(root), str(data),
-                            mode, timeout=600)
+    return multihost.launch("test_stacked", str(root), str(data), mode, timeout=600)
 
 
 @pytest.mark.parametrize("sweeps", ["vqt"], indirect=True)
