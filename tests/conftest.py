@@ -1,5 +1,5 @@
-"""Shared test set-up, before jax is imported anywhere: 8 simulated CPU devices, compiled at
-LLVM optimisation level 0 (tests/xla_env.py says why).
+"""Shared test set-up, before jax is imported anywhere: 8 simulated CPU devices, compiled for
+speed of compiling (tests/xla_env.py says how and why).
 
 Compiled programs go to one persistent XLA cache per test session (shared by the xdist workers
 and the subprocesses tests start): many tests compile the same tiny programs, and compilation is

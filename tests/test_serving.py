@@ -116,8 +116,9 @@ def test_many_tasks_in_one_pass_equal_each_alone(runs):
     both = together.logits(images)
     for name in RUNS:
         alone = serving.Predictor([f"{name}={export_path(runs, name)}"], batch_size=4)
-        np.testing.assert_allclose(both[name], alone.logits(images)[name], rtol=1e-6,
-                                   atol=1e-6)
+        # Other programs (one serves several heads): float32 sums may be ordered otherwise.
+        np.testing.assert_allclose(both[name], alone.logits(images)[name], rtol=1e-5,
+                                   atol=1e-5)
     # The tasks read one backbone pass: a's and b's logits differ (they are other runs).
     assert not np.allclose(both["a"][:, :3], both["b"][:, :3])
 

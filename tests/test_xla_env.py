@@ -7,10 +7,11 @@ from tests import xla_env
 
 def test_session_flags_add_what_is_missing_and_keep_what_is_set():
     assert xla_env.session_flags("") == ("--xla_force_host_platform_device_count=8 "
-                                         "--xla_backend_optimization_level=0")
+                                         "--xla_backend_optimization_level=0 "
+                                         "--xla_cpu_use_fusion_emitters=false")
     assert xla_env.session_flags("--xla_backend_optimization_level=2 --xla_dump_to=/d") == (
         "--xla_backend_optimization_level=2 --xla_dump_to=/d "
-        "--xla_force_host_platform_device_count=8")
+        "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false")
 
 
 def test_the_session_sets_its_flags_and_children_keep_them(monkeypatch):
