@@ -267,6 +267,11 @@ CASES = {
         r"config\.cache='on' but the cache would take [\d.]+ KiB = [\d.]+ GiB, over "
         r"config\.cache_max_gb=1e-06",
         True),
+    "bfloat16 from a cache on CPU": (
+        lambda c: dict(argv=["--config.cache=on", "--config.model.dtype=bfloat16"]),
+        r"config\.cache='on' but config\.model\.dtype='bfloat16' on CPU: XLA's CPU backend "
+        r"\(jax [\d.]+\) has no bfloat16 x bfloat16 -> float32 matmul.*; use config\.cache='auto'",
+        True),
     "disk full for the cache": (
         lambda c: dict(argv=["--config.cache=on"], _=_full_disk(c)),
         r"not enough disk space for the cache in .*: it needs [\d.]+ KiB", False),

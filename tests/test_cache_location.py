@@ -144,3 +144,19 @@ def test_a_cache_directory_on_a_network_file_system_is_warned_of(folder, tmp_pat
     monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, ["/dev/sda1 / ext4"]))
     _plan(config, str(tmp_path / "wd"))
     assert "network file system" not in caplog.text
+
+
+def test_bfloat16_on_cpu_trains_the_query_path_without_a_cache(folder, tmp_path, root, caplog):
+    """XLA:CPU cannot train the query path over a cache in bfloat16: 'auto' trains uncached
+    and says why; float32, or a method whose cache holds features, still caches."""
+    assert jax.default_backend() == "cpu"
+
+    def plan(dtype, method="vqt"):
+        config = _config(folder, method=method)
+        config.cache = "auto"
+        config.model.dtype = dtype
+        return _plan(config, str(tmp_path / "wd"))
+
+    assert plan("bfloat16") is None
+    assert "Training without a cache: config.model.dtype='bfloat16' on CPU" in caplog.text
+    assert plan("float32") is not None and plan("bfloat16", "linear") is not None

@@ -344,9 +344,17 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     if mode == "off":
         return None
     kind = cache_lib.kind_for(config.method)
+    why = None
     if kind is None:
         why = (f"method {config.method!r} changes the backbone's tokens, so nothing it reads "
                "is constant")
+    elif (kind == "kv" and jax.default_backend() == "cpu"
+          and jnp.dtype(config.model.get("dtype", "float32")) == jnp.bfloat16):
+        # XLA says so only when the first training steps run, after the workdir is written.
+        why = (f"config.model.dtype='bfloat16' on CPU: XLA's CPU backend (jax {jax.__version__}) "
+               "has no bfloat16 x bfloat16 -> float32 matmul, which training the query path "
+               "over a cache needs (config.model.dtype='float32' trains from a cache)")
+    if why is not None:
         if mode == "on":
             raise ValueError(f"config.cache='on' but {why}; use config.cache='auto' or 'off'")
         logging.info("Training without a cache: %s.", why)
