@@ -11,6 +11,7 @@ from absl import logging as absl_logging
 
 from tests import train_utils
 from vqt_jax import cli, progress
+from vqt_jax.data import pipeline
 from vqt_jax.training import engine, feature_heads, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,15 +110,15 @@ def test_library_info_lines_are_dropped_warnings_kept():
 
 
 def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatch, capsys):
-    """Through main.py's entry: training, evaluation and feature-head progress, each with an
-    ETA (at least three updates: the first gives none); orbax quiet; the hyperparameters in
-    short lines."""
+    """Through main.py's entry: progress of reading the training images, training, evaluation
+    and the feature heads, each with an ETA (at least three updates: the first gives none);
+    orbax quiet; the hyperparameters in short lines."""
     monkeypatch.chdir(REPO)
     # Every update logs, so a tiny run shows what a long one shows every few seconds.
     def every_update(*args, **kwargs):
         return progress.Progress(*args, **{**kwargs, "every_s": 0})
 
-    for module in (train, engine, feature_heads):
+    for module in (train, engine, feature_heads, pipeline):
         monkeypatch.setattr(module, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data",
                                            counts=(("train", 8), ("val", 4), ("test", 10)))
@@ -127,6 +128,8 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
                     "--config.checkpoint_every_steps=1", "--config.baselines=('linear',)"])
     assert code == 0, capsys.readouterr().err
     messages = [r.getMessage() for r in caplog.records]
+    assert any(re.match(r"Reading the training images: \d+/36 images \(\d+%\), .*ETA", m)
+               for m in messages), messages
     assert any(re.match(r"Training: \d+/5 steps \(\d+%\), .*(steps/s|s per step), ETA", m)
                for m in messages), messages
     assert any(re.match(r"Evaluating on test: \d+/30 images \(\d+%\), .*ETA", m)

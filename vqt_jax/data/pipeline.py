@@ -53,6 +53,7 @@ from vqt_jax import sampling
 from vqt_jax.data import folder as folder_lib
 from vqt_jax.data import imaging
 from vqt_jax.data import tasks as tasks_lib
+from vqt_jax.progress import Progress
 
 FOLDER = "folder"
 # Config-level split -> (VTAB split to train on, VTAB split to evaluate on).
@@ -355,7 +356,12 @@ def _load_arrays(num_examples: int, read: Callable[[int], Example], image_size: 
         image, label = read(i)
         return resize(image, image_size, round_resized), label
 
-    examples = list(_ordered(prepare, range(num_examples), 4 * folder_lib.THREADS))
+    progress = Progress("Reading the training images", num_examples, "images")
+    examples = []
+    for example in _ordered(prepare, range(num_examples), 4 * folder_lib.THREADS):
+        examples.append(example)
+        progress.update()
+    progress.done()
     dtype = np.uint8 if round_resized else np.float32
     images = (np.stack([x for x, _ in examples]) if examples
               else np.zeros((0, image_size, image_size, 3), dtype))
