@@ -42,3 +42,28 @@ def test_save_on_a_full_disk_raises_once_and_cleans_up(tiny_disk, capfd, caplog)
         f"{r.getMessage()} {r.exc_info}" for r in caplog.records if r.levelname == "ERROR")
     assert "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err, err
     assert os.listdir(tiny_disk / "run" / "checkpoints") == []
+
+
+class _FailingStore:
+    """A checkpoint manager of a gs:// run whose store fails every call, as gcsfs and
+    tensorstore do (not an OSError with an errno)."""
+
+    directory = checkpointing.checkpoint_dir("gs://bucket/run")
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError("401 Anonymous caller does not have storage.objects.get access")
+
+    save = latest_step = restore = _fail
+
+
+@pytest.mark.parametrize("op", ["save", "restore"])
+def test_a_remote_checkpoint_failure_is_one_error_naming_the_directory(op):
+    from vqt_jax.training import workdir  # noqa: PLC0415
+
+    with pytest.raises(workdir.WorkdirError) as e:
+        if op == "save":
+            checkpointing.save(_FailingStore(), 1, {"count": jnp.zeros(())})
+        else:
+            checkpointing.restore_latest(_FailingStore(), {"count": jnp.zeros(())})
+    assert str(e.value).startswith("gs://bucket/run/checkpoints: cannot ")
+    assert "remote file" in str(e.value) and "401 Anonymous caller" in str(e.value)

@@ -25,13 +25,15 @@ if importlib.util.find_spec("tensorflow") is None:  # The point: importable, and
     pytest.skip("TensorFlow is not installed", allow_module_level=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The operations the program's OPS runs against each failing store.
+OPS = ("checkpoint read", "workdir write", "workdir read", "metrics open", "metrics write")
 PROGRAM = textwrap.dedent("""
     import importlib.util, io, json, os, sys
     import fsspec, numpy as np
     from tests.fake_gcs import FakeGCS, register
     from vqt_jax import cli
     from vqt_jax.checkpoints import files
-    from vqt_jax.training import workdir
+    from vqt_jax.training import metrics_io, workdir
 
     from etils import epath
 
@@ -44,10 +46,14 @@ PROGRAM = textwrap.dedent("""
         sys.exit()
     OPS = {"checkpoint read": lambda: files.read("gs://bucket/ckpt.npz"),
            "workdir write": lambda: workdir.write_results("gs://bucket/run", {"top1": 0.5}),
-           "workdir read": lambda: workdir.recorded_config("gs://bucket/run")}
+           "workdir read": lambda: workdir.recorded_config("gs://bucket/run"),
+           "metrics open": lambda: metrics_io.create_writer("gs://bucket/run", True),
+           "metrics write": lambda: WRITER.write_scalars(1, {"loss": 0.5})}
 
     def error_lines(kind):
         for op, fn in OPS.items():
+            if op == "metrics write" and kind == "gcsfs missing":
+                continue  # its writer is opened on a working store first
             try:
                 fn()
                 line = "no error"
@@ -98,6 +104,7 @@ PROGRAM = textwrap.dedent("""
             return Upload()
 
     register(ROOT, Store)
+    WRITER = metrics_io.create_writer("gs://bucket/run", True)  # before the store fails
     with open(os.path.join(ROOT, "bucket", "ckpt.npz"), "wb") as f:
         np.savez(f, w=np.arange(6.0))
     kind, arrays = files.read("gs://bucket/ckpt.npz")
@@ -141,14 +148,15 @@ def test_a_store_failure_is_one_error_line_naming_the_path(outcome):
     lines = outcome["lines"]
     assert lines, outcome
     kinds = ["HttpError", "403 OSError", "no credentials"]
-    assert len(lines) == 3 * (len(kinds) + ("checkpoint read, gcsfs missing" in lines))
+    gcsfs_missing = len(OPS) - 1 if "checkpoint read, gcsfs missing" in lines else 0
+    assert len(lines) == len(OPS) * len(kinds) + gcsfs_missing
     for name, line in lines.items():
         path = "gs://bucket/ckpt.npz" if name.startswith("checkpoint") else "gs://bucket/run/"
         assert line.startswith(f"error: {path}") and "\n" not in line, (name, line)
         assert "cannot" in line and "remote file" in line, (name, line)
         if name.endswith("gcsfs missing"):
             assert "pip install -e '.[gcs]'" in line, line
-    for op in ("checkpoint read", "workdir write", "workdir read"):
+    for op in OPS:
         assert "HttpError: Anonymous caller" in lines[f"{op}, HttpError"]
         assert "OSError: Forbidden" in lines[f"{op}, 403 OSError"]
         assert "DefaultCredentialsError" in lines[f"{op}, no credentials"]

@@ -56,11 +56,11 @@ _FILTER = _OrbaxDiskFull()
 def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the last `keep` checkpoints in `checkpoint_dir`."""
     absl_logging.get_absl_logger().addFilter(_FILTER)  # once: the same filter object
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False),
-    )
+    directory = checkpoint_dir(workdir)
+    with workdir_lib.remote_errors(directory, "create"):
+        return ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -69,9 +69,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     Raises:
       OSError: ENOSPC naming the checkpoint directory, when the disk is full; the save's
         temporary directories (`*.orbax-checkpoint-tmp*`) are removed first.
+      WorkdirError: a remote directory's failure, naming it.
     """
     try:
-        mngr.save(step, args=ocp.args.StandardSave(state))
+        with workdir_lib.remote_errors(mngr.directory, "write"):
+            mngr.save(step, args=ocp.args.StandardSave(state))
     except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as ValueError
         if not _disk_full(str(e)):
             raise
@@ -82,7 +84,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
     """The latest saved state (with `state`'s structure and shardings), or `state` if none."""
-    step = mngr.latest_step()
-    if step is None:
-        return state
-    return mngr.restore(step, args=ocp.args.StandardRestore(state))
+    with workdir_lib.remote_errors(mngr.directory, "read"):
+        step = mngr.latest_step()
+        if step is None:
+            return state
+        return mngr.restore(step, args=ocp.args.StandardRestore(state))

@@ -47,7 +47,9 @@ class _Appended:
     def __init__(self, path: str | os.PathLike):
         self._path = epath.Path(path)
         self._local = workdir_lib.is_local(path)
-        self._data = b"" if self._local or not self._path.exists() else self._path.read_bytes()
+        with workdir_lib.remote_errors(self._path, "read"):
+            self._data = (b"" if self._local or not self._path.exists()
+                          else self._path.read_bytes())
         self._pending = b""
 
     def write(self, data: bytes) -> None:
@@ -61,7 +63,8 @@ class _Appended:
                 f.write(self._pending)
         else:
             self._data += self._pending
-            self._path.write_bytes(self._data)
+            with workdir_lib.remote_errors(self._path, "write"):
+                self._path.write_bytes(self._data)
         self._pending = b""
 
     def close(self) -> None:
