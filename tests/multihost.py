@@ -38,11 +38,11 @@ _BIND_FAILED = "Failed to add port to server"
 
 
 def _in_use(family: int, host: str, port: int) -> bool:
-    with socket.socket(family) as s:
-        try:
+    try:
+        with socket.socket(family) as s:
             s.bind((host, port))
-        except OSError as e:  # a machine without IPv6 answers another errno: not in use
-            return e.errno == errno.EADDRINUSE
+    except OSError as e:  # a machine without IPv6 answers another errno: not in use
+        return e.errno == errno.EADDRINUSE
     return False
 
 
