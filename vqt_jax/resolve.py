@@ -117,6 +117,13 @@ def _conflicts(model: ml_collections.ConfigDict, field: str, value: Any, told: A
     return value != told
 
 
+def unresolved(model: Mapping[str, Any]) -> list[str]:
+    """The fields of `model` (a config.model) that `resolve` fills and that are still 'auto'.
+
+    Other fields may be 'auto' too (`attention`: the model chooses it itself)."""
+    return [f for f in introspect.DEFAULTS if model.get(f) == AUTO]
+
+
 def _from_checkpoint(config: ml_collections.ConfigDict, download: bool) -> None:
     """Resolves the `config.model` options left 'auto' (see the module docstring).
 
@@ -132,7 +139,7 @@ def _from_checkpoint(config: ml_collections.ConfigDict, download: bool) -> None:
         value = model.get(field)  # the command line sets a field typed 'auto' as a string
         if isinstance(value, str) and parse(value.lower()) is not None:
             _set(model, field, parse(value.lower()))
-    auto = [f for f in introspect.DEFAULTS if model.get(f) == AUTO]
+    auto = unresolved(model)
     if not auto:
         return
     fixed = protocol.settings(config.protocol) if config.get("protocol") else {}

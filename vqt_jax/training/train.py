@@ -79,7 +79,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     Raises:
       ValueError: `config.model` still holds options left 'auto' (named).
     """
-    auto = [k for k, v in dict(config.model).items() if isinstance(v, str) and v == resolve.AUTO]
+    auto = resolve.unresolved(config.model)
     if auto:
         fields = ", ".join(f"config.model.{k}" for k in auto)
         raise ValueError(f"{fields} {'is' if len(auto) == 1 else 'are'} {resolve.AUTO!r}: "
