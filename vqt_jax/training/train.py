@@ -348,8 +348,7 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     if kind is None:
         why = (f"method {config.method!r} changes the backbone's tokens, so nothing it reads "
                "is constant")
-    elif (kind == "kv" and jax.default_backend() == "cpu"
-          and jnp.dtype(config.model.get("dtype", "float32")) == jnp.bfloat16):
+    elif kind == "kv" and jax.default_backend() == "cpu" and model.compute_dtype == jnp.bfloat16:
         # XLA says so only when the first training steps run, after the workdir is written.
         why = (f"config.model.dtype='bfloat16' on CPU: XLA's CPU backend (jax {jax.__version__}) "
                "has no bfloat16 x bfloat16 -> float32 matmul, which training the query path "
