@@ -40,8 +40,7 @@ DEFAULT_DONT_LOAD = ("head/.*",)
 # match the checkpoint's architecture. (pattern, where the key is: 'unknown' (the checkpoint
 # has it, the model not), 'missing' (the reverse) or 'any', the hint.)
 _HINTS = [
-    (r"norm_pre/", "any", "the checkpoint has a LayerNorm before the blocks (CLIP): "
-                          "pre_norm=True"),
+    (r"norm_pre/", "any", "the checkpoint has a LayerNorm before the blocks (CLIP): pre_norm=True"),
     (r".*LayerScale_", "unknown", "the checkpoint has LayerScale (DINOv2): "
                                   "--config.model.layerscale=True (or 'auto')"),
     (r".*LayerScale_", "missing", "the checkpoint has no LayerScale: "

@@ -63,8 +63,7 @@ class CheckpointError(ValueError):
 def _one_line(e: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line: remote file systems raise multi-line, very long errors."""
     text = " ".join(str(e).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -76,21 +75,18 @@ def cache_dir() -> str:
 def cache_path(url: str) -> str:
     """The local file an http(s) URL is (or will be) cached as."""
     parsed = urllib.parse.urlparse(url)
-    name = os.path.basename(parsed.path) or "checkpoint"
     sub = (parsed.netloc + os.path.dirname(parsed.path)).replace("/", "_").replace(":", "_")
-    return os.path.join(cache_dir(), sub, name)
+    return os.path.join(cache_dir(), sub, os.path.basename(parsed.path) or "checkpoint")
 
 
 def stall_seconds() -> float:
     """Seconds a download may go without real progress: $VQT_JAX_DOWNLOAD_STALL_S or 60."""
     raw = os.environ.get(_STALL_ENV) or ""
-    try:
-        value = float(raw) if raw else _DEFAULT_STALL_S
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:
-        raise CheckpointError(f"{_STALL_ENV} must be a positive number of seconds, got {raw!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        value = float(raw or _DEFAULT_STALL_S)
+        if 0 < value < math.inf:
+            return value
+    raise CheckpointError(f"{_STALL_ENV} must be a positive number of seconds, got {raw!r}")
 
 
 # --- downloads --------------------------------------------------------------------------------
@@ -101,11 +97,12 @@ def _open_part(fd: int) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-def _stalled(url: str, received: int, total: int | None, stall_s: float, why: str) -> str:
+def _stalled(url: str, received: int, total: int | None, stall_s: float,
+             why: str) -> CheckpointError:
     of = f" of {total}" if total is not None else ""
-    return (f"Could not download {url}: the transfer stalled ({why}); {received}{of} bytes "
-            f"arrived in all; nothing was cached (to wait longer, set {_STALL_ENV}; it is "
-            f"{stall_s:g} s now)")
+    return CheckpointError(f"Could not download {url}: the transfer stalled ({why}); "
+                           f"{received}{of} bytes arrived in all; nothing was cached (to wait "
+                           f"longer, set {_STALL_ENV}; it is {stall_s:g} s now)")
 
 
 def _fetch(url: str, out: BinaryIO) -> None:
@@ -123,8 +120,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
         # URLError is an OSError; getresponse()'s errors (e.g. RemoteDisconnected) are outside
         # its wrapping; socket.timeout is TimeoutError.
         if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-            why = f"no answer in {stall_s:g} s"
-            raise CheckpointError(_stalled(url, 0, None, stall_s, why)) from e
+            raise _stalled(url, 0, None, stall_s, f"no answer in {stall_s:g} s") from e
         msg = f"Could not download {url}: {_one_line(e)}; nothing was cached"
         raise CheckpointError(msg) from e
     with resp:
@@ -138,8 +134,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
             try:
                 chunk = resp.read1(_CHUNK)
             except TimeoutError as e:
-                why = f"no data for {stall_s:g} s"
-                raise CheckpointError(_stalled(url, received, total, stall_s, why)) from e
+                raise _stalled(url, received, total, stall_s, f"no data for {stall_s:g} s") from e
             except (OSError, http.client.HTTPException) as e:
                 raise CheckpointError(f"Could not download {url}: the connection failed after "
                                       f"{received} bytes ({_one_line(e)}); nothing was "
@@ -157,9 +152,9 @@ def _fetch(url: str, out: BinaryIO) -> None:
             now = time.monotonic()
             if now - window_start >= stall_s:
                 if window_bytes < _STALL_MIN_BYTES:
-                    why = (f"{window_bytes} bytes in the last {now - window_start:.1f} s, "
-                           f"fewer than {_STALL_MIN_BYTES}")
-                    raise CheckpointError(_stalled(url, received, total, stall_s, why))
+                    raise _stalled(url, received, total, stall_s,
+                                   f"{window_bytes} bytes in the last {now - window_start:.1f} s, "
+                                   f"fewer than {_STALL_MIN_BYTES}")
                 window_start, window_bytes = now, 0
         if len(head) < _HEAD_BYTES:
             _check_head(url, head, content_type)
@@ -171,9 +166,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
 
 def _kind_of_head(head: bytes) -> str | None:
     """The container a file's first bytes announce ('zip' or 'safetensors'), or None."""
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    return "safetensors" if head[8:9] == b"{" else None
+    return "zip" if head[:4] == b"PK\x03\x04" else "safetensors" if head[8:9] == b"{" else None
 
 
 def _check_head(url: str, head: bytes, content_type: str) -> None:
@@ -333,8 +326,7 @@ def _open_remote(path: str) -> _Guarded:
     try:
         return _Guarded(p.open("rb"))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot open the remote file "
-                              f"({remote_reason(e)})") from None
+        raise CheckpointError(f"{path}: cannot open the remote file ({remote_reason(e)})") from None
 
 
 def open_file(path: str) -> BinaryIO:
@@ -383,9 +375,8 @@ class _StorageType:
     """A `torch.*Storage` class the pickle names; `dtype` is None for one this reader lacks."""
 
     def __init__(self, name: str):
-        self.name = name
-        known = name in _TORCH_STORAGE_DTYPES
-        self.dtype = np.dtype(_TORCH_STORAGE_DTYPES[name]) if known else None
+        dtype = _TORCH_STORAGE_DTYPES.get(name)
+        self.name, self.dtype = name, None if dtype is None else np.dtype(dtype)
 
 
 class _StorageRef:
@@ -543,8 +534,7 @@ def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
             if isinstance(obj, tuple):
                 return tuple(materialise(v, f"{prefix}{i}", depth + 1) for i, v in enumerate(obj))
             seen.add(id(obj))
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            for k, v in list(items):
+            for k, v in list(obj.items() if isinstance(obj, dict) else enumerate(obj)):
                 obj[k] = materialise(v, f"{prefix}{k}", depth + 1)
             return obj
 
@@ -611,8 +601,7 @@ def _safetensors_entry(name: str, info: Any, body_len: int) -> tuple[np.dtype, l
 
 
 def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
+    size = f.seek(0, os.SEEK_END)
     header, body_start = _safetensors_header(f, size)
     entries = {name: _safetensors_entry(name, info, size - body_start)
                for name, info in header.items() if name != "__metadata__"}
@@ -641,8 +630,7 @@ def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
 def _read_into(f: BinaryIO, buf: bytearray) -> int:
     """Fills `buf` from `f` (by readinto where the file has it); returns the bytes read."""
     readinto = getattr(f, "readinto", None)
-    view = memoryview(buf)
-    got = 0
+    view, got = memoryview(buf), 0
     while got < len(buf):
         if readinto is not None:
             n = readinto(view[got:])
@@ -733,9 +721,7 @@ def read(path: str) -> tuple[str, dict[str, Any]]:
       CheckpointError: the file is truncated, corrupt or not a checkpoint, its download failed,
         or the remote file system failed; the message names the path (and the cached file).
     """
-    if path.startswith(("http://", "https://")):
-        return _read_url(path)
-    return _read_path(path, path)
+    return _read_url(path) if path.startswith(("http://", "https://")) else _read_path(path, path)
 
 
 # --- values -----------------------------------------------------------------------------------

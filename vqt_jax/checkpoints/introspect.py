@@ -8,6 +8,7 @@ to read, so it is read whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from typing import Any, BinaryIO
@@ -56,13 +57,11 @@ def shapes(path: str) -> dict[str, tuple[int, ...]]:
     Raises:
       FileNotFoundError, CheckpointError: as `files.read`, which names the problem.
     """
-    try:
-        with files.open_file(path) as f:
-            found = _header_shapes(f)
-    except Exception:  # noqa: BLE001 - files.read below raises the error that names it
-        found = None
-    if found is not None:
-        return found
+    # Any failure falls through to files.read below, which raises the error that names it.
+    with contextlib.suppress(Exception), files.open_file(path) as f:
+        found = _header_shapes(f)
+        if found is not None:
+            return found
     kind, contents = files.read(path)
     flat = layouts.unwrap_state_dict(contents) if kind == "torch" else contents
     return {k: tuple(np.shape(v)) for k, v in flat.items()}

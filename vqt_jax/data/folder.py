@@ -39,14 +39,11 @@ THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 # Config-level split -> (training folders, evaluation folders).
 FOLDER_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "val": (("train",), ("val",)),
-    "test": (("train", "val"), ("test",)),
-}
+    "val": (("train",), ("val",)), "test": (("train", "val"), ("test",))}
 
 # How many bad or skipped paths a message names before it only counts.
 _EXAMPLES = 3
-_SUBFOLDER = "(subfolder)"
-_NO_EXTENSION = "(no extension)"
+_READABLE = "/".join(IMAGE_EXTENSIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +97,8 @@ def _subdirs(path: str) -> list[str]:
 def _kind(path: str) -> str:
     """What a skipped entry is, for the counts in messages: its extension, or a subfolder."""
     if _isdir(path):
-        return _SUBFOLDER
-    return os.path.splitext(path)[1].lower() or _NO_EXTENSION
+        return "(subfolder)"
+    return os.path.splitext(path)[1].lower() or "(no extension)"
 
 
 def _entries(class_dir: str) -> tuple[list[str], list[str]]:
@@ -121,17 +118,12 @@ def _count_kinds(paths: Sequence[str]) -> str:
     return ", ".join(f"{kind}: {n}" for kind, n in counts.most_common())
 
 
-def _readable() -> str:
-    return "/".join(IMAGE_EXTENSIONS)
-
-
 def _require_dir(root: str, name: str, why: str) -> str:
     path = os.path.join(root, name)
     if not _isdir(path):
         raise ValueError(
             f"Image folder {root!r} has no {name}/ subfolder ({path}), which {why}. Expected "
-            f"ROOT/{{train,val,test}}/CLASS/*{{{','.join(IMAGE_EXTENSIONS)}}}."
-        )
+            f"ROOT/{{train,val,test}}/CLASS/*{{{','.join(IMAGE_EXTENSIONS)}}}.")
     return path
 
 
@@ -144,10 +136,8 @@ def class_names(root: str) -> list[str]:
     train_dir = _require_dir(root, "train", "defines the classes")
     names = _subdirs(train_dir)
     if not names:
-        raise ValueError(
-            f"{train_dir} has no class subfolders; put the images of each class in "
-            f"{train_dir}/CLASS_NAME/."
-        )
+        raise ValueError(f"{train_dir} has no class subfolders; put the images of each class in "
+                         f"{train_dir}/CLASS_NAME/.")
     return names
 
 
@@ -162,12 +152,9 @@ def _warn_skipped(folder_dirs: Sequence[str], skipped: Sequence[str]) -> None:
         return
     _WARNED.add(key)
     examples = ", ".join(skipped[:_EXAMPLES]) + (", ..." if len(skipped) > _EXAMPLES else "")
-    logging.warning(
-        "Skipping %d file%s in %s, not %s images (%s; e.g. %s). Convert any that should be "
-        "used.",
-        len(skipped), "" if len(skipped) == 1 else "s", " and ".join(folder_dirs), _readable(),
-        _count_kinds(skipped), examples,
-    )
+    logging.warning("Skipping %d file%s in %s, not %s images (%s; e.g. %s). Convert any that "
+                    "should be used.", len(skipped), "" if len(skipped) == 1 else "s",
+                    " and ".join(folder_dirs), _READABLE, _count_kinds(skipped), examples)
 
 
 def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> FolderListing:
@@ -194,34 +181,29 @@ def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> Fo
     paths: list[str] = []
     labels: list[int] = []
     all_skipped: list[str] = []
-    folder_dirs = []
     for folder in folders:
         folder_dir = _require_dir(root, folder, f"the {'/'.join(folders)} data needs")
-        folder_dirs.append(folder_dir)
         for name in _subdirs(folder_dir):
             class_dir = os.path.join(folder_dir, name)
             if name not in label_of:
-                raise ValueError(
-                    f"Class folder {class_dir} has no counterpart in "
-                    f"{os.path.join(root, 'train')}; classes are the train/ subfolders: "
-                    f"{', '.join(classes)}."
-                )
+                raise ValueError(f"Class folder {class_dir} has no counterpart in "
+                                 f"{os.path.join(root, 'train')}; classes are the train/ "
+                                 f"subfolders: {', '.join(classes)}.")
             images, skipped = _entries(class_dir)
             if not images and skipped:
                 raise ValueError(
                     f"Class folder {class_dir} holds {len(skipped)} "
-                    f"file{'' if len(skipped) == 1 else 's'} but no {_readable()} images "
+                    f"file{'' if len(skipped) == 1 else 's'} but no {_READABLE} images "
                     f"({_count_kinds(skipped)}; e.g. {skipped[0]}), so class {name!r} would be "
-                    f"missing from the {folder}/ data; convert them to one of these formats."
-                )
+                    f"missing from the {folder}/ data; convert them to one of these formats.")
             if not images and folder == "train":
-                raise ValueError(f"Class folder {class_dir} has no {_readable()} images.")
+                raise ValueError(f"Class folder {class_dir} has no {_READABLE} images.")
             paths.extend(images)
             labels.extend([label_of[name]] * len(images))
             all_skipped.extend(skipped)
+    folder_dirs = [os.path.join(root, folder) for folder in folders]
     if not paths:
-        where = ", ".join(os.path.join(root, f) for f in folders)
-        raise ValueError(f"No {_readable()} images found in {where}.")
+        raise ValueError(f"No {_READABLE} images found in {', '.join(folder_dirs)}.")
     if all_skipped:
         _warn_skipped(folder_dirs, all_skipped)
     return FolderListing(tuple(paths), tuple(labels))
@@ -270,19 +252,13 @@ def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, skipped
 
 
-def check_split(split: str) -> None:
-    """Raises ValueError unless `split` is a config-level split (``'val'`` or ``'test'``)."""
-    if split not in FOLDER_SPLITS:
-        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(FOLDER_SPLITS)}.")
-
-
 def listing(root: str, split: str, subset: str) -> FolderListing:
     """Lists the training (`subset='train'`) or evaluation (`'eval'`) images of a split."""
-    check_split(split)
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(FOLDER_SPLITS)}.")
     train_folders, eval_folders = FOLDER_SPLITS[split]
-    return list_images(
-        root, train_folders if subset == "train" else eval_folders, class_names(root)
-    )
+    return list_images(root, train_folders if subset == "train" else eval_folders,
+                       class_names(root))
 
 
 def validate(root: str, split: str) -> None:
@@ -295,9 +271,7 @@ def validate(root: str, split: str) -> None:
         ValueError: Naming the problem: a missing folder, a class ``train/`` lacks, a class
             folder without readable images, or the files that do not decode.
     """
-    train = listing(root, split, "train")
-    evaluation = listing(root, split, "eval")
-    check_decodable(root, train.paths + evaluation.paths)
+    check_decodable(root, listing(root, split, "train").paths + listing(root, split, "eval").paths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,10 +289,9 @@ def read_image(path: str) -> np.ndarray:
         imaging.DecodeError: The file does not decode (or cannot be read).
     """
     try:
-        encoded = read_bytes(path)
+        return imaging.decode(read_bytes(path))
     except OSError as e:
         raise imaging.DecodeError(f"cannot read it: {e.strerror or e}") from e
-    return imaging.decode(encoded)
 
 
 def _failure(path: str) -> str | None:
@@ -357,8 +330,7 @@ def undecodable_error(root: str, bad: Sequence[tuple[str, str]]) -> ValueError:
     more = f"; and {n - _EXAMPLES} more" if n > _EXAMPLES else ""
     return ValueError(
         f"Cannot decode {n} image{'s' if n > 1 else ''} in {root} ({'e.g. ' if n > 1 else ''}"
-        f"{named}{more}); fix or remove {'them' if n > 1 else 'it'}."
-    )
+        f"{named}{more}); fix or remove {'them' if n > 1 else 'it'}.")
 
 
 # Fingerprints of file sets that decoded in this process (paths, sizes, modification times):
@@ -394,10 +366,8 @@ def check_decodable(root: str, paths: Sequence[str], remember: bool = True) -> N
         return
     bad = find_undecodable(paths, f"images in {root}")
     if bad:
-        logging.error(
-            "Cannot decode these %d files of %s:\n%s",
-            len(bad), root, "\n".join(f"  {path}: {reason}" for path, reason in bad),
-        )
+        logging.error("Cannot decode these %d files of %s:\n%s", len(bad), root,
+                      "\n".join(f"  {path}: {reason}" for path, reason in bad))
         raise undecodable_error(root, bad)
     if key is not None:
         _DECODED.add(key)

@@ -57,12 +57,12 @@ from vqt_jax.progress import Progress
 
 FOLDER = "folder"
 # Config-level split -> (VTAB split to train on, VTAB split to evaluate on).
-SPLITS: dict[str, tuple[str, str]] = {
-    "val": ("train800", "val200"),
-    "test": ("train800val200", "test"),
-}
+SPLITS: dict[str, tuple[str, str]] = {"val": ("train800", "val200"),
+                                      "test": ("train800val200", "test")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Named normalizations: (mean, std) in [0, 1] units; 'inception' maps [0, 255] to [-1, 1].
+_NORMALIZATIONS = {"inception": ((0.5,) * 3, (0.5,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 # Installs what preparing a TFDS dataset needs (TensorFlow included): the `prepare` extra, from
 # the vqt_jax checkout (the package is not on PyPI).
 PREPARE_INSTALL = "pip install -e '.[prepare]' in the vqt_jax checkout"
@@ -90,6 +90,12 @@ def _check_split(split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLITS)}.")
 
 
+def _folder_root(data_dir: str | None) -> str:
+    if not data_dir:
+        raise ValueError("task='folder' needs data_dir: the root of the image folders.")
+    return data_dir
+
+
 def _tfds():  # noqa: ANN202 - the module.
     """tensorflow_datasets, imported only for TFDS tasks (it does not need TensorFlow here)."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
@@ -109,8 +115,7 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
     code = (
         "import tensorflow_datasets as tfds; "
-        f"tfds.builder({tfds_name!r}{dir_arg}, file_format='array_record').download_and_prepare()"
-    )
+        f"tfds.builder({tfds_name!r}{dir_arg}, file_format='array_record').download_and_prepare()")
     # Double quotes read best around Python's single-quoted strings; fall back to full shell
     # quoting when a path holds a character the shell would expand inside them.
     if not any(c in code for c in '"$`\\!'):
@@ -121,9 +126,10 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
 def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
                   tfrecord_dir: str = "") -> str:
     tfds = _tfds()
+    dataset = f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r})"
+    prepare = f"  {prepare_command(task.tfds_name, data_dir)}"
     where = data_dir or "the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-    head = (f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is not prepared in "
-            f"{where}; this code never downloads.")
+    head = f"{dataset} is not prepared in {where}; this code never downloads."
     if cause:
         # The builder itself could not be made, e.g. this TFDS only has other versions.
         return (
@@ -131,29 +137,26 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
             f"either: {cause}\nPrepare it with a tensorflow-datasets release that can, as "
             "ArrayRecord (file_format='array_record'), or copy an already prepared copy "
             "(NAME[/CONFIG]/VERSION folder) into the data dir.")
-    dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
     if tfrecord_dir:
-        head = (f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r}) is prepared in "
-                f"{tfrecord_dir} as TFRecord files only, which cannot be read without "
-                "TensorFlow; this code reads ArrayRecord files (tfds.data_source).")
         return "\n".join([
-            f"{head} Convert it once, with tensorflow-datasets and TensorFlow installed "
-            f"({PREPARE_INSTALL}):",
+            f"{dataset} is prepared in {tfrecord_dir} as TFRecord files only, which cannot be read"
+            " without TensorFlow; this code reads ArrayRecord files (tfds.data_source). Convert it"
+            f" once, with tensorflow-datasets and TensorFlow installed ({PREPARE_INSTALL}):",
             "  python -c \"from tensorflow_datasets.scripts.cli import convert_format_utils as c;"
             f" c.convert_dataset(out_dir=None, out_file_format='array_record', "
             f"dataset_version_dir=[{tfrecord_dir!r}])\"",
             f"(or `tfds convert_format --dataset_version_dir={shlex.quote(tfrecord_dir)} "
             "--out_file_format=array_record`), or delete that folder and prepare it again:",
-            f"  {prepare_command(task.tfds_name, data_dir)}"])
+            prepare])
+    dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
     lines = [
         f"{head} Prepare it once, as ArrayRecord files, on a machine with internet access and "
         f"tensorflow-datasets with TensorFlow ({PREPARE_INSTALL}):",
-        f"  {prepare_command(task.tfds_name, data_dir)}",
+        prepare,
         # The CLI is the usual advice, but its tensorflow-datasets entry point imports
         # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.
         f"(The CLI `tfds build '{task.tfds_name}'{dir_flag} --file_format=array_record` does "
-        f"the same, but needs apache-beam installed in tensorflow-datasets {tfds.__version__}.)",
-    ]
+        f"the same, but needs apache-beam installed in tensorflow-datasets {tfds.__version__}.)"]
     if task.prepare_note:
         lines.append(task.prepare_note)
     return "\n".join(lines)
@@ -188,7 +191,6 @@ def _builder(task: tasks_lib.Task, data_dir: str | None) -> Any:
 
 
 def _tfds_split(task: tasks_lib.Task, split: str, subset: Subset) -> str:
-    _check_split(split)
     train_split, eval_split = SPLITS[split]
     return task.tfds_split(train_split if subset == "train" else eval_split)
 
@@ -197,8 +199,7 @@ def _data_source(builder: Any, task: tasks_lib.Task, data_dir: str | None,
                  tfds_split: str) -> Sequence[dict[str, Any]]:
     """Random access to a split's examples, images still encoded."""
     try:
-        return builder.as_data_source(tfds_split,
-                                      decoders={"image": _tfds().decode.SkipDecoding()})
+        return builder.as_data_source(tfds_split, decoders={"image": _tfds().decode.SkipDecoding()})
     except NotImplementedError as e:  # Prepared as TFRecord only: no random access.
         raise DatasetNotPreparedError(
             _not_prepared(task, data_dir, tfrecord_dir=str(builder.data_dir))) from e
@@ -209,11 +210,9 @@ def _source(task: str, data_dir: str | None, split: str,
     """(number of examples, read) of one side of a split: read(i) is example i, decoded."""
     _check_split(split)
     if task == FOLDER:
-        if not data_dir:
-            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
-        files = folder_lib.listing(data_dir, split, subset)
-        return len(files.paths), lambda i: (folder_lib.load(data_dir, files.paths[i]),
-                                            files.labels[i])
+        root = _folder_root(data_dir)
+        files = folder_lib.listing(root, split, subset)
+        return len(files.paths), lambda i: (folder_lib.load(root, files.paths[i]), files.labels[i])
     spec = tasks_lib.get_task(task)
     tfds_split = _tfds_split(spec, split, subset)
     builder = _builder(spec, data_dir)
@@ -221,9 +220,8 @@ def _source(task: str, data_dir: str | None, split: str,
     channels = builder.info.features["image"].shape[-1]
 
     def read(i: int) -> Example:
-        example = dict(source[i])
-        example["image"] = imaging.decode(example["image"], channels)
-        out = spec.convert(example)
+        example = source[i]
+        out = spec.convert({**example, "image": imaging.decode(example["image"], channels)})
         return out["image"], int(out["label"])
 
     return len(source), read
@@ -247,27 +245,19 @@ def _ordered(fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iter
 def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std in uint8 pixel units (0..255)."""
     if isinstance(normalization, str):
-        if normalization == "inception":  # [0, 255] -> [-1, 1]
-            return np.full(3, 127.5, np.float32), np.full(3, 127.5, np.float32)
-        if normalization == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            raise ValueError(
-                f"Unknown normalization {normalization!r}; use 'inception', 'imagenet' or a "
-                "(mean, std) pair of 3-tuples in [0, 1] units."
-            )
-    else:
-        try:
-            mean, std = normalization
-            mean = np.asarray(mean, np.float32).reshape(3)
-            std = np.asarray(std, np.float32).reshape(3)
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"normalization={normalization!r} is not a (mean, std) pair of 3-tuples."
-            ) from e
-        if np.any(std <= 0):
-            raise ValueError(f"normalization std must be positive, got {tuple(std)}.")
-    return np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"Unknown normalization {normalization!r}; use 'inception', "
+                             "'imagenet' or a (mean, std) pair of 3-tuples in [0, 1] units.")
+        normalization = _NORMALIZATIONS[normalization]
+    try:
+        mean, std = normalization
+        mean, std = (np.asarray(x, np.float32).reshape(3) for x in (mean, std))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"normalization={normalization!r} is not a (mean, std) pair of 3-tuples.") from e
+    if np.any(std <= 0):
+        raise ValueError(f"normalization std must be positive, got {tuple(std)}.")
+    return mean * 255, std * 255
 
 
 def normalize(images: np.ndarray, normalization: Normalization = "inception") -> np.ndarray:
@@ -330,23 +320,25 @@ def file_batches(paths: Sequence[str], *, batch_size: int, image_size: int,
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    return index, count
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
     """Checks the host arguments; returns the per-host batch size."""
     if not 0 <= process_index < process_count:
         raise ValueError(
-            f"process_index={process_index} is not in [0, process_count={process_count})."
-        )
+            f"process_index={process_index} is not in [0, process_count={process_count}).")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of "
-            f"process_count={process_count}."
-        )
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}.")
     return global_batch_size // process_count
+
+
+def _host_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """Checks the host arguments; returns this host's rows of every global batch."""
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    return slice(process_index * local_batch, (process_index + 1) * local_batch)
 
 
 def _load_arrays(num_examples: int, read: Callable[[int], Example], image_size: int,
@@ -362,19 +354,13 @@ def _load_arrays(num_examples: int, read: Callable[[int], Example], image_size: 
         examples.append(example)
         progress.update()
     progress.done()
-    dtype = np.uint8 if round_resized else np.float32
-    images = (np.stack([x for x, _ in examples]) if examples
-              else np.zeros((0, image_size, image_size, 3), dtype))
+    images = (np.stack([x for x, _ in examples]) if examples else
+              np.zeros((0, image_size, image_size, 3), np.uint8 if round_resized else np.float32))
     return images, np.asarray([y for _, y in examples], np.int32)
 
 
-def _check_batching(batching: str) -> None:
-    sampling.check_batching(batching)
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int, batching: Batching) -> float:
-    """Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'."""
-    return sampling.steps_per_epoch(num_examples, global_batch_size, batching)
+# Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'.
+steps_per_epoch = sampling.steps_per_epoch
 
 
 def train_indices(step: int, num_examples: int, *, global_batch_size: int, seed: int = 0,
@@ -388,11 +374,10 @@ def train_indices(step: int, num_examples: int, *, global_batch_size: int, seed:
     Returns:
         (int64 [B / P] example indices, float32 [B / P] mask: 1 real, 0 padding).
     """
-    _check_batching(batching)
-    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    return sampling.host_batch_indices(step, num_examples, global_batch_size=global_batch_size,
-                                       seed=seed, rows=rows, batching=batching)
+    sampling.check_batching(batching)
+    return sampling.host_batch_indices(
+        step, num_examples, global_batch_size=global_batch_size, seed=seed,
+        rows=_host_rows(global_batch_size, process_index, process_count), batching=batching)
 
 
 def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int,
@@ -424,14 +409,13 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch_size: 
         An endless iterator of ``{'image': float32 [B / P, H, W, 3], 'label': int32 [B / P],
         'mask': float32 [B / P]}``.
     """
-    _check_batching(batching)
+    sampling.check_batching(batching)
     num_examples = len(labels)
     if num_examples == 0:
         raise ValueError("The training set is empty.")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    rows = _host_rows(global_batch_size, process_index, process_count)
     labels = np.asarray(labels, np.int32)
     _mean_std(normalization)  # Fail here, not in a worker.
 
@@ -489,11 +473,9 @@ def _eval_batches(local_items: Iterable[Any], read: Callable[[Any], Example], nu
     """`eval_dataset` over this host's items (examples h, h + P, ...), each read by `read`."""
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     if local_device_count is not None and local_batch % local_device_count:
-        raise ValueError(
-            f"The local eval batch size {local_batch} (global_batch_size={global_batch_size} / "
-            f"process_count={process_count}) is not divisible by "
-            f"local_device_count={local_device_count}."
-        )
+        raise ValueError(f"The local eval batch size {local_batch} "
+                         f"(global_batch_size={global_batch_size} / process_count={process_count}) "
+                         f"is not divisible by local_device_count={local_device_count}.")
     # Host h holds examples h, h + P, ...: one more than N // P for the first N % P hosts.
     local_count = num_examples // process_count + int(process_index < num_examples % process_count)
     num_steps = math.ceil(math.ceil(num_examples / process_count) / local_batch)
@@ -544,10 +526,7 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
     """
     _check_split(split)
     if task == FOLDER:
-        if not data_dir:
-            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
-        folder_lib.validate(data_dir, split)
-        return
+        return folder_lib.validate(_folder_root(data_dir), split)
     spec = tasks_lib.get_task(task)
     builder = _builder(spec, data_dir)
     tfds_splits = [_tfds_split(spec, split, subset) for subset in ("train", "eval")]
@@ -555,10 +534,8 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
         try:
             builder.info.splits[tfds_split]
         except (KeyError, ValueError) as e:
-            raise ValueError(
-                f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} cannot provide split "
-                f"{tfds_split!r} of VTAB-1k task {task!r}: {e}"
-            ) from e
+            raise ValueError(f"TFDS dataset {spec.tfds_name!r} in {builder.data_dir} cannot "
+                             f"provide split {tfds_split!r} of VTAB-1k task {task!r}: {e}") from e
     for tfds_split in tfds_splits:
         _data_source(builder, spec, data_dir, tfds_split)  # ArrayRecord files, not TFRecord.
 
@@ -571,9 +548,7 @@ def get_num_classes(task: str, data_dir: str | None = None) -> int:
         data_dir: The image-folder root for ``task='folder'``; unused otherwise.
     """
     if task == FOLDER:
-        if not data_dir:
-            raise ValueError("task='folder' needs data_dir: the root of the image folders.")
-        return len(folder_lib.class_names(data_dir))
+        return len(folder_lib.class_names(_folder_root(data_dir)))
     return tasks_lib.get_task(task).num_classes
 
 
@@ -584,16 +559,13 @@ def get_class_names(task: str, data_dir: str | None = None) -> list[str]:
     if task == FOLDER:
         return folder_lib.class_names(data_dir or "")
     spec = tasks_lib.get_task(task)
-    names = None
+    names: list[str] = []
     if spec.convert is tasks_lib.image_and_label:
-        try:
+        # The names are for people; the numbers say the same.
+        with contextlib.suppress(DatasetNotPreparedError, KeyError):
             feature = _builder(spec, data_dir).info.features["label"]
             names = list(getattr(feature, "names", None) or [])
-        except (DatasetNotPreparedError, KeyError):
-            names = None  # the names are for people; the numbers say the same
-    if not names or len(names) != spec.num_classes:
-        names = [str(i) for i in range(spec.num_classes)]
-    return names
+    return names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
 
 
 def get_num_examples(
@@ -651,7 +623,7 @@ def make_train_iterator(task: str, data_dir: str | None = None, split: str = "va
         numpy batches.
     """
     process_index, process_count = _processes(process_index, process_count)
-    _check_batching(batching)
+    sampling.check_batching(batching)
     _local_batch_size(global_batch_size, process_index, process_count)  # Before any reads.
     images, labels = load_train_examples(task, data_dir, split, image_size, round_resized)
     return train_dataset(images, labels, global_batch_size=global_batch_size, seed=seed,

@@ -144,8 +144,7 @@ def _manual(what: str) -> str:
         f"TFDS cannot fetch it by itself: {what} into the manual dir first "
         "(<data_dir>/downloads/manual by default; or pass "
         "download_config=tfds.download.DownloadConfig(manual_dir=DIR) to download_and_prepare, "
-        "or --manual_dir to tfds build)."
-    )
+        "or --manual_dir to tfds build).")
 
 
 def _task(name, tfds_name, num_classes, group, val200, test, **kwargs) -> tuple[str, Task]:
@@ -248,7 +247,5 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown VTAB-1k task {name!r}. Valid tasks: {', '.join(TASKS)} "
-            "(or 'folder' for an image-folder dataset)."
-        ) from None
+        raise ValueError(f"Unknown VTAB-1k task {name!r}. Valid tasks: {', '.join(TASKS)} "
+                         "(or 'folder' for an image-folder dataset).") from None
