@@ -30,7 +30,6 @@ from ml_collections import config_flags
 
 from vqt_jax import hosts
 
-ENV_DISTRIBUTED = hosts.ENV_DISTRIBUTED
 # Libraries whose INFO lines drown the run's own: orbax logs every save step by step, jax its
 # backend probing ("Unable to initialize backend 'tpu'"), etils and grain their set-up.
 QUIET_LIBRARIES = ("orbax", "jax", "jaxlib", "etils", "grain")
@@ -55,8 +54,7 @@ class Options:
     argv: list[str]
 
 
-def define_flags(fv: flags.FlagValues,
-                 argv: Sequence[str] | None = None) -> flags.FlagValues:
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> flags.FlagValues:
     """Defines main.py's flags on `fv` (the global FLAGS, or a fresh FlagValues in tests).
 
     `argv`: the command line the config flag takes its `--config.FIELD` overrides from
@@ -91,11 +89,9 @@ def _describe_parse_error(e: BaseException, argv: Sequence[str] = ()) -> str:
         field = lines[0] if lines else text
         hint = f" ({lines[1]})" if len(lines) > 1 else ""
         # Name the whole dotted field as the user typed it.
-        for arg in argv:
-            name = arg.split("=")[0].lstrip("-")
-            if name.startswith("config.") and name.split(".")[-1] == field:
-                field = name
-                break
+        names = [arg.split("=")[0].lstrip("-") for arg in argv]
+        field = next((n for n in names if n.startswith("config.") and n.split(".")[-1] == field),
+                     field)
         return f"{field}: the config has no such field{hint}"
     return re.sub(r"\s+", " ", text)
 
@@ -110,11 +106,9 @@ def parse(argv: Sequence[str], fv: flags.FlagValues | None = None) -> Options:
     argv = list(argv)
     fv = fv if fv is not None else define_flags(flags.FlagValues(), argv)
     try:
-        fv(argv)
-    except flags.Error as e:
-        raise UsageError(_describe_parse_error(e, argv)) from None
-    except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
-        # Raised while the config file loads or a --config.FIELD override applies.
+        fv(argv)  # besides flags.Error, raises as the config file loads or an override applies
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+            SyntaxError) as e:
         raise UsageError(_describe_parse_error(e, argv)) from None
     config = fv["config"].value
     if config is None:
@@ -125,15 +119,11 @@ def parse(argv: Sequence[str], fv: flags.FlagValues | None = None) -> Options:
     except Exception as e:  # noqa: BLE001 - any failure of the user's config file
         lines = [x.strip() for x in str(e).splitlines() if x.strip()]
         reason = lines[-1] if lines else type(e).__name__
-        raise UsageError(f"cannot load --config={fv['config'].config_filename}: "
-                         f"{reason}") from None
+        raise UsageError(f"cannot load --config={fv['config'].config_filename}: {reason}") from None
     if not fv["workdir"].value:
         raise UsageError("--workdir is required: where checkpoints, logs and results.json go")
-    return Options(
-        config=fv["config"].value, workdir=fv["workdir"].value, dry_run=fv["dry_run"].value,
-        distributed=fv["distributed"].value, coordinator=fv["coordinator"].value,
-        num_processes=fv["num_processes"].value, process_id=fv["process_id"].value,
-        log_libraries=fv["log_libraries"].value, argv=argv)
+    values = {f.name: fv[f.name].value for f in dataclasses.fields(Options) if f.name != "argv"}
+    return Options(**values, argv=argv)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -147,14 +137,19 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def setup_logging(libraries: bool = False) -> None:
-    """One log format for every command line (absl's), at INFO, libraries quiet (see
-    `quiet_libraries`). It starts no JAX backend: a multi-host run initialises after it.
+    """One log format for every command line (absl's), at INFO, libraries quiet (their logs
+    kept at warning level: they are most of a run's lines otherwise). It starts no JAX backend:
+    a multi-host run initialises after it.
 
     Args:
       libraries: keep the libraries' INFO lines.
     """
     if not libraries:
-        quiet_libraries()
+        absl_logger = logging.get_absl_logger()
+        if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+            absl_logger.addFilter(_QuietLibraries())
+        for name in QUIET_LIBRARIES:
+            py_logging.getLogger(name).setLevel(py_logging.WARNING)
     logging.use_absl_handler()  # outside app.run (predict.py), absl's format all the same
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # else absl's handler warns of "logging before flag parsing"
@@ -171,21 +166,10 @@ def quiet_native_logs(argv: Sequence[str]) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def quiet_libraries() -> None:
-    """Keeps library logs at warning level: they are most of a run's lines otherwise."""
-    absl_logger = logging.get_absl_logger()
-    if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
-        absl_logger.addFilter(_QuietLibraries())
-    for name in QUIET_LIBRARIES:
-        py_logging.getLogger(name).setLevel(py_logging.WARNING)
-
-
 def user_error(e: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug."""
     from vqt_jax.training import train
 
-    if isinstance(e, UsageError):
-        return str(e)
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
         where = f" {e.filename}" if e.filename else ""
         reason = e.strerror or os.strerror(e.errno)
@@ -194,7 +178,7 @@ def user_error(e: BaseException) -> str | None:
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"cannot write{where}: {reason}; use a writable --workdir"
         return f"{reason}{where}"
-    if isinstance(e, (ValueError, FileNotFoundError, train.NonFiniteError)):
+    if isinstance(e, (ValueError, FileNotFoundError, train.NonFiniteError)):  # UsageError too
         return str(e)
     if type(e).__module__.startswith("tensorflow") and hasattr(e, "message"):
         # tf.errors.OpError (told by its module, TensorFlow not imported here) from a gs:// read
@@ -210,27 +194,18 @@ def one_line(message: str) -> str:
 
 def lower_lr_command(argv: Sequence[str], lr: float) -> str:
     """The same command line with `--config.lr` set to `lr` (replaced, or appended)."""
-    out, replaced = [], False
-    skip = False
+    flag, out, skip = f"--config.lr={lr:g}", [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
-            continue
-        if arg.startswith("--config.lr="):
-            out.append(f"--config.lr={lr:g}")
-            replaced = True
-        elif arg == "--config.lr" and i + 1 < len(argv):
-            out.append(f"--config.lr={lr:g}")
-            replaced, skip = True, True
+        elif arg.startswith("--config.lr=") or (arg == "--config.lr" and i + 1 < len(argv)):
+            out.append(flag)
+            skip = arg == "--config.lr"  # its value is the next argument
         else:
             out.append(arg)
-    if not replaced:
-        out.append(f"--config.lr={lr:g}")
-    program = out[0]
-    if os.path.basename(program) == "main.py" or program.endswith(".py"):
-        out[0] = "python " + shlex.quote(program)
-        return " ".join([out[0], *(shlex.quote(a) for a in out[1:])])
-    return shlex.join(out)
+    if flag not in out:  # there was no --config.lr to replace
+        out.append(flag)
+    return ("python " if out[0].endswith(".py") else "") + shlex.join(out)
 
 
 def run(argv: Sequence[str], fv: flags.FlagValues | None = None) -> int:
@@ -281,7 +256,7 @@ def run_options(options: Options) -> int:
 def dry_run_summary(plan: Any, workdir: str) -> str:
     """What a dry run checked, in a few lines."""
     c = plan.config
-    lines = [
+    return "\n".join([
         "dry run: the command is valid; nothing was compiled or written.",
         f"  task {c.task} ({c.split}): {plan.num_train} training, {plan.num_eval} evaluation "
         f"examples, {plan.num_classes} classes",
@@ -290,8 +265,7 @@ def dry_run_summary(plan: Any, workdir: str) -> str:
         + (" (resumes the recorded run)" if os.path.exists(os.path.join(workdir, "config.json"))
            else " (new)"),
         *(f"  not checked: {note}" for note in plan.notes),
-    ]
-    return "\n".join(lines)
+    ])
 
 
 def summary(results: dict) -> str:
@@ -299,7 +273,6 @@ def summary(results: dict) -> str:
     heads = {results["method"]: results["top1"]}
     if "compression" in results:
         heads[f"{results['method']} (compressed)"] = results["compression"]["top1"]
-    for name, r in results.get("baselines", {}).items():
-        heads[name] = r["top1"]
+    heads.update({name: r["top1"] for name, r in results.get("baselines", {}).items()})
     split = "val" if results["split"] == "val" else "test"
     return f"{split} top-1: " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in heads.items())

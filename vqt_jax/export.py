@@ -84,9 +84,7 @@ def _sha256(path: str, *stat: int) -> str:
 def provided_keys(pretrained: Mapping[str, Any] | None) -> frozenset[str]:
     """The variables (flat `collection/path` names) a checkpoint provides: the leaves of
     `train.RunPlan.pretrained` that hold values rather than shapes."""
-    if pretrained is None:
-        return frozenset()
-    return frozenset(k for k, v in trainable_lib.flatten(pretrained).items()
+    return frozenset(k for k, v in trainable_lib.flatten(pretrained or {}).items()
                      if not isinstance(v, jax.ShapeDtypeStruct))
 
 
@@ -95,9 +93,8 @@ def exported_leaves(variables: Mapping[str, Any], method: str,
     """The variables an export keeps: the trainable ones (`method`'s rule) and every one the
     checkpoint does not provide, as host arrays."""
     rule = trainable_lib.rule_for(method)
-    flat = trainable_lib.flatten(variables)
-    keep = [k for k in flat if k not in provided or any(re.fullmatch(p, k) for p in rule)]
-    return {k: _host(flat[k]) for k in keep}
+    return {k: _host(v) for k, v in trainable_lib.flatten(variables).items()
+            if k not in provided or any(re.fullmatch(p, k) for p in rule)}
 
 
 def _host(x: Any) -> np.ndarray:
@@ -124,8 +121,7 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
       results: the run's results (only JSON-able scalars and lists are kept).
     """
     arrays = exported_leaves(variables, config.method, provided)
-    bias = arrays.get("params/head/bias")
-    num_classes = 0 if bias is None else int(bias.shape[0])
+    num_classes = len(arrays.get("params/head/bias", ()))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a head of {num_classes} classes")
     meta = {
@@ -193,9 +189,9 @@ def read(path: str | os.PathLike) -> Exported:
                 raise ExportError(f"{path} is not a vqt_jax export (it has no {META})")
             meta = json.loads(z[META].tobytes().decode())
             arrays = {k: z[k] for k in z.files if k != META}
+    except ExportError:
+        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        if isinstance(e, ExportError):
-            raise
         raise ExportError(f"{path} is not a readable vqt_jax export: {e}") from None
     if not isinstance(meta, dict):
         raise ExportError(f"{path}: its {META} holds a JSON {type(meta).__name__}, not an object")
@@ -205,9 +201,8 @@ def read(path: str | os.PathLike) -> Exported:
         raise ExportError(f"{path} is an export of version {meta.get('version')!r}; this "
                           f"vqt_jax reads version {VERSION}")
     check_meta(path, meta)
-    bad = sorted(k for k, a in arrays.items()
-                 if a.dtype.kind in "fc" and not np.isfinite(a).all())
-    if bad:
+    if bad := sorted(k for k, a in arrays.items()
+                     if a.dtype.kind in "fc" and not np.isfinite(a).all()):
         raise ExportError(f"{path}: {len(bad)} array(s) hold NaN or inf values, e.g. {bad[0]}; "
                           "the run that wrote it diverged or the file was altered")
     return Exported(path, meta, arrays)

@@ -221,13 +221,11 @@ def _check_pair(train_x: Any, train_y: Any, val_x: Any, val_y: Any
         raise ValueError(f"training features have {train_x.shape[1]} columns but validation "
                          f"features {val_x.shape[1]}")
     classes = _classes(train_y)
-    unseen = np.setdiff1d(val_y, classes)
-    if len(unseen):
+    if len(unseen := np.setdiff1d(val_y, classes)):
         raise ValueError(f"the validation part has classes never seen in training: "
                          f"{unseen.tolist()[:10]}; a probe cannot predict them, so choosing C "
                          f"on it would be biased")
-    x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    return x, y, len(train_x), classes
+    return np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), len(train_x), classes
 
 
 def _classes(labels: np.ndarray) -> np.ndarray:
@@ -259,18 +257,15 @@ def _mean_ce(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> jax.Arra
     return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y)) / jnp.sum(w)
 
 
-def _mean_loss(params: dict, z: jax.Array, y: jax.Array, w: jax.Array,
-               inv_c_n: jax.Array) -> jax.Array:
-    """The L2 objective divided by the weighted number of examples (same minimiser)."""
-    return _mean_ce(params, z, y, w) + 0.5 * inv_c_n * jnp.sum(params["kernel"] ** 2)
-
-
 @functools.partial(jax.jit, static_argnames=("max_iter",))
 def _lbfgs(z: jax.Array, y: jax.Array, w: jax.Array, c: jax.Array, init: dict, tol: jax.Array,
            *, max_iter: int) -> tuple[dict, jax.Array, jax.Array, jax.Array, jax.Array]:
     # c, tol and the warm start are traced: one compilation serves a whole grid.
     inv_c_n = 1.0 / (c * jnp.sum(w))
-    fun = functools.partial(_mean_loss, z=z, y=y, w=w, inv_c_n=inv_c_n)
+
+    def fun(params):  # the L2 objective divided by the weighted number of examples
+        return _mean_ce(params, z, y, w) + 0.5 * inv_c_n * jnp.sum(params["kernel"] ** 2)
+
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -295,8 +290,7 @@ def _lbfgs(z: jax.Array, y: jax.Array, w: jax.Array, c: jax.Array, init: dict, t
             lambda a, b: jnp.any(a != b), new, params))
         return new, state, jnp.where(moved, 0, still + 1)
 
-    params, state, still = jax.lax.while_loop(running, step,
-                                              (init, opt.init(init), jnp.asarray(0)))
+    params, state, still = jax.lax.while_loop(running, step, (init, opt.init(init), jnp.asarray(0)))
     value, grad = jax.value_and_grad(fun)(params)
     return params, value, otu.tree_norm(grad), otu.tree_get(state, "count"), still >= STALL
 
@@ -336,10 +330,10 @@ class _Problem:
     similar sizes then share one compiled solver.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, classes: np.ndarray, width: int):
+    def __init__(self, x: np.ndarray, y: np.ndarray, classes: np.ndarray, width: int | None = None):
         self.x = x
         self.n = len(x)
-        self.basis = _basis(x, width)
+        self.basis = _basis(x, width or _width(x))
         z = x.astype(np.float64) @ self.basis
         # Centred coordinates: the unpenalised bias absorbs the mean (logits = (z - mean) B +
         # b' = z B + b' - mean B), so W and the objective are unchanged, while L-BFGS no longer
@@ -379,9 +373,9 @@ class _Problem:
         return probe, params
 
 
-def _width(n: int, f: int) -> int:
-    """Solver columns for n rows of f features: the row space fits in min(n, f)."""
-    return _bucket(min(n, f))
+def _width(x: np.ndarray) -> int:
+    """Solver columns for the rows x [N, F]: their row space fits in min(N, F)."""
+    return _bucket(min(x.shape))
 
 
 def fit(features: Any, labels: Any, C: float, *, tol: float = TOL,
@@ -406,9 +400,7 @@ def fit(features: Any, labels: Any, C: float, *, tol: float = TOL,
     """
     (c,) = _check_grid([C], "C")
     x, y = _check_features(features, labels, "training")
-    classes = _classes(y)
-    problem = _Problem(x, y, classes, _width(len(x), x.shape[1]))
-    return problem.fit(np.ones(len(x)), c, None, tol, max_iter)[0]
+    return _Problem(x, y, _classes(y)).fit(np.ones(len(x)), c, None, tol, max_iter)[0]
 
 
 def select_c(val_correct: Sequence[int], cs: Sequence[float]) -> int:
@@ -472,14 +464,13 @@ def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: 
     """
     cs = _check_grid(cs, "cs")
     x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
-    problem = _Problem(x, y, classes, _width(len(x), x.shape[1]))
+    problem = _Problem(x, y, classes)
     fitted = _counter(progress, len(cs) + 1)
     correct = _sweep(problem, n, cs, tol, max_iter, fitted)
     best = select_c(correct, cs)
     probe, _ = problem.fit(np.ones(len(x)), cs[best], None, tol, max_iter)
     fitted()
-    return Tuned(probe=probe, C=cs[best], cs=cs,
-                 val_top1=tuple(k / (len(x) - n) for k in correct))
+    return Tuned(probe=probe, C=cs[best], cs=cs, val_top1=tuple(k / (len(x) - n) for k in correct))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +485,9 @@ def _group_shrink(kernel: jax.Array, threshold: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _row_grad_norms(x: jax.Array, y: jax.Array, w: jax.Array, params: dict) -> jax.Array:
+def _row_grad_norms(x: jax.Array, y: jax.Array, w: jax.Array, kernel: jax.Array,
+                    bias: jax.Array) -> jax.Array:
+    params = {"kernel": kernel, "bias": bias}
     return jnp.linalg.norm(jax.grad(_mean_ce)(params, x, y, w)["kernel"], axis=1)
 
 
@@ -599,54 +592,45 @@ def group_lasso(features: Any, labels: Any, *, lasso_ratio: float = DEFAULT_LASS
     x = x - x[rows].mean(axis=0)
     # Rows without weight may hold other classes; any valid index does for them.
     y_idx = np.minimum(np.searchsorted(classes, y), k - 1)
-    freq = np.bincount(y_idx[rows], minlength=k) / n
     # At W = 0 the best bias gives the class frequencies; its W-gradient row norms are the
     # smallest penalties that keep each row at zero.
-    bias0 = np.log(freq).astype(np.float32)
+    bias0 = np.log(np.bincount(y_idx[rows], minlength=k) / n).astype(np.float32)
     # Zero-weight padding rows: sizes alike share a compilation.
     xd, yd, wd = (jnp.asarray(_pad_rows(a, _bucket(len(x))))
                   for a in (x, y_idx.astype(np.int32), w))
-    zero = {"kernel": jnp.zeros((f, k), jnp.float32), "bias": jnp.asarray(bias0)}
-    grad_rows = np.asarray(_row_grad_norms(xd, yd, wd, zero))
+    kernel, bias = np.zeros((f, k), np.float32), bias0
+    grad_rows = np.asarray(_row_grad_norms(xd, yd, wd, kernel, bias))
     lam_max = float(grad_rows.max())
     lam = lasso_ratio * lam_max
     x64 = x[rows].astype(np.float64)
     gram = x64 @ x64.T if n <= f else x64.T @ x64
     lipschitz = 0.5 * max(1.0, float(np.linalg.eigvalsh(gram)[-1]) / n)
 
-    kernel, bias = np.zeros((f, k), np.float32), bias0
-    size, iterations, mapping = min(f, working_set), 0, np.inf
-    outside, optimal = np.ones(f, bool), False
-    for _ in range(_MAX_ROUNDS):
+    size, iterations, mapping, outside = min(f, working_set), 0, np.inf, np.ones(f, bool)
+    for round_ in range(_MAX_ROUNDS + 1):
         nonzero = np.linalg.norm(kernel, axis=1) > 0
         # Zero rows outside the last working set that break optimality (inside it, the solve
         # has already weighed them, to its tolerance).
         optimal = not (outside & (grad_rows > lam)).any()
-        if optimal:
+        if optimal or round_ == _MAX_ROUNDS:
             break
         while size < f and 2 * nonzero.sum() > size:  # room for the support and as many more
             size = min(f, 2 * size)
         # Nonzero rows first, then the largest gradient rows (the worst violators).
         columns = np.lexsort((np.arange(f), -grad_rows, ~nonzero))[:size]
-        outside = np.ones(f, bool)
-        outside[columns] = False
+        outside = ~np.isin(np.arange(f), columns)
         init = {"kernel": jnp.asarray(kernel[columns]), "bias": jnp.asarray(bias)}
-        params, count, mapping = _fista(
-            xd, yd, wd, jnp.asarray(columns), init, jnp.float32(lam), jnp.float32(lipschitz),
-            jnp.float32(tol), max_iter=max_iter)
+        params, count, mapping = _fista(xd, yd, wd, jnp.asarray(columns), init, jnp.float32(lam),
+                                        jnp.float32(lipschitz), jnp.float32(tol), max_iter=max_iter)
         iterations += int(count)
         kernel = np.zeros((f, k), np.float32)
         kernel[columns] = np.asarray(params["kernel"])
         bias = np.asarray(params["bias"])
-        grad_rows = np.asarray(_row_grad_norms(
-            xd, yd, wd, {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}))
+        grad_rows = np.asarray(_row_grad_norms(xd, yd, wd, kernel, bias))
         if int(count) >= max_iter:
             break  # not converged on the working set: more features would not help
-    else:
-        optimal = not (outside & (grad_rows > lam)).any()
-    norms = np.linalg.norm(kernel, axis=1)
     # Primary key: the row norm; among zero rows, the gradient-row norm; then the index.
-    order = np.lexsort((np.arange(f), -grad_rows, -norms))
+    order = np.lexsort((np.arange(f), -grad_rows, -np.linalg.norm(kernel, axis=1)))
     return GroupLasso(kernel=kernel, lam=lam, lam_max=lam_max, order=order,
                       iterations=iterations, converged=optimal and float(mapping) <= tol)
 
@@ -687,7 +671,7 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     cs = _check_grid(cs, "cs")
     x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
     f = x.shape[1]
-    width = _width(len(x), f)  # every kept subset fits in this width: one compilation
+    width = _width(x)  # every kept subset fits in this width: one compilation
     fitted = _counter(progress, len(keep_fracs) * len(cs) + 3)
     selection = group_lasso(x, y, lasso_ratio=lasso_ratio, weights=np.arange(len(x)) < n)
     fitted()
@@ -705,8 +689,7 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     final = group_lasso(x, y, lasso_ratio=lasso_ratio)
     fitted()
     kept = np.sort(final.order[:num_to_keep(f, frac, nearest=True)])
-    problem = _Problem(x[:, kept], y, classes, width)
-    probe, _ = problem.fit(np.ones(len(x)), c, None, tol, max_iter)
+    probe, _ = _Problem(x[:, kept], y, classes, width).fit(np.ones(len(x)), c, None, tol, max_iter)
     fitted()
     return Head2Toe(probe=probe, kept=kept, keep_frac=frac, C=c, lasso=final.lam,
                     lasso_converged=selection.converged and final.converged, val_top1=val_top1)

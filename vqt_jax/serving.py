@@ -96,11 +96,10 @@ def backbone_options(exported: export.Exported) -> dict[str, Any]:
     """What must be equal for tasks to share a backbone and its input: the checkpoint's hash,
     the input fields and the backbone's model options."""
     config = exported.meta["config"]
-    out = {"backbone checkpoint (sha256)": exported.meta["backbone"]["sha256"]}
-    out.update({f: config.get(f) for f in INPUT_FIELDS})
-    out.update({f"model.{k}": v for k, v in sorted(config["model"].items())
-                if k not in TASK_MODEL_FIELDS})
-    return out
+    return {"backbone checkpoint (sha256)": exported.meta["backbone"]["sha256"],
+            **{f: config.get(f) for f in INPUT_FIELDS},
+            **{f"model.{k}": v for k, v in sorted(config["model"].items())
+               if k not in TASK_MODEL_FIELDS}}
 
 
 def check_compatible(exports: Sequence[tuple[str, export.Exported]]) -> None:
@@ -158,15 +157,12 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
 
     if not models:
         raise ValueError("No model given: pass at least one exported model.vqt")
-    exports = []
-    for name, path in (parse_model_arg(m) if isinstance(m, str) else m for m in models):
-        e = export.read(path)
-        exports.append((name or _default_name(e), e))
+    exports = [(name, export.read(path))
+               for name, path in (parse_model_arg(m) if isinstance(m, str) else m for m in models)]
+    exports = [(name or _default_name(e), e) for name, e in exports]
     names = [n for n, _ in exports]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"Two models are named {duplicates[0]!r}: name them, as "
-                         f"NAME=PATH")
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"Two models are named {duplicates[0]!r}: name them, as NAME=PATH")
     check_compatible(exports)
     first = exports[0][1]
     models_, abstracts = [], []
@@ -191,12 +187,10 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
                                          f"{tuple(value.shape)}, the model {tuple(a.shape)}")
             flat[k] = value
         tasks.append(Task(name, e, model, trainable_lib.unflatten(flat)))
-    together = [t.name for t in tasks if t.shares_backbone_pass]
-    alone = [t for t in tasks if not t.shares_backbone_pass]
-    if together:
+    if together := [t.name for t in tasks if t.shares_backbone_pass]:
         log(f"One backbone pass per batch serves {len(together)} VQT task(s): "
             f"{', '.join(together)}")
-    for t in alone:
+    for t in [t for t in tasks if not t.shares_backbone_pass]:
         log(f"Task {t.name!r} ({t.exported.method}) needs a whole forward of its own: its "
             "method " + ("changes the backbone's tokens" if methods.get(t.exported.method).cache
                          is None else "reads features its own model options shape"))
@@ -286,8 +280,7 @@ class Predictor:
                 on_batch(len(batch_paths))
 
 
-def top_classes(logits: np.ndarray, class_names: Sequence[str],
-                k: int) -> list[tuple[str, float]]:
+def top_classes(logits: np.ndarray, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
     """The k most probable classes (softmax of `logits`) as (name, probability)."""
     z = np.asarray(logits, np.float64)
     p = np.exp(z - z.max())

@@ -177,15 +177,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
         if key in RESERVED_KEYS:
-            raise ValueError(
-                f"--set {key}=... is not allowed: the sweep sets {', '.join(sorted(RESERVED_KEYS))}"
-                " itself (use --tasks / --method for task and method)."
-            )
+            raise ValueError(f"--set {key}=... is not allowed: the sweep sets "
+                             f"{', '.join(sorted(RESERVED_KEYS))} itself (use --tasks / --method "
+                             "for task and method).")
         try:
-            value = ast.literal_eval(text)
+            overrides[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text
-        overrides[key] = value
+            overrides[key] = text
     return overrides
 
 
@@ -219,8 +217,7 @@ def vtab_task_groups() -> dict[str, str]:
 
 def check_tasks(tasks: Sequence[str], task_groups: Mapping[str, str]) -> None:
     """Raises ValueError naming every unknown task and listing the valid ones."""
-    unknown = [t for t in tasks if t not in task_groups]
-    if unknown:
+    if unknown := [t for t in tasks if t not in task_groups]:
         raise ValueError(f"Unknown VTAB-1k task(s): {', '.join(unknown)}. "
                          f"Valid tasks: {', '.join(task_groups)}.")
     if not tasks:
@@ -293,8 +290,7 @@ class SweepProgress:
         self.train_seconds = 0.0
         self.log = log or _log_info
         self._clock = clock
-        self._start = clock()
-        self._run_start = self._start
+        self._start = self._run_start = clock()
         self._in_program: set[epath.Path] = set()  # runs trained together by `program_*`
 
     def left_to_train(self) -> int:
@@ -346,15 +342,11 @@ class SweepProgress:
         self.train_seconds += seconds
         per_run = self.train_seconds / self.trained
         left = self.left_to_train()
-        line = (f"run {self.number} of {self.total} took {format_duration(seconds)}; "
-                f"{format_duration(now - self._start)} elapsed, {format_duration(per_run)} "
-                f"per trained run ({self.trained} so far)")
-        if left:
-            line += (f"; ETA {format_duration(per_run * left)} for {left} "
-                     f"run{'s' if left != 1 else ''} left to train")
-        else:
-            line += "; no runs left to train"
-        self.log(line)
+        eta = (f"ETA {format_duration(per_run * left)} for {left} run{'s' if left != 1 else ''} "
+               "left to train" if left else "no runs left to train")
+        self.log(f"run {self.number} of {self.total} took {format_duration(seconds)}; "
+                 f"{format_duration(now - self._start)} elapsed, {format_duration(per_run)} "
+                 f"per trained run ({self.trained} so far); {eta}")
 
 
 def run_overrides(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
@@ -373,18 +365,6 @@ def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: f
                 seed: int) -> ml_collections.ConfigDict:
     """One run's config: `resolve(base, run_overrides(...))`, a copy of its own."""
     return resolve_lib.resolve(base, run_overrides(base, split=split, lr=lr, wd=wd, seed=seed))
-
-
-def recorded_settings(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings the sweep owns (`RESERVED_KEYS`) as a finished run's results record them.
-
-    Taken from ``results["config"]`` (the run's whole config, which the trainer records) when
-    present, else from the top-level keys of an older results.json; a key neither has is left
-    out.
-    """
-    recorded = results.get("config")
-    source = recorded if isinstance(recorded, Mapping) else results
-    return {k: source[k] for k in sorted(RESERVED_KEYS) if k in source}
 
 
 def reported_of_run(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,9 +400,16 @@ def run_protocol(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
 
 def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDict,
                     path: epath.Path) -> None:
-    """Refuses a finished run that was not trained with the settings of its directory."""
-    wrong = {k: v for k, v in recorded_settings(results).items() if v != config.get(k)}
-    if wrong:
+    """Refuses a finished run that was not trained with the settings of its directory.
+
+    The settings the sweep owns (`RESERVED_KEYS`) are read from ``results["config"]`` (the run's
+    whole config, which the trainer records) when present, else from the top-level keys of an
+    older results.json; a key neither has is not checked.
+    """
+    recorded = results.get("config")
+    source = recorded if isinstance(recorded, Mapping) else results
+    if wrong := {k: source[k] for k in sorted(RESERVED_KEYS)
+                 if k in source and source[k] != config.get(k)}:
         # E.g. a run resumed by hand with a lower lr after diverging: its top-1 would be
         # reported (and maybe selected) under the grid point its directory names.
         raise ValueError(
@@ -492,26 +479,16 @@ def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tupl
 def _check_fingerprint(task_dir: epath.Path, fingerprint: dict[str, Any]) -> None:
     """Refuses to mix finished runs of a different method or overrides into this sweep."""
     path = task_dir / SWEEP_FILE
-    if path.is_file():
-        stored = workdir_lib.read_json(path)
-        fingerprint = _as_json(fingerprint)
-        if stored != fingerprint:
-            raise ValueError(
-                f"{task_dir} was swept with {stored}, not {fingerprint}; its finished runs "
-                "would be reused. Use another --workdir (or delete the task directory)."
-            )
+    if path.is_file() and (stored := workdir_lib.read_json(path)) != _as_json(fingerprint):
+        raise ValueError(
+            f"{task_dir} was swept with {stored}, not {_as_json(fingerprint)}; its finished runs "
+            "would be reused. Use another --workdir (or delete the task directory).")
 
 
 def _as_json(value: Any) -> Any:
     """`value` as JSON gives it back (tuples as lists, other objects as their repr), so that
     it compares equal to what a JSON file stored."""
     return json.loads(json.dumps(value, default=repr))
-
-
-def _write_fingerprint(task_dir: epath.Path, fingerprint: dict[str, Any]) -> None:
-    if hosts.is_chief():
-        task_dir.mkdir(parents=True, exist_ok=True)
-        workdir_lib.write_json(task_dir / SWEEP_FILE, _as_json(fingerprint), sort_keys=False)
 
 
 def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> StageFn:
@@ -540,8 +517,7 @@ def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> Stage
     return stage_fn
 
 
-def _program(stage_fn: StageFn | None,
-             runs: Sequence[tuple[ml_collections.ConfigDict, epath.Path]],
+def _program(stage_fn: StageFn | None, runs: Sequence[tuple[ml_collections.ConfigDict, epath.Path]],
              *, may_diverge: bool, progress: SweepProgress, what: str) -> None:
     """Trains the unfinished runs of a stage as one program, if `stage_fn` can (it returns None
     when it cannot, after saying why); the sweep's loop then reads their results."""
@@ -559,9 +535,8 @@ def _program(stage_fn: StageFn | None,
     progress.program_end([d for _, d in todo])
 
 
-def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
-               workdir: str | os.PathLike, *,
-               grid: Grid, num_seeds: int, train_fn: TrainFn,
+def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: str | os.PathLike,
+               *, grid: Grid, num_seeds: int, train_fn: TrainFn,
                progress: SweepProgress | None = None,
                stage_fn: StageFn | None = None) -> TaskResult:
     """Runs (or reads) the val grid and the test seeds of one task.
@@ -592,12 +567,10 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
     protocols: set[str] = set()  # of every run, val included: the selection depends on them
     val_top1: dict[tuple[float, float], float | None] = {}
     points = grid.points(base.batch_size)
-    _program(stage_fn, [(_run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED),
-                         val_run_dir(workdir, task, lr, wd)) for lr, wd in points],
-             may_diverge=True, progress=progress, what=f"{task}: the grid on val")
-    for lr, wd in points:
-        config = _run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED)
-        run_dir = val_run_dir(workdir, task, lr, wd)
+    runs = [(_run_config(base, split="val", lr=lr, wd=wd, seed=VAL_SEED),
+             val_run_dir(workdir, task, lr, wd)) for lr, wd in points]
+    _program(stage_fn, runs, may_diverge=True, progress=progress, what=f"{task}: the grid on val")
+    for (lr, wd), (config, run_dir) in zip(points, runs, strict=True):
         results = _run_or_read(config, run_dir, train_fn, may_diverge=True, progress=progress)
         val_top1[(lr, wd)] = None if results is None else float(results["top1"])
         line = run_protocol(run_dir, results)
@@ -607,21 +580,18 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
             protocols.add(line)
     lr, wd = select_hparams(val_top1)
     progress.log(f"{task}: selected lr={lr!r} wd={wd!r} (val top-1 {val_top1[(lr, wd)]:.4f})")
-    selection = {
-        "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
-        "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
-    }
     if hosts.is_chief():
-        workdir_lib.write_json(workdir_lib.as_path(workdir) / task / SELECTION_FILE, selection,
-                               sort_keys=False)
+        workdir_lib.write_json(workdir_lib.as_path(workdir) / task / SELECTION_FILE, {
+            "lr": lr, "wd": wd, "val_top1": val_top1[(lr, wd)],
+            "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
+        }, sort_keys=False)
 
     test_top1, plain_top1, metrics = [], [], set()
-    _program(stage_fn, [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
-                         test_run_dir(workdir, task, seed)) for seed in range(num_seeds)],
-             may_diverge=False, progress=progress, what=f"{task}: the seeds on test")
-    for seed in range(num_seeds):
-        config = _run_config(base, split="test", lr=lr, wd=wd, seed=seed)
-        run_dir = test_run_dir(workdir, task, seed)
+    runs = [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
+             test_run_dir(workdir, task, seed)) for seed in range(num_seeds)]
+    _program(stage_fn, runs, may_diverge=False, progress=progress,
+             what=f"{task}: the seeds on test")
+    for config, run_dir in runs:
         results = _run_or_read(config, run_dir, train_fn, may_diverge=False, progress=progress)
         number = reported_of_run(results)
         test_top1.append(number["top1"])
@@ -637,21 +607,12 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict,
                       plain_top1=() if metric == PLAIN_TOP1 else tuple(plain_top1))
 
 
-def run_sweep(
-    tasks: Sequence[str],
-    workdir: str | os.PathLike,
-    *,
-    base_config_fn: ConfigFn | None = None,
-    train_fn: TrainFn | None = None,
-    method: str = "vqt",
-    num_seeds: int = 5,
-    overrides: Mapping[str, Any] | None = None,
-    task_groups: Mapping[str, str] | None = None,
-    log: LogFn | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    program: str = "auto",
-    stage_fn: StageFn | None = None,
-) -> list[TaskResult]:
+def run_sweep(tasks: Sequence[str], workdir: str | os.PathLike, *,
+              base_config_fn: ConfigFn | None = None, train_fn: TrainFn | None = None,
+              method: str = "vqt", num_seeds: int = 5, overrides: Mapping[str, Any] | None = None,
+              task_groups: Mapping[str, str] | None = None, log: LogFn | None = None,
+              clock: Callable[[], float] = time.monotonic, program: str = "auto",
+              stage_fn: StageFn | None = None) -> list[TaskResult]:
     """Runs the VTAB-1k protocol on `tasks` and writes results.md / results.csv in `workdir`.
 
     Everything that can be checked without training (task names, override keys and types,
@@ -716,10 +677,8 @@ def run_sweep(
         # Imported only now: it pulls in the whole training stack.
         from vqt_jax.training.train import train_and_evaluate as train_fn
 
-    progress = SweepProgress(
-        [d for task in tasks
-         for d in task_run_dirs(workdir, task, grid, bases[task].batch_size, num_seeds)],
-        log=log, clock=clock)
+    progress = SweepProgress([d for task in tasks for d in task_run_dirs(
+        workdir, task, grid, bases[task].batch_size, num_seeds)], log=log, clock=clock)
     progress.plan(f"Sweep of {len(tasks)} task{'s' if len(tasks) != 1 else ''} "
                   f"({method}, {num_seeds} seed{'s' if num_seeds != 1 else ''})")
     if program == "sequential":
@@ -730,7 +689,10 @@ def run_sweep(
     hosts.barrier("vqt_jax sweep: checked")
     results = []
     for task in tasks:
-        _write_fingerprint(workdir / task, fingerprint)
+        if hosts.is_chief():
+            (workdir / task).mkdir(parents=True, exist_ok=True)
+            workdir_lib.write_json(workdir / task / SWEEP_FILE, _as_json(fingerprint),
+                                   sort_keys=False)
         results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
                                   num_seeds=num_seeds, train_fn=train_fn, progress=progress,
                                   stage_fn=stage_fn))
