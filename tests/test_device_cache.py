@@ -211,6 +211,43 @@ def test_cache_build_output_is_sharded_over_the_batch():
     assert per_device[8] * 8 == pytest.approx(per_device[1], rel=0.01)
 
 
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_cache_build_in_steps_equals_one_pass(num_devices):
+    """`forward_fn`'s loop (`in_steps`) over a few rows per device at a time (CPU's default)
+    gives the outputs of the whole batch at once, in the batch's order and sharding, without
+    moving rows between devices, and with less working memory."""
+    model = create_model(None, num_classes=3, patch_size=(8, 8), width=32, depth=2, mlp_dim=64,
+                         num_heads=2, num_queries=1)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(48, 16, 16, 3)).astype(np.float32),
+             "label": np.arange(48, dtype=np.int32)}
+    variables = model.init(jax.random.key(0), batch["image"][:1])
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+
+    def forward(v, b):
+        return {"label": b["label"], **model.apply(v, b["image"], method=ViT.cache_features)}
+
+    whole = cache_lib.forward_fn(forward, mesh, rows_per_step=0)
+    assert cache_lib.CPU_ROWS_PER_STEP == 8 and jax.default_backend() == "cpu"
+    stepped = {r: cache_lib.forward_fn(forward, mesh, r) for r in (None, 2, 5)}  # None: CPU's 8
+    expected = whole(variables, batch)
+    for r, fn in stepped.items():
+        compiled = fn.lower(variables, batch).compile()
+        text = compiled.as_text()
+        assert ("while" in text) == (48 // num_devices > 2), r  # 1 row per device: no loop
+        for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+            assert op not in text, (r, op)
+        out = fn(variables, batch)
+        np.testing.assert_array_equal(out["label"], batch["label"])
+        for k in expected:
+            assert out[k].sharding.is_equivalent_to(expected[k].sharding, out[k].ndim), k
+            np.testing.assert_allclose(out[k], expected[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    if num_devices == 1:
+        temp = {r: f.lower(variables, batch).compile().memory_analysis().temp_size_in_bytes
+                for r, f in [(0, whole), (2, stepped[2])]}
+        assert temp[2] < temp[0] / 4, temp
+
+
 def _reduce_scatter_gather(arrays, index, mesh):
     """The gather `device_cache` had before its ring ([12] A): every device builds all B slots
     (its rows, zeros elsewhere) and reduce-scatters them. Kept only as the memory baseline."""

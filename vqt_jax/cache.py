@@ -45,6 +45,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -816,12 +817,55 @@ def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
     progress.done()
 
 
-def forward_fn(fn: Callable, mesh: Mesh) -> Callable:
+# Rows per device that an inference pass runs at a time on CPU (`in_steps`): XLA:CPU runs a
+# few rows' small activations faster than a whole batch's (docs/performance.md).
+CPU_ROWS_PER_STEP = 8
+
+
+def in_steps(fn: Callable[[Any], Any], x: Any, mesh: Mesh,
+             rows_per_step: int | None = None) -> Any:
+    """`fn(x)` (inside a jitted program) for a batch pytree `x` whose rows are sharded over
+    `mesh`'s data axis and for an `fn` whose every output row depends on its input row alone
+    (an inference forward): each device runs its rows in steps of a few rows, a loop inside
+    the program, with no rows moved between devices.
+
+    Args:
+      fn: batch pytree -> pytree of [B, ...] outputs.
+      x: pytree of [B, ...] arrays.
+      mesh: the data-parallel mesh `x` is sharded over.
+      rows_per_step: rows per device per step (a step takes the largest count that divides
+        the device's rows); 0 runs them all at once. Default: `CPU_ROWS_PER_STEP` on CPU, 0
+        elsewhere.
+    """
+    if rows_per_step is None:
+        rows_per_step = CPU_ROWS_PER_STEP if mesh.devices.flat[0].platform == "cpu" else 0
+    d = mesh.shape["data"]
+    b = jax.tree.leaves(x)[0].shape[0]
+    c = math.gcd(b // d, rows_per_step)
+    if c in (0, b // d):
+        return fn(x)
+    n = b // d // c
+    steps = NamedSharding(mesh, P(None, "data"))
+
+    def split(a: jax.Array) -> jax.Array:  # [B, ...] -> [n, D c, ...]: step i holds each
+        a = a.reshape(d, n, c, *a.shape[1:]).swapaxes(0, 1)  # device's rows [i c, (i + 1) c)
+        return jax.lax.with_sharding_constraint(a.reshape(n, d * c, *a.shape[3:]), steps)
+
+    def join(a: jax.Array) -> jax.Array:
+        a = a.reshape(n, d, c, *a.shape[2:]).swapaxes(0, 1)
+        return a.reshape(b, *a.shape[3:])
+
+    return jax.tree.map(join, jax.lax.map(fn, jax.tree.map(split, x)))
+
+
+def forward_fn(fn: Callable, mesh: Mesh, rows_per_step: int | None = None) -> Callable:
     """`fn(variables, batch)` jitted data-parallel: variables replicated, batch and outputs
     sharded over the batch, so each device's output is its own rows (a replicated output
-    would hold the whole batch on every device, growing with the device count)."""
+    would hold the whole batch on every device, growing with the device count). Each row's
+    output depends on that row alone: the rows run `in_steps` (`rows_per_step`)."""
     batch = NamedSharding(mesh, P("data"))
-    return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
+    return jax.jit(lambda v, x: in_steps(functools.partial(fn, v), x, mesh, rows_per_step),
+                   in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
 
 
 def fetch_rows(tree: Any) -> Any:

@@ -19,6 +19,7 @@ predictor refuses them, naming the option that differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vqt_jax import cache as cache_lib
 from vqt_jax import checkpoints, export, methods, protocol
 from vqt_jax.models import ViT
 from vqt_jax.training import trainable as trainable_lib
@@ -237,7 +239,9 @@ class Predictor:
                     out[i] = t.model.apply(variables[i], images)
             return [o.astype(jnp.float32) for o in out]
 
-        self._fn = jax.jit(fn, in_shardings=(replicated, self._rows), out_shardings=replicated)
+        # Each row's logits depend on that row alone: the rows run `in_steps`.
+        self._fn = jax.jit(lambda v, x: cache_lib.in_steps(functools.partial(fn, v), x, self.mesh),
+                           in_shardings=(replicated, self._rows), out_shardings=replicated)
 
     @property
     def names(self) -> list[str]:

@@ -295,7 +295,7 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
     values, and read them S times). Each member's head then reads its own tokens' outputs.
     Other methods' members each run their head on the pass's outputs (`ViT.cache_features`).
     """
-    model = setup.plan.model
+    model, mesh = setup.plan.model, setup.plan.mesh
 
     def heads(trainables, frozen, inputs, per_member=None):
         """Each member's `features_from_cache` on `inputs`, with its [B, M, T, D] slice of
@@ -319,14 +319,16 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
                 out = joint.apply(variables, {k: batch[k] for k in ("k", "v", "cls")},
                                   method=ViT.features_from_cache)
             else:
-                feats = out = joint.apply(variables, batch["image"],
-                                          method=ViT.features_without_blocks)
+                feats = out = cache_lib.in_steps(
+                    lambda x: joint.apply(variables, x, method=ViT.features_without_blocks),
+                    batch["image"], mesh)
             q = out["queries"]  # [B, M, S*T, D], member-major
             per_member = jnp.moveaxis(q.reshape(q.shape[0], m, s, t, d), 2, 0)
             outs = heads(trainables, frozen, {"cls": feats["cls"]}, per_member)
         else:
-            feats = batch if from_cache else model.apply(variables0, batch["image"],
-                                                         method=ViT.cache_features)
+            feats = batch if from_cache else cache_lib.in_steps(
+                lambda x: model.apply(variables0, x, method=ViT.cache_features), batch["image"],
+                mesh)
             outs = heads(trainables, frozen, {k: feats[k] for k in fields})
         out = jax.vmap(lambda o: train.example_outcomes(o, batch))(outs["logits"])
         out.update(count=batch["mask"], label=batch["label"])
@@ -334,7 +336,6 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
             out.update(pre_logits=outs["pre_logits"], cls=feats["cls"], pooled=feats["pooled"])
         return out
 
-    mesh = setup.plan.mesh
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     per_member = NamedSharding(mesh, P(None, "data"))
     shardings = {"correct": per_member, "loss": per_member, "pred": per_member, "count": rows,

@@ -123,10 +123,12 @@ def example_outcomes(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str
     return {"correct": correct * batch["mask"], "loss": losses * batch["mask"], "pred": pred}
 
 
-def _eval_step(model):
+def _eval_step(model, mesh: Mesh):
     def step(variables, batch):
-        return {**example_outcomes(model.apply(variables, batch["image"]), batch),
-                "count": batch["mask"], "label": batch["label"]}
+        logits = cache_lib.in_steps(functools.partial(model.apply, variables), batch["image"],
+                                    mesh)
+        return {**example_outcomes(logits, batch), "count": batch["mask"],
+                "label": batch["label"]}
 
     return step
 
@@ -245,7 +247,7 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     `class_names`, the result also has `report` (`evaluation_report`; with every prediction
     when `config.save_predictions`).
     """
-    eval_fn = eval_fn or jax.jit(_eval_step(model))
+    eval_fn = eval_fn or jax.jit(_eval_step(model, mesh))
     host = run_eval_batches(lambda batch: eval_fn(variables, batch), config, mesh,
                             Progress(f"Evaluating on {split_name(config)}", num_examples,
                                      "images"))
