@@ -184,14 +184,12 @@ class Cache:
         then adopts the buffer without copying it (an unaligned numpy array costs another
         copy of every batch), and a fresh buffer is never overwritten while JAX holds it.
         """
-        names = self.arrays if fields is None else fields
         batch = {}
-        for name in names:
+        for name in self.arrays if fields is None else fields:
             src = self.arrays[name]
-            out = _aligned_empty((len(indices), *src.shape[1:]), src.dtype)
+            out = batch[name] = _aligned_empty((len(indices), *src.shape[1:]), src.dtype)
             for i, j in enumerate(indices):
                 out[i] = src[j]
-            batch[name] = out
         batch["label"] = self.labels[indices]
         return batch
 
@@ -253,11 +251,10 @@ def spec_for(model: ViT, kind: str, num_examples: int, image_size: int,
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
     out = jax.eval_shape(
         lambda v, x: model.apply(v, x, method=ViT.cache_features), variables, images)
-    fields = {}
-    for name in FIELDS[kind]:
-        shape = tuple(out[name].shape[1:])  # k, v: [M, H, N, Dh]
-        fields[name] = (shape, dtype if name in NARROWABLE else "float32")
-    return Spec(kind, num_examples, fields)
+    # Per field: its per-example shape (k, v: [M, H, N, Dh]) and dtype.
+    return Spec(kind, num_examples, {
+        name: (tuple(out[name].shape[1:]), dtype if name in NARROWABLE else "float32")
+        for name in FIELDS[kind]})
 
 
 def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
@@ -337,6 +334,13 @@ def _raw(path: str, dtype: str, shape: tuple[int, ...], mode: str) -> np.ndarray
     return arr.view(np_dtype) if dtype == "bfloat16" else arr
 
 
+def _mapped(path: str, spec: Spec, mode: str) -> dict[str, np.ndarray]:
+    """The array files of the cache directory `path`, memory-mapped: every field and 'label'."""
+    files = spec.fields | {"label": ((), "int32")}
+    return {name: _raw(os.path.join(path, name + ".bin"), dtype, (spec.num_examples, *shape),
+                       mode) for name, (shape, dtype) in files.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Checking, cleaning up.
 # --------------------------------------------------------------------------------------------
@@ -354,8 +358,7 @@ def _problem(path: str, spec: Spec) -> str | None:
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
     except (OSError, ValueError) as e:
         return f"{meta_path} is unreadable ({e})"
-    expected = _meta(spec)
-    differences = [f"{k} {meta.get(k)!r} instead of {v!r}" for k, v in expected.items()
+    differences = [f"{k} {meta.get(k)!r} instead of {v!r}" for k, v in _meta(spec).items()
                    if meta.get(k) != v]
     if differences:
         return f"{meta_path} describes other contents: {'; '.join(differences)}"
@@ -467,17 +470,14 @@ def open_cache(path: str, spec: Spec) -> Cache | None:
     one warning saying why, so that it is built again. Temporary builds of dead processes
     beside it are removed too (`remove_orphaned_builds`).
     """
-    parent = os.path.dirname(os.path.abspath(path))
-    remove_orphaned_builds(parent)
+    remove_orphaned_builds(os.path.dirname(os.path.abspath(path)))
     if not os.path.exists(path):
         return None
     problem = _problem(path, spec)
     if problem is None:
         try:
-            n = spec.num_examples
-            arrays = {name: _raw(os.path.join(path, name + ".bin"), dtype, (n, *shape), "r")
-                      for name, (shape, dtype) in spec.fields.items()}
-            labels = np.asarray(_raw(os.path.join(path, "label.bin"), "int32", (n,), "r"))
+            arrays = _mapped(path, spec, "r")
+            labels = np.asarray(arrays.pop("label"))
             return Cache(spec, arrays, labels, path)
         except (OSError, ValueError) as e:  # e.g. unreadable files (permissions)
             problem = f"its files cannot be memory-mapped ({e})"
@@ -556,10 +556,45 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
         kept = Float32Rows(start, {
             name: np.empty((stop - start, *shape), np.float32)
             for name, (shape, _) in spec.fields.items()}, np.array(images[start:stop]))
+    batch_sharding = NamedSharding(mesh, P("data"))
 
-    fill = functools.partial(_run_backbone, spec, model, variables, images, mesh=mesh,
-                             batch_size=batch_size, normalize=normalize,
-                             every_s=progress_every_s, kept=kept)
+    def forward(v: Any, x: jax.Array) -> dict[str, jax.Array]:
+        out = model.apply(v, x, method=ViT.cache_features)
+        return {k: out[k] for k in spec.fields}
+
+    def fill(arrays: dict[str, np.ndarray]) -> None:
+        # The pass: fills `arrays` (N rows each), and `kept`'s rows in float32.
+        fn = forward_fn(lambda v, x: _narrow(spec, forward(v, x)), mesh)
+        if kept:
+            # A batch that holds kept rows gets the float32 outputs, and its narrowing is a
+            # program of its own (the same XLA convert on the same values), so both widths
+            # come from one backbone pass. Every other batch takes the narrow program: its
+            # float32 outputs (twice the bytes) would only be written to be cast.
+            wide_fn = forward_fn(forward, mesh)
+            cast = jax.jit(functools.partial(_narrow, spec), in_shardings=batch_sharding,
+                           out_shardings=batch_sharding)
+        progress = Progress("Caching the frozen backbone's outputs", n, "examples",
+                            progress_every_s)
+        for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
+                                        sharding=batch_sharding,
+                                        last_multiple=mesh.shape["data"]):
+            x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
+            count = rows.stop - rows.start  # the padding is not stored
+            lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
+            if lo < hi:
+                wide = wide_fn(variables, x)
+                out = fetch_rows(cast(wide))
+                wide = fetch_rows(wide)
+                for name in spec.fields:
+                    kept.arrays[name][lo - kept.start:hi - kept.start] = \
+                        wide[name][lo - rows.start:hi - rows.start]
+            else:
+                out = fetch_rows(fn(variables, x))
+            for name in spec.fields:
+                arrays[name][rows] = out[name][:count]
+            progress.update(count)
+        progress.done()
+
     cache = _store(spec, path, fill, np.asarray(labels, np.int32))
     cache.float32 = kept
     return cache
@@ -606,17 +641,14 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
             raise no_space or OSError(errno.ENOSPC, "another host's disk cannot hold its "
                                       "copy of the cache (see that host's log)")
         # r+: "w+" would truncate the file and give back the reserved blocks.
-        arrays = {name: _raw(os.path.join(tmp, name + ".bin"), dtype, (n, *shape), "r+")
-                  for name, (shape, dtype) in spec.fields.items()}
+        arrays = _mapped(tmp, spec, "r+")
+        arrays["label"][:] = labels
         fill(arrays)
         for a in arrays.values():
             a.flush()
-        label_file = _raw(os.path.join(tmp, "label.bin"), "int32", (n,), "r+")
-        label_file[:] = labels
-        label_file.flush()
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(_meta(spec), f)
-        del arrays, label_file
+        del arrays
         if os.path.exists(path) and _problem(path, spec) is not None:
             shutil.rmtree(path)  # unusable (damaged, other shapes): replace it
         try:
@@ -653,50 +685,6 @@ def _narrow(spec: Spec, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: out[k].astype(_np_dtype(dtype)) for k, (_, dtype) in spec.fields.items()}
 
 
-def _run_backbone(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
-                  arrays: dict[str, np.ndarray], *, mesh: Mesh, batch_size: int,
-                  normalize: Callable[[np.ndarray], np.ndarray], every_s: float,
-                  kept: Float32Rows | None = None) -> None:
-    """The pass of `build`: fills `arrays` (N rows each) with the backbone's outputs, and
-    `kept`'s rows with them in float32."""
-    n = spec.num_examples
-    batch_sharding = NamedSharding(mesh, P("data"))
-    names = list(spec.fields)
-
-    def forward(v: Any, x: jax.Array) -> dict[str, jax.Array]:
-        out = model.apply(v, x, method=ViT.cache_features)
-        return {k: out[k] for k in names}
-
-    fn = forward_fn(lambda v, x: _narrow(spec, forward(v, x)), mesh)
-    if kept:
-        # A batch that holds kept rows gets the float32 outputs, and its narrowing is a program
-        # of its own (the same XLA convert on the same values), so both widths come from one
-        # backbone pass. Every other batch takes the narrow program: its float32 outputs (twice
-        # the bytes) would only be written to be cast.
-        wide_fn = forward_fn(forward, mesh)
-        cast = jax.jit(functools.partial(_narrow, spec), in_shardings=batch_sharding,
-                       out_shardings=batch_sharding)
-    progress = Progress("Caching the frozen backbone's outputs", n, "examples", every_s)
-    for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
-                                    sharding=batch_sharding, last_multiple=mesh.shape["data"]):
-        x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
-        count = rows.stop - rows.start  # the padding is not stored
-        lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
-        if lo < hi:
-            wide = wide_fn(variables, x)
-            out = fetch_rows(cast(wide))
-            wide = fetch_rows(wide)
-            for name in names:
-                kept.arrays[name][lo - kept.start:hi - kept.start] = \
-                    wide[name][lo - rows.start:hi - rows.start]
-        else:
-            out = fetch_rows(fn(variables, x))
-        for name in names:
-            arrays[name][rows] = out[name][:count]
-        progress.update(count)
-    progress.done()
-
-
 @dataclasses.dataclass
 class DeviceRows:
     """The rows of a cache that this host's devices hold in the device-resident layout
@@ -719,8 +707,7 @@ class DeviceRows:
     def column(self, name: str, c: int) -> np.ndarray:
         """Column `c`'s rows of field `name` (or 'label'): [ceil(N / D), ...], a view."""
         src = self.rows.labels if name == "label" else self.rows.arrays[name]
-        j = self.columns.index(c)
-        return src.reshape(-1, len(self.columns), *src.shape[1:])[:, j]
+        return src.reshape(-1, len(self.columns), *src.shape[1:])[:, self.columns.index(c)]
 
 
 def local_columns(mesh: Mesh) -> tuple[int, ...]:
@@ -766,55 +753,46 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
     _check_examples(spec, images, labels)
     columns = local_columns(mesh)
     rows_spec = device_rows_spec(spec, d, len(columns))
+    blocks, width = -(-n // d), len(columns)
     # Row k L + j of this host's rows is example k D + columns[j] (from N on: padding).
-    example = (np.arange(rows_spec.num_examples // len(columns))[:, None] * d + columns).ravel()
+    example = (np.arange(blocks)[:, None] * d + columns).ravel()
     local_labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0)
 
-    fill = functools.partial(_run_device_rows, spec, model, variables, images, columns=columns,
-                             mesh=mesh, batch_size=batch_size, normalize=normalize,
-                             every_s=progress_every_s)
+    def fill(arrays: dict[str, np.ndarray]) -> None:
+        # The pass: fills `arrays` (this host's rows, block major).
+        if batch_size % d:
+            raise ValueError(f"A pass of batch {batch_size} does not split over {d} devices")
+        batch_sharding = NamedSharding(mesh, P("data"))
+        fn = forward_fn(lambda v, x: _narrow(spec, model.apply(v, x, method=ViT.cache_features)),
+                        mesh)
+        progress = Progress("Caching the frozen backbone's outputs (this host's devices' rows)",
+                            n, "examples", progress_every_s)
+        for first in range(0, blocks, batch_size // d):
+            # Blocks [first, first + m): device column c computes examples k D + c of them, in
+            # slots [c m, (c + 1) m) of the global batch (P('data') gives each device one such
+            # run of slots). The last pass is shorter: it compiles once more rather than
+            # compute a full batch of padding.
+            m = min(batch_size // d, blocks - first)
+            mine = sampling.host_rows(batch_sharding, m * d)
+            slot = np.arange(mine.start, mine.stop)
+            example = (first + slot % m) * d + slot // m
+            local = np.zeros((len(slot), *images.shape[1:]), images.dtype)
+            local[example < n] = images[example[example < n]]
+            x = jax.make_array_from_process_local_data(batch_sharding, normalize(local))
+            out = fn(variables, x)
+            k = np.arange(first, first + m)
+            for name in spec.fields:
+                for shard in out[name].addressable_shards:
+                    c = (shard.index[0].start or 0) // m
+                    values = np.array(shard.data)
+                    values[k * d + c >= n] = 0  # the layout's padding holds zeros
+                    j = columns.index(c)
+                    arrays[name][first * width + j:(first + m) * width:width] = values
+            progress.update(min(n, (first + m) * d) - first * d)
+        progress.done()
+
     rows = _store(rows_spec, path, fill, local_labels.astype(np.int32))
     return DeviceRows(spec, d, columns, rows)
-
-
-def _run_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray,
-                     arrays: dict[str, np.ndarray], *, columns: tuple[int, ...], mesh: Mesh,
-                     batch_size: int, normalize: Callable[[np.ndarray], np.ndarray],
-                     every_s: float) -> None:
-    """The pass of `build_device_rows`: fills `arrays` (this host's rows, block major)."""
-    n, d, width = spec.num_examples, mesh.shape["data"], len(columns)
-    blocks = -(-n // d)
-    if batch_size % d:
-        raise ValueError(f"A pass of batch {batch_size} does not split over {d} devices")
-    names = list(spec.fields)
-    batch_sharding = NamedSharding(mesh, P("data"))
-    fn = forward_fn(lambda v, x: _narrow(spec, model.apply(v, x, method=ViT.cache_features)),
-                    mesh)
-    progress = Progress("Caching the frozen backbone's outputs (this host's devices' rows)",
-                        n, "examples", every_s)
-    for first in range(0, blocks, batch_size // d):
-        # Blocks [first, first + m): device column c computes examples k D + c of them, in
-        # slots [c m, (c + 1) m) of the global batch (P('data') gives each device one such
-        # run of slots). The last pass is shorter: it compiles once more rather than compute
-        # a full batch of padding.
-        m = min(batch_size // d, blocks - first)
-        mine = sampling.host_rows(batch_sharding, m * d)
-        slot = np.arange(mine.start, mine.stop)
-        example = (first + slot % m) * d + slot // m
-        local = np.zeros((len(slot), *images.shape[1:]), images.dtype)
-        local[example < n] = images[example[example < n]]
-        x = jax.make_array_from_process_local_data(batch_sharding, normalize(local))
-        out = fn(variables, x)
-        k = np.arange(first, first + m)
-        for name in names:
-            for shard in out[name].addressable_shards:
-                c = (shard.index[0].start or 0) // m
-                values = np.array(shard.data)
-                values[k * d + c >= n] = 0  # the layout's padding holds zeros
-                j = columns.index(c)
-                arrays[name][first * width + j:(first + m) * width:width] = values
-        progress.update(min(n, (first + m) * d) - first * d)
-    progress.done()
 
 
 # Rows per device that an inference pass runs at a time on CPU (`in_steps`): XLA:CPU runs a

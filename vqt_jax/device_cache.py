@@ -165,17 +165,14 @@ def upload(cache: cache_lib.Cache | cache_lib.DeviceRows, mesh: Mesh,
             src.view(stored_dtype(src.dtype)).reshape(n, 1, *src.shape[1:]), sharding,
             may_alias=True) for name, src in sources.items()}, n, mesh, dtypes)
 
-    def column(name: str, c: int) -> np.ndarray:
-        # Device column c holds examples c, c + D, ...: a strided view, copied once
-        # (fancy indexing would stage a second copy of the whole column first).
-        return cache.column(name, c) if rows_only else sources[name][c::d]
-
     def shard(name: str, index: tuple[slice, ...]) -> np.ndarray:
         cols = range(*index[1].indices(d))
         src = sources[name]
         out = np.zeros((blocks, len(cols), *src.shape[1:]), stored_dtype(src.dtype))
         for j, c in enumerate(cols):
-            rows = column(name, c)
+            # Device column c holds examples c, c + D, ...: a strided view, copied once
+            # (fancy indexing would stage a second copy of the whole column first).
+            rows = cache.column(name, c) if rows_only else src[c::d]
             out[:len(rows), j] = rows.view(out.dtype)
         return out
 
@@ -209,22 +206,17 @@ def _gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh) -> dict[
             slots = jax.lax.dynamic_slice_in_dim(index, owner_of * m, m)
             mine = slots % d == me
             row = jnp.where(mine, slots // d, 0)
-            out = {}
-            for name, shard in shards.items():
-                rows = shard[row, 0]
-                keep = mine.reshape(-1, *([1] * (rows.ndim - 1)))
-                out[name] = jnp.where(keep, rows, partial[name])
-            return out
-
-        def one_pass(t: jax.Array, partial: dict[str, jax.Array]) -> dict[str, jax.Array]:
-            return jax.lax.ppermute(fill(t, partial), AXIS, ring)
+            # Slots this device owns take its rows; the others keep what they hold.
+            return {name: jnp.where(mine.reshape(-1, *[1] * (s.ndim - 2)), s[row, 0], partial[name])
+                    for name, s in shards.items()}
 
         # A loop, not D unrolled passes: unrolled, the passes' gathers depend only on the
         # index, so XLA may run them all first and hold B rows again.
         # (The carry varies over the data axis, as the passes' outputs do.)
         empty = {name: jax.lax.pcast(jnp.zeros((m, *s.shape[2:]), s.dtype), AXIS,
                                      to="varying") for name, s in shards.items()}
-        partial = jax.lax.fori_loop(0, d - 1, one_pass, empty)
+        partial = jax.lax.fori_loop(
+            0, d - 1, lambda t, p: jax.lax.ppermute(fill(t, p), AXIS, ring), empty)
         return fill(jnp.asarray(d - 1), partial)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, AXIS), P()),

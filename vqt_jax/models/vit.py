@@ -91,11 +91,6 @@ def variant_name(width: int, depth: int, patch: int | None = None) -> str:
     return f"a ViT of width {width}, depth {depth}{suffix}"
 
 
-def query_init_scale(patch_size: Sequence[int], width: int) -> float:
-    """VPT's prompt initialisation bound, which VQT reuses: sqrt(6 / (3 * ph * pw + D))."""
-    return float(np.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + width)))
-
-
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x / max(||x||_2, eps) over the last axis (the same as torch's F.normalize)."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
@@ -260,8 +255,8 @@ class Attention(nn.Module):
             proj((self.num_heads, head_dim), use_bias=self.qkv_bias) for _ in range(3))
         self.out = proj(self.width, axis=(-2, -1))
         if self.lora_rank:
-            self.lora_query = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
-            self.lora_value = LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha)
+            self.lora_query, self.lora_value = (
+                LoRA(self.lora_rank, (self.num_heads, head_dim), self.lora_alpha) for _ in range(2))
 
     def key_value(self, y: Array) -> KV:
         """The keys and values [B, N, H, Dh] of normalised tokens y [B, N, D]."""
@@ -388,13 +383,11 @@ class Encoder1DBlock(BlockOptions):
         self.MultiHeadDotProductAttention_0 = Attention(
             width=self.width, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
-            implementation=self.attention,
-        )
+            implementation=self.attention)
         self.LayerNorm_1 = ln()
         self.MlpBlock_0 = MlpBlock(mlp_dim=self.mlp_dim, act=self.mlp_act, dtype=self.dtype)
         if self.layerscale:
-            self.LayerScale_0 = LayerScale()
-            self.LayerScale_1 = LayerScale()
+            self.LayerScale_0, self.LayerScale_1 = LayerScale(), LayerScale()
         if self.adapter_dim:
             self.Adapter_0 = Adapter(self.adapter_dim, self.adapter_scale, self.adapter_dropout)
 
@@ -454,14 +447,10 @@ def _replace_prompts(x: Array, prompts: Array, start: int) -> Array:
     return jnp.concatenate([x[:, :start], prompts, x[:, start + p:]], axis=1)
 
 
-def _layers_first(a: Array | None) -> Array | None:
-    """[B, M, ...] -> [M, B, ...]: per-layer inputs as `jax.lax.scan` slices them."""
-    return None if a is None else jnp.moveaxis(a, 1, 0)
-
-
-def _layers_second(a: Array | None) -> Array | None:
-    """[M, B, ...] -> [B, M, ...]: a scan's stacked outputs in the model's layout."""
-    return None if a is None else jnp.moveaxis(a, 0, 1)
+def _swap_layers(a: Array | None) -> Array | None:
+    """[B, M, ...] <-> [M, B, ...]: per-layer inputs as `jax.lax.scan` slices them, and a
+    scan's stacked outputs back in the model's layout."""
+    return None if a is None else jnp.swapaxes(a, 0, 1)
 
 
 class Encoder(BlockOptions):
@@ -496,15 +485,14 @@ class Encoder(BlockOptions):
         """
         if self._scanning():
             return self._scan(x, queries, prompts, prompt_start, collect, train)
-        q_outs, kept = [], []
+        outs = []  # per block: (query outputs or None, what `collect` keeps)
         for i, block in enumerate(self.blocks):
             if prompts is not None and i > 0:
                 x = _replace_prompts(x, prompts[:, i], prompt_start)
             x, q, kv = block(x, None if queries is None else queries[:, i], train)
-            q_outs.append(q)
-            kept.append({} if collect is None else collect(x, kv))
-        q_out = None if queries is None else jnp.stack(q_outs, axis=1)
-        return x, q_out, {name: jnp.stack([k[name] for k in kept], axis=1) for name in kept[0]}
+            outs.append((q, {} if collect is None else collect(x, kv)))
+        q_out, kept = jax.tree.map(lambda *layers: jnp.stack(layers, axis=1), *outs)
+        return x, q_out, kept
 
     def _scanning(self) -> bool:
         # init builds the per-block tree the unrolled way (the same tree either way); sown
@@ -518,10 +506,8 @@ class Encoder(BlockOptions):
 
     def _stacked_blocks(self) -> dict[str, Any]:
         """Every collection's block variables, stacked: {collection: {leaf: [M, ...]}}."""
-        per_block = []
-        for i in range(self.depth):
-            name = f"encoderblock_{i}"
-            per_block.append({c: tree[name] for c, tree in self.variables.items() if name in tree})
+        names = [f"encoderblock_{i}" for i in range(self.depth)]
+        per_block = [{c: tree[n] for c, tree in self.variables.items() if n in tree} for n in names]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
 
     def _scan(self, x: Array, queries: Array | None, prompts: Array | None, prompt_start: int,
@@ -543,9 +529,9 @@ class Encoder(BlockOptions):
                                        rngs=None if rng is None else {"dropout": rng})
             return x, (q_out, {} if collect is None else collect(x, kv))
 
-        xs = (self._stacked_blocks(), _layers_first(queries), _layers_first(prompts), rngs)
+        xs = (self._stacked_blocks(), _swap_layers(queries), _swap_layers(prompts), rngs)
         x, (q_out, kept) = jax.lax.scan(body, x, xs)
-        return x, _layers_second(q_out), jax.tree.map(_layers_second, kept)
+        return x, _swap_layers(q_out), jax.tree.map(_swap_layers, kept)
 
     def queries_from_kv(self, queries: Array, k: Array, v: Array) -> Array:
         """The query path alone: query tokens [B, M, T, D] over every layer's keys and values
@@ -564,15 +550,11 @@ class Encoder(BlockOptions):
             # of keys and values (by far the largest input) before the scan.
             k_i, v_i = (jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False).astype(self.dtype)
                         for a in (k, v))
-            q_out = block.apply(variables, q, k_i, v_i, heads_major=True, method="query_path")
-            return carry, q_out
+            return carry, block.apply(variables, q, k_i, v_i, heads_major=True, method="query_path")
 
-        xs = (self._stacked_blocks(), _layers_first(queries), jnp.arange(self.depth))
+        xs = (self._stacked_blocks(), _swap_layers(queries), jnp.arange(self.depth))
         _, outs = jax.lax.scan(body, None, xs)
-        return _layers_second(outs)
-
-    def norm(self, x: Array) -> Array:
-        return self.encoder_norm(x)
+        return _swap_layers(outs)
 
 
 # How the final tokens become one feature (`ViT.pool_type`).
@@ -823,9 +805,9 @@ class ViT(nn.Module):
         if "pooled" in out:  # [B, M, G, D] -> [B, M * G, D]: layer-major groups
             out["pooled"] = out["pooled"].reshape(b, -1, self.width)
         if self.fc_norm:  # timm's MAE layout: the norm acts on the pooled feature only
-            tokens, cls = x, encoder.norm(self._pool(x, prompt_start, num_prefix))
+            tokens, cls = x, encoder.encoder_norm(self._pool(x, prompt_start, num_prefix))
         else:
-            tokens = encoder.norm(x)
+            tokens = encoder.encoder_norm(x)
             cls = self._pool(tokens, prompt_start, num_prefix)
         out.update(cls=cls.astype(jnp.float32), tokens=tokens)
         if q_out is not None:
@@ -879,12 +861,10 @@ class ViT(nn.Module):
         """`pre_logits` (and `queries`) from a cache: see `from_cache`, `features_from_cache`."""
         if "pre_logits" in cached:
             return {"pre_logits": cached["pre_logits"]}
-        if "queries" in cached:  # the query path ran elsewhere
-            return {"queries": cached["queries"],
-                    "pre_logits": self.head_input(cached["cls"], cached["queries"])}
-        q_out = self._queries_from_kv(cached["k"], cached["v"], train)
-        return {"queries": q_out.astype(jnp.float32),
-                "pre_logits": self.head_input(cached["cls"], q_out)}
+        q_out = cached.get("queries")  # the query path ran elsewhere
+        if q_out is None:
+            q_out = self._queries_from_kv(cached["k"], cached["v"], train).astype(jnp.float32)
+        return {"queries": q_out, "pre_logits": self.head_input(cached["cls"], q_out)}
 
     def _queries_from_kv(self, k: Array, v: Array, train: bool) -> Array:
         if not self.num_queries:
@@ -923,12 +903,10 @@ class ViT(nn.Module):
     def _tokens(self, collection: str, shape: Sequence[int], rate: float, batch: int,
                 train: bool) -> Array:
         """Learnable tokens [L, K, D] with VPT's uniform init, broadcast to [B, L, K, D]."""
-        bound = query_init_scale(self.patch_size, self.width)
-        tokens = self.variable(
-            collection, "tokens",
-            lambda: jax.random.uniform(self.make_rng("params"), tuple(shape), jnp.float32,
-                                       -bound, bound),
-        ).value
+        # VPT's prompt initialisation bound, which VQT reuses: sqrt(6 / (3 * ph * pw + D)).
+        bound = float(np.sqrt(6.0 / (3 * self.patch_size[0] * self.patch_size[1] + self.width)))
+        tokens = self.variable(collection, "tokens", lambda: jax.random.uniform(
+            self.make_rng("params"), tuple(shape), jnp.float32, -bound, bound)).value
         t = jnp.broadcast_to(tokens.astype(self.compute_dtype)[None], (batch, *tokens.shape))
         return nn.Dropout(rate, name=f"{collection}_dropout")(t, deterministic=not train)
 
