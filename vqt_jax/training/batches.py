@@ -1,4 +1,5 @@
-"""A run's training batches: from its cache when it has one, else from the images."""
+"""A run's batches: training ones from its cache when it has one, else from the images, and
+the evaluation split's."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, protocol, sampling
@@ -44,3 +46,13 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
         seed=protocol.order_seed(config), start_step=start_step, batching=protocol.batching(config),
         round_resized=protocol.round_resized(config), process_index=rows.start // local,
         process_count=config.batch_size // local)
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict]:
+    """This host's slices of the padded, masked evaluation batches of `config.split`."""
+    return data.make_eval_iterator(
+        config.task, config.data_dir, config.split,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
+        local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config),
+    )

@@ -45,8 +45,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     if config.task != data.FOLDER and config.task not in data.TASKS:
         raise ValueError(
             f"config.task={config.task!r} is not a VTAB-1k task or 'folder'; tasks: "
-            f"{', '.join(data.task_names())}"
-        )
+            f"{', '.join(data.task_names())}")
     if config.split not in SPLITS:
         raise ValueError(f"config.split={config.split!r}: must be one of {SPLITS}")
     methods.get(config.method)
@@ -78,21 +77,18 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
                          f"{config.num_devices}")
     if not 0 <= config.warmup_epochs <= config.epochs:
         raise ValueError(
-            f"config.warmup_epochs={config.warmup_epochs} must be in [0, epochs={config.epochs}]"
-        )
+            f"config.warmup_epochs={config.warmup_epochs} must be in [0, epochs={config.epochs}]")
     for name in ("batch_size", "eval_batch_size"):
         size = config.get(name) or config.batch_size
         if size % num_devices or size % process_count:
             raise ValueError(
                 f"config.{name}={size} is not divisible by the {num_devices} devices "
-                f"({process_count} hosts) it is split over"
-            )
+                f"({process_count} hosts) it is split over")
     n = config.normalization
     if isinstance(n, str):
         if n not in NORMALIZATIONS:
             raise ValueError(
-                f"config.normalization={n!r}: use {NORMALIZATIONS} or a (mean, std) pair"
-            )
+                f"config.normalization={n!r}: use {NORMALIZATIONS} or a (mean, std) pair")
     elif len(n) != 2 or any(len(x) != 3 for x in n):
         raise ValueError(f"config.normalization={n!r}: a (mean, std) pair of 3-tuples")
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
@@ -114,8 +110,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     if config.image_size % patch[0] or config.image_size % patch[1]:
         raise ValueError(
             f"config.image_size={config.image_size} is not a multiple of the patch size "
-            f"{patch[0]}x{patch[1]}"
-        )
+            f"{patch[0]}x{patch[1]}")
     # The command line sets these as strings (their default is 'auto'); resolve parses the
     # ones it can, and a model must not build LayerScale from a truthy 'yes'.
     for name, kind, values in (("layerscale", bool, "True or False"),

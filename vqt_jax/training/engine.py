@@ -323,8 +323,7 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
         for last in fetch(chunk, end - done):
             done += 1
             for j in np.flatnonzero(failed == 0):
-                why = problem({k: float(v[j]) for k, v in last.items()}, max_loss)
-                if why:
+                if why := problem({k: float(v[j]) for k, v in last.items()}, max_loss):
                     failed[j] = done
                     errors[j] = bad(j, why, done, float(last["lr"][j]), last_saved)
                     if not may_diverge:

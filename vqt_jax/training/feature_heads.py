@@ -34,6 +34,8 @@ from vqt_jax import data, linear_probe, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import l2_normalize
 from vqt_jax.progress import Progress, format_duration
+from vqt_jax.training import engine
+from vqt_jax.training.batches import eval_batches
 
 Features = dict[str, np.ndarray]  # pre_logits [N, F], cls [N, D], pooled [N, G, D], label [N]
 FIELDS = ("pre_logits", "cls", "pooled")
@@ -129,9 +131,7 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
     out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         mask = batch.pop("mask", None)
-        arrays = {k: jax.make_array_from_process_local_data(sharding, v)
-                  for k, v in batch.items()}
-        feats = cache_lib.fetch_rows(fn(arrays))
+        feats = cache_lib.fetch_rows(fn(engine.global_batch(batch, sharding)))
         keep = slice(None) if mask is None else cache_lib.fetch_rows(
             jax.make_array_from_process_local_data(sharding, mask)) > 0
         for k, v in feats.items():
@@ -158,13 +158,9 @@ def eval_features(config: ml_collections.ConfigDict, model: ViT, variables,
     """`FIELDS` and 'label' of the evaluation split, from one forward pass (eval mode)."""
     fn = _images_fn(model, mesh)
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
-    return _collect(data.make_eval_iterator(
-        config.task, config.data_dir, config.split,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config)),
-        lambda b: fn(variables, b), NamedSharding(mesh, P("data")),
-        Progress("Evaluation features", num_eval, "images"))
+    return _collect(eval_batches(config, mesh), lambda b: fn(variables, b),
+                    NamedSharding(mesh, P("data")),
+                    Progress("Evaluation features", num_eval, "images"))
 
 
 def train_features(config: ml_collections.ConfigDict, model: ViT, variables, mesh: Mesh,

@@ -33,9 +33,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                              f"{hosts} hosts (each host takes the same number of its devices; "
                              f"0: use all)")
         per_host = num_devices // hosts
-        by_host: dict[int, list] = {p: [] for p in range(hosts)}
-        for device in devices:
-            by_host[device.process_index].append(device)
+        by_host = {p: [d for d in devices if d.process_index == p] for p in range(hosts)}
         if any(len(own) < per_host for own in by_host.values()):
             counts = {p: len(own) for p, own in by_host.items()}
             raise ValueError(f"config.num_devices={num_devices} takes {per_host} devices of "

@@ -68,9 +68,14 @@ def warmup_cosine(
       An optax schedule: step -> learning rate.
     """
 
+    total, warm = float(total_steps), float(warmup_steps)
+
     def schedule(step: jax.Array) -> jax.Array:
-        return base_lr * _warmup_cosine_factor(jnp.asarray(step, jnp.float32),
-                                               float(total_steps), float(warmup_steps))
+        # The releases' lr_lambda: t / warm during warm-up, then a half cosine to 0 at total.
+        t = jnp.asarray(step, jnp.float32)
+        progress = (t - warm) / max(1.0, total - warm)
+        cosine = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        return base_lr * jnp.where(t < warm, t / max(1.0, warm), cosine)
 
     return schedule
 
@@ -154,24 +159,12 @@ def _release_factor(epoch: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _warmup_cosine_factor(t: jax.Array, total: float, warm: float) -> jax.Array:
-    """The releases' lr_lambda: t / warm during warm-up, then a half cosine to 0 at total."""
-    warmup = t / max(1.0, warm)
-    progress = (t - warm) / max(1.0, total - warm)
-    cosine = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
-    return jnp.where(t < warm, warmup, cosine)
-
-
-def _is_head_bias(key: str) -> bool:
-    """The releases' `last_layer.bias`: our head's bias, as train.py names it
-    ('params/head/bias') or as compression.py's bare head does ('head/bias')."""
-    return key.split("/")[-2:] == ["head", "bias"]
-
-
 def _all_but_head_bias(key: str) -> bool:
+    """Every leaf but the releases' `last_layer.bias`: our head's bias, as train.py names it
+    ('params/head/bias') or as compression.py's bare head does ('head/bias')."""
     # VPT/VQT src/solver/optimizer.py, the 'adam'/'sgd' branch: weight_decay = 0.0 only
     # `if "last_layer.bias" in key`; every other trainable parameter keeps WEIGHT_DECAY.
-    return not _is_head_bias(key)
+    return key.split("/")[-2:] != ["head", "bias"]
 
 
 def _no_bias(key: str) -> bool:
@@ -185,10 +178,7 @@ def _no_bias(key: str) -> bool:
 
 # Which trainable leaves each optimiser decays, by its release: key -> decayed?
 DECAY_RULES: dict[str, Callable[[str], bool]] = {
-    "adam": _all_but_head_bias,
-    "sgd": _all_but_head_bias,
-    "adamw": _no_bias,
-}
+    "adam": _all_but_head_bias, "sgd": _all_but_head_bias, "adamw": _no_bias}
 
 
 def decay_mask(trainable: dict, name: str = "adam") -> dict:
@@ -207,8 +197,7 @@ def decay_mask(trainable: dict, name: str = "adam") -> dict:
     """
     if name not in DECAY_RULES:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(DECAY_RULES)}")
-    rule = DECAY_RULES[name]
-    return {k: rule(k) for k in trainable}
+    return {k: DECAY_RULES[name](k) for k in trainable}
 
 
 def _sgd(schedule, weight_decay, mask) -> optax.GradientTransformation:
@@ -305,10 +294,6 @@ def torch_adam(
     return optax.GradientTransformation(_adam_init, update_fn)
 
 
-def _adam(schedule, weight_decay, mask) -> optax.GradientTransformation:
-    return torch_adam(schedule, weight_decay, mask)
-
-
 def vpt_adamw(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     weight_decay: float | jax.Array,
@@ -360,17 +345,10 @@ def vpt_adamw(
     return optax.GradientTransformation(_adam_init, update_fn)
 
 
-def _adamw(schedule, weight_decay, mask) -> optax.GradientTransformation:
-    return vpt_adamw(schedule, weight_decay, mask)
-
-
 # Optimisers by name: each takes (schedule, weight_decay, decay mask); the release each
 # transcribes is in the module docstring.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "adam": _adam,
-    "sgd": _sgd,
-    "adamw": _adamw,
-}
+    "adam": torch_adam, "sgd": _sgd, "adamw": vpt_adamw}
 
 
 def make_optimizer(
@@ -388,6 +366,5 @@ def make_optimizer(
     Raises:
       ValueError: for an unknown name.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](schedule, weight_decay, decay_mask(trainable, name))
+    mask = decay_mask(trainable, name)  # raises for an unknown name, naming OPTIMIZERS' keys
+    return OPTIMIZERS[name](schedule, weight_decay, mask)

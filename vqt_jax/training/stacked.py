@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -62,7 +61,6 @@ from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
 from vqt_jax.training import (
-    checkpointing,
     compression_stage,
     engine,
     feature_heads,
@@ -128,8 +126,7 @@ def why_not(configs: Sequence[ml_collections.ConfigDict]) -> str | None:
 
 
 def _shared(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    d = workdir_lib.as_dict(config)
-    return {k: v for k, v in d.items() if k not in MEMBER_FIELDS}
+    return {k: v for k, v in workdir_lib.as_dict(config).items() if k not in MEMBER_FIELDS}
 
 
 def stage_dir(members: Sequence[Member]) -> str:
@@ -163,16 +160,14 @@ class _Setup:
     @property
     def train_rows(self) -> cache_lib.Cache | None:
         """The training rows on the host (what the baselines read), or None (device rows)."""
-        if isinstance(self.cache, cache_lib.DeviceRows):
-            return None
-        return cache_lib.first_rows(self.cache, self.plan.num_train)
+        return None if isinstance(self.cache, cache_lib.DeviceRows) else cache_lib.first_rows(
+            self.cache, self.plan.num_train)
 
 
 def _plan(members: Sequence[Member]) -> _Setup:
     """Checks, opens (or builds) the cache and initialises every member; raises Unstackable."""
     configs = [m.config for m in members]
-    why = why_not(configs)
-    if why:
+    if why := why_not(configs):
         raise Unstackable(why)
     plan = train.plan_run(configs[0], None)
     if not plan.config.init and len({c.seed for c in configs}) > 1:
@@ -198,10 +193,9 @@ def _plan(members: Sequence[Member]) -> _Setup:
     rule = trainable_lib.rule_for(config.method)
     parts = {s: trainable_lib.partition(v, rule) for s, (v, _) in inits.items()}
     variables0 = inits[seeds[0]][0]
-    fields = _fields(cache_plan.spec)
     orders = {order_seed(m.config) for m in members}
     rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
-    why = device_cache_lib.why_not(cache_plan.spec, fields, plan.mesh, rows)
+    why = device_cache_lib.why_not(cache_plan.spec, _fields(cache_plan.spec), plan.mesh, rows)
     if not hosts.all_agree(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
                           f"{why or 'another host cannot hold it'}")
@@ -213,9 +207,8 @@ def _plan(members: Sequence[Member]) -> _Setup:
     if cache is None:
         raise Unstackable("the cache could not be built (see the line above)")
 
-    frozen = parts[seeds[0]][1]
+    template, frozen = parts[seeds[0]]
     unit, total_steps = train.run_schedule(config, plan.num_train, 1.0)
-    template = parts[seeds[0]][0]
     state = engine.init_state(methods.optimizer_name(config), template,
                               [parts[s][0] for s in seeds], plan.mesh)
     # Local, as `train` keeps its key: the compiled loop takes it replicated (a device_put
@@ -354,9 +347,9 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
     logging.info("%s: %s.", what, "one backbone pass" if batches is None else
                  "the backbone's float32 outputs kept by the cache build, no backbone pass")
-    progress = Progress(what, setup.plan.num_eval, "images")
-    host = train.run_eval_batches(lambda batch: fn(setup.variables0, trainables, setup.frozen,
-                                                   batch), config, mesh, progress, batches)
+    host = train.run_eval_batches(
+        lambda batch: fn(setup.variables0, trainables, setup.frozen, batch), config, mesh,
+        Progress(what, setup.plan.num_eval, "images"), batches)
     metrics = train.eval_totals(host, members=len(setup.configs))
     class_names = data.get_class_names(config.task, config.data_dir)
     for j, m in enumerate(metrics):
@@ -472,18 +465,11 @@ def _run_group(members: list[Member], may_diverge: bool,
     # source(orders): the members' batches, gathered on the devices.
     source = functools.partial(engine.DeviceSource, dcache, fields, config.batch_size,
                                batching(config), num_examples=setup.plan.num_train)
-    log_every = config.get("log_every_steps", 10)
-    ckpt_every = config.get("checkpoint_every_steps", 100)
     total = setup.total_steps
     orders = [order_seed(m.config) for m in members]
-    loss = train_step.make_loss_fn(model, from_cache=True)
-    run = engine.Engine(
-        engine.member_step(lambda t, m, f, b, r: loss(t, f, b, r),
-                           methods.optimizer_name(config), setup.template, setup.unit_schedule),
-        source(orders), setup.frozen,
-        {"lr": np.float32([c.lr for c in setup.configs]),
-         "wd": np.float32([c.wd for c in setup.configs])},
-        setup.rngs, setup.state, max_steps=engine.max_chunk(total, log_every, ckpt_every))
+    run = train.make_engine(setup.configs, model, source(orders), setup.template,
+                            setup.unit_schedule, setup.frozen, setup.rngs, setup.state, total,
+                            from_cache=True)
     why = fits(run.compiled, mesh)
     if not hosts.all_agree(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
@@ -497,32 +483,25 @@ def _run_group(members: list[Member], may_diverge: bool,
             for c, m in zip(setup.configs, members, strict=True):
                 epath.Path(m.run_dir).mkdir(parents=True, exist_ok=True)
                 workdir_lib.record(m.run_dir, c, None, 0)
-        manager = checkpointing.manager(directory, config.get("keep_checkpoints", 2))
-        digest = train.config_digest(setup.configs)
-        restored = checkpointing.restore_latest(
-            manager, engine.saved(setup.state, np.zeros(s), np.zeros(s), mesh, digest))
-        state = restored["state"]
-        train.check_digest(restored, digest, directory, "the config.json of the runs in "
-                           f"{epath.Path(directory) / 'members.json'}")
-        start = int(np.asarray(jax.device_get(state.step))[0])
+        manager, digest, restored = train.restore(
+            directory, setup.configs, setup.state, mesh,
+            f"the config.json of the runs in {epath.Path(directory) / 'members.json'}")
+        start = int(np.asarray(jax.device_get(restored["state"].step))[0])
         log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
             f"{total} steps each, {len(set(orders))} example order(s)"
             + (f", resuming from step {start}" if start else ""))
         errors: dict[int, FloatingPointError] = {}
-        _check_failed(np.array(restored["failed"]), members, errors, may_diverge)
+        failed = np.array(restored["failed"])
+        for j in np.flatnonzero(failed):  # members a resumed stage had already excluded
+            errors[j] = _failure("It went bad earlier", int(failed[j]), float("nan"),
+                                 members[j], s)
+            if not may_diverge:
+                raise errors[j]
         writers = [metrics_io.create_writer(m.run_dir, is_chief) for m in members]
-        try:
-            outcome = engine.train(
-                run, state, total=total, log_every=log_every, ckpt_every=ckpt_every,
-                save=lambda *a: checkpointing.save(manager, a[0],
-                                                   engine.saved(*a[1:], mesh, digest)),
-                last_saved=manager.latest_step() or 0, failed=restored["failed"],
-                loss=restored["loss"], writers=writers,
-                max_loss=config.get("max_loss", math.inf),
-                bad=lambda j, why, step, lr, _: _failure(why, step, lr, members[j], s),
-                may_diverge=may_diverge)
-        finally:
-            manager.wait_until_finished()
+        outcome = train.train_members(
+            run, restored["state"], config, manager, digest, total, failed=restored["failed"],
+            loss=restored["loss"], writers=writers, may_diverge=may_diverge,
+            bad=lambda j, why, step, lr, _: _failure(why, step, lr, members[j], s))
         manager.close()
         errors.update(outcome.errors)
         state = outcome.state
@@ -536,8 +515,8 @@ def _run_group(members: list[Member], may_diverge: bool,
         # The device-resident cache (host memory on a CPU) is not read again: freed before the
         # evaluation's backbone pass needs the memory.
         del run, source, dcache
-        wanted = feature_heads.wanted(config) or heads is not None
-        metrics, evals = _evaluate(setup, state.trainable, wanted)
+        metrics, evals = _evaluate(setup, state.trainable,
+                                   feature_heads.wanted(config) or heads is not None)
         compressed = None if heads is None else heads.scores(
             [e["pre_logits"] for e in evals], evals[0]["label"])
         out: list[dict | FloatingPointError] = []
@@ -569,13 +548,3 @@ def _failure(why: str, step: int, lr_now: float, member: Member, s: int) -> Floa
         f"{why} at step {step} (lr {lr_now:.3g}) of {member.run_dir} (lr={member.config.lr!r}, "
         f"wd={member.config.wd!r}, seed={member.config.seed}), trained in one program with "
         f"{s - 1} other run{'s' if s != 2 else ''}.")
-
-
-def _check_failed(failed: np.ndarray, members: Sequence[Member],
-                  errors: dict[int, FloatingPointError], may_diverge: bool) -> None:
-    """Members a resumed stage had already excluded."""
-    for j in np.flatnonzero(failed):
-        errors[j] = _failure("It went bad earlier", int(failed[j]), float("nan"), members[j],
-                             len(members))
-        if not may_diverge:
-            raise errors[j]

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,7 @@ from vqt_jax.training import (
 )
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
+from vqt_jax.training.batches import eval_batches
 from vqt_jax.training.mesh import make_mesh
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -79,8 +80,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     Raises:
       ValueError: `config.model` still holds options left 'auto' (named).
     """
-    auto = resolve.unresolved(config.model)
-    if auto:
+    if auto := resolve.unresolved(config.model):
         fields = ", ".join(f"config.model.{k}" for k in auto)
         raise ValueError(f"{fields} {'is' if len(auto) == 1 else 'are'} {resolve.AUTO!r}: "
                          "resolve the config first (vqt_jax.resolve.resolve)")
@@ -131,16 +131,6 @@ def _eval_step(model, mesh: Mesh):
                 "label": batch["label"]}
 
     return step
-
-
-def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict]:
-    """This host's slices of the padded, masked evaluation batches of `config.split`."""
-    return data.make_eval_iterator(
-        config.task, config.data_dir, config.split,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        local_device_count=len(mesh.local_devices), round_resized=round_resized(config),
-    )
 
 
 def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDict, mesh: Mesh,
@@ -228,14 +218,6 @@ def _split_order(outs: Sequence[dict[str, Any]]) -> np.ndarray:
             h, r = divmod(j, local)
             index.append(h + p * (i * local + r))
     return np.asarray(index, np.int64)
-
-
-def write_evaluation(workdir: str, config: ml_collections.ConfigDict, metrics: dict[str, Any],
-                     report: dict[str, Any]) -> None:
-    """`WORKDIR/evaluation.json`: the split, top-1 and `evaluation_report`."""
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.EVALUATION_FILE), {
-        "split": split_name(config), "top1": metrics["top1"],
-        "num_examples": metrics["num_examples"], **report})
 
 
 def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
@@ -662,14 +644,13 @@ def run(
     """
     workdir = os.fspath(workdir)
     plan = plan_run(config, workdir)
-    is_chief = hosts.is_chief()
     try:
         with workdir_lib.remote_errors(workdir, "create"):
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, e.strerror, workdir) from None  # name the workdir, not a parent
     # Only the chief locks: with a shared file system the other hosts use the same workdir.
-    with workdir_lib.lock(workdir) if is_chief else contextlib.nullcontext():
+    with workdir_lib.lock(workdir) if hosts.is_chief() else contextlib.nullcontext():
         # Checked again under the lock: another run may have recorded its config meanwhile.
         plan.change = workdir_lib.check(workdir, plan.config)
         return _run_locked(plan, workdir, callbacks)
@@ -685,16 +666,12 @@ def _run_locked(plan: RunPlan, workdir: str,
     variables, train_rng = init_variables(plan, config.seed)
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
     unit, total_steps = run_schedule(config, num_train, 1.0)
-    name = methods.optimizer_name(config)
-    state = engine.init_state(name, trainable, [trainable], mesh)
-    manager = checkpointing.manager(workdir, config.get("keep_checkpoints", 2))
-    digest = config_digest([config])
-    restored = checkpointing.restore_latest(manager, engine.saved(state, [0], [0.0], mesh,
-                                                                  digest))
+    state = engine.init_state(methods.optimizer_name(config), trainable, [trainable], mesh)
+    manager, digest, restored = restore(workdir, [config], state, mesh,
+                                        os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                                        plan.change)
     state = restored["state"]
     start = int(np.asarray(jax.device_get(state.step))[0])
-    check_digest(restored, digest, workdir,
-                 os.path.join(workdir, workdir_lib.CONFIG_FILE), plan.change)
     if start:
         logging.info("Resuming from step %d in %s", start, workdir)
     if is_chief:
@@ -712,53 +689,32 @@ def _run_locked(plan: RunPlan, workdir: str,
                           device_rows=device_rows_only(config, cache_plan.spec, mesh))
     source = source_fn(config, cache, mesh) if needs_data else None
     outcome = None
-    last_saved = manager.latest_step() or 0
-    try:
-        if start < total_steps:
-            log_every = config.get("log_every_steps", 10)
-            ckpt_every = config.get("checkpoint_every_steps", 100)
-            loss = train_step.make_loss_fn(model, from_cache=cache is not None)
-            step = engine.member_step(
-                lambda t, member, f, b, r: loss(t, f, b, r), name, trainable, unit)
-            run = engine.Engine(step, source([order_seed(config)], start), frozen,
-                                {"lr": np.float32([config.lr]), "wd": np.float32([config.wd])},
-                                train_rng[None], state,
-                                max_steps=engine.max_chunk(total_steps, log_every, ckpt_every))
-
-            def bad(j, why, step, lr_now, saved):
-                return _nonfinite(why, step, lr_now, start, config, workdir, saved)
-
-            outcome = engine.train(
-                run, state, total=total_steps, log_every=log_every, ckpt_every=ckpt_every,
-                save=lambda *a: checkpointing.save(manager, a[0],
-                                                   engine.saved(*a[1:], mesh, digest)),
-                last_saved=last_saved, writers=[writer], callbacks=callbacks,
-                max_loss=config.get("max_loss", math.inf), bad=bad, may_diverge=False)
-            state = outcome.state
-    finally:
-        # Whatever stops the loop, a save in flight completes (orbax commits atomically).
-        manager.wait_until_finished()
+    if start < total_steps:
+        run = make_engine([config], model, source([order_seed(config)], start), trainable, unit,
+                          frozen, train_rng[None], state, total_steps, from_cache=cache is not None)
+        outcome = train_members(
+            run, state, config, manager, digest, total_steps, writers=[writer],
+            callbacks=callbacks, may_diverge=False,
+            bad=lambda j, why, step, lr_now, saved: _nonfinite(why, step, lr_now, start, config,
+                                                               workdir, saved))
+        state = outcome.state
 
     trained = state.trainable
     variables = trainable_lib.merge(jax.tree.map(lambda x: x[0], trained), frozen)
-    class_names = data.get_class_names(config.task, config.data_dir)
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
-                            class_names=class_names)
+                            class_names=data.get_class_names(config.task, config.data_dir))
     report = eval_metrics.pop("report")
-    if outcome is not None:
-        on_device = isinstance(run.source, engine.DeviceSource)
-    else:  # trained earlier: how it trained, as the plan says; its loss, as saved
-        on_device = (cache_plan is not None
-                     and why_not_on_device(config, cache_plan.spec, mesh) is None)
+    # Trained earlier: how it trained, as the plan says; its loss, as saved.
+    on_device = isinstance(run.source, engine.DeviceSource) if outcome is not None else (
+        cache_plan is not None and why_not_on_device(config, cache_plan.spec, mesh) is None)
     results = run_results(
         config, steps=total_steps, eval_metrics=eval_metrics,
         train_loss=float((restored["loss"] if outcome is None else outcome.loss)[0]),
         num_trainable=count_params(trainable),
         cached=cache is not None if outcome is not None else cache_plan is not None,
         cache_on_device=on_device)
-    evals = None
-    if feature_heads.wanted(config) or compression_wanted(config):
-        evals = feature_heads.eval_features(config, model, variables, mesh)
+    evals = (feature_heads.eval_features(config, model, variables, mesh)
+             if feature_heads.wanted(config) or compression_wanted(config) else None)
     if feature_heads.wanted(config):
         if cache is None and cache_plan is not None:
             cache = get_cache(cache_plan, config, model, variables, mesh)
@@ -767,27 +723,82 @@ def _run_locked(plan: RunPlan, workdir: str,
         heads = compression_stage.train([config], model, trained, frozen, source, num_train,
                                         evals["pre_logits"].shape[1], num_classes)
         results["compression"] = heads.scores([evals["pre_logits"]], evals["label"])[0]
-    history_of_changes = workdir_lib.changes(workdir)
-    if history_of_changes:
-        results["config_changes"] = history_of_changes
+    if history := workdir_lib.changes(workdir):
+        results["config_changes"] = history
     finish(plan, config, workdir, writer, variables, eval_metrics, report, results)
     manager.close()
     return results, variables
+
+
+def make_engine(configs: Sequence[ml_collections.ConfigDict], model, source: Any,
+                template: dict, unit: Callable[[jax.Array], jax.Array], frozen: dict,
+                rngs: jax.Array, state: Any, total: int, *, from_cache: bool) -> engine.Engine:
+    """The engine of runs (`configs`: a run's one, or a stage's members') of the method's loss
+    (`train_step.make_loss_fn`) at their lr and wd, in chunks that end at the first config's
+    logging and checkpoint steps."""
+    config = configs[0]
+    loss = train_step.make_loss_fn(model, from_cache=from_cache)
+    step = engine.member_step(lambda t, member, f, b, r: loss(t, f, b, r),
+                              methods.optimizer_name(config), template, unit)
+    every = (config.get("log_every_steps", 10), config.get("checkpoint_every_steps", 100))
+    return engine.Engine(step, source, frozen,
+                         {k: np.float32([c[k] for c in configs]) for k in ("lr", "wd")},
+                         rngs, state, max_steps=engine.max_chunk(total, *every))
+
+
+def restore(directory: str, configs: Sequence[ml_collections.ConfigDict], state: Any,
+            mesh: Mesh, recorded: str, change: dict | None = None) -> tuple[Any, np.ndarray, dict]:
+    """(the checkpoint manager of `directory`, the configs' `config_digest`, its latest
+    checkpoint of the members' `state`: `state` itself, none failed and losses 0, where it has
+    none), refused if written under another config (`check_digest`)."""
+    manager = checkpointing.manager(directory, configs[0].get("keep_checkpoints", 2))
+    digest = config_digest(configs)
+    zeros = np.zeros(len(configs))
+    restored = checkpointing.restore_latest(manager, engine.saved(state, zeros, zeros, mesh,
+                                                                  digest))
+    check_digest(restored, digest, directory, recorded, change)
+    return manager, digest, restored
+
+
+def train_members(run: engine.Engine, state: Any, config: ml_collections.ConfigDict,
+                  manager: Any, digest: np.ndarray, total: int, **kwargs) -> engine.Outcome:
+    """`engine.train` to step `total` at `config`'s logging and checkpoint steps and max_loss,
+    saving to `manager` (checkpoints of `digest`'s configs); `kwargs` go on to it."""
+    try:
+        return engine.train(
+            run, state, total=total, log_every=config.get("log_every_steps", 10),
+            ckpt_every=config.get("checkpoint_every_steps", 100),
+            save=lambda step, *a: checkpointing.save(manager, step,
+                                                     engine.saved(*a, run.source.mesh, digest)),
+            last_saved=manager.latest_step() or 0, max_loss=config.get("max_loss", math.inf),
+            **kwargs)
+    finally:
+        # Whatever stops the loop, a save in flight completes (orbax commits atomically).
+        manager.wait_until_finished()
 
 
 def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, writer: Any,
            variables: dict, metrics: dict[str, Any], report: dict[str, Any],
            results: dict[str, Any]) -> None:
     """Completes a trained and evaluated run's `results` (`record_run`) and writes its
-    directory: the evaluation's scalars, and on the chief evaluation.json, model.vqt and
-    results.json (last, so a results.json always has the others)."""
+    directory: the evaluation's scalars, and on the chief `WORKDIR/evaluation.json` (the
+    split, top-1 and `evaluation_report`), the trained part as `WORKDIR/model.vqt`
+    (`vqt_jax.export`) and results.json, last, naming the other two (so a results.json always
+    has them)."""
     writer.write_scalars(results["steps"], {f"{split_name(config)}/{k}": v
                                             for k, v in metrics.items()})
     writer.flush()
     record_run(config, results)
     if hosts.is_chief():
-        write_evaluation(run_dir, config, metrics, report)
-        write_export(plan, config, run_dir, variables, results, report["class_names"])
+        workdir_lib.write_json(os.path.join(run_dir, workdir_lib.EVALUATION_FILE), {
+            "split": split_name(config), "top1": metrics["top1"],
+            "num_examples": metrics["num_examples"], **report})
+        export.write(os.path.join(run_dir, export.EXPORT_FILE), config=config,
+                     variables=variables, provided=export.provided_keys(plan.pretrained),
+                     class_names=report["class_names"],
+                     results={k: v for k, v in results.items() if k != "config"})
+        results["export"] = export.EXPORT_FILE
+        results["evaluation"] = workdir_lib.EVALUATION_FILE
         workdir_lib.write_results(run_dir, results)
 
 
@@ -823,18 +834,6 @@ def compression_wanted(config: ml_collections.ConfigDict) -> bool:
     """Whether the run ends with the compression stages (`compression_stage`)."""
     c = config.get("compression")
     return bool(c is not None and c.enabled)
-
-
-def write_export(plan: RunPlan, config: ml_collections.ConfigDict, workdir: str,
-                 variables: dict, results: dict[str, Any], class_names: Sequence[str]) -> None:
-    """Writes the run's trained part as `WORKDIR/model.vqt` (`vqt_jax.export`) and names it,
-    and evaluation.json, in `results` (before results.json is written, so a results.json
-    always has them)."""
-    export.write(os.path.join(workdir, export.EXPORT_FILE), config=config, variables=variables,
-                 provided=export.provided_keys(plan.pretrained), class_names=class_names,
-                 results={k: v for k, v in results.items() if k != "config"})
-    results["export"] = export.EXPORT_FILE
-    results["evaluation"] = workdir_lib.EVALUATION_FILE
 
 
 def record_run(config: ml_collections.ConfigDict, results: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.json"
 NONFINITE_FILE = "stopped_nonfinite.json"
 RESULTS_FILE = "results.json"
-EVALUATION_FILE = "evaluation.json"  # per-class top-1, confusion matrix (train.write_evaluation)
+EVALUATION_FILE = "evaluation.json"  # per-class top-1, confusion matrix (train.finish)
 LOCK_FILE = ".lock"  # empty; locked while a run uses the workdir (see `lock`)
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
@@ -80,14 +80,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple]:
     """{dotted field: (recorded value, new value)} for the fields that matter (not NEUTRAL)."""
     a, b = flatten(as_dict(recorded)), flatten(as_dict(config))
-    out = {}
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in NEUTRAL:
-            continue
-        missing = "<absent>"
-        if a.get(key, missing) != b.get(key, missing):
-            out[key] = (a.get(key, missing), b.get(key, missing))
-    return out
+    pairs = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+             if k.split(".")[0] not in NEUTRAL}
+    return {k: (x, y) for k, (x, y) in pairs.items() if x != y}
 
 
 # A URL scheme ("gs://", "s3://", ...): such a path names a remote file system, not a local one.
@@ -226,8 +221,7 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
     if not _exists(path):
         return None
     try:
-        recorded = read_json(path)
-        if not isinstance(recorded, dict):
+        if not isinstance(recorded := read_json(path), dict):
             raise ValueError(f"it holds a JSON {type(recorded).__name__}, not an object")
         return recorded
     except (OSError, ValueError) as e:
@@ -288,17 +282,15 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] |
     diff = differences(recorded, config)
     if not diff:
         return None
-    stop_path = _path(workdir, NONFINITE_FILE)
-    stopped = _exists(stop_path)
+    stopped = _exists(_path(workdir, NONFINITE_FILE))
     if stopped and set(diff) == {"lr"}:
         old, new = diff["lr"]
         if isinstance(new, (int, float)) and isinstance(old, (int, float)) and new < old:
             return diff
     listed = "; ".join(f"{k}: {_show(a)} (recorded) vs {_show(b)} (now)"
                        for k, (a, b) in diff.items())
-    hint = ""
-    if stopped and "lr" in diff:
-        hint = " After a non-finite stop, only a lower lr may change."
+    hint = (" After a non-finite stop, only a lower lr may change." if stopped and "lr" in diff
+            else "")
     raise WorkdirError(
         f"workdir {workdir} holds a run with another config ({listed}). Its checkpoints and "
         f"results belong to the recorded config ({_path(workdir, CONFIG_FILE)}): use a new "
@@ -314,10 +306,8 @@ def record(workdir: str, config: ml_collections.ConfigDict, change: dict[str, tu
     """Writes config.json (and, for an allowed change, appends it to config_changes.json)."""
     write_json(_path(workdir, CONFIG_FILE), as_dict(config))
     if change:
-        history = changes(workdir)
-        history.append({"resumed_at_step": step,
-                        **{k: {"from": a, "to": b} for k, (a, b) in change.items()}})
-        write_json(_path(workdir, CHANGES_FILE), history)
+        write_json(_path(workdir, CHANGES_FILE), [*changes(workdir), {
+            "resumed_at_step": step, **{k: {"from": a, "to": b} for k, (a, b) in change.items()}}])
         stop_path = _path(workdir, NONFINITE_FILE)
         if _exists(stop_path):
             with remote_errors(stop_path, "remove"):
