@@ -123,6 +123,23 @@ def test_many_tasks_in_one_pass_equal_each_alone(runs):
     assert not np.allclose(both["a"][:, :3], both["b"][:, :3])
 
 
+def test_serving_in_steps_equals_one_batch_at_once(runs):
+    """On CPU a device runs its rows of a batch a few at a time (`cache.in_steps`): 16 rows on
+    one device are two steps of 8, with the logits of one pass over each task's model."""
+    _, by_name = runs
+    _, images = _test_images(runs)
+    predictor = serving.Predictor([export_path(runs, n) for n in RUNS], batch_size=16,
+                                  num_devices=1)
+    batch = jax.ShapeDtypeStruct((16, *images.shape[1:]), np.float32)
+    assert "while" in predictor._fn.lower(predictor._variables, batch).as_text()
+    stepped = predictor.logits(images)
+    for name in RUNS:
+        config, _, _, variables = by_name[name]
+        model = train.plan_run(config, None).model
+        one_pass = np.asarray(jax.jit(model.apply)(variables, images))
+        np.testing.assert_allclose(stepped[name], one_pass, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def _rewrite(src: str, dst: str, change) -> str:
     """A copy of an export with its meta changed by `change(meta)`."""
     e = export.read(src)
