@@ -184,6 +184,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
 
     from vqt_jax import cache as cache_lib  # noqa: PLC0415
     from vqt_jax import data  # noqa: PLC0415
+    from vqt_jax.training import batches as batches_lib  # noqa: PLC0415
     from vqt_jax.training import engine, train  # noqa: PLC0415
 
     config = resolve_lib.resolve(config_fn(TASK), overrides)
@@ -200,7 +201,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
                cache_lib.host_batches(len(train_val), batch, lambda sl: {
                    "image": train_val[sl]}, sharding=sharding,
                    last_multiple=plan.mesh.shape["data"])]
-    batches += [{"image": b["image"]} for b in train.eval_batches(config, plan.mesh)]
+    batches += [{"image": b["image"]} for b in batches_lib.eval_batches(config, plan.mesh)]
     batches = [engine.global_batch(b, sharding)["image"] for b in batches]
     fn = cache_lib.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
 

@@ -18,6 +18,7 @@ import pytest
 from tests import train_utils
 from vqt_jax import data, export, serving
 from vqt_jax.data import folder
+from vqt_jax.training import batches as batches_lib
 from vqt_jax.training import train
 
 # One xdist worker trains the module's runs (the `runs` fixture) once for all its tests.
@@ -85,7 +86,7 @@ def test_predictions_equal_the_runs_own_evaluation(runs):
         config, _, results, variables = by_name[name]
         plan = train.plan_run(config, None)
         # Prediction preprocesses files as the evaluation pipeline does, to the bit.
-        batches = list(train.eval_batches(plan.config, plan.mesh))
+        batches = list(batches_lib.eval_batches(plan.config, plan.mesh))
         evaluated = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
         labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
         np.testing.assert_array_equal(images, evaluated)

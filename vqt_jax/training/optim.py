@@ -366,5 +366,5 @@ def make_optimizer(
     Raises:
       ValueError: for an unknown name.
     """
-    mask = decay_mask(trainable, name)  # raises for an unknown name, naming OPTIMIZERS' keys
+    mask = decay_mask(trainable, name)  # raises for an unknown name (the same names as OPTIMIZERS)
     return OPTIMIZERS[name](schedule, weight_decay, mask)

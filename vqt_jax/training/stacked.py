@@ -60,6 +60,7 @@ from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
+from vqt_jax.training import batches as batches_lib
 from vqt_jax.training import (
     compression_stage,
     engine,
@@ -377,7 +378,7 @@ def _exact_batches(setup: _Setup) -> Iterator[dict] | None:
         return None
     norm = data.as_normalization(config.normalization)
     masks, pos = [], 0
-    for batch in train.eval_batches(config, setup.plan.mesh):
+    for batch in batches_lib.eval_batches(config, setup.plan.mesh):
         mask = np.asarray(batch["mask"])
         n = int(mask.sum())
         if (not mask[:n].all() or pos + n > len(kept.images) or not np.array_equal(

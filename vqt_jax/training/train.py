@@ -63,7 +63,7 @@ from vqt_jax.training import (
 )
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
-from vqt_jax.training.batches import eval_batches
+from vqt_jax.training.batches import eval_batches  # `batches` is run_eval_batches' argument
 from vqt_jax.training.mesh import make_mesh
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -704,7 +704,7 @@ def _run_locked(plan: RunPlan, workdir: str,
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=data.get_class_names(config.task, config.data_dir))
     report = eval_metrics.pop("report")
-    # Trained earlier: how it trained, as the plan says; its loss, as saved.
+    # A run trained earlier (no outcome): how it trained, as the plan says; its loss, as saved.
     on_device = isinstance(run.source, engine.DeviceSource) if outcome is not None else (
         cache_plan is not None and why_not_on_device(config, cache_plan.spec, mesh) is None)
     results = run_results(
