@@ -220,12 +220,10 @@ def available_memory() -> int | None:
     the system does not say."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def float32_bytes(spec: Spec, num_rows: int, image_shape: tuple[int, ...]) -> int:
@@ -249,8 +247,8 @@ def spec_for(model: ViT, kind: str, num_examples: int, image_size: int,
     """The cache of `kind` for `model`, computed from shapes only (nothing runs)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
-    out = jax.eval_shape(
-        lambda v, x: model.apply(v, x, method=ViT.cache_features), variables, images)
+    out = jax.eval_shape(functools.partial(model.apply, method=ViT.cache_features), variables,
+                         images)
     # Per field: its per-example shape (k, v: [M, H, N, Dh]) and dtype.
     return Spec(kind, num_examples, {
         name: (tuple(out[name].shape[1:]), dtype if name in NARROWABLE else "float32")
@@ -270,12 +268,10 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
         (default: computed here, which stats every file of an image folder).
     """
     init = config.init or f"random init, seed {config.seed}"
-    init_stat = None
-    if config.init and "://" not in config.init:
-        path = config.init.split(":")[0]
-        if os.path.exists(path):
-            st = os.stat(path)
-            init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    init_stat, path = None, init.split(":")[0]
+    if config.init and "://" not in init and os.path.exists(path):
+        st = os.stat(path)
+        init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     backbone = {k: v for k, v in sorted(model_kwargs.items())
                 if k not in IGNORED_OPTIONS[kind]}
     if data_key is None:
@@ -330,8 +326,7 @@ def _raw(path: str, dtype: str, shape: tuple[int, ...], mode: str) -> np.ndarray
     """A raw memory-mapped array (bfloat16 goes through uint16: .npy cannot name it)."""
     np_dtype = np.dtype(_np_dtype(dtype))
     store = np.uint16 if dtype == "bfloat16" else np_dtype
-    arr = np.memmap(path, dtype=store, mode=mode, shape=shape)
-    return arr.view(np_dtype) if dtype == "bfloat16" else arr
+    return np.memmap(path, dtype=store, mode=mode, shape=shape).view(np_dtype)
 
 
 def _mapped(path: str, spec: Spec, mode: str) -> dict[str, np.ndarray]:
@@ -358,9 +353,8 @@ def _problem(path: str, spec: Spec) -> str | None:
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
     except (OSError, ValueError) as e:
         return f"{meta_path} is unreadable ({e})"
-    differences = [f"{k} {meta.get(k)!r} instead of {v!r}" for k, v in _meta(spec).items()
-                   if meta.get(k) != v]
-    if differences:
+    if differences := [f"{k} {meta.get(k)!r} instead of {v!r}" for k, v in _meta(spec).items()
+                       if meta.get(k) != v]:
         return f"{meta_path} describes other contents: {'; '.join(differences)}"
     for name, size in spec.file_sizes.items():
         file = os.path.join(path, name)
@@ -473,8 +467,7 @@ def open_cache(path: str, spec: Spec) -> Cache | None:
     remove_orphaned_builds(os.path.dirname(os.path.abspath(path)))
     if not os.path.exists(path):
         return None
-    problem = _problem(path, spec)
-    if problem is None:
+    if (problem := _problem(path, spec)) is None:
         try:
             arrays = _mapped(path, spec, "r")
             labels = np.asarray(arrays.pop("label"))
@@ -503,13 +496,10 @@ def _reserve(path: str, size: int) -> None:
     """Creates `path` with `size` bytes allocated on disk (not sparse), or raises OSError."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
         try:
-            if fallocate is None:
-                raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
-            fallocate(fd, 0, size)
-        except OSError as e:
-            if e.errno not in _NO_FALLOCATE:
+            os.posix_fallocate(fd, 0, size)
+        except (AttributeError, OSError) as e:  # AttributeError: absent on macOS
+            if getattr(e, "errno", errno.EOPNOTSUPP) not in _NO_FALLOCATE:
                 raise
             # The filesystem cannot reserve blocks: writing them reserves them just as well.
             os.ftruncate(fd, 0)
@@ -595,9 +585,8 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
             progress.update(count)
         progress.done()
 
-    cache = _store(spec, path, fill, np.asarray(labels, np.int32))
-    cache.float32 = kept
-    return cache
+    return dataclasses.replace(_store(spec, path, fill, np.asarray(labels, np.int32)),
+                               float32=kept)
 
 
 def _check_examples(spec: Spec, images: np.ndarray, labels: np.ndarray) -> None:
@@ -674,8 +663,7 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
             "config.cache_dir elsewhere, or config.cache='off'") from no_space
     logging.info("Cached %d examples (%s) in %s (%.1f s).", n, format_size(spec.nbytes), path,
                  time.time() - start_time)
-    cache = open_cache(path, spec)
-    if cache is None:
+    if (cache := open_cache(path, spec)) is None:
         raise RuntimeError(f"The cache just built in {path} cannot be read back")
     return cache
 
@@ -756,7 +744,7 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
     blocks, width = -(-n // d), len(columns)
     # Row k L + j of this host's rows is example k D + columns[j] (from N on: padding).
     example = (np.arange(blocks)[:, None] * d + columns).ravel()
-    local_labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0)
+    labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0).astype(np.int32)
 
     def fill(arrays: dict[str, np.ndarray]) -> None:
         # The pass: fills `arrays` (this host's rows, block major).
@@ -780,19 +768,17 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
             local[example < n] = images[example[example < n]]
             x = jax.make_array_from_process_local_data(batch_sharding, normalize(local))
             out = fn(variables, x)
-            k = np.arange(first, first + m)
             for name in spec.fields:
                 for shard in out[name].addressable_shards:
                     c = (shard.index[0].start or 0) // m
                     values = np.array(shard.data)
-                    values[k * d + c >= n] = 0  # the layout's padding holds zeros
-                    j = columns.index(c)
-                    arrays[name][first * width + j:(first + m) * width:width] = values
+                    values[np.arange(first, first + m) * d + c >= n] = 0  # the padding: zeros
+                    j = first * width + columns.index(c)
+                    arrays[name][j:(first + m) * width:width] = values
             progress.update(min(n, (first + m) * d) - first * d)
         progress.done()
 
-    rows = _store(rows_spec, path, fill, local_labels.astype(np.int32))
-    return DeviceRows(spec, d, columns, rows)
+    return DeviceRows(spec, d, columns, _store(rows_spec, path, fill, labels))
 
 
 # Rows per device that an inference pass runs at a time on CPU (`in_steps`): XLA:CPU runs a
@@ -836,14 +822,17 @@ def in_steps(fn: Callable[[Any], Any], x: Any, mesh: Mesh,
     return jax.tree.map(join, jax.lax.map(fn, jax.tree.map(split, x)))
 
 
-def forward_fn(fn: Callable, mesh: Mesh, rows_per_step: int | None = None) -> Callable:
+def forward_fn(fn: Callable, mesh: Mesh, rows_per_step: int | None = None, *,
+               out_sharding: NamedSharding | None = None) -> Callable:
     """`fn(variables, batch)` jitted data-parallel: variables replicated, batch and outputs
     sharded over the batch, so each device's output is its own rows (a replicated output
-    would hold the whole batch on every device, growing with the device count). Each row's
-    output depends on that row alone: the rows run `in_steps` (`rows_per_step`)."""
+    would hold the whole batch on every device, growing with the device count; pass
+    `out_sharding` for another). Each row's output depends on that row alone: the rows run
+    `in_steps` (`rows_per_step`)."""
     batch = NamedSharding(mesh, P("data"))
     return jax.jit(lambda v, x: in_steps(functools.partial(fn, v), x, mesh, rows_per_step),
-                   in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
+                   in_shardings=(NamedSharding(mesh, P()), batch),
+                   out_shardings=out_sharding or batch)
 
 
 def fetch_rows(tree: Any) -> Any:

@@ -130,10 +130,9 @@ class _QuietLibraries(py_logging.Filter):
     """Drops INFO (and finer) records logged from inside the QUIET_LIBRARIES packages."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        if record.levelno >= py_logging.WARNING:
-            return True
         path = record.pathname.replace(os.sep, "/")
-        return not any(f"/{name}/" in path for name in QUIET_LIBRARIES)
+        return record.levelno >= py_logging.WARNING or not any(
+            f"/{name}/" in path for name in QUIET_LIBRARIES)
 
 
 def setup_logging(libraries: bool = False) -> None:

@@ -24,8 +24,7 @@ def num_to_keep(num_features: int, keep_frac: float, *, nearest: bool = False) -
     src/models/build_h2t_model.py: 0.7 of 9,984 keeps 6,988); `nearest` rounds instead
     (Python's `round`, halves to even), Head2Toe's rule here.
     """
-    count = round(keep_frac * num_features) if nearest else int(keep_frac * num_features)
-    return max(1, count)
+    return max(1, round(keep_frac * num_features) if nearest else int(keep_frac * num_features))
 
 
 def group_norms(kernel: Any) -> np.ndarray:
@@ -54,12 +53,12 @@ def select_features(kernel: Any, keep_frac: float) -> np.ndarray:
       Sorted int64 indices of the top `num_to_keep(F, keep_frac)` features by norm; among
       equal norms the lower index wins.
     """
-    _check_keep_frac(keep_frac)
+    if not 0.0 < keep_frac <= 1.0:
+        raise ValueError(f"keep_frac must be in (0, 1], got {keep_frac}")
     norms = group_norms(kernel)
-    k = num_to_keep(len(norms), keep_frac)
     # A stable sort of the negated norms orders ties by index, so the cut is deterministic.
     order = np.argsort(-norms, kind="stable")
-    return np.sort(order[:k]).astype(np.int64)
+    return np.sort(order[:num_to_keep(len(norms), keep_frac)]).astype(np.int64)
 
 
 def predict(head: Head, features: Any) -> jax.Array:
@@ -78,13 +77,7 @@ def accuracy(head: Head, features: Any, labels: Any) -> float:
         raise ValueError(f"{np.shape(features)[0]} feature rows but {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError("accuracy of an empty set is undefined")
-    predictions = np.asarray(jnp.argmax(predict(head, features), axis=-1))
-    return float(np.mean(predictions == labels))
-
-
-def _check_keep_frac(keep_frac: float) -> None:
-    if not 0.0 < keep_frac <= 1.0:
-        raise ValueError(f"keep_frac must be in (0, 1], got {keep_frac}")
+    return float(np.mean(np.asarray(jnp.argmax(predict(head, features), axis=-1)) == labels))
 
 
 def row_norms(kernel: jax.Array) -> jax.Array:

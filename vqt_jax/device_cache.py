@@ -89,15 +89,6 @@ def stored_dtype(dtype: np.dtype) -> np.dtype:
     return BIT_PATTERNS.get(np.dtype(dtype), np.dtype(dtype))
 
 
-def per_device_bytes(spec: cache_lib.Spec, fields: list[str], num_devices: int,
-                     batch_size: int) -> int:
-    """What a device holds: its share of the rows plus a batch's gather, which at any time
-    holds three blocks of B / D rows (the rows a pass reads, the partial batch it fills and
-    the one it receives; see `_gather`)."""
-    rows = math.ceil(spec.num_examples / num_devices) + 3 * math.ceil(batch_size / num_devices)
-    return rows * (sum(spec.row_bytes[f] for f in fields) + 4)  # + the int32 label
-
-
 def local_memory_limit(mesh: Mesh) -> int | None:
     """The least memory (`bytes_limit`) among this host's devices in `mesh`, or None where
     none reports it (a CPU).
@@ -107,16 +98,13 @@ def local_memory_limit(mesh: Mesh) -> int | None:
     combined across hosts (`hosts.all_agree`, as every caller does), so that every host
     decides as the one with the least memory does.
     """
-    limits = []
-    for device in mesh.local_devices:
+    def bytes_limit(device: jax.Device) -> int:
         try:
-            stats = device.memory_stats()
+            return int((device.memory_stats() or {}).get("bytes_limit") or 0)
         except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-            stats = None
-        limit = (stats or {}).get("bytes_limit")
-        if limit:
-            limits.append(int(limit))
-    return min(limits, default=None)
+            return 0
+
+    return min(filter(None, map(bytes_limit, mesh.local_devices)), default=None)
 
 
 def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
@@ -128,7 +116,12 @@ def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
     (`config.cache_max_gb`) already bounds. The answer is this host's
     (`local_memory_limit`): combine it across hosts with `hosts.all_agree`.
     """
-    need = per_device_bytes(spec, fields, mesh.shape[AXIS], batch_size)
+    d = mesh.shape[AXIS]
+    # A device holds its share of the rows plus a batch's gather, which at any time holds
+    # three blocks of B / D rows (the rows a pass reads, the partial batch it fills and the
+    # one it receives; see `_gather`); + 4 bytes for the int32 label.
+    rows = math.ceil(spec.num_examples / d) + 3 * math.ceil(batch_size / d)
+    need = rows * (sum(spec.row_bytes[f] for f in fields) + 4)
     limit = local_memory_limit(mesh)
     if limit and need > DEVICE_FRACTION * limit:
         return (f"each device would hold {cache_lib.format_size(need)} of the cache, over "

@@ -138,10 +138,9 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
         epath.Path(path).write_bytes(buf.getvalue())
         return path
     workdir_lib.remove_stale_temps(path)  # of a write killed before its rename
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
+        tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -43,20 +43,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def count() -> int:
     """The number of processes (1 while jax is not even imported: nothing distributed)."""
-    if "jax" not in sys.modules:
-        return 1
-    import jax  # noqa: PLC0415
-
-    return jax.process_count()
+    jax = sys.modules.get("jax")
+    return 1 if jax is None else jax.process_count()
 
 
 def is_chief() -> bool:
     """Whether this process writes the run's shared files (process 0)."""
-    if count() == 1:
-        return True
-    import jax  # noqa: PLC0415
-
-    return jax.process_index() == 0
+    # With more than one process, jax is imported.
+    return count() == 1 or sys.modules["jax"].process_index() == 0
 
 
 def barrier(name: str) -> None:
@@ -82,8 +76,6 @@ def process_alive(pid: int) -> bool:
     another user's process), for removing what dead processes left behind."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # EPERM: alive, someone else's; otherwise: do not guess
-        pass
+    except (OSError, OverflowError) as e:  # EPERM: alive, someone else's; else: do not guess
+        return not isinstance(e, ProcessLookupError)
     return True

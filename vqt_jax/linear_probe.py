@@ -302,9 +302,8 @@ def _basis(x: np.ndarray, width: int) -> np.ndarray:
     the right singular vectors of x with non-negligible singular values, from the
     eigendecomposition of the [N, N] Gram matrix in float64.
     """
-    f = x.shape[1]
-    if f <= width:
-        return np.eye(f, width, dtype=np.float64)
+    if x.shape[1] <= width:
+        return np.eye(x.shape[1], width, dtype=np.float64)
     x64 = x.astype(np.float64)
     eigvals, eigvecs = np.linalg.eigh(x64 @ x64.T)
     # Directions with singular values below 1e-6 of the largest carry no signal in float32.
@@ -331,8 +330,7 @@ class _Problem:
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, classes: np.ndarray, width: int | None = None):
-        self.x = x
-        self.n = len(x)
+        self.x, self.n, self.classes = x, len(x), classes
         self.basis = _basis(x, width or _width(x))
         z = x.astype(np.float64) @ self.basis
         # Centred coordinates: the unpenalised bias absorbs the mean (logits = (z - mean) B +
@@ -343,7 +341,6 @@ class _Problem:
         self.y_idx = np.searchsorted(classes, y)
         self.z = jnp.asarray(_pad_rows(self.z64, _bucket(self.n)), jnp.float32)
         self.y = jnp.asarray(_pad_rows(self.y_idx, _bucket(self.n)), jnp.int32)
-        self.classes = classes
 
     def fit(self, weights: np.ndarray, c: float, init: dict | None, tol: float,
             max_iter: int) -> tuple[Probe, dict]:
@@ -366,11 +363,10 @@ class _Problem:
         logits = self.z64 @ b + np.asarray(params["bias"], np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         ce = np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(self.n), self.y_idx]
-        probe = Probe(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
-                      classes=self.classes, C=float(c),
-                      objective=float(weights @ ce + 0.5 / c * np.sum(kernel * kernel)),
-                      grad_norm=grad_norm, iterations=int(count), stop=stop)
-        return probe, params
+        return Probe(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
+                     classes=self.classes, C=float(c),
+                     objective=float(weights @ ce + 0.5 / c * np.sum(kernel * kernel)),
+                     grad_norm=grad_norm, iterations=int(count), stop=stop), params
 
 
 def _width(x: np.ndarray) -> int:
@@ -427,9 +423,9 @@ def _counter(progress: Progress | None, fits: int) -> Callable[[], None]:
 
 
 def _sweep(problem: _Problem, n_train: int, cs: Sequence[float], tol: float,
-           max_iter: int, fitted: Callable[[], None]) -> list[int]:
-    """Validation correct counts of every C fitted on the first `n_train` rows (warm-started;
-    the other rows are the validation part); `fitted()` after each fit."""
+           max_iter: int, fitted: Callable[[], None]) -> tuple[list[int], tuple[float, ...]]:
+    """Validation correct counts and top-1 of every C fitted on the first `n_train` rows
+    (warm-started; the other rows are the validation part); `fitted()` after each fit."""
     weights = (np.arange(problem.n) < n_train).astype(np.float32)
     x_val, y_val = problem.x[n_train:], problem.classes[problem.y_idx[n_train:]]
     correct, init = [], None
@@ -437,7 +433,7 @@ def _sweep(problem: _Problem, n_train: int, cs: Sequence[float], tol: float,
         probe, init = problem.fit(weights, c, init, tol, max_iter)
         correct.append(int(np.sum(probe.predict(x_val) == y_val)))
         fitted()
-    return correct
+    return correct, tuple(k / len(y_val) for k in correct)
 
 
 def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: Any, *,
@@ -466,11 +462,11 @@ def tune(train_features: Any, train_labels: Any, val_features: Any, val_labels: 
     x, y, n, classes = _check_pair(train_features, train_labels, val_features, val_labels)
     problem = _Problem(x, y, classes)
     fitted = _counter(progress, len(cs) + 1)
-    correct = _sweep(problem, n, cs, tol, max_iter, fitted)
+    correct, val_top1 = _sweep(problem, n, cs, tol, max_iter, fitted)
     best = select_c(correct, cs)
     probe, _ = problem.fit(np.ones(len(x)), cs[best], None, tol, max_iter)
     fitted()
-    return Tuned(probe=probe, C=cs[best], cs=cs, val_top1=tuple(k / (len(x) - n) for k in correct))
+    return Tuned(probe=probe, C=cs[best], cs=cs, val_top1=val_top1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,8 +675,8 @@ def head2toe(train_features: Any, train_labels: Any, val_features: Any, val_labe
     best = (-1, 0.0, 0.0)  # (correct, keep_frac, C)
     for frac in keep_fracs:
         kept = np.sort(selection.order[:num_to_keep(f, frac, nearest=True)])
-        correct = _sweep(_Problem(x[:, kept], y, classes, width), n, cs, tol, max_iter, fitted)
-        val_top1[frac] = tuple(k / (len(x) - n) for k in correct)
+        problem = _Problem(x[:, kept], y, classes, width)
+        correct, val_top1[frac] = _sweep(problem, n, cs, tol, max_iter, fitted)
         i = select_c(correct, cs)
         if correct[i] > best[0]:  # strict: a tie keeps the smaller fraction
             best = (correct[i], frac, cs[i])

@@ -156,13 +156,11 @@ def model_kwargs(name: str, model: dict[str, Any]) -> dict[str, Any]:
     method = get(name)
     out = dict(model)
     for part, fields in PARTS.items():
-        if part in method.parts:
-            for f in fields:
-                if not out.get(f):
-                    raise ValueError(f"method {name!r} needs config.model.{f} > 0, "
-                                     f"got {out.get(f)}")
-        else:
-            out.update({f: 0 for f in fields})
+        for f in fields:
+            if part not in method.parts:
+                out[f] = 0
+            elif not out.get(f):
+                raise ValueError(f"method {name!r} needs config.model.{f} > 0, got {out.get(f)}")
     out.update(method.model)
     return out
 

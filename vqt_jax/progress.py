@@ -54,19 +54,16 @@ class Progress:
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self._log = log or (lambda msg: logging.info("%s", msg))
         self._clock = clock
-        self.start = clock()
-        self._last = self.start
+        self.start = self._last = clock()
         self._first: tuple[float, int] | None = None  # (time, count) at the first update
         self.count = 0
 
     def line(self, now: float | None = None) -> str:
         """The current progress line."""
         now = self._clock() if now is None else now
-        head = f"{self.what}: {self.count}"
-        if self.total:
-            head += f"/{self.total} {self.unit} ({100 * self.count / self.total:.0f}%)"
-        else:
-            head += f" {self.unit}"
+        head = f"{self.what}: {self.count}" + (
+            f"/{self.total} {self.unit} ({100 * self.count / self.total:.0f}%)" if self.total
+            else f" {self.unit}")
         if self._first is not None and self.count > self._first[1] and now > self._first[0]:
             rate = (self.count - self._first[1]) / (now - self._first[0])
             eta = f", ETA {format_duration((self.total - self.count) / rate)}" if self.total else ""

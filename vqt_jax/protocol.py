@@ -160,10 +160,8 @@ def round_resized(config: Mapping[str, Any]) -> bool:
 
 def describe(config: Mapping[str, Any]) -> str:
     """One line naming a config's protocol and preprocessing (for tables and logs)."""
-    name = config.get("protocol", "?")
     norm = config.get("normalization")
-    norm = "ImageNet mean/std" if norm == "imagenet" else (
-        "[-1, 1]" if norm == "inception" else f"mean/std {norm}")
+    norm = {"imagenet": "ImageNet mean/std", "inception": "[-1, 1]"}.get(norm, f"mean/std {norm}")
     resize = "uint8-rounded" if round_resized(config) else "float"
-    return (f"protocol {name}: {config.get('image_size')} px bilinear resize ({resize}), "
-            f"{norm}, {batching(config)} batching")
+    return (f"protocol {config.get('protocol', '?')}: {config.get('image_size')} px bilinear "
+            f"resize ({resize}), {norm}, {batching(config)} batching")

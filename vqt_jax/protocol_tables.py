@@ -135,36 +135,23 @@ def summarize(results: Sequence[TaskResult]) -> list[SummaryRow]:
     return rows
 
 
-def protocols_by_task(results: Sequence[TaskResult]) -> dict[str, list[str]]:
-    """Protocol/preprocessing line -> the tasks with a run that recorded it, in first-seen order.
-
-    A result without `protocols` counts as `NOT_RECORDED`.
-    """
-    out: dict[str, list[str]] = {}
-    for r in results:
-        for line in r.protocols or (NOT_RECORDED,):
-            out.setdefault(line, []).append(r.task)
-    return out
-
-
 def protocol_header(results: Sequence[TaskResult]) -> list[str]:
     """The markdown lines that name the runs' protocol and preprocessing.
 
     One line when every run recorded the same; otherwise a warning and one bullet per
     protocol with its tasks, because rows trained differently are not one protocol's table.
+    A result without `protocols` counts as `NOT_RECORDED`.
     """
-    found = protocols_by_task(results)
+    found: dict[str, list[str]] = {}  # line -> the tasks with a run that recorded it
+    for r in results:
+        for line in r.protocols or (NOT_RECORDED,):
+            found.setdefault(line, []).append(r.task)
     if len(found) <= 1:
-        line = next(iter(found), NOT_RECORDED)
-        return [f"Protocol and preprocessing of every run: {line}."]
+        return [f"Protocol and preprocessing of every run: {next(iter(found), NOT_RECORDED)}."]
     lines = ["**The runs disagree on protocol or preprocessing**; these rows do not come from "
              "one protocol:", ""]
     lines += [f"* {line} ({', '.join(tasks)})" for line, tasks in found.items()]
     return lines
-
-
-def _metric_name(metric: str) -> str:
-    return METRIC_NAMES.get(metric, metric)
 
 
 def metric_header(results: Sequence[TaskResult]) -> list[str]:
@@ -178,12 +165,8 @@ def metric_header(results: Sequence[TaskResult]) -> list[str]:
             "own column; the averages are of the reported column."]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
 
 
 def _summary_label(row: SummaryRow) -> str:
@@ -191,9 +174,8 @@ def _summary_label(row: SummaryRow) -> str:
         # Fewer than three groups is not the number papers report: say which are in it.
         partial = "" if row.num_groups == len(GROUPS) else f" of {len(GROUPS)}"
         return f"**Mean of group means** ({row.num_groups}{partial} groups)"
-    if row.name == MEAN_OVER_TASKS:
-        return f"**Mean over tasks** ({_plural(row.num_tasks, 'task')})"
-    return f"**{row.name.capitalize()}** ({_plural(row.num_tasks, 'task')})"
+    name = "Mean over tasks" if row.name == MEAN_OVER_TASKS else row.name.capitalize()
+    return f"**{name}** ({row.num_tasks} task{'s' if row.num_tasks != 1 else ''})"
 
 
 def to_markdown(results: Sequence[TaskResult], *, method: str | None = None) -> str:
@@ -214,20 +196,15 @@ def to_markdown(results: Sequence[TaskResult], *, method: str | None = None) -> 
              "| task | group | lr | wd | val top-1 (%) | test top-1 (%) | reported | "
              "trained model's test top-1 (%) | seeds |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    for r in results:
-        plain = "" if r.plain_mean is None else _pct(r.plain_mean)
-        lines.append(f"| {r.task} | {r.group} | {r.lr:g} | {r.wd:g} | {_pct(r.val_top1)} | "
-                     f"{_pct(r.mean)} ± {_pct(r.std)} | {_metric_name(r.metric)} | {plain} | "
-                     f"{len(r.test_top1)} |")
+    lines += [f"| {r.task} | {r.group} | {r.lr:g} | {r.wd:g} | {_pct(r.val_top1)} | "
+              f"{_pct(r.mean)} ± {_pct(r.std)} | {METRIC_NAMES.get(r.metric, r.metric)} | "
+              f"{_pct(r.plain_mean)} | {len(r.test_top1)} |" for r in results]
     rows = summarize(results)
-    for row in rows:
-        lines.append(f"| {_summary_label(row)} | | | | | **{_pct(row.mean)}** | | | |")
-    if any(row.name == MEAN_OF_GROUP_MEANS for row in rows):
-        lines += ["", "Test top-1: mean ± sample std over seeds. Mean of group means: the "
-                      "average of the group rows (each group weighs the same); mean over "
-                      "tasks: the average of the task rows (each task weighs the same)."]
-    else:
-        lines += ["", "Test top-1: mean ± sample std over seeds."]
+    lines += [f"| {_summary_label(row)} | | | | | **{_pct(row.mean)}** | | | |" for row in rows]
+    lines += ["", "Test top-1: mean ± sample std over seeds." + (
+        " Mean of group means: the average of the group rows (each group weighs the same); "
+        "mean over tasks: the average of the task rows (each task weighs the same)."
+        if any(row.name == MEAN_OF_GROUP_MEANS for row in rows) else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -247,20 +224,17 @@ def to_csv(results: Sequence[TaskResult]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for r in results:
-        writer.writerow(dict(
-            name=r.task, kind="task", group=r.group, lr=r.lr, wd=r.wd,
-            val_top1_pct=100 * r.val_top1, test_top1_mean_pct=100 * r.mean,
-            test_top1_std_pct=100 * r.std, reported=r.metric,
-            plain_test_top1_mean_pct="" if r.plain_mean is None else 100 * r.plain_mean,
-            num_seeds=len(r.test_top1), num_tasks=1,
-            protocol="; ".join(r.protocols),
-        ))
-    for row in summarize(results):
-        writer.writerow(dict(name=row.name, kind=row.kind,
-                             group=row.name if row.kind == "group" else "",
-                             test_top1_mean_pct=100 * row.mean, num_tasks=row.num_tasks,
-                             num_groups=row.num_groups or ""))
+    writer.writerows(dict(
+        name=r.task, kind="task", group=r.group, lr=r.lr, wd=r.wd,
+        val_top1_pct=100 * r.val_top1, test_top1_mean_pct=100 * r.mean,
+        test_top1_std_pct=100 * r.std, reported=r.metric,
+        plain_test_top1_mean_pct="" if r.plain_mean is None else 100 * r.plain_mean,
+        num_seeds=len(r.test_top1), num_tasks=1, protocol="; ".join(r.protocols),
+    ) for r in results)
+    writer.writerows(dict(name=row.name, kind=row.kind,
+                          group=row.name if row.kind == "group" else "",
+                          test_top1_mean_pct=100 * row.mean, num_tasks=row.num_tasks,
+                          num_groups=row.num_groups or "") for row in summarize(results))
     return out.getvalue()
 
 

@@ -30,6 +30,7 @@ from absl import logging
 from vqt_jax import methods, preparations, protocol
 from vqt_jax.checkpoints import CheckpointError, introspect, split_subtree
 from vqt_jax.models.vit import POOL_TYPES
+from vqt_jax.training import workdir as workdir_lib
 
 AUTO = "auto"
 
@@ -63,21 +64,6 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{'model.num_queries': 1, ...}: every leaf of the config under its dotted name."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(config.to_dict(), "")
-    return out
-
-
 def _prepare(config: ml_collections.ConfigDict) -> None:
     """Runs `config.prepare` (if set) on `config`, letting it fill unset fields only.
 
@@ -89,13 +75,12 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
     if not name:
         return
     prepare = preparations.get(name)
-    before = _flat(config)
+    before = workdir_lib.flatten(config.to_dict())  # every leaf under its dotted name
     with config.unlocked():
         prepare(config)
-    after = _flat(config)
-    changed = [f"{k} ({v!r} -> {after.get(k, '<removed>')!r})" for k, v in before.items()
-               if v is not None and (k not in after or after[k] != v)]
-    if changed:
+    after = workdir_lib.flatten(config.to_dict())
+    if changed := [f"{k} ({v!r} -> {after.get(k, '<removed>')!r})" for k, v in before.items()
+                   if v is not None and (k not in after or after[k] != v)]:
         raise ValueError(f"config.prepare={name!r} changed {', '.join(changed)}: a preparation "
                          "may only fill fields left unset (None).")
 
@@ -139,8 +124,7 @@ def _from_checkpoint(config: ml_collections.ConfigDict, download: bool) -> None:
         value = model.get(field)  # the command line sets a field typed 'auto' as a string
         if isinstance(value, str) and parse(value.lower()) is not None:
             _set(model, field, parse(value.lower()))
-    auto = unresolved(model)
-    if not auto:
+    if not (auto := unresolved(model)):
         return
     fixed = protocol.settings(config.protocol) if config.get("protocol") else {}
     if "mlp_act" in auto and "model.mlp_act" in fixed:  # the protocol's before the file's

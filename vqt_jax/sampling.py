@@ -36,9 +36,8 @@ def check_batching(batching: str) -> None:
 def steps_per_epoch(num_examples: int, global_batch_size: int, batching: str) -> float:
     """Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'."""
     check_batching(batching)
-    if batching == "epoch":
-        return math.ceil(num_examples / global_batch_size)
-    return num_examples / global_batch_size
+    per_epoch = num_examples / global_batch_size
+    return math.ceil(per_epoch) if batching == "epoch" else per_epoch
 
 
 def epoch_permutation(seed: int | jax.Array, epoch: int | jax.Array,
@@ -60,18 +59,14 @@ def batch_indices(step: int | jax.Array, seed: int | jax.Array, *, num_examples:
     step = jnp.asarray(step, jnp.int32)
     if batching == "epoch":
         per_epoch = -(-n // b)
-        epoch = step // per_epoch
         offset = (step % per_epoch) * b + slots
-        mask = (offset < n).astype(jnp.float32)
-        index = epoch_permutation(seed, epoch, n)[jnp.minimum(offset, n - 1)]
-        return index, mask
+        index = epoch_permutation(seed, step // per_epoch, n)[jnp.minimum(offset, n - 1)]
+        return index, (offset < n).astype(jnp.float32)
     # A batch of B positions touches at most B // N + 2 consecutive epochs (static).
     positions = step * b + slots
     first = positions[0] // n
-    epochs = positions // n - first
-    span = b // n + 2
-    perms = jax.vmap(lambda e: epoch_permutation(seed, first + e, n))(jnp.arange(span))
-    index = perms[epochs, positions % n]
+    perms = jax.vmap(lambda e: epoch_permutation(seed, first + e, n))(jnp.arange(b // n + 2))
+    index = perms[positions // n - first, positions % n]
     return index.astype(jnp.int32), jnp.ones((b,), jnp.float32)
 
 

@@ -19,7 +19,6 @@ predictor refuses them, naming the option that differs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -180,8 +179,7 @@ def load_tasks(models: Sequence[str | tuple[str | None, str]], backbone: str | N
     for (name, e), model, abstract in zip(exports, models_, abstracts, strict=True):
         flat = {}
         for k, a in trainable_lib.flatten(abstract).items():
-            value = e.arrays.get(k, shared.get(k))
-            if value is None:
+            if (value := e.arrays.get(k, shared.get(k))) is None:
                 raise export.ExportError(f"{e.path}: variable {k} is neither in the export nor "
                                          "in the backbone checkpoint")
             if tuple(value.shape) != tuple(a.shape):
@@ -214,34 +212,22 @@ class Predictor:
         replicated = NamedSharding(self.mesh, P())
         self._rows = NamedSharding(self.mesh, P("data"))
         # The backbone's arrays are one set on the devices, whatever the number of tasks.
-        placed: dict[int, jax.Array] = {}
-
-        def put(value: np.ndarray) -> jax.Array:
-            if id(value) not in placed:
-                placed[id(value)] = checkpoints.place(value, replicated)
-            return placed[id(value)]
-
-        self._variables = [jax.tree.map(put, t.variables) for t in self.tasks]
+        arrays = {id(a): a for t in self.tasks for a in jax.tree.leaves(t.variables)}
+        placed = {i: checkpoints.place(a, replicated) for i, a in arrays.items()}
+        self._variables = [jax.tree.map(lambda a: placed[id(a)], t.variables) for t in self.tasks]
         tasks = self.tasks
-        shared = [i for i, t in enumerate(tasks) if t.shares_backbone_pass]
+        first = next((i for i, t in enumerate(tasks) if t.shares_backbone_pass), None)
 
         def fn(variables: list[dict[str, Any]], images: jax.Array) -> list[jax.Array]:
-            out = [None] * len(tasks)
-            if shared:
-                feats = tasks[shared[0]].model.apply(variables[shared[0]], images,
-                                                     method=ViT.cache_features)
+            if first is not None:
+                feats = tasks[first].model.apply(variables[first], images,
+                                                 method=ViT.cache_features)
                 inputs = {k: feats[k] for k in ("k", "v", "cls")}
-                for i in shared:
-                    out[i] = tasks[i].model.apply(variables[i], inputs,
-                                                  method=ViT.features_from_cache)["logits"]
-            for i, t in enumerate(tasks):
-                if out[i] is None:
-                    out[i] = t.model.apply(variables[i], images)
-            return [o.astype(jnp.float32) for o in out]
+            return [(t.model.apply(v, inputs, method=ViT.features_from_cache)["logits"]
+                     if t.shares_backbone_pass else t.model.apply(v, images)).astype(jnp.float32)
+                    for t, v in zip(tasks, variables, strict=True)]
 
-        # Each row's logits depend on that row alone: the rows run `in_steps`.
-        self._fn = jax.jit(lambda v, x: cache_lib.in_steps(functools.partial(fn, v), x, self.mesh),
-                           in_shardings=(replicated, self._rows), out_shardings=replicated)
+        self._fn = cache_lib.forward_fn(fn, self.mesh, out_sharding=replicated)
 
     @property
     def names(self) -> list[str]:
@@ -250,18 +236,16 @@ class Predictor:
     def logits(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every task's float32 logits [N, classes] for normalised images [N, S, S, 3] (as the
         evaluation pipeline makes them); N is padded to the batch internally."""
-        n = len(images)
-        chunks: list[list[np.ndarray]] = [[] for _ in self.tasks]
-        for start in range(0, n, self.batch_size):
-            m = min(self.batch_size, n - start)
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            part = images[start:start + self.batch_size]
             batch = np.zeros((self.batch_size, *np.shape(images)[1:]), np.float32)
-            batch[:m] = images[start:start + m]
+            batch[:len(part)] = part
             outs = jax.device_get(self._fn(self._variables, jax.device_put(batch, self._rows)))
-            for c, o in zip(chunks, outs, strict=True):
-                c.append(np.asarray(o)[:m])
-        return {t.name: (np.concatenate(c) if c else np.zeros((0, len(t.exported.class_names)),
-                                                              np.float32))
-                for t, c in zip(self.tasks, chunks, strict=True)}
+            chunks.append([np.asarray(o)[:len(part)] for o in outs])
+        return {t.name: np.concatenate([np.zeros((0, len(t.exported.class_names)), np.float32),
+                                        *(c[i] for c in chunks)])
+                for i, t in enumerate(self.tasks)}
 
     def predict_files(self, paths: Sequence[str], top_k: int = 5,
                       on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:

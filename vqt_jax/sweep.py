@@ -66,13 +66,9 @@ from vqt_jax import resolve as resolve_lib
 from vqt_jax.progress import format_duration
 from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's results)
     COMPRESSED_TOP1,
-    CSV_FIELDS,
     GROUPS,
-    MEAN_OF_GROUP_MEANS,
-    MEAN_OVER_TASKS,
     NOT_RECORDED,
     PLAIN_TOP1,
-    SummaryRow,
     TaskResult,
     summarize,
     to_csv,
@@ -227,9 +223,7 @@ def check_tasks(tasks: Sequence[str], task_groups: Mapping[str, str]) -> None:
 def resolve_tasks(text: str, task_groups: Mapping[str, str]) -> list[str]:
     """The tasks of a comma-separated list; ``all`` means every task but `FOLDER_TASK`."""
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    if tasks == ["all"]:
-        return [t for t in task_groups if t != FOLDER_TASK]
-    return tasks
+    return [t for t in task_groups if t != FOLDER_TASK] if tasks == ["all"] else tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +279,7 @@ class SweepProgress:
                  clock: Callable[[], float] = time.monotonic):
         self.run_dirs = [workdir_lib.as_path(d) for d in run_dirs]
         self.total = len(self.run_dirs)
-        self.number = 0  # of the current run, 1-based
-        self.trained = 0
-        self.train_seconds = 0.0
+        self.number, self.trained, self.train_seconds = 0, 0, 0.0  # number: current run's, from 1
         self.log = log or _log_info
         self._clock = clock
         self._start = self._run_start = clock()
@@ -310,7 +302,6 @@ class SweepProgress:
         self.number += 1
         line = (f"run {self.number} of {self.total}: {config.task} lr={config.lr!r} "
                 f"wd={config.wd!r} seed={config.seed} ({config.split})")
-        run_dir = workdir_lib.as_path(run_dir)
         if run_dir in self._in_program:
             line += ": trained in the program above, its results.json is read"
         elif (run_dir / "results.json").is_file():
@@ -361,10 +352,9 @@ def run_overrides(base: ml_collections.ConfigDict, *, split: str, lr: float, wd:
     return overrides
 
 
-def _run_config(base: ml_collections.ConfigDict, *, split: str, lr: float, wd: float,
-                seed: int) -> ml_collections.ConfigDict:
-    """One run's config: `resolve(base, run_overrides(...))`, a copy of its own."""
-    return resolve_lib.resolve(base, run_overrides(base, split=split, lr=lr, wd=wd, seed=seed))
+def _run_config(base: ml_collections.ConfigDict, **run: Any) -> ml_collections.ConfigDict:
+    """One run's config: `resolve(base, run_overrides(base, **run))`, a copy of its own."""
+    return resolve_lib.resolve(base, run_overrides(base, **run))
 
 
 def reported_of_run(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -398,27 +388,6 @@ def run_protocol(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
     return protocol.describe(recorded) if isinstance(recorded, Mapping) else NOT_RECORDED
 
 
-def _check_recorded(results: Mapping[str, Any], config: ml_collections.ConfigDict,
-                    path: epath.Path) -> None:
-    """Refuses a finished run that was not trained with the settings of its directory.
-
-    The settings the sweep owns (`RESERVED_KEYS`) are read from ``results["config"]`` (the run's
-    whole config, which the trainer records) when present, else from the top-level keys of an
-    older results.json; a key neither has is not checked.
-    """
-    recorded = results.get("config")
-    source = recorded if isinstance(recorded, Mapping) else results
-    if wrong := {k: source[k] for k in sorted(RESERVED_KEYS)
-                 if k in source and source[k] != config.get(k)}:
-        # E.g. a run resumed by hand with a lower lr after diverging: its top-1 would be
-        # reported (and maybe selected) under the grid point its directory names.
-        raise ValueError(
-            f"{path} records {', '.join(f'{k}={v!r}' for k, v in wrong.items())}, but the sweep "
-            f"runs {', '.join(f'{k}={config.get(k)!r}' for k in wrong)} there; its result would "
-            f"be reported for a setting it was not trained with. Delete {path.parent} to "
-            "retrain it, or use another --workdir.")
-
-
 def _run_or_read(config: ml_collections.ConfigDict, run_dir: epath.Path, train_fn: TrainFn, *,
                  may_diverge: bool, progress: SweepProgress) -> dict[str, Any] | None:
     """Returns the results of one run, training only if they are not on disk yet.
@@ -430,10 +399,23 @@ def _run_or_read(config: ml_collections.ConfigDict, run_dir: epath.Path, train_f
         ValueError: results on disk record other task/split/lr/wd/seed/method than `config`.
     """
     progress.begin(config, run_dir)
-    results_path = run_dir / workdir_lib.RESULTS_FILE
-    if results_path.is_file():
-        results = workdir_lib.read_json(results_path)
-        _check_recorded(results, config, results_path)
+    path = run_dir / workdir_lib.RESULTS_FILE
+    if path.is_file():
+        # A finished run must have been trained with the settings of its directory: those the
+        # sweep owns (`RESERVED_KEYS`), read from ``results["config"]`` (the run's whole config)
+        # when present, else from the top-level keys of an older results.json.
+        results = workdir_lib.read_json(path)
+        recorded = results.get("config")
+        source = recorded if isinstance(recorded, Mapping) else results
+        if wrong := {k: source[k] for k in sorted(RESERVED_KEYS)
+                     if k in source and source[k] != config.get(k)}:
+            # E.g. a run resumed by hand with a lower lr after diverging: its top-1 would be
+            # reported (and maybe selected) under the grid point its directory names.
+            raise ValueError(
+                f"{path} records {', '.join(f'{k}={v!r}' for k, v in wrong.items())}, but the "
+                f"sweep runs {', '.join(f'{k}={config.get(k)!r}' for k in wrong)} there; its "
+                f"result would be reported for a setting it was not trained with. Delete "
+                f"{path.parent} to retrain it, or use another --workdir.")
         return results
     if (run_dir / FAILED_MARKER).is_file():
         return None
@@ -474,21 +456,6 @@ def select_hparams(val_top1: Mapping[tuple[float, float], float | None]) -> tupl
     # Top-1 on val200 moves in steps of 0.005; rounding to 1e-6 only makes equal counts compare
     # equal even if they were summed in a different order, so ties are real ties.
     return min(usable, key=lambda k: (-round(usable[k], 6), k[0], k[1]))
-
-
-def _check_fingerprint(task_dir: epath.Path, fingerprint: dict[str, Any]) -> None:
-    """Refuses to mix finished runs of a different method or overrides into this sweep."""
-    path = task_dir / SWEEP_FILE
-    if path.is_file() and (stored := workdir_lib.read_json(path)) != _as_json(fingerprint):
-        raise ValueError(
-            f"{task_dir} was swept with {stored}, not {_as_json(fingerprint)}; its finished runs "
-            "would be reused. Use another --workdir (or delete the task directory).")
-
-
-def _as_json(value: Any) -> Any:
-    """`value` as JSON gives it back (tuples as lists, other objects as their repr), so that
-    it compares equal to what a JSON file stored."""
-    return json.loads(json.dumps(value, default=repr))
 
 
 def program_stage_fn(*, strict: bool = False, log: LogFn | None = None) -> StageFn:
@@ -586,24 +553,22 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
             "grid": [{"lr": k[0], "wd": k[1], "val_top1": v} for k, v in val_top1.items()],
         }, sort_keys=False)
 
-    test_top1, plain_top1, metrics = [], [], set()
+    numbers, plain_top1 = [], []
     runs = [(_run_config(base, split="test", lr=lr, wd=wd, seed=seed),
              test_run_dir(workdir, task, seed)) for seed in range(num_seeds)]
     _program(stage_fn, runs, may_diverge=False, progress=progress,
              what=f"{task}: the seeds on test")
     for config, run_dir in runs:
         results = _run_or_read(config, run_dir, train_fn, may_diverge=False, progress=progress)
-        number = reported_of_run(results)
-        test_top1.append(number["top1"])
-        metrics.add(number["metric"])
+        numbers.append(reported_of_run(results))
         plain_top1.append(float(results["top1"]))
         protocols.add(run_protocol(run_dir, results))
-    if len(metrics) != 1:
+    if len(metrics := {n["metric"] for n in numbers}) != 1:
         raise ValueError(f"{task}: its test runs report different numbers ({sorted(metrics)}); "
                          "they were not trained alike. Delete its test/ runs to retrain them.")
     metric = metrics.pop()
-    return TaskResult(task, group, lr, wd, val_top1[(lr, wd)], tuple(test_top1),
-                      tuple(sorted(protocols)), metric=metric,
+    return TaskResult(task, group, lr, wd, val_top1[(lr, wd)],
+                      tuple(n["top1"] for n in numbers), tuple(sorted(protocols)), metric=metric,
                       plain_top1=() if metric == PLAIN_TOP1 else tuple(plain_top1))
 
 
@@ -659,8 +624,11 @@ def run_sweep(tasks: Sequence[str], workdir: str | os.PathLike, *,
     tasks = [t for t in task_groups if t in set(tasks)]
     base_config_fn = base_config_fn or load_config_fn(DEFAULT_CONFIG)
     grid = grid_for(method)
-    fingerprint = {"method": method,
-                   "overrides": {k: v for k, v in overrides.items() if k not in NEUTRAL_KEYS}}
+    # As JSON gives it back (tuples as lists, other objects as their repr), so that it compares
+    # equal to what a task directory's SWEEP_FILE stored.
+    fingerprint = json.loads(json.dumps({
+        "method": method,
+        "overrides": {k: v for k, v in overrides.items() if k not in NEUTRAL_KEYS}}, default=repr))
 
     workdir = workdir_lib.as_path(workdir)  # a gs:// URL mangled to gs:/ is refused here
     bases = {}
@@ -670,7 +638,12 @@ def run_sweep(tasks: Sequence[str], workdir: str | os.PathLike, *,
         # them; a preparation (`config.prepare`) runs once here, before any training.
         bases[task] = resolve_lib.resolve(base_config_fn(task),
                                           {**overrides, "task": task, "method": method})
-        _check_fingerprint(workdir / task, fingerprint)
+        # Refuses to mix finished runs of a different method or overrides into this sweep.
+        path = workdir / task / SWEEP_FILE
+        if path.is_file() and (stored := workdir_lib.read_json(path)) != fingerprint:
+            raise ValueError(
+                f"{workdir / task} was swept with {stored}, not {fingerprint}; its finished runs "
+                "would be reused. Use another --workdir (or delete the task directory).")
 
     real = train_fn is None
     if real:
@@ -691,8 +664,7 @@ def run_sweep(tasks: Sequence[str], workdir: str | os.PathLike, *,
     for task in tasks:
         if hosts.is_chief():
             (workdir / task).mkdir(parents=True, exist_ok=True)
-            workdir_lib.write_json(workdir / task / SWEEP_FILE, _as_json(fingerprint),
-                                   sort_keys=False)
+            workdir_lib.write_json(workdir / task / SWEEP_FILE, fingerprint, sort_keys=False)
         results.append(sweep_task(task, task_groups[task], bases[task], workdir, grid=grid,
                                   num_seeds=num_seeds, train_fn=train_fn, progress=progress,
                                   stage_fn=stage_fn))

@@ -49,11 +49,9 @@ def machine(cpuinfo: str | None = None) -> dict[str, Any]:
                 cpuinfo = f.read()
         except OSError:
             cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
+    # Reversed, so that a field repeated for every processor keeps its first value.
+    fields = {key.strip().lower(): value.strip() for key, sep, value in
+              reversed([line.partition(":") for line in cpuinfo.splitlines()]) if sep}
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     return {
         "cpu_model": fields.get("model name") or platform.processor() or platform.machine(),

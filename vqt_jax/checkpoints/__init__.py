@@ -225,15 +225,13 @@ def load(path: str, variables: Mapping[str, Any], *, image_size: int | Sequence[
         pos = resample.resample_grid(pos.reshape(side, side, d), tuple(grid), rule)
         canon["pos_embedding"] = pos.reshape(1, grid[0] * grid[1], d)
 
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-           for k, v in canon.items() if tuple(v.shape) != tuple(params[k].shape)]
-    if bad:
+    if bad := [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+               for k, v in canon.items() if tuple(v.shape) != tuple(params[k].shape)]:
         raise CheckpointError(f"{path}: shapes do not match the model:\n  " + "\n  ".join(bad))
 
     # NaN/inf weights load silently and only show up later as a diverging loss, which looks
     # like a learning-rate problem; name them here.
-    nonfinite = files.nonfinite_keys(canon)
-    if nonfinite:
+    if nonfinite := files.nonfinite_keys(canon):
         n = len(nonfinite)
         raise CheckpointError(f"{path}: {n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf "
                               f"values, e.g. {', '.join(nonfinite[:3])}")

@@ -46,11 +46,9 @@ from vqt_jax.progress import Progress
 
 _CACHE_ENV = "VQT_JAX_CACHE"
 _STALL_ENV = "VQT_JAX_DOWNLOAD_STALL_S"
-_DEFAULT_STALL_S = 60.0
 # A transfer that brings fewer bytes than this in a whole stall window counts as stalled: a
 # server trickling a byte now and then would otherwise keep the socket timeout from ever firing.
 _STALL_MIN_BYTES = 64 * 1024
-_CHUNK = 1 << 20
 _PROGRESS_EVERY_S = 10.0
 # The first bytes of a download, enough to tell a checkpoint from an HTML page and to quote it.
 _HEAD_BYTES = 48
@@ -83,7 +81,7 @@ def stall_seconds() -> float:
     """Seconds a download may go without real progress: $VQT_JAX_DOWNLOAD_STALL_S or 60."""
     raw = os.environ.get(_STALL_ENV) or ""
     with contextlib.suppress(ValueError):
-        value = float(raw or _DEFAULT_STALL_S)
+        value = float(raw or 60.0)
         if 0 < value < math.inf:
             return value
     raise CheckpointError(f"{_STALL_ENV} must be a positive number of seconds, got {raw!r}")
@@ -132,7 +130,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
         window_start, window_bytes = time.monotonic(), 0
         while True:
             try:
-                chunk = resp.read1(_CHUNK)
+                chunk = resp.read1(1 << 20)  # up to 1 MiB, whatever has arrived
             except TimeoutError as e:
                 raise _stalled(url, received, total, stall_s, f"no data for {stall_s:g} s") from e
             except (OSError, http.client.HTTPException) as e:
@@ -237,8 +235,7 @@ def _download(url: str) -> str:
     out = None
     try:
         try:
-            out = _open_part(fd)
-            with out:
+            with (out := _open_part(fd)):
                 _fetch(url, out)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -352,18 +349,16 @@ def _read_npz(f: BinaryIO) -> dict[str, np.ndarray]:
     with np.load(f, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     # big_vision saves bfloat16 arrays with np.savez, which stores them as 2-byte void.
-    void2 = [k for k, a in arrays.items() if a.dtype.kind == "V" and a.dtype.itemsize == 2]
-    return {**arrays, **{k: arrays[k].view(ml_dtypes.bfloat16) for k in void2}}
+    return {k: a.view(ml_dtypes.bfloat16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
+            for k, a in arrays.items()}
 
 
 # --- PyTorch zip serialisation ----------------------------------------------------------------
 
-_TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
+_TORCH_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
+                         "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
+                         "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                         "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
 # Tensors may overlap their storage (expand(), as_strided()); materialising one is a copy of
 # numel elements, so a crafted record could ask for terabytes from a few bytes. Weight files
 # never hold large overlapping tensors.
@@ -491,35 +486,27 @@ def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
         if pkl is None:
             raise CheckpointError("zip archive holds neither .npy arrays nor a torch data.pkl")
         root = pkl[: -len("data.pkl")]
-        loaded: dict[str, np.ndarray] = {}
-
-        def storage(ref: _StorageRef, name: str, read: bool = True) -> np.ndarray | None:
-            """The storage's elements, after checking that its zip member exists and fits."""
-            if ref.key not in loaded:
-                member = f"{root}data/{ref.key}"
-                info = infos.get(member)
-                if info is None:
-                    raise CheckpointError(f"tensor {name!r}: its storage {ref.key!r} is missing "
-                                          f"from the archive (no member {member!r})")
-                expected = ref.numel * ref.dtype.itemsize
-                if info.file_size != expected:
-                    raise CheckpointError(
-                        f"tensor {name!r}: storage {ref.key!r} holds {info.file_size} bytes but "
-                        f"its record says {ref.numel} {ref.dtype} elements ({expected} bytes)")
-                if not read:
-                    return None
-                loaded[ref.key] = np.frombuffer(z.read(member), dtype=ref.dtype)
-            return loaded[ref.key]
+        data: dict[str, np.ndarray] = {}
 
         def tensor(rec: _TensorRecord, name: str) -> np.ndarray:
             offset, size, stride = _check_record(rec, name)
-            dtype = rec.storage.dtype
+            # The storage's zip member must exist and fit before anything is read.
+            ref, member = rec.storage, f"{root}data/{rec.storage.key}"
+            info = infos.get(member)
+            if info is None:
+                raise CheckpointError(f"tensor {name!r}: its storage {ref.key!r} is missing "
+                                      f"from the archive (no member {member!r})")
+            expected = ref.numel * ref.dtype.itemsize
+            if info.file_size != expected:
+                raise CheckpointError(
+                    f"tensor {name!r}: storage {ref.key!r} holds {info.file_size} bytes but "
+                    f"its record says {ref.numel} {ref.dtype} elements ({expected} bytes)")
             if math.prod(size) == 0:
-                storage(rec.storage, name, read=False)  # An empty tensor reads nothing.
-                return np.zeros(size, dtype)
-            data = storage(rec.storage, name)
-            strides = tuple(s * dtype.itemsize for s in stride)
-            return np.array(np.lib.stride_tricks.as_strided(data[offset:], size, strides))
+                return np.zeros(size, ref.dtype)  # An empty tensor reads nothing.
+            if ref.key not in data:
+                data[ref.key] = np.frombuffer(z.read(member), dtype=ref.dtype)
+            strides = tuple(s * ref.dtype.itemsize for s in stride)
+            return np.array(np.lib.stride_tricks.as_strided(data[ref.key][offset:], size, strides))
 
         seen: set[int] = set()
 
@@ -538,9 +525,7 @@ def _read_torch_zip(f: BinaryIO) -> dict[str, Any]:
                 obj[k] = materialise(v, f"{prefix}{k}", depth + 1)
             return obj
 
-        with z.open(pkl) as p:
-            records = _TorchUnpickler(io.BytesIO(p.read())).load()
-        return materialise(records, "", 0)
+        return materialise(_TorchUnpickler(io.BytesIO(z.read(pkl))).load(), "", 0)
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -549,8 +534,7 @@ _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
 
 
@@ -605,9 +589,10 @@ def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
     header, body_start = _safetensors_header(f, size)
     entries = {name: _safetensors_entry(name, info, size - body_start)
                for name, info in header.items() if name != "__metadata__"}
-    # The tensors tile the data section: each starts where the one before it ends.
-    last, pos = None, 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda e: e[1][2:]):
+    # The tensors tile the data section: each starts where the one before it ends. Checked for
+    # every tensor before any is read, so a malformed file costs no read of its data.
+    order, last, pos = sorted(entries.items(), key=lambda e: e[1][2:]), None, 0
+    for name, (_, _, begin, end) in order:
         if begin != pos:
             before = f"tensor {last!r}" if last else "the data section's start"
             raise CheckpointError(
@@ -615,10 +600,10 @@ def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
                 + (f"overlaps {before}, which ends at byte {pos}" if begin < pos else
                    f"leaves bytes {pos}-{begin} unused after {before}"))
         last, pos = name, end
-    arrays = {}
     # In file order: one sequential pass, each tensor read straight into its own buffer (no
     # second copy of the whole file in memory).
-    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
+    arrays = {}
+    for name, (dtype, shape, begin, end) in order:
         f.seek(body_start + begin)
         buf = bytearray(end - begin)
         if _read_into(f, buf) != len(buf):
@@ -648,20 +633,25 @@ def _read_into(f: BinaryIO, buf: bytearray) -> int:
 
 
 _READERS: dict[str, Callable[[BinaryIO], dict[str, Any]]] = {
-    "npz": _read_npz, "torch": _read_torch_zip, "safetensors": _read_safetensors,
-}
+    "npz": _read_npz, "torch": _read_torch_zip, "safetensors": _read_safetensors}
+
+
+def _container(f: BinaryIO) -> str | None:
+    """'npz', 'torch' or 'safetensors', as an opened file's bytes say, or None; rewinds `f`."""
+    kind = _kind_of_head(f.read(16))
+    f.seek(0)
+    if kind == "zip":
+        with zipfile.ZipFile(f) as z:
+            names = z.namelist()
+        f.seek(0)
+        kind = "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    return kind
 
 
 def _parse(f: BinaryIO) -> tuple[str, dict[str, Any]]:
     """Reads an opened checkpoint; every failure is a CheckpointError without the path."""
     try:
-        kind = _kind_of_head(f.read(16))
-        f.seek(0)
-        if kind == "zip":
-            with zipfile.ZipFile(f) as z:
-                names = z.namelist()
-            f.seek(0)
-            kind = "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+        kind = _container(f)
         if kind is None:
             raise CheckpointError("not a recognised checkpoint (expected .npz, torch zip or "
                                   ".safetensors)")

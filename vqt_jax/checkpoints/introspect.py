@@ -28,21 +28,17 @@ DEFAULTS: dict[str, Any] = {"variant": "B/16", "layerscale": False, "num_registe
 
 def _header_shapes(f: BinaryIO) -> dict[str, tuple[int, ...]] | None:
     """{key: shape} from a safetensors or npz file's headers; None for another container."""
-    kind = files._kind_of_head(f.read(16))
-    size = f.seek(0, os.SEEK_END)
+    kind = files._container(f)
     if kind == "safetensors":
+        size = f.seek(0, os.SEEK_END)
         header, start = files._safetensors_header(f, size)
         return {k: tuple(files._safetensors_entry(k, v, size - start)[1])
                 for k, v in header.items() if k != "__metadata__"}
-    if kind != "zip":
-        return None
-    f.seek(0)
+    if kind != "npz":
+        return None  # a torch zip has no header to read
     with zipfile.ZipFile(f) as z:
-        names = z.namelist()
-        if not names or not all(n.endswith(".npy") for n in names):
-            return None  # a torch zip
         out = {}
-        for name in names:
+        for name in z.namelist():
             with z.open(name) as m:
                 major, _ = np.lib.format.read_magic(m)
                 read = (np.lib.format.read_array_header_1_0 if major == 1
@@ -59,8 +55,7 @@ def shapes(path: str) -> dict[str, tuple[int, ...]]:
     """
     # Any failure falls through to files.read below, which raises the error that names it.
     with contextlib.suppress(Exception), files.open_file(path) as f:
-        found = _header_shapes(f)
-        if found is not None:
+        if (found := _header_shapes(f)) is not None:
             return found
     kind, contents = files.read(path)
     flat = layouts.unwrap_state_dict(contents) if kind == "torch" else contents

@@ -10,12 +10,11 @@ Layouts are looked up by name in `LAYOUTS`; `detect` finds the one a file is in.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,12 +23,10 @@ from vqt_jax.checkpoints.files import CheckpointError
 Flat = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """One checkpoint layout.
 
     Attributes:
-      name: key in LAYOUTS.
       marker: a key, below the prefix, that files in this layout hold.
       prefixes: (sub-tree name such as 'img', or None) -> the key prefixes to look under.
       convert: (flat contents, prefix, num_heads) -> the canonical dict.
@@ -40,7 +37,6 @@ class Layout:
         not tell it), read from the key names and shapes alone (`introspect`).
     """
 
-    name: str
     marker: str
     prefixes: Callable[[str | None], list[str]]
     convert: Callable[[Mapping[str, Any], str, int], Flat]
@@ -64,8 +60,7 @@ def _strip(flat: Mapping[str, Any], prefix: str) -> Flat:
 
 def _put_pos(out: Flat, pos: np.ndarray, has_cls: bool) -> None:
     """Stores a (1, [1+]N, D) position embedding: the patch part and the class token's entry."""
-    n = pos.shape[1]
-    if has_cls and not is_square(n) and is_square(n - 1):
+    if has_cls and not is_square(pos.shape[1]) and is_square(pos.shape[1] - 1):
         out["cls_pos"], pos = pos[:, :1], pos[:, 1:]
     out["pos_embedding"] = pos
 
@@ -74,11 +69,8 @@ def _put_pos(out: Flat, pos: np.ndarray, has_cls: bool) -> None:
 
 _ORIG_POS = "Transformer/posembed_input/pos_embedding"
 # The pre-linen module numbering of the original release, and big_vision's names for them.
-_ORIG_RENAMES = {
-    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-    "LayerNorm_2": "LayerNorm_1",
-    "MlpBlock_3": "MlpBlock_0",
-}
+_ORIG_RENAMES = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+                 "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
 _SCANNED = "Transformer/encoderblock/"
 
 
@@ -145,17 +137,13 @@ _TIMM_BLOCK = {
     "attn.proj.bias": "MultiHeadDotProductAttention_0/out/bias",
 }
 # The same for timm's `attn_pool` (AttentionPoolLatent) under big_vision's `MAPHead_0`.
-_TIMM_MAP_HEAD = {
-    "norm.weight": "LayerNorm_0/scale", "norm.bias": "LayerNorm_0/bias",
-    "proj.bias": "MultiHeadDotProductAttention_0/out/bias",
-    **{k: v for k, v in _TIMM_BLOCK.items() if k.startswith("mlp.")},
-}
+_TIMM_MAP_HEAD = {"norm.weight": "LayerNorm_0/scale", "norm.bias": "LayerNorm_0/bias",
+                  "proj.bias": "MultiHeadDotProductAttention_0/out/bias",
+                  **{k: v for k, v in _TIMM_BLOCK.items() if k.startswith("mlp.")}}
 # Top-level timm keys; the register tokens under timm's DINOv2-reg name and Meta's own.
-_TIMM_TOP = {
-    "cls_token": "cls", "norm_pre.weight": "norm_pre/scale", "norm_pre.bias": "norm_pre/bias",
-    "patch_embed.proj.bias": "embedding/bias", "head.bias": "head/bias",
-    "reg_token": "registers", "register_tokens": "registers",
-}
+_TIMM_TOP = {"cls_token": "cls", "norm_pre.weight": "norm_pre/scale",
+             "norm_pre.bias": "norm_pre/bias", "patch_embed.proj.bias": "embedding/bias",
+             "head.bias": "head/bias", "reg_token": "registers", "register_tokens": "registers"}
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Any]:
@@ -204,30 +192,30 @@ def _attention(out: Flat, dst: str, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     out[f"{dst}out/kernel"] = proj.T.reshape(num_heads, -1, proj.shape[0])
 
 
-def _take_table(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, src: str, dst: str,
-                table: Mapping[str, str]) -> None:
+def _take_table(sd: Flat, out: Flat, src: str, dst: str, table: Mapping[str, str]) -> None:
     """Moves each `src{key}` in `sd` to `dst{table[key]}`, transposing kernels."""
     for s, d in table.items():
         if src + s in sd:
-            out[dst + d] = take(src + s).T if d.endswith("/kernel") else take(src + s)
+            out[dst + d] = sd.pop(src + s).T if d.endswith("/kernel") else sd.pop(src + s)
 
 
-def _map_head(sd: Flat, take: Callable[[str], np.ndarray], out: Flat, num_heads: int) -> None:
+def _map_head(sd: Flat, out: Flat, num_heads: int) -> None:
     """timm's `attn_pool` (AttentionPoolLatent) -> big_vision's `MAPHead_0`."""
     src, dst = "attn_pool.", "MAPHead_0/"
     mha = dst + "MultiHeadDotProductAttention_0/"
-    latent = take(src + "latent")
+    latent = sd.pop(src + "latent")
     if latent.shape[1] != 1:
         raise CheckpointError(f"attn_pool.latent {latent.shape}: only one latent (big_vision's "
                               "MAP probe) is supported")
     out[dst + "probe"] = latent
-    kv = take(src + "kv.weight")
+    kv = sd.pop(src + "kv.weight")
     d_model = kv.shape[1]
-    _attention(out, mha, take(src + "q.weight"), kv[:d_model], kv[d_model:],
-               take(src + "proj.weight"), num_heads)
-    out[mha + "query/bias"] = take(src + "q.bias").reshape(num_heads, -1)
-    out[mha + "key/bias"], out[mha + "value/bias"] = take(src + "kv.bias").reshape(2, num_heads, -1)
-    _take_table(sd, take, out, src, dst, _TIMM_MAP_HEAD)
+    _attention(out, mha, sd.pop(src + "q.weight"), kv[:d_model], kv[d_model:],
+               sd.pop(src + "proj.weight"), num_heads)
+    out[mha + "query/bias"] = sd.pop(src + "q.bias").reshape(num_heads, -1)
+    out[mha + "key/bias"], out[mha + "value/bias"] = (
+        sd.pop(src + "kv.bias").reshape(2, num_heads, -1))
+    _take_table(sd, out, src, dst, _TIMM_MAP_HEAD)
 
 
 def _timm_prefixes(sub: str | None) -> list[str]:
@@ -235,65 +223,55 @@ def _timm_prefixes(sub: str | None) -> list[str]:
 
 
 def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> Flat:
+    # Every key converted is popped from `sd`, so what is left over is what no rule knows.
     sd = {k: v for k, v in _strip(flat, prefix).items() if not re.match(_TIMM_IGNORED, k)}
     out: Flat = {}
-    used = set()
-
-    def take(key: str) -> np.ndarray:
-        used.add(key)
-        return sd[key]
-
-    w = take(_TIMM_MARKER)  # (D, C, kh, kw) -> (kh, kw, C, D)
+    w = sd.pop(_TIMM_MARKER)  # (D, C, kh, kw) -> (kh, kw, C, D)
     out["embedding/kernel"] = w.transpose(2, 3, 1, 0)
     # timm builds CLIP's patch projection without a bias (bias=not pre_norm): a zero bias.
     out["embedding/bias"] = np.zeros(w.shape[0], w.dtype)
-    out.update({dst: take(src) for src, dst in _TIMM_TOP.items() if src in sd})
+    out.update({dst: sd.pop(src) for src, dst in _TIMM_TOP.items() if src in sd})
     if "attn_pool.latent" in sd:
-        _map_head(sd, take, out, num_heads)
+        _map_head(sd, out, num_heads)
     if "head.weight" in sd:
-        out["head/kernel"] = take("head.weight").T
+        out["head/kernel"] = sd.pop("head.weight").T
     # The final norm is `norm` for CLS-pooled models and `fc_norm` after average pooling (MAE).
     norm = next((n for n in ("fc_norm", "norm") if f"{n}.weight" in sd and sd[f"{n}.weight"].size),
                 None)
     if norm:
-        out["Transformer/encoder_norm/scale"] = take(f"{norm}.weight")
-        out["Transformer/encoder_norm/bias"] = take(f"{norm}.bias")
+        out["Transformer/encoder_norm/scale"] = sd.pop(f"{norm}.weight")
+        out["Transformer/encoder_norm/bias"] = sd.pop(f"{norm}.bias")
     if "pos_embed" in sd:
-        _put_pos(out, take("pos_embed"), "cls_token" in sd)
+        _put_pos(out, sd.pop("pos_embed"), "cls" in out)  # `cls` is the popped `cls_token`
     for i in range(depth(sd, r"blocks\.(\d+)\.")):
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        _take_table(sd, take, out, src, dst, _TIMM_BLOCK)
+        _take_table(sd, out, src, dst, _TIMM_BLOCK)
         attn = dst + "MultiHeadDotProductAttention_0/"
         if src + "attn.qkv.weight" in sd and src + "attn.proj.weight" in sd:
-            qkv = take(src + "attn.qkv.weight")  # (3D, D): rows are [q; k; v], heads inside.
+            qkv = sd.pop(src + "attn.qkv.weight")  # (3D, D): rows are [q; k; v], heads inside.
             d_model = qkv.shape[1]
             _attention(out, attn, *(qkv[j * d_model:(j + 1) * d_model] for j in range(3)),
-                       take(src + "attn.proj.weight"), num_heads)
+                       sd.pop(src + "attn.proj.weight"), num_heads)
             if src + "attn.qkv.bias" in sd:
-                bias = take(src + "attn.qkv.bias").reshape(3, num_heads, -1)
-                for name, b in zip(("query", "key", "value"), bias, strict=True):
-                    out[f"{attn}{name}/bias"] = b
+                out[f"{attn}query/bias"], out[f"{attn}key/bias"], out[f"{attn}value/bias"] = (
+                    sd.pop(src + "attn.qkv.bias").reshape(3, num_heads, -1))
     # Anything left over keeps its timm name, so the loader reports it as an unknown key.
-    out.update({k: v for k, v in sd.items() if k not in used})
+    out.update(sd)
     return out
 
 
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for layout in [
-        # The original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k).
-        Layout("vision_transformer", _ORIG_POS, _npz_prefixes,
-               functools.partial(_from_npz, renames=_ORIG_RENAMES), _bilinear_corners,
-               _npz_options),
-        # big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), plain
-        # or scanned blocks.
-        Layout("big_vision", "embedding/kernel", _npz_prefixes, _from_npz, _bilinear_corners,
-               _npz_options),
-        # timm-layout PyTorch state dicts (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or
-        # without registers, CLIP, SigLIP).
-        Layout("timm", _TIMM_MARKER, _timm_prefixes, _from_timm, _timm_resample_rule,
-               _timm_options),
-    ]
+    # The original google-research/vision_transformer .npz (ViT-B_16.npz, imagenet21k).
+    "vision_transformer": Layout(_ORIG_POS, _npz_prefixes,
+                                 functools.partial(_from_npz, renames=_ORIG_RENAMES),
+                                 _bilinear_corners, _npz_options),
+    # big_vision .npz (AugReg, SigLIP and SigLIP 2 `file.npz:img` with the MAP head), plain or
+    # scanned blocks.
+    "big_vision": Layout("embedding/kernel", _npz_prefixes, _from_npz, _bilinear_corners,
+                         _npz_options),
+    # timm-layout PyTorch state dicts (.pth/.bin/.safetensors: timm, MAE, DINOv2 with or without
+    # registers, CLIP, SigLIP).
+    "timm": Layout(_TIMM_MARKER, _timm_prefixes, _from_timm, _timm_resample_rule, _timm_options),
 }
 
 

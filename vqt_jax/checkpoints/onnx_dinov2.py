@@ -45,34 +45,24 @@ _HF_PREFIX = "backbone."
 _NODE_PREFIX = "/backbone/"
 
 # Hugging Face Dinov2Model parameter names (without `backbone.`) -> timm names.
-_HF_TOP = {
-    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-}
-# Only used by masked-image pre-training, never by the encoder's forward pass.
-_HF_DROPPED = {"embeddings.mask_token"}
-
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
 # Hugging Face module within `encoder.layer.{i}.` -> timm module. `attn.{q,k,v}` are not timm
 # names: they are fused into `attn.qkv` at the end. A Linear weight that kept its name is in
 # torch's [out, in] layout: PyTorch's exporter renames a weight when it folds the transpose in.
-_HF_MODULES = {
-    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-    "attention.attention.query": "attn.q", "attention.attention.key": "attn.k",
-    "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj",
-}
+_HF_MODULES = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+               "attention.attention.query": "attn.q", "attention.attention.key": "attn.k",
+               "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj"}
 _HF_BLOCK = {
     **{f"{hf}.{p}": f"{timm}.{p}" for hf, timm in _HF_MODULES.items() for p in ("weight", "bias")},
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
 }
 # MatMul nodes (within `/backbone/encoder/layer.{i}/`, e.g. `mlp/fc1/MatMul`) whose [in, out]
 # weight is unnamed.
 _MATMUL_NODES = {hf.replace(".", "/") + "/MatMul": f"{timm}.weight"
                  for hf, timm in _HF_MODULES.items() if not hf.startswith("norm")}
-_HF_BLOCK_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-_NODE_BLOCK_RE = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)")
 _TIMM_BLOCK = r"blocks\.(\d+)\."
 
 
@@ -116,37 +106,32 @@ def _load_model(onnx_path: str) -> Any:
     return model
 
 
-class _Collector:
-    """Gathers timm keys, refusing to fill one key twice (two sources would be ambiguous)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.state: dict[str, np.ndarray] = {}
-
-    def put(self, key: str, value: np.ndarray, source: str) -> None:
-        if key in self.state:
-            raise CheckpointError(f"{self.path}: two weights map to {key!r} (second: {source})")
-        self.state[key] = value
+def _put(state: layouts.Flat, key: str, value: np.ndarray, source: str, path: str) -> None:
+    """Fills a timm key, refusing to fill one twice (two sources would be ambiguous)."""
+    if key in state:
+        raise CheckpointError(f"{path}: two weights map to {key!r} (second: {source})")
+    state[key] = value
 
 
-def _from_names(arrays: Mapping[str, np.ndarray], out: _Collector) -> None:
+def _from_names(arrays: layouts.Flat, state: layouts.Flat, path: str) -> None:
     """Maps the initializers that kept their Hugging Face names."""
     for name, value in arrays.items():
         hf = name[len(_HF_PREFIX) :]
-        m = _HF_BLOCK_RE.fullmatch(hf)
-        if not name.startswith(_HF_PREFIX) or hf in _HF_DROPPED:
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", hf)
+        # The mask token is only used by masked-image pre-training, never by the forward pass.
+        if not name.startswith(_HF_PREFIX) or hf == "embeddings.mask_token":
             continue
         if hf in _HF_TOP:
-            out.put(_HF_TOP[hf], value, name)
+            _put(state, _HF_TOP[hf], value, name, path)
         elif m and m.group(2) in _HF_BLOCK:
-            out.put(f"blocks.{int(m.group(1))}.{_HF_BLOCK[m.group(2)]}", value, name)
+            _put(state, f"blocks.{int(m.group(1))}.{_HF_BLOCK[m.group(2)]}", value, name, path)
         else:
             # Registers (DINOv2-reg), SwiGLU MLPs (ViT-g) and the like are another architecture.
-            raise CheckpointError(f"{out.path}: backbone parameter {name!r} has no timm ViT "
+            raise CheckpointError(f"{path}: backbone parameter {name!r} has no timm ViT "
                                   f"counterpart (not a plain DINOv2 ViT?)")
 
 
-def _from_nodes(graph: Any, arrays: Mapping[str, np.ndarray], out: _Collector) -> None:
+def _from_nodes(graph: Any, arrays: layouts.Flat, state: layouts.Flat, path: str) -> None:
     """Maps the unnamed initializers by the backbone nodes that consume them."""
     uses: dict[str, list[tuple[Any, int]]] = {k: [] for k in arrays if not k.startswith(_HF_PREFIX)}
     for node in graph.node:
@@ -162,24 +147,24 @@ def _from_nodes(graph: Any, arrays: Mapping[str, np.ndarray], out: _Collector) -
             continue
         if len(backbone_uses) > 1:
             where = ", ".join(n.name for n, _ in backbone_uses)
-            raise CheckpointError(f"{out.path}: weight {name!r} is shared by nodes {where}")
+            raise CheckpointError(f"{path}: weight {name!r} is shared by nodes {where}")
         node, index = backbone_uses[0]
-        m = _NODE_BLOCK_RE.fullmatch(node.name)
+        m = re.fullmatch(r"/backbone/encoder/layer\.(\d+)/(.+)", node.name)
         if m and m.group(2) in _MATMUL_NODES:
             if node.op_type != "MatMul" or index != 1:
                 raise CheckpointError(
-                    f"{out.path}: node {node.name!r} ({node.op_type}) reads weight {name!r} as "
+                    f"{path}: node {node.name!r} ({node.op_type}) reads weight {name!r} as "
                     f"input {index}; expected a MatMul reading it as input 1 (x @ W)")
             # ONNX computes x @ W with W [in, out]; torch's Linear weight is [out, in].
             key = f"blocks.{int(m.group(1))}.{_MATMUL_NODES[m.group(2)]}"
-            out.put(key, np.ascontiguousarray(value.T), f"{name} via {node.name}")
+            _put(state, key, np.ascontiguousarray(value.T), f"{name} via {node.name}", path)
         elif node.name.startswith(f"{_NODE_PREFIX}embeddings/") and value.ndim == 3:
             pieces.append((name, node.name))
         else:
-            raise CheckpointError(f"{out.path}: unexpected weight {name!r} {tuple(value.shape)} "
+            raise CheckpointError(f"{path}: unexpected weight {name!r} {tuple(value.shape)} "
                                   f"read by node {node.name!r}")
-    if pieces and "pos_embed" not in out.state:
-        out.put("pos_embed", _position_embedding(arrays, pieces, out.path), "embeddings")
+    if pieces and "pos_embed" not in state:
+        _put(state, "pos_embed", _position_embedding(arrays, pieces, path), "embeddings", path)
 
 
 def _position_embedding(arrays: Mapping[str, np.ndarray], pieces: list[tuple[str, str]],
@@ -200,13 +185,12 @@ def _position_embedding(arrays: Mapping[str, np.ndarray], pieces: list[tuple[str
     return np.concatenate([cls_pos, grid_pos], axis=1)
 
 
-def _fuse_qkv(state: dict[str, np.ndarray], depth: int, path: str) -> None:
+def _fuse_qkv(state: layouts.Flat, depth: int, path: str) -> None:
     """timm's fused projection: rows [q; k; v] of the [3D, D] weight and the [3D] bias."""
     for i in range(depth):
         for part in ("weight", "bias"):
             keys = [f"blocks.{i}.attn.{x}.{part}" for x in "qkv"]
-            missing = [k for k in keys if k not in state]
-            if missing:
+            if missing := [k for k in keys if k not in state]:
                 raise CheckpointError(f"{path}: no weight found for {missing} (layer {i})")
             state[f"blocks.{i}.attn.qkv.{part}"] = np.concatenate([state.pop(k) for k in keys])
 
@@ -223,13 +207,10 @@ def _check(state: Mapping[str, np.ndarray], path: str) -> None:
     hidden = 4 * width if fc1 is None else fc1.shape[0]  # (a missing fc1 is reported below)
     vectors = ["norm1.weight", "norm1.bias", "attn.proj.bias", "ls1.gamma", "norm2.weight",
                "norm2.bias", "mlp.fc2.bias", "ls2.gamma"]
-    block = {
-        **dict.fromkeys(vectors, (width,)),
-        "attn.qkv.weight": (3 * width, width), "attn.qkv.bias": (3 * width,),
-        "attn.proj.weight": (width, width),
-        "mlp.fc1.weight": (hidden, width), "mlp.fc1.bias": (hidden,),
-        "mlp.fc2.weight": (width, hidden),
-    }
+    block = {**dict.fromkeys(vectors, (width,)),
+             "attn.qkv.weight": (3 * width, width), "attn.qkv.bias": (3 * width,),
+             "attn.proj.weight": (width, width), "mlp.fc1.weight": (hidden, width),
+             "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (width, hidden)}
     # timm key -> shape; None for `pos_embed`, whose grid is the export's own (checked below).
     expected: dict[str, tuple[int, ...] | None] = {
         "cls_token": (1, 1, width), "pos_embed": None,
@@ -240,8 +221,7 @@ def _check(state: Mapping[str, np.ndarray], path: str) -> None:
     missing = sorted(set(expected) - set(state))
     if depth == 0 or missing:
         raise CheckpointError(f"{path}: no weight found for timm keys {missing or ['blocks.*']}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
+    if extra := sorted(set(state) - set(expected)):
         raise CheckpointError(f"{path}: unexpected keys {extra}")
     bad = [f"{k}: {tuple(state[k].shape)}, expected {shape}" for k, shape in expected.items()
            if shape is not None and tuple(state[k].shape) != shape]
@@ -276,10 +256,9 @@ def onnx_to_timm(onnx_path: str) -> dict[str, np.ndarray]:
         arrays = {t.name: to_array(t) for t in graph.initializer}
     except (ValueError, OSError) as e:  # e.g. external data that is not there
         raise CheckpointError(f"{onnx_path}: cannot read the weights ({e})") from None
-    out = _Collector(onnx_path)
-    _from_names(arrays, out)
-    _from_nodes(graph, arrays, out)
-    state = out.state
+    state: layouts.Flat = {}
+    _from_names(arrays, state, onnx_path)
+    _from_nodes(graph, arrays, state, onnx_path)
     _fuse_qkv(state, layouts.depth(state, _TIMM_BLOCK), onnx_path)
     _check(state, onnx_path)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(state.items())}

@@ -60,9 +60,8 @@ def _bicubic(n_in: int, n_out: int) -> np.ndarray:
         x = (i + 0.5) * scale - 0.5
         lo = math.floor(x)
         taps = np.arange(lo - 1, lo + 3)
-        coeffs = _keys_cubic(taps - x, -0.75)
-        for j, c in zip(np.clip(taps, 0, n_in - 1), coeffs, strict=True):
-            w[i, j] += c
+        # Unbuffered, in tap order: clamped taps add up as a loop over them would.
+        np.add.at(w[i], np.clip(taps, 0, n_in - 1), _keys_cubic(taps - x, -0.75))
     return w
 
 
@@ -85,8 +84,7 @@ def _bicubic_antialias(n_in: int, n_out: int) -> np.ndarray:
 
 
 RULES: dict[str, Callable[[int, int], np.ndarray]] = {
-    "bilinear_corners": _bilinear_corners,
-    "bicubic_antialias": _bicubic_antialias,
+    "bilinear_corners": _bilinear_corners, "bicubic_antialias": _bicubic_antialias,
     "bicubic": _bicubic,
 }
 
@@ -106,5 +104,4 @@ def resample_grid(grid: np.ndarray, size: tuple[int, int], rule: str) -> np.ndar
     if rule == AUTO:
         raise ValueError("'auto' is resolved per checkpoint layout before resampling")
     wh, ww = RULES[rule](h, size[0]), RULES[rule](w, size[1])
-    out = np.einsum("ih,hwd,jw->ijd", wh, grid.astype(np.float64), ww)
-    return out.astype(grid.dtype)
+    return np.einsum("ih,hwd,jw->ijd", wh, grid.astype(np.float64), ww).astype(grid.dtype)

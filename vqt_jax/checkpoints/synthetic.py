@@ -18,9 +18,8 @@ def write_random_npz(path: str, image_size: int, **model) -> str:
     from vqt_jax.models import create_model  # noqa: PLC0415
     from vqt_jax.training import trainable  # noqa: PLC0415
 
-    vit = create_model(num_classes=0, **model)
-    params = jax.jit(vit.init)(jax.random.key(0),
-                               jnp.zeros((1, image_size, image_size, 3)))["params"]
+    init = jax.jit(create_model(num_classes=0, **model).init)
+    params = init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, **{k: np.asarray(v) for k, v in trainable.flatten(params).items()})
     os.replace(tmp, path)

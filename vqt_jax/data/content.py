@@ -16,7 +16,6 @@ earlier TensorFlow pipeline (whose keys lack it) or by another implementation is
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 from typing import Any
@@ -26,39 +25,20 @@ from vqt_jax.data import imaging
 from vqt_jax.data import pipeline as pipeline_lib
 from vqt_jax.data import tasks as tasks_lib
 
-# Remote (gs://, s3://) stats are one request each: overlap them.
-_REMOTE_STAT_THREADS = 32
-
-
-def _relative(path: str, root: str) -> str:
-    # The key must not change when only the root is spelled differently (trailing slash);
-    # the root itself is part of the cache fingerprint already.
-    return path.removeprefix(root.rstrip("/") + "/")
-
 
 def _folder_key(data_dir: str, split: str) -> dict[str, Any]:
     files = folder_lib.listing(data_dir, split, "train")
-    if files.paths and "://" in files.paths[0]:
-        with concurrent.futures.ThreadPoolExecutor(_REMOTE_STAT_THREADS) as pool:
-            stats = list(pool.map(folder_lib.stat, files.paths))
-    else:
-        stats = [folder_lib.stat(p) for p in files.paths]
+    # Paths relative to the root: the key must not change when only the root is spelled
+    # differently (trailing slash); the root itself is part of the cache fingerprint already.
+    prefix = data_dir.rstrip("/") + "/"
     digest = hashlib.sha256()
+    stats = folder_lib.stats(files.paths)
     for path, (size, mtime_ns), label in zip(files.paths, stats, files.labels, strict=True):
         # One JSON line per file: unambiguous whatever characters the names hold.
-        line = json.dumps([_relative(path, data_dir), size, mtime_ns, label])
+        line = json.dumps([path.removeprefix(prefix), size, mtime_ns, label])
         digest.update(line.encode() + b"\n")
     return {"task": pipeline_lib.FOLDER, "split": split, "num_files": len(files.paths),
             "files_sha256": digest.hexdigest(), "pipeline": imaging.IMPLEMENTATION}
-
-
-def _tfds_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
-    spec = tasks_lib.get_task(task)
-    tfds_split = spec.tfds_split(pipeline_lib.SPLITS[split][0])
-    builder = pipeline_lib._builder(spec, data_dir)  # noqa: SLF001 - same package.
-    return {"task": task, "dataset": builder.info.full_name,
-            "version": str(builder.info.version), "split": tfds_split,
-            "pipeline": imaging.IMPLEMENTATION}
 
 
 def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
@@ -82,4 +62,8 @@ def content_key(task: str, data_dir: str | None, split: str) -> dict[str, Any]:
     pipeline_lib._check_split(split)  # noqa: SLF001 - same package.
     if task == pipeline_lib.FOLDER:
         return _folder_key(pipeline_lib._folder_root(data_dir), split)  # noqa: SLF001
-    return _tfds_key(task, data_dir, split)
+    spec = tasks_lib.get_task(task)
+    tfds_split = spec.tfds_split(pipeline_lib.SPLITS[split][0])
+    info = pipeline_lib._builder(spec, data_dir).info  # noqa: SLF001 - same package.
+    return {"task": task, "dataset": info.full_name, "version": str(info.version),
+            "split": tfds_split, "pipeline": imaging.IMPLEMENTATION}

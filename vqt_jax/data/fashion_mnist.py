@@ -40,8 +40,6 @@ _FILES: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _SIZES = {"train": 60000, "test": 10000}
-# IDX magic numbers: 0x08 = unsigned byte data, then the number of dimensions.
-_IDX_UBYTE = 0x08
 # Written into a finished tree: its presence means the tree is complete, and it records what
 # the tree holds. A hidden name, so the folder reader never takes it for a class or image.
 _MARKER = ".fashion_mnist_subset.json"
@@ -81,7 +79,7 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path}: too short for an IDX header")
-    if data[:4] != bytes([0, 0, _IDX_UBYTE, ndim]):
+    if data[:4] != bytes([0, 0, 0x08, ndim]):  # IDX magic: 0x08 = unsigned bytes, then ndim.
         raise ValueError(f"{path}: not an unsigned-byte IDX file with {ndim} dimensions "
                          f"(header {data[:4].hex()})")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
@@ -119,19 +117,15 @@ def load_fashion_mnist(split: Split, root: str = DEFAULT_ROOT) -> tuple[np.ndarr
     return images, labels
 
 
-def _per_class(total: int) -> list[int]:
-    """Splits `total` over the classes as evenly as possible (earlier classes get the rest)."""
-    base, extra = divmod(total, len(CLASS_NAMES))
-    return [base + (c < extra) for c in range(len(CLASS_NAMES))]
-
-
-def _balanced_picks(labels: np.ndarray, counts: list[list[int]],
+def _balanced_picks(labels: np.ndarray, totals: list[int],
                     rng: np.random.Generator) -> list[np.ndarray]:
-    """Disjoint random index sets, one per entry of `counts` ([set][class] sizes), sorted."""
-    picks: list[list[np.ndarray]] = [[] for _ in counts]
-    for c in range(len(CLASS_NAMES)):
+    """Disjoint random index sets of the sizes `totals`, sorted; each set is spread over the
+    classes as evenly as possible (earlier classes get the rest)."""
+    picks: list[list[np.ndarray]] = [[] for _ in totals]
+    k = len(CLASS_NAMES)
+    for c in range(k):
         pool = rng.permutation(np.flatnonzero(labels == c))
-        sizes = [n[c] for n in counts]
+        sizes = [total // k + (c < total % k) for total in totals]
         if sum(sizes) > len(pool):
             raise ValueError(
                 f"class {CLASS_NAMES[c]} has {len(pool)} images, {sum(sizes)} were asked for")
@@ -201,16 +195,14 @@ def write_vtab_style_subset(out_root: str, *, num_train: int = 800, num_val: int
     out_root = os.path.abspath(out_root)
     counts = {"train": num_train, "val": num_val, "test": num_test}
     settings = {**counts, "seed": seed}
-    done = _existing(out_root, settings)
-    if done is not None:
+    if (done := _existing(out_root, settings)) is not None:
         return done
 
     rng = np.random.default_rng(seed)
     train_images, train_labels = load_fashion_mnist("train", root)
     test_images, test_labels = load_fashion_mnist("test", root)
-    train_idx, val_idx = _balanced_picks(
-        train_labels, [_per_class(num_train), _per_class(num_val)], rng)
-    (test_idx,) = _balanced_picks(test_labels, [_per_class(num_test)], rng)
+    train_idx, val_idx = _balanced_picks(train_labels, [num_train, num_val], rng)
+    (test_idx,) = _balanced_picks(test_labels, [num_test], rng)
 
     parent = os.path.dirname(out_root)
     os.makedirs(parent, exist_ok=True)

@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import pathlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -71,14 +72,6 @@ def _listdir(path: str) -> list[str]:
     return [p.name for p in epath.Path(path).iterdir()] if _remote(path) else os.listdir(path)
 
 
-def read_bytes(path: str) -> bytes:
-    """The contents of a local or remote file."""
-    if _remote(path):
-        return epath.Path(path).read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def stat(path: str) -> tuple[int, int]:
     """(size in bytes, modification time in ns) of a local or remote file."""
     if _remote(path):
@@ -86,6 +79,13 @@ def stat(path: str) -> tuple[int, int]:
         return int(st.length), int(st.mtime * 1_000_000_000)
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def stats(paths: Sequence[str]) -> list[tuple[int, int]]:
+    """`stat` of every path, in order, on threads: a gs:// stat is one request each (and
+    os.stat releases the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        return list(pool.map(stat, paths))
 
 
 def _subdirs(path: str) -> list[str]:
@@ -96,9 +96,7 @@ def _subdirs(path: str) -> list[str]:
 
 def _kind(path: str) -> str:
     """What a skipped entry is, for the counts in messages: its extension, or a subfolder."""
-    if _isdir(path):
-        return "(subfolder)"
-    return os.path.splitext(path)[1].lower() or "(no extension)"
+    return "(subfolder)" if _isdir(path) else os.path.splitext(path)[1].lower() or "(no extension)"
 
 
 def _entries(class_dir: str) -> tuple[list[str], list[str]]:
@@ -146,41 +144,35 @@ def class_names(root: str) -> list[str]:
 _WARNED: set[tuple[str, ...]] = set()
 
 
-def _warn_skipped(folder_dirs: Sequence[str], skipped: Sequence[str]) -> None:
-    key = (*folder_dirs, "|", *skipped)
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    examples = ", ".join(skipped[:_EXAMPLES]) + (", ..." if len(skipped) > _EXAMPLES else "")
-    logging.warning("Skipping %d file%s in %s, not %s images (%s; e.g. %s). Convert any that "
-                    "should be used.", len(skipped), "" if len(skipped) == 1 else "s",
-                    " and ".join(folder_dirs), _READABLE, _count_kinds(skipped), examples)
+def listing(root: str, split: str, subset: str) -> FolderListing:
+    """Lists the training (`subset='train'`) or evaluation (`'eval'`) images of a split.
 
-
-def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> FolderListing:
-    """Lists the images of `folders` (e.g. ``('train', 'val')``) under `root`.
-
-    Files of other formats are skipped, with one warning for all of `folders` that counts them.
+    The folders of that side (e.g. ``('train', 'val')``, see `FOLDER_SPLITS`) are read in
+    order; labels index the sorted class names of ``train/`` (`class_names`). Files of other
+    formats are skipped, with one warning for all of the side's folders that counts them.
 
     Args:
         root: Dataset root holding ``train/`` and, as needed, ``val/`` and ``test/``.
-        folders: Subfolders of `root` to read, in order.
-        classes: Class names from `class_names`; their order defines the labels.
+        split: The config-level split, ``'val'`` or ``'test'``.
+        subset: ``'train'`` or ``'eval'``.
 
     Returns:
         The sorted image paths and their labels.
 
     Raises:
-        ValueError: If a folder is missing, has a class folder that ``train/`` does not have, or
-            the listed folders hold no images. A ``train/`` class folder without images is an error
-            too, since its class could never be learned, and so is any class folder whose files
-            are all of formats this pipeline skips: the user meant them as data, and its class
-            would silently be missing from training or, worse, from the evaluation score.
+        ValueError: If the split is unknown, a folder is missing, has a class folder that
+            ``train/`` does not have, or the side's folders hold no images. A ``train/`` class
+            folder without images is an error too, since its class could never be learned, and
+            so is any class folder whose files are all of formats this pipeline skips: the user
+            meant them as data, and its class would silently be missing from training or, worse,
+            from the evaluation score.
     """
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(FOLDER_SPLITS)}.")
+    folders = FOLDER_SPLITS[split][0 if subset == "train" else 1]
+    classes = class_names(root)
     label_of = {name: i for i, name in enumerate(classes)}
-    paths: list[str] = []
-    labels: list[int] = []
-    all_skipped: list[str] = []
+    paths, labels, skipped = [], [], []
     for folder in folders:
         folder_dir = _require_dir(root, folder, f"the {'/'.join(folders)} data needs")
         for name in _subdirs(folder_dir):
@@ -189,23 +181,29 @@ def list_images(root: str, folders: Sequence[str], classes: Sequence[str]) -> Fo
                 raise ValueError(f"Class folder {class_dir} has no counterpart in "
                                  f"{os.path.join(root, 'train')}; classes are the train/ "
                                  f"subfolders: {', '.join(classes)}.")
-            images, skipped = _entries(class_dir)
-            if not images and skipped:
+            images, others = _entries(class_dir)
+            if not images and others:
                 raise ValueError(
-                    f"Class folder {class_dir} holds {len(skipped)} "
-                    f"file{'' if len(skipped) == 1 else 's'} but no {_READABLE} images "
-                    f"({_count_kinds(skipped)}; e.g. {skipped[0]}), so class {name!r} would be "
+                    f"Class folder {class_dir} holds {len(others)} "
+                    f"file{'' if len(others) == 1 else 's'} but no {_READABLE} images "
+                    f"({_count_kinds(others)}; e.g. {others[0]}), so class {name!r} would be "
                     f"missing from the {folder}/ data; convert them to one of these formats.")
             if not images and folder == "train":
                 raise ValueError(f"Class folder {class_dir} has no {_READABLE} images.")
             paths.extend(images)
             labels.extend([label_of[name]] * len(images))
-            all_skipped.extend(skipped)
+            skipped.extend(others)
     folder_dirs = [os.path.join(root, folder) for folder in folders]
     if not paths:
         raise ValueError(f"No {_READABLE} images found in {', '.join(folder_dirs)}.")
-    if all_skipped:
-        _warn_skipped(folder_dirs, all_skipped)
+    key = (*folder_dirs, "|", *skipped)
+    if skipped and key not in _WARNED:
+        _WARNED.add(key)
+        more = ", ..." if len(skipped) > _EXAMPLES else ""
+        logging.warning("Skipping %d file%s in %s, not %s images (%s; e.g. %s%s). Convert any "
+                        "that should be used.", len(skipped), "" if len(skipped) == 1 else "s",
+                        " and ".join(folder_dirs), _READABLE, _count_kinds(skipped),
+                        ", ".join(skipped[:_EXAMPLES]), more)
     return FolderListing(tuple(paths), tuple(labels))
 
 
@@ -252,28 +250,6 @@ def image_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, skipped
 
 
-def listing(root: str, split: str, subset: str) -> FolderListing:
-    """Lists the training (`subset='train'`) or evaluation (`'eval'`) images of a split."""
-    if split not in FOLDER_SPLITS:
-        raise ValueError(f"Unknown split {split!r}; expected one of {tuple(FOLDER_SPLITS)}.")
-    train_folders, eval_folders = FOLDER_SPLITS[split]
-    return list_images(root, train_folders if subset == "train" else eval_folders,
-                       class_names(root))
-
-
-def validate(root: str, split: str) -> None:
-    """Checks the folders `split` needs exist and hold images that all decode.
-
-    Both sides are checked (training and evaluation), so a broken test image fails the run
-    before training rather than after it.
-
-    Raises:
-        ValueError: Naming the problem: a missing folder, a class ``train/`` lacks, a class
-            folder without readable images, or the files that do not decode.
-    """
-    check_decodable(root, listing(root, split, "train").paths + listing(root, split, "eval").paths)
-
-
 # --------------------------------------------------------------------------------------------
 # Decoding.
 # --------------------------------------------------------------------------------------------
@@ -282,14 +258,15 @@ def validate(root: str, split: str) -> None:
 def read_image(path: str) -> np.ndarray:
     """Reads and decodes one image file to uint8 ``[H, W, 3]`` (`imaging.decode`).
 
-    The one decoder of this module: `dataset` reads with it and `check_decodable` tests with it,
+    The one decoder of this module: `dataset` reads with it and `validate` tests with it,
     so a file that passes the check is one the pipeline can read.
 
     Raises:
         imaging.DecodeError: The file does not decode (or cannot be read).
     """
+    file = epath.Path(path) if _remote(path) else pathlib.Path(path)
     try:
-        return imaging.decode(read_bytes(path))
+        return imaging.decode(file.read_bytes())
     except OSError as e:
         raise imaging.DecodeError(f"cannot read it: {e.strerror or e}") from e
 
@@ -341,28 +318,27 @@ _DECODED: set[str] = set()
 def _fingerprint(paths: Sequence[str]) -> str | None:
     """A hash of the paths, sizes and modification times; None if a file cannot be stat'ed."""
     try:
-        # Threads, since a gs:// stat is a request; os.stat-like calls release the GIL.
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            stats = list(pool.map(stat, paths))
+        sized = zip(paths, stats(paths), strict=True)
     except OSError:
         return None
-    digest = hashlib.sha256()
-    for path, (size, mtime_ns) in zip(paths, stats, strict=True):
-        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode())
-    return digest.hexdigest()
+    lines = "".join(f"{path}\0{size}\0{mtime_ns}\n" for path, (size, mtime_ns) in sized)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def check_decodable(root: str, paths: Sequence[str], remember: bool = True) -> None:
-    """Raises ValueError naming the files of `paths` that the pipeline cannot decode.
+def validate(root: str, split: str) -> None:
+    """Checks the folders `split` needs exist and hold images that all decode.
 
-    Args:
-        root: The folder named in the message.
-        paths: The files to check.
-        remember: Skip the check for a set of files (same paths, sizes and modification times)
-            that already passed in this process, and remember this one if it passes.
+    Both sides are checked (training and evaluation), so a broken test image fails the run
+    before training rather than after it. A set of files (same paths, sizes and modification
+    times) that already passed in this process is not decoded again.
+
+    Raises:
+        ValueError: Naming the problem: a missing folder, a class ``train/`` lacks, a class
+            folder without readable images, or the files that do not decode.
     """
-    key = _fingerprint(paths) if remember else None
-    if key is not None and key in _DECODED:
+    paths = listing(root, split, "train").paths + listing(root, split, "eval").paths
+    key = _fingerprint(paths)
+    if key in _DECODED:  # None (a file that cannot be stat'ed) is never remembered.
         return
     bad = find_undecodable(paths, f"images in {root}")
     if bad:

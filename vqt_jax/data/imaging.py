@@ -112,6 +112,4 @@ def resize(image: np.ndarray, image_size: int, round_resized: bool = True) -> np
         return lerp(lo, hi, x_weight)
 
     out = lerp(row(top), row(bottom), y_weight[:, None]).reshape(size, size, channels)
-    if not round_resized:
-        return out
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8) if round_resized else out

@@ -96,13 +96,6 @@ def _folder_root(data_dir: str | None) -> str:
     return data_dir
 
 
-def _tfds():  # noqa: ANN202 - the module.
-    """tensorflow_datasets, imported only for TFDS tasks (it does not need TensorFlow here)."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
-    return tfds
-
-
 def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     """A shell command that downloads and prepares a TFDS dataset as ArrayRecord files.
 
@@ -113,19 +106,18 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
         data_dir: Where to prepare it (None: TFDS's default data dir).
     """
     dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
-    code = (
-        "import tensorflow_datasets as tfds; "
-        f"tfds.builder({tfds_name!r}{dir_arg}, file_format='array_record').download_and_prepare()")
+    code = (f"import tensorflow_datasets as tfds; tfds.builder({tfds_name!r}{dir_arg}, "
+            "file_format='array_record').download_and_prepare()")
     # Double quotes read best around Python's single-quoted strings; fall back to full shell
     # quoting when a path holds a character the shell would expand inside them.
-    if not any(c in code for c in '"$`\\!'):
-        return f'python -c "{code}"'
-    return f"python -c {shlex.quote(code)}"
+    quoted = shlex.quote(code) if any(c in code for c in '"$`\\!') else f'"{code}"'
+    return f"python -c {quoted}"
 
 
 def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
                   tfrecord_dir: str = "") -> str:
-    tfds = _tfds()
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - TFDS tasks only; no TensorFlow.
+
     dataset = f"TFDS dataset {task.tfds_name!r} (VTAB-1k task {task.name!r})"
     prepare = f"  {prepare_command(task.tfds_name, data_dir)}"
     where = data_dir or "the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
@@ -149,57 +141,47 @@ def _not_prepared(task: tasks_lib.Task, data_dir: str | None, cause: str = "",
             "--out_file_format=array_record`), or delete that folder and prepare it again:",
             prepare])
     dir_flag = f" --data_dir={shlex.quote(data_dir)}" if data_dir else ""
-    lines = [
+    return "\n".join(filter(None, [  # filter: no line for a task without a prepare_note.
         f"{head} Prepare it once, as ArrayRecord files, on a machine with internet access and "
         f"tensorflow-datasets with TensorFlow ({PREPARE_INSTALL}):",
         prepare,
         # The CLI is the usual advice, but its tensorflow-datasets entry point imports
         # apache_beam at startup ("No module named 'apache_beam'"), which nothing here needs.
         f"(The CLI `tfds build '{task.tfds_name}'{dir_flag} --file_format=array_record` does "
-        f"the same, but needs apache-beam installed in tensorflow-datasets {tfds.__version__}.)"]
-    if task.prepare_note:
-        lines.append(task.prepare_note)
-    return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _private_tempdir() -> Iterator[None]:
-    """Points `tempfile` at a directory of its own, removed afterwards: TFDS makes a temporary
-    directory (`tmp*tfds`) when it looks for an unprepared dataset's metadata and leaves it."""
-    saved = tempfile.tempdir
-    with tempfile.TemporaryDirectory(prefix="vqt_jax_tfds_") as own:
-        tempfile.tempdir = own
-        try:
-            yield
-        finally:
-            tempfile.tempdir = saved
+        f"the same, but needs apache-beam installed in tensorflow-datasets {tfds.__version__}.)",
+        task.prepare_note]))
 
 
 def _builder(task: tasks_lib.Task, data_dir: str | None) -> Any:
     """Opens a prepared TFDS dataset, or raises DatasetNotPreparedError without waiting."""
-    tfds = _tfds()
-    with _private_tempdir():
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - TFDS tasks only; no TensorFlow.
+
+    # TFDS makes a temporary directory (`tmp*tfds`) when it looks for an unprepared dataset's
+    # metadata and leaves it: point `tempfile` at a directory of its own, removed afterwards.
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="vqt_jax_tfds_") as own:
+        tempfile.tempdir = own
         try:
-            # try_gcs=False: never look for the data on GCS (hangs for minutes without network).
+            # try_gcs=False: never look for the data on GCS (hangs for minutes offline).
             builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
+            prepared = builder.is_prepared()
         except (AssertionError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
-            # E.g. the version pattern matches nothing prepared and nothing this TFDS can build.
+            # E.g. the version pattern matches nothing prepared, nothing this TFDS can build.
             raise DatasetNotPreparedError(_not_prepared(task, data_dir, cause=str(e))) from e
-        if not builder.is_prepared():
-            raise DatasetNotPreparedError(_not_prepared(task, data_dir))
+        finally:
+            tempfile.tempdir = saved
+    if not prepared:
+        raise DatasetNotPreparedError(_not_prepared(task, data_dir))
     return builder
-
-
-def _tfds_split(task: tasks_lib.Task, split: str, subset: Subset) -> str:
-    train_split, eval_split = SPLITS[split]
-    return task.tfds_split(train_split if subset == "train" else eval_split)
 
 
 def _data_source(builder: Any, task: tasks_lib.Task, data_dir: str | None,
                  tfds_split: str) -> Sequence[dict[str, Any]]:
     """Random access to a split's examples, images still encoded."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
     try:
-        return builder.as_data_source(tfds_split, decoders={"image": _tfds().decode.SkipDecoding()})
+        return builder.as_data_source(tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
     except NotImplementedError as e:  # Prepared as TFRecord only: no random access.
         raise DatasetNotPreparedError(
             _not_prepared(task, data_dir, tfrecord_dir=str(builder.data_dir))) from e
@@ -214,7 +196,7 @@ def _source(task: str, data_dir: str | None, split: str,
         files = folder_lib.listing(root, split, subset)
         return len(files.paths), lambda i: (folder_lib.load(root, files.paths[i]), files.labels[i])
     spec = tasks_lib.get_task(task)
-    tfds_split = _tfds_split(spec, split, subset)
+    tfds_split = spec.tfds_split(SPLITS[split][0 if subset == "train" else 1])
     builder = _builder(spec, data_dir)
     source = _data_source(builder, spec, data_dir, tfds_split)
     channels = builder.info.features["image"].shape[-1]
@@ -250,8 +232,7 @@ def _mean_std(normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
                              "'imagenet' or a (mean, std) pair of 3-tuples in [0, 1] units.")
         normalization = _NORMALIZATIONS[normalization]
     try:
-        mean, std = normalization
-        mean, std = (np.asarray(x, np.float32).reshape(3) for x in (mean, std))
+        mean, std = (np.asarray(x, np.float32).reshape(3) for x in normalization)
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"normalization={normalization!r} is not a (mean, std) pair of 3-tuples.") from e
@@ -339,24 +320,6 @@ def _host_rows(global_batch_size: int, process_index: int, process_count: int) -
     """Checks the host arguments; returns this host's rows of every global batch."""
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     return slice(process_index * local_batch, (process_index + 1) * local_batch)
-
-
-def _load_arrays(num_examples: int, read: Callable[[int], Example], image_size: int,
-                 round_resized: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Reads examples 0..N-1, resized, into memory: images (uint8 or float32), int32 labels."""
-    def prepare(i: int) -> Example:
-        image, label = read(i)
-        return resize(image, image_size, round_resized), label
-
-    progress = Progress("Reading the training images", num_examples, "images")
-    examples = []
-    for example in _ordered(prepare, range(num_examples), 4 * folder_lib.THREADS):
-        examples.append(example)
-        progress.update()
-    progress.done()
-    images = (np.stack([x for x, _ in examples]) if examples else
-              np.zeros((0, image_size, image_size, 3), np.uint8 if round_resized else np.float32))
-    return images, np.asarray([y for _, y in examples], np.int32)
 
 
 # Optimiser steps per epoch: ceil(N / B) with 'epoch' batching, N / B with 'stream'.
@@ -491,8 +454,7 @@ def _eval_batches(local_items: Iterable[Any], read: Callable[[Any], Example], nu
         for _ in range(num_steps):
             real = list(itertools.islice(examples, local_batch))
             pad = local_batch - len(real)
-            images = [x for x, _ in real] + [zero] * pad
-            yield {"image": np.stack(images).astype(np.float32, copy=False),
+            yield {"image": np.stack([x for x, _ in real] + [zero] * pad),  # All float32.
                    "label": np.asarray([y for _, y in real] + [0] * pad, np.int32),
                    "mask": np.asarray([1.0] * len(real) + [0.0] * pad, np.float32)}
 
@@ -529,7 +491,7 @@ def validate(task: str, data_dir: str | None = None, split: str = "val") -> None
         return folder_lib.validate(_folder_root(data_dir), split)
     spec = tasks_lib.get_task(task)
     builder = _builder(spec, data_dir)
-    tfds_splits = [_tfds_split(spec, split, subset) for subset in ("train", "eval")]
+    tfds_splits = [spec.tfds_split(name) for name in SPLITS[split]]  # Training, evaluation.
     for tfds_split in tfds_splits:
         try:
             builder.info.splits[tfds_split]
@@ -568,26 +530,37 @@ def get_class_names(task: str, data_dir: str | None = None) -> list[str]:
     return names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
 
 
-def get_num_examples(
-    task: str, data_dir: str | None = None, split: str = "val", subset: Subset = "train"
-) -> int:
+def get_num_examples(task: str, data_dir: str | None = None, split: str = "val",
+                     subset: Subset = "train") -> int:
     """Number of training (`subset='train'`) or evaluation (`'eval'`) examples of a split."""
     if subset not in ("train", "eval"):
         raise ValueError(f"subset must be 'train' or 'eval', got {subset!r}.")
     return _source(task, data_dir, split, subset)[0]
 
 
-def load_train_examples(
-    task: str, data_dir: str | None = None, split: str = "val", image_size: int = 224,
-    round_resized: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+def load_train_examples(task: str, data_dir: str | None = None, split: str = "val",
+                        image_size: int = 224,
+                        round_resized: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The whole training set of a split, resized: [N, S, S, 3] images (uint8, or float32 if
     not `round_resized`; see `resize`), int32 labels.
 
     Example i here is example i of `make_train_iterator`'s shuffle (see `train_indices`).
     """
     num_examples, read = _source(task, data_dir, split, "train")
-    return _load_arrays(num_examples, read, image_size, round_resized)
+
+    def prepare(i: int) -> Example:
+        image, label = read(i)
+        return resize(image, image_size, round_resized), label
+
+    progress = Progress("Reading the training images", num_examples, "images")
+    examples = []
+    for example in _ordered(prepare, range(num_examples), 4 * folder_lib.THREADS):
+        examples.append(example)
+        progress.update()
+    progress.done()
+    images = (np.stack([x for x, _ in examples]) if examples else
+              np.zeros((0, image_size, image_size, 3), np.uint8 if round_resized else np.float32))
+    return images, np.asarray([y for _, y in examples], np.int32)
 
 
 def make_train_iterator(task: str, data_dir: str | None = None, split: str = "val", *,

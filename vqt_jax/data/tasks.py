@@ -49,29 +49,21 @@ def _clevr_count(example: Example) -> dict[str, np.ndarray]:
     return _out(example["image"], np.size(example["objects"]["size"]) - 3)
 
 
-# Depth (pixel_coords[:, 2]) of the closest object; the edges give roughly balanced classes.
-_CLEVR_DISTANCE_EDGES = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
-
-
 def _clevr_distance(example: Example) -> dict[str, np.ndarray]:
+    # Depth (pixel_coords[:, 2]) of the closest object; the edges give roughly balanced classes.
     depth = np.min(np.asarray(example["objects"]["pixel_coords"])[:, 2])
-    return _out(example["image"], _bin_index(depth, _CLEVR_DISTANCE_EDGES))
-
-
-# KITTI object types 0, 1, 2 are Car, Van, Truck: the "vehicles" of closest_vehicle_distance.
-_KITTI_NUM_VEHICLE_TYPES = 3
-# A frame without vehicles counts as a vehicle at 1000 m, which lands in the last class.
-_KITTI_NO_VEHICLE_DISTANCE = 1000.0
-_KITTI_DISTANCE_EDGES = (-100.0, 8.0, 20.0, 999.0)
+    return _out(example["image"], _bin_index(depth, (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)))
 
 
 def _kitti_distance(example: Example) -> dict[str, np.ndarray]:
     objects = example["objects"]
-    is_vehicle = np.asarray(objects["type"]) < _KITTI_NUM_VEHICLE_TYPES
+    # Object types 0, 1, 2 are Car, Van, Truck: the "vehicles" of closest_vehicle_distance.
+    is_vehicle = np.asarray(objects["type"]) < 3
     # location is (x, y, z) in camera coordinates, meters; z is the distance ahead.
     vehicle_z = np.asarray(objects["location"], np.float32).reshape(-1, 3)[is_vehicle, 2]
-    distance = np.min(np.append(vehicle_z, np.float32(_KITTI_NO_VEHICLE_DISTANCE)))
-    return _out(example["image"], _bin_index(distance, _KITTI_DISTANCE_EDGES))
+    # A frame without vehicles counts as a vehicle at 1000 m, which lands in the last class.
+    distance = np.min(np.append(vehicle_z, np.float32(1000.0)))
+    return _out(example["image"], _bin_index(distance, (-100.0, 8.0, 20.0, 999.0)))
 
 
 def _dsprites(attribute: str, num_values: int, num_classes: int) -> Converter:
@@ -140,11 +132,10 @@ _LARGE = "It is a large download (several GB or more); allow time and disk space
 
 
 def _manual(what: str) -> str:
-    return (
-        f"TFDS cannot fetch it by itself: {what} into the manual dir first "
-        "(<data_dir>/downloads/manual by default; or pass "
-        "download_config=tfds.download.DownloadConfig(manual_dir=DIR) to download_and_prepare, "
-        "or --manual_dir to tfds build).")
+    return (f"TFDS cannot fetch it by itself: {what} into the manual dir first "
+            "(<data_dir>/downloads/manual by default; or pass "
+            "download_config=tfds.download.DownloadConfig(manual_dir=DIR) to download_and_prepare, "
+            "or --manual_dir to tfds build).")
 
 
 def _task(name, tfds_name, num_classes, group, val200, test, **kwargs) -> tuple[str, Task]:
@@ -163,10 +154,8 @@ TASKS: Mapping[str, Task] = dict([
     _task("svhn", "svhn_cropped:3.*.*", 10, "natural", "train[65931:66131]", "test"),
     _task("sun397", "sun397/tfds:4.*.*", 397, "natural", "validation[:200]", "test",
           prepare_note=_LARGE),
-    _task("patch_camelyon", "patch_camelyon:2.*.*", 2, "specialized",
-          "validation[:200]", "test"),
-    _task("eurosat", "eurosat/rgb:2.*.*", 10, "specialized",
-          "train[16200:16400]", "train[21600:]"),
+    _task("patch_camelyon", "patch_camelyon:2.*.*", 2, "specialized", "validation[:200]", "test"),
+    _task("eurosat", "eurosat/rgb:2.*.*", 10, "specialized", "train[16200:16400]", "train[21600:]"),
     _task("resisc45", "resisc45:3.*.*", 45, "specialized", "train[18900:19100]", "train[25200:]",
           prepare_note=_manual("download NWPU-RESISC45.rar")),
     _task("diabetic_retinopathy", "diabetic_retinopathy_detection/btgraham-300:3.*.*", 5,
@@ -176,16 +165,13 @@ TASKS: Mapping[str, Task] = dict([
           convert=_clevr_count),
     _task("clevr_distance", "clevr:3.*.*", 6, "structured", "train[63000:63200]", "validation",
           convert=_clevr_distance),
-    _task("dmlab", "dmlab:2.0.1", 6, "structured", "validation[:200]", "test",
-          prepare_note=_LARGE),
+    _task("dmlab", "dmlab:2.0.1", 6, "structured", "validation[:200]", "test", prepare_note=_LARGE),
     _task("kitti_distance", "kitti:3.1.0", 4, "structured", "validation[:200]", "test",
           convert=_kitti_distance, prepare_note=_LARGE),
-    _task("dsprites_location", "dsprites:2.*.*", 16, "structured",
-          "train[589824:590024]", "train[663552:]",
-          convert=_dsprites("label_x_position", 32, 16)),
-    _task("dsprites_orientation", "dsprites:2.*.*", 16, "structured",
-          "train[589824:590024]", "train[663552:]",
-          convert=_dsprites("label_orientation", 40, 16)),
+    _task("dsprites_location", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
+          "train[663552:]", convert=_dsprites("label_x_position", 32, 16)),
+    _task("dsprites_orientation", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
+          "train[663552:]", convert=_dsprites("label_orientation", 40, 16)),
     _task("smallnorb_azimuth", "smallnorb:2.*.*", 18, "structured", "test[:200]", "test[50%:]",
           convert=_smallnorb("label_azimuth")),
     _task("smallnorb_elevation", "smallnorb:2.*.*", 9, "structured", "test[:200]", "test[50%:]",

@@ -50,16 +50,12 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
-def _quick_gelu(x: Array) -> Array:
-    # OpenAI CLIP's activation: x * sigmoid(1.702 x).
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-# MLP activations by name: big_vision uses the tanh approximation, timm/PyTorch the exact erf.
+# MLP activations by name: big_vision uses the tanh approximation, timm/PyTorch the exact erf,
+# OpenAI CLIP x * sigmoid(1.702 x).
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": _quick_gelu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
 # The ordinary tokens' self-attention (`ViT.attention`): jax.nn.dot_product_attention's 'xla'
@@ -286,19 +282,15 @@ class Attention(nn.Module):
         layout, with `heads_major`) -> [B, Nq, D], float32 logits and softmax. With
         `stash_dtype` (e.g. bfloat16) the forward is exact but the backward keeps k and v in
         that dtype (VQT's per-layer key/value stash)."""
-        if heads_major or stash_dtype is None:
-            o = _sdpa(q, k, v, heads_major)
-        else:
-            o = _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype))
+        o = (_sdpa(q, k, v, heads_major) if heads_major or stash_dtype is None
+             else _sdpa_narrow_stash(q, k, v, jnp.dtype(stash_dtype)))
         return self.out(o.astype(self.dtype))
 
     def self_attend(self, q: Array, k: Array, v: Array) -> Array:
         """The ordinary tokens' self-attention by `implementation`, q, k, v [B, N, H, Dh] ->
         [B, N, D]; float32 logits and softmax whatever the dtype."""
-        if self.implementation == "heads_major":
-            o = _sdpa_heads_major(q, k, v)
-        else:
-            o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        o = (_sdpa_heads_major(q, k, v) if self.implementation == "heads_major"
+             else jax.nn.dot_product_attention(q, k, v, implementation=self.implementation))
         return self.out(o.astype(self.dtype))
 
 
@@ -331,8 +323,7 @@ def _sdpa_narrow_stash_fwd(q, k, v, stash_dtype):
     return _sdpa(q, k, v), res
 
 
-def _sdpa_narrow_stash_bwd(stash_dtype, saved, g):
-    del stash_dtype
+def _sdpa_narrow_stash_bwd(_stash_dtype, saved, g):
     q, k, v = saved
     # Cotangents for k and v too, in q's dtype, in case the backbone is trained as well.
     _, vjp = jax.vjp(_sdpa, q, k.astype(q.dtype), v.astype(q.dtype))
@@ -752,8 +743,7 @@ class ViT(nn.Module):
         group (one CLS, each layer's T*D query vector, each pooled token) when `l2_normalize`
         resolves on."""
         normalize = self.l2_normalize
-        if normalize is None:
-            normalize = self.num_queries > 0 or self.head2toe
+        normalize = self.num_queries > 0 or self.head2toe if normalize is None else normalize
         groups = [pooled] if self.head2toe else [cls[:, None, :]]
         if queries is not None and not self.head2toe:  # [B, M, T * D]: one group per layer
             groups.append(queries.reshape(*queries.shape[:2], -1))

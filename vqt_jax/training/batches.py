@@ -33,8 +33,7 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
     if cache is not None:
         return cache_lib.train_batches(
             cache, global_batch_size=config.batch_size, seed=protocol.order_seed(config),
-            start_step=start_step,
-            fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
+            start_step=start_step, fields=[k for k in train_step.CACHE_INPUTS if k in cache.arrays],
             batching=protocol.batching(config), rows=rows)
     local = rows.stop - rows.start
     if rows.start % local or config.batch_size % local:
@@ -51,8 +50,7 @@ def train_batches(config: ml_collections.ConfigDict, cache: cache_lib.Cache | No
 def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict]:
     """This host's slices of the padded, masked evaluation batches of `config.split`."""
     return data.make_eval_iterator(
-        config.task, config.data_dir, config.split,
+        config.task, config.data_dir, config.split, image_size=config.image_size,
         global_batch_size=config.eval_batch_size or config.batch_size,
-        image_size=config.image_size, normalization=data.as_normalization(config.normalization),
-        local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config),
-    )
+        normalization=data.as_normalization(config.normalization),
+        local_device_count=len(mesh.local_devices), round_resized=protocol.round_resized(config))

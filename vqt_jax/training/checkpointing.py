@@ -85,7 +85,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
     """The latest saved state (with `state`'s structure and shardings), or `state` if none."""
     with workdir_lib.remote_errors(mngr.directory, "read"):
-        step = mngr.latest_step()
-        if step is None:
+        if (step := mngr.latest_step()) is None:
             return state
         return mngr.restore(step, args=ocp.args.StandardRestore(state))

@@ -50,8 +50,7 @@ def loss_fn(model: ViT, train_mode: bool, lasso: float) -> engine.LossFn:
             x = body.apply(variables, batch["image"], train=train_mode, rngs=rngs)
         else:
             inputs = {k: v for k, v in batch.items() if k in train_step.CACHE_INPUTS}
-            x = body.apply(variables, inputs, train=train_mode, rngs=rngs,
-                           method=ViT.from_cache)
+            x = body.apply(variables, inputs, train=train_mode, rngs=rngs, method=ViT.from_cache)
         if "kept" in member:
             x = jnp.take(x, member["kept"], axis=1)
         logits = x @ head["head/kernel"] + head["head/bias"]
@@ -64,9 +63,9 @@ def loss_fn(model: ViT, train_mode: bool, lasso: float) -> engine.LossFn:
 def _fresh_head(config: ml_collections.ConfigDict, width: int, num_classes: int) -> dict:
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     init = HEAD_INITS[config.model.get("head_init", "zeros")]
+    bias = config.model.get("head_bias_init", 0.0)
     return {"head/kernel": init(key, (width, num_classes), jnp.float32),
-            "head/bias": jnp.full((num_classes,), config.model.get("head_bias_init", 0.0),
-                                  jnp.float32)}
+            "head/bias": jnp.full((num_classes,), bias, jnp.float32)}
 
 
 def _stage(configs: Sequence[ml_collections.ConfigDict], model: ViT, trained: Any,
@@ -134,9 +133,8 @@ class Heads:
                 for j, x in enumerate(eval_features)]
 
 
-def train(configs: Sequence[ml_collections.ConfigDict], model: ViT, trained: Any,
-          shared: dict, source: SourceFn, num_train: int, num_features: int,
-          num_classes: int) -> Heads:
+def train(configs: Sequence[ml_collections.ConfigDict], model: ViT, trained: Any, shared: dict,
+          source: SourceFn, num_train: int, num_features: int, num_classes: int) -> Heads:
     """Both stages for S trained runs (a stage's members, or one run).
 
     Args:

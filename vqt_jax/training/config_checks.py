@@ -18,20 +18,13 @@ KV_DTYPES = ("float32", "bfloat16", "float16")
 NORMALIZATIONS = ("inception", "imagenet")
 # Config fields with a fixed set of values.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "cache": ("auto", "on", "off"),
-    "cache_dtype": ("float32", "bfloat16"),
-    "cache_storage": ("disk", "memory"),
-    "cache_on_device": ("auto", "on", "off"),
-    "batching": data.BATCHINGS,
-    "resize": ("float", "uint8"),
-    "fc_norm_init": ("fresh", "checkpoint"),
-    "posemb_resample": (resample.AUTO, *resample.RULES),
-}
+    "cache": ("auto", "on", "off"), "cache_dtype": ("float32", "bfloat16"),
+    "cache_storage": ("disk", "memory"), "cache_on_device": ("auto", "on", "off"),
+    "batching": data.BATCHINGS, "resize": ("float", "uint8"),
+    "fc_norm_init": ("fresh", "checkpoint"), "posemb_resample": (resample.AUTO, *resample.RULES)}
 # config.model fields with a fixed set of values: (default, the values).
 MODEL_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pool_type": ("tok", POOL_TYPES),
-    "head_init": ("zeros", tuple(HEAD_INITS)),
-}
+    "pool_type": ("tok", POOL_TYPES), "head_init": ("zeros", tuple(HEAD_INITS))}
 
 
 def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
@@ -43,21 +36,18 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
       process_count: hosts (each reads an equal slice of every batch).
     """
     if config.task != data.FOLDER and config.task not in data.TASKS:
-        raise ValueError(
-            f"config.task={config.task!r} is not a VTAB-1k task or 'folder'; tasks: "
-            f"{', '.join(data.task_names())}")
+        raise ValueError(f"config.task={config.task!r} is not a VTAB-1k task or 'folder'; "
+                         f"tasks: {', '.join(data.task_names())}")
     if config.split not in SPLITS:
         raise ValueError(f"config.split={config.split!r}: must be one of {SPLITS}")
     methods.get(config.method)
     if config.get("protocol"):
         protocol.get(config.protocol)
     for field, (default, allowed) in MODEL_CHOICES.items():
-        value = config.model.get(field, default)
-        if value not in allowed:
+        if (value := config.model.get(field, default)) not in allowed:
             raise ValueError(f"config.model.{field}={value!r}: choose from "
                              f"{', '.join(allowed)}")
-    name = config.get("optimizer")
-    if name is not None and name not in optim.OPTIMIZERS:
+    if (name := config.get("optimizer")) is not None and name not in optim.OPTIMIZERS:
         raise ValueError(f"config.optimizer={name!r}: choose from {', '.join(optim.OPTIMIZERS)}")
     for field, allowed in CHOICES.items():
         if field in config and config[field] not in allowed:
@@ -81,9 +71,8 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     for name in ("batch_size", "eval_batch_size"):
         size = config.get(name) or config.batch_size
         if size % num_devices or size % process_count:
-            raise ValueError(
-                f"config.{name}={size} is not divisible by the {num_devices} devices "
-                f"({process_count} hosts) it is split over")
+            raise ValueError(f"config.{name}={size} is not divisible by the {num_devices} "
+                             f"devices ({process_count} hosts) it is split over")
     n = config.normalization
     if isinstance(n, str):
         if n not in NORMALIZATIONS:
@@ -92,25 +81,21 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
     elif len(n) != 2 or any(len(x) != 3 for x in n):
         raise ValueError(f"config.normalization={n!r}: a (mean, std) pair of 3-tuples")
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-    dtype = model.get("dtype", "float32")
-    if dtype not in KV_DTYPES:
+    if (dtype := model.get("dtype", "float32")) not in KV_DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}: an unknown compute dtype; choose from "
                          f"{KV_DTYPES}")
-    kv_dtype = model.get("kv_dtype")
-    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+    if (kv_dtype := model.get("kv_dtype")) is not None and kv_dtype not in KV_DTYPES:
         raise ValueError(f"config.model.kv_dtype={kv_dtype!r}: an unknown dtype; choose from "
                          f"{KV_DTYPES} (or leave it unset for the compute dtype)")
-    patch = model.get("patch_size") or decode_variant(model.get("variant") or "B/16").get(
-        "patch_size", (16, 16)
-    )
+    patch = model.get("patch_size") or decode_variant(
+        model.get("variant") or "B/16").get("patch_size", (16, 16))
     if (not isinstance(patch, (tuple, list)) or len(patch) != 2
             or not all(isinstance(p, int) and p > 0 for p in patch)):
         raise ValueError(f"config.model.patch_size={patch!r}: a (height, width) pair of "
                          "positive integers, e.g. --config.model.patch_size='(16, 16)'")
     if config.image_size % patch[0] or config.image_size % patch[1]:
-        raise ValueError(
-            f"config.image_size={config.image_size} is not a multiple of the patch size "
-            f"{patch[0]}x{patch[1]}")
+        raise ValueError(f"config.image_size={config.image_size} is not a multiple of the "
+                         f"patch size {patch[0]}x{patch[1]}")
     # The command line sets these as strings (their default is 'auto'); resolve parses the
     # ones it can, and a model must not build LayerScale from a truthy 'yes'.
     for name, kind, values in (("layerscale", bool, "True or False"),
@@ -123,8 +108,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
             raise ValueError(f"config.model.{name} must be >= 0, got {model[name]}")
     methods.model_kwargs(config.method, model)  # the sizes of the parts it needs are > 0
     feature_heads.check(config)
-    if "compression" in config and config.compression.enabled:
-        c = config.compression
+    if "compression" in config and (c := config.compression).enabled:
         if not 0 < c.keep_frac <= 1:
             raise ValueError(f"config.compression.keep_frac={c.keep_frac} must be in (0, 1]")
         if c.lasso < 0 or c.epochs <= 0 or c.lr_scale <= 0:

@@ -58,12 +58,9 @@ def member_step(loss_fn: LossFn, optimizer: str, template: dict,
     (traced values) on the schedule's shape `unit_schedule` (peak 1)."""
 
     def step(member, state, shared, batch, rng):
-        def schedule(s):
-            return member["lr"] * unit_schedule(s)
-
+        schedule = lambda s: member["lr"] * unit_schedule(s)
         tx = optim.make_optimizer(schedule, member["wd"], template, optimizer)
-        inner = train_step.make_train_step(
-            lambda t, f, b, r: loss_fn(t, member, f, b, r), tx)
+        inner = train_step.make_train_step(lambda t, f, b, r: loss_fn(t, member, f, b, r), tx)
         return train_step.make_state_step(inner, schedule)(state, shared, batch, rng)
 
     return step
@@ -138,15 +135,13 @@ class Engine:
             member = jax.vmap(step, in_axes=(0, 0, None, None, 0))
             self._sharding = NamedSharding(mesh, P("data"))
             self._step = jax.jit(
-                lambda state, constants, batch, rngs: member(constants[1], state, constants[0],
-                                                             batch, rngs),
+                lambda state, consts, batch, rngs: member(consts[1], state, consts[0], batch, rngs),
                 in_shardings=(replicated, replicated, self._sharding, replicated),
                 out_shardings=(replicated, replicated), donate_argnums=(0,))
             self._chunk = None
             return
         self._chunk = _device_chunks(step, source, max_steps).lower(
-            state, self._constants, source.cache.arrays, rngs,
-            jnp.asarray(1, jnp.int32)).compile()
+            state, self._constants, source.cache.arrays, rngs, jnp.asarray(1, jnp.int32)).compile()
 
     @property
     def compiled(self) -> Any:
@@ -248,8 +243,7 @@ def problem(metrics: dict[str, float], max_loss: float) -> str | None:
     return None
 
 
-def saved(state: Any, failed: np.ndarray, loss: np.ndarray, mesh: Mesh,
-          config: np.ndarray) -> dict:
+def saved(state: Any, failed: np.ndarray, loss: np.ndarray, mesh: Mesh, config: np.ndarray) -> dict:
     """What a checkpoint holds: the stacked state, per member the step it went bad at (0:
     never) and its last loss, and `config` (the digest of the configs that wrote it), as global
     arrays (orbax writes no host-local array from several hosts)."""
@@ -277,15 +271,16 @@ class Outcome:
 
 # bad(member, why, step, lr_now, last_saved) -> the exception that reports it.
 BadFn = Callable[[int, str, int, float, int], Exception]
+# cb(step, metrics): called with every step's metrics (a run's, or the first member's).
+Callback = Callable[[int, dict[str, float]], None]
 
 
 def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every: int,
           save: Callable[[int, Any, np.ndarray, np.ndarray], None] | None = None,
-          last_saved: int = 0, failed: np.ndarray | None = None,
-          loss: np.ndarray | None = None, writers: Sequence[Any] = (),
-          callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
-          max_loss: float = math.inf, bad: BadFn, may_diverge: bool,
-          what: str = "Training") -> Outcome:
+          last_saved: int = 0, failed: np.ndarray | None = None, loss: np.ndarray | None = None,
+          writers: Sequence[Any] = (), callbacks: Sequence[Callback] = (),
+          max_loss: float = math.inf, bad: BadFn, may_diverge: bool, what: str = "Training"
+          ) -> Outcome:
     """Advances every member from the state's step to `total`.
 
     Args:

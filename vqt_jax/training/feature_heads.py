@@ -97,15 +97,13 @@ def _head2toe(train: Features, evals: Features, is_val: np.ndarray,
     r = linear_probe.head2toe(x[~is_val], y[~is_val], x[is_val], y[is_val], progress=progress)
     return {"top1": r.probe.accuracy(x_eval[:, r.kept], evals["label"]), "C": r.C,
             "keep_frac": r.keep_frac, "val_top1": max(max(v) for v in r.val_top1.values()),
-            "num_features": int(x.shape[1]), "num_kept": len(r.kept),
-            "num_val": int(is_val.sum()),
+            "num_features": int(x.shape[1]), "num_kept": len(r.kept), "num_val": int(is_val.sum()),
             "converged": r.probe.converged and r.lasso_converged}
 
 
 # Baseline heads by name: (train features, eval features, validation-row mask, progress=None)
 # -> metrics; the progress counts the head's fits.
-BASELINES: dict[str, Callable[..., dict]] = {
-    "linear": _linear, "head2toe": _head2toe}
+BASELINES: dict[str, Callable[..., dict]] = {"linear": _linear, "head2toe": _head2toe}
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -15,7 +15,7 @@ import os
 import socket
 import textwrap
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -122,14 +122,8 @@ class Writer:
         """Logs `scalars` (name: number) at `step`; the chief also stores them."""
         values = {k: float(np.asarray(v)) for k, v in scalars.items()}
         logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
-        if self._jsonl is None:
-            return
-        self._jsonl.write((json.dumps({"step": int(step), **values}) + "\n").encode())
-        if self._events is not None:
-            for k, v in values.items():
-                self._event(event_pb2.Event(step=int(step),
-                                            summary=scalar_summary.scalar_pb(k, v)))
-        self.flush()
+        self._store({"step": int(step), **values}, lambda: [event_pb2.Event(
+            step=int(step), summary=scalar_summary.scalar_pb(k, v)) for k, v in values.items()])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Logs the run's hyperparameters; the chief also stores them (TensorBoard's HPARAMS)."""
@@ -137,12 +131,17 @@ class Writer:
         text = ", ".join(f"{k}={v}" for k, v in sorted(hparams.items()))
         logging.info("Hyperparameters:\n  %s", "\n  ".join(textwrap.wrap(
             text, 100, break_long_words=False, break_on_hyphens=False)))
+        self._store({"hparams": dict(hparams)}, lambda: [event_pb2.Event(
+            summary=hparams_summary.hparams_pb(_hparam_values(hparams)))])
+
+    def _store(self, record: dict[str, Any], events: Callable[[], list[Any]]) -> None:
+        """On the chief: `record` as a line of metrics.jsonl and `events()` into the event
+        file (made only where there is one), then both flushed."""
         if self._jsonl is None:
             return
-        self._jsonl.write((json.dumps({"hparams": dict(hparams)}, default=str) + "\n").encode())
-        if self._events is not None:
-            self._event(event_pb2.Event(
-                summary=hparams_summary.hparams_pb(_hparam_values(hparams))))
+        self._jsonl.write((json.dumps(record, default=str) + "\n").encode())
+        for event in events() if self._events is not None else ():
+            self._event(event)
         self.flush()
 
     def flush(self) -> None:

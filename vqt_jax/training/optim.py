@@ -52,11 +52,8 @@ import numpy as np
 import optax
 
 
-def warmup_cosine(
-    base_lr: float,
-    total_steps: int,
-    warmup_steps: float,
-) -> Callable[[jax.Array], jax.Array]:
+def warmup_cosine(base_lr: float, total_steps: int,
+                  warmup_steps: float) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up from 0, then cosine decay to 0, advanced every step.
 
     Args:
@@ -67,7 +64,6 @@ def warmup_cosine(
     Returns:
       An optax schedule: step -> learning rate.
     """
-
     total, warm = float(total_steps), float(warmup_steps)
 
     def schedule(step: jax.Array) -> jax.Array:
@@ -80,12 +76,9 @@ def warmup_cosine(
     return schedule
 
 
-def epoch_warmup_cosine(
-    base_lr: float,
-    epochs: int,
-    warmup_epochs: int,
-    steps_per_epoch: int | fractions.Fraction,
-) -> Callable[[jax.Array], jax.Array]:
+def epoch_warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int,
+                        steps_per_epoch: int | fractions.Fraction
+                        ) -> Callable[[jax.Array], jax.Array]:
     """The releases' schedule: `WarmupCosineSchedule` stepped once per epoch.
 
     The releases (`src/solver/lr_scheduler.py`, `scheduler.step()` after each epoch of
@@ -121,10 +114,9 @@ def epoch_warmup_cosine(
     return schedule
 
 
-def training_schedule(
-    lr: float, *, num_examples: int, batch_size: int, epochs: int, warmup_epochs: int,
-    batching: str = "epoch", per_epoch: bool = True,
-) -> tuple[Callable[[jax.Array], jax.Array], int]:
+def training_schedule(lr: float, *, num_examples: int, batch_size: int, epochs: int,
+                      warmup_epochs: int, batching: str = "epoch", per_epoch: bool = True
+                      ) -> tuple[Callable[[jax.Array], jax.Array], int]:
     """A run's schedule and its number of steps, from the config's terms.
 
     Args:
@@ -222,16 +214,6 @@ def _decay_tree(mask: Any, params: optax.Params) -> Any:
     return mask(params) if callable(mask) else mask
 
 
-def _bias_corrections(count: jax.Array, b1: float, b2: float) -> tuple[jax.Array, jax.Array]:
-    """(1 - b1^t, sqrt(1 - b2^t)) for step t = count.
-
-    torch computes these in float64; in float32, 1 - 0.999 loses 1e-5 of its value, so they are
-    taken as -expm1(t * log(b)) instead, which is float32-accurate.
-    """
-    t = count.astype(jnp.float32)
-    return -jnp.expm1(t * math.log(b1)), jnp.sqrt(-jnp.expm1(t * math.log(b2)))
-
-
 def _adam_init(params: optax.Params) -> AdamState:
     return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
                      jax.tree.map(jnp.zeros_like, params))
@@ -243,21 +225,18 @@ def _adam_moments(learning_rate: float | Callable[[jax.Array], jax.Array], grads
     it), the new count, the bias corrections (1 - b1^t, sqrt(1 - b2^t)) and the new moments."""
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = state.count + 1
-    bc1, sqrt_bc2 = _bias_corrections(count, b1, b2)
+    # torch computes the corrections in float64; in float32, 1 - 0.999 loses 1e-5 of its value,
+    # so they are taken as -expm1(t * log(b)) instead, which is float32-accurate.
+    t = count.astype(jnp.float32)
+    bc1, sqrt_bc2 = -jnp.expm1(t * math.log(b1)), jnp.sqrt(-jnp.expm1(t * math.log(b2)))
     mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
     nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, grads)
     return lr, count, bc1, sqrt_bc2, mu, nu
 
 
-def torch_adam(
-    learning_rate: float | Callable[[jax.Array], jax.Array],
-    weight_decay: float | jax.Array,
-    mask: Any = None,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-) -> optax.GradientTransformation:
+def torch_adam(learning_rate: float | Callable[[jax.Array], jax.Array],
+               weight_decay: float | jax.Array, mask: Any = None, *, b1: float = 0.9,
+               b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
     """torch.optim.Adam with coupled L2, as the VQT release uses it (OPTIMIZER 'adam').
 
     Per leaf, at step t (from 1) with lr = learning_rate(t - 1):
@@ -294,15 +273,9 @@ def torch_adam(
     return optax.GradientTransformation(_adam_init, update_fn)
 
 
-def vpt_adamw(
-    learning_rate: float | Callable[[jax.Array], jax.Array],
-    weight_decay: float | jax.Array,
-    mask: Any = None,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-) -> optax.GradientTransformation:
+def vpt_adamw(learning_rate: float | Callable[[jax.Array], jax.Array],
+              weight_decay: float | jax.Array, mask: Any = None, *, b1: float = 0.9,
+              b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
     """The VPT release's AdamW (KMnP/vpt src/solver/optimizer.py, class AdamW), in optax.
 
     Per leaf, at step t (from 1) with lr = learning_rate(t - 1):
@@ -351,10 +324,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adam": torch_adam, "sgd": _sgd, "adamw": vpt_adamw}
 
 
-def make_optimizer(
-    schedule: Callable[[jax.Array], jax.Array], weight_decay: float, trainable: dict,
-    name: str = "adam",
-) -> optax.GradientTransformation:
+def make_optimizer(schedule: Callable[[jax.Array], jax.Array], weight_decay: float,
+                   trainable: dict, name: str = "adam") -> optax.GradientTransformation:
     """The named optimiser (see OPTIMIZERS), decaying the leaves its release decays.
 
     Args:

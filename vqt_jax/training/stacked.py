@@ -61,14 +61,7 @@ from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
 from vqt_jax.training import batches as batches_lib
-from vqt_jax.training import (
-    compression_stage,
-    engine,
-    feature_heads,
-    metrics_io,
-    train,
-    train_step,
-)
+from vqt_jax.training import compression_stage, engine, feature_heads, metrics_io, train, train_step
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
 
@@ -107,8 +100,7 @@ def why_not(configs: Sequence[ml_collections.ConfigDict]) -> str | None:
     """
     base = configs[0]
     for c in configs[1:]:
-        diff = workdir_lib.differences(_shared(base), _shared(c))
-        if diff:
+        if diff := workdir_lib.differences(_shared(base), _shared(c)):
             raise ValueError(f"Runs of one program may differ only in {MEMBER_FIELDS}; these "
                              f"also differ in {sorted(diff)}")
     if methods.get(base.method).cache is None:
@@ -152,8 +144,6 @@ class _Setup:
     frozen: dict
     state: train_step.TrainState  # stacked
     rngs: jax.Array  # [S] training keys
-    total_steps: int
-    unit_schedule: Callable[[jax.Array], jax.Array]
     template: dict
     # val200's rows of the cache in float32, when this stage built the cache (`_val_rows`).
     float32: cache_lib.Float32Rows | None = None
@@ -196,7 +186,8 @@ def _plan(members: Sequence[Member]) -> _Setup:
     variables0 = inits[seeds[0]][0]
     orders = {order_seed(m.config) for m in members}
     rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
-    why = device_cache_lib.why_not(cache_plan.spec, _fields(cache_plan.spec), plan.mesh, rows)
+    why = device_cache_lib.why_not(cache_plan.spec, train.cache_fields(cache_plan.spec),
+                                   plan.mesh, rows)
     if not hosts.all_agree(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
                           f"{why or 'another host cannot hold it'}")
@@ -209,15 +200,13 @@ def _plan(members: Sequence[Member]) -> _Setup:
         raise Unstackable("the cache could not be built (see the line above)")
 
     template, frozen = parts[seeds[0]]
-    unit, total_steps = train.run_schedule(config, plan.num_train, 1.0)
     state = engine.init_state(methods.optimizer_name(config), template,
                               [parts[s][0] for s in seeds], plan.mesh)
     # Local, as `train` keeps its key: the compiled loop takes it replicated (a device_put
     # onto the global mesh would be refused on several hosts).
     rngs = jnp.stack([inits[s][1] for s in seeds])
     return _Setup(plan, [_member_config(config, m.config) for m in members], cache, variables0,
-                  frozen, state, rngs, total_steps, unit, template,
-                  getattr(cache, "float32", None))
+                  frozen, state, rngs, template, getattr(cache, "float32", None))
 
 
 def _val_rows(spec: cache_lib.Spec, plan: train.RunPlan, num_rows: int) -> slice | None:
@@ -243,13 +232,8 @@ def _val_rows(spec: cache_lib.Spec, plan: train.RunPlan, num_rows: int) -> slice
 def _member_config(config: ml_collections.ConfigDict,
                    member: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     out = copy.deepcopy(config)
-    for k in MEMBER_FIELDS:
-        out[k] = member[k]
+    out.update({k: member[k] for k in MEMBER_FIELDS})
     return out
-
-
-def _fields(spec: cache_lib.Spec) -> list[str]:
-    return [k for k in train_step.CACHE_INPUTS if k in spec.fields]
 
 
 def fits(compiled: Any, mesh) -> str | None:
@@ -344,7 +328,7 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     """Every member's eval metrics (and features for the feature heads) in one pass."""
     config, mesh = setup.plan.config, setup.plan.mesh
     batches = _exact_batches(setup)
-    fn = _eval_fn(setup, _fields(setup.cache.spec), keep_features, batches is not None)
+    fn = _eval_fn(setup, train.cache_fields(setup.cache.spec), keep_features, batches is not None)
     what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
     logging.info("%s: %s.", what, "one backbone pass" if batches is None else
                  "the backbone's float32 outputs kept by the cache build, no backbone pass")
@@ -460,17 +444,16 @@ def _run_group(members: list[Member], may_diverge: bool,
     s = len(members)
     directory = stage_dir(members)
     is_chief = hosts.is_chief()
-    fields = _fields(setup.cache.spec)
+    fields = train.cache_fields(setup.cache.spec)
     dcache = device_cache_lib.upload(setup.cache, mesh, fields)
 
     # source(orders): the members' batches, gathered on the devices.
     source = functools.partial(engine.DeviceSource, dcache, fields, config.batch_size,
                                batching(config), num_examples=setup.plan.num_train)
-    total = setup.total_steps
+    unit, total = train.run_schedule(config, setup.plan.num_train, 1.0)
     orders = [order_seed(m.config) for m in members]
-    run = train.make_engine(setup.configs, model, source(orders), setup.template,
-                            setup.unit_schedule, setup.frozen, setup.rngs, setup.state, total,
-                            from_cache=True)
+    run = train.make_engine(setup.configs, model, source(orders), setup.template, unit,
+                            setup.frozen, setup.rngs, setup.state, total, from_cache=True)
     why = fits(run.compiled, mesh)
     if not hosts.all_agree(why is None):
         raise _TooBig(why or "another host's devices cannot hold it")
@@ -494,8 +477,7 @@ def _run_group(members: list[Member], may_diverge: bool,
         errors: dict[int, FloatingPointError] = {}
         failed = np.array(restored["failed"])
         for j in np.flatnonzero(failed):  # members a resumed stage had already excluded
-            errors[j] = _failure("It went bad earlier", int(failed[j]), float("nan"),
-                                 members[j], s)
+            errors[j] = _failure("It went bad earlier", int(failed[j]), float("nan"), members[j], s)
             if not may_diverge:
                 raise errors[j]
         writers = [metrics_io.create_writer(m.run_dir, is_chief) for m in members]
@@ -505,18 +487,17 @@ def _run_group(members: list[Member], may_diverge: bool,
             bad=lambda j, why, step, lr, _: _failure(why, step, lr, members[j], s))
         manager.close()
         errors.update(outcome.errors)
-        state = outcome.state
+        trained = outcome.state.trainable
         heads = None
         if train.compression_wanted(config):
             width = setup.variables0["params"]["head"]["kernel"].shape[0]
-            heads = compression_stage.train(setup.configs, model, state.trainable,
-                                            setup.frozen, source, setup.plan.num_train, width,
-                                            setup.plan.num_classes)
+            heads = compression_stage.train(setup.configs, model, trained, setup.frozen, source,
+                                            setup.plan.num_train, width, setup.plan.num_classes)
 
         # The device-resident cache (host memory on a CPU) is not read again: freed before the
         # evaluation's backbone pass needs the memory.
         del run, source, dcache
-        metrics, evals = _evaluate(setup, state.trainable,
+        metrics, evals = _evaluate(setup, trained,
                                    feature_heads.wanted(config) or heads is not None)
         compressed = None if heads is None else heads.scores(
             [e["pre_logits"] for e in evals], evals[0]["label"])
@@ -525,21 +506,17 @@ def _run_group(members: list[Member], may_diverge: bool,
             if j in errors:
                 out.append(errors[j])
                 continue
-            report = metrics[j].pop("report")
-            results = train.run_results(
-                c, steps=total, eval_metrics=metrics[j],
-                train_loss=float(outcome.loss[j]),
-                num_trainable=train.count_params(setup.template),
-                cached=True, cache_on_device=True)
-            variables = trainable_lib.merge(jax.tree.map(lambda x, j=j: x[j], state.trainable),
+            results = train.run_results(c, steps=total, eval_metrics=metrics[j],
+                                        train_loss=float(outcome.loss[j]), cached=True,
+                                        trainable=setup.template, cache_on_device=True)
+            variables = trainable_lib.merge(jax.tree.map(lambda x, j=j: x[j], trained),
                                             setup.frozen)
             results.update(feature_heads.run(c, model, variables, mesh, setup.train_rows,
                                              evals=evals[j] if evals else None))
             if compressed is not None:
                 results["compression"] = compressed[j]
             results["program"] = {"runs": s, "directory": directory}
-            train.finish(setup.plan, c, m.run_dir, writers[j], variables, metrics[j], report,
-                         results)
+            train.finish(setup.plan, c, m.run_dir, writers[j], variables, metrics[j], results)
             out.append(results)
     return out
 

@@ -36,16 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import (
-    checkpoints,
-    compilation_cache,
-    data,
-    export,
-    hosts,
-    methods,
-    resolve,
-    sampling,
-)
+from vqt_jax import checkpoints, compilation_cache, data, export, hosts, methods, resolve, sampling
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
 from vqt_jax.progress import Progress
@@ -66,7 +57,7 @@ from vqt_jax.training import workdir as workdir_lib
 from vqt_jax.training.batches import eval_batches  # `batches` is run_eval_batches' argument
 from vqt_jax.training.mesh import make_mesh
 
-Callback = Callable[[int, dict[str, float]], None]
+Callback = engine.Callback
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -121,16 +112,6 @@ def example_outcomes(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str
     pred = logits.argmax(-1).astype(jnp.int32)
     correct = (pred == batch["label"]).astype(jnp.float32)
     return {"correct": correct * batch["mask"], "loss": losses * batch["mask"], "pred": pred}
-
-
-def _eval_step(model, mesh: Mesh):
-    def step(variables, batch):
-        logits = cache_lib.in_steps(functools.partial(model.apply, variables), batch["image"],
-                                    mesh)
-        return {**example_outcomes(logits, batch), "count": batch["mask"],
-                "label": batch["label"]}
-
-    return step
 
 
 def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDict, mesh: Mesh,
@@ -191,19 +172,15 @@ def evaluation_report(outs: Sequence[dict[str, Any]], class_names: Sequence[str]
     confusion = np.zeros((n, n), np.int64)
     np.add.at(confusion, (labels[count], preds[count]), 1)
     totals = confusion.sum(1)
-    report: dict[str, Any] = {
-        "class_names": list(class_names),
-        "per_class": [{"class": c, "count": int(t),
-                       "top1": float(confusion[i, i] / t) if t else None}
-                      for i, (c, t) in enumerate(zip(class_names, totals, strict=True))],
-        "confusion": confusion.tolist(),
-    }
+    per_class = [{"class": c, "count": int(t), "top1": float(confusion[i, i] / t) if t else None}
+                 for i, (c, t) in enumerate(zip(class_names, totals, strict=True))]
+    report: dict[str, Any] = {"class_names": list(class_names), "per_class": per_class,
+                              "confusion": confusion.tolist()}
     if predictions:
         order = _split_order(outs)
         report["predictions"] = [
             {"index": int(i), "label": int(y), "prediction": int(p)}
-            for i, y, p in sorted(zip(order[count], labels[count], preds[count],
-                                      strict=True))]
+            for i, y, p in sorted(zip(order[count], labels[count], preds[count], strict=True))]
     return report
 
 
@@ -211,17 +188,12 @@ def _split_order(outs: Sequence[dict[str, Any]]) -> np.ndarray:
     """Each fetched row's index in the evaluation split. Host h of P evaluates examples
     h, h + P, ... (`data.eval_dataset`), and a global batch holds each host's rows in turn."""
     p = jax.process_count()
-    index = []
-    for i, o in enumerate(outs):
-        local = len(np.asarray(o["count"])) // p
-        for j in range(local * p):
-            h, r = divmod(j, local)
-            index.append(h + p * (i * local + r))
-    return np.asarray(index, np.int64)
+    sizes = [len(np.asarray(o["count"])) // p for o in outs]  # each host's rows per batch
+    return np.asarray([h + p * (i * n + r) for i, n in enumerate(sizes)
+                       for h in range(p) for r in range(n)], np.int64)
 
 
-def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
-             num_examples: int | None = None,
+def evaluate(model, variables, config, mesh: Mesh, num_examples: int | None = None,
              class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Top-1 and loss over the evaluation split; each example counted exactly once.
 
@@ -229,10 +201,15 @@ def evaluate(model, variables, config, mesh: Mesh, eval_fn=None,
     `class_names`, the result also has `report` (`evaluation_report`; with every prediction
     when `config.save_predictions`).
     """
-    eval_fn = eval_fn or jax.jit(_eval_step(model, mesh))
-    host = run_eval_batches(lambda batch: eval_fn(variables, batch), config, mesh,
-                            Progress(f"Evaluating on {split_name(config)}", num_examples,
-                                     "images"))
+    @jax.jit
+    def step(variables, batch):
+        logits = cache_lib.in_steps(functools.partial(model.apply, variables), batch["image"],
+                                    mesh)
+        return {**example_outcomes(logits, batch), "count": batch["mask"],
+                "label": batch["label"]}
+
+    progress = Progress(f"Evaluating on {split_name(config)}", num_examples, "images")
+    host = run_eval_batches(lambda batch: step(variables, batch), config, mesh, progress)
     metrics = eval_totals(host)
     if class_names is not None:
         metrics["report"] = evaluation_report(host, class_names,
@@ -274,10 +251,9 @@ MOUNTS = "/proc/self/mounts"
 # File system types whose files are on another machine, so that reading them is a network
 # round trip (FUSE ones are typed "fuse.<name>").
 NETWORK_FILE_SYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
-    "gpfs", "beegfs", "fuse.sshfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.glusterfs",
-    "fuse.cephfs", "fuse.juicefs", "fuse.rclone",
-})
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
+    "beegfs", "fuse.sshfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.glusterfs", "fuse.cephfs",
+    "fuse.juicefs", "fuse.rclone"})
 
 
 def network_file_system(path: str) -> str | None:
@@ -347,8 +323,7 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
     if config.cache_storage == "disk":
         kwargs = methods.model_kwargs(config.method, dict(config.model))
         directory = config.get("cache_dir") or default_cache_dir()
-        remote = network_file_system(directory)
-        if remote is not None:
+        if (remote := network_file_system(directory)) is not None:
             logging.warning(
                 "The cache directory %s is on a network file system (%s): the memory-mapped "
                 "cache will be read over the network; set config.cache_dir or $VQT_JAX_CACHE "
@@ -357,7 +332,7 @@ def plan_cache(config: ml_collections.ConfigDict, model, num_train: int,
         if jax.process_count() > 1:
             # Every host keeps its own copy on its own disk (see cache.py): a complete one
             # where the run reads the host cache, which reads rows in any order, else only its
-            # devices' rows (`device_rows_only`). The suffix keeps the hosts' copies apart
+            # devices' rows (`_run_locked`). The suffix keeps the hosts' copies apart
             # where cache_dir is shared by the hosts.
             name += f"-host{jax.process_index()}"
             logging.info("Every host keeps its own copy of the cache on its own disk: a "
@@ -434,28 +409,21 @@ def get_cache(plan: CachePlan, config: ml_collections.ConfigDict, model, variabl
         return None
 
 
-def device_rows_only(config: ml_collections.ConfigDict, spec: cache_lib.Spec,
-                     mesh: Mesh) -> bool:
-    """Whether the run builds only its devices' rows of the cache (`get_cache(device_rows=)`):
-    on several hosts, when the cache goes on the devices (`why_not_on_device`) and nothing
-    after training reads the host cache (the feature heads read every row). A collective:
-    every host calls it."""
-    if jax.process_count() == 1 or feature_heads.wanted(config):
-        return False
-    return why_not_on_device(config, spec, mesh) is None
-
-
 def why_not_on_device(config: ml_collections.ConfigDict, spec: cache_lib.Spec,
                       mesh: Mesh) -> str | None:
     """Why the run's cache does not go on the devices (`config.cache_on_device`, or the
     devices' memory on any host), or None: the same on every host (a collective)."""
-    fields = [k for k in train_step.CACHE_INPUTS if k in spec.fields]
     mode = config.get("cache_on_device", "auto")
     why = "config.cache_on_device='off'" if mode == "off" else device_cache_lib.why_not(
-        spec, fields, mesh, config.batch_size)
+        spec, cache_fields(spec), mesh, config.batch_size)
     if not hosts.all_agree(why is None):  # every host compiles the same loop
         why = why or "another host's devices cannot hold it"
     return why
+
+
+def cache_fields(spec: cache_lib.Spec) -> list[str]:
+    """The fields of a cache that a training step reads (`train_step.CACHE_INPUTS`)."""
+    return [k for k in train_step.CACHE_INPUTS if k in spec.fields]
 
 
 @dataclasses.dataclass
@@ -514,8 +482,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str | None, *,
                      f"{checkpoints.files.cache_path(url)} and checks it then")
     elif config.init:
         # Shapes only (nothing compiles); the checkpoint's arrays stay on the host.
-        abstract = abstract_variables(model, config)
-        pretrained = load_pretrained(config, abstract)
+        pretrained = load_pretrained(config, abstract_variables(model, config))
     change = None if workdir is None else workdir_lib.check(workdir, config)
     if dry_run and config.get("cache", "off") != "off" and plan_cache(
             config, model, num_train, workdir) is None:
@@ -587,17 +554,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def source_fn(config: ml_collections.ConfigDict,
-              cache: cache_lib.Cache | cache_lib.DeviceRows | None, mesh: Mesh,
-              ) -> Callable[..., engine.DeviceSource | engine.HostSource]:
+              cache: cache_lib.Cache | cache_lib.DeviceRows | None,
+              mesh: Mesh) -> Callable[..., engine.DeviceSource | engine.HostSource]:
     """source(orders, start=0): the run's data source for members of the given example
     orders, from step `start`: the cache on the devices when the run has one that fits them
     (`config.cache_on_device`: 'auto' when it fits, 'on' an error when it does not, 'off'
     never), else host batches (the host cache's rows, or the images; a new iterator per
     call). The cache is uploaded once, here."""
     if cache is not None:
-        fields = [k for k in train_step.CACHE_INPUTS if k in cache.spec.fields]
+        fields = cache_fields(cache.spec)
         # Rows built for the devices alone were built once the devices were found to hold
-        # them (`device_rows_only`).
+        # them (`_run_locked`).
         why = None if isinstance(cache, cache_lib.DeviceRows) else why_not_on_device(
             config, cache.spec, mesh)
         if why is None:
@@ -626,9 +593,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return run(config, workdir)[0]
 
 
-def run(
-    config: ml_collections.ConfigDict, workdir: str, callbacks: Sequence[Callback] = ()
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """`train_and_evaluate`, also returning the final variables.
 
     Args:
@@ -658,8 +624,7 @@ def run(
 
 def _run_locked(plan: RunPlan, workdir: str,
                 callbacks: Sequence[Callback]) -> tuple[dict[str, Any], dict[str, Any]]:
-    config, mesh, model = plan.config, plan.mesh, plan.model
-    num_classes, num_train = plan.num_classes, plan.num_train
+    config, mesh, model, num_train = plan.config, plan.mesh, plan.model, plan.num_train
     is_chief = hosts.is_chief()
 
     cache_plan = plan_cache(config, model, num_train, workdir)
@@ -667,9 +632,8 @@ def _run_locked(plan: RunPlan, workdir: str,
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
     unit, total_steps = run_schedule(config, num_train, 1.0)
     state = engine.init_state(methods.optimizer_name(config), trainable, [trainable], mesh)
-    manager, digest, restored = restore(workdir, [config], state, mesh,
-                                        os.path.join(workdir, workdir_lib.CONFIG_FILE),
-                                        plan.change)
+    manager, digest, restored = restore(
+        workdir, [config], state, mesh, os.path.join(workdir, workdir_lib.CONFIG_FILE), plan.change)
     state = restored["state"]
     start = int(np.asarray(jax.device_get(state.step))[0])
     if start:
@@ -685,8 +649,11 @@ def _run_locked(plan: RunPlan, workdir: str,
     cache = None
     needs_data = start < total_steps or compression_wanted(config)
     if cache_plan is not None and needs_data:
-        cache = get_cache(cache_plan, config, model, variables, mesh,
-                          device_rows=device_rows_only(config, cache_plan.spec, mesh))
+        # On several hosts, only this host's devices' rows when the cache goes on the devices
+        # and nothing after training reads the host cache (the feature heads read every row).
+        cache = get_cache(cache_plan, config, model, variables, mesh, device_rows=(
+            jax.process_count() > 1 and not feature_heads.wanted(config)
+            and why_not_on_device(config, cache_plan.spec, mesh) is None))
     source = source_fn(config, cache, mesh) if needs_data else None
     outcome = None
     if start < total_steps:
@@ -703,16 +670,13 @@ def _run_locked(plan: RunPlan, workdir: str,
     variables = trainable_lib.merge(jax.tree.map(lambda x: x[0], trained), frozen)
     eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=data.get_class_names(config.task, config.data_dir))
-    report = eval_metrics.pop("report")
     # A run trained earlier (no outcome): how it trained, as the plan says; its loss, as saved.
-    on_device = isinstance(run.source, engine.DeviceSource) if outcome is not None else (
-        cache_plan is not None and why_not_on_device(config, cache_plan.spec, mesh) is None)
     results = run_results(
-        config, steps=total_steps, eval_metrics=eval_metrics,
+        config, steps=total_steps, eval_metrics=eval_metrics, trainable=trainable,
         train_loss=float((restored["loss"] if outcome is None else outcome.loss)[0]),
-        num_trainable=count_params(trainable),
         cached=cache is not None if outcome is not None else cache_plan is not None,
-        cache_on_device=on_device)
+        cache_on_device=isinstance(run.source, engine.DeviceSource) if outcome is not None else (
+            cache_plan is not None and why_not_on_device(config, cache_plan.spec, mesh) is None))
     evals = (feature_heads.eval_features(config, model, variables, mesh)
              if feature_heads.wanted(config) or compression_wanted(config) else None)
     if feature_heads.wanted(config):
@@ -721,11 +685,11 @@ def _run_locked(plan: RunPlan, workdir: str,
         results.update(feature_heads.run(config, model, variables, mesh, cache, evals))
     if compression_wanted(config):
         heads = compression_stage.train([config], model, trained, frozen, source, num_train,
-                                        evals["pre_logits"].shape[1], num_classes)
+                                        evals["pre_logits"].shape[1], plan.num_classes)
         results["compression"] = heads.scores([evals["pre_logits"]], evals["label"])[0]
     if history := workdir_lib.changes(workdir):
         results["config_changes"] = history
-    finish(plan, config, workdir, writer, variables, eval_metrics, report, results)
+    finish(plan, config, workdir, writer, variables, eval_metrics, results)
     manager.close()
     return results, variables
 
@@ -741,22 +705,33 @@ def make_engine(configs: Sequence[ml_collections.ConfigDict], model, source: Any
     step = engine.member_step(lambda t, member, f, b, r: loss(t, f, b, r),
                               methods.optimizer_name(config), template, unit)
     every = (config.get("log_every_steps", 10), config.get("checkpoint_every_steps", 100))
-    return engine.Engine(step, source, frozen,
-                         {k: np.float32([c[k] for c in configs]) for k in ("lr", "wd")},
-                         rngs, state, max_steps=engine.max_chunk(total, *every))
+    members = {k: np.float32([c[k] for c in configs]) for k in ("lr", "wd")}
+    return engine.Engine(step, source, frozen, members, rngs, state,
+                         max_steps=engine.max_chunk(total, *every))
 
 
 def restore(directory: str, configs: Sequence[ml_collections.ConfigDict], state: Any,
             mesh: Mesh, recorded: str, change: dict | None = None) -> tuple[Any, np.ndarray, dict]:
     """(the checkpoint manager of `directory`, the configs' `config_digest`, its latest
     checkpoint of the members' `state`: `state` itself, none failed and losses 0, where it has
-    none), refused if written under another config (`check_digest`)."""
+    none).
+
+    Raises:
+      WorkdirError: the checkpoint was written under another config than the one `recorded`
+        names (config.json edited, replaced or deleted by hand), unless the workdir allowed
+        the change (`change`, from `workdir.check`); it names the checkpoints and config.json.
+    """
     manager = checkpointing.manager(directory, configs[0].get("keep_checkpoints", 2))
     digest = config_digest(configs)
     zeros = np.zeros(len(configs))
     restored = checkpointing.restore_latest(manager, engine.saved(state, zeros, zeros, mesh,
                                                                   digest))
-    check_digest(restored, digest, directory, recorded, change)
+    if (not change and np.asarray(restored["state"].step).any()
+            and not np.array_equal(np.asarray(restored["config"]), digest)):
+        raise workdir_lib.WorkdirError(
+            f"the checkpoints in {checkpointing.checkpoint_dir(directory)} were written under "
+            f"another config than {recorded} now says (edited, replaced or deleted by hand?): "
+            "re-run with the config they were trained with, or use a new --workdir")
     return manager, digest, restored
 
 
@@ -764,27 +739,27 @@ def train_members(run: engine.Engine, state: Any, config: ml_collections.ConfigD
                   manager: Any, digest: np.ndarray, total: int, **kwargs) -> engine.Outcome:
     """`engine.train` to step `total` at `config`'s logging and checkpoint steps and max_loss,
     saving to `manager` (checkpoints of `digest`'s configs); `kwargs` go on to it."""
+    def save(step: int, *saved: Any) -> None:
+        checkpointing.save(manager, step, engine.saved(*saved, run.source.mesh, digest))
+
     try:
         return engine.train(
-            run, state, total=total, log_every=config.get("log_every_steps", 10),
-            ckpt_every=config.get("checkpoint_every_steps", 100),
-            save=lambda step, *a: checkpointing.save(manager, step,
-                                                     engine.saved(*a, run.source.mesh, digest)),
-            last_saved=manager.latest_step() or 0, max_loss=config.get("max_loss", math.inf),
-            **kwargs)
+            run, state, total=total, max_loss=config.get("max_loss", math.inf), save=save,
+            log_every=config.get("log_every_steps", 10), last_saved=manager.latest_step() or 0,
+            ckpt_every=config.get("checkpoint_every_steps", 100), **kwargs)
     finally:
         # Whatever stops the loop, a save in flight completes (orbax commits atomically).
         manager.wait_until_finished()
 
 
 def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, writer: Any,
-           variables: dict, metrics: dict[str, Any], report: dict[str, Any],
-           results: dict[str, Any]) -> None:
+           variables: dict, metrics: dict[str, Any], results: dict[str, Any]) -> None:
     """Completes a trained and evaluated run's `results` (`record_run`) and writes its
-    directory: the evaluation's scalars, and on the chief `WORKDIR/evaluation.json` (the
-    split, top-1 and `evaluation_report`), the trained part as `WORKDIR/model.vqt`
-    (`vqt_jax.export`) and results.json, last, naming the other two (so a results.json always
-    has them)."""
+    directory: the evaluation's scalars (`metrics`, whose 'report' it takes out), and on the
+    chief `WORKDIR/evaluation.json` (the split, top-1 and `evaluation_report`), the trained part
+    as `WORKDIR/model.vqt` (`vqt_jax.export`) and results.json, last, naming the other two (so
+    a results.json always has them)."""
+    report = metrics.pop("report")
     writer.write_scalars(results["steps"], {f"{split_name(config)}/{k}": v
                                             for k, v in metrics.items()})
     writer.flush()
@@ -797,8 +772,7 @@ def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, write
                      variables=variables, provided=export.provided_keys(plan.pretrained),
                      class_names=report["class_names"],
                      results={k: v for k, v in results.items() if k != "config"})
-        results["export"] = export.EXPORT_FILE
-        results["evaluation"] = workdir_lib.EVALUATION_FILE
+        results.update(export=export.EXPORT_FILE, evaluation=workdir_lib.EVALUATION_FILE)
         workdir_lib.write_results(run_dir, results)
 
 
@@ -810,24 +784,6 @@ def config_digest(configs: Sequence[ml_collections.ConfigDict]) -> np.ndarray:
                         if k.split(".")[0] not in workdir_lib.NEUTRAL} for c in configs],
                       sort_keys=True, default=str)
     return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32).copy()
-
-
-def check_digest(restored: dict, digest: np.ndarray, directory: str, recorded: str,
-                 change: dict | None = None) -> None:
-    """Refuses to resume from a checkpoint written under another config than the one
-    `recorded` names (config.json edited, replaced or deleted by hand), unless the workdir
-    allowed the change (`change`, from `workdir.check`).
-
-    Raises:
-      WorkdirError: naming the checkpoints and config.json.
-    """
-    if change or not np.asarray(restored["state"].step).any():
-        return
-    if not np.array_equal(np.asarray(restored["config"]), digest):
-        raise workdir_lib.WorkdirError(
-            f"the checkpoints in {checkpointing.checkpoint_dir(directory)} were written under "
-            f"another config than {recorded} now says (edited, replaced or deleted by hand?): "
-            "re-run with the config they were trained with, or use a new --workdir")
 
 
 def compression_wanted(config: ml_collections.ConfigDict) -> bool:
@@ -844,34 +800,25 @@ def record_run(config: ml_collections.ConfigDict, results: dict[str, Any]) -> No
     results["config"] = workdir_lib.as_dict(config)
 
 
-def count_params(trainable: dict) -> int:
-    """The number of trainable values (one run's, unstacked)."""
-    return int(sum(np.size(v) for v in trainable.values()))
-
-
 def run_results(config: ml_collections.ConfigDict, *, steps: int, eval_metrics: dict,
-                train_loss: float | None, num_trainable: int, cached: bool,
+                train_loss: float | None, trainable: dict, cached: bool,
                 cache_on_device: bool) -> dict[str, Any]:
-    """What results.json reports of a run (before its feature heads and config are added)."""
-    return {
-        "task": config.task, "split": config.split, "method": config.method,
-        "seed": config.seed, "lr": config.lr, "wd": config.wd, "steps": steps,
-        "top1": eval_metrics["top1"], "eval_loss": eval_metrics["loss"],
-        "num_eval_examples": eval_metrics["num_examples"], "train_loss": train_loss,
-        "num_trainable": num_trainable, "cached": cached, "cache_on_device": cache_on_device,
-    }
+    """What results.json reports of a run (before its feature heads and config are added);
+    `trainable`: one run's trainable leaves (unstacked), counted."""
+    return {**{k: config[k] for k in ("task", "split", "method", "seed", "lr", "wd")},
+            "steps": steps, "top1": eval_metrics["top1"], "eval_loss": eval_metrics["loss"],
+            "num_eval_examples": eval_metrics["num_examples"], "train_loss": train_loss,
+            "num_trainable": int(sum(np.size(v) for v in trainable.values())),
+            "cached": cached, "cache_on_device": cache_on_device}
 
 
-def _nonfinite(what: str, step: int, lr_now: float, start: int,
-               config: ml_collections.ConfigDict, workdir: str,
-               last_saved: int) -> NonFiniteError:
+def _nonfinite(what: str, step: int, lr_now: float, start: int, config: ml_collections.ConfigDict,
+               workdir: str, last_saved: int) -> NonFiniteError:
     """The error for a bad step, recorded in the workdir so that a lower lr may resume."""
-    resume_step: int | None = last_saved
-    if step == 1 and start == 0 and lr_now == 0:
+    if lr_zero := (step == 1 and start == 0 and lr_now == 0):
         # The lr was 0: the update cannot be the cause; the weights or the inputs are.
         message = (f"{what} at step 1 with lr 0: the pretrained weights or the input data hold "
                    f"non-finite values (config.init={config.init!r}); stopped, nothing saved.")
-        resume_step = None
     else:
         where = (f"The last good checkpoint (step {last_saved}) in {workdir}/checkpoints is "
                  f"intact" if last_saved else "No checkpoint was saved before it")
@@ -879,4 +826,4 @@ def _nonfinite(what: str, step: int, lr_now: float, start: int,
                    f"lower config.lr to resume from step {last_saved}.")
     if hosts.is_chief():
         workdir_lib.record_nonfinite_stop(workdir, step, config.lr, message)
-    return NonFiniteError(message, step, config.lr, resume_step)
+    return NonFiniteError(message, step, config.lr, None if lr_zero else last_saved)

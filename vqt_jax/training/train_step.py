@@ -26,9 +26,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def make_loss_fn(
-    model: nn.Module, from_cache: bool = False
-) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def make_loss_fn(model: nn.Module,
+                 from_cache: bool = False) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """loss(trainable, frozen, batch, rng) -> (loss, logits); differentiate the first argument.
 
     Args:
@@ -42,8 +41,7 @@ def make_loss_fn(
         rngs = {"dropout": rng}
         if from_cache:
             inputs = {k: v for k, v in batch.items() if k in CACHE_INPUTS}
-            logits = model.apply(variables, inputs, train=True, rngs=rngs,
-                                 method=model.from_cache)
+            logits = model.apply(variables, inputs, train=True, rngs=rngs, method=model.from_cache)
         else:
             logits = model.apply(variables, batch["image"], train=True, rngs=rngs)
         # The mask zeroes the padding of an epoch's partial last batch: the loss is the mean
@@ -111,8 +109,7 @@ def make_state_step(step: Callable, schedule: Callable[[jax.Array], jax.Array]):
 
     def state_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        trainable, opt_state, metrics = step(state.trainable, state.opt_state, frozen, batch,
-                                             rng)
+        trainable, opt_state, metrics = step(state.trainable, state.opt_state, frozen, batch, rng)
         metrics["lr"] = schedule(state.step)
         # Whether the new state (parameters and optimiser moments) is finite: a state with an
         # inf anywhere can never recover, whatever the lr, so it is never checkpointed.

@@ -49,11 +49,9 @@ LOCK_FILE = ".lock"  # empty; locked while a run uses the workdir (see `lock`)
 # Fields that do not change what a run trains or reports.
 NEUTRAL = frozenset({
     "data_dir", "cache", "cache_dir", "cache_storage", "cache_max_gb", "cache_dir_max_gb",
-    "cache_on_device",
-    "num_devices", "compilation_cache_dir", "program_max_runs",
+    "cache_on_device", "num_devices", "compilation_cache_dir", "program_max_runs",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-    "prepare", "save_predictions",
-})
+    "prepare", "save_predictions"})
 
 
 class WorkdirError(ValueError):
@@ -70,10 +68,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'model': {'num_queries': 1}} -> {'model.num_queries': 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
     return out
 
 
@@ -120,11 +115,10 @@ def is_local(p: str | os.PathLike) -> bool:
     if _SCHEME.match(text):
         return False
     if _MANGLED.search(text):
-        raise ValueError(
-            f"{text}: a remote URL that lost a slash (a pathlib or os.path join or normpath "
-            "turns gs://b/x into gs:/b/x); it would be written to a local directory named "
-            "after the scheme. Join remote paths with etils.epath (vqt_jax.training.workdir."
-            "as_path).")
+        raise ValueError(f"{text}: a remote URL that lost a slash (a pathlib or os.path join or "
+                         "normpath turns gs://b/x into gs:/b/x); it would be written to a local "
+                         "directory named after the scheme. Join remote paths with etils.epath "
+                         "(vqt_jax.training.workdir.as_path).")
     return True
 
 
@@ -204,10 +198,14 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
                     os.remove(os.path.join(directory, entry))
 
 
+def _read_if_exists(workdir: str | os.PathLike, name: str, default: Any) -> Any:
+    path = _path(workdir, name)
+    return read_json(path) if _exists(path) else default
+
+
 def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The workdir's results.json (a finished run's metrics), or None if it has none."""
-    path = _path(workdir, RESULTS_FILE)
-    return read_json(path) if _exists(path) else None
+    return _read_if_exists(workdir, RESULTS_FILE, None)
 
 
 def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> None:
@@ -252,18 +250,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       FileNotFoundError: the workdir has no config.json (not a vqt_jax run, or one from before
         config.json was written).
     """
-    recorded = recorded_config(workdir)
-    if recorded is None:
-        raise FileNotFoundError(
-            f"{_path(workdir, CONFIG_FILE)} not found: {workdir} is not the workdir of a "
-            "vqt_jax run (pass the run's --config explicitly)")
+    if (recorded := recorded_config(workdir)) is None:
+        raise FileNotFoundError(f"{_path(workdir, CONFIG_FILE)} not found: {workdir} is not the "
+                                "workdir of a vqt_jax run (pass the run's --config explicitly)")
     return ml_collections.ConfigDict(recorded)
 
 
 def changes(workdir: str) -> list[dict[str, Any]]:
     """The recorded config changes of the workdir (see the module docstring), oldest first."""
-    path = _path(workdir, CHANGES_FILE)
-    return read_json(path) if _exists(path) else []
+    return _read_if_exists(workdir, CHANGES_FILE, [])
 
 
 def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
@@ -277,10 +272,7 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] |
       WorkdirError: naming every differing field and its two values.
     """
     recorded = recorded_config(workdir)
-    if recorded is None:
-        return None
-    diff = differences(recorded, config)
-    if not diff:
+    if recorded is None or not (diff := differences(recorded, config)):
         return None
     stopped = _exists(_path(workdir, NONFINITE_FILE))
     if stopped and set(diff) == {"lr"}:
@@ -291,10 +283,10 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] |
                        for k, (a, b) in diff.items())
     hint = (" After a non-finite stop, only a lower lr may change." if stopped and "lr" in diff
             else "")
-    raise WorkdirError(
-        f"workdir {workdir} holds a run with another config ({listed}). Its checkpoints and "
-        f"results belong to the recorded config ({_path(workdir, CONFIG_FILE)}): use a new "
-        f"--workdir, or re-run with the recorded values.{hint}")
+    raise WorkdirError(f"workdir {workdir} holds a run with another config ({listed}). Its "
+                       "checkpoints and results belong to the recorded config "
+                       f"({_path(workdir, CONFIG_FILE)}): use a new --workdir, or re-run with "
+                       f"the recorded values.{hint}")
 
 
 def _show(v: Any) -> str:
@@ -323,8 +315,7 @@ def record_nonfinite_stop(workdir: str, step: int, lr: float, message: str) -> N
 # EBADF, an exclusive lock on a descriptor not open for writing (NFS emulates flock with POSIX
 # locks); ENOLCK, no lock service (an NFS mount with `nolock`, or lockd not running); EOPNOTSUPP
 # and EINVAL, a file system without locks (some FUSE file systems).
-_CANNOT_LOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP,
-                          errno.EINVAL})
+_CANNOT_LOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
 
 
 @contextlib.contextmanager
@@ -367,9 +358,9 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirError(
-                    f"workdir {workdir} is in use by another run (it holds the workdir's "
-                    "lock); wait for it to finish or use another --workdir") from None
+                raise WorkdirError(f"workdir {workdir} is in use by another run (it holds the "
+                                   "workdir's lock); wait for it to finish or use another "
+                                   "--workdir") from None
             if e.errno in _CANNOT_LOCK:
                 raise WorkdirError(
                     f"workdir {workdir} cannot be locked: the file system refuses a lock on "
