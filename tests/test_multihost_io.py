@@ -188,13 +188,13 @@ def test_local_json_writes_stay_atomic(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     workdir_lib.write_json(str(path), {"top1": 0.5})
     cls = type(epath.Path(tmp_path))
-    original = cls.write_text
+    original = cls.write_bytes
 
     def dies_half_way(self, data, *args, **kwargs):
         original(self, data[:len(data) // 2], *args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(cls, "write_text", dies_half_way)
+    monkeypatch.setattr(cls, "write_bytes", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
         workdir_lib.write_json(str(path), {"top1": 0.75, "more": list(range(50))})
     assert json.loads(path.read_text()) == {"top1": 0.5}

@@ -35,7 +35,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from vqt_jax import checkpoints
 from vqt_jax.training import trainable as trainable_lib
@@ -134,17 +133,7 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
     }
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
-    if not workdir_lib.is_local(path):  # an object store publishes it whole, or not at all
-        epath.Path(path).write_bytes(buf.getvalue())
-        return path
-    workdir_lib.remove_stale_temps(path)  # of a write killed before its rename
-    tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    workdir_lib.write_bytes(path, buf.getvalue())
     return path
 
 

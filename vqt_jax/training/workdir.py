@@ -160,26 +160,32 @@ def read_json(p: str | os.PathLike) -> Any:
 
 
 def write_json(p: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> None:
-    """Writes JSON to `p`: atomically where local (a temporary file renamed into place).
-
-    On a remote path it is one plain write: object stores (GCS) publish an object only once its
-    upload completes, and have no atomic rename (theirs is a copy then a delete).
+    """Writes JSON to `p` (`write_bytes`: atomically where local).
 
     Args:
       p: The file, local or remote.
       obj: A JSON value.
       sort_keys: Whether object keys are written sorted (else in their order in `obj`).
     """
+    write_bytes(p, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
+
+
+def write_bytes(p: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `p`: atomically where local (a temporary file `NAME.tmp-PID` renamed
+    into place, removed if the write fails).
+
+    On a remote path it is one plain write: object stores (GCS) publish an object only once its
+    upload completes, and have no atomic rename (theirs is a copy then a delete).
+    """
     path = as_path(p)
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
     if not is_local(path):
         with remote_errors(path, "write"):
-            path.write_text(text)
+            path.write_bytes(data)
         return
-    remove_stale_temps(path)
+    remove_stale_temps(path)  # of a write killed before its rename
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
     finally:
         if tmp.exists():
