@@ -138,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.cache_dtype = "float32"  # 'bfloat16' halves the cache (the forward stays exact)
     c.cache_storage = "disk"  # 'disk': memory-mapped files in cache_dir; 'memory': host RAM
     # Default: $VQT_JAX_CACHE/features (~/.cache/vqt_jax/features), on each host's own disk,
-    # never in the workdir (train.default_cache_dir); entries are named by their contents.
+    # never in the workdir (caching.default_cache_dir); entries are named by their contents.
     c.cache_dir = ml_collections.config_dict.placeholder(str)
     c.cache_max_gb = 32.0  # budget; a larger cache falls back to the uncached path
     # The cache directory's cap: before a build, its least recently used entries that no

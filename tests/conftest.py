@@ -23,7 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="vqt_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# Runs cache the frozen backbone in $VQT_JAX_CACHE/features by default (train.default_cache_dir):
+# Runs cache the frozen backbone in $VQT_JAX_CACHE/features by default (caching.default_cache_dir):
 # one directory per session keeps the tests' caches out of the user's ~/.cache/vqt_jax. Tests
 # that need their own set $VQT_JAX_CACHE themselves (monkeypatch).
 _OWN_VQT_JAX_CACHE = None

@@ -30,6 +30,7 @@ from tests import test_images as images
 from tests import train_utils
 from tests.test_workdir import snapshot
 from vqt_jax import cli, resolve
+from vqt_jax.training import caching
 from vqt_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -319,7 +320,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(name, base_folder, fini
         assert not os.path.exists(os.path.join(workdir, "results.json"))
         assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not [
             s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-        # No cache either (caches go to $VQT_JAX_CACHE/features, train.default_cache_dir).
+        # No cache either (caches go to $VQT_JAX_CACHE/features, caching.default_cache_dir).
         cache_dir = os.path.join(case.cache, "features")
         assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
 
@@ -339,7 +340,7 @@ def test_a_full_disk_with_cache_auto_trains_without_the_cache(base_folder, tmp_p
     assert results["cached"] is False and results["num_eval_examples"] == 15
     assert any("Training without a cache: not enough disk space" in r.getMessage()
                for r in caplog.records)
-    assert os.listdir(tmp_path / "vqt_jax_cache" / train.FEATURES_SUBDIR) == []
+    assert os.listdir(tmp_path / "vqt_jax_cache" / caching.FEATURES_SUBDIR) == []
 
 
 def test_a_read_only_cache_dir_with_cache_auto_trains_without_the_cache(base_folder, tmp_path,

@@ -16,7 +16,7 @@ from tests import train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import data
 from vqt_jax.models import ViT
-from vqt_jax.training import train, train_step
+from vqt_jax.training import caching, train, train_step
 from vqt_jax.training import trainable as trainable_lib
 
 TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
@@ -29,11 +29,11 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def features(tmp_path_factory, monkeypatch):
-    """Where this module's caches go by default (train.default_cache_dir), under a fresh
+    """Where this module's caches go by default (caching.default_cache_dir), under a fresh
     $VQT_JAX_CACHE outside the runs' workdirs: never the user's own ~/.cache."""
     root = tmp_path_factory.mktemp("vqt_jax_cache")
     monkeypatch.setenv("VQT_JAX_CACHE", str(root))
-    return root / train.FEATURES_SUBDIR
+    return root / caching.FEATURES_SUBDIR
 
 
 def _randomized(model, images):

@@ -297,7 +297,7 @@ def test_damaged_cache_is_rebuilt(damage, backbone, reference, tmp_path, caplog)
     make_damage(path)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        # What train.get_cache does: open, and build if that gives nothing.
+        # What caching.get_cache does: open, and build if that gives nothing.
         assert cache_lib.open_cache(path, backbone.spec) is None
         assert not os.path.exists(path)
         cache = build_tiny_cache(path, backbone)

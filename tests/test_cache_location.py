@@ -12,7 +12,7 @@ import pytest
 from tests import test_sweep, train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import hosts, methods, resolve
-from vqt_jax.training import train
+from vqt_jax.training import caching, train
 
 NUM_TRAIN = 24  # the folder's train/ split: 3 classes x 8
 
@@ -35,8 +35,8 @@ def _config(folder, **overrides):
     return resolve.resolve(train_utils.tiny_config(data_dir=folder, cache="on", **overrides))
 
 
-def _plan(config, workdir: str) -> train.CachePlan:
-    return train.plan_cache(config, train.build_model(config, 3), NUM_TRAIN, workdir)
+def _plan(config, workdir: str) -> caching.CachePlan:
+    return caching.plan_cache(config, train.build_model(config, 3), NUM_TRAIN, workdir)
 
 
 def _fingerprint(config) -> str:
@@ -60,7 +60,7 @@ def test_the_default_cache_is_in_vqt_jax_cache_not_in_the_workdir(folder, tmp_pa
 def test_without_vqt_jax_cache_the_default_is_under_the_home_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("VQT_JAX_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # not the user's own home
-    assert train.default_cache_dir() == str(tmp_path / "home" / ".cache" / "vqt_jax" /
+    assert caching.default_cache_dir() == str(tmp_path / "home" / ".cache" / "vqt_jax" /
                                             "features")
 
 
@@ -118,21 +118,21 @@ def _mounts(tmp_path, lines: list[str]) -> str:
 def test_a_network_file_system_is_told_from_the_mount_table(tmp_path, monkeypatch):
     home = tmp_path / "my home"  # the table writes its space as \040
     escaped = str(home).replace(" ", "\\040")
-    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, [
+    monkeypatch.setattr(caching, "MOUNTS", _mounts(tmp_path, [
         "/dev/sda1 / ext4", f"server:/export {escaped} nfs4", f"tmpfs {escaped}/scratch tmpfs"]))
     (home / "scratch").mkdir(parents=True)
     # Not created yet: judged by the directory it would be created in.
-    assert train.network_file_system(str(home / ".cache" / "vqt_jax" / "features")) == "nfs4"
-    assert train.network_file_system(str(home / "scratch" / "features")) is None  # inner mount
-    assert train.network_file_system(str(tmp_path / "elsewhere")) is None
-    monkeypatch.setattr(train, "MOUNTS", str(tmp_path / "no such table"))
-    assert train.network_file_system(str(home)) is None
+    assert caching.network_file_system(str(home / ".cache" / "vqt_jax" / "features")) == "nfs4"
+    assert caching.network_file_system(str(home / "scratch" / "features")) is None  # inner mount
+    assert caching.network_file_system(str(tmp_path / "elsewhere")) is None
+    monkeypatch.setattr(caching, "MOUNTS", str(tmp_path / "no such table"))
+    assert caching.network_file_system(str(home)) is None
 
 
 def test_a_cache_directory_on_a_network_file_system_is_warned_of(folder, tmp_path, root,
                                                                   monkeypatch, caplog):
     """As where the default is under an NFS home: the run says so and how to move it."""
-    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, [
+    monkeypatch.setattr(caching, "MOUNTS", _mounts(tmp_path, [
         "/dev/sda1 / ext4", f"server:/export {tmp_path} nfs"]))
     config = _config(folder)
     plan = _plan(config, str(tmp_path / "wd"))
@@ -141,7 +141,7 @@ def test_a_cache_directory_on_a_network_file_system_is_warned_of(folder, tmp_pat
             "$VQT_JAX_CACHE to a local disk.") in caplog.text
     assert plan.path.startswith(str(root))  # a warning: the run still caches there
     caplog.clear()
-    monkeypatch.setattr(train, "MOUNTS", _mounts(tmp_path, ["/dev/sda1 / ext4"]))
+    monkeypatch.setattr(caching, "MOUNTS", _mounts(tmp_path, ["/dev/sda1 / ext4"]))
     _plan(config, str(tmp_path / "wd"))
     assert "network file system" not in caplog.text
 

@@ -10,7 +10,7 @@ import pytest
 from tests import train_utils
 from vqt_jax import resolve
 from vqt_jax.models import ViT
-from vqt_jax.training import compression_stage, engine, train
+from vqt_jax.training import caching, compression_stage, engine, train
 from vqt_jax.training import trainable as trainable_lib
 
 
@@ -46,8 +46,8 @@ def test_train_mode_features_draw_query_dropout(folder, tmp_path):
     _, variables = train.run(config, str(tmp_path / "run"))
     model = train.build_model(config, 3)
     mesh = train.make_mesh()
-    plan = train.plan_cache(config, model, 60, str(tmp_path / "run"))
-    cache = train.get_cache(plan, config, model, variables, mesh)
+    plan = caching.plan_cache(config, model, 60, str(tmp_path / "run"))
+    cache = caching.get_cache(plan, config, model, variables, mesh)
     batch = cache.gather(np.arange(4), ["k", "v", "cls"])
     a, b = (_features(model, variables, batch, jax.random.key(i)) for i in (0, 1))
     assert not np.allclose(a, b)  # a fresh dropout draw per step

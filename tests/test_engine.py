@@ -19,7 +19,7 @@ import pytest
 from tests import train_utils
 from vqt_jax import protocol, resolve, sampling
 from vqt_jax.models import ViT
-from vqt_jax.training import optim, train
+from vqt_jax.training import caching, optim, train
 from vqt_jax.training import trainable as trainable_lib
 
 
@@ -42,8 +42,8 @@ def _oracle(config) -> tuple[dict, list[float]]:
     plan = train.plan_run(config, None)
     variables, rng = train.init_variables(plan, config.seed)
     trainable, frozen = trainable_lib.partition(variables, trainable_lib.rule_for(config.method))
-    cache_plan = train.plan_cache(config, plan.model, plan.num_train, "unused")
-    cache = train.get_cache(cache_plan, config, plan.model, variables, plan.mesh)
+    cache_plan = caching.plan_cache(config, plan.model, plan.num_train, "unused")
+    cache = caching.get_cache(cache_plan, config, plan.model, variables, plan.mesh)
     n = cache.spec.num_examples
     schedule, total = optim.training_schedule(
         config.lr, num_examples=n, batch_size=config.batch_size, epochs=config.epochs,

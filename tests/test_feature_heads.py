@@ -8,7 +8,7 @@ import pytest
 from tests import train_utils
 from vqt_jax import compression, linear_probe, resolve
 from vqt_jax.data import folder as folder_lib
-from vqt_jax.training import feature_heads, train
+from vqt_jax.training import caching, feature_heads, train
 
 # One xdist worker runs the module: two tests read the `cached_run` fixture's run.
 pytestmark = pytest.mark.xdist_group("feature_heads")
@@ -67,8 +67,8 @@ def test_cached_and_computed_features_agree(cached_run):
     config, results, variables, workdir = cached_run
     model = train.build_model(config, 3)
     mesh = train.make_mesh()
-    plan = train.plan_cache(config, model, 60, workdir)
-    cache = train.get_cache(plan, config, model, variables, mesh)
+    plan = caching.plan_cache(config, model, 60, workdir)
+    cache = caching.get_cache(plan, config, model, variables, mesh)
     from_cache = feature_heads.train_features(config, model, variables, mesh, cache)
     from_images = feature_heads.train_features(config, model, variables, mesh, None)
     evals = feature_heads.eval_features(config, model, variables, mesh)

@@ -605,7 +605,7 @@ def test_real_config_accepts_overrides():
 
 
 def test_no_run_of_a_sweep_puts_its_cache_in_the_workdir(tmp_path):
-    # The default cache directory (train.default_cache_dir) is on each host's own disk and
+    # The default cache directory (caching.default_cache_dir) is on each host's own disk and
     # named by contents, so the runs of a task share one cache without a cache_dir of their
     # own (tests/test_cache_location.py tests the location itself).
     _, trainer = run(tmp_path, tasks=("dtd", "eurosat"), num_seeds=2)

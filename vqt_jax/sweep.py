@@ -527,7 +527,7 @@ def sweep_task(task: str, group: str, base: ml_collections.ConfigDict, workdir: 
     """
     if progress is None:
         progress = SweepProgress(task_run_dirs(workdir, task, grid, base.batch_size, num_seeds))
-    # The runs leave config.cache_dir as it is: the default (train.default_cache_dir) is on
+    # The runs leave config.cache_dir as it is: the default (caching.default_cache_dir) is on
     # each host's own disk, never in the sweep's (often shared) workdir, and its entries are
     # named by their contents, so every grid point and seed of a task and split shares one
     # cache of the frozen backbone (vqt_jax/cache.py): the backbone runs once per image.

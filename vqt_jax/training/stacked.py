@@ -61,7 +61,15 @@ from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
 from vqt_jax.training import batches as batches_lib
-from vqt_jax.training import compression_stage, engine, feature_heads, metrics_io, train, train_step
+from vqt_jax.training import (
+    caching,
+    compression_stage,
+    engine,
+    feature_heads,
+    metrics_io,
+    train,
+    train_step,
+)
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
 
@@ -174,7 +182,7 @@ def _plan(members: Sequence[Member]) -> _Setup:
         if num_rows != plan.num_train + val200:
             raise Unstackable(f"train800val200 has {num_rows} examples, not train800's "
                               f"{plan.num_train} + val200's {val200}")
-    cache_plan = train.plan_cache(cache_config, plan.model, num_rows,
+    cache_plan = caching.plan_cache(cache_config, plan.model, num_rows,
                                   os.path.dirname(stage_dir(members)))
     if cache_plan is None:
         raise Unstackable("the run would train without a cache (see the line above)")
@@ -186,14 +194,14 @@ def _plan(members: Sequence[Member]) -> _Setup:
     variables0 = inits[seeds[0]][0]
     orders = {order_seed(m.config) for m in members}
     rows = plan.config.batch_size * (1 if len(orders) == 1 else len(members))
-    why = device_cache_lib.why_not(cache_plan.spec, train.cache_fields(cache_plan.spec),
+    why = device_cache_lib.why_not(cache_plan.spec, caching.cache_fields(cache_plan.spec),
                                    plan.mesh, rows)
     if not hosts.all_agree(why is None):
         raise Unstackable(f"the cache does not fit the devices: "
                           f"{why or 'another host cannot hold it'}")
     keep = _val_rows(cache_plan.spec, plan, num_rows) if config.split == "val" else None
     # On several hosts each builds only its devices' rows, unless a baseline reads them all.
-    cache = train.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh,
+    cache = caching.get_cache(cache_plan, cache_config, plan.model, variables0, plan.mesh,
                             keep_float32=keep, device_rows=jax.process_count() > 1
                             and not feature_heads.wanted(config))
     if cache is None:
@@ -328,7 +336,7 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     """Every member's eval metrics (and features for the feature heads) in one pass."""
     config, mesh = setup.plan.config, setup.plan.mesh
     batches = _exact_batches(setup)
-    fn = _eval_fn(setup, train.cache_fields(setup.cache.spec), keep_features, batches is not None)
+    fn = _eval_fn(setup, caching.cache_fields(setup.cache.spec), keep_features, batches is not None)
     what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
     logging.info("%s: %s.", what, "one backbone pass" if batches is None else
                  "the backbone's float32 outputs kept by the cache build, no backbone pass")
@@ -444,7 +452,7 @@ def _run_group(members: list[Member], may_diverge: bool,
     s = len(members)
     directory = stage_dir(members)
     is_chief = hosts.is_chief()
-    fields = train.cache_fields(setup.cache.spec)
+    fields = caching.cache_fields(setup.cache.spec)
     dcache = device_cache_lib.upload(setup.cache, mesh, fields)
 
     # source(orders): the members' batches, gathered on the devices.
