@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 from tests import train_utils
 from vqt_jax import cli, progress
 from vqt_jax.data import pipeline
-from vqt_jax.training import engine, feature_heads, train
+from vqt_jax.training import engine, evaluation, feature_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def test_a_run_reports_its_phases_and_no_orbax_info(tmp_path, caplog, monkeypatc
     def every_update(*args, **kwargs):
         return progress.Progress(*args, **{**kwargs, "every_s": 0})
 
-    for module in (train, engine, feature_heads, pipeline):
+    for module in (evaluation, engine, feature_heads, pipeline):
         monkeypatch.setattr(module, "Progress", every_update)
     folder = train_utils.make_image_folder(tmp_path / "data",
                                            counts=(("train", 8), ("val", 4), ("test", 10)))
@@ -187,6 +187,6 @@ def test_evaluation_counts_a_batch_once_the_devices_have_computed_it(tmp_path):
         update(n)
 
     p.update = counted
-    host = train.run_eval_batches(lambda b: outs.append(step(b)) or outs[-1], config, mesh, p)
+    host = evaluation.run_eval_batches(lambda b: outs.append(step(b)) or outs[-1], config, mesh, p)
     assert len(host) == 2 and p.count == 15  # 15 images in batches of 8
     assert ready_when_counted == [True, True]

@@ -12,7 +12,7 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import checkpoints, resolve
-from vqt_jax.training import train
+from vqt_jax.training import evaluation, train
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
 
@@ -167,15 +167,15 @@ def test_a_kill_during_evaluation_keeps_how_the_run_trained(folder, tmp_path, mo
     training as it ran (its last loss from the checkpoint, from the device cache)."""
     config = train_utils.tiny_config(data_dir=folder, cache="on", cache_storage="memory")
     full, _ = train.run(config, str(tmp_path / "full"))
-    evaluate = train.evaluate
+    evaluate = evaluation.evaluate
 
     def killed(*args, **kwargs):
         raise _Kill()
 
-    monkeypatch.setattr(train, "evaluate", killed)
+    monkeypatch.setattr(evaluation, "evaluate", killed)
     with pytest.raises(_Kill):
         train.run(config, str(tmp_path / "wd"))
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     again, _ = train.run(config, str(tmp_path / "wd"))
     keys = ("train_loss", "cached", "cache_on_device", "top1", "steps")
     assert {k: again[k] for k in keys} == {k: full[k] for k in keys}

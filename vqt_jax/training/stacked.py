@@ -65,6 +65,7 @@ from vqt_jax.training import (
     caching,
     compression_stage,
     engine,
+    evaluation,
     feature_heads,
     metrics_io,
     train,
@@ -316,7 +317,7 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
                 lambda x: model.apply(variables0, x, method=ViT.cache_features), batch["image"],
                 mesh)
             outs = heads(trainables, frozen, {k: feats[k] for k in fields})
-        out = jax.vmap(lambda o: train.example_outcomes(o, batch))(outs["logits"])
+        out = jax.vmap(lambda o: evaluation.example_outcomes(o, batch))(outs["logits"])
         out.update(count=batch["mask"], label=batch["label"])
         if keep_features:
             out.update(pre_logits=outs["pre_logits"], cls=feats["cls"], pooled=feats["pooled"])
@@ -337,16 +338,16 @@ def _evaluate(setup: _Setup, trainables: dict, keep_features: bool):
     config, mesh = setup.plan.config, setup.plan.mesh
     batches = _exact_batches(setup)
     fn = _eval_fn(setup, caching.cache_fields(setup.cache.spec), keep_features, batches is not None)
-    what = f"Evaluating {len(setup.configs)} runs on {train.split_name(config)}"
+    what = f"Evaluating {len(setup.configs)} runs on {evaluation.split_name(config)}"
     logging.info("%s: %s.", what, "one backbone pass" if batches is None else
                  "the backbone's float32 outputs kept by the cache build, no backbone pass")
-    host = train.run_eval_batches(
+    host = evaluation.run_eval_batches(
         lambda batch: fn(setup.variables0, trainables, setup.frozen, batch), config, mesh,
         Progress(what, setup.plan.num_eval, "images"), batches)
-    metrics = train.eval_totals(host, members=len(setup.configs))
+    metrics = evaluation.eval_totals(host, members=len(setup.configs))
     class_names = data.get_class_names(config.task, config.data_dir)
     for j, m in enumerate(metrics):
-        m["report"] = train.evaluation_report(host, class_names, member=j,
+        m["report"] = evaluation.evaluation_report(host, class_names, member=j,
                                               predictions=config.get("save_predictions", False))
     if not keep_features:
         return metrics, None
@@ -479,7 +480,7 @@ def _run_group(members: list[Member], may_diverge: bool,
             directory, setup.configs, setup.state, mesh,
             f"the config.json of the runs in {epath.Path(directory) / 'members.json'}")
         start = int(np.asarray(jax.device_get(restored["state"].step))[0])
-        log(f"{s} runs of {config.task} ({train.split_name(config)}) as one program: "
+        log(f"{s} runs of {config.task} ({evaluation.split_name(config)}) as one program: "
             f"{total} steps each, {len(set(orders))} example order(s)"
             + (f", resuming from step {start}" if start else ""))
         errors: dict[int, FloatingPointError] = {}

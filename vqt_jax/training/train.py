@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
@@ -38,7 +36,6 @@ from vqt_jax import cache as cache_lib
 from vqt_jax import checkpoints, compilation_cache, data, export, hosts, methods, resolve, sampling
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import create_model
-from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed, reported
 from vqt_jax.training import (
     batches,
@@ -47,6 +44,7 @@ from vqt_jax.training import (
     compression_stage,
     config_checks,
     engine,
+    evaluation,
     feature_heads,
     metrics_io,
     optim,
@@ -54,7 +52,6 @@ from vqt_jax.training import (
 )
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training import workdir as workdir_lib
-from vqt_jax.training.batches import eval_batches  # `batches` is run_eval_batches' argument
 from vqt_jax.training.mesh import make_mesh
 
 Callback = engine.Callback
@@ -102,124 +99,6 @@ def load_pretrained(config: ml_collections.ConfigDict, variables: Any,
     return checkpoints.load(path or config.init, variables, image_size=config.image_size,
                             dont_load=dont_load(config),
                             resample_rule=config.get("posemb_resample", "auto"))
-
-
-def example_outcomes(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per example of an evaluation batch: `correct` (0/1) and the cross-entropy `loss`, both 0
-    where `mask` is 0. They are summed on the host in float64 (`eval_totals`)."""
-    logits = logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    pred = logits.argmax(-1).astype(jnp.int32)
-    correct = (pred == batch["label"]).astype(jnp.float32)
-    return {"correct": correct * batch["mask"], "loss": losses * batch["mask"], "pred": pred}
-
-
-def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDict, mesh: Mesh,
-                     progress: Progress, batches: Iterable[dict] | None = None) -> list[Any]:
-    """`fn` (a compiled eval step) on every evaluation batch (`batches`, default
-    `eval_batches`); its outputs, fetched to the host.
-
-    One batch is computed while the host reads the next one, and `progress` counts a batch
-    only once the devices have finished it: JAX dispatches asynchronously, so counting at
-    dispatch would report the time to queue the work, not to do it.
-    """
-    sharding = NamedSharding(mesh, P("data"))
-    outs: list[Any] = []
-    uncounted = 0  # examples in outs[-1], which may still be computing
-    for batch in eval_batches(config, mesh) if batches is None else batches:
-        out = fn(engine.global_batch(batch, sharding))
-        if outs:  # the previous batch: wait for it only now that this one is queued
-            jax.block_until_ready(outs[-1])
-            progress.update(uncounted)
-        outs.append(out)
-        uncounted = int(batch["mask"].sum()) * jax.process_count()
-    jax.block_until_ready(outs)
-    progress.update(uncounted)
-    progress.done()
-    return cache_lib.fetch_rows(outs)
-
-
-def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> Any:
-    """Top-1, loss and count from per-batch, per-example `correct`/`loss`/`count` on the host.
-
-    The sums are taken in float64 (`math.fsum`), so they do not depend on the batch size (a
-    float32 sum per batch would, in its last bits). With `members`, `correct` and `loss` are
-    [members, B] per batch and one result per member is returned.
-    """
-    count = math.fsum(x for o in outs for x in np.asarray(o["count"], np.float64).ravel())
-
-    def totals(pick: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-        sums = {k: math.fsum(x for o in outs for x in pick(np.asarray(o[k], np.float64)).ravel())
-                for k in ("correct", "loss")}
-        return {"top1": sums["correct"] / max(count, 1.0), "loss": sums["loss"] / max(count, 1.0),
-                "num_examples": int(count)}
-
-    if members is None:
-        return totals(lambda x: x)
-    return [totals(lambda x, j=j: x[j]) for j in range(members)]
-
-
-def evaluation_report(outs: Sequence[dict[str, Any]], class_names: Sequence[str],
-                      member: int | None = None, predictions: bool = False) -> dict[str, Any]:
-    """Per-class top-1 and the confusion matrix (rows: true class, columns: predicted) from
-    host per-example outputs (`count`, `label`, `pred`; `pred` [members, B] with `member`),
-    and with `predictions` every example's label and prediction in the split's order."""
-    count = np.concatenate([np.asarray(o["count"]) for o in outs]) > 0
-    labels = np.concatenate([np.asarray(o["label"]) for o in outs])
-    preds = np.concatenate([np.asarray(o["pred"] if member is None else o["pred"][member])
-                            for o in outs])
-    n = len(class_names)
-    confusion = np.zeros((n, n), np.int64)
-    np.add.at(confusion, (labels[count], preds[count]), 1)
-    totals = confusion.sum(1)
-    per_class = [{"class": c, "count": int(t), "top1": float(confusion[i, i] / t) if t else None}
-                 for i, (c, t) in enumerate(zip(class_names, totals, strict=True))]
-    report: dict[str, Any] = {"class_names": list(class_names), "per_class": per_class,
-                              "confusion": confusion.tolist()}
-    if predictions:
-        order = _split_order(outs)
-        report["predictions"] = [
-            {"index": int(i), "label": int(y), "prediction": int(p)}
-            for i, y, p in sorted(zip(order[count], labels[count], preds[count], strict=True))]
-    return report
-
-
-def _split_order(outs: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Each fetched row's index in the evaluation split. Host h of P evaluates examples
-    h, h + P, ... (`data.eval_dataset`), and a global batch holds each host's rows in turn."""
-    p = jax.process_count()
-    sizes = [len(np.asarray(o["count"])) // p for o in outs]  # each host's rows per batch
-    return np.asarray([h + p * (i * n + r) for i, n in enumerate(sizes)
-                       for h in range(p) for r in range(n)], np.int64)
-
-
-def evaluate(model, variables, config, mesh: Mesh, num_examples: int | None = None,
-             class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Top-1 and loss over the evaluation split; each example counted exactly once.
-
-    `num_examples` (the split's size, if known) gives the progress lines an ETA. With
-    `class_names`, the result also has `report` (`evaluation_report`; with every prediction
-    when `config.save_predictions`).
-    """
-    @jax.jit
-    def step(variables, batch):
-        logits = cache_lib.in_steps(functools.partial(model.apply, variables), batch["image"],
-                                    mesh)
-        return {**example_outcomes(logits, batch), "count": batch["mask"],
-                "label": batch["label"]}
-
-    progress = Progress(f"Evaluating on {split_name(config)}", num_examples, "images")
-    host = run_eval_batches(lambda batch: step(variables, batch), config, mesh, progress)
-    metrics = eval_totals(host)
-    if class_names is not None:
-        metrics["report"] = evaluation_report(host, class_names,
-                                              predictions=config.get("save_predictions", False))
-    return metrics
-
-
-def split_name(config: ml_collections.ConfigDict) -> str:
-    """The evaluation split's name: 'val' (val200) or 'test'."""
-    return "val" if config.split == "val" else "test"
 
 
 @dataclasses.dataclass
@@ -464,7 +343,7 @@ def _run_locked(plan: RunPlan, workdir: str,
 
     trained = state.trainable
     variables = trainable_lib.merge(jax.tree.map(lambda x: x[0], trained), frozen)
-    eval_metrics = evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
+    eval_metrics = evaluation.evaluate(model, variables, config, mesh, num_examples=plan.num_eval,
                             class_names=data.get_class_names(config.task, config.data_dir))
     # A run trained earlier (no outcome): how it trained, as the plan says; its loss, as saved.
     on_device = isinstance(run.source, engine.DeviceSource) if outcome is not None else (
@@ -557,13 +436,13 @@ def finish(plan: RunPlan, config: ml_collections.ConfigDict, run_dir: str, write
     as `WORKDIR/model.vqt` (`vqt_jax.export`) and results.json, last, naming the other two (so
     a results.json always has them)."""
     report = metrics.pop("report")
-    writer.write_scalars(results["steps"], {f"{split_name(config)}/{k}": v
+    writer.write_scalars(results["steps"], {f"{evaluation.split_name(config)}/{k}": v
                                             for k, v in metrics.items()})
     writer.flush()
     record_run(config, results)
     if hosts.is_chief():
         workdir_lib.write_json(os.path.join(run_dir, workdir_lib.EVALUATION_FILE), {
-            "split": split_name(config), "top1": metrics["top1"],
+            "split": evaluation.split_name(config), "top1": metrics["top1"],
             "num_examples": metrics["num_examples"], **report})
         export.write(os.path.join(run_dir, export.EXPORT_FILE), config=config,
                      variables=variables, provided=export.provided_keys(plan.pretrained),
