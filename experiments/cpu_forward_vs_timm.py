@@ -8,7 +8,7 @@ TensorFlow and torch in one process can crash, and the test environment keeps to
 two alternate, `--rounds` times, each round timing `--steps` forwards of a batch of `--batch`
 224x224 images (float32, random weights and inputs: the time does not depend on them), after
 one warm-up per side, so both see the same machine state. vqt_jax's forward is the one its
-cache builds and evaluations run (`cache.forward_fn` on a one-device mesh: on CPU, a loop of
+cache builds and evaluations run (`inference.forward_fn` on a one-device mesh: on CPU, a loop of
 `--rows_per_step` rows at a time inside the one program). It reports each side's images/s
 (median over the rounds' medians) and the ratio vqt_jax / timm. Run it alone on the machine.
 """
@@ -30,8 +30,7 @@ from jax.sharding import Mesh
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqt_jax import cache as cache_lib  # noqa: E402
-from vqt_jax import timing  # noqa: E402
+from vqt_jax import inference, timing  # noqa: E402
 from vqt_jax.models import create_model  # noqa: E402
 
 # The timm side: reads "STEPS\n" lines, answers each with the seconds of every forward.
@@ -64,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows_per_step", type=int, default=None,
-                   help="cache.forward_fn's rows_per_step (default: its own; 0: all at once)")
+                   help="inference.forward_fn's rows_per_step (default: its own; 0: all at once)")
     p.add_argument("--json")
     return p
 
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32))
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    forward = cache_lib.forward_fn(model.apply, mesh, args.rows_per_step)
+    forward = inference.forward_fn(model.apply, mesh, args.rows_per_step)
     forward = forward.lower(variables, x).compile()
     forward(variables, x).block_until_ready()
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": "cpu", "cpu_count": os.cpu_count(), "batch": args.batch,
               "image_size": args.image_size, "dtype": "float32",
               "rows_per_step": args.rows_per_step if args.rows_per_step is not None
-              else cache_lib.CPU_ROWS_PER_STEP, "model": "ViT-B/16",
+              else inference.CPU_ROWS_PER_STEP, "model": "ViT-B/16",
               "rounds": args.rounds, "steps_per_round": args.steps, "img_s": img_s,
               "ratio_vqt_jax_over_timm": img_s["vqt_jax"] / img_s["timm"],
               "round_seconds": rounds, "machine": timing.machine(), **timm_info}

@@ -183,7 +183,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     from vqt_jax import cache as cache_lib  # noqa: PLC0415
-    from vqt_jax import data  # noqa: PLC0415
+    from vqt_jax import data, inference  # noqa: PLC0415
     from vqt_jax.training import batches as batches_lib  # noqa: PLC0415
     from vqt_jax.training import engine, train  # noqa: PLC0415
 
@@ -203,7 +203,7 @@ def forward_pass_seconds(config_fn, overrides: dict) -> tuple[float, int]:
                    last_multiple=plan.mesh.shape["data"])]
     batches += [{"image": b["image"]} for b in batches_lib.eval_batches(config, plan.mesh)]
     batches = [engine.global_batch(b, sharding)["image"] for b in batches]
-    fn = cache_lib.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
+    fn = inference.forward_fn(lambda v, x: plan.model.apply(v, x), plan.mesh)
 
     def run_pass() -> None:
         jax.block_until_ready([fn(variables, x) for x in batches])

@@ -14,7 +14,7 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import cache as cache_lib
-from vqt_jax import data
+from vqt_jax import data, inference
 from vqt_jax.models import ViT
 from vqt_jax.training import caching, train, train_step
 from vqt_jax.training import trainable as trainable_lib
@@ -330,7 +330,7 @@ def test_build_pads_its_last_batch_only_to_the_device_count(monkeypatch):
     variables = _randomized(model, normalize(images[:1]))
     mesh = train.make_mesh(2 if jax.device_count() >= 2 else 1)
     sizes = []
-    forward_fn = cache_lib.forward_fn
+    forward_fn = inference.forward_fn
 
     def recording(fn, mesh):
         jitted = forward_fn(fn, mesh)
@@ -341,7 +341,7 @@ def test_build_pads_its_last_batch_only_to_the_device_count(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(cache_lib, "forward_fn", recording)
+    monkeypatch.setattr(inference, "forward_fn", recording)
     spec = cache_lib.spec_for(model, "kv", 20, 16, "float32")
     cache = cache_lib.build(spec, model, variables, images, np.arange(20) % 5, mesh=mesh,
                             batch_size=8, normalize=normalize)

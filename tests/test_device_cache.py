@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests import train_utils
 from vqt_jax import cache as cache_lib
-from vqt_jax import device_cache, sampling
+from vqt_jax import device_cache, inference, sampling
 from vqt_jax.models import ViT, create_model
 from vqt_jax.training import engine, train, train_step
 
@@ -205,7 +205,7 @@ def test_cache_build_output_is_sharded_over_the_batch():
         mesh = Mesh(np.asarray(jax.devices()[:d]), ("data",))
         v = placed(variables, NamedSharding(mesh, P()))
         images = placed(x, NamedSharding(mesh, P("data")))
-        compiled = cache_lib.forward_fn(forward, mesh).lower(v, images).compile()
+        compiled = inference.forward_fn(forward, mesh).lower(v, images).compile()
         per_device[d] = compiled.memory_analysis().output_size_in_bytes
     assert per_device[2] * 2 == pytest.approx(per_device[1], rel=0.01)
     assert per_device[8] * 8 == pytest.approx(per_device[1], rel=0.01)
@@ -227,9 +227,9 @@ def test_cache_build_in_steps_equals_one_pass(num_devices):
     def forward(v, b):
         return {"label": b["label"], **model.apply(v, b["image"], method=ViT.cache_features)}
 
-    whole = cache_lib.forward_fn(forward, mesh, rows_per_step=0)
-    assert cache_lib.CPU_ROWS_PER_STEP == 8 and jax.default_backend() == "cpu"
-    stepped = {r: cache_lib.forward_fn(forward, mesh, r) for r in (None, 2, 5)}  # None: CPU's 8
+    whole = inference.forward_fn(forward, mesh, rows_per_step=0)
+    assert inference.CPU_ROWS_PER_STEP == 8 and jax.default_backend() == "cpu"
+    stepped = {r: inference.forward_fn(forward, mesh, r) for r in (None, 2, 5)}  # None: CPU's 8
     expected = whole(variables, batch)
     for r, fn in stepped.items():
         compiled = fn.lower(variables, batch).compile()

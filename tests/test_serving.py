@@ -125,7 +125,7 @@ def test_many_tasks_in_one_pass_equal_each_alone(runs):
 
 
 def test_serving_in_steps_equals_one_batch_at_once(runs):
-    """On CPU a device runs its rows of a batch a few at a time (`cache.in_steps`): 16 rows on
+    """On CPU a device runs its rows of a batch a few at a time (`inference.in_steps`): 16 rows on
     one device are two steps of 8, with the logits of one pass over each task's model."""
     _, by_name = runs
     _, images = _test_images(runs)

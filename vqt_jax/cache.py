@@ -27,11 +27,11 @@ Safety:
   or whose meta.json cannot be read, is removed and rebuilt with one warning.
 
 Multi-host: the build is data-parallel over every device of every host, its outputs sharded
-over the batch; each host gathers every batch's rows (`fetch_rows`) and writes a complete cache
-of its own (`<fingerprint>-host<i>`), to be memory-mapped from local disk. A device-resident
-copy (`device_cache`) then takes from it only the rows of this host's devices. A run that
-needs no more than that copy builds only those rows (`build_device_rows`: each device computes
-its own rows, nothing is gathered; `<fingerprint>-host<i>-devices<a>-<b>of<D>`).
+over the batch; each host gathers every batch's rows (`inference.fetch_rows`) and writes a
+complete cache of its own (`<fingerprint>-host<i>`), to be memory-mapped from local disk. A
+device-resident copy (`device_cache`) then takes from it only the rows of this host's devices.
+A run that needs no more than that copy builds only those rows (`build_device_rows`: each
+device computes its own rows, nothing is gathered; `<fingerprint>-host<i>-devices<a>-<b>of<D>`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -62,7 +61,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import hosts, methods, sampling
+from vqt_jax import hosts, inference, methods, sampling
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 
@@ -554,13 +553,13 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
 
     def fill(arrays: dict[str, np.ndarray]) -> None:
         # The pass: fills `arrays` (N rows each), and `kept`'s rows in float32.
-        fn = forward_fn(lambda v, x: _narrow(spec, forward(v, x)), mesh)
+        fn = inference.forward_fn(lambda v, x: _narrow(spec, forward(v, x)), mesh)
         if kept:
             # A batch that holds kept rows gets the float32 outputs, and its narrowing is a
             # program of its own (the same XLA convert on the same values), so both widths
             # come from one backbone pass. Every other batch takes the narrow program: its
             # float32 outputs (twice the bytes) would only be written to be cast.
-            wide_fn = forward_fn(forward, mesh)
+            wide_fn = inference.forward_fn(forward, mesh)
             cast = jax.jit(functools.partial(_narrow, spec), in_shardings=batch_sharding,
                            out_shardings=batch_sharding)
         progress = Progress("Caching the frozen backbone's outputs", n, "examples",
@@ -573,13 +572,13 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
             lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
             if lo < hi:
                 wide = wide_fn(variables, x)
-                out = fetch_rows(cast(wide))
-                wide = fetch_rows(wide)
+                out = inference.fetch_rows(cast(wide))
+                wide = inference.fetch_rows(wide)
                 for name in spec.fields:
                     kept.arrays[name][lo - kept.start:hi - kept.start] = \
                         wide[name][lo - rows.start:hi - rows.start]
             else:
-                out = fetch_rows(fn(variables, x))
+                out = inference.fetch_rows(fn(variables, x))
             for name in spec.fields:
                 arrays[name][rows] = out[name][:count]
             progress.update(count)
@@ -751,8 +750,8 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
         if batch_size % d:
             raise ValueError(f"A pass of batch {batch_size} does not split over {d} devices")
         batch_sharding = NamedSharding(mesh, P("data"))
-        fn = forward_fn(lambda v, x: _narrow(spec, model.apply(v, x, method=ViT.cache_features)),
-                        mesh)
+        fn = inference.forward_fn(
+            lambda v, x: _narrow(spec, model.apply(v, x, method=ViT.cache_features)), mesh)
         progress = Progress("Caching the frozen backbone's outputs (this host's devices' rows)",
                             n, "examples", progress_every_s)
         for first in range(0, blocks, batch_size // d):
@@ -779,77 +778,6 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
         progress.done()
 
     return DeviceRows(spec, d, columns, _store(rows_spec, path, fill, labels))
-
-
-# Rows per device that an inference pass runs at a time on CPU (`in_steps`): XLA:CPU runs a
-# few rows' small activations faster than a whole batch's (docs/performance.md).
-CPU_ROWS_PER_STEP = 8
-
-
-def in_steps(fn: Callable[[Any], Any], x: Any, mesh: Mesh,
-             rows_per_step: int | None = None) -> Any:
-    """`fn(x)` (inside a jitted program) for a batch pytree `x` whose rows are sharded over
-    `mesh`'s data axis and for an `fn` whose every output row depends on its input row alone
-    (an inference forward): each device runs its rows in steps of a few rows, a loop inside
-    the program, with no rows moved between devices.
-
-    Args:
-      fn: batch pytree -> pytree of [B, ...] outputs.
-      x: pytree of [B, ...] arrays.
-      mesh: the data-parallel mesh `x` is sharded over.
-      rows_per_step: rows per device per step (a step takes the largest count that divides
-        the device's rows); 0 runs them all at once. Default: `CPU_ROWS_PER_STEP` on CPU, 0
-        elsewhere.
-    """
-    if rows_per_step is None:
-        rows_per_step = CPU_ROWS_PER_STEP if mesh.devices.flat[0].platform == "cpu" else 0
-    d = mesh.shape["data"]
-    b = jax.tree.leaves(x)[0].shape[0]
-    c = math.gcd(b // d, rows_per_step)
-    if c in (0, b // d):
-        return fn(x)
-    n = b // d // c
-    steps = NamedSharding(mesh, P(None, "data"))
-
-    def split(a: jax.Array) -> jax.Array:  # [B, ...] -> [n, D c, ...]: step i holds each
-        a = a.reshape(d, n, c, *a.shape[1:]).swapaxes(0, 1)  # device's rows [i c, (i + 1) c)
-        return jax.lax.with_sharding_constraint(a.reshape(n, d * c, *a.shape[3:]), steps)
-
-    def join(a: jax.Array) -> jax.Array:
-        a = a.reshape(n, d, c, *a.shape[2:]).swapaxes(0, 1)
-        return a.reshape(b, *a.shape[3:])
-
-    return jax.tree.map(join, jax.lax.map(fn, jax.tree.map(split, x)))
-
-
-def forward_fn(fn: Callable, mesh: Mesh, rows_per_step: int | None = None, *,
-               out_sharding: NamedSharding | None = None) -> Callable:
-    """`fn(variables, batch)` jitted data-parallel: variables replicated, batch and outputs
-    sharded over the batch, so each device's output is its own rows (a replicated output
-    would hold the whole batch on every device, growing with the device count; pass
-    `out_sharding` for another). Each row's output depends on that row alone: the rows run
-    `in_steps` (`rows_per_step`)."""
-    batch = NamedSharding(mesh, P("data"))
-    return jax.jit(lambda v, x: in_steps(functools.partial(fn, v), x, mesh, rows_per_step),
-                   in_shardings=(NamedSharding(mesh, P()), batch),
-                   out_shardings=out_sharding or batch)
-
-
-def fetch_rows(tree: Any) -> Any:
-    """The full value of every array of `tree` on this host, as numpy, in global row order.
-
-    A replicated or fully addressable array is read directly; one sharded over other hosts'
-    devices (which `jax.device_get` cannot read) is all-gathered (`process_allgather`): every
-    process must then call this for the same arrays, in the same order.
-    """
-    def one(x: jax.Array) -> np.ndarray:
-        if x.is_fully_replicated or x.is_fully_addressable:
-            return np.asarray(x)
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
 
 
 def host_batches(num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,

@@ -30,7 +30,6 @@ from absl import logging
 from vqt_jax import methods, preparations, protocol
 from vqt_jax.checkpoints import CheckpointError, introspect, split_subtree
 from vqt_jax.models.vit import POOL_TYPES
-from vqt_jax.training import workdir as workdir_lib
 
 AUTO = "auto"
 
@@ -64,6 +63,22 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{'model.num_queries': 1, ...}: every leaf of the config under its dotted name (as
+    `training.workdir.flatten`, which this layer does not import)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(config.to_dict(), "")
+    return out
+
+
 def _prepare(config: ml_collections.ConfigDict) -> None:
     """Runs `config.prepare` (if set) on `config`, letting it fill unset fields only.
 
@@ -75,10 +90,10 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
     if not name:
         return
     prepare = preparations.get(name)
-    before = workdir_lib.flatten(config.to_dict())  # every leaf under its dotted name
+    before = _flat(config)
     with config.unlocked():
         prepare(config)
-    after = workdir_lib.flatten(config.to_dict())
+    after = _flat(config)
     if changed := [f"{k} ({v!r} -> {after.get(k, '<removed>')!r})" for k, v in before.items()
                    if v is not None and (k not in after or after[k] != v)]:
         raise ValueError(f"config.prepare={name!r} changed {', '.join(changed)}: a preparation "

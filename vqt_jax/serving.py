@@ -30,8 +30,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import cache as cache_lib
-from vqt_jax import checkpoints, export, methods, protocol
+from vqt_jax import checkpoints, export, inference, methods, protocol
 from vqt_jax.models import ViT
 from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training.mesh import make_mesh
@@ -227,7 +226,7 @@ class Predictor:
                      if t.shares_backbone_pass else t.model.apply(v, images)).astype(jnp.float32)
                     for t, v in zip(tasks, variables, strict=True)]
 
-        self._fn = cache_lib.forward_fn(fn, self.mesh, out_sharding=replicated)
+        self._fn = inference.forward_fn(fn, self.mesh, out_sharding=replicated)
 
     @property
     def names(self) -> list[str]:

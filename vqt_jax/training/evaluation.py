@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqt_jax import cache as cache_lib
+from vqt_jax import inference
 from vqt_jax.progress import Progress
 from vqt_jax.training import batches as batches_lib
 from vqt_jax.training import engine
@@ -56,7 +56,7 @@ def run_eval_batches(fn: Callable[[dict], Any], config: ml_collections.ConfigDic
     jax.block_until_ready(outs)
     progress.update(uncounted)
     progress.done()
-    return cache_lib.fetch_rows(outs)
+    return inference.fetch_rows(outs)
 
 
 def eval_totals(outs: Sequence[dict[str, Any]], members: int | None = None) -> Any:
@@ -123,7 +123,7 @@ def evaluate(model, variables, config, mesh: Mesh, num_examples: int | None = No
     """
     @jax.jit
     def step(variables, batch):
-        logits = cache_lib.in_steps(functools.partial(model.apply, variables), batch["image"],
+        logits = inference.in_steps(functools.partial(model.apply, variables), batch["image"],
                                     mesh)
         return {**example_outcomes(logits, batch), "count": batch["mask"],
                 "label": batch["label"]}

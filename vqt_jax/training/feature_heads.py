@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import data, linear_probe, protocol
+from vqt_jax import data, inference, linear_probe, protocol
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import l2_normalize
 from vqt_jax.progress import Progress, format_duration
@@ -129,8 +129,8 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
     out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         mask = batch.pop("mask", None)
-        feats = cache_lib.fetch_rows(fn(engine.global_batch(batch, sharding)))
-        keep = slice(None) if mask is None else cache_lib.fetch_rows(
+        feats = inference.fetch_rows(fn(engine.global_batch(batch, sharding)))
+        keep = slice(None) if mask is None else inference.fetch_rows(
             jax.make_array_from_process_local_data(sharding, mask)) > 0
         for k, v in feats.items():
             out.setdefault(k, []).append(v[keep])
@@ -148,7 +148,7 @@ def _images_fn(model: ViT, mesh: Mesh):
 
     # Outputs stay sharded over the batch (each device holds its own rows; `_collect` gathers
     # them), so the per-device output does not grow with the device count.
-    return cache_lib.forward_fn(from_images, mesh)
+    return inference.forward_fn(from_images, mesh)
 
 
 def eval_features(config: ml_collections.ConfigDict, model: ViT, variables,

@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
-from vqt_jax import data, hosts, methods
+from vqt_jax import data, hosts, inference, methods
 from vqt_jax import device_cache as device_cache_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
@@ -306,14 +306,14 @@ def _eval_fn(setup: _Setup, fields: list[str], keep_features: bool, from_cache: 
                 out = joint.apply(variables, {k: batch[k] for k in ("k", "v", "cls")},
                                   method=ViT.features_from_cache)
             else:
-                feats = out = cache_lib.in_steps(
+                feats = out = inference.in_steps(
                     lambda x: joint.apply(variables, x, method=ViT.features_without_blocks),
                     batch["image"], mesh)
             q = out["queries"]  # [B, M, S*T, D], member-major
             per_member = jnp.moveaxis(q.reshape(q.shape[0], m, s, t, d), 2, 0)
             outs = heads(trainables, frozen, {"cls": feats["cls"]}, per_member)
         else:
-            feats = batch if from_cache else cache_lib.in_steps(
+            feats = batch if from_cache else inference.in_steps(
                 lambda x: model.apply(variables0, x, method=ViT.cache_features), batch["image"],
                 mesh)
             outs = heads(trainables, frozen, {k: feats[k] for k in fields})
