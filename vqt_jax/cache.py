@@ -267,10 +267,12 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
         (default: computed here, which stats every file of an image folder).
     """
     init = config.init or f"random init, seed {config.seed}"
-    init_stat, path = None, init.split(":")[0]
-    if config.init and "://" not in init and os.path.exists(path):
-        st = os.stat(path)
-        init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    init_stat = None
+    if config.init and "://" not in config.init:
+        path = config.init.split(":")[0]
+        if os.path.exists(path):
+            st = os.stat(path)
+            init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     backbone = {k: v for k, v in sorted(model_kwargs.items())
                 if k not in IGNORED_OPTIONS[kind]}
     if data_key is None:
@@ -495,10 +497,13 @@ def _reserve(path: str, size: int) -> None:
     """Creates `path` with `size` bytes allocated on disk (not sparse), or raises OSError."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
         try:
-            os.posix_fallocate(fd, 0, size)
-        except (AttributeError, OSError) as e:  # AttributeError: absent on macOS
-            if getattr(e, "errno", errno.EOPNOTSUPP) not in _NO_FALLOCATE:
+            if fallocate is None:
+                raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
+            fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE:
                 raise
             # The filesystem cannot reserve blocks: writing them reserves them just as well.
             os.ftruncate(fd, 0)
@@ -767,11 +772,12 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
             local[example < n] = images[example[example < n]]
             x = jax.make_array_from_process_local_data(batch_sharding, normalize(local))
             out = fn(variables, x)
+            k = np.arange(first, first + m)
             for name in spec.fields:
                 for shard in out[name].addressable_shards:
                     c = (shard.index[0].start or 0) // m
                     values = np.array(shard.data)
-                    values[np.arange(first, first + m) * d + c >= n] = 0  # the padding: zeros
+                    values[k * d + c >= n] = 0  # the layout's padding holds zeros
                     j = first * width + columns.index(c)
                     arrays[name][j:(first + m) * width:width] = values
             progress.update(min(n, (first + m) * d) - first * d)

@@ -235,16 +235,17 @@ class Predictor:
     def logits(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every task's float32 logits [N, classes] for normalised images [N, S, S, 3] (as the
         evaluation pipeline makes them); N is padded to the batch internally."""
-        chunks = []
+        chunks: list[list[np.ndarray]] = [[] for _ in self.tasks]  # per task, per batch
         for start in range(0, len(images), self.batch_size):
             part = images[start:start + self.batch_size]
             batch = np.zeros((self.batch_size, *np.shape(images)[1:]), np.float32)
             batch[:len(part)] = part
             outs = jax.device_get(self._fn(self._variables, jax.device_put(batch, self._rows)))
-            chunks.append([np.asarray(o)[:len(part)] for o in outs])
-        return {t.name: np.concatenate([np.zeros((0, len(t.exported.class_names)), np.float32),
-                                        *(c[i] for c in chunks)])
-                for i, t in enumerate(self.tasks)}
+            for c, o in zip(chunks, outs, strict=True):
+                c.append(np.asarray(o)[:len(part)])
+        return {t.name: (np.concatenate(c) if c else np.zeros((0, len(t.exported.class_names)),
+                                                              np.float32))
+                for t, c in zip(self.tasks, chunks, strict=True)}
 
     def predict_files(self, paths: Sequence[str], top_k: int = 5,
                       on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
