@@ -63,7 +63,7 @@ def _writer(path: str | None):
             top = ", ".join(f"{c} {prob:.3f}" for c, prob in p.top)
             print(f"{p.path}\t{p.task}\t{top}")
         return show, lambda complete: None
-    from vqt_jax.training import workdir as workdir_lib  # noqa: PLC0415
+    from vqt_jax import workdir as workdir_lib  # noqa: PLC0415
 
     workdir_lib.remove_stale_temps(path)  # of runs killed before their rename
     tmp = f"{path}.tmp-{os.getpid()}"

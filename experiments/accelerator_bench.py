@@ -54,10 +54,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqt_jax import cache as cache_lib  # noqa: E402
 from vqt_jax import costs, device_cache  # noqa: E402
+from vqt_jax import trainable as trainable_lib  # noqa: E402
 from vqt_jax.models import create_model  # noqa: E402
 from vqt_jax.timing import median_seconds  # noqa: E402
 from vqt_jax.training import engine, optim, train_step  # noqa: E402
-from vqt_jax.training import trainable as trainable_lib  # noqa: E402
 from vqt_jax.training.mesh import make_mesh  # noqa: E402
 
 # Dense peak FLOP/s by device kind (substring, first match) and compute dtype, from the

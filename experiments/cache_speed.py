@@ -42,9 +42,9 @@ from jax.sharding import PartitionSpec as P
 
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, timing
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import train, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 # VTAB-1k: the (lr, wd) grid of the release (5 x 4), 100 epochs, 800 training images (val).
 VTAB_TRAIN_IMAGES = 800

@@ -47,10 +47,10 @@ import numpy as np
 import optax
 
 from vqt_jax import methods, resolve
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT, create_model
 from vqt_jax.timing import median_seconds
 from vqt_jax.training import optim, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 MiB = 2**20
 NUM_CLASSES = 10

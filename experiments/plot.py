@@ -11,7 +11,7 @@ Writes, into DIR/plots (or --out), whichever of these its inputs allow:
     config is the one the run recorded in ``DIR/config.json``. ``--config`` (with the same
     overrides as for main.py, e.g. ``--config=configs/vtab.py:dtd --config.data_dir=...``) is
     needed only for a run from before config.json was recorded, or to change a field that does
-    not change the run (`vqt_jax.training.workdir.NEUTRAL`, e.g. a moved ``data_dir``); if it
+    not change the run (`vqt_jax.workdir.NEUTRAL`, e.g. a moved ``data_dir``); if it
     differs from the recorded config in any other field, that is an error (the figure would
     show another model than the one trained).
   * ``sweep_accuracy.png``: each task's test top-1 (mean +- std over seeds) and the group means,
@@ -46,9 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from vqt_jax import data, methods, resolve
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import checkpointing, engine, train
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
 
 ATTENTION_PNG = "query_attention.png"
 SWEEP_PNG = "sweep_accuracy.png"
@@ -289,7 +289,7 @@ def run_config(workdir: str,
     Raises:
       FileNotFoundError: no `config` and no config.json in the workdir.
       ValueError: config.json cannot be read, or `config` differs from it in a field that is
-        not `vqt_jax.training.workdir.NEUTRAL` (the message names every such field).
+        not `vqt_jax.workdir.NEUTRAL` (the message names every such field).
     """
     if config is None:
         return recorded_config(workdir)

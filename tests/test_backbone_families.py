@@ -21,10 +21,10 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import checkpoints, methods
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT, create_model
 from vqt_jax.models.vit import MAPHead
 from vqt_jax.training import train
-from vqt_jax.training import trainable as trainable_lib
 
 GOLDEN = train_utils.GOLDEN
 CASES = json.loads((GOLDEN / "manifest.json").read_text())["cases"]

@@ -30,8 +30,8 @@ from tests import test_images as images
 from tests import train_utils
 from tests.test_workdir import snapshot
 from vqt_jax import cli, resolve
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import caching
-from vqt_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every program lowered for XLA (whether then compiled or read from a compilation cache).

@@ -15,9 +15,9 @@ import pytest
 from tests import train_utils
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, inference
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT
 from vqt_jax.training import caching, train, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
 

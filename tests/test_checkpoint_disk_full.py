@@ -58,7 +58,7 @@ class _FailingStore:
 
 @pytest.mark.parametrize("op", ["save", "restore"])
 def test_a_remote_checkpoint_failure_is_one_error_naming_the_directory(op):
-    from vqt_jax.training import workdir  # noqa: PLC0415
+    from vqt_jax import workdir  # noqa: PLC0415
 
     with pytest.raises(workdir.WorkdirError) as e:
         if op == "save":

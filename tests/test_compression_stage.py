@@ -9,9 +9,9 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import resolve
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT
 from vqt_jax.training import caching, compression_stage, engine, train
-from vqt_jax.training import trainable as trainable_lib
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests import train_utils
-from vqt_jax import export, resolve
-from vqt_jax.training import train, trainable
+from vqt_jax import export, resolve, trainable
+from vqt_jax.training import train
 
 
 def _write(path, change=None, nan=False) -> str:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from vqt_jax import methods
-from vqt_jax.training import trainable as trainable_lib
+from vqt_jax import trainable as trainable_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,9 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import checkpoints, methods, resolve
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import train
-from vqt_jax.training import trainable as trainable_lib
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 16

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 from tests import reference_vit
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT, create_model, decode_variant
 from vqt_jax.training import train_step
-from vqt_jax.training import trainable as trainable_lib
 
 TINY = dict(patch_size=(8, 8), width=32, depth=3, mlp_dim=64, num_heads=4, num_classes=5)
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT, vit
 from vqt_jax.training import train_step
-from vqt_jax.training import trainable as trainable_lib
 
 TINY = dict(patch_size=(8, 8), width=32, depth=2, mlp_dim=64, num_heads=2, num_classes=5)
 # The kinds of variables a scan has to stack per block (params, and another collection:

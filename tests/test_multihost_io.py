@@ -26,8 +26,8 @@ from etils.epath import testing as epath_testing
 
 from tests import multihost
 from vqt_jax import export
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import checkpointing, metrics_io
-from vqt_jax.training import workdir as workdir_lib
 
 BUCKET = "gs://bucket/run"
 

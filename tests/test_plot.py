@@ -16,10 +16,10 @@ from PIL import Image
 from tests import train_utils
 from tests.scripts import load_script
 from vqt_jax import data, resolve
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import train
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,10 +13,10 @@ import tensorflow as tf
 
 from configs import vtab
 from vqt_jax import data, protocol, resolve
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.data import tasks
 from vqt_jax.models import create_model
 from vqt_jax.training import optim, train, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 
 def _release_lr_lambda(step: int, warmup: int, total: int) -> float:

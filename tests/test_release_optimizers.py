@@ -27,9 +27,9 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import methods
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import create_model
 from vqt_jax.training import optim
-from vqt_jax.training import trainable as trainable_lib
 
 # ---------------------------------------------------------------------------------------------
 # Our leaf names -> the releases' torch parameter names.

@@ -33,7 +33,8 @@ PROGRAM = textwrap.dedent("""
     from tests.fake_gcs import FakeGCS, register
     from vqt_jax import cli
     from vqt_jax.checkpoints import files
-    from vqt_jax.training import metrics_io, workdir
+    from vqt_jax import workdir
+    from vqt_jax.training import metrics_io
 
     from etils import epath
 

@@ -13,9 +13,9 @@ from configs import vtab
 from tests import tiny_config, train_utils
 from vqt_jax import cli, methods, preparations, resolve
 from vqt_jax import sweep as sweep_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.checkpoints import introspect
 from vqt_jax.training import train
-from vqt_jax.training import workdir as workdir_lib
 
 ARGS = ["dtd", "dtd,big_vision", "svhn", "clevr_count,big_vision", "folder"]
 OVERRIDES = [None, {"method": "full"}, {"method": "linear", "batch_size": 64}, {"lr": 0.3},

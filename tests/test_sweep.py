@@ -21,7 +21,7 @@ import pytest
 from tests.scripts import load_script
 from vqt_jax import methods, protocol, protocol_tables, resolve
 from vqt_jax import sweep as sweep_lib
-from vqt_jax.training import workdir as workdir_lib
+from vqt_jax import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO_ROOT / "configs" / "vtab.py"

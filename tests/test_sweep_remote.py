@@ -29,8 +29,8 @@ from etils import epath
 
 from tests.test_multihost_io import fake_gcs
 from vqt_jax import sweep as sweep_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import checkpointing, stacked
-from vqt_jax.training import workdir as workdir_lib
 
 SWEEP = "gs://bucket/sweep"
 TASK_GROUPS = {"folder": sweep_lib.FOLDER_GROUP}

@@ -12,9 +12,9 @@ import pytest
 
 from tests import train_utils
 from vqt_jax import checkpoints, resolve
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import evaluation, train
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 
 from tests import train_utils, xla_env
 from vqt_jax import cli, resolve
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.training import checkpointing, train
-from vqt_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_a_busy_workdir_stops_at_once(folder, tmp_path, capsys):
 # Takes the lock of the workdir argv[1], says so, and holds it until its stdin closes.
 _HOLDER = """
 import sys
-from vqt_jax.training import workdir
+from vqt_jax import workdir
 with workdir.lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
@@ -152,7 +152,7 @@ with workdir.lock(sys.argv[1]):
 # Tries the lock of the workdir argv[1] once; prints "locked" or the error.
 _TRY = """
 import sys
-from vqt_jax.training import workdir
+from vqt_jax import workdir
 try:
     with workdir.lock(sys.argv[1]):
         print("locked")

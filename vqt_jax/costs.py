@@ -18,9 +18,9 @@ import optax
 from jax.sharding import SingleDeviceSharding
 
 from vqt_jax import cache as cache_lib
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT
 from vqt_jax.training import optim, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 
 def cpu_flops(fn: Callable, *args: Any) -> float:

@@ -37,8 +37,8 @@ import ml_collections
 import numpy as np
 
 from vqt_jax import checkpoints
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 
 EXPORT_FILE = "model.vqt"
 FORMAT = "vqt_jax.export"

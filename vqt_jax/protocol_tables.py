@@ -25,7 +25,7 @@ import os
 import statistics
 from collections.abc import Sequence
 
-from vqt_jax.training import workdir as workdir_lib
+from vqt_jax import workdir as workdir_lib
 
 # VTAB-1k reporting groups, in the order of the task table.
 GROUPS = ("natural", "specialized", "structured")

@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from vqt_jax import methods, preparations, protocol
+from vqt_jax import methods, preparations, protocol, workdir
 from vqt_jax.checkpoints import CheckpointError, introspect, split_subtree
 from vqt_jax.models.vit import POOL_TYPES
 
@@ -63,22 +63,6 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{'model.num_queries': 1, ...}: every leaf of the config under its dotted name (as
-    `training.workdir.flatten`, which this layer does not import)."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(config.to_dict(), "")
-    return out
-
-
 def _prepare(config: ml_collections.ConfigDict) -> None:
     """Runs `config.prepare` (if set) on `config`, letting it fill unset fields only.
 
@@ -90,10 +74,10 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
     if not name:
         return
     prepare = preparations.get(name)
-    before = _flat(config)
+    before = workdir.flatten(config.to_dict())
     with config.unlocked():
         prepare(config)
-    after = _flat(config)
+    after = workdir.flatten(config.to_dict())
     if changed := [f"{k} ({v!r} -> {after.get(k, '<removed>')!r})" for k, v in before.items()
                    if v is not None and (k not in after or after[k] != v)]:
         raise ValueError(f"config.prepare={name!r} changed {', '.join(changed)}: a preparation "

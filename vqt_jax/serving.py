@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqt_jax import checkpoints, export, inference, methods, protocol
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT
-from vqt_jax.training import trainable as trainable_lib
 from vqt_jax.training.mesh import make_mesh
 
 # config.model fields that only size or regularise a method's own part, its head, or how it

@@ -20,7 +20,7 @@ batch of cached keys/values read once for all runs, one backbone pass per evalua
 and the same per-run outputs and numbers as the runs one by one (`program='sequential'`).
 
 Under the sweep's directory (local, or a ``gs://`` URL: every path is an `etils.epath.Path`
-joined as `vqt_jax.training.workdir.as_path` does, never a `pathlib` one, which would turn
+joined as `vqt_jax.workdir.as_path` does, never a `pathlib` one, which would turn
 gs://b/s into the local gs:/b/s) it writes ``<task>/val/lr=<lr>,wd=<wd>/`` and
 ``<task>/test/seed=<s>/`` (one training run each, as `train_and_evaluate` writes it),
 ``<task>/selection.json`` (every grid point's val top-1 and the selection), ``<task>/sweep.json``
@@ -63,6 +63,7 @@ from etils import epath
 
 from vqt_jax import hosts, methods, protocol
 from vqt_jax import resolve as resolve_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.progress import format_duration
 from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's results)
     COMPRESSED_TOP1,
@@ -75,7 +76,6 @@ from vqt_jax.protocol_tables import (  # noqa: F401  (re-exported: the sweep's r
     to_markdown,
     write_reports,
 )
-from vqt_jax.training import workdir as workdir_lib
 
 ConfigFn = Callable[[str], ml_collections.ConfigDict]
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]]

@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqt_jax import trainable
+from vqt_jax.models import create_model
+
 
 def write_random_npz(path: str, image_size: int, **model) -> str:
     """Writes a big_vision-layout `.npz` of a randomly initialised ViT backbone (no head), built
     by `create_model(**model)` (e.g. `variant="B/16"`), unless `path` exists; returns `path`."""
     if os.path.exists(path):
         return path
-    from vqt_jax.models import create_model  # noqa: PLC0415
-    from vqt_jax.training import trainable  # noqa: PLC0415
-
     init = jax.jit(create_model(num_classes=0, **model).init)
     params = init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
     tmp = f"{path}.tmp-{os.getpid()}.npz"

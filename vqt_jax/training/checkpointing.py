@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
-from vqt_jax.training import workdir as workdir_lib
+from vqt_jax import workdir as workdir_lib
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:

@@ -28,10 +28,10 @@ import ml_collections
 import numpy as np
 
 from vqt_jax import compression, methods, protocol
+from vqt_jax import trainable as trainable_lib
 from vqt_jax.models import ViT
 from vqt_jax.models.vit import HEAD_INITS
 from vqt_jax.training import engine, optim, train_step
-from vqt_jax.training import trainable as trainable_lib
 
 # source(orders) -> the members' training batches, from step 0.
 SourceFn = Callable[[list[int]], Any]

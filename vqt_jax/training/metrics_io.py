@@ -31,7 +31,7 @@ try:  # optional: a machine without it (a bare accelerator host) still trains an
 except ImportError:
     event_pb2 = None
 
-from vqt_jax.training import workdir as workdir_lib
+from vqt_jax import workdir as workdir_lib
 
 _FILE_IDS = itertools.count()
 

@@ -57,6 +57,8 @@ from jax.sharding import PartitionSpec as P
 from vqt_jax import cache as cache_lib
 from vqt_jax import data, hosts, inference, methods
 from vqt_jax import device_cache as device_cache_lib
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 from vqt_jax.protocol import batching, order_seed
@@ -71,8 +73,6 @@ from vqt_jax.training import (
     train,
     train_step,
 )
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
 
 # What may differ between the members of a stage.
 MEMBER_FIELDS = ("lr", "wd", "seed")

@@ -35,6 +35,8 @@ from jax.sharding import PartitionSpec as P
 from vqt_jax import cache as cache_lib
 from vqt_jax import checkpoints, compilation_cache, data, export, hosts, methods, resolve, sampling
 from vqt_jax import device_cache as device_cache_lib
+from vqt_jax import trainable as trainable_lib
+from vqt_jax import workdir as workdir_lib
 from vqt_jax.models import create_model
 from vqt_jax.protocol import batching, order_seed, reported
 from vqt_jax.training import (
@@ -50,8 +52,6 @@ from vqt_jax.training import (
     optim,
     train_step,
 )
-from vqt_jax.training import trainable as trainable_lib
-from vqt_jax.training import workdir as workdir_lib
 from vqt_jax.training.mesh import make_mesh
 
 Callback = engine.Callback

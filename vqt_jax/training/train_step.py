@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vqt_jax.training import trainable as trainable_lib
+from vqt_jax import trainable as trainable_lib
 
 Batch = dict[str, jax.Array]
 # What `ViT.from_cache` reads from a cached batch.

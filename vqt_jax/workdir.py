@@ -118,7 +118,7 @@ def is_local(p: str | os.PathLike) -> bool:
         raise ValueError(f"{text}: a remote URL that lost a slash (a pathlib or os.path join or "
                          "normpath turns gs://b/x into gs:/b/x); it would be written to a local "
                          "directory named after the scheme. Join remote paths with etils.epath "
-                         "(vqt_jax.training.workdir.as_path).")
+                         "(vqt_jax.workdir.as_path).")
     return True
 
 
