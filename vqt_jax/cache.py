@@ -70,21 +70,20 @@ FORMAT_VERSION = 2
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The fields each cache kind keeps (see methods.Method.cache). `cls` and `pooled` are small
 # and always kept, so linear-probe and Head2Toe heads can be fitted on any cache.
-FIELDS: dict[str, tuple[str, ...]] = {
-    "kv": ("k", "v", "cls", "pooled"),
-    "features": ("pre_logits", "cls", "pooled"),
-}
+FIELDS: dict[str, tuple[str, ...]] = {"kv": ("k", "v", "cls", "pooled"),
+                                      "features": ("pre_logits", "cls", "pooled")}
 # Fields stored in the cache dtype (the others, small, stay float32).
 NARROWABLE = ("k", "v")
 # Per cache kind, the model options its contents do not depend on (they only shape what is
 # computed from the cache), left out of the fingerprint so that runs differing in them share.
+# Neither kind depends on dropout, initialisation, compilation or what the query path's
+# backward keeps; a kv cache (what comes before the queries) neither on the number of queries,
+# their normalisation or Head2Toe, which shape the head's input that a features cache holds.
+_ALWAYS_IGNORED = ("query_dropout", "head_init", "head_bias_init", "kv_dtype", "prompt_dropout",
+                   "adapter_dropout", "scan_blocks", "remat")
 IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
-    "kv": ("num_queries", "query_dropout", "l2_normalize", "head_init", "head_bias_init",
-           "kv_dtype", "prompt_dropout", "adapter_dropout", "head2toe", "scan_blocks",
-           "remat"),
-    "features": ("query_dropout", "head_init", "head_bias_init", "kv_dtype", "prompt_dropout",
-                 "adapter_dropout", "scan_blocks", "remat"),
-}
+    "kv": _ALWAYS_IGNORED + ("num_queries", "l2_normalize", "head2toe"),
+    "features": _ALWAYS_IGNORED}
 # A temporary build: .<name>.tmp-<host>-<pid>-<mkdtemp's random suffix, [a-z0-9_]>.
 _TMP_RE = re.compile(r"^\.(?P<name>.+?)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)$")
 # Errors that mean the disk (or the user's quota) is full.
@@ -140,8 +139,7 @@ class Spec:
 
     def describe(self) -> str:
         parts = [f"{name} {list(shape)} {dtype}" for name, (shape, dtype) in self.fields.items()]
-        return (f"{self.num_examples} examples x ({', '.join(parts)}) = "
-                f"{format_size(self.nbytes)}")
+        return f"{self.num_examples} examples x ({', '.join(parts)}) = {format_size(self.nbytes)}"
 
 
 @dataclasses.dataclass
@@ -202,8 +200,7 @@ def first_rows(cache: Cache, n: int) -> Cache:
     if not 0 < n <= cache.spec.num_examples:
         raise ValueError(f"first_rows: {n} rows of a cache of {cache.spec.num_examples}")
     spec = dataclasses.replace(cache.spec, num_examples=n)
-    return Cache(spec, {k: v[:n] for k, v in cache.arrays.items()}, cache.labels[:n],
-                 cache.path)
+    return Cache(spec, {k: v[:n] for k, v in cache.arrays.items()}, cache.labels[:n], cache.path)
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
@@ -273,17 +270,15 @@ def fingerprint(config: Any, model_kwargs: Mapping[str, Any], kind: str, *,
         if os.path.exists(path):
             st = os.stat(path)
             init_stat = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    backbone = {k: v for k, v in sorted(model_kwargs.items())
-                if k not in IGNORED_OPTIONS[kind]}
+    backbone = {k: v for k, v in sorted(model_kwargs.items()) if k not in IGNORED_OPTIONS[kind]}
     if data_key is None:
         from vqt_jax.data import content  # the data's key needs the input pipeline (TF)
 
         data_key = content.content_key(config.task, config.data_dir, config.split)
-    key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat,
-               model=backbone, task=config.task, data_dir=config.data_dir,
-               split=config.split, content=dict(data_key), image_size=config.image_size,
-               normalization=config.normalization, dtype=config.cache_dtype,
-               resize=config.get("resize", "uint8"),
+    key = dict(version=FORMAT_VERSION, kind=kind, init=init, init_stat=init_stat, model=backbone,
+               task=config.task, data_dir=config.data_dir, split=config.split,
+               content=dict(data_key), image_size=config.image_size, dtype=config.cache_dtype,
+               normalization=config.normalization, resize=config.get("resize", "uint8"),
                fc_norm_init=config.get("fc_norm_init", "checkpoint"),
                posemb_resample=config.get("posemb_resample", "auto"))
     blob = json.dumps(key, sort_keys=True, default=str).encode()
@@ -323,18 +318,14 @@ def _meta(spec: Spec) -> dict[str, Any]:
             "files": spec.file_sizes}
 
 
-def _raw(path: str, dtype: str, shape: tuple[int, ...], mode: str) -> np.ndarray:
-    """A raw memory-mapped array (bfloat16 goes through uint16: .npy cannot name it)."""
-    np_dtype = np.dtype(_np_dtype(dtype))
-    store = np.uint16 if dtype == "bfloat16" else np_dtype
-    return np.memmap(path, dtype=store, mode=mode, shape=shape).view(np_dtype)
-
-
 def _mapped(path: str, spec: Spec, mode: str) -> dict[str, np.ndarray]:
-    """The array files of the cache directory `path`, memory-mapped: every field and 'label'."""
+    """The array files of the cache directory `path`, memory-mapped: every field and 'label'
+    (raw arrays; bfloat16 is mapped as uint16: .npy cannot name it)."""
     files = spec.fields | {"label": ((), "int32")}
-    return {name: _raw(os.path.join(path, name + ".bin"), dtype, (spec.num_examples, *shape),
-                       mode) for name, (shape, dtype) in files.items()}
+    return {name: np.memmap(os.path.join(path, name + ".bin"), mode=mode,
+                            dtype=np.uint16 if dtype == "bfloat16" else _np_dtype(dtype),
+                            shape=(spec.num_examples, *shape)).view(_np_dtype(dtype))
+            for name, (shape, dtype) in files.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,8 +561,7 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
         progress = Progress("Caching the frozen backbone's outputs", n, "examples",
                             progress_every_s)
         for rows, local in host_batches(n, batch_size, lambda sl: {"image": images[sl]},
-                                        sharding=batch_sharding,
-                                        last_multiple=mesh.shape["data"]):
+                                        sharding=batch_sharding, last_multiple=mesh.shape["data"]):
             x = jax.make_array_from_process_local_data(batch_sharding, normalize(local["image"]))
             count = rows.stop - rows.start  # the padding is not stored
             lo, hi = (max(rows.start, kept.start), min(rows.stop, kept.stop)) if kept else (0, 0)
@@ -589,8 +579,7 @@ def build(spec: Spec, model: ViT, variables: Any, images: np.ndarray, labels: np
             progress.update(count)
         progress.done()
 
-    return dataclasses.replace(_store(spec, path, fill, np.asarray(labels, np.int32)),
-                               float32=kept)
+    return dataclasses.replace(_store(spec, path, fill, np.asarray(labels, np.int32)), float32=kept)
 
 
 def _check_examples(spec: Spec, images: np.ndarray, labels: np.ndarray) -> None:
@@ -661,10 +650,9 @@ def _store(spec: Spec, path: str | None, fill: Callable[[dict[str, np.ndarray]],
     if no_space is not None:
         # Measured with the partial reservation gone: what the user has to work with.
         free = shutil.disk_usage(_existing_ancestor(parent)).free
-        raise DiskSpaceError(
-            f"not enough disk space for the cache in {parent}: it needs "
-            f"{format_size(spec.nbytes)}, {format_size(free)} free; free space, set "
-            "config.cache_dir elsewhere, or config.cache='off'") from no_space
+        raise DiskSpaceError(f"not enough disk space for the cache in {parent}: it needs "
+                             f"{format_size(spec.nbytes)}, {format_size(free)} free; free space, "
+                             "set config.cache_dir elsewhere, or config.cache='off'") from no_space
     logging.info("Cached %d examples (%s) in %s (%.1f s).", n, format_size(spec.nbytes), path,
                  time.time() - start_time)
     if (cache := open_cache(path, spec)) is None:

@@ -193,15 +193,12 @@ def one_line(message: str) -> str:
 
 def lower_lr_command(argv: Sequence[str], lr: float) -> str:
     """The same command line with `--config.lr` set to `lr` (replaced, or appended)."""
-    flag, out, skip = f"--config.lr={lr:g}", [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg.startswith("--config.lr=") or (arg == "--config.lr" and i + 1 < len(argv)):
-            out.append(flag)
-            skip = arg == "--config.lr"  # its value is the next argument
+    flag, out, args = f"--config.lr={lr:g}", [], iter(argv)
+    for arg in args:
+        if arg == "--config.lr" and next(args, None) is not None:
+            out.append(flag)  # a bare flag: its value, the next argument, is consumed above
         else:
-            out.append(arg)
+            out.append(flag if arg.startswith("--config.lr=") else arg)
     if flag not in out:  # there was no --config.lr to replace
         out.append(flag)
     return ("python " if out[0].endswith(".py") else "") + shlex.join(out)

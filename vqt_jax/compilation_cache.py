@@ -36,8 +36,7 @@ def enable(directory: str | None) -> str | None:
     if current and current != directory:
         logging.info("JAX's compilation cache stays in %s (this process set it first; %s is "
                      "not used).", current, directory)
-        return current
-    if not current:
+    elif not current:
         jax.config.update("jax_compilation_cache_dir", directory)
         logging.info("JAX's persistent compilation cache: %s", directory)
-    return directory
+    return current or directory

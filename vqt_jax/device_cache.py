@@ -71,10 +71,6 @@ class DeviceCache:
     mesh: Mesh
     dtypes: dict[str, np.dtype]
 
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.shape[AXIS]
-
     def gather(self, arrays: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
         """The rows `index` (int [B], replicated) of `arrays` (this cache's `arrays`, or some
         of them, as a jitted function sees them) in their own dtypes, as a batch sharded over
@@ -107,8 +103,7 @@ def local_memory_limit(mesh: Mesh) -> int | None:
     return min(filter(None, map(bytes_limit, mesh.local_devices)), default=None)
 
 
-def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh,
-            batch_size: int) -> str | None:
+def why_not(spec: cache_lib.Spec, fields: list[str], mesh: Mesh, batch_size: int) -> str | None:
     """Why the cache cannot live on this host's devices of `mesh`, or None if it fits.
 
     A device that reports its memory (GPU, TPU) must keep `DEVICE_FRACTION` of it for the
@@ -145,9 +140,8 @@ def upload(cache: cache_lib.Cache | cache_lib.DeviceRows, mesh: Mesh,
     sources = {name: host.arrays[name] for name in fields} | {"label": host.labels}
     dtypes = {name: src.dtype for name, src in sources.items()}
     if rows_only and (cache.num_devices, cache.columns) != (d, cache_lib.local_columns(mesh)):
-        raise ValueError(f"Rows of columns {cache.columns} of {cache.num_devices} devices "
-                         f"cannot be placed on this host's columns "
-                         f"{cache_lib.local_columns(mesh)} of {d}")
+        raise ValueError(f"Rows of columns {cache.columns} of {cache.num_devices} devices cannot "
+                         f"be placed on this host's columns {cache_lib.local_columns(mesh)} of {d}")
     if not rows_only and d == 1:
         # One device holds every row in order: the layout is the host array's own. On a
         # CPU the device array then aliases the host cache's memory (a disk cache's memory

@@ -87,15 +87,6 @@ def provided_keys(pretrained: Mapping[str, Any] | None) -> frozenset[str]:
                      if not isinstance(v, jax.ShapeDtypeStruct))
 
 
-def exported_leaves(variables: Mapping[str, Any], method: str,
-                    provided: frozenset[str]) -> dict[str, np.ndarray]:
-    """The variables an export keeps: the trainable ones (`method`'s rule) and every one the
-    checkpoint does not provide, as host arrays."""
-    rule = trainable_lib.rule_for(method)
-    return {k: _host(v) for k, v in trainable_lib.flatten(variables).items()
-            if k not in provided or any(re.fullmatch(p, k) for p in rule)}
-
-
 def _host(x: Any) -> np.ndarray:
     """A replicated value on this host, also when its array spans other hosts' devices (then
     `device_get` refuses it; a replicated array's local copy is the whole value)."""
@@ -119,18 +110,20 @@ def write(path: str, *, config: ml_collections.ConfigDict, variables: Mapping[st
       class_names: one name per class, in label order.
       results: the run's results (only JSON-able scalars and lists are kept).
     """
-    arrays = exported_leaves(variables, config.method, provided)
+    # The variables an export keeps: the trainable ones (the method's rule) and every one the
+    # checkpoint does not provide.
+    rule = trainable_lib.rule_for(config.method)
+    arrays = {k: _host(v) for k, v in trainable_lib.flatten(variables).items()
+              if k not in provided or any(re.fullmatch(p, k) for p in rule)}
     num_classes = len(arrays.get("params/head/bias", ()))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a head of {num_classes} classes")
-    meta = {
-        "format": FORMAT, "version": VERSION, "method": config.method, "task": config.task,
-        "class_names": list(class_names), "config": workdir_lib.as_dict(config),
-        "backbone": {"init": config.init or None, "sha256": checkpoint_sha256(config.init),
-                     "provided": sorted(provided)},
-        "results": {k: v for k, v in (results or {}).items()
-                    if isinstance(v, (int, float, str, bool, list)) or v is None},
-    }
+    meta = {"format": FORMAT, "version": VERSION, "method": config.method, "task": config.task,
+            "class_names": list(class_names), "config": workdir_lib.as_dict(config),
+            "backbone": {"init": config.init or None, "sha256": checkpoint_sha256(config.init),
+                         "provided": sorted(provided)},
+            "results": {k: v for k, v in (results or {}).items()
+                        if isinstance(v, (int, float, str, bool, list)) or v is None}}
     buf = io.BytesIO()
     np.savez(buf, **{META: np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
     workdir_lib.write_bytes(path, buf.getvalue())

@@ -21,8 +21,7 @@ from jax.sharding import PartitionSpec as P
 CPU_ROWS_PER_STEP = 8
 
 
-def in_steps(fn: Callable[[Any], Any], x: Any, mesh: Mesh,
-             rows_per_step: int | None = None) -> Any:
+def in_steps(fn: Callable[[Any], Any], x: Any, mesh: Mesh, rows_per_step: int | None = None) -> Any:
     """`fn(x)` (inside a jitted program) for a batch pytree `x` whose rows are sharded over
     `mesh`'s data axis and for an `fn` whose every output row depends on its input row alone
     (an inference forward): each device runs its rows in steps of a few rows, a loop inside

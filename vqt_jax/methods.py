@@ -90,7 +90,6 @@ class Method:
       lr_grid: base learning rates per 256 images; the lr used is lr * batch_size / 256.
       wd_grid: weight decays searched together with `lr_grid`.
       source: the release files these settings come from.
-      description: one line for README and error messages.
     """
 
     parts: tuple[str, ...]
@@ -103,40 +102,39 @@ class Method:
     lr_grid: tuple[float, ...] = VQT_LRS
     wd_grid: tuple[float, ...] = WDS
     source: str = _VQT_SOURCE
-    description: str = ""
 
 
 METHODS: dict[str, Method] = {
-    "vqt": Method(("queries",), (r"queries/.*", HEAD), cache="kv",
-                  description="Visual Query Tuning: per-layer query tokens + linear head"),
+    # Visual Query Tuning: per-layer query tokens + linear head.
+    "vqt": Method(("queries",), (r"queries/.*", HEAD), cache="kv"),
+    # Linear probing: a linear head on the final CLS.
     "linear": Method((), (HEAD,), cache="features", optimizer="sgd", batch_size=1024,
-                     lr_grid=VPT_LINEAR_LRS, source=_VPT_LINEAR_SOURCE,
-                     description="linear probing: a linear head on the final CLS"),
+                     lr_grid=VPT_LINEAR_LRS, source=_VPT_LINEAR_SOURCE),
+    # Full fine-tuning of the backbone and head.
     "full": Method((), (r"params/.*",), optimizer="adamw", warmup_epochs=5, batch_size=384,
-                   lr_grid=VPT_FINETUNE_LRS, source=_VPT_FINETUNE_SOURCE,
-                   description="full fine-tuning of the backbone and head"),
-    # VPT's demo.ipynb: "we don't use dropout for VPT-shallow" (MODEL.PROMPT.DROPOUT 0.0); its
-    # VPT-deep VTAB runs use 0.1, the model's default prompt_dropout.
+                   lr_grid=VPT_FINETUNE_LRS, source=_VPT_FINETUNE_SOURCE),
+    # VPT-shallow: prompts at the input. VPT's demo.ipynb: "we don't use dropout for
+    # VPT-shallow" (MODEL.PROMPT.DROPOUT 0.0); its VPT-deep VTAB runs use 0.1, the model's
+    # default prompt_dropout.
     "vpt_shallow": Method(("prompts",), (r"prompts/.*", HEAD),
                           {"deep_prompts": False, "prompt_dropout": 0.0}, optimizer="sgd",
-                          lr_grid=VPT_PROMPT_LRS, source=_VPT_PROMPT_SOURCE,
-                          description="VPT-shallow: prompts at the input"),
+                          lr_grid=VPT_PROMPT_LRS, source=_VPT_PROMPT_SOURCE),
+    # VPT-deep: new prompts at every layer.
     "vpt_deep": Method(("prompts",), (r"prompts/.*", HEAD), {"deep_prompts": True},
-                       optimizer="sgd", lr_grid=VPT_PROMPT_LRS, source=_VPT_PROMPT_SOURCE,
-                       description="VPT-deep: new prompts at every layer"),
-    "adaptformer": Method(("adapter",), (r"adapter/.*", HEAD), source=_NO_RELEASE,
-                          description="AdaptFormer: a parallel bottleneck adapter per MLP"),
-    "lora": Method(("lora",), (r"lora/.*", HEAD), source=_NO_RELEASE,
-                   description="LoRA: low-rank updates of W_q and W_v"),
-    "head2toe": Method((), (HEAD,), {"head2toe": True}, cache="features", source=_NO_RELEASE,
-                       description="Head2Toe: a linear head on every block's pooled tokens"),
+                       optimizer="sgd", lr_grid=VPT_PROMPT_LRS, source=_VPT_PROMPT_SOURCE),
+    # AdaptFormer: a parallel bottleneck adapter per MLP.
+    "adaptformer": Method(("adapter",), (r"adapter/.*", HEAD), source=_NO_RELEASE),
+    # LoRA: low-rank updates of W_q and W_v.
+    "lora": Method(("lora",), (r"lora/.*", HEAD), source=_NO_RELEASE),
+    # Head2Toe: a linear head on every block's pooled tokens.
+    "head2toe": Method((), (HEAD,), {"head2toe": True}, cache="features", source=_NO_RELEASE),
+    # VQT reading VPT-deep's prompted keys/values.
     "vqt+vpt_deep": Method(("queries", "prompts"), (r"queries/.*", r"prompts/.*", HEAD),
-                           {"deep_prompts": True},
-                           description="VQT reading VPT-deep's prompted keys/values"),
-    "vqt+adaptformer": Method(("queries", "adapter"), (r"queries/.*", r"adapter/.*", HEAD),
-                              description="VQT on an AdaptFormer-adapted backbone"),
-    "vqt+lora": Method(("queries", "lora"), (r"queries/.*", r"lora/.*", HEAD),
-                       description="VQT on a LoRA-adapted backbone"),
+                           {"deep_prompts": True}),
+    # VQT on an AdaptFormer-adapted backbone.
+    "vqt+adaptformer": Method(("queries", "adapter"), (r"queries/.*", r"adapter/.*", HEAD)),
+    # VQT on a LoRA-adapted backbone.
+    "vqt+lora": Method(("queries", "lora"), (r"queries/.*", r"lora/.*", HEAD)),
 }
 
 
@@ -161,8 +159,7 @@ def model_kwargs(name: str, model: dict[str, Any]) -> dict[str, Any]:
                 out[f] = 0
             elif not out.get(f):
                 raise ValueError(f"method {name!r} needs config.model.{f} > 0, got {out.get(f)}")
-    out.update(method.model)
-    return out
+    return {**out, **method.model}
 
 
 # Config fields that, left unset (None), take the method's release value (`vqt_jax.resolve`

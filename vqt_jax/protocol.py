@@ -43,12 +43,10 @@ class Protocol:
     """One named way of training.
 
     Attributes:
-      description: one line for README, logs and the sweep's table header.
       fields: config field ('a.b' paths) -> value.
       per_task: whether the release's per-task T and compression (`RELEASE_SETTINGS`) apply.
     """
 
-    description: str
     fields: Mapping[str, Any]
     per_task: bool = False
 
@@ -57,40 +55,35 @@ class Protocol:
 RELEASE_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
 
 PROTOCOLS: Mapping[str, Protocol] = {
-    "release": Protocol(
-        "VQT release: per-epoch batches (last partial), epoch-stepped schedule, "
-        "kaiming fan_out head with bias -log(99), float resize + ImageNet mean/std, exact "
-        "GELU, compressed top-1 reported where it compresses",
-        {
-            "batching": "epoch",
-            "schedule_per_epoch": True,
-            "resize": "float",
-            "normalization": "imagenet",
-            "model.head_init": "kaiming_fan_out",
-            "model.head_bias_init": RELEASE_HEAD_BIAS,
-            "fc_norm_init": "fresh",
-            "model.mlp_act": "gelu",
-            "compression.train_mode": True,
-            "report_metric": COMPRESSED_TOP1,
-        },
-        per_task=True,
-    ),
-    "big_vision": Protocol(
-        "big_vision conventions: full batches across epochs, zero-init head, uint8 resize, "
-        "inputs in [-1, 1]",
-        {
-            "batching": "stream",
-            "schedule_per_epoch": True,
-            "resize": "uint8",
-            "normalization": "inception",
-            "model.head_init": "zeros",
-            "model.head_bias_init": 0.0,
-            "fc_norm_init": "checkpoint",
-            "model.mlp_act": "gelu_tanh",
-            "compression.train_mode": False,
-            "report_metric": PLAIN_TOP1,
-        },
-    ),
+    # VQT release: per-epoch batches (last partial), epoch-stepped schedule, kaiming fan_out
+    # head with bias -log(99), float resize + ImageNet mean/std, exact GELU, compressed top-1
+    # reported where it compresses.
+    "release": Protocol({
+        "batching": "epoch",
+        "schedule_per_epoch": True,
+        "resize": "float",
+        "normalization": "imagenet",
+        "model.head_init": "kaiming_fan_out",
+        "model.head_bias_init": RELEASE_HEAD_BIAS,
+        "fc_norm_init": "fresh",
+        "model.mlp_act": "gelu",
+        "compression.train_mode": True,
+        "report_metric": COMPRESSED_TOP1,
+    }, per_task=True),
+    # big_vision conventions: full batches across epochs, zero-init head, uint8 resize, inputs
+    # in [-1, 1].
+    "big_vision": Protocol({
+        "batching": "stream",
+        "schedule_per_epoch": True,
+        "resize": "uint8",
+        "normalization": "inception",
+        "model.head_init": "zeros",
+        "model.head_bias_init": 0.0,
+        "fc_norm_init": "checkpoint",
+        "model.mlp_act": "gelu_tanh",
+        "compression.train_mode": False,
+        "report_metric": PLAIN_TOP1,
+    }),
 }
 
 

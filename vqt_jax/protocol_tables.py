@@ -121,11 +121,8 @@ def summarize(results: Sequence[TaskResult]) -> list[SummaryRow]:
     Returns:
         The group rows in `GROUPS` order, then `MEAN_OF_GROUP_MEANS`, then `MEAN_OVER_TASKS`.
     """
-    rows = []
-    for group in GROUPS:
-        means = [r.mean for r in results if r.group == group]
-        if means:
-            rows.append(SummaryRow(group, "group", len(means), statistics.fmean(means)))
+    means = {group: [r.mean for r in results if r.group == group] for group in GROUPS}
+    rows = [SummaryRow(g, "group", len(m), statistics.fmean(m)) for g, m in means.items() if m]
     if rows:
         rows.append(SummaryRow(MEAN_OF_GROUP_MEANS, "all", sum(r.num_tasks for r in rows),
                                statistics.fmean(r.mean for r in rows), num_groups=len(rows)))
@@ -148,10 +145,8 @@ def protocol_header(results: Sequence[TaskResult]) -> list[str]:
             found.setdefault(line, []).append(r.task)
     if len(found) <= 1:
         return [f"Protocol and preprocessing of every run: {next(iter(found), NOT_RECORDED)}."]
-    lines = ["**The runs disagree on protocol or preprocessing**; these rows do not come from "
-             "one protocol:", ""]
-    lines += [f"* {line} ({', '.join(tasks)})" for line, tasks in found.items()]
-    return lines
+    return ["**The runs disagree on protocol or preprocessing**; these rows do not come from "
+            "one protocol:", "", *(f"* {line} ({', '.join(t)})" for line, t in found.items())]
 
 
 def metric_header(results: Sequence[TaskResult]) -> list[str]:

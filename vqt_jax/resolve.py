@@ -73,10 +73,9 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
     name = config.get("prepare")
     if not name:
         return
-    prepare = preparations.get(name)
     before = workdir.flatten(config.to_dict())
     with config.unlocked():
-        prepare(config)
+        preparations.get(name)(config)
     after = workdir.flatten(config.to_dict())
     if changed := [f"{k} ({v!r} -> {after.get(k, '<removed>')!r})" for k, v in before.items()
                    if v is not None and (k not in after or after[k] != v)]:

@@ -38,11 +38,9 @@ from vqt_jax.training.mesh import make_mesh
 # config.model fields that only size or regularise a method's own part, its head, or how it
 # is compiled: tasks may differ in them and still share a backbone pass. Every other model
 # field shapes the backbone's tokens and must be equal.
-TASK_MODEL_FIELDS = frozenset({
-    *(f for fields in methods.PARTS.values() for f in fields),
+TASK_MODEL_FIELDS = frozenset().union(*methods.PARTS.values(), (
     "query_dropout", "prompt_dropout", "adapter_dropout", "adapter_scale", "lora_alpha",
-    "head_init", "head_bias_init", "remat", "scan_blocks", "kv_dtype",
-})
+    "head_init", "head_bias_init", "remat", "scan_blocks", "kv_dtype"))
 # Run config fields that define the input every task reads (and the backbone's position
 # embedding at that input size).
 INPUT_FIELDS = ("image_size", "normalization", "resize", "posemb_resample")
@@ -214,17 +212,16 @@ class Predictor:
         arrays = {id(a): a for t in self.tasks for a in jax.tree.leaves(t.variables)}
         placed = {i: checkpoints.place(a, replicated) for i, a in arrays.items()}
         self._variables = [jax.tree.map(lambda a: placed[id(a)], t.variables) for t in self.tasks]
-        tasks = self.tasks
-        first = next((i for i, t in enumerate(tasks) if t.shares_backbone_pass), None)
+        first = next((i for i, t in enumerate(self.tasks) if t.shares_backbone_pass), None)
 
         def fn(variables: list[dict[str, Any]], images: jax.Array) -> list[jax.Array]:
             if first is not None:
-                feats = tasks[first].model.apply(variables[first], images,
-                                                 method=ViT.cache_features)
+                feats = self.tasks[first].model.apply(variables[first], images,
+                                                      method=ViT.cache_features)
                 inputs = {k: feats[k] for k in ("k", "v", "cls")}
             return [(t.model.apply(v, inputs, method=ViT.features_from_cache)["logits"]
                      if t.shares_backbone_pass else t.model.apply(v, images)).astype(jnp.float32)
-                    for t, v in zip(tasks, variables, strict=True)]
+                    for t, v in zip(self.tasks, variables, strict=True)]
 
         self._fn = inference.forward_fn(fn, self.mesh, out_sharding=replicated)
 

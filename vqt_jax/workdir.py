@@ -82,12 +82,11 @@ def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> dict[
 
 # A URL scheme ("gs://", "s3://", ...): such a path names a remote file system, not a local one.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# The schemes of the remote file systems `etils.epath` serves.
-REMOTE_SCHEMES = ("gs", "s3", "az", "hf")
-# A remote URL that lost a slash: `pathlib.Path('gs://b') / 'x'` and `os.path.normpath` give
-# 'gs:/b/x', and `os.path.abspath` then 'CWD/gs:/b/x'. Taken as local, such a path writes a
-# directory named 'gs:' on each host's own disk instead of into the bucket.
-_MANGLED = re.compile(rf"(^|/)({'|'.join(REMOTE_SCHEMES)}):(/|$)")
+# A URL of a remote file system `etils.epath` serves (gs, s3, az, hf) that lost a slash:
+# `pathlib.Path('gs://b') / 'x'` and `os.path.normpath` give 'gs:/b/x', and `os.path.abspath`
+# then 'CWD/gs:/b/x'. Taken as local, such a path writes a directory named 'gs:' on each host's
+# own disk instead of into the bucket.
+_MANGLED = re.compile(r"(^|/)(gs|s3|az|hf):(/|$)")
 
 
 def as_path(p: str | os.PathLike) -> epath.Path:

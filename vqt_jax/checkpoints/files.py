@@ -95,12 +95,16 @@ def _open_part(fd: int) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
+def _not_cached(url: str, what: str, hint: str = "") -> CheckpointError:
+    """The error for a failed download of `url`, after which nothing was cached."""
+    return CheckpointError(f"Could not download {url}: {what}; nothing was cached{hint}")
+
+
 def _stalled(url: str, received: int, total: int | None, stall_s: float,
              why: str) -> CheckpointError:
     of = f" of {total}" if total is not None else ""
-    return CheckpointError(f"Could not download {url}: the transfer stalled ({why}); "
-                           f"{received}{of} bytes arrived in all; nothing was cached (to wait "
-                           f"longer, set {_STALL_ENV}; it is {stall_s:g} s now)")
+    return _not_cached(url, f"the transfer stalled ({why}); {received}{of} bytes arrived in all",
+                       f" (to wait longer, set {_STALL_ENV}; it is {stall_s:g} s now)")
 
 
 def _fetch(url: str, out: BinaryIO) -> None:
@@ -119,8 +123,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
         # its wrapping; socket.timeout is TimeoutError.
         if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
             raise _stalled(url, 0, None, stall_s, f"no answer in {stall_s:g} s") from e
-        msg = f"Could not download {url}: {_one_line(e)}; nothing was cached"
-        raise CheckpointError(msg) from e
+        raise _not_cached(url, _one_line(e)) from e
     with resp:
         content_type = resp.headers.get("Content-Type") or "no content type"
         length = resp.headers.get("Content-Length")
@@ -134,9 +137,8 @@ def _fetch(url: str, out: BinaryIO) -> None:
             except TimeoutError as e:
                 raise _stalled(url, received, total, stall_s, f"no data for {stall_s:g} s") from e
             except (OSError, http.client.HTTPException) as e:
-                raise CheckpointError(f"Could not download {url}: the connection failed after "
-                                      f"{received} bytes ({_one_line(e)}); nothing was "
-                                      f"cached") from e
+                raise _not_cached(url, f"the connection failed after {received} bytes "
+                                       f"({_one_line(e)})") from e
             if not chunk:
                 break
             if len(head) < _HEAD_BYTES:
@@ -157,8 +159,8 @@ def _fetch(url: str, out: BinaryIO) -> None:
         if len(head) < _HEAD_BYTES:
             _check_head(url, head, content_type)
         if total is not None and received != total:
-            raise CheckpointError(f"Could not download {url}: the server announced {total} bytes "
-                                  f"(Content-Length) but sent {received}; nothing was cached")
+            raise _not_cached(url, f"the server announced {total} bytes (Content-Length) but "
+                                   f"sent {received}")
         progress.done()
 
 
@@ -170,8 +172,8 @@ def _kind_of_head(head: bytes) -> str | None:
 def _check_head(url: str, head: bytes, content_type: str) -> None:
     # Fail on the first bytes: an HTML login or error page served with HTTP 200 is common.
     if _kind_of_head(head) is None:
-        raise CheckpointError(f"Could not download {url}: not a checkpoint: the server sent "
-                              f"{content_type}, starting {head!r}; nothing was cached")
+        raise _not_cached(url, f"not a checkpoint: the server sent {content_type}, starting "
+                               f"{head!r}")
 
 
 def _check_complete(path: str) -> None:
@@ -242,12 +244,11 @@ def _download(url: str) -> str:
                 raise CheckpointError(
                     f"no space left on device writing {tmp} for {url}; nothing was cached "
                     f"(free some space or point ${_CACHE_ENV} at another disk)") from None
-            raise CheckpointError(f"Could not download {url}: {_one_line(e)} (writing {tmp}); "
-                                  f"nothing was cached") from None
+            raise _not_cached(url, f"{_one_line(e)} (writing {tmp})") from None
         try:
             _check_complete(tmp)
         except CheckpointError as e:
-            raise CheckpointError(f"Could not download {url}: {e}; nothing was cached") from None
+            raise _not_cached(url, str(e)) from None
         os.replace(tmp, local)
     except BaseException:
         # Whatever went wrong (even Ctrl-C), no partial file stays next to the cache.
@@ -584,11 +585,20 @@ def _safetensors_entry(name: str, info: Any, body_len: int) -> tuple[np.dtype, l
     return dtype, shape, begin, end
 
 
-def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
+def _safetensors_entries(f: BinaryIO) -> tuple[dict[str, tuple[np.dtype, list, int, int]], int]:
+    """Reads and checks an opened safetensors file's header, not its data.
+
+    Returns:
+      ({tensor name: (dtype, shape, begin, end)}, the byte where the data section starts).
+    """
     size = f.seek(0, os.SEEK_END)
     header, body_start = _safetensors_header(f, size)
-    entries = {name: _safetensors_entry(name, info, size - body_start)
-               for name, info in header.items() if name != "__metadata__"}
+    return {name: _safetensors_entry(name, info, size - body_start)
+            for name, info in header.items() if name != "__metadata__"}, body_start
+
+
+def _read_safetensors(f: BinaryIO) -> dict[str, np.ndarray]:
+    entries, body_start = _safetensors_entries(f)
     # The tensors tile the data section: each starts where the one before it ends. Checked for
     # every tensor before any is read, so a malformed file costs no read of its data.
     order, last, pos = sorted(entries.items(), key=lambda e: e[1][2:]), None, 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -26,37 +26,29 @@ DEFAULTS: dict[str, Any] = {"variant": "B/16", "layerscale": False, "num_registe
                             "pool_type": "tok", "mlp_act": "gelu_tanh"}
 
 
-def _header_shapes(f: BinaryIO) -> dict[str, tuple[int, ...]] | None:
-    """{key: shape} from a safetensors or npz file's headers; None for another container."""
-    kind = files._container(f)
-    if kind == "safetensors":
-        size = f.seek(0, os.SEEK_END)
-        header, start = files._safetensors_header(f, size)
-        return {k: tuple(files._safetensors_entry(k, v, size - start)[1])
-                for k, v in header.items() if k != "__metadata__"}
-    if kind != "npz":
-        return None  # a torch zip has no header to read
-    with zipfile.ZipFile(f) as z:
-        out = {}
-        for name in z.namelist():
-            with z.open(name) as m:
-                major, _ = np.lib.format.read_magic(m)
-                read = (np.lib.format.read_array_header_1_0 if major == 1
-                        else np.lib.format.read_array_header_2_0)
-                out[name[:-4]] = tuple(read(m)[0])
-        return out
-
-
 def shapes(path: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the checkpoint at a local or gs:// `path`.
 
     Raises:
       FileNotFoundError, CheckpointError: as `files.read`, which names the problem.
     """
-    # Any failure falls through to files.read below, which raises the error that names it.
+    # From the headers of a safetensors or npz file. Any failure falls through to files.read
+    # below, which raises the error that names it; so does a torch zip, which has no header.
     with contextlib.suppress(Exception), files.open_file(path) as f:
-        if (found := _header_shapes(f)) is not None:
-            return found
+        kind = files._container(f)
+        if kind == "safetensors":
+            entries, _ = files._safetensors_entries(f)
+            return {k: tuple(shape) for k, (_, shape, _, _) in entries.items()}
+        if kind == "npz":
+            with zipfile.ZipFile(f) as z:
+                out = {}
+                for name in z.namelist():
+                    with z.open(name) as m:
+                        major, _ = np.lib.format.read_magic(m)
+                        read = (np.lib.format.read_array_header_1_0 if major == 1
+                                else np.lib.format.read_array_header_2_0)
+                        out[name[:-4]] = tuple(read(m)[0])
+                return out
     kind, contents = files.read(path)
     flat = layouts.unwrap_state_dict(contents) if kind == "torch" else contents
     return {k: tuple(np.shape(v)) for k, v in flat.items()}

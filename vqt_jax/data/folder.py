@@ -360,17 +360,8 @@ def load(root: str, path: str) -> np.ndarray:
         raise undecodable_error(root, [(path, str(e))]) from e
 
 
-def dataset(files: FolderListing, shard_index: int = 0,
-            shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Examples ``{'image': uint8 [H, W, 3], 'label': int32}`` in listing order.
-
-    Args:
-        files: The images to read.
-        shard_index: Keep only examples ``shard_index, shard_index + shard_count, ...``.
-        shard_count: Number of shards.
-    """
-    paths = files.paths[shard_index::shard_count]
-    labels = files.labels[shard_index::shard_count]
+def dataset(files: FolderListing) -> Iterator[dict[str, np.ndarray]]:
+    """Examples ``{'image': uint8 [H, W, 3], 'label': int32}`` of `files`, in listing order."""
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
-        for image, label in zip(pool.map(read_image, paths), labels, strict=True):
+        for image, label in zip(pool.map(read_image, files.paths), files.labels, strict=True):
             yield {"image": image, "label": np.int32(label)}

@@ -95,22 +95,23 @@ class Task:
         tfds_name: TFDS name with config and version pattern, e.g. ``'sun397/tfds:4.*.*'``.
         num_classes: Number of classes after the label conversion.
         group: VTAB group used for reporting: natural, specialized or structured.
-        train800: TFDS split string of the 800 training examples.
         val200: TFDS split string of the 200 validation examples.
         test: TFDS split string of the test set.
         convert: Maps a raw TFDS example to ``{'image': uint8 [H, W, 3], 'label': int32}``.
         prepare_note: Extra advice shown when the dataset is not prepared (size, manual download).
+        train800: TFDS split string of the 800 training examples.
     """
 
     name: str
     tfds_name: str
     num_classes: int
     group: Group
-    train800: str
     val200: str
     test: str
     convert: Converter = image_and_label
     prepare_note: str = ""
+    # Every VTAB-1k task trains on the first 800 examples of the TFDS train split.
+    train800: str = "train[:800]"
 
     @property
     def train800val200(self) -> str:
@@ -138,45 +139,40 @@ def _manual(what: str) -> str:
             "or --manual_dir to tfds build).")
 
 
-def _task(name, tfds_name, num_classes, group, val200, test, **kwargs) -> tuple[str, Task]:
-    # Every VTAB-1k task trains on the first 800 examples of the TFDS train split.
-    return name, Task(name, tfds_name, num_classes, group, "train[:800]", val200, test, **kwargs)
-
-
-TASKS: Mapping[str, Task] = dict([
+TASKS: Mapping[str, Task] = {task.name: task for task in [
     # name, TFDS name, classes, group, val200, test.
-    _task("caltech101", "caltech101:3.*.*", 102, "natural", "train[2754:2954]", "test"),
-    _task("cifar100", "cifar100:3.*.*", 100, "natural", "train[45000:45200]", "test"),
-    _task("dtd", "dtd:3.*.*", 47, "natural", "validation[:200]", "test"),
-    _task("oxford_flowers102", "oxford_flowers102:2.*.*", 102, "natural",
-          "validation[:200]", "test"),
-    _task("oxford_iiit_pet", "oxford_iiit_pet:3.*.*", 37, "natural", "train[2944:3144]", "test"),
-    _task("svhn", "svhn_cropped:3.*.*", 10, "natural", "train[65931:66131]", "test"),
-    _task("sun397", "sun397/tfds:4.*.*", 397, "natural", "validation[:200]", "test",
-          prepare_note=_LARGE),
-    _task("patch_camelyon", "patch_camelyon:2.*.*", 2, "specialized", "validation[:200]", "test"),
-    _task("eurosat", "eurosat/rgb:2.*.*", 10, "specialized", "train[16200:16400]", "train[21600:]"),
-    _task("resisc45", "resisc45:3.*.*", 45, "specialized", "train[18900:19100]", "train[25200:]",
-          prepare_note=_manual("download NWPU-RESISC45.rar")),
-    _task("diabetic_retinopathy", "diabetic_retinopathy_detection/btgraham-300:3.*.*", 5,
-          "specialized", "validation[:200]", "test",
-          prepare_note=f"{_LARGE} {_manual('download the Kaggle competition files')}"),
-    _task("clevr_count", "clevr:3.*.*", 8, "structured", "train[63000:63200]", "validation",
-          convert=_clevr_count),
-    _task("clevr_distance", "clevr:3.*.*", 6, "structured", "train[63000:63200]", "validation",
-          convert=_clevr_distance),
-    _task("dmlab", "dmlab:2.0.1", 6, "structured", "validation[:200]", "test", prepare_note=_LARGE),
-    _task("kitti_distance", "kitti:3.1.0", 4, "structured", "validation[:200]", "test",
-          convert=_kitti_distance, prepare_note=_LARGE),
-    _task("dsprites_location", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
-          "train[663552:]", convert=_dsprites("label_x_position", 32, 16)),
-    _task("dsprites_orientation", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
-          "train[663552:]", convert=_dsprites("label_orientation", 40, 16)),
-    _task("smallnorb_azimuth", "smallnorb:2.*.*", 18, "structured", "test[:200]", "test[50%:]",
-          convert=_smallnorb("label_azimuth")),
-    _task("smallnorb_elevation", "smallnorb:2.*.*", 9, "structured", "test[:200]", "test[50%:]",
-          convert=_smallnorb("label_elevation")),
-])  # fmt: skip
+    Task("caltech101", "caltech101:3.*.*", 102, "natural", "train[2754:2954]", "test"),
+    Task("cifar100", "cifar100:3.*.*", 100, "natural", "train[45000:45200]", "test"),
+    Task("dtd", "dtd:3.*.*", 47, "natural", "validation[:200]", "test"),
+    Task("oxford_flowers102", "oxford_flowers102:2.*.*", 102, "natural",
+         "validation[:200]", "test"),
+    Task("oxford_iiit_pet", "oxford_iiit_pet:3.*.*", 37, "natural", "train[2944:3144]", "test"),
+    Task("svhn", "svhn_cropped:3.*.*", 10, "natural", "train[65931:66131]", "test"),
+    Task("sun397", "sun397/tfds:4.*.*", 397, "natural", "validation[:200]", "test",
+         prepare_note=_LARGE),
+    Task("patch_camelyon", "patch_camelyon:2.*.*", 2, "specialized", "validation[:200]", "test"),
+    Task("eurosat", "eurosat/rgb:2.*.*", 10, "specialized", "train[16200:16400]", "train[21600:]"),
+    Task("resisc45", "resisc45:3.*.*", 45, "specialized", "train[18900:19100]", "train[25200:]",
+         prepare_note=_manual("download NWPU-RESISC45.rar")),
+    Task("diabetic_retinopathy", "diabetic_retinopathy_detection/btgraham-300:3.*.*", 5,
+         "specialized", "validation[:200]", "test",
+         prepare_note=f"{_LARGE} {_manual('download the Kaggle competition files')}"),
+    Task("clevr_count", "clevr:3.*.*", 8, "structured", "train[63000:63200]", "validation",
+         convert=_clevr_count),
+    Task("clevr_distance", "clevr:3.*.*", 6, "structured", "train[63000:63200]", "validation",
+         convert=_clevr_distance),
+    Task("dmlab", "dmlab:2.0.1", 6, "structured", "validation[:200]", "test", prepare_note=_LARGE),
+    Task("kitti_distance", "kitti:3.1.0", 4, "structured", "validation[:200]", "test",
+         convert=_kitti_distance, prepare_note=_LARGE),
+    Task("dsprites_location", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
+         "train[663552:]", convert=_dsprites("label_x_position", 32, 16)),
+    Task("dsprites_orientation", "dsprites:2.*.*", 16, "structured", "train[589824:590024]",
+         "train[663552:]", convert=_dsprites("label_orientation", 40, 16)),
+    Task("smallnorb_azimuth", "smallnorb:2.*.*", 18, "structured", "test[:200]", "test[50%:]",
+         convert=_smallnorb("label_azimuth")),
+    Task("smallnorb_elevation", "smallnorb:2.*.*", 9, "structured", "test[:200]", "test[50%:]",
+         convert=_smallnorb("label_elevation")),
+]}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,12 +45,8 @@ def loss_fn(model: ViT, train_mode: bool, lasso: float) -> engine.LossFn:
 
     def fn(head, member, shared, batch, rng):
         variables = jax.lax.stop_gradient(trainable_lib.merge(member["trained"], shared))
-        rngs = {"dropout": rng}
-        if "image" in batch:
-            x = body.apply(variables, batch["image"], train=train_mode, rngs=rngs)
-        else:
-            inputs = {k: v for k, v in batch.items() if k in train_step.CACHE_INPUTS}
-            x = body.apply(variables, inputs, train=train_mode, rngs=rngs, method=ViT.from_cache)
+        x = train_step.forward(body, variables, batch, rng, train=train_mode,
+                               from_cache="image" not in batch)
         if "kept" in member:
             x = jnp.take(x, member["kept"], axis=1)
         logits = x @ head["head/kernel"] + head["head/bias"]

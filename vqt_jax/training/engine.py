@@ -112,7 +112,11 @@ class HostSource:
 
 
 class Engine:
-    """Chunks of steps of S members; a member's metrics come back with a trailing [S] axis."""
+    """Chunks of steps of S members; a member's metrics come back with a trailing [S] axis.
+
+    Attributes:
+      compiled: the compiled chunk of a device source (for `memory_analysis`), else None.
+    """
 
     def __init__(self, step: Callable, source: DeviceSource | HostSource, shared: Any,
                  members: dict[str, Any], rngs: jax.Array, state: Any, *, max_steps: int):
@@ -138,23 +142,18 @@ class Engine:
                 lambda state, consts, batch, rngs: member(consts[1], state, consts[0], batch, rngs),
                 in_shardings=(replicated, replicated, self._sharding, replicated),
                 out_shardings=(replicated, replicated), donate_argnums=(0,))
-            self._chunk = None
+            self.compiled = None
             return
-        self._chunk = _device_chunks(step, source, max_steps).lower(
+        self.compiled = _device_chunks(step, source, max_steps).lower(
             state, self._constants, source.cache.arrays, rngs, jnp.asarray(1, jnp.int32)).compile()
-
-    @property
-    def compiled(self) -> Any:
-        """The compiled chunk of a device source (for `memory_analysis`), else None."""
-        return self._chunk
 
     def advance(self, state: Any, count: int) -> tuple[Any, Any]:
         """(the state `count` steps on, their metrics still on the devices)."""
         if not 0 < count <= self._max:
             raise ValueError(f"A chunk runs 1..{self._max} steps, not {count}")
-        if self._chunk is not None:
-            return self._chunk(state, self._constants, self.source.cache.arrays, self._rngs,
-                               jnp.asarray(count, jnp.int32))
+        if self.compiled is not None:
+            return self.compiled(state, self._constants, self.source.cache.arrays, self._rngs,
+                                 jnp.asarray(count, jnp.int32))
         out = []
         for _ in range(count):
             batch = global_batch(next(self.source.batches), self._sharding)
@@ -174,7 +173,6 @@ def fetch(metrics: Any, count: int) -> list[dict[str, np.ndarray]]:
 def _device_chunks(step: Callable, source: DeviceSource, max_steps: int) -> Callable:
     """The jitted chunk(state, constants, arrays, rngs, count) of a device source."""
     mesh, cache, b, s = source.mesh, source.cache, source.batch_size, len(source.orders)
-    names = [*source.fields, "label"]
     shared_order = len(set(source.orders)) == 1  # one gather serves every member
     member = jax.vmap(step, in_axes=(0, 0, None, None if shared_order else 1, 0))
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -185,7 +183,7 @@ def _device_chunks(step: Callable, source: DeviceSource, max_steps: int) -> Call
     def one(state, constants, arrays, rngs):
         shared, members = constants
         at = state.step[0]  # every member is at the same step
-        arrays = {k: arrays[k] for k in names}
+        arrays = {k: arrays[k] for k in [*source.fields, "label"]}
         if shared_order:
             index, mask = sampling.batch_indices(at, orders[0], **kwargs)
             batch = cache.gather(arrays, index)
@@ -313,9 +311,9 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
     progress = Progress(what, total - start, "steps", every_s=30)
     done = start
     for end in chunk_ends(start, total, log_every, ckpt_every):
-        state, chunk = engine.advance(state, end - done)
-        begun = done
-        for last in fetch(chunk, end - done):
+        count = end - done
+        state, chunk = engine.advance(state, count)
+        for last in fetch(chunk, count):
             done += 1
             for j in np.flatnonzero(failed == 0):
                 if why := problem({k: float(v[j]) for k, v in last.items()}, max_loss):
@@ -335,10 +333,9 @@ def train(engine: Engine, state: Any, *, total: int, log_every: int, ckpt_every:
                 history = []
             for cb in callbacks:
                 cb(done, {k: float(v[0]) for k, v in last.items()})
-        progress.update(done - begun)  # a chunk's steps arrive together: one update, one rate
+        progress.update(count)  # a chunk's steps arrive together: one update, one rate
         if save is not None and done == total:
             save(done, state, failed.copy(), loss)  # its own loss was checked
-            last_saved = done
         elif save is not None and ckpt_every > 0 and done % ckpt_every == 0:
             pending = (done, jax.tree.map(jnp.copy, state), failed.copy(), loss)
     progress.done()

@@ -18,6 +18,7 @@ split.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 
@@ -141,22 +142,22 @@ def _collect(batches: Iterable[dict], fn, sharding: NamedSharding,
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _images_fn(model: ViT, mesh: Mesh):
+def _images_fn(model: ViT, variables, mesh: Mesh) -> Callable[[dict], dict]:
+    """batch -> `FIELDS` and 'label' of its images (`variables` in eval mode)."""
     def from_images(v, batch):
         f = model.apply(v, batch["image"], method=ViT.features_without_blocks)
         return {k: f[k] for k in FIELDS} | {"label": batch["label"]}
 
     # Outputs stay sharded over the batch (each device holds its own rows; `_collect` gathers
     # them), so the per-device output does not grow with the device count.
-    return inference.forward_fn(from_images, mesh)
+    return functools.partial(inference.forward_fn(from_images, mesh), variables)
 
 
 def eval_features(config: ml_collections.ConfigDict, model: ViT, variables,
                   mesh: Mesh) -> Features:
     """`FIELDS` and 'label' of the evaluation split, from one forward pass (eval mode)."""
-    fn = _images_fn(model, mesh)
     num_eval = data.get_num_examples(config.task, config.data_dir, config.split, "eval")
-    return _collect(eval_batches(config, mesh), lambda b: fn(variables, b),
+    return _collect(eval_batches(config, mesh), _images_fn(model, variables, mesh),
                     NamedSharding(mesh, P("data")),
                     Progress("Evaluation features", num_eval, "images"))
 
@@ -175,8 +176,7 @@ def train_features(config: ml_collections.ConfigDict, model: ViT, variables, mes
     batches = _host_batches(len(labels), config.eval_batch_size or config.batch_size, sharding,
                             lambda sl: {"image": data.normalize_array(images[sl], norm),
                                         "label": labels[sl]})
-    fn = _images_fn(model, mesh)
-    return _collect(batches, lambda b: fn(variables, b), sharding,
+    return _collect(batches, _images_fn(model, variables, mesh), sharding,
                     Progress("Baselines: training features", len(labels), "images"))
 
 

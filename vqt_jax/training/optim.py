@@ -44,7 +44,7 @@ from __future__ import annotations
 import fractions
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,28 +151,6 @@ def _release_factor(epoch: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _all_but_head_bias(key: str) -> bool:
-    """Every leaf but the releases' `last_layer.bias`: our head's bias, as train.py names it
-    ('params/head/bias') or as compression.py's bare head does ('head/bias')."""
-    # VPT/VQT src/solver/optimizer.py, the 'adam'/'sgd' branch: weight_decay = 0.0 only
-    # `if "last_layer.bias" in key`; every other trainable parameter keeps WEIGHT_DECAY.
-    return key.split("/")[-2:] != ["head", "bias"]
-
-
-def _no_bias(key: str) -> bool:
-    # VPT src/solver/optimizer.py, the 'adamw' branch: no decay if any of ['bias',
-    # 'LayerNorm.bias', 'LayerNorm.weight'] is a substring of the torch name. Only 'bias' can
-    # match a VPT ViT name (its norms are attention_norm/ffn_norm/encoder_norm), so the rule
-    # is "no decay on biases"; applied to the leaf's own name (e.g. `bias`, an adapter's
-    # `down_bias`), since none of our module names contains 'bias'.
-    return "bias" not in key.rsplit("/", 1)[-1]
-
-
-# Which trainable leaves each optimiser decays, by its release: key -> decayed?
-DECAY_RULES: dict[str, Callable[[str], bool]] = {
-    "adam": _all_but_head_bias, "sgd": _all_but_head_bias, "adamw": _no_bias}
-
-
 def decay_mask(trainable: dict, name: str = "adam") -> dict:
     """Which trainable leaves the optimiser `name` decays, following its release.
 
@@ -187,9 +165,20 @@ def decay_mask(trainable: dict, name: str = "adam") -> dict:
     Raises:
       ValueError: for an unknown name.
     """
-    if name not in DECAY_RULES:
-        raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(DECAY_RULES)}")
-    return {k: DECAY_RULES[name](k) for k in trainable}
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if name == "adamw":
+        # VPT src/solver/optimizer.py, the 'adamw' branch: no decay if any of ['bias',
+        # 'LayerNorm.bias', 'LayerNorm.weight'] is a substring of the torch name. Only 'bias'
+        # can match a VPT ViT name (its norms are attention_norm/ffn_norm/encoder_norm), so the
+        # rule is "no decay on biases"; applied to the leaf's own name (e.g. `bias`, an
+        # adapter's `down_bias`), since none of our module names contains 'bias'.
+        return {k: "bias" not in k.rsplit("/", 1)[-1] for k in trainable}
+    # VPT/VQT src/solver/optimizer.py, the 'adam'/'sgd' branch: weight_decay = 0.0 only
+    # `if "last_layer.bias" in key`; every other trainable parameter keeps WEIGHT_DECAY. The
+    # release's `last_layer.bias` is our head's bias, as train.py names it ('params/head/bias')
+    # or as compression.py's bare head does ('head/bias').
+    return {k: k.split("/")[-2:] != ["head", "bias"] for k in trainable}
 
 
 def _sgd(schedule, weight_decay, mask) -> optax.GradientTransformation:
@@ -205,13 +194,6 @@ class AdamState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-
-
-def _decay_tree(mask: Any, params: optax.Params) -> Any:
-    """The mask as a pytree of bools like `params` (None: every leaf decays)."""
-    if mask is None:
-        return jax.tree.map(lambda _: True, params)
-    return mask(params) if callable(mask) else mask
 
 
 def _adam_init(params: optax.Params) -> AdamState:
@@ -235,7 +217,7 @@ def _adam_moments(learning_rate: float | Callable[[jax.Array], jax.Array], grads
 
 
 def torch_adam(learning_rate: float | Callable[[jax.Array], jax.Array],
-               weight_decay: float | jax.Array, mask: Any = None, *, b1: float = 0.9,
+               weight_decay: float | jax.Array, mask: dict, *, b1: float = 0.9,
                b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
     """torch.optim.Adam with coupled L2, as the VQT release uses it (OPTIMIZER 'adam').
 
@@ -249,8 +231,7 @@ def torch_adam(learning_rate: float | Callable[[jax.Array], jax.Array],
       learning_rate: a constant or a schedule of the step count (optax's convention: the
         first update uses learning_rate(0)).
       weight_decay: wd; may be a traced value.
-      mask: a pytree of bools like the params (True: decayed) or a callable params -> such a
-        pytree; None decays every leaf.
+      mask: {key: bool} like the params (True: decayed; `decay_mask`).
       b1, b2, eps: Adam's constants.
 
     Returns:
@@ -263,7 +244,7 @@ def torch_adam(learning_rate: float | Callable[[jax.Array], jax.Array],
             raise ValueError("torch_adam needs the params: its L2 term is wd * p")
         # The coupled L2 enters the gradient before the moments (torch: grad.add(p, alpha=wd)).
         grads = jax.tree.map(lambda g, p, d: jnp.where(d, g + weight_decay * p, g),
-                             grads, params, _decay_tree(mask, params))
+                             grads, params, mask)
         lr, count, bc1, sqrt_bc2, mu, nu = _adam_moments(learning_rate, grads, state, b1, b2)
         updates = jax.tree.map(
             lambda m, v, p: (-(lr / bc1) * m / (jnp.sqrt(v) / sqrt_bc2 + eps)).astype(p.dtype),
@@ -274,7 +255,7 @@ def torch_adam(learning_rate: float | Callable[[jax.Array], jax.Array],
 
 
 def vpt_adamw(learning_rate: float | Callable[[jax.Array], jax.Array],
-              weight_decay: float | jax.Array, mask: Any = None, *, b1: float = 0.9,
+              weight_decay: float | jax.Array, mask: dict, *, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
     """The VPT release's AdamW (KMnP/vpt src/solver/optimizer.py, class AdamW), in optax.
 
@@ -290,8 +271,7 @@ def vpt_adamw(learning_rate: float | Callable[[jax.Array], jax.Array],
       learning_rate: a constant or a schedule of the step count (optax's convention: the
         first update uses learning_rate(0)).
       weight_decay: wd; may be a traced value.
-      mask: a pytree of bools like the params (True: decayed) or a callable params -> such a
-        pytree; None decays every leaf.
+      mask: {key: bool} like the params (True: decayed; `decay_mask`).
       b1, b2, eps: Adam's constants.
 
     Returns:
@@ -312,7 +292,7 @@ def vpt_adamw(learning_rate: float | Callable[[jax.Array], jax.Array],
             u = jnp.where(decayed, u - lr * weight_decay * (p + u), u)
             return u.astype(p.dtype)
 
-        updates = jax.tree.map(leaf_update, mu, nu, params, _decay_tree(mask, params))
+        updates = jax.tree.map(leaf_update, mu, nu, params, mask)
         return updates, AdamState(count, mu, nu)
 
     return optax.GradientTransformation(_adam_init, update_fn)
@@ -337,5 +317,5 @@ def make_optimizer(schedule: Callable[[jax.Array], jax.Array], weight_decay: flo
     Raises:
       ValueError: for an unknown name.
     """
-    mask = decay_mask(trainable, name)  # raises for an unknown name (the same names as OPTIMIZERS)
+    mask = decay_mask(trainable, name)  # raises for an unknown name
     return OPTIMIZERS[name](schedule, weight_decay, mask)

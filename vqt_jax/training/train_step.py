@@ -18,12 +18,26 @@ Batch = dict[str, jax.Array]
 CACHE_INPUTS = ("k", "v", "cls", "pre_logits")
 
 
+def _mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The mean of `x` over the examples whose `mask` is 1 (all of them without a mask)."""
+    return x.mean() if mask is None else (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None):
     """Mean softmax cross-entropy over the (unmasked) examples."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    if mask is None:
-        return losses.mean()
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return _mean(losses, mask)
+
+
+def forward(model: nn.Module, variables: Any, batch: Batch, rng: jax.Array, *, train: bool,
+            from_cache: bool) -> jax.Array:
+    """The model on a batch of images (`image`), or of cached features (`CACHE_INPUTS`, read by
+    `ViT.from_cache`), with `rng` as its dropout key."""
+    rngs = {"dropout": rng}
+    if from_cache:
+        inputs = {k: v for k, v in batch.items() if k in CACHE_INPUTS}
+        return model.apply(variables, inputs, train=train, rngs=rngs, method=model.from_cache)
+    return model.apply(variables, batch["image"], train=train, rngs=rngs)
 
 
 def make_loss_fn(model: nn.Module,
@@ -37,13 +51,8 @@ def make_loss_fn(model: nn.Module,
     """
 
     def loss_fn(trainable: dict, frozen: dict, batch: Batch, rng: jax.Array):
-        variables = trainable_lib.merge(trainable, frozen)
-        rngs = {"dropout": rng}
-        if from_cache:
-            inputs = {k: v for k, v in batch.items() if k in CACHE_INPUTS}
-            logits = model.apply(variables, inputs, train=True, rngs=rngs, method=model.from_cache)
-        else:
-            logits = model.apply(variables, batch["image"], train=True, rngs=rngs)
+        logits = forward(model, trainable_lib.merge(trainable, frozen), batch, rng, train=True,
+                         from_cache=from_cache)
         # The mask zeroes the padding of an epoch's partial last batch: the loss is the mean
         # over the real examples, as torch's over a short batch.
         return cross_entropy(logits, batch["label"], batch.get("mask")), logits
@@ -65,15 +74,14 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]],
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
-        mask = batch.get("mask")
-        accuracy = correct.mean() if mask is None else (
-            (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0))
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "accuracy": _mean(correct, batch.get("mask")),
+                   "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, metrics
 
     return step
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     """What a checkpoint holds: the step, the trainable leaves and their optimiser state."""
@@ -81,10 +89,6 @@ class TrainState:
     step: jax.Array
     trainable: dict
     opt_state: Any
-
-
-jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state"],
-                                 meta_fields=[])
 
 
 def all_finite(tree: Any) -> jax.Array:
