@@ -26,12 +26,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from vqt_jax import workdir
 from vqt_jax.checkpoints import layouts
 from vqt_jax.checkpoints.files import CheckpointError
 
@@ -265,27 +265,16 @@ def onnx_to_timm(onnx_path: str) -> dict[str, np.ndarray]:
 
 
 def convert(onnx_path: str, out_path: str) -> dict[str, tuple[int, ...]]:
-    """Writes `onnx_to_timm(onnx_path)` to a `.safetensors` file, atomically.
-
-    The file is written under a temporary name in the same directory and renamed when complete,
-    so `out_path` is never a partial file.
+    """Writes `onnx_to_timm(onnx_path)` to a `.safetensors` file, atomically
+    (`workdir.write_bytes`: `out_path` is never a partial file).
 
     Returns:
       {timm key: shape} of what was written.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     state = onnx_to_timm(onnx_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(".part", f".{os.path.basename(out_path)}.", out_dir)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"source": os.path.basename(onnx_path), "layout": "timm"})
-        # mkstemp made a private (0600) file; the checkpoint is an ordinary, readable one.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    metadata = {"source": os.path.basename(onnx_path), "layout": "timm"}
+    workdir.write_bytes(out_path, save(state, metadata=metadata))
     return {k: tuple(v.shape) for k, v in state.items()}

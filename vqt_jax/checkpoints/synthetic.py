@@ -3,13 +3,14 @@ does not depend on the weights' values (nothing can be downloaded on an offline 
 
 from __future__ import annotations
 
+import io
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqt_jax import trainable
+from vqt_jax import trainable, workdir
 from vqt_jax.models import create_model
 
 
@@ -20,7 +21,7 @@ def write_random_npz(path: str, image_size: int, **model) -> str:
         return path
     init = jax.jit(create_model(num_classes=0, **model).init)
     params = init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in trainable.flatten(params).items()})
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in trainable.flatten(params).items()})
+    workdir.write_bytes(path, buf.getvalue())  # atomically: a killed write leaves no `path`
     return path
