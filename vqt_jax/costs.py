@@ -1,8 +1,8 @@
 """FLOP counts of the programs a run compiles, from XLA's cost analysis (nothing runs).
 
 The counts are of programs compiled for the CPU whatever the machine: a GPU's own cost analysis
-leaves out the matmuls it hands to cuBLAS (and cuDNN's fused attention) as custom calls (on an
-H200 it counted 0.92 of ViT-B/16's 36.8 GFLOP per image). A program's FLOPs are its arithmetic,
+leaves out the matmuls it hands to cuBLAS (and cuDNN's fused attention) as custom calls, so it
+misses most of a ViT's arithmetic (docs/performance.md). A program's FLOPs are its arithmetic,
 the same on any device, so they turn a measured time into a rate and a rate into a floor
 (`experiments/accelerator_bench.py`, `experiments/sweep_speed.py`).
 """
