@@ -311,8 +311,8 @@ def measure(name: str, epochs: int, workdir: str,
     config_fn, overrides = _setup(name, epochs, workdir)
     out: dict = {"setup": name, "epochs": epochs, "seeds": SEEDS}
     # The pass both protocols are measured against, timed before and after them: a shared
-    # machine's speed drifts (ViT-B/16 on a 2-core CPU: 829 s in one pass, 653 s four hours
-    # later), and the floor is a lower bound, so the faster of the two counts.
+    # machine's speed drifts over hours (docs/performance.md), and the floor is a lower bound,
+    # so the faster of the two counts.
     first, images = _in_fresh_process(timed_forward, name, epochs, workdir)
     results = {}
     for mode in modes:
