@@ -1,5 +1,6 @@
 """vqt_jax's modules import one another bottom-up: no import cycle, imports inside functions
-included (a cycle hidden in a function body is still a cycle of the design)."""
+included (a cycle hidden in a function body is still a cycle of the design), neither between
+files nor between the sub-packages (`training/`, `data/`, ...) taken as whole layers."""
 
 from __future__ import annotations
 
@@ -92,3 +93,23 @@ def test_a_cycle_inside_a_function_is_found(tmp_path):
     assert find_cycle(graph) == ["vqt_jax.a", "vqt_jax.sub.b", "vqt_jax.c", "vqt_jax.a"]
     (package / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(package)) is None
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """`graph` with each sub-package (`vqt_jax.training`, `vqt_jax.data`, ...) as one node."""
+    def node(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    out: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        out.setdefault(node(module), set()).update(node(t) for t in targets)
+    return {n: targets - {n} for n, targets in out.items()}
+
+
+def test_the_sub_packages_are_layers_too():
+    # A module below training/ that imported one of training/'s files would make training/
+    # and that module's layer lean on each other, even with no cycle between files.
+    graph = package_graph(import_graph())
+    assert "vqt_jax.training" in graph["vqt_jax.sweep"]
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)

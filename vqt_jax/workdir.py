@@ -125,6 +125,20 @@ def _path(workdir: str | os.PathLike, name: str) -> epath.Path:
     return as_path(workdir) / name
 
 
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line: remote file systems raise multi-line, very long errors."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def remote_reason(e: BaseException) -> str:
+    """A remote file system's error on one line (`error_line`), saying what to install where
+    gcsfs is missing (epath serves gs:// through it)."""
+    hint = " (gs:// needs gcsfs: pip install -e '.[gcs]' in the vqt_jax checkout)"
+    return error_line(e) + (hint if isinstance(e, ImportError) else "")
+
+
 @contextlib.contextmanager
 def remote_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
     """Turns a remote file system's failure on `path` into a `WorkdirError` that names it.
@@ -138,9 +152,6 @@ def remote_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
     except Exception as e:
         if is_local(path):
             raise
-        # Only here: the checkpoints layer imports jax, which the sweep's tables must not.
-        from vqt_jax.checkpoints.files import remote_reason  # noqa: PLC0415
-
         raise WorkdirError(f"{os.fspath(path)}: cannot {doing} the remote file "
                            f"({remote_reason(e)})") from e
 

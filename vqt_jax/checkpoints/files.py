@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 
 from vqt_jax.progress import Progress
+from vqt_jax.workdir import error_line, remote_reason
 
 _CACHE_ENV = "VQT_JAX_CACHE"
 _STALL_ENV = "VQT_JAX_DOWNLOAD_STALL_S"
@@ -56,13 +57,6 @@ _HEAD_BYTES = 48
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: message` on one line: remote file systems raise multi-line, very long errors."""
-    text = " ".join(str(e).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def cache_dir() -> str:
@@ -123,7 +117,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
         # its wrapping; socket.timeout is TimeoutError.
         if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
             raise _stalled(url, 0, None, stall_s, f"no answer in {stall_s:g} s") from e
-        raise _not_cached(url, _one_line(e)) from e
+        raise _not_cached(url, error_line(e)) from e
     with resp:
         content_type = resp.headers.get("Content-Type") or "no content type"
         length = resp.headers.get("Content-Length")
@@ -138,7 +132,7 @@ def _fetch(url: str, out: BinaryIO) -> None:
                 raise _stalled(url, received, total, stall_s, f"no data for {stall_s:g} s") from e
             except (OSError, http.client.HTTPException) as e:
                 raise _not_cached(url, f"the connection failed after {received} bytes "
-                                       f"({_one_line(e)})") from e
+                                       f"({error_line(e)})") from e
             if not chunk:
                 break
             if len(head) < _HEAD_BYTES:
@@ -193,7 +187,7 @@ def _check_complete(path: str) -> None:
                     infos = z.infolist()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
                 raise CheckpointError(f"the file is incomplete: the zip archive's central "
-                                      f"directory cannot be read ({_one_line(e)})") from None
+                                      f"directory cannot be read ({error_line(e)})") from None
             for info in infos:
                 end = info.header_offset + info.compress_size
                 if end > size:
@@ -232,7 +226,7 @@ def _download(url: str) -> str:
         fd, tmp = tempfile.mkstemp(".part", f".{os.path.basename(local)}.", local_dir)
     except OSError as e:
         raise CheckpointError(f"Could not download {url}: cannot write to the cache directory "
-                              f"{local_dir} ({_one_line(e)}); set ${_CACHE_ENV} to a writable "
+                              f"{local_dir} ({error_line(e)}); set ${_CACHE_ENV} to a writable "
                               f"directory") from None
     out = None
     try:
@@ -244,7 +238,7 @@ def _download(url: str) -> str:
                 raise CheckpointError(
                     f"no space left on device writing {tmp} for {url}; nothing was cached "
                     f"(free some space or point ${_CACHE_ENV} at another disk)") from None
-            raise _not_cached(url, f"{_one_line(e)} (writing {tmp})") from None
+            raise _not_cached(url, f"{error_line(e)} (writing {tmp})") from None
         try:
             _check_complete(tmp)
         except CheckpointError as e:
@@ -286,7 +280,7 @@ class _Guarded:
             try:
                 return attr(*args, **kwargs)
             except Exception as e:
-                raise _RemoteError(_one_line(e)) from e
+                raise _RemoteError(error_line(e)) from e
 
         return call
 
@@ -299,13 +293,6 @@ class _Guarded:
         except Exception:  # A failed close after a failed read must not hide the first error.
             if exc[0] is None:
                 raise
-
-
-def remote_reason(e: BaseException) -> str:
-    """A remote file system's error on one line (`_one_line`), saying what to install where
-    gcsfs is missing (epath serves gs:// through it)."""
-    hint = " (gs:// needs gcsfs: pip install -e '.[gcs]' in the vqt_jax checkout)"
-    return _one_line(e) + (hint if isinstance(e, ImportError) else "")
 
 
 def _open_remote(path: str) -> _Guarded:
@@ -671,7 +658,7 @@ def _parse(f: BinaryIO) -> tuple[str, dict[str, Any]]:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, struct.error,
             pickle.UnpicklingError, json.JSONDecodeError, IndexError, TypeError) as e:
         raise CheckpointError(f"cannot read checkpoint, the file is truncated or corrupt "
-                              f"({_one_line(e)})") from None
+                              f"({error_line(e)})") from None
 
 
 def _read_path(path: str, label: str) -> tuple[str, dict[str, Any]]:
