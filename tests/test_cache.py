@@ -241,7 +241,7 @@ def test_results_record_cache_use(folder, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["cached"] is False
 
 
-def test_fingerprint_tracks_what_the_contents_depend_on(folder):
+def test_fingerprint_tracks_what_the_contents_depend_on(folder, monkeypatch):
     config = train_utils.tiny_config(data_dir=folder)
     model = dict(width=48, depth=2, num_queries=1, l2_normalize=None, head2toe=False)
     base = cache_lib.fingerprint(config, model, "kv")
@@ -260,6 +260,9 @@ def test_fingerprint_tracks_what_the_contents_depend_on(folder):
         assert cache_lib.fingerprint(other, model, "kv") != base, field
     other = train_utils.tiny_config(data_dir=folder, cache_dtype="bfloat16")
     assert cache_lib.fingerprint(other, model, "kv") != base
+    # A cache of another format version (another way of computing it) is not reused.
+    monkeypatch.setattr(cache_lib, "FORMAT_VERSION", cache_lib.FORMAT_VERSION + 1)
+    assert cache_lib.fingerprint(config, model, "kv") != base
 
 
 def test_build_keeps_float32_rows_and_stores_the_same_cache(tmp_path):

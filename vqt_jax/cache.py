@@ -65,8 +65,10 @@ from vqt_jax import hosts, inference, methods, sampling
 from vqt_jax.models import ViT
 from vqt_jax.progress import Progress
 
-# 2: meta.json records file sizes; the fingerprint covers the data's contents.
-FORMAT_VERSION = 2
+# 2: meta.json records file sizes; the fingerprint covers the data's contents. 3: the CPU
+# forward runs each device's rows in steps (`inference.in_steps`), which rounds differently,
+# so a run's numbers do not depend on whether its cache was built before.
+FORMAT_VERSION = 3
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The fields each cache kind keeps (see methods.Method.cache). `cls` and `pooled` are small
 # and always kept, so linear-probe and Head2Toe heads can be fitted on any cache.
