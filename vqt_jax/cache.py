@@ -738,7 +738,7 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
     blocks, width = -(-n // d), len(columns)
     # Row k L + j of this host's rows is example k D + columns[j] (from N on: padding).
     example = (np.arange(blocks)[:, None] * d + columns).ravel()
-    labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0).astype(np.int32)
+    row_labels = np.where(example < n, np.asarray(labels, np.int32)[example % n], 0)
 
     def fill(arrays: dict[str, np.ndarray]) -> None:
         # The pass: fills `arrays` (this host's rows, block major).
@@ -773,7 +773,7 @@ def build_device_rows(spec: Spec, model: ViT, variables: Any, images: np.ndarray
             progress.update(min(n, (first + m) * d) - first * d)
         progress.done()
 
-    return DeviceRows(spec, d, columns, _store(rows_spec, path, fill, labels))
+    return DeviceRows(spec, d, columns, _store(rows_spec, path, fill, row_labels.astype(np.int32)))
 
 
 def host_batches(num_rows: int, batch_size: int, get: Callable[[slice], dict[str, np.ndarray]], *,

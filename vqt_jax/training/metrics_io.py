@@ -140,8 +140,9 @@ class Writer:
         if self._jsonl is None:
             return
         self._jsonl.write((json.dumps(record, default=str) + "\n").encode())
-        for event in events() if self._events is not None else ():
-            self._event(event)
+        if self._events is not None:
+            for event in events():
+                self._event(event)
         self.flush()
 
     def flush(self) -> None:
